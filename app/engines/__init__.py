@@ -29,6 +29,25 @@ ENGINES: dict[str, Callable[[dict[str, Any]], Engine]] = {
 }
 
 
+def engine_arg_names(name: str) -> frozenset[str]:
+    """The engine-specific keys a worker's config section may carry (snake_case).
+
+    The config loader uses this to reject a misspelt key with its name instead of
+    passing it silently to an engine that would ignore it.
+    """
+    if name == "vllm":
+        import dataclasses
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+    if name == "mocker":
+        from app.engines.mocker import MockerEngine
+
+        return MockerEngine.ARG_NAMES
+    raise ValueError(f"unknown engine {name!r}; known: {', '.join(sorted(ENGINES))}")
+
+
 def create_engine(name: str, section: dict[str, Any]) -> Engine:
     try:
         factory = ENGINES[name]
@@ -37,4 +56,4 @@ def create_engine(name: str, section: dict[str, Any]) -> Engine:
     return factory(section)
 
 
-__all__ = ["ENGINES", "Engine", "EngineStats", "create_engine"]
+__all__ = ["ENGINES", "Engine", "EngineStats", "create_engine", "engine_arg_names"]
