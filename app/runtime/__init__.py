@@ -1,0 +1,36 @@
+"""The runtime planes (discovery on etcd, requests and events on NATS, work queue on
+JetStream) behind one small API: the only package that imports `nats` and `etcd3aio`."""
+
+from app.runtime.discovery import InstanceRecord, ModelRecord
+from app.runtime.errors import (
+    CallTimeoutError,
+    ConnectError,
+    InstanceGoneError,
+    NoInstancesError,
+    RemoteError,
+    RuntimePlaneError,
+    ServiceError,
+)
+from app.runtime.events import EventSubscription
+from app.runtime.requests import EndpointClient, RequestContext, ServedEndpoint
+from app.runtime.runtime import Runtime
+from app.runtime.workqueue import Job, WorkQueue
+
+__all__ = [
+    "CallTimeoutError",
+    "ConnectError",
+    "EndpointClient",
+    "EventSubscription",
+    "InstanceGoneError",
+    "InstanceRecord",
+    "Job",
+    "ModelRecord",
+    "NoInstancesError",
+    "RemoteError",
+    "RequestContext",
+    "Runtime",
+    "RuntimePlaneError",
+    "ServedEndpoint",
+    "ServiceError",
+    "WorkQueue",
+]

@@ -1,0 +1,20 @@
+"""The service SDK: declare services and their graph; run them (see docs/internals.md §2)."""
+
+from app.sdk.config import ConfigError, EngineConfig, GraphConfig, ServiceArgs, load_config
+from app.sdk.runner import ServiceContext, run_service
+from app.sdk.service import depends, endpoint, on_shutdown, on_start, service
+
+__all__ = [
+    "ConfigError",
+    "EngineConfig",
+    "GraphConfig",
+    "ServiceArgs",
+    "ServiceContext",
+    "depends",
+    "endpoint",
+    "load_config",
+    "on_shutdown",
+    "on_start",
+    "run_service",
+    "service",
+]

@@ -1,0 +1,109 @@
+"""The `tandem` command: serve a graph, run one service, check a config, and the tools
+other modules register (`infra`, `model`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+
+import app.infra
+import app.model.tiny
+from app.sdk import graph, supervisor
+from app.sdk.config import ConfigError, load_config
+from app.sdk.process import add_service_arguments, run_one, split_overrides
+
+log = logging.getLogger("tandem")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        module, entry = graph.resolve(args.address)
+        services = graph.graph_services(module, entry, args.service_name)
+        graph.import_components()  # every known service name, so config sections are checked
+        config = load_config(args.config_file, args.overrides)
+        # Engine arguments are checked in each worker process: importing vLLM here would
+        # cost seconds on nodes (and in --dry-run) that never run an engine.
+        errors = config.check(services, check_engine_args=False)
+        if errors:
+            raise ConfigError(errors)
+        programs = supervisor.programs(services, config, args.overrides)
+    except (graph.GraphError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        for prog in programs:
+            print(f"{prog.name}  x{prog.processes}  {shlex.join(prog.command)}")
+        return 0
+    supervisor.exec_supervisord(programs)
+    return 0  # not reached: exec replaced this process
+
+
+def _run_service(args: argparse.Namespace) -> int:
+    return run_one(args.address, args.config_file, args.overrides)
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        graph.import_components()
+        services = None
+        if args.graph is not None:
+            module, entry = graph.resolve(args.graph)
+            services = graph.graph_services(module, entry)
+        config = load_config(args.config_file, args.overrides)
+        errors = config.check(services, check_engine_args=True)
+    except (graph.GraphError, ConfigError) as exc:
+        errors = str(exc).splitlines()
+    if errors:
+        for line in errors:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    print(f"OK: {args.config_file}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Tandem: multi-node LLM serving")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run a graph's services under supervisord, in the foreground",
+        epilog="Overrides: --Service.key=value (value parsed as YAML), e.g. --VllmWorker.ServiceArgs.workers=2",
+    )
+    add_service_arguments(serve)
+    serve.add_argument("--service-name", help="run only this service of the graph, ignoring its links")
+    serve.add_argument("--dry-run", action="store_true", help="print the processes, start nothing")
+    serve.set_defaults(func=_serve, takes_overrides=True)
+
+    run = commands.add_parser("run-service", help="(internal) run one service in the foreground")
+    add_service_arguments(run)
+    run.set_defaults(func=_run_service, takes_overrides=True)
+
+    config = commands.add_parser("config", help="graph config tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config file without starting anything")
+    check.add_argument("-f", "--config", dest="config_file", required=True, help="graph config YAML")
+    check.add_argument("graph", nargs="?", metavar="MODULE:Service", help="check only this graph's services")
+    check.set_defaults(func=_config_check, takes_overrides=True)
+
+    app.infra.add_cli(commands)
+    app.model.tiny.add_cli(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if getattr(args, "takes_overrides", False):
+        args.overrides = split_overrides(parser, extras)
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

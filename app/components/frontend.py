@@ -1,0 +1,88 @@
+"""Frontend: the OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of the Processor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.components.processor import Processor
+from app.openai import create_app
+from app.openai.backend import ModelCard, RequestKind
+from app.openai.schema import OpenAIRequest
+from app.openai.server import make_server
+from app.preprocess import StreamItem
+from app.runtime import Runtime
+from app.runtime.discovery import ModelsWatch
+from app.runtime.requests import EndpointClient
+from app.sdk import depends, on_shutdown, on_start, service
+
+log = logging.getLogger(__name__)
+
+
+class FrontendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    served_model_name: str | None = Field(default=None, description="model name clients send; default: every model discovered")
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+
+class ProcessorBackend:
+    """The HTTP layer's Backend: models from etcd's model records, generation by the Processor."""
+
+    def __init__(self, models: ModelsWatch, chat: EndpointClient, completions: EndpointClient, only_model: str | None) -> None:
+        self._models = models
+        self._clients = {"chat": chat, "completion": completions}
+        self._only_model = only_model
+
+    def list_models(self) -> list[ModelCard]:
+        cards = []
+        for name, records in self._models.models.items():
+            if not records or (self._only_model is not None and name != self._only_model):
+                continue
+            cards.append(ModelCard(id=name, max_model_len=int(records[0].metadata.get("max_model_len", 0))))
+        return cards
+
+    def is_ready(self) -> bool:
+        return bool(self.list_models())
+
+    async def generate(self, kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
+        payload = request.model_dump(exclude_unset=True)
+        stream = self._clients[kind].stream(payload, response_type=StreamItem, request_id=request_id)
+        async with contextlib.aclosing(stream) as items:
+            async for item in items:
+                yield item
+
+
+@service(config=FrontendConfig)
+class Frontend:
+    config: FrontendConfig
+    runtime: Runtime
+    processor = depends(Processor)
+
+    @on_start
+    async def start(self) -> None:
+        models = await self.runtime.discovery.watch_models()
+        backend = ProcessorBackend(
+            models, self.processor.chat_completions, self.processor.completions, self.config.served_model_name
+        )
+        self._server = make_server(create_app(backend), self.config.host, self.config.port)
+        # The service runner owns SIGTERM/SIGINT (it drains, then stops us); uvicorn must
+        # not install its own handlers over the runner's.
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        self._serving = asyncio.create_task(self._server.serve(), name="uvicorn")
+        while not self._server.started:
+            if self._serving.done():
+                self._serving.result()  # re-raises why uvicorn could not start (port in use, ...)
+                raise RuntimeError(f"the HTTP server on port {self.config.port} stopped at start")
+            await asyncio.sleep(0.05)
+        log.info("OpenAI API on http://%s:%d/v1", self.config.host, self.config.port)
+
+    @on_shutdown
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        await self._serving

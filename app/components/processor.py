@@ -1,0 +1,124 @@
+"""Processor: OpenAI request -> tokens -> routed worker -> detokenized OpenAI stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.components.kv_router import PLACEMENT_TOPIC, Router
+from app.components.routing import RouterPolicyName
+from app.components.worker import VllmWorker
+from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
+from app.preprocess import Preprocessor, StreamItem, postprocess_stream
+from app.protocol import EngineOutput, PreprocessedRequest, RouteDecision, RouteRequest
+from app.router import PlacementEvent
+from app.runtime import NoInstancesError, RequestContext, Runtime
+from app.sdk import depends, endpoint, on_start, service
+
+log = logging.getLogger(__name__)
+
+# How long a request waits for a worker to appear before it fails with 503; covers a
+# worker restarting under supervisord, not a cluster with no workers at all.
+WORKER_WAIT_S = 5.0
+
+
+class ProcessorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="model path or name: its tokenizer and chat template")
+    block_size: int | None = Field(default=None, ge=1, description="KV block size; default: the model record's")
+    max_model_len: int | None = Field(default=None, ge=1, description="default: the model record's")
+    router: RouterPolicyName = Field(
+        default="round-robin",
+        description="how to pick a worker when no Router service runs (round-robin or random); "
+        "with a Router deployed, the Router's policy decides",
+    )
+
+
+@service(config=ProcessorConfig)
+class Processor:
+    """Tokenizes, asks the Router for a worker, streams from that worker, detokenizes."""
+
+    config: ProcessorConfig
+    runtime: Runtime
+    router = depends(Router)
+    worker = depends(VllmWorker)
+
+    def __init__(self) -> None:
+        self._preprocessor = Preprocessor(self.config.model, max_model_len=self.config.max_model_len)
+        self._round_robin = itertools.count()
+        # Placement events name their source; the Routers apply every source but their own.
+        self._placement_source = f"processor-{self.runtime.instance_id}"
+        self._publishes: set[asyncio.Task[None]] = set()
+
+    @on_start
+    async def start(self) -> None:
+        # Start watching both services now, so that the first request already knows
+        # whether a Router is deployed (graphs.agg has none).
+        for client in (self.router.route, self.worker.generate):
+            with contextlib.suppress(NoInstancesError):
+                await client.wait_for_instances(timeout=0.5)
+
+    @endpoint
+    async def chat_completions(self, request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[StreamItem]:
+        async for item in self._generate(parse_request(ChatCompletionRequest, request), ctx.request_id):
+            yield item
+
+    @endpoint
+    async def completions(self, request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[StreamItem]:
+        async for item in self._generate(parse_request(CompletionRequest, request), ctx.request_id):
+            yield item
+
+    async def _generate(self, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
+        # Tokenizing a long prompt takes up to a second: off the event loop.
+        preprocessed = await asyncio.to_thread(self._preprocessor.preprocess, request, request_id)
+        decision = await self._pick_worker(preprocessed)
+        postprocessor = self._preprocessor.postprocessor(request, preprocessed)
+        # The Frontend names the worker in its response headers, before any token exists.
+        yield StreamItem(worker_id=decision.worker_id)
+        outputs = self.worker.generate.stream(
+            preprocessed, target=decision.worker_id, response_type=EngineOutput, request_id=request_id
+        )
+        first = True
+        try:
+            async with contextlib.aclosing(postprocess_stream(postprocessor, outputs)) as items:
+                async for item in items:
+                    if first:
+                        first = False
+                        self._placement(request_id, decision.worker_id, "prefill_done")
+                    yield item
+        finally:
+            self._placement(request_id, decision.worker_id, "finished")
+
+    async def _pick_worker(self, request: PreprocessedRequest) -> RouteDecision:
+        if not self.worker.generate.instance_ids():
+            await self.worker.generate.wait_for_instances(timeout=WORKER_WAIT_S)
+        if self.router.route.instance_ids():
+            decision = await self.router.route.call(
+                RouteRequest(request_id=request.request_id, token_ids=request.token_ids),
+                response_type=RouteDecision,
+                target="round_robin",
+            )
+            log.debug("%s: routed to %s (%d/%d blocks cached)", request.request_id, decision.worker_id,
+                      decision.overlap_blocks, decision.prompt_blocks)
+            return decision
+        # graphs.agg has no Router: spread over the workers directly.
+        workers = self.worker.generate.instance_ids()
+        if self.config.router == "random":
+            return RouteDecision(worker_id=random.choice(workers))
+        return RouteDecision(worker_id=workers[next(self._round_robin) % len(workers)])
+
+    def _placement(self, request_id: str, worker_id: str, kind: str) -> None:
+        if not self.router.route.instance_ids():
+            return
+        event = PlacementEvent(router_id=self._placement_source, request_id=request_id, worker_id=worker_id, kind=kind)
+        task = asyncio.get_running_loop().create_task(self.runtime.publish(PLACEMENT_TOPIC, event))
+        self._publishes.add(task)
+        task.add_done_callback(self._publishes.discard)

@@ -1,0 +1,445 @@
+"""`mocker`: a simulated vLLM-like engine, for routing work and benchmarks without GPUs.
+
+One asyncio task per engine runs a continuous-batching scheduler shaped like vLLM v1's:
+a waiting queue and a running set, paged KV blocks with prefix caching
+(`app.engines.mocker_kv`), chunked prefill bounded by `max_num_batched_tokens`, and
+recompute preemption when the KV cache runs out. Each step sleeps for the timing
+model's duration divided by `speedup_ratio`, then every scheduled request advances;
+a request whose prompt is fully computed gets one token per step.
+
+Tokens come from a deterministic generator (prompt hash, position, request seed), so
+the same prompt always yields the same text. KV events match what vLLM publishes
+(`BlockStored` when blocks fill, `BlockRemoved` on eviction), with engine hashes that
+deliberately differ from the router's so that the router can't depend on them.
+
+Timing model, per step (milliseconds, before `speedup_ratio`):
+
+    prefill_base_ms + prefill_ms_per_token * prefill tokens          (if any prefill)
+  + decode_base_ms + decode_ms_per_seq * decoding requests
+                   + decode_ms_per_kv_block * their KV blocks        (if any decode)
+
+Disaggregated serving is not simulated yet. The hook is `_admit`: a prefill-only
+request (max_tokens 1 + kv_transfer_params) would return transfer params after its
+prefill, and a decode request carrying them would wait for a transfer time computed
+from its KV bytes and a link bandwidth before joining the running set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from array import array
+from collections import deque
+from collections.abc import AsyncIterator
+from hashlib import blake2b
+from typing import Any
+
+import pydantic
+
+from app.engines.base import Engine, EngineStats, KvEventSink
+from app.engines.mocker_kv import BlockPool
+from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequest, TokenLogprob
+from app.router.hashing import block_hashes
+
+log = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+class MockerConfig(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    model: str = "mocker"  # also where the Processor reads the tokenizer from
+    served_model_name: str | None = None
+    block_size: int = pydantic.Field(default=16, ge=1)
+    num_gpu_blocks: int = pydantic.Field(default=16384, ge=1)  # KV capacity
+    max_num_seqs: int = pydantic.Field(default=256, ge=1)
+    max_num_batched_tokens: int = pydantic.Field(default=8192, ge=1)
+    max_model_len: int = pydantic.Field(default=8192, ge=2)
+    enable_prefix_caching: bool = True
+    speedup_ratio: float = pydantic.Field(default=1.0, gt=0)
+    prefill_base_ms: float = pydantic.Field(default=5.0, ge=0)
+    prefill_ms_per_token: float = pydantic.Field(default=0.05, ge=0)
+    decode_base_ms: float = pydantic.Field(default=8.0, ge=0)
+    decode_ms_per_seq: float = pydantic.Field(default=0.05, ge=0)
+    decode_ms_per_kv_block: float = pydantic.Field(default=0.002, ge=0)
+    seed: int = 0
+    vocab_size: int = pydantic.Field(default=32000, ge=2)
+    eos_token_id: int = 2
+
+    @pydantic.model_validator(mode="after")
+    def _fits(self) -> MockerConfig:
+        capacity = self.num_gpu_blocks * self.block_size
+        if self.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} does not fit in the KV cache "
+                f"({self.num_gpu_blocks} blocks x {self.block_size} tokens = {capacity})"
+            )
+        return self
+
+
+class _Request:
+    __slots__ = (
+        "id", "tokens", "num_prompt", "num_output", "stop", "want_logprobs", "seed",
+        "blocks", "hashes", "num_cached_blocks", "num_computed", "num_cached_tokens",
+        "pending", "pending_logprobs", "finish_reason", "wake",
+    )
+
+    def __init__(self, request: PreprocessedRequest, seed: int) -> None:
+        self.id = request.request_id
+        self.tokens = list(request.token_ids)
+        self.num_prompt = len(self.tokens)
+        self.num_output = 0
+        self.stop = request.stop
+        self.want_logprobs = request.sampling.logprobs
+        self.seed = seed
+        self.blocks: list[int] = []
+        self.hashes: list[int] = []  # engine hashes of the full blocks hashed so far
+        self.num_cached_blocks = 0  # leading blocks registered in the prefix cache
+        self.num_computed = 0
+        self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
+        self.pending: list[int] = []  # generated, not yet handed to the caller
+        self.pending_logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self.wake = asyncio.Event()
+
+
+class MockerEngine(Engine):
+    ARG_NAMES: frozenset[str] = frozenset(MockerConfig.model_fields)
+
+    def __init__(self, config: MockerConfig) -> None:
+        self.config = config
+        self._pool = BlockPool(config.num_gpu_blocks, config.enable_prefix_caching)
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._requests: dict[str, _Request] = {}
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._worker_id = ""
+        self._on_kv_events: KvEventSink | None = None
+        self._event_seq = 0
+        # A per-engine root for the engine hashes: like vLLM's random hash seed, it makes
+        # them differ from the router's and between engines.
+        self._hash_root = int.from_bytes(blake2b(f"mocker-{config.seed}".encode(), digest_size=8).digest(), "little")
+        self._prefix_hits = 0
+        self._prefix_queries = 0
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> MockerEngine:
+        """Build from a worker's config section (snake_case or kebab-case keys)."""
+        raw = {str(key).replace("-", "_"): value for key, value in section.items()}
+        try:
+            return cls(MockerConfig.model_validate(raw))
+        except pydantic.ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                key = ".".join(str(part) for part in error["loc"]) or "config"
+                if error["type"] == "extra_forbidden":
+                    problems.append(f"unknown key {key!r}")
+                else:
+                    problems.append(f"{key}: {error['msg']}")
+            raise ValueError("mocker engine: " + "; ".join(problems)) from None
+
+    # --- Engine -------------------------------------------------------------------
+
+    async def start(self, worker_id: str, on_kv_events: KvEventSink | None = None) -> ModelInfo:
+        self._worker_id = worker_id
+        self._on_kv_events = on_kv_events
+        self._task = asyncio.create_task(self._run(), name=f"mocker-{worker_id}")
+        config = self.config
+        return ModelInfo(
+            name=config.served_model_name or config.model,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            model_path=config.model,
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for request in list(self._requests.values()):
+            self._finish(request, "abort")
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            kv_used_blocks=self._pool.num_used(),
+            kv_total_blocks=self._pool.num_blocks,
+            prefix_cache_hits=self._prefix_hits,
+            prefix_cache_queries=self._prefix_queries,
+        )
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        req = self._admit(request)
+        first = True
+        try:
+            while True:
+                await req.wake.wait()
+                req.wake.clear()
+                output = EngineOutput(token_ids=req.pending, finish_reason=req.finish_reason)
+                if req.want_logprobs is not None:
+                    output.logprobs = req.pending_logprobs
+                    output.top_logprobs = [self._top_logprobs(req, t, lp) for t, lp in zip(req.pending, req.pending_logprobs)]
+                    req.pending_logprobs = []
+                req.pending = []
+                if first:
+                    first = False
+                    output.num_prompt_tokens = req.num_prompt
+                    output.num_cached_tokens = req.num_cached_tokens or 0
+                    output.worker_id = self._worker_id
+                yield output
+                if req.finish_reason is not None:
+                    return
+        finally:
+            if req.finish_reason is None:
+                log.debug("request %s aborted by its caller", req.id)
+                self._finish(req, "abort")
+
+    def _admit(self, request: PreprocessedRequest) -> _Request:
+        if self._task is None:
+            raise RuntimeError("mocker engine not started")
+        if request.kv_transfer_params is not None:
+            raise ValueError(f"request {request.request_id}: the mocker does not simulate disaggregated serving yet")
+        if not request.token_ids:
+            raise ValueError(f"request {request.request_id}: empty prompt")
+        if len(request.token_ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"request {request.request_id}: prompt of {len(request.token_ids)} tokens leaves no room "
+                f"under max_model_len {self.config.max_model_len}"
+            )
+        if request.stop.max_tokens < 1:
+            raise ValueError(f"request {request.request_id}: max_tokens must be at least 1")
+        if request.request_id in self._requests:
+            raise ValueError(f"request {request.request_id} is already running")
+        req = _Request(request, self._generation_seed(request))
+        self._requests[req.id] = req
+        self._waiting.append(req)
+        self._work.set()
+        return req
+
+    # --- the scheduler loop ---------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._running and not self._waiting:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            scheduled = self._schedule()
+            self._publish_kv_events()
+            if not scheduled:
+                # Nothing fits this step (e.g. max_num_seqs of requests all waiting on
+                # blocks): wait for an arrival or an abort rather than spin.
+                self._work.clear()
+                await self._work.wait()
+                continue
+            seconds = self._step_ms(scheduled) / 1000.0 / self.config.speedup_ratio
+            await asyncio.sleep(seconds if seconds >= 1e-5 else 0)
+            self._advance(scheduled)
+            self._publish_kv_events()
+
+    def _schedule(self) -> list[tuple[_Request, int]]:
+        """This step's batch: (request, tokens to compute). Running requests first, in
+        admission order; the newest are preempted when blocks run out."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[_Request, int]] = []
+        preempted = False
+        index = 0
+        while index < len(self._running) and budget > 0:
+            req = self._running[index]
+            count = min(len(req.tokens) - req.num_computed, budget)
+            if self._reserve(req, req.num_computed + count):
+                scheduled.append((req, count))
+                budget -= count
+                index += 1
+                continue
+            victim = self._running.pop()
+            self._preempt(victim)
+            preempted = True
+        # After a preemption the cache is tight: admitting more would only thrash,
+        # unless everything was preempted and the queue head must restart.
+        while (not preempted or not scheduled) and self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+            req = self._waiting[0]
+            if not req.blocks:
+                self._reuse_cached_prefix(req)
+            count = min(len(req.tokens) - req.num_computed, budget)
+            if not self._reserve(req, req.num_computed + count):
+                self._release(req)  # don't sit on cached blocks while waiting
+                break
+            self._waiting.popleft()
+            self._running.append(req)
+            scheduled.append((req, count))
+            budget -= count
+        return scheduled
+
+    def _reuse_cached_prefix(self, req: _Request) -> None:
+        block_size = self.config.block_size
+        # Like vLLM, the last prompt token is always computed, so a hit stops short of it.
+        max_blocks = (len(req.tokens) - 1) // block_size
+        self._extend_hashes(req, max_blocks)
+        hit = self._pool.match_prefix(req.hashes[:max_blocks])
+        self._pool.touch(hit)
+        req.blocks = hit
+        req.num_cached_blocks = len(hit)
+        req.num_computed = len(hit) * block_size
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = req.num_computed
+            self._prefix_queries += req.num_prompt
+            self._prefix_hits += req.num_computed
+
+    def _reserve(self, req: _Request, num_tokens: int) -> bool:
+        needed = math.ceil(num_tokens / self.config.block_size) - len(req.blocks)
+        if needed <= 0:
+            return True
+        fresh = self._pool.allocate(needed)
+        if fresh is None:
+            return False
+        req.blocks.extend(fresh)
+        return True
+
+    def _preempt(self, req: _Request) -> None:
+        """Recompute preemption: drop its KV and requeue it first in line."""
+        log.debug("request %s preempted: out of KV blocks", req.id)
+        self._release(req)
+        self._waiting.appendleft(req)
+
+    def _release(self, req: _Request) -> None:
+        self._pool.free(req.blocks)
+        req.blocks = []
+        req.num_cached_blocks = 0
+        req.num_computed = 0
+
+    def _step_ms(self, scheduled: list[tuple[_Request, int]]) -> float:
+        config = self.config
+        prefill_tokens = decode_seqs = decode_blocks = 0
+        for req, count in scheduled:
+            if count == 1 and req.num_computed >= req.num_prompt:
+                decode_seqs += 1
+                decode_blocks += len(req.blocks)
+            else:
+                prefill_tokens += count
+        ms = 0.0
+        if prefill_tokens:
+            ms += config.prefill_base_ms + config.prefill_ms_per_token * prefill_tokens
+        if decode_seqs:
+            ms += config.decode_base_ms + config.decode_ms_per_seq * decode_seqs + config.decode_ms_per_kv_block * decode_blocks
+        return ms
+
+    def _advance(self, scheduled: list[tuple[_Request, int]]) -> None:
+        for req, count in scheduled:
+            if req.finish_reason is not None:
+                continue  # aborted while the step ran; its blocks are already free
+            req.num_computed += count
+            self._cache_full_blocks(req)
+            if req.num_computed == len(req.tokens):
+                self._emit_token(req)
+
+    def _cache_full_blocks(self, req: _Request) -> None:
+        block_size = self.config.block_size
+        full = req.num_computed // block_size
+        start = req.num_cached_blocks
+        if full <= start:
+            return
+        self._extend_hashes(req, full)
+        self._pool.cache_full_blocks(
+            req.blocks[start:full],
+            req.hashes[start:full],
+            req.hashes[start - 1] if start else None,
+            req.tokens[start * block_size : full * block_size],
+        )
+        req.num_cached_blocks = full
+
+    def _extend_hashes(self, req: _Request, num_blocks: int) -> None:
+        have = len(req.hashes)
+        if num_blocks <= have:
+            return
+        block_size = self.config.block_size
+        parent = req.hashes[-1] if have else self._hash_root
+        req.hashes.extend(block_hashes(req.tokens[have * block_size : num_blocks * block_size], block_size, parent))
+
+    def _emit_token(self, req: _Request) -> None:
+        position = len(req.tokens)
+        mixed = _splitmix64(req.seed + position)
+        token = mixed % self.config.vocab_size
+        req.tokens.append(token)
+        req.num_output += 1
+        req.pending.append(token)
+        if req.want_logprobs is not None:
+            req.pending_logprobs.append(-((mixed >> 32) % 1000) / 1000.0)
+        reason = self._stop_reason(req, token)
+        if reason is not None:
+            self._finish(req, reason)
+        else:
+            req.wake.set()
+
+    def _stop_reason(self, req: _Request, token: int) -> str | None:
+        stop = req.stop
+        if req.num_output >= stop.max_tokens:
+            return "length"
+        if len(req.tokens) >= self.config.max_model_len:
+            return "length"
+        if req.num_output < stop.min_tokens:
+            return None
+        if token in stop.stop_token_ids:
+            return "stop"
+        if token == self.config.eos_token_id and not stop.ignore_eos:
+            return "stop"
+        return None
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        if req.finish_reason is not None:
+            return
+        req.finish_reason = reason
+        if req in self._running:
+            self._running.remove(req)
+        elif req in self._waiting:
+            self._waiting.remove(req)
+        self._release(req)
+        self._requests.pop(req.id, None)
+        req.wake.set()
+        # An abort may free the blocks a stalled scheduler was waiting for.
+        self._work.set()
+
+    def _publish_kv_events(self) -> None:
+        events = self._pool.take_events()
+        if not events or self._on_kv_events is None:
+            return
+        batch = KvEventBatch(
+            worker_id=self._worker_id, seq=self._event_seq, block_size=self.config.block_size,
+            events=events, timestamp=time.time(),
+        )
+        self._event_seq += 1
+        try:
+            self._on_kv_events(batch)
+        except Exception:
+            log.exception("worker %s: KV event sink failed on batch %d", self._worker_id, batch.seq)
+
+    # --- the token generator ---------------------------------------------------------
+
+    def _generation_seed(self, request: PreprocessedRequest) -> int:
+        prompt = array("i", request.token_ids).tobytes()
+        prompt_hash = int.from_bytes(blake2b(prompt, digest_size=8).digest(), "little")
+        return (prompt_hash ^ (request.sampling.seed or 0) * 0x9E3779B97F4A7C15 ^ self.config.seed) & _MASK64
+
+    def _top_logprobs(self, req: _Request, token: int, logprob: float) -> list[TokenLogprob]:
+        count = req.want_logprobs or 0
+        alternatives = [TokenLogprob(token, logprob)]
+        for rank in range(1, count):
+            alternative = _splitmix64(req.seed ^ (token * 31 + rank)) % self.config.vocab_size
+            alternatives.append(TokenLogprob(alternative, logprob - rank))
+        return alternatives
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)

@@ -1,0 +1,218 @@
+"""The vLLM engine: vLLM v1's AsyncLLM behind Tandem's Engine protocol.
+
+Engine arguments pass through to `AsyncEngineArgs` unchanged, so a GPU node gets CUDA
+vLLM and a CPU node gets the CPU build from the same config. The only arguments this
+module owns are the KV events publisher (pointed at our relay) and the served name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.config import KVEventsConfig, KVTransferConfig
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.inputs import TokensPrompt
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from app.engines.base import Engine, EngineStats, KvEventSink
+from app.engines.vllm_kv_events import VllmKvEventRelay
+from app.engines.vllm_stats import SchedulerStatsCapture
+from app.protocol import EngineOutput, ModelInfo, PreprocessedRequest, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+# vLLM's CPU build sizes its KV cache to 92 % of a NUMA node by default and refuses to
+# start on a shared machine; an empty value crashes it. GPU builds never read it.
+_DEFAULT_CPU_KVCACHE_SPACE_GIB = "1"
+
+# Config sections may carry these as JSON strings (as on vLLM's command line); vLLM's
+# AsyncEngineArgs converts other nested configs from dicts itself, but not these two.
+_NESTED_CONFIGS: dict[str, type] = {"kv_transfer_config": KVTransferConfig, "kv_events_config": KVEventsConfig}
+
+# vLLM's "repetition" is a stop the engine chose, which OpenAI spells "stop".
+_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error": "error", "repetition": "stop"}
+
+
+def _nested_config(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"vllm engine argument {name}: not valid JSON: {exc}") from None
+    if isinstance(value, dict):
+        return _NESTED_CONFIGS[name](**value)
+    return value
+
+
+def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
+    """vLLM sampling parameters for a request the Processor already validated.
+
+    Stop strings never reach the engine: the Processor detokenizes and matches them.
+    """
+    sampling, stop = request.sampling, request.stop
+    extra_args = {"kv_transfer_params": request.kv_transfer_params} if request.kv_transfer_params else None
+    return SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seed=sampling.seed,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        logprobs=sampling.logprobs,
+        max_tokens=stop.max_tokens,
+        min_tokens=stop.min_tokens,
+        stop_token_ids=list(stop.stop_token_ids),
+        ignore_eos=stop.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        # Token ids are what the Processor wants; detokenizing here would be wasted work.
+        detokenize=False,
+        extra_args=extra_args,
+    )
+
+
+def _logprobs(completion: CompletionOutput, num_top: int) -> tuple[list[float], list[list[TokenLogprob]]]:
+    chosen: list[float] = []
+    top: list[list[TokenLogprob]] = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or (), strict=True):
+        chosen.append(position[token_id].logprob)
+        # vLLM adds the sampled token to the top-N even when it ranks lower; OpenAI's
+        # top_logprobs lists the N best only.
+        best = sorted(position.items(), key=lambda item: item[1].logprob, reverse=True)[:num_top]
+        top.append([TokenLogprob(token, logprob.logprob) for token, logprob in best])
+    return chosen, top
+
+
+class VllmEngine(Engine):
+    """One vLLM AsyncLLM engine in this process (its engine core runs in a child process)."""
+
+    def __init__(self, engine_args: dict[str, Any]) -> None:
+        args = dict(engine_args)
+        if "model" not in args:
+            raise ValueError("vllm engine: `model` is required (a local directory or a model id)")
+        if args.get("kv_events_config") is not None:
+            raise ValueError("vllm engine: kv_events_config is managed by Tandem (it relays KV events itself)")
+        for name in _NESTED_CONFIGS:
+            if args.get(name) is not None:
+                args[name] = _nested_config(name, args[name])
+        if not args.get("served_model_name"):
+            model = str(args["model"])
+            # A local model is served under its directory name, not its absolute path.
+            args["served_model_name"] = Path(model).name if Path(model).is_dir() else model
+        self._args = args
+        self._llm: AsyncLLM | None = None
+        self._relay: VllmKvEventRelay | None = None
+        self._stats = SchedulerStatsCapture()
+        self._worker_id = ""
+        self._total_blocks = 0
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> VllmEngine:
+        """Build from a worker's config section (engine arguments, snake_case or kebab-case keys)."""
+        return cls({key.replace("-", "_"): value for key, value in section.items()})
+
+    @property
+    def served_model_name(self) -> str:
+        name = self._args["served_model_name"]
+        return name[0] if isinstance(name, list) else str(name)
+
+    async def start(self, worker_id: str, on_kv_events: KvEventSink | None = None) -> ModelInfo:
+        if self._llm is not None:
+            raise RuntimeError("vllm engine already started")
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = _DEFAULT_CPU_KVCACHE_SPACE_GIB
+        self._worker_id = worker_id
+        args = dict(self._args)
+        if on_kv_events is not None:
+            self._relay = VllmKvEventRelay(worker_id, on_kv_events)
+            args["kv_events_config"] = self._relay.kv_events_config()
+        try:
+            engine_args = AsyncEngineArgs(**args)
+        except TypeError as exc:
+            await self._stop_relay()
+            raise ValueError(f"vllm engine: bad engine arguments: {exc}") from None
+        logger.info("starting vLLM engine for %s (worker %s)", args["model"], worker_id)
+        try:
+            self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[self._stats.factory])
+        except BaseException:
+            await self._stop_relay()
+            raise
+        config = self._llm.vllm_config
+        block_size = config.cache_config.block_size
+        self._total_blocks = config.cache_config.num_gpu_blocks or 0
+        if self._relay is not None:
+            self._relay.start(block_size)
+        info = ModelInfo(
+            name=self.served_model_name,
+            max_model_len=config.model_config.max_model_len,
+            block_size=block_size,
+            model_path=str(args["model"]),
+        )
+        logger.info(
+            "vLLM engine ready: %s, max_model_len %d, block size %d, %d KV blocks",
+            info.name, info.max_model_len, info.block_size, self._total_blocks,
+        )
+        return info
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        if self._llm is None:
+            raise RuntimeError("vllm engine not started")
+        params = sampling_params_for(request)
+        num_top = request.sampling.logprobs or 0
+        try:
+            # Rendering checks the prompt against max_model_len with a clear error; raw
+            # prompts handed to generate() are a deprecated path in vLLM.
+            (engine_input,) = self._llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=request.token_ids)])
+            stream = self._llm.generate(engine_input, params, request.request_id)
+        except VLLMClientError as exc:
+            # The caller's mistake, reported as the mocker reports it: the worker answers 400.
+            raise ValueError(f"request {request.request_id}: {exc}") from exc
+        first = True
+        try:
+            async for output in stream:
+                yield self._engine_output(output, first, num_top, params.logprobs is not None)
+                first = False
+        except VLLMClientError as exc:
+            raise ValueError(f"request {request.request_id}: {exc}") from exc
+        finally:
+            # vLLM's generator aborts the request (freeing its KV blocks) when closed
+            # before it finished; closing it here makes that happen now, not at GC.
+            await stream.aclose()
+
+    def _engine_output(self, output: RequestOutput, first: bool, num_top: int, want_logprobs: bool) -> EngineOutput:
+        completion = output.outputs[0]
+        result = EngineOutput(token_ids=list(completion.token_ids), worker_id=self._worker_id)
+        if want_logprobs and completion.token_ids:
+            result.logprobs, result.top_logprobs = _logprobs(completion, num_top)
+        if first:
+            result.num_prompt_tokens = len(output.prompt_token_ids or ())
+            result.num_cached_tokens = output.num_cached_tokens or 0
+        if output.finished:
+            reason = str(completion.finish_reason) if completion.finish_reason is not None else "stop"
+            result.finish_reason = _FINISH_REASONS.get(reason, "error")
+            result.kv_transfer_params = output.kv_transfer_params
+        return result
+
+    def stats(self) -> EngineStats:
+        in_flight = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        return self._stats.snapshot(in_flight, self._total_blocks)
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            logger.info("stopping vLLM engine (worker %s)", self._worker_id)
+            self._llm.shutdown()
+            self._llm = None
+        await self._stop_relay()
+
+    async def _stop_relay(self) -> None:
+        if self._relay is not None:
+            await self._relay.stop()
+            self._relay = None

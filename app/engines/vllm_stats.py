@@ -1,0 +1,77 @@
+"""Capture vLLM's scheduler statistics for a worker's load reports.
+
+AsyncLLM hands every engine step's SchedulerStats to its stat loggers; a logger that
+keeps the latest snapshot (and sums the per-step prefix-cache deltas) makes `stats()`
+a cheap read instead of a round trip to the engine core.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.metrics.stats import IterationStats, SchedulerStats
+
+from app.engines.base import EngineStats
+
+
+class SchedulerStatsCapture:
+    """Latest scheduler state across the engine's data-parallel ranks."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, SchedulerStats] = {}
+        self._prefix_cache_hits = 0
+        self._prefix_cache_queries = 0
+
+    def factory(self, vllm_config: VllmConfig, engine_index: int = 0) -> StatLoggerBase:
+        """A per-engine stat logger factory, as AsyncLLM(stat_loggers=[...]) expects."""
+        return _CapturingStatLogger(self, engine_index)
+
+    def record(self, engine_index: int, stats: SchedulerStats) -> None:
+        self._latest[engine_index] = stats
+        self._prefix_cache_hits += stats.prefix_cache_stats.hits
+        self._prefix_cache_queries += stats.prefix_cache_stats.queries
+
+    def snapshot(self, in_flight: int, total_blocks: int) -> EngineStats:
+        """`in_flight`: requests the engine front end still tracks.
+
+        The engine core reports only while it steps; after an abort leaves it idle its
+        last report would show the aborted request forever. Nothing in flight means
+        nothing running, nothing waiting and no block held (cached blocks are free).
+        """
+        if in_flight == 0:
+            running = waiting = used_blocks = 0
+        else:
+            latest = self._latest.values()
+            running = sum(s.num_running_reqs for s in latest)
+            waiting = sum(s.num_waiting_reqs + s.num_skipped_waiting_reqs for s in latest)
+            usage = sum(s.kv_cache_usage for s in latest) / max(len(self._latest), 1)
+            used_blocks = round(usage * total_blocks)
+        return EngineStats(
+            running=running,
+            waiting=waiting,
+            kv_used_blocks=used_blocks,
+            kv_total_blocks=total_blocks,
+            prefix_cache_hits=self._prefix_cache_hits,
+            prefix_cache_queries=self._prefix_cache_queries,
+        )
+
+
+class _CapturingStatLogger(StatLoggerBase):
+    def __init__(self, capture: SchedulerStatsCapture, engine_index: int) -> None:
+        self._capture = capture
+        self._engine_index = engine_index
+
+    def record(
+        self,
+        scheduler_stats: SchedulerStats | None,
+        iteration_stats: IterationStats | None,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is not None:
+            self._capture.record(engine_idx, scheduler_stats)
+
+    def log_engine_initialized(self) -> None:
+        pass

@@ -1,0 +1,357 @@
+"""The OpenAI-compatible HTTP front door: routes, SSE streaming, errors and metrics.
+
+Generation responses are raw ASGI callables rather than Starlette's StreamingResponse
+so that (1) the status line and the X-Tandem-Worker header can wait for the backend's
+first item, and (2) a client that goes away cancels the backend stream with plain
+asyncio cancellation, whose cleanup (the engine abort) is not itself cancelled again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from app.openai.backend import Backend, RequestKind
+from app.openai.errors import (
+    InternalError,
+    ModelNotFoundError,
+    OpenAIError,
+    PayloadTooLargeError,
+    RequestError,
+    ServiceUnavailableError,
+    to_openai_error,
+)
+from app.openai.metrics import FrontendMetrics
+from app.openai.render import ChatRenderer, CompletionRenderer, Renderer, usage_dict
+from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
+from app.preprocess.items import StreamItem, TokenLogprobs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+WORKER_HEADER = "X-Tandem-Worker"
+REQUEST_ID_HEADER = "X-Request-Id"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# nginx's convention for "client closed the connection"; only ever seen in metrics.
+_STATUS_CLIENT_GONE = "499"
+_json = msgspec.json.Encoder()
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + _json.encode(payload) + b"\n\n"
+
+
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+def _error_kind(error: OpenAIError) -> str:
+    return error.code or error.error_type
+
+
+def _finish_error(finish_reason: str) -> OpenAIError | None:
+    """Engine finish reasons that are failures, not endings a client should see."""
+    if finish_reason == "error":
+        return InternalError("the engine failed while generating")
+    if finish_reason == "abort":
+        return ServiceUnavailableError("the worker aborted the request; retry it")
+    return None
+
+
+class _Generation:
+    """One chat/completion request from the backend's first item to the last byte."""
+
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        metrics: FrontendMetrics,
+        kind: RequestKind,
+        request: OpenAIRequest,
+        request_id: str,
+        route: str,
+        started: float,
+    ) -> None:
+        self._backend = backend
+        self._metrics = metrics
+        self._kind = kind
+        self._request = request
+        self._request_id = request_id
+        self._route = route
+        self._started = started
+        self._status_recorded = False
+        self._last_token_time = 0.0
+        self._completion_tokens = 0
+        self._prompt_tokens = 0
+        self._cached_tokens: int | None = None
+        created = int(time.time())
+        renderer_type = ChatRenderer if kind == "chat" else CompletionRenderer
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        self._renderer: Renderer = renderer_type(
+            prefix + request_id, request.model, created, include_usage=request.include_usage_in_stream()
+        )
+
+    async def run(self, send: Send) -> None:
+        self._metrics.inflight.inc()
+        items: AsyncIterator[StreamItem] | None = None
+        try:
+            try:
+                items = aiter(self._backend.generate(self._kind, self._request, self._request_id))
+                first = await anext(items, None)
+                if first is None:
+                    raise InternalError("the backend returned no output")
+            except Exception as exc:
+                await self._send_error(send, exc)
+                return
+            headers = {REQUEST_ID_HEADER: self._request_id}
+            if first.worker_id:
+                headers[WORKER_HEADER] = first.worker_id
+            if self._request.stream:
+                await self._stream(send, items, first, headers)
+            else:
+                await self._unary(send, items, first, headers)
+        finally:
+            if items is not None and hasattr(items, "aclose"):
+                await items.aclose()
+            self._metrics.inflight.dec()
+            self._metrics.output_tokens.inc(self._completion_tokens)
+            self._metrics.input_tokens.inc(self._prompt_tokens)
+
+    def client_gone(self) -> None:
+        logger.info("request %s: client disconnected; cancelled", self._request_id)
+        self._record_status(_STATUS_CLIENT_GONE)
+
+    def _record_status(self, status: int | str) -> None:
+        if not self._status_recorded:
+            self._status_recorded = True
+            self._metrics.requests.labels(self._route, str(status)).inc()
+
+    def _observe(self, item: StreamItem) -> None:
+        if item.prompt_tokens is not None:
+            self._prompt_tokens = item.prompt_tokens
+        if item.cached_tokens is not None:
+            self._cached_tokens = item.cached_tokens
+        new_tokens = item.completion_tokens - self._completion_tokens
+        if new_tokens <= 0:
+            return
+        now = time.perf_counter()
+        if self._completion_tokens == 0:
+            self._metrics.time_to_first_token.observe(now - self._started)
+        else:
+            self._metrics.inter_token_latency.observe((now - self._last_token_time) / new_tokens)
+        self._last_token_time = now
+        self._completion_tokens = item.completion_tokens
+
+    def _usage(self) -> dict[str, Any]:
+        return usage_dict(self._prompt_tokens, self._completion_tokens, self._cached_tokens)
+
+    async def _unary(
+        self, send: Send, items: AsyncIterator[StreamItem], first: StreamItem, headers: dict[str, str]
+    ) -> None:
+        texts: list[str] = []
+        logprobs: list[TokenLogprobs] | None = None
+        item: StreamItem | None = first
+        try:
+            while item is not None:
+                self._observe(item)
+                texts.append(item.text)
+                if item.logprobs is not None:
+                    logprobs = (logprobs or []) + item.logprobs
+                if item.finish_reason is not None:
+                    break
+                item = await anext(items, None)
+            if item is None:
+                raise InternalError("the backend stream ended without a finish reason")
+            failure = _finish_error(item.finish_reason)
+            if failure is not None:
+                raise failure
+        except Exception as exc:
+            await self._send_error(send, exc)
+            return
+        body = self._renderer.body("".join(texts), logprobs, item.finish_reason, self._usage())
+        await self._send_whole(send, 200, _json.encode(body), {**headers, "Content-Type": "application/json"})
+
+    async def _stream(
+        self, send: Send, items: AsyncIterator[StreamItem], first: StreamItem, headers: dict[str, str]
+    ) -> None:
+        headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        self._record_status(200)
+        await send({"type": "http.response.start", "status": 200, "headers": _raw_headers(headers)})
+        role = self._renderer.role_chunk()
+        if role is not None:
+            await send({"type": "http.response.body", "body": _sse(role), "more_body": True})
+        item: StreamItem | None = first
+        try:
+            while item is not None:
+                self._observe(item)
+                events = []
+                if item.text or item.logprobs:
+                    events.append(_sse(self._renderer.content_chunk(item.text, item.logprobs)))
+                if item.finish_reason is not None:
+                    failure = _finish_error(item.finish_reason)
+                    if failure is not None:
+                        raise failure
+                    events.append(_sse(self._renderer.finish_chunk(item.finish_reason)))
+                    if self._request.include_usage_in_stream():
+                        events.append(_sse(self._renderer.usage_chunk(self._usage())))
+                    events.append(_SSE_DONE)
+                    await send({"type": "http.response.body", "body": b"".join(events), "more_body": False})
+                    return
+                if events:
+                    await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
+                item = await anext(items, None)
+            raise InternalError("the backend stream ended without a finish reason")
+        except Exception as exc:
+            # Headers are gone: the error travels as an SSE event, as vLLM and OpenAI do.
+            error = self._log_error(exc)
+            await send({"type": "http.response.body", "body": _sse(error.body()) + _SSE_DONE, "more_body": False})
+
+    def _log_error(self, exc: BaseException) -> OpenAIError:
+        error = to_openai_error(exc)
+        if isinstance(error, InternalError):
+            logger.error("request %s failed", self._request_id, exc_info=exc)
+        else:
+            logger.info("request %s: %s %s", self._request_id, error.status, error.message)
+        self._metrics.errors.labels(_error_kind(error)).inc()
+        return error
+
+    async def _send_error(self, send: Send, exc: BaseException) -> None:
+        error = self._log_error(exc)
+        headers = {**error.headers(), REQUEST_ID_HEADER: self._request_id, "Content-Type": "application/json"}
+        await self._send_whole(send, error.status, error.body_bytes(), headers)
+
+    async def _send_whole(self, send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self._record_status(status)
+        await send({"type": "http.response.start", "status": status, "headers": _raw_headers(headers)})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _GenerationResponse(Response):
+    """Runs a _Generation while watching for the client to go away."""
+
+    def __init__(self, generation: _Generation) -> None:
+        self._generation = generation
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        work = asyncio.ensure_future(self._generation.run(send))
+        disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({work, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            client_gone = disconnect.done() and not work.done()
+            for task in (work, disconnect):
+                task.cancel()
+            # Let the backend's cleanup (the engine abort) finish before the request ends.
+            await asyncio.gather(work, disconnect, return_exceptions=True)
+        if client_gone:
+            self._generation.client_gone()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _request_id(request: Request) -> str:
+    offered = request.headers.get(REQUEST_ID_HEADER, "")
+    return offered if _CLIENT_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+
+
+def _error_response(error: OpenAIError, metrics: FrontendMetrics, route: str) -> Response:
+    metrics.requests.labels(route, str(error.status)).inc()
+    metrics.errors.labels(_error_kind(error)).inc()
+    return Response(error.body_bytes(), status_code=error.status, headers=error.headers(), media_type="application/json")
+
+
+def create_app(
+    backend: Backend, *, metrics: FrontendMetrics | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
+    metrics = metrics or FrontendMetrics()
+    app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        error = RequestError(str(exc.detail), status=exc.status_code)
+        return Response(error.body_bytes(), status_code=exc.status_code, media_type="application/json")
+
+    async def handle(request: Request, kind: RequestKind, route: str) -> Response:
+        started = time.perf_counter()
+        request_type: type[OpenAIRequest] = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        try:
+            parsed = parse_request(request_type, await _read_body(request, max_body_bytes))
+            served = {card.id for card in backend.list_models()}
+            if not served:
+                raise ServiceUnavailableError("no model is being served yet")
+            if parsed.model not in served:
+                raise ModelNotFoundError(parsed.model)
+        except Exception as exc:
+            error = to_openai_error(exc)
+            if isinstance(error, InternalError):
+                logger.error("%s: request handling failed", route, exc_info=exc)
+            return _error_response(error, metrics, route)
+        generation = _Generation(
+            backend=backend, metrics=metrics, kind=kind, request=parsed,
+            request_id=_request_id(request), route=route, started=started,
+        )
+        return _GenerationResponse(generation)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handle(request, "chat", "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "completion", "/v1/completions")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        cards = backend.list_models()
+        data = [{"object": "model", **msgspec.structs.asdict(card)} for card in cards]
+        return Response(_json.encode({"object": "list", "data": data}), media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if backend.is_ready() and backend.list_models():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": "no model is being served"}, status_code=503)
+
+    @app.get("/live")
+    async def live() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app

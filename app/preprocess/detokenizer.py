@@ -1,0 +1,67 @@
+"""Incremental detokenization: token ids in, text deltas out, per token.
+
+The text of a token can depend on its neighbours (a split UTF-8 character, a
+SentencePiece leading space), so each step decodes a short window of recent tokens
+and emits what it adds to the window's already-emitted text; the window slides
+forward at every clean character boundary. Cost per step is O(window), not
+O(generated text), and the window stays a few tokens long in all but garbage output.
+
+Replacement characters at the end of the window are held back: they are usually a
+character whose remaining bytes are in the next token. A U+FFFD that is still there
+when a real character follows (or at the end) was genuinely invalid and goes out then,
+so the concatenated deltas always equal one decode of all the tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer
+
+_REPLACEMENT = "\ufffd"
+# Prompt tokens kept as left context, enough for any leading-space rule we know of.
+_CONTEXT_TOKENS = 4
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        skip_special_tokens: bool = True,
+        context_ids: Sequence[int] = (),
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        context = list(context_ids[-_CONTEXT_TOKENS:])
+        # A context that ends inside a character would shift every later delta.
+        if context and self._decode(context).endswith(_REPLACEMENT):
+            context = []
+        self._ids: list[int] = context
+        self._prefix_offset = 0  # where the decoded window starts
+        self._read_offset = len(context)  # tokens before this are fully emitted
+        self._emitted = len(self._decode(context))  # chars of the window's text already out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        """Add generated tokens; return the text they complete (may be empty)."""
+        self._ids.extend(token_ids)
+        text = self._decode(self._ids[self._prefix_offset :])
+        final_end = len(text.rstrip(_REPLACEMENT))
+        delta = text[self._emitted : final_end] if final_end > self._emitted else ""
+        if final_end == len(text):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            self._emitted = len(self._decode(self._ids[self._prefix_offset : self._read_offset]))
+        elif final_end > self._emitted:
+            self._emitted = final_end
+        return delta
+
+    def flush(self) -> str:
+        """The held-back tail, once no more tokens will come."""
+        text = self._decode(self._ids[self._prefix_offset :])
+        delta = text[self._emitted :]
+        self._emitted = len(text)
+        return delta

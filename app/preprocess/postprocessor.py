@@ -1,0 +1,152 @@
+"""Engine outputs (token ids) -> StreamItems (text), one request at a time.
+
+Runs once per engine step for every request, so it keeps O(1)-sized state per step:
+an incremental detokenizer and, for stop strings, only the few trailing characters
+that could still begin one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from tokenizers import Tokenizer
+
+from app.openai.errors import InternalError
+from app.preprocess.detokenizer import IncrementalDetokenizer
+from app.preprocess.items import StreamItem, TokenLogprobs, TopLogprob
+from app.preprocess.tokenizer import TokenTexts
+from app.protocol import EngineOutput, TokenLogprob
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text, even when split across tokens.
+
+    Text that could be the start of a stop string is withheld until the next delta
+    shows whether it is; everything before a stop string is released, the stop string
+    itself never is.
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was found)."""
+        if not self._stop:
+            return delta, False
+        text = self._pending + delta
+        # The stop string that completes first wins, as if text arrived one character at
+        # a time; so the result does not depend on how the text was split into tokens.
+        hits = [(i + len(s), i) for s in self._stop if (i := text.find(s)) >= 0]
+        if hits:
+            self._pending = ""
+            return text[: min(hits)[1]], True
+        held = self._withheld_length(text)
+        self._pending = text[len(text) - held :] if held else ""
+        return text[: len(text) - held], False
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return text
+
+    def _withheld_length(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self._stop:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
+
+
+class Postprocessor:
+    """Turns one request's EngineOutputs into StreamItems.
+
+    After an item with a finish_reason, `finished` is true and the caller must close
+    the engine stream (a stop string ends the request before the engine knows it).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        token_texts: TokenTexts,
+        *,
+        stop: Sequence[str] = (),
+        min_tokens: int = 0,
+        num_top_logprobs: int | None = None,
+        prompt_token_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self._detokenizer = IncrementalDetokenizer(
+            tokenizer, skip_special_tokens=skip_special_tokens, context_ids=prompt_token_ids
+        )
+        self._stop = StopStringMatcher(stop)
+        self._min_tokens = min_tokens
+        self._num_top_logprobs = num_top_logprobs
+        self._token_texts = token_texts
+        self._completion_tokens = 0
+        self._prompt_tokens: int | None = len(prompt_token_ids) or None
+        self.finished = False
+
+    def process(self, output: EngineOutput) -> StreamItem:
+        if self.finished:
+            raise RuntimeError("process() called after the request finished")
+        self._completion_tokens += len(output.token_ids)
+        delta = self._detokenizer.push(output.token_ids)
+        finish_reason = output.finish_reason
+        if finish_reason is not None:
+            delta += self._detokenizer.flush()
+        # As vLLM: stop strings count only once min_tokens have been generated.
+        if self._completion_tokens >= self._min_tokens:
+            delta, hit_stop = self._stop.feed(delta)
+            if hit_stop:
+                finish_reason = "stop"
+            elif finish_reason is not None:
+                delta += self._stop.flush()
+        if output.num_prompt_tokens is not None:
+            self._prompt_tokens = output.num_prompt_tokens
+        self.finished = finish_reason is not None
+        return StreamItem(
+            text=delta,
+            completion_tokens=self._completion_tokens,
+            finish_reason=finish_reason,
+            prompt_tokens=self._prompt_tokens,
+            cached_tokens=output.num_cached_tokens,
+            logprobs=self._logprobs(output),
+            worker_id=output.worker_id,
+        )
+
+    def _logprobs(self, output: EngineOutput) -> list[TokenLogprobs] | None:
+        if self._num_top_logprobs is None or output.logprobs is None:
+            return None
+        top_lists: Sequence[list[TokenLogprob]] = output.top_logprobs or [[] for _ in output.token_ids]
+        entries = []
+        for token_id, logprob, top in zip(output.token_ids, output.logprobs, top_lists):
+            alternatives = [
+                TopLogprob(*self._token_texts.get(alt.token_id), alt.logprob)
+                for alt in top[: self._num_top_logprobs]
+            ]
+            entries.append(TokenLogprobs(*self._token_texts.get(token_id), logprob, alternatives))
+        return entries
+
+
+async def postprocess_stream(
+    postprocessor: Postprocessor, outputs: AsyncIterator[EngineOutput]
+) -> AsyncIterator[StreamItem]:
+    """Stream items until the request finishes, then close the engine stream.
+
+    Closing (not draining) is what aborts the request inside the engine when a stop
+    string ended it early or the consumer went away.
+    """
+    try:
+        async for output in outputs:
+            item = postprocessor.process(output)
+            yield item
+            if postprocessor.finished:
+                return
+        raise InternalError("the engine stream ended without a finish reason")
+    finally:
+        aclose = getattr(outputs, "aclose", None)
+        if aclose is not None:
+            await aclose()

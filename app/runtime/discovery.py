@@ -1,0 +1,326 @@
+"""Discovery plane on etcd: the process lease, records attached to it, watch-fed views.
+
+One lease per process (TTL `lease_ttl_s`), kept alive by a task. Every record this
+process registers hangs on that lease, so a crashed process's records vanish within the
+TTL and a clean `revoke()` removes them at once. If etcd loses the lease (an outage
+longer than the TTL), the keep-alive task grants it again under the same ID and puts the
+records back, so the process keeps its instance id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import etcd3aio
+import grpc.aio
+import msgspec
+
+from app.runtime.wire import decoder_for, encoder
+
+log = logging.getLogger(__name__)
+
+_EVENT_DELETE = 1  # mvccpb.Event.EventType.DELETE
+_RPC_TIMEOUT_S = 5.0
+_RETRY_S = 0.5
+_ETCD_ERRORS = (etcd3aio.EtcdError, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
+
+T = TypeVar("T")
+
+
+class InstanceRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One served endpoint of one process: `/tandem/<ns>/instances/<service>/<endpoint>/<id>`."""
+
+    namespace: str
+    service: str
+    endpoint: str
+    instance_id: str
+    subject: str
+    host: str
+    pid: int
+    metadata: dict[str, Any] = {}
+
+
+class ModelRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A model some instance serves: `/tandem/<ns>/models/<name>/<instance_id>`."""
+
+    name: str
+    instance_id: str
+    service: str
+    endpoint: str
+    metadata: dict[str, Any] = {}
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    return etcd3aio.prefix_range_end(prefix)
+
+
+class PrefixWatch(Generic[T]):
+    """A live `dict` of every key under a prefix (key suffix -> decoded value), fed by a watch.
+
+    Survives etcd restarts (etcd3aio resumes the watch from the next revision) and
+    compactions (a full reload).
+    """
+
+    def __init__(self, client: etcd3aio.Etcd3Client, prefix: str, value_type: Any = None) -> None:
+        self._client = client
+        self._prefix = prefix.encode()
+        self._decoder = decoder_for(value_type)
+        self.items: dict[str, T] = {}
+        self._listeners: list[Callable[[str, T | None], None]] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add_listener(self, listener: Callable[[str, T | None], None]) -> None:
+        """`listener(key, value)` runs on every change; value None means the key was deleted."""
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        revision = await self._load()
+        self._task = asyncio.create_task(self._run(revision), name=f"etcd-watch:{self._prefix.decode()}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait_until(self, predicate: Callable[[dict[str, T]], bool], timeout: float) -> bool:
+        """Wait until `predicate(self.items)` holds; False if it still does not after `timeout`."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self.items):
+                self._changed.clear()
+                await self._changed.wait()
+        return True
+
+    def _decode(self, value: bytes) -> T | None:
+        try:
+            return self._decoder.decode(value)
+        except msgspec.DecodeError:
+            log.warning("etcd: undecodable value under %s ignored", self._prefix.decode())
+            return None
+
+    async def _load(self) -> int:
+        resp = await self._client.kv.get(self._prefix, _prefix_end(self._prefix), timeout=_RPC_TIMEOUT_S)
+        fresh: dict[str, T] = {}
+        for kv in resp.kvs:
+            value = self._decode(kv.value)
+            if value is not None:
+                fresh[kv.key[len(self._prefix):].decode()] = value
+        for key in self.items.keys() - fresh.keys():
+            self._apply(key, None)
+        for key, value in fresh.items():
+            if self.items.get(key) != value:
+                self._apply(key, value)
+        return resp.header.revision
+
+    def _apply(self, key: str, value: T | None) -> None:
+        if value is None:
+            if self.items.pop(key, None) is None:
+                return
+        else:
+            self.items[key] = value
+        for listener in self._listeners:
+            listener(key, value)
+        self._changed.set()
+
+    async def _run(self, revision: int) -> None:
+        while True:
+            try:
+                watch = self._client.watch.watch(self._prefix, _prefix_end(self._prefix), start_revision=revision + 1)
+                async for resp in watch:
+                    if resp.compact_revision > 0 or resp.canceled:
+                        break  # events were lost: reload below
+                    for event in resp.events:
+                        key = event.kv.key[len(self._prefix):].decode()
+                        value = None if event.type == _EVENT_DELETE else self._decode(event.kv.value)
+                        self._apply(key, value)
+                    revision = max(revision, resp.header.revision)
+            except _ETCD_ERRORS as exc:
+                log.warning("etcd watch on %s failed (%s); reloading", self._prefix.decode(), exc)
+                await asyncio.sleep(_RETRY_S)
+            revision = await self._reload_until_ok()
+
+    async def _reload_until_ok(self) -> int:
+        while True:
+            try:
+                return await self._load()
+            except _ETCD_ERRORS as exc:
+                log.warning("etcd reload of %s failed (%s); retrying", self._prefix.decode(), exc)
+                await asyncio.sleep(_RETRY_S)
+
+
+class ModelsWatch:
+    """Live `.models`: model name -> the records of the instances serving it."""
+
+    def __init__(self, watch: PrefixWatch[ModelRecord]) -> None:
+        self._watch = watch
+
+    @property
+    def models(self) -> dict[str, list[ModelRecord]]:
+        return _group_models(self._watch.items.values())
+
+    async def wait_until(self, predicate: Callable[[dict[str, list[ModelRecord]]], bool], timeout: float) -> bool:
+        return await self._watch.wait_until(lambda _: predicate(self.models), timeout)
+
+    async def close(self) -> None:
+        await self._watch.close()
+
+
+class TunablesWatch:
+    """Live `.values`: tunable key -> value."""
+
+    def __init__(self, watch: PrefixWatch[Any]) -> None:
+        self._watch = watch
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return self._watch.items
+
+    async def wait_until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
+        return await self._watch.wait_until(predicate, timeout)
+
+    async def close(self) -> None:
+        await self._watch.close()
+
+
+def _group_models(records: Any) -> dict[str, list[ModelRecord]]:
+    grouped: dict[str, list[ModelRecord]] = {}
+    for record in records:
+        grouped.setdefault(record.name, []).append(record)
+    return grouped
+
+
+class Discovery:
+    """This process's view of etcd: its lease and records, models, tunables, instance watches."""
+
+    def __init__(self, client: etcd3aio.Etcd3Client, namespace: str, lease_ttl_s: int) -> None:
+        self._client = client
+        self._root = f"/tandem/{namespace}"
+        self._ttl = lease_ttl_s
+        self.lease_id = 0
+        self._owned: dict[bytes, bytes] = {}
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._watches: weakref.WeakSet[PrefixWatch[Any]] = weakref.WeakSet()
+
+    # --- lease --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        grant = await self._client.lease.grant(self._ttl, timeout=_RPC_TIMEOUT_S)
+        self.lease_id = grant.ID
+        self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="etcd-lease-keepalive")
+
+    async def close(self) -> None:
+        """Stop watches and keep-alive, then revoke the lease: every record of ours vanishes at once."""
+        for watch in list(self._watches):
+            await watch.close()
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive_task
+        try:
+            await self._client.lease.revoke(self.lease_id, timeout=_RPC_TIMEOUT_S)
+        except _ETCD_ERRORS as exc:
+            log.warning("etcd: lease revoke failed (%s); records expire within %ds", exc, self._ttl)
+        self._owned.clear()
+
+    async def _keepalive_once(self) -> int:
+        call = self._client.lease.keep_alive(self.lease_id)
+        try:
+            async with asyncio.timeout(_RPC_TIMEOUT_S):
+                async for resp in call:
+                    return resp.TTL
+        finally:
+            call.cancel()
+        return 0
+
+    async def _keepalive_loop(self) -> None:
+        interval = self._ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ttl = await self._keepalive_once()
+                if ttl <= 0:
+                    log.warning("etcd: lease %x lost; granting it again and re-registering", self.lease_id)
+                    await self._restore_lease()
+                interval = self._ttl / 3
+            except _ETCD_ERRORS as exc:
+                # Retry quickly: the lease may be close to expiry while etcd was unreachable.
+                log.warning("etcd: lease keep-alive failed (%s); retrying", exc)
+                interval = _RETRY_S
+
+    async def _restore_lease(self) -> None:
+        await self._client.lease.grant(self._ttl, lease_id=self.lease_id, timeout=_RPC_TIMEOUT_S)
+        for key, value in list(self._owned.items()):
+            await self._client.kv.put(key, value, lease=self.lease_id, timeout=_RPC_TIMEOUT_S)
+
+    async def register(self, key: str, value: Any) -> None:
+        """Put a record attached to the process lease (restored if the lease is ever lost)."""
+        raw_key, raw_value = key.encode(), encoder.encode(value)
+        self._owned[raw_key] = raw_value
+        await self._client.kv.put(raw_key, raw_value, lease=self.lease_id, timeout=_RPC_TIMEOUT_S)
+
+    async def deregister(self, key: str) -> None:
+        raw_key = key.encode()
+        self._owned.pop(raw_key, None)
+        await self._client.kv.delete(raw_key, timeout=_RPC_TIMEOUT_S)
+
+    # --- keys ---------------------------------------------------------------------------
+
+    def instances_prefix(self, service: str, endpoint: str) -> str:
+        return f"{self._root}/instances/{service}/{endpoint}/"
+
+    def instance_key(self, service: str, endpoint: str, instance_id: str) -> str:
+        return self.instances_prefix(service, endpoint) + instance_id
+
+    def _model_key(self, name: str, instance_id: str) -> str:
+        return f"{self._root}/models/{name}/{instance_id}"
+
+    def _tunable_key(self, key: str) -> str:
+        return f"{self._root}/tunables/{key}"
+
+    async def _start_watch(self, prefix: str, value_type: Any) -> PrefixWatch[Any]:
+        watch: PrefixWatch[Any] = PrefixWatch(self._client, prefix, value_type)
+        await watch.start()
+        self._watches.add(watch)
+        return watch
+
+    async def watch_instances(self, service: str, endpoint: str) -> PrefixWatch[InstanceRecord]:
+        """Live instance records of one endpoint, keyed by instance id."""
+        return await self._start_watch(self.instances_prefix(service, endpoint), InstanceRecord)
+
+    # --- models -------------------------------------------------------------------------
+
+    async def register_model(self, record: ModelRecord) -> None:
+        await self.register(self._model_key(record.name, record.instance_id), record)
+
+    async def deregister_model(self, record: ModelRecord) -> None:
+        await self.deregister(self._model_key(record.name, record.instance_id))
+
+    async def list_models(self) -> dict[str, list[ModelRecord]]:
+        prefix = f"{self._root}/models/".encode()
+        resp = await self._client.kv.get(prefix, _prefix_end(prefix), timeout=_RPC_TIMEOUT_S)
+        decoder = decoder_for(ModelRecord)
+        return _group_models(decoder.decode(kv.value) for kv in resp.kvs)
+
+    async def watch_models(self) -> ModelsWatch:
+        return ModelsWatch(await self._start_watch(f"{self._root}/models/", ModelRecord))
+
+    # --- tunables (no lease: they outlive processes) -------------------------------------
+
+    async def put_tunable(self, key: str, value: Any) -> None:
+        await self._client.kv.put(self._tunable_key(key), encoder.encode(value), timeout=_RPC_TIMEOUT_S)
+
+    async def get_tunable(self, key: str, default: Any = None) -> Any:
+        resp = await self._client.kv.get(self._tunable_key(key), timeout=_RPC_TIMEOUT_S)
+        if not resp.kvs:
+            return default
+        return decoder_for(None).decode(resp.kvs[0].value)
+
+    async def watch_tunables(self) -> TunablesWatch:
+        return TunablesWatch(await self._start_watch(f"{self._root}/tunables/", None))

@@ -1,0 +1,385 @@
+"""Requests plane: serve an endpoint, call one, stream the replies back.
+
+A call is one NATS message to the instance's subject; every reply frame is one NATS
+message to the caller's inbox (see `wire.py`). The callee answers ACCEPTED before its
+handler runs, so a caller learns within `request_ack_timeout_s` that an instance whose
+record still lives in etcd is in fact dead (and NATS tells it at once with a
+no-responders status when nothing subscribes to the subject at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+from app.runtime import wire
+from app.runtime.connect import confirm_subscriptions
+from app.runtime.discovery import Discovery, InstanceRecord, PrefixWatch
+from app.runtime.errors import (
+    CallTimeoutError,
+    InstanceGoneError,
+    NoInstancesError,
+    RemoteError,
+    ServiceError,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, "RequestContext"], AsyncIterator[Any]]
+
+# Markers a caller's queue may hold besides frames (bytes).
+_NO_RESPONDERS = object()
+_ACK_TIMEOUT = object()
+_DEADLINE = object()
+_INSTANCE_GONE = object()
+_NATS_STATUS = "Status"
+_NO_RESPONDERS_STATUS = "503"
+
+
+class RequestContext:
+    """What a handler knows about the call it serves."""
+
+    __slots__ = ("request_id", "cancelled")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.cancelled = asyncio.Event()  # set when the caller went away
+
+
+class ServedEndpoint:
+    """An endpoint this process serves; `stop()` stops taking calls, drains, deregisters."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        discovery: Discovery,
+        record: InstanceRecord,
+        handler: Handler,
+        request_type: Any = None,
+    ) -> None:
+        self.record = record
+        self._nc = nc
+        self._discovery = discovery
+        self._handler = handler
+        self._request_decoder = wire.decoder_for(request_type)
+        self._key = discovery.instance_key(record.service, record.endpoint, record.instance_id)
+        self._requests_sub: Subscription | None = None
+        self._control_sub: Subscription | None = None
+        # Keyed by the caller's reply subject: unique per call, unlike request ids.
+        self._inflight: dict[str, tuple[asyncio.Task[None], RequestContext]] = {}
+
+    async def start(self) -> None:
+        self._control_sub = await self._nc.subscribe(self.record.subject + ".ctl", cb=self._on_control)
+        self._requests_sub = await self._nc.subscribe(self.record.subject, cb=self._on_request)
+        await confirm_subscriptions(self._nc)
+        await self._discovery.register(self._key, self.record)
+        log.info("serving %s/%s as %s", self.record.service, self.record.endpoint, self.record.subject)
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """New calls get no-responders (callers pick another instance); in-flight ones finish."""
+        if self._requests_sub is None:
+            return
+        await self._requests_sub.unsubscribe()
+        self._requests_sub = None
+        tasks = [task for task, _ in self._inflight.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        with contextlib.suppress(NatsError):
+            await self._nc.flush()  # the last frames leave before the record does
+        await self._discovery.deregister(self._key)
+        if self._control_sub is not None:
+            await self._control_sub.unsubscribe()
+            self._control_sub = None
+        log.info("stopped serving %s/%s", self.record.service, self.record.endpoint)
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            log.warning("%s: request without a reply subject dropped", self.record.subject)
+            return
+        try:
+            envelope = wire.envelope_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await self._nc.publish(msg.reply, wire.encode_error("DecodeError", str(exc), 400))
+            return
+        ctx = RequestContext(envelope.request_id)
+        task = asyncio.create_task(self._handle(msg.reply, envelope.payload, ctx))
+        self._inflight[msg.reply] = (task, ctx)
+        task.add_done_callback(lambda _, reply=msg.reply: self._inflight.pop(reply, None))
+
+    async def _on_control(self, msg: Msg) -> None:
+        entry = self._inflight.get(msg.data.decode())
+        if entry is not None:
+            task, ctx = entry
+            ctx.cancelled.set()
+            task.cancel()
+
+    async def _handle(self, reply: str, payload: msgspec.Raw, ctx: RequestContext) -> None:
+        publish = self._nc.publish
+        try:
+            await publish(reply, wire.ACCEPTED)
+            try:
+                request = self._request_decoder.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ServiceError(f"invalid request: {exc}", status=400) from exc
+            stream = self._handler(request, ctx)
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    await publish(reply, wire.encode_data(item))
+            await publish(reply, wire.END)
+        except asyncio.CancelledError:
+            log.info("request %s cancelled by its caller", ctx.request_id)
+        except NatsError as exc:
+            log.warning("request %s: reply lost (%s)", ctx.request_id, exc)
+        except Exception as exc:
+            status = exc.status if isinstance(exc, ServiceError) else 500
+            if status >= 500:
+                log.exception("request %s: handler of %s failed", ctx.request_id, self.record.subject)
+            with contextlib.suppress(NatsError):
+                await publish(reply, wire.encode_error(type(exc).__name__, str(exc), status))
+
+
+class _Call:
+    """One outstanding call of this process: the queue its reply frames land in."""
+
+    __slots__ = ("token", "reply", "queue")
+
+    def __init__(self, token: str, reply: str) -> None:
+        self.token = token
+        self.reply = reply
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+
+class ReplyRouter:
+    """One wildcard inbox subscription for every call of the process (no subscribe per call)."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._prefix = f"_INBOX.{uuid.uuid4().hex}."
+        self._calls: dict[str, _Call] = {}
+        self._tokens = itertools.count()
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        await confirm_subscriptions(self._nc)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(NatsError):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    def open(self) -> _Call:
+        token = format(next(self._tokens), "x")
+        call = _Call(token, self._prefix + token)
+        self._calls[token] = call
+        return call
+
+    def close_call(self, call: _Call) -> None:
+        self._calls.pop(call.token, None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        call = self._calls.get(msg.subject[len(self._prefix):])
+        if call is None:
+            return  # a late frame of a call already given up
+        if not msg.data and msg.headers and msg.headers.get(_NATS_STATUS) == _NO_RESPONDERS_STATUS:
+            call.queue.put_nowait(_NO_RESPONDERS)
+        else:
+            call.queue.put_nowait(msg.data)
+
+
+class EndpointClient:
+    """Calls one endpoint of one service; the instance list is watch-fed and started lazily."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        replies: ReplyRouter,
+        watch_instances: Callable[[], Awaitable[PrefixWatch[InstanceRecord]]],
+        service: str,
+        endpoint: str,
+        ack_timeout_s: float,
+        suspect_for_s: float,
+    ) -> None:
+        self.service = service
+        self.endpoint = endpoint
+        self._nc = nc
+        self._replies = replies
+        self._watch_instances = watch_instances
+        self._ack_timeout_s = ack_timeout_s
+        self._suspect_for_s = suspect_for_s
+        self._watch: PrefixWatch[InstanceRecord] | None = None
+        self._watch_lock = asyncio.Lock()
+        self._ids: list[str] = []
+        self._round_robin = itertools.count()
+        # Instances whose record lives but whose subject did not answer, until a deadline.
+        self._suspects: dict[str, float] = {}
+        self._calls_by_instance: dict[str, set[_Call]] = {}
+
+    @property
+    def _name(self) -> str:
+        return f"{self.service}/{self.endpoint}"
+
+    async def _instances(self) -> PrefixWatch[InstanceRecord]:
+        if self._watch is None:
+            async with self._watch_lock:
+                if self._watch is None:
+                    watch = await self._watch_instances()
+                    watch.add_listener(self._on_instance_change)
+                    self._ids = sorted(watch.items)
+                    self._watch = watch
+        return self._watch
+
+    def _on_instance_change(self, instance_id: str, record: InstanceRecord | None) -> None:
+        assert self._watch is not None
+        self._ids = sorted(self._watch.items)
+        if record is None:
+            self._suspects.pop(instance_id, None)
+            for call in self._calls_by_instance.pop(instance_id, ()):
+                call.queue.put_nowait(_INSTANCE_GONE)
+
+    def instance_ids(self) -> list[str]:
+        """Live instance ids (empty until the first call or `wait_for_instances`)."""
+        return list(self._ids)
+
+    async def wait_for_instances(self, timeout: float = 30.0) -> list[InstanceRecord]:
+        watch = await self._instances()
+        try:
+            await watch.wait_until(bool, timeout)
+        except TimeoutError:
+            raise NoInstancesError(f"no instance of {self._name} appeared within {timeout:g}s") from None
+        return list(watch.items.values())
+
+    def _pick(self, watch: PrefixWatch[InstanceRecord], target: str | None, excluded: set[str]) -> InstanceRecord:
+        if target not in (None, "random", "round_robin"):
+            record = watch.items.get(target)
+            if record is None or target in excluded:
+                raise InstanceGoneError(f"instance {target} of {self._name} is not live")
+            return record
+        live = [i for i in self._ids if i not in excluded]
+        if not live:
+            raise NoInstancesError(f"no live instance of {self._name}")
+        now = time.monotonic()
+        # Suspects are tried only when nothing else is left: after a NATS outage every
+        # instance may have looked dead for a moment.
+        candidates = [i for i in live if self._suspects.get(i, 0.0) <= now] or live
+        if target == "round_robin":
+            chosen = candidates[next(self._round_robin) % len(candidates)]
+        else:
+            chosen = random.choice(candidates)
+        return watch.items[chosen]
+
+    async def call(
+        self,
+        payload: Any,
+        target: str | None = None,
+        timeout: float | None = None,
+        response_type: Any = None,
+        request_id: str | None = None,
+    ) -> Any:
+        """A unary call: the one item the handler yields (None if it yields nothing)."""
+        result = None
+        async for item in self.stream(payload, target, timeout, response_type, request_id):
+            result = item
+        return result
+
+    async def stream(
+        self,
+        payload: Any,
+        target: str | None = None,
+        timeout: float | None = None,
+        response_type: Any = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """Stream the handler's items. Closing the iterator early cancels the callee."""
+        watch = await self._instances()
+        loop = asyncio.get_running_loop()
+        decoder = wire.decoder_for(response_type)
+        request_id = request_id or uuid.uuid4().hex
+        body = wire.encode_request(request_id, payload)
+        excluded: set[str] = set()
+        while True:
+            record = self._pick(watch, target, excluded)
+            call = self._replies.open()
+            self._calls_by_instance.setdefault(record.instance_id, set()).add(call)
+            timers = [loop.call_later(self._ack_timeout_s, call.queue.put_nowait, _ACK_TIMEOUT)]
+            if timeout is not None:
+                timers.append(loop.call_later(timeout, call.queue.put_nowait, _DEADLINE))
+            finished = False
+            try:
+                await self._nc.publish(record.subject, body, reply=call.reply)
+                first = await call.queue.get()
+                if first is _NO_RESPONDERS:
+                    # The record outlived its process (crash, lease not yet expired): try another.
+                    finished = True
+                    self._suspects[record.instance_id] = time.monotonic() + self._suspect_for_s
+                    excluded.add(record.instance_id)
+                    continue
+                if first is _ACK_TIMEOUT:
+                    self._suspects[record.instance_id] = time.monotonic() + self._suspect_for_s
+                    raise InstanceGoneError(
+                        f"instance {record.instance_id} of {self._name} did not accept "
+                        f"request {request_id} within {self._ack_timeout_s:g}s"
+                    )
+                timers[0].cancel()
+                frame = first
+                while True:
+                    if frame is _DEADLINE:
+                        raise CallTimeoutError(f"request {request_id} to {self._name} exceeded {timeout:g}s")
+                    if frame is _INSTANCE_GONE:
+                        raise InstanceGoneError(
+                            f"instance {record.instance_id} of {self._name} left during request {request_id}"
+                        )
+                    if isinstance(frame, bytes):
+                        kind = frame[0]
+                        if kind == wire.FRAME_DATA:
+                            yield decoder.decode(memoryview(frame)[1:])
+                        elif kind == wire.FRAME_END:
+                            finished = True
+                            return
+                        elif kind == wire.FRAME_ERROR:
+                            finished = True
+                            error = wire.error_decoder.decode(memoryview(frame)[1:])
+                            raise RemoteError(error.type_name, error.message, error.status)
+                    frame = await call.queue.get()
+            finally:
+                for timer in timers:
+                    timer.cancel()
+                self._replies.close_call(call)
+                calls = self._calls_by_instance.get(record.instance_id)
+                if calls is not None:
+                    calls.discard(call)
+                if not finished:
+                    with contextlib.suppress(NatsError):
+                        await self._nc.publish(record.subject + ".ctl", call.reply.encode())
+
+
+def instance_record(namespace: str, service: str, endpoint: str, instance_id: str, host: str, metadata: dict[str, Any]) -> InstanceRecord:
+    return InstanceRecord(
+        namespace=namespace,
+        service=service,
+        endpoint=endpoint,
+        instance_id=instance_id,
+        subject=f"tandem.{namespace}.{service}.{endpoint}.{instance_id}",
+        host=host,
+        pid=os.getpid(),
+        metadata=metadata,
+    )

@@ -1,0 +1,109 @@
+"""Work queue on JetStream: a WORK_QUEUE-retention stream and one durable pull consumer.
+
+Every process that opens the same queue shares the consumer, so each job goes to exactly
+one of them; a job not acked within `ack_wait_s` (its consumer died) is redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import api
+from nats.js.errors import BadRequestError
+
+from app.runtime.wire import decoder_for, encoder
+
+log = logging.getLogger(__name__)
+
+_CONSUMER = "workers"
+_STREAM_NAME_IN_USE = 10058
+
+
+class Job:
+    """One delivery of a job; ack it when done, nak it to hand it back."""
+
+    __slots__ = ("data", "redeliveries", "_msg")
+
+    def __init__(self, data: Any, msg: Msg) -> None:
+        self.data = data
+        self.redeliveries = msg.metadata.num_delivered - 1
+        self._msg = msg
+
+    async def ack(self) -> None:
+        await self._msg.ack_sync()
+
+    async def nak(self, delay: float = 0) -> None:
+        await self._msg.nak(delay=delay or None)
+
+    async def in_progress(self) -> None:
+        """Restart the ack_wait clock for a long job."""
+        await self._msg.in_progress()
+
+
+class WorkQueue:
+    def __init__(self, nc: NatsClient, namespace: str, name: str, ack_wait_s: float) -> None:
+        self._js = nc.jetstream()
+        self.stream = re.sub(r"[^A-Za-z0-9_-]", "_", f"{namespace}_{name}")
+        self.subject = f"tandem.{namespace}.queue.{name}"
+        self._ack_wait_s = ack_wait_s
+        self._psub: Any = None
+
+    async def start(self) -> None:
+        config = api.StreamConfig(
+            name=self.stream,
+            subjects=[self.subject],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+        )
+        try:
+            await self._js.add_stream(config)
+        except BadRequestError as exc:
+            # Another process created it first (with its own, possibly older, settings).
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+        self._psub = await self._js.pull_subscribe(
+            self.subject,
+            durable=_CONSUMER,
+            stream=self.stream,
+            config=api.ConsumerConfig(
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=self._ack_wait_s,
+                max_deliver=-1,
+            ),
+        )
+
+    async def push(self, job: Any) -> None:
+        """Store a job; returns once JetStream has it (it survives a server restart)."""
+        await self._js.publish(self.subject, encoder.encode(job), stream=self.stream)
+
+    async def pull(self, timeout: float = 1.0, job_type: Any = None) -> Job | None:
+        """The next job, or None if none arrives within `timeout`."""
+        try:
+            msgs = await self._psub.fetch(1, timeout=timeout)
+        except NatsTimeoutError:
+            return None
+        msg = msgs[0]
+        try:
+            data = decoder_for(job_type).decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # Redelivering a job nobody can read would loop forever: drop it, loudly.
+            log.error("queue %s: undecodable job dropped: %s", self.stream, exc)
+            await msg.term()
+            return None
+        return Job(data, msg)
+
+    async def depth(self) -> int:
+        """Jobs not yet acked: waiting for a consumer plus delivered but unacknowledged."""
+        info = await self._js.consumer_info(self.stream, _CONSUMER)
+        return info.num_pending + info.num_ack_pending
+
+    async def close(self) -> None:
+        if self._psub is not None:
+            await self._psub.unsubscribe()
+            self._psub = None

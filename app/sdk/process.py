@@ -1,0 +1,67 @@
+"""One service in the foreground: what each supervisord program of `tandem serve` runs.
+
+`python -m app.sdk.process MODULE:Service [-f CONFIG] [--Service.key=value ...]`; the same as
+`tandem run-service`, without loading the rest of the command line tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from app.sdk.config import ConfigError, is_override, load_config
+from app.sdk.graph import GraphError, resolve
+from app.sdk.runner import configure_logging, replica_from_env, run_service
+from app.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", metavar="MODULE:Service", help="e.g. components.worker:VllmWorker")
+    parser.add_argument("-f", "--config", dest="config_file", help="graph config YAML")
+
+
+def split_overrides(parser: argparse.ArgumentParser, extras: Sequence[str]) -> list[str]:
+    """Keep `--Service.key=value` overrides; anything else unknown is a usage error."""
+    overrides = [arg for arg in extras if is_override(arg) and "=" in arg]
+    rest = [arg for arg in extras if arg not in overrides]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (overrides are --Service.key=value)")
+    return overrides
+
+
+def run_one(address: str, config_file: str | None, overrides: Sequence[str]) -> int:
+    """Serve one service until SIGTERM/SIGINT; the exit status for supervisord."""
+    try:
+        _, spec = resolve(address)
+    except GraphError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    configure_logging(spec.name, replica_from_env())
+    try:
+        config = load_config(config_file, overrides)
+        uvloop.run(run_service(spec.cls, config, RuntimeSettings()))
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("config: %s", line)
+        return 1
+    except Exception:
+        log.exception("%s failed", spec.name)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.sdk.process", description=__doc__)
+    add_service_arguments(parser)
+    args, extras = parser.parse_known_args(argv)
+    return run_one(args.address, args.config_file, split_overrides(parser, extras))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

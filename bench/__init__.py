@@ -1,0 +1,1 @@
+"""Benchmarks for Tandem: load generation and scenarios (not tests)."""

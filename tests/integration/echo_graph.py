@@ -1,0 +1,75 @@
+"""Two small services for the `tandem serve` integration test: Greeter calls Echo."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from pydantic import BaseModel, ConfigDict
+
+from app.sdk import depends, endpoint, on_shutdown, on_start, service
+
+log = logging.getLogger(__name__)
+
+# Request ids of `count` streams whose generator was closed, for in-process tests.
+FINISHED_COUNTS: list[str] = []
+
+
+class CountRequest(msgspec.Struct):
+    upto: int
+
+
+class EchoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = ""
+
+
+@service(config=EchoConfig)
+class Echo:
+    config: EchoConfig
+
+    @endpoint
+    async def echo(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        for word in request["text"].split():
+            yield {"word": self.config.prefix + word, "replica": self.ctx.replica}
+
+    @endpoint(request=CountRequest)
+    async def count(self, request: CountRequest, ctx: Any) -> AsyncIterator[int]:
+        try:
+            for n in range(request.upto):
+                yield n
+                await asyncio.sleep(0)
+        finally:
+            FINISHED_COUNTS.append(ctx.request_id)
+
+    @on_shutdown
+    async def say_goodbye(self) -> None:
+        log.info("shutdown hook ran")
+
+
+class GreeterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    greeting: str = "hello"
+
+
+@service(config=GreeterConfig)
+class Greeter:
+    config: GreeterConfig
+    echo = depends(Echo)
+
+    @on_start
+    async def check_config(self) -> None:
+        log.info("greeting with %r", self.config.greeting)
+
+    @endpoint
+    async def greet(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for item in self.echo.echo.stream({"text": f"{self.config.greeting} {request['name']}"}):
+            yield item
+
+
+Greeter.link(Echo)

@@ -1,0 +1,103 @@
+"""Discovery plane on real etcd: liveness via the lease, models, tunables."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from app.runtime import InstanceGoneError, ModelRecord, RequestContext, Runtime
+from app.settings import RuntimeSettings
+from tests.integration.child_process import Child
+
+MakeRuntime = Callable[..., Awaitable[Runtime]]
+ETCDCTL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "etcdctl"
+
+
+async def _wait_for(predicate: Callable[[], bool], timeout: float) -> float:
+    """Seconds until `predicate()` held; fails the test after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "condition not reached in time"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def test_killed_instance_leaves_within_ttl(make_runtime: MakeRuntime, runtime_settings: RuntimeSettings) -> None:
+    ttl = 2
+    caller = await make_runtime()
+    client = caller.client("Child", "whoami")
+    child = await Child.start(runtime_settings, "serve", lease_ttl_s=ttl)
+    try:
+        instance_id = (await child.read_line()).split()[1]
+        await client.wait_for_instances(timeout=5)
+        assert client.instance_ids() == [instance_id]
+        assert await client.call(None) == child.proc.pid
+        ticks = caller.client("Child", "ticks").stream(None)
+        assert await anext(ticks) == 0
+        child.proc.kill()
+        await child.proc.wait()
+        assert await _wait_for(lambda: client.instance_ids() == [], timeout=ttl + 2) <= ttl + 2
+        # A stream from the dead instance ends with InstanceGoneError, not a hang.
+        with pytest.raises(InstanceGoneError):
+            async with asyncio.timeout(1):
+                async for _ in ticks:
+                    pass
+    finally:
+        await child.kill()
+
+
+async def test_models_register_list_and_watch(make_runtime: MakeRuntime) -> None:
+    worker, frontend = await make_runtime(), await make_runtime()
+    watch = await frontend.discovery.watch_models()
+    record = ModelRecord(
+        name="org/tiny", instance_id=worker.instance_id, service="VllmWorker", endpoint="generate",
+        metadata={"max_model_len": 2048},
+    )
+    await worker.discovery.register_model(record)
+    assert await frontend.discovery.list_models() == {"org/tiny": [record]}
+    await watch.wait_until(lambda models: "org/tiny" in models, timeout=5)
+    assert watch.models == {"org/tiny": [record]}
+
+    await worker.close()  # revokes the lease: the model record goes with it
+    await watch.wait_until(lambda models: not models, timeout=5)
+    assert await frontend.discovery.list_models() == {}
+
+
+async def test_tunables_put_get_watch(make_runtime: MakeRuntime) -> None:
+    writer, reader = await make_runtime(), await make_runtime()
+    assert await reader.discovery.get_tunable("disagg/max_local_prefill_length", 1000) == 1000
+    watch = await reader.discovery.watch_tunables()
+    await writer.discovery.put_tunable("disagg/max_local_prefill_length", 512)
+    assert await reader.discovery.get_tunable("disagg/max_local_prefill_length", 1000) == 512
+    await watch.wait_until(lambda v: v.get("disagg/max_local_prefill_length") == 512, timeout=5)
+    await writer.discovery.put_tunable("router/mode", {"name": "kv", "weight": 0.5})
+    await watch.wait_until(lambda v: v.get("router/mode") == {"name": "kv", "weight": 0.5}, timeout=5)
+    await writer.close()  # tunables outlive their writer
+    assert await reader.discovery.get_tunable("router/mode") == {"name": "kv", "weight": 0.5}
+
+
+async def test_lost_lease_is_granted_again_with_the_records(
+    make_runtime: MakeRuntime, runtime_settings: RuntimeSettings
+) -> None:
+    server, caller = await make_runtime(lease_ttl_s=3), await make_runtime()
+    await server.serve_endpoint("Phoenix", "go", _answer)
+    client = caller.client("Phoenix", "go")
+    await client.wait_for_instances(timeout=5)
+
+    # Someone (an operator, an etcd outage longer than the TTL) drops the lease.
+    subprocess.run(
+        [str(ETCDCTL), f"--endpoints={runtime_settings.etcd_endpoints}", "lease", "revoke", server.instance_id],
+        check=True, capture_output=True, env={"PATH": "/usr/bin:/bin"},
+    )
+    await _wait_for(lambda: client.instance_ids() == [], timeout=2)
+    await _wait_for(lambda: client.instance_ids() == [server.instance_id], timeout=5)
+    assert await client.call(None) == "ok"
+
+
+async def _answer(payload: object, ctx: RequestContext) -> AsyncIterator[str]:
+    yield "ok"

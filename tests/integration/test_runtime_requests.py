@@ -1,0 +1,203 @@
+"""Requests plane on real NATS + etcd: streaming, errors, cancellation, instance choice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from app.runtime import (
+    CallTimeoutError,
+    InstanceGoneError,
+    NoInstancesError,
+    RemoteError,
+    RequestContext,
+    Runtime,
+    ServiceError,
+)
+
+MakeRuntime = Callable[..., Awaitable[Runtime]]
+
+
+class Count(msgspec.Struct):
+    n: int
+
+
+class Item(msgspec.Struct):
+    index: int
+    text: str
+
+
+class BadPrompt(ServiceError):
+    status = 400
+
+
+async def count_to(request: Count, ctx: RequestContext) -> AsyncIterator[Item]:
+    for i in range(request.n):
+        yield Item(i, f"item {i}")
+
+
+async def test_stream_delivers_1000_frames_in_order(make_runtime: MakeRuntime) -> None:
+    server, caller = await make_runtime(), await make_runtime()
+    await server.serve_endpoint("Counter", "count", count_to, request_type=Count)
+    client = caller.client("Counter", "count")
+    await client.wait_for_instances(timeout=5)
+
+    items = [item async for item in client.stream(Count(1000), response_type=Item)]
+
+    assert items == [Item(i, f"item {i}") for i in range(1000)]
+
+
+async def test_builtins_round_trip_without_types(make_runtime: MakeRuntime) -> None:
+    rt = await make_runtime()
+
+    async def echo(payload: Any, ctx: RequestContext) -> AsyncIterator[Any]:
+        yield {"got": payload, "request_id": ctx.request_id}
+
+    await rt.serve_endpoint("Echo", "echo", echo)
+    reply = await rt.client("Echo", "echo").call({"a": [1, 2]}, request_id="req-7")
+    assert reply == {"got": {"a": [1, 2]}, "request_id": "req-7"}
+
+
+async def test_callee_errors_arrive_with_type_message_and_status(make_runtime: MakeRuntime) -> None:
+    rt = await make_runtime()
+
+    async def failing(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+        yield 1
+        if payload == "bad":
+            raise BadPrompt("prompt too long")
+        raise KeyError("boom")
+
+    await rt.serve_endpoint("Failing", "go", failing)
+    client = rt.client("Failing", "go")
+
+    received = []
+    with pytest.raises(RemoteError) as caught:
+        async for item in client.stream("bad"):
+            received.append(item)
+    assert received == [1]
+    assert (caught.value.type_name, caught.value.message, caught.value.status) == ("BadPrompt", "prompt too long", 400)
+
+    with pytest.raises(RemoteError) as caught:
+        await client.call("other")
+    assert (caught.value.type_name, caught.value.status) == ("KeyError", 500)
+    assert "boom" in caught.value.message
+
+
+async def test_invalid_request_is_a_400(make_runtime: MakeRuntime) -> None:
+    rt = await make_runtime()
+    await rt.serve_endpoint("Counter", "count", count_to, request_type=Count)
+    with pytest.raises(RemoteError) as caught:
+        await rt.client("Counter", "count").call({"n": "not a number"})
+    assert caught.value.status == 400
+
+
+async def test_caller_cancellation_runs_the_callee_finally(make_runtime: MakeRuntime) -> None:
+    server, caller = await make_runtime(), await make_runtime()
+    started, finished = asyncio.Event(), asyncio.Event()
+    seen_cancel: list[bool] = []
+
+    async def endless(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+        started.set()
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await asyncio.sleep(0.01)
+        finally:
+            seen_cancel.append(ctx.cancelled.is_set())
+            finished.set()
+
+    await server.serve_endpoint("Endless", "go", endless)
+    stream = caller.client("Endless", "go").stream(None)
+    assert await anext(stream) == 0
+    await stream.aclose()
+    await asyncio.wait_for(finished.wait(), timeout=5)
+    assert seen_cancel == [True]
+
+    # Cancelling the task that iterates has the same effect.
+    started.clear(), finished.clear()
+
+    async def consume() -> None:
+        async for _ in caller.client("Endless", "go").stream(None):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), timeout=5)
+    task.cancel()
+    await asyncio.wait_for(finished.wait(), timeout=5)
+
+
+async def test_no_instances_fails_fast(make_runtime: MakeRuntime) -> None:
+    rt = await make_runtime()
+    start = time.monotonic()
+    with pytest.raises(NoInstancesError):
+        await rt.client("Nobody", "home").call({})
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(NoInstancesError):
+        await rt.client("Nobody", "home").wait_for_instances(timeout=0.2)
+
+
+async def test_round_robin_alternates_and_direct_hits_the_named_instance(make_runtime: MakeRuntime) -> None:
+    first, second, caller = await make_runtime(), await make_runtime(), await make_runtime()
+
+    async def whoami(payload: Any, ctx: RequestContext) -> AsyncIterator[str]:
+        yield payload
+
+    for rt in (first, second):
+        await rt.serve_endpoint("Who", "ami", lambda p, c, rt=rt: whoami(rt.instance_id, c))
+    client = caller.client("Who", "ami")
+    await asyncio.wait_for(_until(lambda: len(client.instance_ids()) == 2, client), timeout=5)
+
+    answers = [await client.call(None, target="round_robin") for _ in range(6)]
+    assert set(answers) == {first.instance_id, second.instance_id}
+    assert all(a != b for a, b in zip(answers, answers[1:]))
+
+    for rt in (first, second):
+        assert [await client.call(None, target=rt.instance_id) for _ in range(3)] == [rt.instance_id] * 3
+    with pytest.raises(InstanceGoneError):
+        await client.call(None, target="123abc")
+
+
+async def test_clean_stop_leaves_the_list_at_once(make_runtime: MakeRuntime) -> None:
+    server, caller = await make_runtime(), await make_runtime()
+    served = await server.serve_endpoint("Short", "lived", count_to, request_type=Count)
+    client = caller.client("Short", "lived")
+    await client.wait_for_instances(timeout=5)
+    await served.stop()
+    deadline = time.monotonic() + 1.0
+    while client.instance_ids() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert client.instance_ids() == []
+    with pytest.raises(NoInstancesError):
+        await client.call(Count(1))
+
+
+async def test_per_call_timeout(make_runtime: MakeRuntime) -> None:
+    rt = await make_runtime()
+    finished = asyncio.Event()
+
+    async def slow(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+        try:
+            await asyncio.sleep(30)
+            yield 1
+        finally:
+            finished.set()
+
+    await rt.serve_endpoint("Slow", "go", slow)
+    start = time.monotonic()
+    with pytest.raises(CallTimeoutError):
+        await rt.client("Slow", "go").call(None, timeout=0.3)
+    assert time.monotonic() - start < 2
+    await asyncio.wait_for(finished.wait(), timeout=5)
+
+
+async def _until(predicate: Callable[[], bool], client: Any) -> None:
+    await client.wait_for_instances(timeout=5)  # starts the client's instance watch
+    while not predicate():
+        await asyncio.sleep(0.02)

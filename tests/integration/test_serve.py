@@ -1,0 +1,170 @@
+"""`tandem serve` under supervisord: a two-service graph over real NATS and etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from app.runtime import RemoteError, Runtime
+from app.sdk import load_config, run_service
+from app.sdk.graph import resolve
+from app.settings import RuntimeSettings
+
+REPO = Path(__file__).resolve().parents[2]
+TANDEM = str(Path(sys.executable).parent / "tandem")
+GRAPH = "tests.integration.echo_graph:Greeter"
+CONFIG = """
+Greeter:
+  greeting: hi
+Echo:
+  prefix: ">"
+  ServiceArgs:
+    workers: 2
+"""
+
+
+class Served:
+    """A running `tandem serve` (supervisord after its exec) and everything it started."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+        self.service_pids: set[int] = set()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def served(tmp_path: Path, runtime_settings: RuntimeSettings) -> Iterator[Served]:
+    config = tmp_path / "graph.yaml"
+    config.write_text(CONFIG)
+    env = {
+        **os.environ,
+        "NATS_SERVER": runtime_settings.nats_server,
+        "ETCD_ENDPOINTS": runtime_settings.etcd_endpoints,
+        "TANDEM_NAMESPACE": runtime_settings.namespace,
+        "TANDEM_LEASE_TTL_S": "2",
+    }
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [TANDEM, "serve", GRAPH, "-f", str(config)], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    served = Served(proc, log_path)
+    try:
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # supervisord puts each program in its own process group: kill any it left behind.
+        for pid in served.service_pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+async def runtime(runtime_settings: RuntimeSettings) -> AsyncIterator[Runtime]:
+    rt = await Runtime.connect(runtime_settings)
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def live_pids(rt: Runtime, service: str, endpoint: str) -> set[int]:
+    records = await rt.client(service, endpoint).wait_for_instances(timeout=40)
+    return {r.pid for r in records}
+
+
+async def test_graph_answers_through_the_runtime_and_a_killed_process_comes_back(
+    served: Served, runtime: Runtime
+) -> None:
+    greeter = runtime.client("Greeter", "greet")
+    await greeter.wait_for_instances(timeout=40)
+    await live_pids(runtime, "Echo", "echo")  # services start in any order
+    replies = [item async for item in greeter.stream({"name": "ada"}, timeout=10)]
+    assert [r["word"] for r in replies] == [">hi", ">ada"]
+
+    deadline = time.monotonic() + 30
+    while len(echo_pids := await live_pids(runtime, "Echo", "echo")) < 2:
+        assert time.monotonic() < deadline, "the second Echo process never registered"
+        await asyncio.sleep(0.2)
+    served.service_pids |= echo_pids | await live_pids(runtime, "Greeter", "greet")
+    victim = min(echo_pids)
+    os.kill(victim, signal.SIGKILL)
+
+    deadline = time.monotonic() + 30
+    while not (new := await live_pids(runtime, "Echo", "echo") - echo_pids):
+        assert time.monotonic() < deadline, f"no Echo came back after SIGKILL\n{served.log()}"
+        await asyncio.sleep(0.2)
+    served.service_pids |= new
+    log = served.log()
+    assert "terminated by SIGKILL" in log
+    assert log.count("spawned: 'Echo_") == 3, log
+    # Each line of a service process names its service and replica.
+    assert "Greeter[0] tests.integration.echo_graph: greeting with 'hi'" in log
+
+
+async def test_sigterm_stops_every_process_after_draining(served: Served, runtime: Runtime) -> None:
+    deadline = time.monotonic() + 40
+    while len(pids := await live_pids(runtime, "Echo", "echo") | await live_pids(runtime, "Greeter", "greet")) < 3:
+        assert time.monotonic() < deadline, f"the graph never came up\n{served.log()}"
+        await asyncio.sleep(0.2)
+    served.service_pids |= pids
+
+    served.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(served.proc.wait, 30) == 0
+    assert [pid for pid in pids if alive(pid)] == []
+    log = served.log()
+    assert log.count("shutdown hook ran") == 2, log
+    assert "exit status 1" not in log, log
+
+
+async def test_run_service_in_process_serves_typed_requests_and_closes_abandoned_streams(
+    runtime: Runtime, runtime_settings: RuntimeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    module, echo = resolve("tests.integration.echo_graph:Echo")
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_service(echo.cls, load_config(None), runtime_settings, replica=3, stop=stop))
+    try:
+        count = runtime.client("Echo", "count")
+        await count.wait_for_instances(timeout=20)
+        assert [n async for n in count.stream({"upto": 3})] == [0, 1, 2]
+        with pytest.raises(RemoteError):
+            await count.call({"upto": "three"})  # decoded to CountRequest by the runtime: rejected
+        stream = count.stream({"upto": 1_000_000})
+        assert await anext(stream) == 0
+        await stream.aclose()
+        deadline = time.monotonic() + 10
+        while len(module.FINISHED_COUNTS) < 2:  # the finished stream and the abandoned one
+            assert time.monotonic() < deadline, "the abandoned endpoint generator was never closed"
+            await asyncio.sleep(0.05)
+        echo_client = runtime.client("Echo", "echo")
+        assert [r["replica"] async for r in echo_client.stream({"text": "a b"})] == [3, 3]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert count.instance_ids() == []

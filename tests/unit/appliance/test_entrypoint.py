@@ -1,0 +1,253 @@
+"""The container entrypoint: ROLE -> exactly that role's supervisord programs, fail fast otherwise."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.infra import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+ENTRYPOINT = REPO_ROOT / "entrypoints" / "entrypoint.sh"
+CONFIG = str(REPO_ROOT / "configs" / "cpu-tiny.yaml")
+# Variables the entrypoint reads; the test controls each of them.
+ENTRYPOINT_VARS = (
+    "ROLE", "CONFIG", "GRAPH", "NATS_SERVER", "ETCD_ENDPOINTS", "RAY_ADDRESS", "VLLM_HOST_IP",
+    "ETCD_ADVERTISE_HOST", "NATS_PORT", "ETCD_PORT", "FRONTEND_SERVICES", "TANDEM_RUN_DIR",
+    "TANDEM_DATA_DIR", "RAY_START_ARGS", "TANDEM_ADVERTISE_HOST", "VLLM_NIXL_SIDE_CHANNEL_HOST",
+)
+REMOTE = {
+    "CONFIG": CONFIG,
+    "NATS_SERVER": "nats://10.0.0.1:4222",
+    "ETCD_ENDPOINTS": "http://10.0.0.1:2379",
+    "VLLM_HOST_IP": "10.0.0.2",
+}
+HEAD = {"CONFIG": CONFIG, "VLLM_HOST_IP": "10.0.0.1"}
+
+
+def _env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ENTRYPOINT_VARS}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["TANDEM_PYTHON"] = sys.executable
+    env.update(values)
+    return env
+
+
+def _entrypoint(*args: str, **values: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ENTRYPOINT), *args], env=_env(**values), cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=30,
+    )
+
+
+def _programs(**values: str) -> dict[str, dict[str, str]]:
+    result = _entrypoint("--dry-run", **values)
+    assert result.returncode == 0, result.stderr
+    parser = configparser.ConfigParser(interpolation=None, comment_prefixes=(";",))
+    parser.read_string(result.stdout)
+    assert parser.has_section("supervisord") and parser["supervisord"]["nodaemon"] == "true"
+    return {
+        section.removeprefix("program:"): dict(parser[section])
+        for section in parser.sections()
+        if section.startswith("program:")
+    }
+
+
+@pytest.mark.parametrize(
+    ("role", "values", "expected"),
+    [
+        ("nats", {}, {"nats": "nats-server -js -sd /data/nats -p 4222 -m 8222"}),
+        ("etcd", {"VLLM_HOST_IP": "10.0.0.1"}, {"etcd": "etcd --name tandem"}),
+        (
+            "head", HEAD,
+            {"nats": "nats-server", "etcd": "etcd",
+             "tandem-graph": f"tandem serve graphs.agg_router:Frontend -f {CONFIG}"},
+        ),
+        (
+            "frontend", REMOTE,
+            {"tandem-frontend": f"tandem serve graphs.agg_router:Frontend -f {CONFIG} --service-name Frontend",
+             "tandem-processor": "--service-name Processor",
+             "tandem-router": "--service-name Router"},
+        ),
+        ("decode", REMOTE,
+         {"tandem-decode": f"tandem serve components.worker:VllmWorker -f {CONFIG} --service-name VllmWorker"}),
+        ("prefill", REMOTE,
+         {"tandem-prefill": f"tandem serve components.prefill_worker:PrefillWorker -f {CONFIG}"}),
+        ("ray-head", {"VLLM_HOST_IP": "10.0.0.1"},
+         {"ray": "ray start --head --port=6379 --node-ip-address=10.0.0.1 --block"}),
+        ("ray-head", {**REMOTE, "GRAPH": "graphs.agg:Frontend"},
+         {"ray": "ray start --head", "tandem-graph": "tandem serve graphs.agg:Frontend"}),
+        ("ray-worker", {"VLLM_HOST_IP": "10.0.0.2", "RAY_ADDRESS": "10.0.0.1:6379"},
+         {"ray": "ray start --address=10.0.0.1:6379 --node-ip-address=10.0.0.2 --block"}),
+        ("all", HEAD,
+         {"nats": "nats-server", "etcd": "etcd", "tandem-graph": "tandem serve graphs.agg_router:Frontend",
+          "tandem-prefill": "tandem serve components.prefill_worker:PrefillWorker"}),
+        ("head,ray-head", HEAD, {"nats": "nats-server", "etcd": "etcd", "tandem-graph": "tandem serve", "ray": "ray start --head"}),
+    ],
+)
+def test_each_role_runs_exactly_its_programs(role: str, values: dict[str, str], expected: dict[str, str]) -> None:
+    programs = _programs(ROLE=role, **values)
+    assert set(programs) == set(expected)
+    for name, fragment in expected.items():
+        assert fragment in programs[name]["command"], programs[name]["command"]
+
+
+def test_tandem_programs_stop_before_the_infrastructure_they_need() -> None:
+    programs = _programs(ROLE="all,ray-head", **HEAD)
+    priority = {name: int(p["priority"]) for name, p in programs.items()}
+    # supervisord stops the highest priority first and waits for it before the next.
+    assert priority["tandem-graph"] > priority["tandem-prefill"] > priority["ray"] > priority["etcd"]
+    assert priority["etcd"] == priority["nats"]
+    assert all(p["stopsignal"] == "TERM" for p in programs.values())
+    assert int(programs["tandem-graph"]["stopwaitsecs"]) >= 120
+    # A nested `tandem serve` supervisord must get SIGTERM alone to drain its services in order.
+    assert programs["tandem-graph"]["stopasgroup"] == "false"
+
+
+def test_frontend_services_stop_front_to_back() -> None:
+    programs = _programs(ROLE="frontend", **REMOTE)
+    assert (
+        int(programs["tandem-frontend"]["priority"])
+        > int(programs["tandem-processor"]["priority"])
+        > int(programs["tandem-router"]["priority"])
+    )
+
+
+def test_etcd_gets_no_etcd_variables_and_listens_on_the_node_and_loopback() -> None:
+    command = _programs(ROLE="head", ETCD_ENDPOINTS="http://10.0.0.1:2379", ETCD_PORT="2479", **HEAD)["etcd"]["command"]
+    assert command.startswith("env -u ETCD_ENDPOINTS -u ETCD_PORT etcd ")
+    assert "--advertise-client-urls http://10.0.0.1:2479" in command
+    assert "--listen-client-urls http://10.0.0.1:2479,http://127.0.0.1:2479" in command
+
+
+def test_head_defaults_its_own_nats_and_etcd_and_advertises_the_node_address() -> None:
+    result = _entrypoint("--dry-run", ROLE="head", NATS_PORT="4333", **HEAD)
+    assert "; derived: NATS_SERVER=nats://127.0.0.1:4333" in result.stdout
+    assert "; derived: ETCD_ENDPOINTS=http://127.0.0.1:2379" in result.stdout
+    assert "; derived: VLLM_NIXL_SIDE_CHANNEL_HOST=10.0.0.1" in result.stdout
+
+
+@pytest.mark.parametrize("role", ["", "bogus", "head,bogus"])
+def test_unknown_or_missing_role_fails_fast(role: str) -> None:
+    result = _entrypoint("--dry-run", ROLE=role, **HEAD)
+    assert result.returncode != 0
+    assert "ROLE" in result.stderr and result.stdout == ""
+    if role:
+        assert "bogus" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("role", "values", "missing"),
+    [
+        ("decode", {**REMOTE, "CONFIG": ""}, "CONFIG"),
+        ("prefill", {k: v for k, v in REMOTE.items() if k != "NATS_SERVER"}, "NATS_SERVER"),
+        ("frontend", {k: v for k, v in REMOTE.items() if k != "ETCD_ENDPOINTS"}, "ETCD_ENDPOINTS"),
+        ("head", {"CONFIG": CONFIG}, "VLLM_HOST_IP"),
+        ("ray-worker", {"VLLM_HOST_IP": "10.0.0.2"}, "RAY_ADDRESS"),
+        ("etcd", {}, "ETCD_ADVERTISE_HOST"),
+        ("decode", {**REMOTE, "CONFIG": "/nonexistent/graph.yaml"}, "CONFIG='/nonexistent/graph.yaml'"),
+        ("head", {**HEAD, "NATS_PORT": "42x"}, "NATS_PORT"),
+        ("prefill", {**REMOTE, "VLLM_HOST_IP": "THIS_NODE_IP"}, "VLLM_HOST_IP"),
+    ],
+)
+def test_missing_or_bad_variable_fails_fast_naming_it(role: str, values: dict[str, str], missing: str) -> None:
+    started = time.monotonic()
+    result = _entrypoint("--dry-run", ROLE=role, **values)
+    assert result.returncode != 0
+    assert missing in result.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_shipped_env_files_work_once_the_operator_edits_them() -> None:
+    env_dir = REPO_ROOT / "env"
+    for role in ("head", "decode", "prefill", "ray-head", "ray-worker"):
+        values = {}
+        for env_file in (env_dir / "common.env", env_dir / f"{role}.env"):
+            for line in env_file.read_text().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    name, _, value = line.partition("=")
+                    values[name.strip()] = value.strip()
+        values["CONFIG"] = CONFIG
+        assert values["ROLE"] == role
+        result = _entrypoint("--dry-run", **values)
+        assert result.returncode != 0 and "placeholder" in result.stderr, (role, result.stderr)
+        assert "VLLM_HOST_IP" in result.stderr
+        edited = {k: v.replace("HEAD_NODE_IP", "10.0.0.1").replace("RAY_HEAD_IP", "10.0.0.1")
+                  .replace("THIS_NODE_IP", "10.0.0.2") for k, v in values.items()}
+        result = _entrypoint("--dry-run", **edited)
+        assert result.returncode == 0, (role, result.stderr)
+
+
+def test_other_arguments_run_as_a_command() -> None:
+    result = _entrypoint("echo", "hello", ROLE="bogus")
+    assert (result.returncode, result.stdout) == (0, "hello\n")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_nats_and_etcd_run_under_supervisord_and_stop_on_sigterm(tmp_path: Path) -> None:
+    nats_monitor, etcd_port = free_port(), free_port()
+    env = _env(
+        ROLE="nats,etcd", ETCD_ADVERTISE_HOST="127.0.0.1", NATS_PORT=str(free_port()),
+        NATS_MONITOR_PORT=str(nats_monitor), ETCD_PORT=str(etcd_port), ETCD_PEER_PORT=str(free_port()),
+        ETCD_ENDPOINTS=f"http://127.0.0.1:{etcd_port}",  # must not reach etcd as a flag
+        TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_RUN_DIR=str(tmp_path / "run"),
+    )
+    proc = subprocess.Popen([str(ENTRYPOINT)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not (_healthy(f"http://127.0.0.1:{nats_monitor}/healthz") and _healthy(f"http://127.0.0.1:{etcd_port}/health")):
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "nats and etcd not healthy under supervisord"
+            time.sleep(0.1)
+        assert (tmp_path / "data" / "etcd" / "member").is_dir()
+        health = subprocess.run([str(REPO_ROOT / "entrypoints" / "healthcheck.sh")], env=env, capture_output=True, timeout=30)
+        assert health.returncode == 0, health.stdout + health.stderr
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    text = output.decode()
+    assert "stopped: etcd" in text and "stopped: nats" in text
+    assert '"name":"tandem"' in text.replace(" ", "")  # etcd's own log reached the container's stdout
+    assert "unrecognized environment variable" not in text
+    assert not _healthy(f"http://127.0.0.1:{etcd_port}/health")
+
+
+def test_compose_files_give_each_profile_its_env_files_and_gpus_only_on_gpu_nodes() -> None:
+    compose_dir = REPO_ROOT / "compose"
+    roles = ("infra", "head", "frontend", "decode", "prefill", "ray-head", "ray-worker")
+    gpu = yaml.safe_load((compose_dir / "docker-compose.yml").read_text())
+    cpu = yaml.safe_load((compose_dir / "docker-compose.cpu.yml").read_text())
+    assert gpu["version"] == cpu["version"]
+    for name in roles:
+        for services in (gpu["services"], cpu["services"]):
+            service = services[name]
+            assert service["profiles"] == [name]
+            assert service["extends"] == {"file": "base.yml", "service": "tandem"}
+            assert all((compose_dir / path).is_file() for path in service["env_file"])
+        on_gpu = name not in ("infra", "frontend")
+        assert ("deploy" in gpu["services"][name]) == on_gpu
+        assert ("/dev/infiniband:/dev/infiniband" in gpu["services"][name].get("devices", [])) == on_gpu
+        assert "deploy" not in cpu["services"][name] and "devices" not in cpu["services"][name]
+    assert {s for s, spec in gpu["services"].items() if "metrics" in spec.get("profiles", [])} == {"prometheus", "grafana"}
+    base = yaml.safe_load((compose_dir / "base.yml").read_text())["services"]["tandem"]
+    assert base["network_mode"] == "host" and base["ulimits"]["memlock"] == -1

@@ -1,0 +1,188 @@
+"""The mocker engine: deterministic tokens, stop conditions, prefix cache, KV events, timing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from app.engines import engine_arg_names
+from app.engines.mocker import MockerEngine
+from app.protocol import BlockRemoved, EngineOutput, KvEventBatch, PreprocessedRequest, SamplingOptions, StopConditions
+from app.router.index import KvIndex
+
+_ids = iter(range(1_000_000))
+
+
+def request(tokens: list[int], max_tokens: int = 8, **stop: Any) -> PreprocessedRequest:
+    return PreprocessedRequest(
+        request_id=f"req-{next(_ids)}", model="mocker", token_ids=tokens,
+        sampling=SamplingOptions(), stop=StopConditions(max_tokens=max_tokens, **stop),
+    )
+
+
+def tokens_of(outputs: list[EngineOutput]) -> list[int]:
+    return [token for output in outputs for token in output.token_ids]
+
+
+class Mocker:
+    """A started mocker that records its KV event batches; stopped on exit."""
+
+    def __init__(self, worker_id: str = "w", **config: Any) -> None:
+        self.engine = MockerEngine.from_config({"speedup_ratio": 1e6, **config})
+        self.worker_id = worker_id
+        self.batches: list[KvEventBatch] = []
+
+    async def __aenter__(self) -> Mocker:
+        await self.engine.start(self.worker_id, self.batches.append)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.engine.stop()
+
+    async def run(self, req: PreprocessedRequest) -> list[EngineOutput]:
+        return [output async for output in self.engine.generate(req)]
+
+
+async def test_tokens_are_deterministic_per_prompt_and_seed() -> None:
+    async with Mocker() as m:
+        first = tokens_of(await m.run(request([1, 2, 3], max_tokens=12)))
+        again = tokens_of(await m.run(request([1, 2, 3], max_tokens=12)))
+        other = tokens_of(await m.run(request([1, 2, 4], max_tokens=12)))
+        seeded = request([1, 2, 3], max_tokens=12)
+        seeded.sampling = SamplingOptions(seed=5)
+        reseeded = tokens_of(await m.run(seeded))
+    assert first == again and len(first) == 12
+    assert first != other and first != reseeded
+
+
+async def test_stop_conditions() -> None:
+    prompt = [5, 6, 7, 8]
+    async with Mocker(eos_token_id=-1) as m:
+        free = tokens_of(await m.run(request(prompt, max_tokens=20)))
+    eos = free[5]
+    async with Mocker(eos_token_id=eos) as m:
+        by_eos = await m.run(request(prompt, max_tokens=20))
+        ignoring = await m.run(request(prompt, max_tokens=20, ignore_eos=True))
+        by_stop_id = await m.run(request(prompt, max_tokens=20, ignore_eos=True, stop_token_ids=[free[2]]))
+        by_length = await m.run(request(prompt, max_tokens=3))
+    assert tokens_of(by_eos) == free[: free.index(eos) + 1] and by_eos[-1].finish_reason == "stop"
+    assert tokens_of(ignoring) == free and ignoring[-1].finish_reason == "length"
+    assert tokens_of(by_stop_id) == free[: free.index(free[2]) + 1] and by_stop_id[-1].finish_reason == "stop"
+    assert tokens_of(by_length) == free[:3] and by_length[-1].finish_reason == "length"
+    assert all(output.finish_reason is None for output in by_length[:-1])
+
+
+async def test_repeated_prompt_hits_the_prefix_cache() -> None:
+    prompt = list(range(100, 150))  # 50 tokens: 3 full blocks of 16 can be reused
+    async with Mocker(block_size=16) as m:
+        cold = await m.run(request(prompt))
+        warm = await m.run(request(prompt + [1, 2, 3]))
+        stats = m.engine.stats()
+    assert (cold[0].num_prompt_tokens, cold[0].num_cached_tokens) == (50, 0)
+    assert warm[0].num_cached_tokens == 48
+    assert (stats.prefix_cache_hits, stats.prefix_cache_queries) == (48, 103)
+    assert (stats.kv_used_blocks, stats.running, stats.waiting) == (0, 0, 0)
+
+
+async def test_kv_events_let_the_router_predict_each_engines_cache() -> None:
+    shared = list(range(64))
+    warmup = [shared + [i] * 20 for i in range(4)] + [list(range(500, 540))]
+    index = KvIndex(8)
+    async with Mocker("a", block_size=8, seed=1) as a, Mocker("b", block_size=8, seed=2) as b:
+        await asyncio.gather(*(m.run(request(p, max_tokens=17)) for m, p in zip([a, b, a, b, a], warmup)))
+        for batch in a.batches + b.batches:
+            index.apply_batch(batch)
+        assert index.seq_gaps == 0 and index.orphan_blocks == 0
+        queries = [shared + [9] * 3, warmup[1] + [0] * 30, warmup[4], list(range(900, 950))]
+        for prompt in queries:
+            predicted = index.find_matches_for_tokens(prompt)
+            for m in (a, b):
+                outputs = await m.run(request(prompt))
+                expected = min(predicted.get(m.worker_id, 0), (len(prompt) - 1) // 8) * 8
+                assert outputs[0].num_cached_tokens == expected, (m.worker_id, prompt)
+        assert index.find_matches_for_tokens(warmup[4]) == {"a": 5}
+
+
+async def test_eviction_emits_removals_the_index_follows() -> None:
+    index = KvIndex(4)
+    async with Mocker(block_size=4, num_gpu_blocks=16, max_model_len=64) as m:
+        first = list(range(1000, 1040))
+        await m.run(request(first, max_tokens=4))
+        for i in range(4):
+            await m.run(request([i] * 40, max_tokens=4))
+        for batch in m.batches:
+            index.apply_batch(batch)
+        removed = [e for batch in m.batches for e in batch.events if isinstance(e, BlockRemoved)]
+        assert removed
+        assert index.worker_blocks("w") <= 16
+        assert index.find_matches_for_tokens(first) == {}
+        assert (await m.run(request(first)))[0].num_cached_tokens == 0
+
+
+async def test_abort_frees_the_requests_blocks() -> None:
+    async with Mocker(block_size=4, speedup_ratio=50.0) as m:
+        stream = m.engine.generate(request(list(range(64)), max_tokens=10_000))
+        await anext(stream)
+        assert m.engine.stats().running == 1 and m.engine.stats().kv_used_blocks >= 16
+        await stream.aclose()
+        assert (m.engine.stats().running, m.engine.stats().kv_used_blocks) == (0, 0)
+
+
+async def test_memory_pressure_preempts_and_everything_still_completes(caplog: pytest.LogCaptureFixture) -> None:
+    prompts = [[i] * 30 for i in range(12)]
+    async with Mocker(block_size=4, enable_prefix_caching=False) as roomy:
+        solo = [tokens_of(await roomy.run(request(p, max_tokens=20))) for p in prompts]
+    async with Mocker(block_size=4, num_gpu_blocks=40, max_model_len=160, max_num_seqs=4) as tight:
+        running_seen = []
+
+        async def observed(p: list[int]) -> list[int]:
+            outputs = []
+            async for output in tight.engine.generate(request(p, max_tokens=20)):
+                running_seen.append(tight.engine.stats().running)
+                outputs.append(output)
+            return tokens_of(outputs)
+
+        with caplog.at_level(logging.DEBUG, logger="app.engines.mocker"):
+            crowded = await asyncio.gather(*(observed(p) for p in prompts))
+    assert crowded == solo
+    assert max(running_seen) == 4  # max_num_seqs
+    assert "preempted" in caplog.text  # 4 x 13 blocks don't fit in 40
+
+
+async def test_speedup_ratio_scales_step_time() -> None:
+    async def elapsed(speedup: float) -> float:
+        async with Mocker(speedup_ratio=speedup, decode_base_ms=8.0) as m:
+            started = time.perf_counter()
+            await m.run(request([1, 2, 3], max_tokens=40))
+            return time.perf_counter() - started
+
+    assert await elapsed(1.0) >= 0.3  # 40 decode steps of 8 ms
+    assert await elapsed(1e6) < 0.1
+
+
+async def test_time_to_first_token_grows_with_prompt_length() -> None:
+    async def ttft(length: int) -> float:
+        async with Mocker(speedup_ratio=10.0, prefill_ms_per_token=0.5, max_model_len=4096) as m:
+            started = time.perf_counter()
+            stream = m.engine.generate(request(list(range(length)), max_tokens=5))
+            await anext(stream)
+            waited = time.perf_counter() - started
+            await stream.aclose()
+            return waited
+
+    short, long = await ttft(50), await ttft(2000)
+    # Prefill alone: (5 + 0.5 * 50) / 10 = 3 ms against (5 + 0.5 * 2000) / 10 = 100.5 ms.
+    assert long >= 0.1 and long > short + 0.05
+
+
+def test_config_keys_are_validated_by_name() -> None:
+    assert {"block_size", "num_gpu_blocks", "speedup_ratio", "served_model_name"} <= engine_arg_names("mocker")
+    with pytest.raises(ValueError, match="unknown key 'num_gpu_blokcs'"):
+        MockerEngine.from_config({"num_gpu_blokcs": 10})
+    with pytest.raises(ValueError, match="max_model_len 4096 does not fit"):
+        MockerEngine.from_config({"num_gpu_blocks": 10, "block_size": 16, "max_model_len": 4096})
+    assert MockerEngine.from_config({"max-num-seqs": 3}).config.max_num_seqs == 3

@@ -1,0 +1,71 @@
+"""A Backend made of the real Preprocessor and Postprocessor over a scripted token source.
+
+The token source stands in for the engine only: it replies with a fixed text, token by
+token, so that every byte the HTTP layer sends can be checked exactly.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from app.openai import ModelCard
+from app.openai.schema import OpenAIRequest
+from app.preprocess import Preprocessor, StreamItem, postprocess_stream
+from app.protocol import EngineOutput, PreprocessedRequest, TokenLogprob
+
+REPLY = "Hello there! 日本語 🙂 and the end."
+MODEL = "tiny"
+
+
+class ScriptedBackend:
+    def __init__(self, preprocessor: Preprocessor, *, token_delay_s: float = 0.0, repeat: bool = False) -> None:
+        self.preprocessor = preprocessor
+        self.token_delay_s = token_delay_s
+        self.repeat = repeat
+        self.models = [ModelCard(id=MODEL, max_model_len=preprocessor.max_model_len, created=1)]
+        self.reply_ids = preprocessor.tokenizer.encode(REPLY, add_special_tokens=False)
+        self.generate_calls = 0
+        self.engine_tokens_sent = 0
+        self.engine_closed = asyncio.Event()
+        self.fail_with: BaseException | None = None
+        self.fail_after_tokens: BaseException | None = None
+
+    def list_models(self) -> list[ModelCard]:
+        return self.models
+
+    def is_ready(self) -> bool:
+        return bool(self.models)
+
+    async def _engine(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        try:
+            # The reply, cut at max_tokens; `repeat` loops it until max_tokens instead of ending with EOS.
+            budget = request.stop.max_tokens
+            ids = self.reply_ids * (budget // len(self.reply_ids) + 1) if self.repeat else self.reply_ids
+            ids = ids[:budget]
+            for index, token_id in enumerate(ids):
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                self.engine_tokens_sent += 1
+                output = EngineOutput(token_ids=[token_id])
+                if index == 0:
+                    output.num_prompt_tokens = len(request.token_ids)
+                    output.num_cached_tokens = 0
+                    output.worker_id = "worker-1"
+                if request.sampling.logprobs is not None:
+                    output.logprobs = [-0.25]
+                    output.top_logprobs = [[TokenLogprob(token_id, -0.25), TokenLogprob(5, -1.5), TokenLogprob(6, -2.5)]]
+                if index == len(ids) - 1:
+                    output.finish_reason = "length" if len(ids) == budget else "stop"
+                yield output
+                if self.fail_after_tokens is not None:
+                    raise self.fail_after_tokens
+        finally:
+            self.engine_closed.set()
+
+    async def generate(self, kind: str, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
+        self.generate_calls += 1
+        if self.fail_with is not None:
+            raise self.fail_with
+        pre = self.preprocessor.preprocess(request, request_id)
+        post = self.preprocessor.postprocessor(request, pre)
+        async for item in postprocess_stream(post, self._engine(pre)):
+            yield item

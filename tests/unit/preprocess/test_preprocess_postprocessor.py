@@ -1,0 +1,146 @@
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.openai.errors import InternalError
+from app.openai.schema import ChatCompletionRequest, CompletionRequest, parse_request
+from app.preprocess import Preprocessor, StopStringMatcher, postprocess_stream
+from app.protocol import EngineOutput, TokenLogprob
+
+
+def _chat(**fields) -> ChatCompletionRequest:
+    return parse_request(ChatCompletionRequest, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def _outputs(ids: list[int], finish: str = "stop") -> list[EngineOutput]:
+    outputs = [EngineOutput(token_ids=[i]) for i in ids]
+    outputs[-1].finish_reason = finish
+    return outputs
+
+
+def _run(preprocessor: Preprocessor, request, outputs: list[EngineOutput]):
+    pre = preprocessor.preprocess(request, "r1")
+    post = preprocessor.postprocessor(request, pre)
+    items = []
+    for output in outputs:
+        items.append(post.process(output))
+        if post.finished:
+            break
+    return items
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet="ab😀 ", max_size=40),
+    stops=st.lists(st.text(alphabet="ab😀 ", min_size=1, max_size=4), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 40), max_size=10),
+)
+def test_stop_matcher_emits_exactly_the_text_before_the_first_stop(text, stops, cuts) -> None:
+    matcher = StopStringMatcher(stops)
+    pieces = [text[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(text)])]
+    emitted, stopped = "", False
+    for piece in pieces:
+        out, stopped = matcher.feed(piece)
+        emitted += out
+        if stopped:
+            break
+    if not stopped:
+        emitted += matcher.flush()
+    # Reading one character at a time, the first stop string to complete ends the text.
+    first = min(((i + len(s), i) for s in stops if (i := text.find(s)) >= 0), default=(None, None))[1]
+    assert stopped == (first is not None)
+    assert emitted == (text if first is None else text[:first])
+
+
+def test_stop_string_split_across_tokens_ends_the_request(preprocessor) -> None:
+    text = "The answer is 日本 END of story"
+    ids = preprocessor.tokenizer.encode(text, add_special_tokens=False)
+    items = _run(preprocessor, _chat(stop=["本 EN"]), _outputs(ids, finish="length"))
+    assert "".join(item.text for item in items) == "The answer is 日"
+    assert items[-1].finish_reason == "stop"
+    assert len(items) < len(ids)  # it stopped before the engine did
+    assert all("本" not in item.text for item in items)
+
+
+def test_stop_strings_wait_for_min_tokens(preprocessor) -> None:
+    ids = preprocessor.tokenizer.encode("stop here stop there", add_special_tokens=False)
+    items = _run(preprocessor, _chat(stop=["stop"], min_tokens=3), _outputs(ids))
+    assert "".join(item.text for item in items) == "stop here "
+
+
+def test_usage_counts_and_worker_id(preprocessor) -> None:
+    ids = preprocessor.tokenizer.encode("hello world", add_special_tokens=False)
+    outputs = _outputs(ids, finish="length")
+    outputs[0].num_prompt_tokens, outputs[0].num_cached_tokens, outputs[0].worker_id = 18, 16, "w-7"
+    items = _run(preprocessor, _chat(), outputs)
+    assert items[0].worker_id == "w-7"
+    assert items[-1].completion_tokens == len(ids)
+    assert items[-1].prompt_tokens == 18 and items[0].cached_tokens == 16
+    assert items[-1].finish_reason == "length"
+
+
+def test_logprobs_are_truncated_to_the_request_and_carry_raw_bytes(preprocessor) -> None:
+    ids = preprocessor.tokenizer.encode("🙂", add_special_tokens=False)
+    outputs = [
+        EngineOutput(
+            token_ids=[i], logprobs=[-0.5], top_logprobs=[[TokenLogprob(i, -0.5), TokenLogprob(5, -1.0), TokenLogprob(6, -2.0)]]
+        )
+        for i in ids
+    ]
+    outputs[-1].finish_reason = "stop"
+    items = _run(preprocessor, _chat(logprobs=True, top_logprobs=2), outputs)
+    entries = [entry for item in items for entry in item.logprobs]
+    assert len(entries) == len(ids)
+    assert all(len(entry.top) == 2 for entry in entries)
+    assert b"".join(bytes(entry.bytes) for entry in entries) == "🙂".encode()
+    assert _run(preprocessor, _chat(), outputs)[0].logprobs is None
+
+
+async def test_stream_closes_the_engine_stream_on_a_stop_string(preprocessor) -> None:
+    request = parse_request(CompletionRequest, {"model": "tiny", "prompt": "x", "stop": "o w", "max_tokens": 100})
+    pre = preprocessor.preprocess(request, "r2")
+    ids = preprocessor.tokenizer.encode("hello world " * 20, add_special_tokens=False)
+    state = {"sent": 0, "closed": False}
+
+    async def engine():
+        try:
+            for token_id in ids:
+                state["sent"] += 1
+                yield EngineOutput(token_ids=[token_id])
+        finally:
+            state["closed"] = True
+
+    items = [item async for item in postprocess_stream(preprocessor.postprocessor(request, pre), engine())]
+    assert "".join(item.text for item in items) == "hell"
+    assert state["closed"] and state["sent"] < len(ids)
+
+
+async def test_stream_without_finish_reason_is_an_internal_error(preprocessor) -> None:
+    request = _chat()
+    pre = preprocessor.preprocess(request, "r3")
+
+    async def engine():
+        yield EngineOutput(token_ids=[100])
+
+    with pytest.raises(InternalError):
+        [item async for item in postprocess_stream(preprocessor.postprocessor(request, pre), engine())]
+
+
+def test_per_token_cost_does_not_grow_with_length(preprocessor) -> None:
+    import time
+
+    rng = random.Random(0)
+    ids = [rng.randrange(5, 3000) for _ in range(4000)]
+
+    def cost(n: int) -> float:
+        request = _chat(stop=["zzzz", "qqqq"])
+        post = preprocessor.postprocessor(request, preprocessor.preprocess(request, "r"))
+        started = time.perf_counter()
+        for token_id in ids[:n]:
+            post.process(EngineOutput(token_ids=[token_id]))
+        return (time.perf_counter() - started) / n
+
+    cost(200)  # warm the token caches
+    assert cost(4000) < 3 * cost(400)
