@@ -68,6 +68,7 @@ class Router:
         ]
         workers = await self.runtime.discovery.watch_instances(VllmWorker.__name__, "generate")
         workers.add_listener(self._on_worker_change)
+        await self.worker.generate.watch()
         log.info("routing with policy %s, block size %d", self.config.router, block_size)
 
     async def _block_size_from_models(self) -> int:

@@ -19,7 +19,7 @@ from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRe
 from app.preprocess import Preprocessor, StreamItem, postprocess_stream
 from app.protocol import EngineOutput, PreprocessedRequest, RouteDecision, RouteRequest
 from app.router import PlacementEvent
-from app.runtime import NoInstancesError, RequestContext, Runtime
+from app.runtime import RequestContext, Runtime
 from app.sdk import depends, endpoint, on_start, service
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ class Processor:
         # Start watching both services now, so that the first request already knows
         # whether a Router is deployed (graphs.agg has none).
         for client in (self.router.route, self.worker.generate):
-            with contextlib.suppress(NoInstancesError):
-                await client.wait_for_instances(timeout=0.5)
+            await client.watch()
 
     @endpoint
     async def chat_completions(self, request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[StreamItem]:

@@ -7,6 +7,8 @@ module owns are the KV events publisher (pointed at our relay) and the served na
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import logging
 import os
@@ -141,7 +143,13 @@ class VllmEngine(Engine):
             raise ValueError(f"vllm engine: bad engine arguments: {exc}") from None
         logger.info("starting vLLM engine for %s (worker %s)", args["model"], worker_id)
         try:
-            self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[self._stats.factory])
+            # Building the engine blocks until its core process has loaded the model
+            # (minutes for a large one). Off the event loop, so that the process keeps its
+            # etcd lease and NATS connection alive meanwhile; AsyncLLM starts its output
+            # handler lazily on the loop at the first request.
+            self._llm = await asyncio.to_thread(
+                AsyncLLM.from_engine_args, engine_args, stat_loggers=[self._stats.factory]
+            )
         except BaseException:
             await self._stop_relay()
             raise

@@ -263,7 +263,16 @@ class Discovery:
         """Put a record attached to the process lease (restored if the lease is ever lost)."""
         raw_key, raw_value = key.encode(), encoder.encode(value)
         self._owned[raw_key] = raw_value
-        await self._client.kv.put(raw_key, raw_value, lease=self.lease_id, timeout=_RPC_TIMEOUT_S)
+        try:
+            await self._client.kv.put(raw_key, raw_value, lease=self.lease_id, timeout=_RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            # The lease expires whenever this process blocks its event loop past the TTL
+            # (a large model's engine start does). The record is owned already, so
+            # restoring the lease puts it back with every other one.
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.warning("etcd: lease %x lost while registering; granting it again", self.lease_id)
+            await self._restore_lease()
 
     async def deregister(self, key: str) -> None:
         raw_key = key.encode()

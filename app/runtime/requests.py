@@ -149,11 +149,17 @@ class ServedEndpoint:
         except NatsError as exc:
             log.warning("request %s: reply lost (%s)", ctx.request_id, exc)
         except Exception as exc:
-            status = exc.status if isinstance(exc, ServiceError) else 500
+            if isinstance(exc, RemoteError):
+                # A failure further down the chain (Processor -> Router, say) reaches the
+                # first caller as the service that failed described it, status included.
+                type_name, message, status = exc.type_name, exc.message, exc.status
+            else:
+                type_name, message = type(exc).__name__, str(exc)
+                status = exc.status if isinstance(exc, ServiceError) else 500
             if status >= 500:
                 log.exception("request %s: handler of %s failed", ctx.request_id, self.record.subject)
             with contextlib.suppress(NatsError):
-                await publish(reply, wire.encode_error(type(exc).__name__, str(exc), status))
+                await publish(reply, wire.encode_error(type_name, message, status))
 
 
 class _Call:
@@ -257,8 +263,13 @@ class EndpointClient:
                 call.queue.put_nowait(_INSTANCE_GONE)
 
     def instance_ids(self) -> list[str]:
-        """Live instance ids (empty until the first call or `wait_for_instances`)."""
+        """Live instance ids (empty until the first call, `watch` or `wait_for_instances`)."""
         return list(self._ids)
+
+    async def watch(self) -> list[str]:
+        """Start following the endpoint's instances now; the live ids so far."""
+        await self._instances()
+        return self.instance_ids()
 
     async def wait_for_instances(self, timeout: float = 30.0) -> list[InstanceRecord]:
         watch = await self._instances()
