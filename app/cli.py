@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import app.infra
 import app.model.tiny
+import app.tunables
 from app.sdk import graph, supervisor
 from app.sdk.config import ConfigError, load_config
 from app.sdk.process import add_service_arguments, run_one, split_overrides
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     app.infra.add_cli(commands)
     app.model.tiny.add_cli(commands)
+    app.tunables.add_cli(commands)
     return parser
 
 

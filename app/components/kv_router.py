@@ -16,6 +16,7 @@ from app.protocol import KvEventBatch, LoadReport, RouteDecision, RouteRequest
 from app.router import KvRouter, PlacementEvent
 from app.runtime import InstanceRecord, Runtime, ServiceError
 from app.sdk import depends, endpoint, on_shutdown, on_start, service
+from app.tunables import ROUTER_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ class Router:
         workers = await self.runtime.discovery.watch_instances(VllmWorker.__name__, "generate")
         workers.add_listener(self._on_worker_change)
         await self.worker.generate.watch()
+        self._tunables = await self.runtime.discovery.watch_tunables()
+        self._tunables.add_listener(self._on_tunable)
+        if ROUTER_POLICY in self._tunables.values:
+            self._on_tunable(ROUTER_POLICY, self._tunables.values[ROUTER_POLICY])
         log.info("routing with policy %s, block size %d", self.config.router, block_size)
 
     async def _block_size_from_models(self) -> int:
@@ -104,6 +109,18 @@ class Router:
         if record is None and self._router is not None:
             self._router.remove_worker(instance_id)
 
+    def _on_tunable(self, key: str, value: Any) -> None:
+        if key != ROUTER_POLICY or self._router is None:
+            return
+        policy, knobs = (self.config.router, self.config.knobs) if value is None else (value["policy"], value.get("knobs"))
+        try:
+            self._router.set_policy(policy, knobs)
+        except Exception:
+            # A bad live value must not take routing down: keep the current policy.
+            log.exception("router policy %r from etcd rejected; keeping %s", value, self._router.policy.name)
+            return
+        log.info("router policy now %s %s", policy, knobs or "")
+
     @endpoint(request=RouteRequest)
     async def route(self, request: RouteRequest) -> AsyncIterator[RouteDecision]:
         assert self._router is not None, "route() before start()"
@@ -114,6 +131,7 @@ class Router:
 
     @on_shutdown
     async def stop(self) -> None:
+        await self._tunables.close()
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -52,7 +52,7 @@ class Processor:
     worker = depends(VllmWorker)
 
     def __init__(self) -> None:
-        self._preprocessor = Preprocessor(self.config.model, max_model_len=self.config.max_model_len)
+        self._preprocessor: Preprocessor | None = None
         self._round_robin = itertools.count()
         # Placement events name their source; the Routers apply every source but their own.
         self._placement_source = f"processor-{self.runtime.instance_id}"
@@ -60,6 +60,11 @@ class Processor:
 
     @on_start
     async def start(self) -> None:
+        # Loading transformers and the tokenizer takes seconds: off the event loop, which
+        # must keep the process's etcd lease alive meanwhile.
+        self._preprocessor = await asyncio.to_thread(
+            Preprocessor, self.config.model, max_model_len=self.config.max_model_len
+        )
         # Start watching both services now, so that the first request already knows
         # whether a Router is deployed (graphs.agg has none).
         for client in (self.router.route, self.worker.generate):
@@ -76,6 +81,7 @@ class Processor:
             yield item
 
     async def _generate(self, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
+        assert self._preprocessor is not None, "request before start()"
         # Tokenizing a long prompt takes up to a second: off the event loop.
         preprocessed = await asyncio.to_thread(self._preprocessor.preprocess, request, request_id)
         decision = await self._pick_worker(preprocessed)

@@ -182,6 +182,10 @@ class TunablesWatch:
     def values(self) -> dict[str, Any]:
         return self._watch.items
 
+    def add_listener(self, listener: Callable[[str, Any], None]) -> None:
+        """`listener(key, value)` on every change; value None means the key was deleted."""
+        self._watch.add_listener(listener)
+
     async def wait_until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
         return await self._watch.wait_until(predicate, timeout)
 
@@ -324,6 +328,9 @@ class Discovery:
 
     async def put_tunable(self, key: str, value: Any) -> None:
         await self._client.kv.put(self._tunable_key(key), encoder.encode(value), timeout=_RPC_TIMEOUT_S)
+
+    async def delete_tunable(self, key: str) -> None:
+        await self._client.kv.delete(self._tunable_key(key), timeout=_RPC_TIMEOUT_S)
 
     async def get_tunable(self, key: str, default: Any = None) -> Any:
         resp = await self._client.kv.get(self._tunable_key(key), timeout=_RPC_TIMEOUT_S)

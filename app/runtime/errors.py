@@ -46,3 +46,9 @@ class ServiceError(Exception):
         self.message = message
         if status is not None:
             self.status = status
+
+
+class PayloadTooLargeError(ServiceError):
+    """A request is larger than the NATS server accepts in one message (its max_payload)."""
+
+    status = 413

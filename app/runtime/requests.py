@@ -33,6 +33,7 @@ from app.runtime.errors import (
     CallTimeoutError,
     InstanceGoneError,
     NoInstancesError,
+    PayloadTooLargeError,
     RemoteError,
     ServiceError,
 )
@@ -326,6 +327,10 @@ class EndpointClient:
         decoder = wire.decoder_for(response_type)
         request_id = request_id or uuid.uuid4().hex
         body = wire.encode_request(request_id, payload)
+        if len(body) > self._nc.max_payload:
+            raise PayloadTooLargeError(
+                f"request of {len(body)} bytes exceeds the {self._nc.max_payload}-byte message limit of the NATS server"
+            )
         excluded: set[str] = set()
         while True:
             record = self._pick(watch, target, excluded)

@@ -1,0 +1,294 @@
+"""The seed's node 1 on the real stack: `tandem serve graphs.agg_router:Frontend` with two
+vLLM CPU workers (pinned to separate cores), real NATS and etcd, the official openai client.
+
+One graph serves the whole module. The reference outputs come from vLLM's offline `LLM`
+on the same model, run before the graph starts (two engines at once would share cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from app.protocol import LoadReport
+from app.runtime import Runtime
+from app.tunables import ROUTER_POLICY
+from tests.e2e.graph_harness import ServedGraph
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "tiny-llama"
+MAX_TOKENS = 16
+BLOCK_SIZE = 32
+ENGINE_ARGS = {"block_size": BLOCK_SIZE, "max_model_len": 4096, "enforce_eager": True, "dtype": "float32"}
+
+CHATS = [
+    [{"role": "user", "content": "In the heart of Eldoria, an ancient land of boundless magic, lies Aeloria."}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "naïve café — 日本語 🙂 tell me more"},
+    ],
+]
+COMPLETION_PROMPTS = ["def fibonacci(n):", "The quick brown fox"]
+
+_REFERENCE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if __name__ == "__main__":
+        model, engine_args, prompts, max_tokens, out = json.loads(sys.argv[1])
+        llm = LLM(model=model, **engine_args)
+        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
+        with open(out, "w") as f:
+            json.dump([list(o.outputs[0].token_ids) for o in outputs], f)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    """Token ids of every prompt, the way the model's own template and tokenizer make them."""
+    rendered = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in CHATS]
+    chats = [tokenizer(text, add_special_tokens=False).input_ids for text in rendered]
+    completions = [tokenizer(prompt).input_ids for prompt in COMPLETION_PROMPTS]
+    return [list(ids) for ids in chats + completions]
+
+
+@pytest.fixture(scope="module")
+def reference_texts(tiny_model: Path, tokenizer, prompt_ids, tmp_path_factory) -> list[str]:
+    """Greedy completions of vLLM itself, decoded as a client would read them."""
+    workdir = tmp_path_factory.mktemp("agg-reference")
+    script, out = workdir / "reference.py", workdir / "outputs.json"
+    script.write_text(_REFERENCE_SCRIPT)
+    argument = json.dumps([str(tiny_model), ENGINE_ARGS, prompt_ids, MAX_TOKENS, str(out)])
+    result = subprocess.run(
+        [sys.executable, str(script), argument], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300
+    )
+    assert result.returncode == 0, result.stdout.decode(errors="replace")[-4000:]
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in json.loads(out.read_text())]
+
+
+@pytest.fixture(scope="module")
+async def graph(tiny_model, reference_texts, nats_server, etcd_server, tmp_path_factory) -> AsyncIterator[ServedGraph]:
+    common = {"model": str(tiny_model), "served-model-name": MODEL, "block-size": BLOCK_SIZE, "max-model-len": 4096}
+    config = {
+        "Common": common,
+        "Frontend": {"served-model-name": MODEL},
+        "Processor": {"common-configs": ["model", "block-size", "max-model-len"]},
+        "Router": {"router": "kv", "common-configs": ["model", "block-size"]},
+        "VllmWorker": {
+            "engine": "vllm",
+            "enforce-eager": True,
+            "dtype": "float32",
+            "enable-prefix-caching": True,
+            "cpu-omp-threads-bind": ["0", "1"],
+            "load-report-interval-s": 0.2,
+            "ServiceArgs": {"workers": 2},
+            "common-configs": ["model", "served-model-name", "block-size", "max-model-len"],
+        },
+    }
+    served = ServedGraph("graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("agg"), nats_server.url, etcd_server.url)
+    served.start()
+    try:
+        await served.wait_ready(workers=2)
+        yield served
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="module")
+def client(graph: ServedGraph) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{graph.base_url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.mark.parametrize("index", range(len(CHATS)))
+def test_chat_greedy_equals_vllm_streamed_and_not(client, reference_texts, prompt_ids, index) -> None:
+    whole = client.chat.completions.create(model=MODEL, messages=CHATS[index], **GREEDY)
+    assert whole.choices[0].message.content == reference_texts[index]
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.prompt_tokens == len(prompt_ids[index])
+    assert whole.usage.completion_tokens == MAX_TOKENS
+    assert whole.usage.total_tokens == len(prompt_ids[index]) + MAX_TOKENS
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=CHATS[index], stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reference_texts[index]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt_ids[index]), MAX_TOKENS)
+
+
+@pytest.mark.parametrize("index", range(len(COMPLETION_PROMPTS)))
+def test_completion_greedy_equals_vllm_streamed_and_not(client, reference_texts, prompt_ids, index) -> None:
+    position = len(CHATS) + index
+    whole = client.completions.create(model=MODEL, prompt=COMPLETION_PROMPTS[index], **GREEDY)
+    assert whole.choices[0].text == reference_texts[position]
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(prompt_ids[position]), MAX_TOKENS)
+    chunks = list(client.completions.create(model=MODEL, prompt=COMPLETION_PROMPTS[index], stream=True, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == reference_texts[position]
+
+
+def test_models_lists_the_served_model(client) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_stop_string_ends_the_text_before_it(client, reference_texts) -> None:
+    # A stop string taken from the middle of the greedy text: the answer is what precedes it.
+    reference = reference_texts[0]
+    stop = reference[len(reference) // 2 :][:3]
+    expected = reference[: reference.index(stop)]
+    whole = client.chat.completions.create(model=MODEL, messages=CHATS[0], stop=[stop], **GREEDY)
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].finish_reason == "stop"
+
+
+async def test_disconnect_mid_stream_frees_the_request_in_the_engine(graph: ServedGraph) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"count forever {uuid.uuid4()}"}],
+        "max_tokens": 3000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    async with await Runtime.connect(graph.settings) as runtime:
+        reports = await runtime.subscribe("load", LoadReport)
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("POST", f"{graph.base_url}/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                worker = response.headers["x-tandem-worker"]
+                chunks = response.aiter_lines()
+                for _ in range(5):
+                    await anext(chunks)
+                busy = await _next_report(reports, worker, lambda r: r.running >= 1, timeout=10)
+                assert busy.running == 1
+            disconnected = time.monotonic()
+        # 3000 tokens take the engine many seconds; freed at once means the abort got through.
+        await _next_report(reports, worker, lambda r: r.running == 0, timeout=5)
+        assert time.monotonic() - disconnected < 5
+        await reports.close()
+
+
+async def _next_report(reports, worker: str, predicate, timeout: float) -> LoadReport:
+    async with asyncio.timeout(timeout):
+        async for report in reports:
+            if report.worker_id == worker and predicate(report):
+                return report
+    raise AssertionError("subscription closed")
+
+
+def test_shared_prefix_lands_on_the_worker_that_caches_it(graph: ServedGraph) -> None:
+    prefix = " ".join(f"shared-context-{i}" for i in range(120))  # several KV blocks
+    workers, cached = [], []
+    with httpx.Client(base_url=graph.base_url, timeout=120) as http:
+        for i in range(4):
+            body = {"model": MODEL, "prompt": f"{prefix} question {i}", "max_tokens": 2}
+            response = http.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            workers.append(response.headers["x-tandem-worker"])
+            cached.append(response.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert len(set(workers)) == 1, workers
+    # vLLM's own prefix cache: nothing cached for the first, whole blocks for the rest.
+    assert cached[0] == 0
+    assert all(c >= 4 * BLOCK_SIZE for c in cached[1:]), cached
+
+
+async def test_round_robin_set_live_spreads_the_same_requests(graph: ServedGraph) -> None:
+    async with await Runtime.connect(graph.settings) as runtime:
+        await runtime.discovery.put_tunable(ROUTER_POLICY, {"policy": "round-robin"})
+        try:
+            await asyncio.sleep(0.5)  # the Router's watch applies it
+            prefix = " ".join(f"other-context-{i}" for i in range(120))
+            workers = set()
+            async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
+                for i in range(4):
+                    body = {"model": MODEL, "prompt": f"{prefix} question {i}", "max_tokens": 2}
+                    response = await http.post("/v1/completions", json=body)
+                    assert response.status_code == 200, response.text
+                    workers.add(response.headers["x-tandem-worker"])
+            assert len(workers) == 2
+        finally:
+            await runtime.discovery.delete_tunable(ROUTER_POLICY)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "mentions"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, ""),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [], "max_tokens": 4}, 400, "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+        ("/v1/chat/completions", {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404, "no-such-model"),
+        ("/v1/completions", {"model": MODEL, "prompt": "word " * 5000, "max_tokens": 4}, 400, "4096"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n"),
+    ],
+)
+def test_bad_requests_get_openai_errors(graph: ServedGraph, route, body, status, mentions) -> None:
+    with httpx.Client(base_url=graph.base_url, timeout=60) as http:
+        if isinstance(body, bytes):
+            response = http.post(route, content=body, headers={"content-type": "application/json"})
+        else:
+            response = http.post(route, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    assert mentions in error["message"] or mentions == error.get("param")
+
+
+HOSTILE_BODIES = [
+    b"",
+    b"null",
+    b"[]",
+    b'"a string"',
+    b"\xff\xfe\xfd invalid utf-8",
+    b'{"model": "tiny-llama", "messages": "\xff\xfe"}',
+    json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 12}]}).encode(),
+    json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).encode(),
+    json.dumps({"model": MODEL, "prompt": [[1, 2], [3]], "messages": None}).encode(),
+    json.dumps({"model": MODEL, "prompt": [-5, 10**9]}).encode(),
+    json.dumps({"model": MODEL, "prompt": "hi", "temperature": 1e308, "top_p": -1}).encode(),
+    json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": -1}).encode(),
+    json.dumps({"model": MODEL, "prompt": "hi", "unknown_field": {"nested": [1, 2]}}).encode(),
+    json.dumps({"model": MODEL, "prompt": "x" * (1 << 20)}).encode(),
+    json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "y" * (1 << 20)}]}).encode(),
+]
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_hostile_bodies_never_5xx_and_serving_continues(graph: ServedGraph, route) -> None:
+    with httpx.Client(base_url=graph.base_url, timeout=60) as http:
+        for body in HOSTILE_BODIES:
+            response = http.post(route, content=body, headers={"content-type": "application/json"})
+            assert 400 <= response.status_code < 500, (body[:80], response.status_code, response.text[:300])
+            assert "error" in response.json()
+        healthy = http.post("/v1/completions", json={"model": MODEL, "prompt": "still there?", "max_tokens": 3})
+        assert healthy.status_code == 200, healthy.text

@@ -1,0 +1,154 @@
+"""KV-aware routing end to end: `tandem serve graphs.agg_router:Frontend` on mocker workers.
+
+Real NATS and etcd, the real graph under supervisord (4 mocker VllmWorkers, 2 Router
+replicas), requests through the official `openai` client. Each graph is stopped by PID
+when its class of tests is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from app.infra import EtcdServer, NatsServer
+from bench.loadgen import WORDS
+from bench.routing_scenarios import ServedGraph
+
+pytestmark = pytest.mark.e2e
+
+WORKERS = 4
+ROUTERS = 2
+MODEL = "tiny-llama"
+PREFIX_WORDS = 400  # ~720 tokens: 45 blocks of 16
+# A lease this short makes a killed worker's instance leave within seconds.
+LEASE_TTL_S = 3
+
+CONFIG = """
+Common:
+  model: {model}
+  served-model-name: {name}
+  block-size: 16
+  max-model-len: 2048
+Frontend:
+  served-model-name: {name}
+Processor:
+  common-configs: [model, block-size, max-model-len]
+Router:
+  router: kv
+  ServiceArgs:
+    workers: {routers}
+  common-configs: [model, block-size]
+VllmWorker:
+  engine: mocker
+  vocab-size: 3000
+  eos-token-id: 2
+  # Prefill long enough (~150 ms for a 720-token prompt) that concurrent first
+  # requests are all still pending when the next one is routed.
+  prefill-ms-per-token: 0.2
+  ServiceArgs:
+    workers: {workers}
+  common-configs: [model, served-model-name, block-size, max-model-len]
+"""
+
+
+def prompt(group: int, request: int) -> str:
+    prefix = random.Random(f"prefix-{group}").choices(WORDS, k=PREFIX_WORDS)
+    suffix = random.Random(f"suffix-{group}-{request}").choices(WORDS, k=20)
+    return " ".join(prefix + suffix)
+
+
+async def ask(client: openai.AsyncOpenAI, text: str) -> tuple[str, int, int]:
+    """(worker id, prompt tokens, cached prompt tokens) of one chat completion."""
+    raw = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=4, extra_body={"ignore_eos": True}
+    )
+    completion = raw.parse()
+    assert completion.usage is not None and completion.usage.prompt_tokens_details is not None
+    return raw.headers["X-Tandem-Worker"], completion.usage.prompt_tokens, completion.usage.prompt_tokens_details.cached_tokens or 0
+
+
+@contextlib.asynccontextmanager
+async def served_graph(policy: str, tiny_model: Path, tmp_path: Path, nats: NatsServer, etcd: EtcdServer) -> AsyncIterator[ServedGraph]:
+    config = tmp_path / "graph.yaml"
+    config.write_text(CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS, routers=ROUTERS))
+    graph = ServedGraph(config, [f"--Router.router={policy}"], nats.url, etcd.url, tmp_path / "serve.log",
+                        lease_ttl_s=LEASE_TTL_S)
+    async with graph:
+        await graph.wait_ready(WORKERS, ROUTERS, timeout=90)
+        yield graph
+
+
+def openai_client(graph: ServedGraph) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{graph.url}/v1", api_key="unused", timeout=30, max_retries=0)
+
+
+class TestKvRouting:
+    @pytest.fixture(scope="class")
+    async def kv_graph(self, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
+                       nats_server: NatsServer, etcd_server: EtcdServer) -> AsyncIterator[ServedGraph]:
+        async with served_graph("kv", tiny_model, tmp_path_factory.mktemp("kv"), nats_server, etcd_server) as graph:
+            yield graph
+
+    @pytest.fixture
+    def client(self, kv_graph: ServedGraph) -> openai.AsyncOpenAI:
+        return openai_client(kv_graph)
+
+    async def test_a_prefix_group_stays_on_the_worker_that_holds_it_and_groups_spread(
+        self, client: openai.AsyncOpenAI
+    ) -> None:
+        groups = range(4)
+        # The groups' first requests all at once: each router accounts for the prefills
+        # it (and the other replica) placed, so they can't all pile onto one worker.
+        firsts = await asyncio.gather(*(ask(client, prompt(g, 0)) for g in groups))
+        home = {g: worker for g, (worker, _, _) in zip(groups, firsts)}
+        assert len(set(home.values())) > 1, f"every prefix group went to one worker: {home}"
+        for g in groups:
+            for request in range(1, 4):
+                worker, prompt_tokens, cached = await ask(client, prompt(g, request))
+                assert worker == home[g], f"group {g} request {request} left its worker"
+                # The shared prefix is 95 % of the words: all of it but a partial block was cached.
+                assert cached >= 0.8 * prompt_tokens, (g, request, prompt_tokens, cached)
+
+    async def test_a_killed_worker_is_no_longer_chosen_and_requests_keep_succeeding(
+        self, kv_graph: ServedGraph, client: openai.AsyncOpenAI
+    ) -> None:
+        victim, _, _ = await ask(client, prompt(10, 0))
+        records = await kv_graph.instances("VllmWorker", "generate")
+        os.kill(records[victim].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 4 * LEASE_TTL_S
+        while victim in await kv_graph.instances("VllmWorker", "generate"):
+            assert time.monotonic() < deadline, "the killed worker's instance never left"
+            await asyncio.sleep(0.2)
+        # Its group's prefix now lives nowhere: the router must place it on a live worker.
+        answers = [await ask(client, prompt(10, request)) for request in range(1, 4)]
+        answers += await asyncio.gather(*(ask(client, prompt(g, 9)) for g in range(8)))
+        assert victim not in {worker for worker, _, _ in answers}
+
+
+class TestRoundRobinRouting:
+    @pytest.fixture(scope="class")
+    async def round_robin_graph(self, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
+                                nats_server: NatsServer, etcd_server: EtcdServer) -> AsyncIterator[ServedGraph]:
+        async with served_graph(
+            "round-robin", tiny_model, tmp_path_factory.mktemp("round-robin"), nats_server, etcd_server
+        ) as graph:
+            yield graph
+
+    @pytest.fixture
+    def client(self, round_robin_graph: ServedGraph) -> openai.AsyncOpenAI:
+        return openai_client(round_robin_graph)
+
+    async def test_the_same_requests_spread_over_every_worker(
+        self, round_robin_graph: ServedGraph, client: openai.AsyncOpenAI
+    ) -> None:
+        workers = [(await ask(client, prompt(0, request)))[0] for request in range(2 * WORKERS)]
+        assert set(workers) == set(await round_robin_graph.instances("VllmWorker", "generate"))
