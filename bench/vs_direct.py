@@ -447,7 +447,7 @@ max model length {engine.max_model_len}, dtype {engine.dtype}, prefix caching {p
 `VLLM_CPU_KVCACHE_SPACE={engine.kvcache_gib}`, engine threads {pinning}. Direct is
 `python -m vllm.entrypoints.openai.api_server`; Tandem is the agg_router graph
 (Frontend → Processor → KV Router → one VllmWorker) on its own NATS and etcd. One system runs at
-a time; the pair is repeated {repeats} times in alternating order. Each run: bench.loadgen, chat
+a time; the pair runs {repeats} time(s), in alternating order. Each run: bench.loadgen, chat
 API, streaming, {load.prompt_tokens}-word prompts ({prompt_tokens:.0f} tokens by the servers' count),
 exactly {load.max_tokens} output tokens (`ignore_eos`), requests per run: {requests}, after a
 warm-up; no two runs send the same prompt. Numbers are medians over the repeats; ITL is the gap between streamed chunks as the client sees
@@ -460,7 +460,7 @@ them, so a server that sends several tokens in one chunk shows a lower ITL p50 a
 **What it means.** The engine is identical and pinned identically, so the gap is the cost of
 Tandem's serving path: the extra hops (HTTP → Processor → Router → worker over NATS), tokenizing
 and detokenizing in the Processor, routing, and the KV events and load reports the worker
-publishes. At concurrency 1 that cost shows up directly in TTFT and ITL; at concurrency 32 it
+publishes. At concurrency 1 that cost shows up directly in TTFT and ITL; at concurrency {max(load.concurrencies)} it
 competes with the engine for the same {len(os.sched_getaffinity(0))} cores, which is where it costs throughput.
 On this small machine the tiny model makes each engine step very cheap, so this is a worst case
 for Tandem's relative overhead; with a real model on a GPU the engine step dominates.

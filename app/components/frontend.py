@@ -29,6 +29,9 @@ class FrontendConfig(BaseModel):
     served_model_name: str | None = Field(default=None, description="model name clients send; default: every model discovered")
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
+    max_inflight_requests: int | None = Field(
+        default=None, ge=1, description="past this many requests in flight, answer 429 with Retry-After"
+    )
 
 
 class ProcessorBackend:
@@ -70,7 +73,8 @@ class Frontend:
         backend = ProcessorBackend(
             models, self.processor.chat_completions, self.processor.completions, self.config.served_model_name
         )
-        self._server = make_server(create_app(backend), self.config.host, self.config.port)
+        app = create_app(backend, max_inflight=self.config.max_inflight_requests)
+        self._server = make_server(app, self.config.host, self.config.port)
         # The service runner owns SIGTERM/SIGINT (it drains, then stops us); uvicorn must
         # not install its own handlers over the runner's.
         self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]

@@ -28,6 +28,7 @@ from app.openai.errors import (
     InternalError,
     ModelNotFoundError,
     OpenAIError,
+    OverloadedError,
     PayloadTooLargeError,
     RequestError,
     ServiceUnavailableError,
@@ -73,6 +74,24 @@ def _finish_error(finish_reason: str) -> OpenAIError | None:
     return None
 
 
+class Admission:
+    """Caps the requests in flight: past the cap a request gets 429 with Retry-After at
+    once, instead of queueing where its client cannot see how long it will wait."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.inflight = 0
+
+    def try_enter(self) -> bool:
+        if self.limit is not None and self.inflight >= self.limit:
+            return False
+        self.inflight += 1
+        return True
+
+    def leave(self) -> None:
+        self.inflight -= 1
+
+
 class _Generation:
     """One chat/completion request from the backend's first item to the last byte."""
 
@@ -81,6 +100,7 @@ class _Generation:
         *,
         backend: Backend,
         metrics: FrontendMetrics,
+        admission: Admission,
         kind: RequestKind,
         request: OpenAIRequest,
         request_id: str,
@@ -89,6 +109,7 @@ class _Generation:
     ) -> None:
         self._backend = backend
         self._metrics = metrics
+        self._admission = admission
         self._kind = kind
         self._request = request
         self._request_id = request_id
@@ -107,6 +128,10 @@ class _Generation:
         )
 
     async def run(self, send: Send) -> None:
+        if not self._admission.try_enter():
+            limit = self._admission.limit
+            await self._send_error(send, OverloadedError(f"{limit} requests are in flight already; retry shortly"))
+            return
         self._metrics.inflight.inc()
         items: AsyncIterator[StreamItem] | None = None
         try:
@@ -129,6 +154,7 @@ class _Generation:
             if items is not None and hasattr(items, "aclose"):
                 await items.aclose()
             self._metrics.inflight.dec()
+            self._admission.leave()
             self._metrics.output_tokens.inc(self._completion_tokens)
             self._metrics.input_tokens.inc(self._prompt_tokens)
 
@@ -293,9 +319,14 @@ def _error_response(error: OpenAIError, metrics: FrontendMetrics, route: str) ->
 
 
 def create_app(
-    backend: Backend, *, metrics: FrontendMetrics | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    backend: Backend,
+    *,
+    metrics: FrontendMetrics | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_inflight: int | None = None,
 ) -> FastAPI:
     metrics = metrics or FrontendMetrics()
+    admission = Admission(max_inflight)
     app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics
 
@@ -320,7 +351,7 @@ def create_app(
                 logger.error("%s: request handling failed", route, exc_info=exc)
             return _error_response(error, metrics, route)
         generation = _Generation(
-            backend=backend, metrics=metrics, kind=kind, request=parsed,
+            backend=backend, metrics=metrics, admission=admission, kind=kind, request=parsed,
             request_id=_request_id(request), route=route, started=started,
         )
         return _GenerationResponse(generation)

@@ -1,3 +1,4 @@
+import asyncio
 import json
 
 import httpx
@@ -186,3 +187,20 @@ async def test_metrics(backend) -> None:
     assert f"tandem_frontend_inter_token_latency_seconds_count {len(backend.reply_ids) - 1}.0" in text
     assert f"tandem_frontend_output_tokens_total {len(backend.reply_ids)}.0" in text
     assert "tandem_frontend_inflight_requests 0.0" in text
+
+
+async def test_requests_past_the_inflight_cap_get_429_then_serving_resumes(make_backend) -> None:
+    backend = make_backend(token_delay_s=0.02, repeat=True)
+    app = create_app(backend, max_inflight=2)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tandem") as client:
+        holding = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(2)]
+        while backend.generate_calls < 2:
+            await asyncio.sleep(0.005)
+        refused = await client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert backend.generate_calls == 2  # refused before reaching the backend
+        assert [r.status_code for r in await asyncio.gather(*holding)] == [200, 200]
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
