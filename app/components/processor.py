@@ -1,4 +1,8 @@
-"""Processor: OpenAI request -> tokens -> routed worker -> detokenized OpenAI stream."""
+"""Processor: OpenAI request -> tokens -> routed worker -> detokenized OpenAI stream.
+
+The work itself is `RequestPipeline`, which the Processor service serves over NATS and
+which the Frontend embeds by default (one process and one hop fewer per token).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from app.preprocess import Preprocessor, StreamItem, postprocess_stream
 from app.protocol import EngineOutput, PreprocessedRequest, RouteDecision, RouteRequest
 from app.router import PlacementEvent
 from app.runtime import RequestContext, Runtime
+from app.runtime.requests import EndpointClient
 from app.sdk import depends, endpoint, on_start, service
 
 log = logging.getLogger(__name__)
@@ -42,45 +47,34 @@ class ProcessorConfig(BaseModel):
     )
 
 
-@service(config=ProcessorConfig)
-class Processor:
+class RequestPipeline:
     """Tokenizes, asks the Router for a worker, streams from that worker, detokenizes."""
 
-    config: ProcessorConfig
-    runtime: Runtime
-    router = depends(Router)
-    worker = depends(VllmWorker)
-
-    def __init__(self) -> None:
+    def __init__(
+        self, config: ProcessorConfig, runtime: Runtime, router: EndpointClient, worker: EndpointClient
+    ) -> None:
+        self._config = config
+        self._runtime = runtime
+        self._router = router
+        self._worker = worker
         self._preprocessor: Preprocessor | None = None
         self._round_robin = itertools.count()
         # Placement events name their source; the Routers apply every source but their own.
-        self._placement_source = f"processor-{self.runtime.instance_id}"
+        self._placement_source = f"processor-{runtime.instance_id}"
         self._publishes: set[asyncio.Task[None]] = set()
 
-    @on_start
     async def start(self) -> None:
         # Loading transformers and the tokenizer takes seconds: off the event loop, which
         # must keep the process's etcd lease alive meanwhile.
         self._preprocessor = await asyncio.to_thread(
-            Preprocessor, self.config.model, max_model_len=self.config.max_model_len
+            Preprocessor, self._config.model, max_model_len=self._config.max_model_len
         )
-        # Start watching both services now, so that the first request already knows
+        # Follow both services from now on, so that the first request already knows
         # whether a Router is deployed (graphs.agg has none).
-        for client in (self.router.route, self.worker.generate):
-            await client.watch()
+        await self._router.watch()
+        await self._worker.watch()
 
-    @endpoint
-    async def chat_completions(self, request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[StreamItem]:
-        async for item in self._generate(parse_request(ChatCompletionRequest, request), ctx.request_id):
-            yield item
-
-    @endpoint
-    async def completions(self, request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[StreamItem]:
-        async for item in self._generate(parse_request(CompletionRequest, request), ctx.request_id):
-            yield item
-
-    async def _generate(self, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
+    async def generate(self, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
         assert self._preprocessor is not None, "request before start()"
         # Tokenizing a long prompt takes up to a second: off the event loop.
         preprocessed = await asyncio.to_thread(self._preprocessor.preprocess, request, request_id)
@@ -88,7 +82,7 @@ class Processor:
         postprocessor = self._preprocessor.postprocessor(request, preprocessed)
         # The Frontend names the worker in its response headers, before any token exists.
         yield StreamItem(worker_id=decision.worker_id)
-        outputs = self.worker.generate.stream(
+        outputs = self._worker.stream(
             preprocessed, target=decision.worker_id, response_type=EngineOutput, request_id=request_id
         )
         first = True
@@ -103,10 +97,10 @@ class Processor:
             self._placement(request_id, decision.worker_id, "finished")
 
     async def _pick_worker(self, request: PreprocessedRequest) -> RouteDecision:
-        if not self.worker.generate.instance_ids():
-            await self.worker.generate.wait_for_instances(timeout=WORKER_WAIT_S)
-        if self.router.route.instance_ids():
-            decision = await self.router.route.call(
+        if not self._worker.instance_ids():
+            await self._worker.wait_for_instances(timeout=WORKER_WAIT_S)
+        if self._router.instance_ids():
+            decision = await self._router.call(
                 RouteRequest(request_id=request.request_id, token_ids=request.token_ids),
                 response_type=RouteDecision,
                 target="round_robin",
@@ -115,15 +109,44 @@ class Processor:
                       decision.overlap_blocks, decision.prompt_blocks)
             return decision
         # graphs.agg has no Router: spread over the workers directly.
-        workers = self.worker.generate.instance_ids()
-        if self.config.router == "random":
+        workers = self._worker.instance_ids()
+        if self._config.router == "random":
             return RouteDecision(worker_id=random.choice(workers))
         return RouteDecision(worker_id=workers[next(self._round_robin) % len(workers)])
 
     def _placement(self, request_id: str, worker_id: str, kind: str) -> None:
-        if not self.router.route.instance_ids():
+        if not self._router.instance_ids():
             return
         event = PlacementEvent(router_id=self._placement_source, request_id=request_id, worker_id=worker_id, kind=kind)
-        task = asyncio.get_running_loop().create_task(self.runtime.publish(PLACEMENT_TOPIC, event))
+        task = asyncio.get_running_loop().create_task(self._runtime.publish(PLACEMENT_TOPIC, event))
         self._publishes.add(task)
         task.add_done_callback(self._publishes.discard)
+
+
+@service(config=ProcessorConfig)
+class Processor:
+    config: ProcessorConfig
+    runtime: Runtime
+    router = depends(Router)
+    worker = depends(VllmWorker)
+
+    def __init__(self) -> None:
+        self._pipeline = RequestPipeline(self.config, self.runtime, self.router.route, self.worker.generate)
+
+    @on_start
+    async def start(self) -> None:
+        await self._pipeline.start()
+
+    @endpoint
+    async def chat_completions(self, request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[StreamItem]:
+        stream = self._pipeline.generate(parse_request(ChatCompletionRequest, request), ctx.request_id)
+        async with contextlib.aclosing(stream) as items:
+            async for item in items:
+                yield item
+
+    @endpoint
+    async def completions(self, request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[StreamItem]:
+        stream = self._pipeline.generate(parse_request(CompletionRequest, request), ctx.request_id)
+        async with contextlib.aclosing(stream) as items:
+            async for item in items:
+                yield item

@@ -89,20 +89,27 @@ class ServedGraph:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # supervisord puts each service in its own process group: remember them all, so
-        # that a supervisord that does not stop in time leaves nothing behind.
-        descendants = psutil.Process(self.process.pid).children(recursive=True)
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        for child in descendants:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+        if self.process is not None:
+            stop_process_tree(self.process)
 
+
+def stop_process_tree(process: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+    """SIGTERM a `tandem serve`, then kill whatever of its tree outlived the timeout.
+
+    supervisord puts each service in its own process group: the tree is remembered
+    before the stop, so a supervisord that does not stop in time leaves nothing behind.
+    """
+    if process.poll() is not None:
+        return
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass

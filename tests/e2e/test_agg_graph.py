@@ -22,10 +22,11 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from app.infra import free_port
 from app.protocol import LoadReport
 from app.runtime import Runtime
 from app.tunables import ROUTER_POLICY
-from tests.e2e.graph_harness import ServedGraph
+from tests.e2e.graph_harness import TANDEM, ServedGraph, stop_process_tree
 
 pytestmark = pytest.mark.e2e
 
@@ -292,3 +293,29 @@ def test_hostile_bodies_never_5xx_and_serving_continues(graph: ServedGraph, rout
             assert "error" in response.json()
         healthy = http.post("/v1/completions", json={"model": MODEL, "prompt": "still there?", "max_tokens": 3})
         assert healthy.status_code == 200, healthy.text
+
+
+async def test_a_thin_frontend_calls_the_processor_service_over_nats(graph: ServedGraph, reference_texts) -> None:
+    """A second Frontend on the same fleet, with the Processor left to the Processor service."""
+    port = free_port()
+    thin = subprocess.Popen(
+        [TANDEM, "serve", "graphs.agg_router:Frontend", "-f", str(graph.config_path), "--service-name", "Frontend",
+         "--Frontend.embed-processor=false", f"--Frontend.port={port}"],
+        env=graph.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            async with asyncio.timeout(120):
+                while True:
+                    try:
+                        if (await http.get("/health")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.2)
+            body = {"model": MODEL, "messages": CHATS[0], "temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True}
+            response = await http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == reference_texts[0]
+    finally:
+        stop_process_tree(thin)

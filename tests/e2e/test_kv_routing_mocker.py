@@ -91,13 +91,22 @@ def openai_client(graph: ServedGraph) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{graph.url}/v1", api_key="unused", timeout=30, max_retries=0)
 
 
-class TestKvRouting:
-    @pytest.fixture(scope="class")
-    async def kv_graph(self, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
-                       nats_server: NatsServer, etcd_server: EtcdServer) -> AsyncIterator[ServedGraph]:
-        async with served_graph("kv", tiny_model, tmp_path_factory.mktemp("kv"), nats_server, etcd_server) as graph:
-            yield graph
+# Class-scoped: each graph runs only while its class's tests do.
+@pytest.fixture(scope="class")
+async def kv_graph(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
+                   nats_server: NatsServer, etcd_server: EtcdServer) -> AsyncIterator[ServedGraph]:
+    async with served_graph("kv", tiny_model, tmp_path_factory.mktemp("kv"), nats_server, etcd_server) as graph:
+        yield graph
 
+
+@pytest.fixture(scope="class")
+async def round_robin_graph(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
+                            nats_server: NatsServer, etcd_server: EtcdServer) -> AsyncIterator[ServedGraph]:
+    async with served_graph("round-robin", tiny_model, tmp_path_factory.mktemp("round-robin"), nats_server, etcd_server) as graph:
+        yield graph
+
+
+class TestKvRouting:
     @pytest.fixture
     def client(self, kv_graph: ServedGraph) -> openai.AsyncOpenAI:
         return openai_client(kv_graph)
@@ -135,14 +144,6 @@ class TestKvRouting:
 
 
 class TestRoundRobinRouting:
-    @pytest.fixture(scope="class")
-    async def round_robin_graph(self, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
-                                nats_server: NatsServer, etcd_server: EtcdServer) -> AsyncIterator[ServedGraph]:
-        async with served_graph(
-            "round-robin", tiny_model, tmp_path_factory.mktemp("round-robin"), nats_server, etcd_server
-        ) as graph:
-            yield graph
-
     @pytest.fixture
     def client(self, round_robin_graph: ServedGraph) -> openai.AsyncOpenAI:
         return openai_client(round_robin_graph)
