@@ -1,4 +1,5 @@
-"""Shared fixtures: real NATS (JetStream) and etcd servers on free loopback ports."""
+"""Shared fixtures: real NATS (JetStream) and etcd servers on free loopback ports, and the
+tiny local model."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from app.infra import EtcdServer, NatsServer, free_port
+from app.model.tiny import make_tiny
 from app.runtime import Runtime
 from app.settings import RuntimeSettings
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Llama, served as `tiny-llama` (the directory name); deterministic."""
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.aio import cancel_and_wait
 from app.components.routing import RouterPolicyName
 from app.components.worker import VllmWorker
 from app.protocol import KvEventBatch, LoadReport, RouteDecision, RouteRequest
@@ -132,7 +132,5 @@ class Router:
     @on_shutdown
     async def stop(self) -> None:
         await self._tunables.close()
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in self._tasks:
+            await cancel_and_wait(task)

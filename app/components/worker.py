@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from pydantic import Field
 
+from app.aio import cancel_and_wait
 from app.components.routing import RouterPolicyName
 from app.engines import Engine, create_engine
 from app.protocol import EngineOutput, KvEventBatch, LoadReport, ModelInfo, PreprocessedRequest
@@ -101,10 +102,7 @@ class EngineHost:
             await asyncio.sleep(self._config.load_report_interval_s)
 
     async def stop(self) -> None:
-        if self._load_task is not None:
-            self._load_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._load_task
+        await cancel_and_wait(self._load_task)
         await self.engine.stop()
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import pydantic
 
+from app.aio import cancel_and_wait
 from app.engines.base import Engine, EngineStats, KvEventSink
 from app.engines.mocker_kv import BlockPool
 from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequest, TokenLogprob
@@ -157,13 +158,8 @@ class MockerEngine(Engine):
         )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for request in list(self._requests.values()):
             self._finish(request, "abort")
 

@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 from vllm.distributed import kv_events as vllm_events
 
+from app.aio import cancel_and_wait
 from app.engines.base import KvEventSink
 from app.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, KvEventBatch
 
@@ -75,13 +76,8 @@ class VllmKvEventRelay:
         self._task = asyncio.create_task(self._run(), name=f"kv-events-{self._worker_id}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._socket.close(linger=0)
         self._context.term()
 

@@ -55,16 +55,16 @@ def test_default_max_tokens_fills_the_context(preprocessor: Preprocessor) -> Non
     assert pre.stop.max_tokens == preprocessor.max_model_len - len(pre.token_ids)
 
 
-def test_completion_default_is_16_and_clipped_only_when_implicit(tiny_model_dir) -> None:
-    small = Preprocessor(tiny_model_dir, max_model_len=10)
+def test_completion_default_is_16_and_clipped_only_when_implicit(tiny_model) -> None:
+    small = Preprocessor(tiny_model, max_model_len=10)
     assert small.completion(_completion(prompt=[5, 6]), "r").stop.max_tokens == 8
     with pytest.raises(RequestError) as error:
         small.completion(_completion(prompt=[5, 6], max_tokens=9), "r")
     assert error.value.param == "max_tokens" and "10" in error.value.message
 
 
-def test_too_long_prompts_are_rejected_naming_the_limit(tiny_model_dir) -> None:
-    small = Preprocessor(tiny_model_dir, max_model_len=10)
+def test_too_long_prompts_are_rejected_naming_the_limit(tiny_model) -> None:
+    small = Preprocessor(tiny_model, max_model_len=10)
     with pytest.raises(RequestError) as error:
         small.chat(_chat(), "r")
     assert error.value.status == 400 and error.value.param == "messages"
