@@ -1,11 +1,14 @@
 """Live tunables: settings operators change while serving, kept in etcd.
 
 Services watch their keys and apply a change to the next request; nothing restarts.
-`tandem router set|show` edits the router's. Keys (under `/tandem/<ns>/tunables/`):
+`tandem router set|show` edits the router's, `tandem disagg set|show` the disaggregation
+thresholds. Keys (under `/tandem/<ns>/tunables/`):
 
 | key | value | read by |
 | --- | --- | --- |
 | `router/policy` | `{"policy": NAME, "knobs": {...}}` | every Router replica |
+| `disagg/max_local_prefill_length` | int: uncached prompt tokens prefilled locally | every VllmWorker with conditional disaggregation |
+| `disagg/max_prefill_queue_size` | int: prefill queue depth beyond which prefill stays local | the same |
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from typing import Any
 import yaml
 
 ROUTER_POLICY = "router/policy"
+DISAGG_MAX_LOCAL_PREFILL_LENGTH = "disagg/max_local_prefill_length"
+DISAGG_MAX_PREFILL_QUEUE_SIZE = "disagg/max_prefill_queue_size"
+DISAGG_KEYS = (DISAGG_MAX_LOCAL_PREFILL_LENGTH, DISAGG_MAX_PREFILL_QUEUE_SIZE)
 
 
 def _parse_knobs(pairs: list[str]) -> dict[str, Any]:
@@ -63,8 +69,50 @@ async def _router_reset() -> int:
     return 0
 
 
+async def _disagg_set(values: dict[str, int | None]) -> int:
+    from app.runtime import Runtime
+
+    chosen = {key: value for key, value in values.items() if value is not None}
+    if not chosen:
+        print("error: give --max-local-prefill-length and/or --max-prefill-queue-size")
+        return 1
+    async with await Runtime.connect() as runtime:
+        for key, value in chosen.items():
+            await runtime.discovery.put_tunable(key, value)
+    print(" ".join(f"{key}={value}" for key, value in chosen.items()))
+    return 0
+
+
+async def _disagg_show() -> int:
+    from app.runtime import Runtime
+
+    async with await Runtime.connect() as runtime:
+        for key in DISAGG_KEYS:
+            value = await runtime.discovery.get_tunable(key)
+            print(f"{key}={value if value is not None else 'as configured'}")
+    return 0
+
+
+async def _disagg_reset() -> int:
+    from app.runtime import Runtime
+
+    async with await Runtime.connect() as runtime:
+        for key in DISAGG_KEYS:
+            await runtime.discovery.delete_tunable(key)
+    print("disagg thresholds: back to each VllmWorker's configured values")
+    return 0
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register `tandem router set|show|reset` (reads NATS_SERVER / ETCD_ENDPOINTS)."""
+    """Register `tandem router set|show|reset` and `tandem disagg set|show|reset`
+    (they read NATS_SERVER / ETCD_ENDPOINTS)."""
     router = subparsers.add_parser("router", help="the Routers' live policy")
     commands = router.add_subparsers(dest="router_command", required=True)
     set_ = commands.add_parser("set", help="switch every Router's policy now")
@@ -75,3 +123,21 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     show.set_defaults(func=lambda args: asyncio.run(_router_show()))
     reset = commands.add_parser("reset", help="drop the override: each Router's config applies again")
     reset.set_defaults(func=lambda args: asyncio.run(_router_reset()))
+
+    disagg = subparsers.add_parser("disagg", help="the decode workers' live disaggregation thresholds")
+    commands = disagg.add_subparsers(dest="disagg_command", required=True)
+    set_ = commands.add_parser("set", help="change the thresholds for the next request")
+    set_.add_argument("--max-local-prefill-length", type=_non_negative, help="uncached prompt tokens prefilled locally")
+    set_.add_argument("--max-prefill-queue-size", type=_non_negative, help="queue depth beyond which prefill stays local")
+    set_.set_defaults(
+        func=lambda args: asyncio.run(
+            _disagg_set({
+                DISAGG_MAX_LOCAL_PREFILL_LENGTH: args.max_local_prefill_length,
+                DISAGG_MAX_PREFILL_QUEUE_SIZE: args.max_prefill_queue_size,
+            })
+        )
+    )
+    show = commands.add_parser("show", help="print the live thresholds")
+    show.set_defaults(func=lambda args: asyncio.run(_disagg_show()))
+    reset = commands.add_parser("reset", help="drop the overrides: each VllmWorker's config applies again")
+    reset.set_defaults(func=lambda args: asyncio.run(_disagg_reset()))

@@ -439,6 +439,7 @@ async def run_spread(graph: ServedGraph, model: str, workload: SpreadWorkload, s
 
 @dataclass
 class OverheadResult:
+    frontend: str  # a label of OVERHEAD_FRONTENDS
     concurrency: int
     requests_per_s: float
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)  # by service
@@ -449,7 +450,7 @@ class OverheadResult:
         return sum(ms for service, ms in self.cpu_ms_per_request.items() if service != "VllmWorker")
 
 
-async def run_overhead(graph: ServedGraph, model: str, concurrency: int, requests: int, seed: int,
+async def run_overhead(graph: ServedGraph, frontend: str, model: str, concurrency: int, requests: int, seed: int,
                        max_duration_s: float) -> OverheadResult:
     config = loadgen.LoadConfig(url="", model="", prompt_tokens=32, seed=seed)
     bodies = [chat_body(model, p, 16) for p in loadgen.build_prompts(config, requests)]
@@ -459,6 +460,7 @@ async def run_overhead(graph: ServedGraph, model: str, concurrency: int, request
     after = {service: sum(cpu_seconds(p) for p in ps) for service, ps in pids.items()}
     completed = sum(o.ok for o in outcomes) or 1
     return OverheadResult(
+        frontend=frontend,
         concurrency=concurrency,
         requests_per_s=sum(o.ok for o in outcomes) / wall,
         cpu_ms_per_request={s: (after[s] - before[s]) * 1000.0 / completed for s in sorted(pids)},
@@ -477,6 +479,11 @@ ROUTINGS: dict[str, list[str]] = {
     "round-robin": ["--Router.router=round-robin"],
 }
 BASELINE = "round-robin"
+# How the Frontend reaches the Processor pipeline in the overhead scenario.
+OVERHEAD_FRONTENDS: dict[str, list[str]] = {
+    "in the Frontend (default)": [],
+    "own process, over NATS": ["--Frontend.embed-processor=false"],
+}
 
 
 @dataclass
@@ -520,18 +527,21 @@ async def _routing_runs(args: argparse.Namespace, routing: str, nats_url: str, e
 
 
 async def _overhead_runs(args: argparse.Namespace, nats_url: str, etcd_url: str, workdir: Path, report: Report) -> None:
-    overrides = ["--VllmWorker.ServiceArgs.workers=2", f"--VllmWorker.speedup-ratio={INFINITE_SPEEDUP:g}"]
-    async with ServedGraph(args.config, overrides, nats_url, etcd_url, workdir / "serve-overhead.log") as graph:
-        await graph.wait_ready(2, args.routers)
-        await run_overhead(graph, args.model, 16, 64, 0, args.max_duration)  # warm-up, not reported
-        for concurrency in (16, 64):
-            runs = []
-            for run in range(1, args.runs + 1):
-                result = await run_overhead(graph, args.model, concurrency, args.overhead_requests, 200 + run,
-                                            args.max_duration)
-                log.info("overhead, concurrency %d, run %d: %s", concurrency, run, result)
-                runs.append(result)
-            report.overhead.append(_median_run(runs, lambda r: r.requests_per_s))
+    for frontend, frontend_overrides in OVERHEAD_FRONTENDS.items():
+        overrides = ["--VllmWorker.ServiceArgs.workers=2", f"--VllmWorker.speedup-ratio={INFINITE_SPEEDUP:g}",
+                     *frontend_overrides]
+        log_path = workdir / f"serve-overhead-{len(report.overhead)}.log"
+        async with ServedGraph(args.config, overrides, nats_url, etcd_url, log_path) as graph:
+            await graph.wait_ready(2, args.routers)
+            await run_overhead(graph, frontend, args.model, 16, 64, 0, args.max_duration)  # warm-up, not reported
+            for concurrency in (16, 64):
+                runs = []
+                for run in range(1, args.runs + 1):
+                    result = await run_overhead(graph, frontend, args.model, concurrency, args.overhead_requests,
+                                                200 + run, args.max_duration)
+                    log.info("overhead, %s, concurrency %d, run %d: %s", frontend, concurrency, run, result)
+                    runs.append(result)
+                report.overhead.append(_median_run(runs, lambda r: r.requests_per_s))
 
 
 async def run_all(args: argparse.Namespace, workdir: Path) -> Report:
@@ -580,10 +590,13 @@ How to read these numbers:
   section's `knobs` for prefix-heavy traffic; round-robin takes no knobs, so the comparison
   with it then also needs `--Router.knobs={}`.
 - The request-path table is the serving overhead alone: the workers answer at once, so the
-  CPU milliseconds per request are what the Frontend (HTTP, SSE), Processor (chat template,
-  tokenizer, detokenizer, two NATS round trips) and Routers (hashing, index, placement
-  events) cost. requests/s there is bound by the machine's 2 cores, which the load
-  generator, NATS and etcd share.
+  CPU milliseconds per request are what the Frontend (HTTP, SSE), the Processor pipeline
+  (chat template, tokenizer, detokenizer, the Router call, the worker stream) and the
+  Routers (hashing, index, placement events) cost. By default the Frontend runs the
+  Processor pipeline itself and the Processor service idles; `embed-processor: false`
+  puts it back in its own process, one more NATS hop per request and per token.
+  requests/s is bound by the machine's 2 cores, which the load generator, NATS and etcd
+  share.
 """
 
 
@@ -635,13 +648,14 @@ def render(report: Report, command: str, runs: int) -> str:
             f"Request path at infinite worker speed: 2 mocker workers (speedup {INFINITE_SPEEDUP:g}), "
             "16-token streams, short prompts; CPU milliseconds per request by service:",
             "",
-            "| concurrency | requests/s | Frontend | Processor | Router (2 replicas) | path total | mocker workers |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| Processor pipeline | concurrency | requests/s | Frontend | Processor | Router (2 replicas) | path total "
+            "| mocker workers |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for result in report.overhead:
             cpu = result.cpu_ms_per_request
             lines.append(
-                f"| {result.concurrency} | {result.requests_per_s:.0f} | {cpu.get('Frontend', math.nan):.2f} "
+                f"| {result.frontend} | {result.concurrency} | {result.requests_per_s:.0f} | {cpu.get('Frontend', math.nan):.2f} "
                 f"| {cpu.get('Processor', math.nan):.2f} | {cpu.get('Router', math.nan):.2f} "
                 f"| {result.path_cpu_ms:.2f} | {cpu.get('VllmWorker', math.nan):.2f} |"
             )

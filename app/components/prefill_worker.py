@@ -1,23 +1,144 @@
-"""PrefillWorker: pulls prefill jobs from the shared work queue and hands the KV to decode."""
+"""PrefillWorker: pulls prefill jobs from the shared work queue and hands the KV to decode.
+
+Each job is a decode worker's request (app/components/disagg.py has the whole hand-off).
+The engine prefills it with `max_tokens=1` and `kv_transfer_params={"do_remote_decode":
+true}`, keeps the KV, and returns where to fetch it; this worker calls the decode
+worker's `prefill_done` with those params and its own instance id, then acks the job.
+A failed prefill is nak'ed for redelivery; a job past its deadline is acked and skipped
+(its decode worker already prefilled locally).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app.components.worker import WorkerConfig
-from app.sdk import endpoint, service
+import msgspec
+from pydantic import Field
+
+from app.aio import cancel_and_wait
+from app.components.disagg import PREFILL_ACK_WAIT_S, PREFILL_QUEUE, PrefillAnswer, PrefillJob
+from app.components.worker import EngineHost, WorkerConfig
+from app.protocol import PreprocessedRequest
+from app.runtime import Runtime
+from app.runtime.workqueue import Job, WorkQueue
+from app.sdk import ServiceContext, endpoint, on_shutdown, on_start, service
+
+log = logging.getLogger(__name__)
+
+_REDELIVERY_DELAY_S = 0.5
+_ANSWER_TIMEOUT_S = 5.0
 
 
 class PrefillWorkerConfig(WorkerConfig):
-    pass
+    max_concurrent_jobs: int = Field(default=4, ge=1, description="prefill jobs in the engine at once")
+
+
+def prefill_request(request: PreprocessedRequest, attempt: int) -> PreprocessedRequest:
+    """The engine request that computes the prompt's KV and keeps it for a decode engine."""
+    return msgspec.structs.replace(
+        request,
+        # A redelivered job may come back to this engine while vLLM still knows the old id.
+        request_id=f"{request.request_id}-prefill-{attempt}",
+        sampling=msgspec.structs.replace(request.sampling, logprobs=None),
+        stop=msgspec.structs.replace(request.stop, max_tokens=1, min_tokens=0),
+        kv_transfer_params={"do_remote_decode": True},
+    )
 
 
 @service(config=PrefillWorkerConfig)
 class PrefillWorker:
     config: PrefillWorkerConfig
+    ctx: ServiceContext
+    runtime: Runtime
+
+    def __init__(self) -> None:
+        self.host = EngineHost("PrefillWorker", "status", self.config, self.ctx, self.runtime, advertise=False)
+        self._queue: WorkQueue | None = None
+        self._pullers: list[asyncio.Task[None]] = []
+        self.jobs: Counter[str] = Counter()
+
+    @on_start
+    async def start(self) -> None:
+        await self.host.start()
+        self._queue = await self.runtime.work_queue(PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
+        self._pullers = [
+            asyncio.create_task(self._pull_jobs(self._queue), name=f"prefill-puller-{i}")
+            for i in range(self.config.max_concurrent_jobs)
+        ]
+        log.info("pulling prefill jobs from %s", self._queue.stream)
 
     @endpoint
     async def status(self, request: Any) -> AsyncIterator[dict[str, Any]]:
-        raise NotImplementedError("PrefillWorker.status")
-        yield  # makes this an async generator, as @endpoint requires
+        """This worker's id and job counts (done, failed, expired, undelivered)."""
+        yield {"worker_id": self.runtime.instance_id, **self.jobs}
+
+    async def _pull_jobs(self, queue: WorkQueue) -> None:
+        while True:
+            try:
+                job = await queue.pull(timeout=1.0, job_type=PrefillJob)
+            except Exception:
+                log.exception("pulling from the prefill queue failed")
+                await asyncio.sleep(1.0)
+                continue
+            if job is not None:
+                await self._handle(job)
+
+    async def _handle(self, job: Job) -> None:
+        data: PrefillJob = job.data
+        request_id = data.request.request_id
+        if time.time() > data.deadline:
+            self.jobs["expired"] += 1
+            log.info("request %s: prefill job past its deadline, skipped", request_id)
+            await job.ack()
+            return
+        heartbeat = asyncio.create_task(self._keep_in_progress(job))
+        try:
+            params = await self._prefill(prefill_request(data.request, job.redeliveries))
+        except Exception:
+            self.jobs["failed"] += 1
+            log.exception("request %s: prefill failed; the job goes back to the queue", request_id)
+            await job.nak(delay=_REDELIVERY_DELAY_S)
+            return
+        finally:
+            await cancel_and_wait(heartbeat)
+        answer = PrefillAnswer(job_id=data.job_id, prefill_worker_id=self.runtime.instance_id, kv_transfer_params=params)
+        try:
+            taken = await self.runtime.client("VllmWorker", "prefill_done").call(
+                answer, target=data.decode_worker_id, timeout=_ANSWER_TIMEOUT_S
+            )
+        except Exception as exc:
+            # The decode worker is gone or unreachable: nobody can use this KV any more.
+            taken = False
+            log.warning("request %s: answering decode worker %s failed: %s", request_id, data.decode_worker_id, exc)
+        self.jobs["done" if taken else "undelivered"] += 1
+        log.info("request %s: prefilled %d tokens for %s (%s)", request_id, len(data.request.token_ids),
+                 data.decode_worker_id, "taken" if taken else "discarded")
+        await job.ack()
+
+    async def _prefill(self, request: PreprocessedRequest) -> dict[str, Any]:
+        params = None
+        async with contextlib.aclosing(self.host.engine.generate(request)) as outputs:
+            async for output in outputs:
+                if output.kv_transfer_params is not None:
+                    params = output.kv_transfer_params
+        if params is None:
+            raise RuntimeError("the engine returned no kv_transfer_params (is a KV connector configured?)")
+        return params
+
+    @staticmethod
+    async def _keep_in_progress(job: Job) -> None:
+        while True:
+            await asyncio.sleep(PREFILL_ACK_WAIT_S / 2)
+            await job.in_progress()
+
+    @on_shutdown
+    async def stop(self) -> None:
+        for puller in self._pullers:
+            await cancel_and_wait(puller)
+        await self.host.stop()
