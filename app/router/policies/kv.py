@@ -15,7 +15,9 @@ Inputs: overlaps from the KV index (`needs_kv_index`), load view (active request
 pending prefill blocks, KV usage).
 
 Knobs:
-  overlap_weight       credit per cached prompt block (default 1.0; > 1 values cache more)
+  overlap_weight       credit per cached prompt block (default 2.0: a cached block saves its
+                       prefill now and keeps its prefix group on one worker instead of copied
+                       across several; measured in docs/benchmarks.md, KV routing)
   prefill_load_weight  weight of other requests' pending prefill blocks (default 1.0)
   active_request_cost  blocks-equivalent cost of one active request (default 2.0)
   kv_usage_cost        blocks-equivalent cost of a full KV cache (default 64.0)
@@ -26,8 +28,8 @@ Example (graph config):
 
     Router:
       router: kv
-      router-knobs:
-        overlap-weight: 1.0
+      knobs:
+        overlap-weight: 2.0
         active-request-cost: 2.0
         temperature: 0.1
 """
@@ -44,7 +46,7 @@ from app.router.policies.base import RoutingContext, RoutingPolicy, SeededKnobs,
 
 
 class KvKnobs(SeededKnobs):
-    overlap_weight: float = pydantic.Field(default=1.0, ge=0)
+    overlap_weight: float = pydantic.Field(default=2.0, ge=0)
     prefill_load_weight: float = pydantic.Field(default=1.0, ge=0)
     active_request_cost: float = pydantic.Field(default=2.0, ge=0)
     kv_usage_cost: float = pydantic.Field(default=64.0, ge=0)

@@ -17,7 +17,7 @@ Example (graph config):
 
     Router:
       router: kv-legacy
-      router-knobs:
+      knobs:
         hit-weight: 2.0
 """
 

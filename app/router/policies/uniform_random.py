@@ -11,7 +11,7 @@ Example (graph config):
 
     Router:
       router: random
-      router-knobs:
+      knobs:
         seed: 7
 """
 
