@@ -38,8 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         for prog in programs:
             print(f"{prog.name}  x{prog.processes}  {shlex.join(prog.command)}")
         return 0
-    supervisor.exec_supervisord(programs)
-    return 0  # not reached: exec replaced this process
+    return supervisor.run_supervisord(programs)
 
 
 def _run_service(args: argparse.Namespace) -> int:

@@ -471,14 +471,16 @@ async def run_overhead(graph: ServedGraph, frontend: str, model: str, concurrenc
 # --- orchestration and the report --------------------------------------------------------------
 
 # The routings the shared-prefix scenario compares: label -> `tandem serve` overrides.
-# The second weighs a cached block twice a block to compute: it keeps a group on the
-# worker that holds it even while that worker prefills another group's first prompt.
+# kv's default overlap weight (2) weighs a cached block twice a block to compute: it keeps
+# a group on the worker that holds it even while that worker prefills another group's
+# first prompt; weight 1 shows what happens without that.
 ROUTINGS: dict[str, list[str]] = {
-    "kv": ["--Router.router=kv"],
-    "kv, overlap-weight 2": ["--Router.router=kv", "--Router.knobs={overlap-weight: 2}"],
+    "kv (default knobs)": ["--Router.router=kv"],
+    "kv, overlap-weight 1": ["--Router.router=kv", "--Router.knobs={overlap-weight: 1}"],
     "round-robin": ["--Router.router=round-robin"],
 }
 BASELINE = "round-robin"
+DEFAULT_ROUTING = "kv (default knobs)"
 # How the Frontend reaches the Processor pipeline in the overhead scenario.
 OVERHEAD_FRONTENDS: dict[str, list[str]] = {
     "in the Frontend (default)": [],
@@ -520,7 +522,7 @@ async def _routing_runs(args: argparse.Namespace, routing: str, nats_url: str, e
                                           int(metadata["block_size"]), args.max_duration)
                 log.info("shared, %s, run %d: %s", routing, run, result)
                 report.shared.setdefault(routing, []).append(result)
-            if "spread" in args.scenarios and routing == "kv":
+            if "spread" in args.scenarios and routing == DEFAULT_ROUTING:
                 spread = await run_spread(graph, args.model, SpreadWorkload(), 100 + run, args.max_duration)
                 log.info("spread, run %d: %s", run, spread)
                 report.spread.append(spread)
@@ -554,7 +556,7 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> Report:
         if "shared" in args.scenarios:
             routings = list(ROUTINGS)
         else:
-            routings = ["kv"] if "spread" in args.scenarios else []
+            routings = [DEFAULT_ROUTING] if "spread" in args.scenarios else []
         for routing in routings:
             await _routing_runs(args, routing, nats.url, etcd.url, workdir, report)
         if "overhead" in args.scenarios:
@@ -581,14 +583,12 @@ How to read these numbers:
 - Round-robin sends every group everywhere: each worker would need all 20 prefixes, holds
   about six, and evicts them in turn, so it almost never hits and prefills each prompt in
   full. That is why its TTFT is several times kv's.
-- With the default knobs the kv policy counts a worker's queued prefills block for block
+- With `overlap-weight: 1` the kv policy counts a worker's queued prefills block for block
   against the blocks it has cached. In the first seconds, when every worker is prefilling a
   new group's first prompt, a group's second request often finds its home busy and goes to
   an idle worker, which then holds a second copy of the group: those requests miss, and the
-  copies crowd the caches. `overlap-weight: 2` (a cached block counts twice) keeps groups
-  at home and reaches the oracle's hit rate with the lowest TTFT. Put it in the Router
-  section's `knobs` for prefix-heavy traffic; round-robin takes no knobs, so the comparison
-  with it then also needs `--Router.knobs={}`.
+  copies crowd the caches. The default weight, 2 (a cached block counts twice), keeps
+  groups at home and reaches the oracle's hit rate with the lowest TTFT.
 - The request-path table is the serving overhead alone: the workers answer at once, so the
   CPU milliseconds per request are what the Frontend (HTTP, SSE), the Processor pipeline
   (chat template, tokenizer, detokenizer, the Router call, the worker stream) and the

@@ -85,7 +85,9 @@ class PendingPrefills:
 class DisaggPolicy:
     """Where a request's prefill runs: the config's switches, the live etcd thresholds."""
 
-    def __init__(self, runtime: Runtime, conditional: bool, max_local_prefill_length: int, max_prefill_queue_size: int) -> None:
+    def __init__(
+        self, runtime: Runtime, conditional: bool, max_local_prefill_length: int, max_prefill_queue_size: int
+    ) -> None:
         self._runtime = runtime
         self._conditional = conditional
         self._defaults = {

@@ -49,7 +49,9 @@ class VllmWorkerConfig(WorkerConfig):
     conditional_disagg: bool = Field(default=False, description="prefill remotely only past the thresholds")
     max_local_prefill_length: int = Field(default=1000, ge=0, description="uncached prompt tokens prefilled locally")
     max_prefill_queue_size: int = Field(default=2, ge=0, description="queue depth beyond which prefill stays local")
-    remote_prefill_timeout_s: float = Field(default=30.0, gt=0, description="wait this long for a PrefillWorker, then prefill locally")
+    remote_prefill_timeout_s: float = Field(
+        default=30.0, gt=0, description="wait this long for a PrefillWorker, then prefill locally"
+    )
 
 
 class EngineHost:

@@ -6,7 +6,9 @@ import fcntl
 import os
 import shlex
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -108,13 +110,23 @@ def _append_to_regular_stdout() -> None:
         fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) | os.O_APPEND)
 
 
-def exec_supervisord(progs: Sequence[Program]) -> None:
-    """Replace this process by supervisord: its signals (SIGTERM, Ctrl-C) stop every program."""
+def run_supervisord(progs: Sequence[Program]) -> int:
+    """Run supervisord in the foreground until it exits; its exit status.
+
+    SIGTERM, SIGINT and SIGHUP sent to this process go on to supervisord, which stops every
+    program. supervisord is a child rather than an exec so that its config folder (and
+    control socket) is removed afterwards.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
-    conf = workdir / "supervisord.conf"
-    conf.write_text(supervisord_conf(progs, workdir, Path.cwd()))
-    binary = supervisord_binary()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    _append_to_regular_stdout()
-    os.execv(binary, [binary, "-n", "-c", str(conf)])
+    try:
+        conf = workdir / "supervisord.conf"
+        conf.write_text(supervisord_conf(progs, workdir, Path.cwd()))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _append_to_regular_stdout()
+        child = subprocess.Popen([supervisord_binary(), "-n", "-c", str(conf)])
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+        return child.wait()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -67,7 +67,9 @@ def tokenizer(tiny_model: Path):
 def reference(tiny_model: Path, tokenizer, tmp_path_factory) -> dict[str, str]:
     """Prompt -> vLLM's own greedy completion, decoded as a client reads it."""
     prompt_ids = [list(tokenizer(prompt).input_ids) for prompt in ALL_PROMPTS]
-    assert all(len(ids) > MAX_LOCAL_PREFILL for ids in prompt_ids[:2]) and all(len(ids) <= MAX_LOCAL_PREFILL for ids in prompt_ids[2:4])
+    lengths = dict(zip(ALL_PROMPTS, map(len, prompt_ids), strict=True))
+    assert all(lengths[p] > MAX_LOCAL_PREFILL for p in LONG_PROMPTS + [FLIP_PROMPT] + KILL_PROMPTS)
+    assert all(lengths[p] <= MAX_LOCAL_PREFILL for p in SHORT_PROMPTS)
     workdir = tmp_path_factory.mktemp("disagg-reference")
     script, out = workdir / "reference.py", workdir / "outputs.json"
     script.write_text(_REFERENCE_SCRIPT)
@@ -106,7 +108,8 @@ async def graph(tiny_model, reference, nats_server, etcd_server, tmp_path_factor
         },
         "PrefillWorker": {**engine, "cpu-omp-threads-bind": ["1"], "ServiceArgs": {"workers": 1}, "common-configs": shared},
     }
-    served = ServedGraph("graphs.disagg_router:Frontend", config, tmp_path_factory.mktemp("disagg"), nats_server.url, etcd_server.url)
+    workdir = tmp_path_factory.mktemp("disagg")
+    served = ServedGraph("graphs.disagg_router:Frontend", config, workdir, nats_server.url, etcd_server.url)
     served.start()
     try:
         await served.wait_ready(workers=1)
@@ -171,25 +174,32 @@ async def test_short_prompts_stay_local_with_vllms_output(graph: ServedGraph, re
 
 
 async def test_disagg_set_flips_the_decision_live(graph: ServedGraph, reference) -> None:
-    env = {**graph.env}
+    # One CLI call (the operator's path); the rest through the API: each `tandem` start
+    # costs seconds on a busy machine.
     set_high = [TANDEM, "disagg", "set", "--max-local-prefill-length", "100000"]
-    subprocess.run(set_high, env=env, check=True, capture_output=True, timeout=60)
-    try:
-        shown = subprocess.run([TANDEM, "disagg", "show"], env=env, check=True, capture_output=True, timeout=60)
-        assert f"{DISAGG_MAX_LOCAL_PREFILL_LENGTH}=100000" in shown.stdout.decode()
-        await asyncio.sleep(0.5)  # the worker's tunables watch applies it
-        request_id, text = await _complete(graph, FLIP_PROMPT)
-        assert text == reference[FLIP_PROMPT]
-        assert _decision(graph, request_id) == "local"
-        async with await Runtime.connect(graph.settings) as runtime:
+    subprocess.run(set_high, env=graph.env, check=True, capture_output=True, timeout=120)
+    async with await Runtime.connect(graph.settings) as runtime:
+        try:
+            assert await runtime.discovery.get_tunable(DISAGG_MAX_LOCAL_PREFILL_LENGTH) == 100000
+            await asyncio.sleep(0.5)  # the worker's tunables watch applies it
+            request_id, text = await _complete(graph, FLIP_PROMPT)
+            assert text == reference[FLIP_PROMPT]
+            assert _decision(graph, request_id) == "local"
+
             await runtime.discovery.put_tunable(DISAGG_MAX_LOCAL_PREFILL_LENGTH, MAX_LOCAL_PREFILL)
-            await runtime.discovery.put_tunable(DISAGG_MAX_PREFILL_QUEUE_SIZE, 16)
-        await asyncio.sleep(0.5)
-        request_id, text = await _complete(graph, FLIP_PROMPT)
-        assert text == reference[FLIP_PROMPT]
-        assert _decision(graph, request_id) == "remote"
-    finally:
-        subprocess.run([TANDEM, "disagg", "reset"], env=env, check=True, capture_output=True, timeout=60)
+            await runtime.discovery.put_tunable(DISAGG_MAX_PREFILL_QUEUE_SIZE, 0)  # "queue full": local
+            await asyncio.sleep(0.5)
+            request_id, _ = await _complete(graph, FLIP_PROMPT)
+            assert _decision(graph, request_id) == "local"
+
+            await runtime.discovery.delete_tunable(DISAGG_MAX_PREFILL_QUEUE_SIZE)  # back to the config's 16
+            await asyncio.sleep(0.5)
+            request_id, text = await _complete(graph, FLIP_PROMPT)
+            assert text == reference[FLIP_PROMPT]
+            assert _decision(graph, request_id) == "remote"
+        finally:
+            for key in (DISAGG_MAX_LOCAL_PREFILL_LENGTH, DISAGG_MAX_PREFILL_QUEUE_SIZE):
+                await runtime.discovery.delete_tunable(key)
 
 
 def _prefill_worker_process(graph: ServedGraph) -> psutil.Process:
