@@ -80,8 +80,6 @@ class RequestPipeline:
         preprocessed = await asyncio.to_thread(self._preprocessor.preprocess, request, request_id)
         decision = await self._pick_worker(preprocessed)
         postprocessor = self._preprocessor.postprocessor(request, preprocessed)
-        # The Frontend names the worker in its response headers, before any token exists.
-        yield StreamItem(worker_id=decision.worker_id)
         outputs = self._worker.stream(
             preprocessed, target=decision.worker_id, response_type=EngineOutput, request_id=request_id
         )
@@ -92,6 +90,8 @@ class RequestPipeline:
                     if first:
                         first = False
                         self._placement(request_id, decision.worker_id, "prefill_done")
+                        # The Frontend's response headers name the workers from the first item.
+                        item.worker_id = item.worker_id or decision.worker_id
                     yield item
         finally:
             self._placement(request_id, decision.worker_id, "finished")

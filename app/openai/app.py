@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 WORKER_HEADER = "X-Tandem-Worker"
+PREFILL_WORKER_HEADER = "X-Tandem-Prefill-Worker"
 REQUEST_ID_HEADER = "X-Request-Id"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # nginx's convention for "client closed the connection"; only ever seen in metrics.
@@ -146,6 +147,8 @@ class _Generation:
             headers = {REQUEST_ID_HEADER: self._request_id}
             if first.worker_id:
                 headers[WORKER_HEADER] = first.worker_id
+            if first.prefill_worker_id:
+                headers[PREFILL_WORKER_HEADER] = first.prefill_worker_id
             if self._request.stream:
                 await self._stream(send, items, first, headers)
             else:

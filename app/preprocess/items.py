@@ -26,9 +26,8 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
 class StreamItem(msgspec.Struct, omit_defaults=True, kw_only=True):
     """One step of a response as the client will see it.
 
-    A Processor may send a first item carrying only `worker_id` (known once the request
-    is routed) so the Frontend can name the worker in its response headers before the
-    first token exists.
+    The first item of a response names the worker (and the prefill worker, if any): the
+    Frontend puts them in its response headers.
     """
 
     text: str = ""
@@ -40,3 +39,5 @@ class StreamItem(msgspec.Struct, omit_defaults=True, kw_only=True):
     cached_tokens: int | None = None
     logprobs: list[TokenLogprobs] | None = None
     worker_id: str | None = None
+    # The PrefillWorker that computed the prompt's KV, when it was prefilled remotely.
+    prefill_worker_id: str | None = None

@@ -115,6 +115,7 @@ class Postprocessor:
             cached_tokens=output.num_cached_tokens,
             logprobs=self._logprobs(output),
             worker_id=output.worker_id,
+            prefill_worker_id=output.prefill_worker_id,
         )
 
     def _logprobs(self, output: EngineOutput) -> list[TokenLogprobs] | None:

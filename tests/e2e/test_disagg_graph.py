@@ -126,6 +126,10 @@ async def graph(tiny_model, reference, nats_server, etcd_server, tmp_path_factor
         served.stop()
 
 
+# The latest response to each prompt, for the header checks.
+LAST_RESPONSE: dict[str, httpx.Response] = {}
+
+
 async def _complete(graph: ServedGraph, prompt: str) -> tuple[str, str]:
     """(request id, text) of a greedy completion."""
     request_id = uuid.uuid4().hex
@@ -133,6 +137,7 @@ async def _complete(graph: ServedGraph, prompt: str) -> tuple[str, str]:
     async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
         response = await http.post("/v1/completions", json=body, headers={"X-Request-Id": request_id})
     assert response.status_code == 200, response.text
+    LAST_RESPONSE[prompt] = response
     return request_id, response.json()["choices"][0]["text"]
 
 
@@ -160,6 +165,8 @@ async def test_long_prompts_prefill_remotely_with_vllms_output(graph: ServedGrap
         assert _decision(graph, request_id) == "remote"
     status = await _prefill_status(graph)
     assert status.get("done", 0) - before == len(LONG_PROMPTS)
+    # The response names the prefill worker that served it.
+    assert {LAST_RESPONSE[p].headers.get("x-tandem-prefill-worker") for p in LONG_PROMPTS} == {status["worker_id"]}
     # The decode engine's NIXL connector set up the pull from the prefill engine.
     assert "Transfer plan" in graph.log_path.read_text(errors="replace")
 
@@ -170,6 +177,7 @@ async def test_short_prompts_stay_local_with_vllms_output(graph: ServedGraph, re
         request_id, text = await _complete(graph, prompt)
         assert text == reference[prompt]
         assert _decision(graph, request_id) == "local"
+        assert "x-tandem-prefill-worker" not in LAST_RESPONSE[prompt].headers
     assert (await _prefill_status(graph)).get("done", 0) == before
 
 
