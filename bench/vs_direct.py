@@ -457,13 +457,16 @@ them, so a server that sends several tokens in one chunk shows a lower ITL p50 a
 
 {summary_line}.
 
-**What it means.** The engine is identical and pinned identically, so the gap is the cost of
-Tandem's serving path: the extra hops (HTTP → Processor → Router → worker over NATS), tokenizing
-and detokenizing in the Processor, routing, and the KV events and load reports the worker
-publishes. At concurrency 1 that cost shows up directly in TTFT and ITL; at concurrency {max(load.concurrencies)} it
-competes with the engine for the same {len(os.sched_getaffinity(0))} cores, which is where it costs throughput.
-On this small machine the tiny model makes each engine step very cheap, so this is a worst case
-for Tandem's relative overhead; with a real model on a GPU the engine step dominates.
+**What it means.** The engine is identical and pinned identically, so the differences come
+from the serving path. Tandem adds work: a hop to the Router and one to the worker over NATS
+per request, one NATS frame per token from the worker, and the KV events and load reports the
+worker publishes. It also moves work off the engine's process: HTTP, the chat template,
+tokenization and detokenization run in the Frontend process (with the Processor pipeline
+embedded), on the core the engine does not use, where direct vLLM's API server does them in
+the process that feeds the engine. At concurrency 1 the added hops show in TTFT and ITL; at
+concurrency {max(load.concurrencies)} the split across processes can outweigh them on these
+{len(os.sched_getaffinity(0))} cores. The tiny model makes each engine step very cheap, so
+serving overhead weighs far more here than with a real model on a GPU.
 """
 
 
