@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
-import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +25,7 @@ from app.protocol import LoadReport
 from app.runtime import Runtime
 from app.tunables import ROUTER_POLICY
 from tests.e2e.graph_harness import TANDEM, ServedGraph, stop_process_tree
+from tests.e2e.vllm_reference import vllm_greedy
 
 pytestmark = pytest.mark.e2e
 
@@ -43,23 +42,6 @@ CHATS = [
     ],
 ]
 COMPLETION_PROMPTS = ["def fibonacci(n):", "The quick brown fox"]
-
-_REFERENCE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    if __name__ == "__main__":
-        model, engine_args, prompts, max_tokens, out = json.loads(sys.argv[1])
-        llm = LLM(model=model, **engine_args)
-        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
-        with open(out, "w") as f:
-            json.dump([list(o.outputs[0].token_ids) for o in outputs], f)
-    """
-)
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model: Path):
@@ -78,15 +60,8 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def reference_texts(tiny_model: Path, tokenizer, prompt_ids, tmp_path_factory) -> list[str]:
     """Greedy completions of vLLM itself, decoded as a client would read them."""
-    workdir = tmp_path_factory.mktemp("agg-reference")
-    script, out = workdir / "reference.py", workdir / "outputs.json"
-    script.write_text(_REFERENCE_SCRIPT)
-    argument = json.dumps([str(tiny_model), ENGINE_ARGS, prompt_ids, MAX_TOKENS, str(out)])
-    result = subprocess.run(
-        [sys.executable, str(script), argument], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300
-    )
-    assert result.returncode == 0, result.stdout.decode(errors="replace")[-4000:]
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in json.loads(out.read_text())]
+    outputs = vllm_greedy(tiny_model, ENGINE_ARGS, prompt_ids, MAX_TOKENS, tmp_path_factory.mktemp("agg-reference"))
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ run before the graph starts.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +28,7 @@ from app.components.disagg import PREFILL_ACK_WAIT_S, PREFILL_QUEUE
 from app.runtime import Runtime
 from app.tunables import DISAGG_MAX_LOCAL_PREFILL_LENGTH, DISAGG_MAX_PREFILL_QUEUE_SIZE
 from tests.e2e.graph_harness import TANDEM, ServedGraph
-from tests.e2e.test_agg_graph import _REFERENCE_SCRIPT
+from tests.e2e.vllm_reference import vllm_greedy
 
 pytestmark = pytest.mark.e2e
 
@@ -70,15 +68,8 @@ def reference(tiny_model: Path, tokenizer, tmp_path_factory) -> dict[str, str]:
     lengths = dict(zip(ALL_PROMPTS, map(len, prompt_ids), strict=True))
     assert all(lengths[p] > MAX_LOCAL_PREFILL for p in LONG_PROMPTS + [FLIP_PROMPT] + KILL_PROMPTS)
     assert all(lengths[p] <= MAX_LOCAL_PREFILL for p in SHORT_PROMPTS)
-    workdir = tmp_path_factory.mktemp("disagg-reference")
-    script, out = workdir / "reference.py", workdir / "outputs.json"
-    script.write_text(_REFERENCE_SCRIPT)
-    argument = json.dumps([str(tiny_model), ENGINE_ARGS, prompt_ids, MAX_TOKENS, str(out)])
-    result = subprocess.run(
-        [sys.executable, str(script), argument], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300
-    )
-    assert result.returncode == 0, result.stdout.decode(errors="replace")[-4000:]
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in json.loads(out.read_text())]
+    outputs = vllm_greedy(tiny_model, ENGINE_ARGS, prompt_ids, MAX_TOKENS, tmp_path_factory.mktemp("disagg-reference"))
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
     return dict(zip(ALL_PROMPTS, texts, strict=True))
 
 
