@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import psutil
 
 from app.infra import EtcdServer, NatsServer, free_port, pid_alive, stop_pid
 from app.openai.schema import ChatCompletionRequest, parse_request
@@ -66,19 +67,11 @@ INFINITE_SPEEDUP = 1e6
 # --- the graph under test -------------------------------------------------------------
 
 
-def _children(parent: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-            pids.append(int(entry.name))
-    return pids
+def _descendants(parent: int) -> list[int]:
+    try:
+        return [child.pid for child in psutil.Process(parent).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _service_of(pid: int) -> str | None:
@@ -102,9 +95,9 @@ def cpu_seconds(pid: int) -> float:
 class ServedGraph:
     """`tandem serve GRAPH -f CONFIG OVERRIDES...` in a namespace of its own.
 
-    `tandem serve` execs supervisord, so the Popen's PID is supervisord's and the service
-    processes are its children. `stop()` terminates supervisord (which stops its programs)
-    and then kills, by PID, any service process still alive.
+    `tandem serve` runs supervisord as its child, and the service processes are
+    supervisord's children. `stop()` terminates `tandem serve` (supervisord stops its
+    programs) and then kills, by PID, any service process still alive.
     """
 
     def __init__(
@@ -167,7 +160,7 @@ class ServedGraph:
         """Live service processes by service name (supervisord's children)."""
         assert self.proc is not None
         by_service: dict[str, list[int]] = {}
-        for pid in _children(self.proc.pid):
+        for pid in _descendants(self.proc.pid):
             name = _service_of(pid)
             if name is not None:
                 self._seen_pids.add(pid)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import prometheus_client
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.aio import cancel_and_wait
@@ -14,8 +15,9 @@ from app.components.routing import RouterPolicyName
 from app.components.worker import VllmWorker
 from app.protocol import KvEventBatch, LoadReport, RouteDecision, RouteRequest
 from app.router import KvRouter, PlacementEvent
+from app.router.metrics import RouterMetrics
 from app.runtime import InstanceRecord, Runtime, ServiceError
-from app.sdk import depends, endpoint, on_shutdown, on_start, service
+from app.sdk import ServiceContext, depends, endpoint, on_shutdown, on_start, service
 from app.tunables import ROUTER_POLICY
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,10 @@ class RouterConfig(BaseModel):
     model: str = Field(default="", description="route only among workers serving this model")
     block_size: int | None = Field(default=None, ge=1, description="KV block size; default: the model record's")
     knobs: dict[str, Any] = Field(default={}, description="the policy's own parameters")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="serve Prometheus /metrics here (replica i on metrics-port + i): hit rate, decision time",
+    )
 
 
 class NoRoutableWorkerError(ServiceError):
@@ -44,23 +50,33 @@ class Router:
 
     config: RouterConfig
     runtime: Runtime
+    ctx: ServiceContext
     worker = depends(VllmWorker)
 
     def __init__(self) -> None:
         self._router: KvRouter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._publishes: set[asyncio.Task[None]] = set()
+        self._metrics_server: Any = None
 
     @on_start
     async def start(self) -> None:
         block_size = self.config.block_size or await self._block_size_from_models()
+        metrics = RouterMetrics()
         self._router = KvRouter(
             block_size,
             policy=self.config.router,
             knobs=self.config.knobs,
             router_id=self.runtime.instance_id,
             on_placement=self._share_placement,
+            observe_decision_seconds=metrics.observe_decision,
         )
+        metrics.router = self._router
+        if self.config.metrics_port is not None:
+            port = self.config.metrics_port + self.ctx.replica
+            # A daemon thread: scrapes never wait on the routing event loop.
+            self._metrics_server, _ = prometheus_client.start_http_server(port, registry=metrics.registry)
+            log.info("metrics on :%d/metrics", port)
         router = self._router
         self._tasks = [
             await self._consume("kv", KvEventBatch, router.apply_kv_batch),
@@ -131,6 +147,8 @@ class Router:
 
     @on_shutdown
     async def stop(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         await self._tunables.close()
         for task in self._tasks:
             await cancel_and_wait(task)

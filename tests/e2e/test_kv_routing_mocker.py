@@ -12,14 +12,17 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from app.infra import EtcdServer, NatsServer
+from app.infra import EtcdServer, NatsServer, free_port
 from bench.loadgen import WORDS
 from bench.routing_scenarios import ServedGraph
 
@@ -44,6 +47,7 @@ Processor:
   common-configs: [model, block-size, max-model-len]
 Router:
   router: kv
+  metrics-port: {metrics_port}
   ServiceArgs:
     workers: {routers}
   common-configs: [model, block-size]
@@ -58,6 +62,11 @@ VllmWorker:
     workers: {workers}
   common-configs: [model, served-model-name, block-size, max-model-len]
 """
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def prompt(group: int, request: int) -> str:
@@ -77,9 +86,12 @@ async def ask(client: openai.AsyncOpenAI, text: str) -> tuple[str, int, int]:
 
 
 @contextlib.asynccontextmanager
-async def served_graph(policy: str, tiny_model: Path, tmp_path: Path, nats: NatsServer, etcd: EtcdServer) -> AsyncIterator[ServedGraph]:
+async def served_graph(policy: str, tiny_model: Path, tmp_path: Path, nats: NatsServer, etcd: EtcdServer,
+                       metrics_port: int) -> AsyncIterator[ServedGraph]:
     config = tmp_path / "graph.yaml"
-    config.write_text(CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS, routers=ROUTERS))
+    config.write_text(
+        CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS, routers=ROUTERS, metrics_port=metrics_port)
+    )
     graph = ServedGraph(config, [f"--Router.router={policy}"], nats.url, etcd.url, tmp_path / "serve.log",
                         lease_ttl_s=LEASE_TTL_S)
     async with graph:
@@ -91,18 +103,29 @@ def openai_client(graph: ServedGraph) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{graph.url}/v1", api_key="unused", timeout=30, max_retries=0)
 
 
+@pytest.fixture(scope="class")
+def router_metrics_port() -> int:
+    """Router replica i serves /metrics on this port + i: all of them must be free."""
+    port = free_port()
+    while not all(_port_free(port + i) for i in range(ROUTERS)):
+        port = free_port()
+    return port
+
+
 # Class-scoped: each graph runs only while its class's tests do.
 @pytest.fixture(scope="class")
-async def kv_graph(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
-                   nats_server: NatsServer, etcd_server: EtcdServer) -> AsyncIterator[ServedGraph]:
-    async with served_graph("kv", tiny_model, tmp_path_factory.mktemp("kv"), nats_server, etcd_server) as graph:
+async def kv_graph(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer,
+                   etcd_server: EtcdServer, router_metrics_port: int) -> AsyncIterator[ServedGraph]:
+    workdir = tmp_path_factory.mktemp("kv")
+    async with served_graph("kv", tiny_model, workdir, nats_server, etcd_server, router_metrics_port) as graph:
         yield graph
 
 
 @pytest.fixture(scope="class")
-async def round_robin_graph(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
-                            nats_server: NatsServer, etcd_server: EtcdServer) -> AsyncIterator[ServedGraph]:
-    async with served_graph("round-robin", tiny_model, tmp_path_factory.mktemp("round-robin"), nats_server, etcd_server) as graph:
+async def round_robin_graph(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer,
+                            etcd_server: EtcdServer, router_metrics_port: int) -> AsyncIterator[ServedGraph]:
+    workdir = tmp_path_factory.mktemp("round-robin")
+    async with served_graph("round-robin", tiny_model, workdir, nats_server, etcd_server, router_metrics_port) as graph:
         yield graph
 
 
@@ -126,6 +149,21 @@ class TestKvRouting:
                 assert worker == home[g], f"group {g} request {request} left its worker"
                 # The shared prefix is 95 % of the words: all of it but a partial block was cached.
                 assert cached >= 0.8 * prompt_tokens, (g, request, prompt_tokens, cached)
+
+    async def test_the_routers_metrics_show_their_decisions_and_hit_rate(
+        self, kv_graph: ServedGraph, router_metrics_port: int
+    ) -> None:
+        decisions, hit_rates = [], []
+        async with httpx.AsyncClient(timeout=10) as http:
+            for replica in range(ROUTERS):
+                text = (await http.get(f"http://127.0.0.1:{router_metrics_port + replica}/metrics")).text
+                values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+                decisions.append(values["tandem_router_decisions_total"])
+                hit_rates.append(values["tandem_router_hit_rate"])
+                assert values["tandem_router_decision_seconds_count"] == values["tandem_router_decisions_total"]
+        # The test before sent 16 requests, most of them sharing cached prefixes.
+        assert sum(decisions) >= 16
+        assert max(hit_rates) > 0.5
 
     async def test_a_killed_worker_is_no_longer_chosen_and_requests_keep_succeeding(
         self, kv_graph: ServedGraph, client: openai.AsyncOpenAI

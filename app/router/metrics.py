@@ -1,0 +1,50 @@
+"""Prometheus view of a KvRouter: what the Router service exposes on its metrics port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from app.router.router import KvRouter
+
+_DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 0.1)
+
+
+class RouterMetrics(Collector):
+    """Reads the router's own counters at scrape time (nothing to keep in step) and times
+    its decisions in a histogram (`observe_decision` is the KvRouter's callback)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.router: KvRouter | None = None
+        self.decision_seconds = Histogram(
+            "tandem_router_decision_seconds", "Time to pick a worker for one request",
+            buckets=_DECISION_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(self)
+
+    def observe_decision(self, seconds: float) -> None:
+        self.decision_seconds.observe(seconds)
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        router = self.router
+        if router is None:
+            return
+        counters = router.counters
+        yield CounterMetricFamily("tandem_router_decisions", "Requests routed", value=counters.decisions)
+        yield CounterMetricFamily(
+            "tandem_router_prompt_blocks", "Full KV blocks in the prompts routed", value=counters.prompt_blocks
+        )
+        yield CounterMetricFamily(
+            "tandem_router_hit_blocks", "Prompt blocks the chosen worker already held", value=counters.hit_blocks
+        )
+        yield GaugeMetricFamily("tandem_router_hit_rate", "hit_blocks / prompt_blocks so far", value=counters.hit_rate)
+        yield CounterMetricFamily(
+            "tandem_router_rejected_kv_batches", "KV event batches rejected (block size mismatch)",
+            value=counters.rejected_batches,
+        )
+        yield CounterMetricFamily("tandem_router_kv_seq_gaps", "Gaps seen in workers' KV event sequences", value=router.seq_gaps)
+        yield GaugeMetricFamily("tandem_router_indexed_blocks", "Blocks in the KV index", value=router.index.num_blocks())
