@@ -7,10 +7,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import prometheus_client
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.aio import cancel_and_wait
+from app.components.metrics import serve_metrics
 from app.components.routing import RouterPolicyName
 from app.components.worker import VllmWorker
 from app.protocol import KvEventBatch, LoadReport, RouteDecision, RouteRequest
@@ -72,11 +72,7 @@ class Router:
             observe_decision_seconds=metrics.observe_decision,
         )
         metrics.router = self._router
-        if self.config.metrics_port is not None:
-            port = self.config.metrics_port + self.ctx.replica
-            # A daemon thread: scrapes never wait on the routing event loop.
-            self._metrics_server, _ = prometheus_client.start_http_server(port, registry=metrics.registry)
-            log.info("metrics on :%d/metrics", port)
+        self._metrics_server = serve_metrics(metrics.registry, self.config.metrics_port, self.ctx.replica)
         router = self._router
         self._tasks = [
             await self._consume("kv", KvEventBatch, router.apply_kv_batch),

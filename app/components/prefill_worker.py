@@ -23,6 +23,7 @@ from pydantic import Field
 
 from app.aio import cancel_and_wait
 from app.components.disagg import PREFILL_ACK_WAIT_S, PREFILL_QUEUE, PrefillAnswer, PrefillJob
+from app.components.metrics import CounterView
 from app.components.worker import EngineHost, WorkerConfig
 from app.protocol import PreprocessedRequest
 from app.runtime import Runtime
@@ -62,6 +63,7 @@ class PrefillWorker:
         self._queue: WorkQueue | None = None
         self._pullers: list[asyncio.Task[None]] = []
         self.jobs: Counter[str] = Counter()
+        self.host.metrics.register(CounterView("tandem_prefill_jobs", "Prefill jobs by outcome", "outcome", self.jobs))
 
     @on_start
     async def start(self) -> None:

@@ -13,12 +13,15 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
+from prometheus_client import CollectorRegistry
 from pydantic import Field
 
 from app.aio import cancel_and_wait
 from app.components.disagg import PREFILL_ACK_WAIT_S, PREFILL_QUEUE, DisaggPolicy, PendingPrefills, PrefillAnswer, PrefillJob
+from app.components.metrics import CounterView, EngineStatsView, serve_metrics
 from app.components.routing import RouterPolicyName
 from app.engines import Engine, create_engine
 from app.infra import free_port
@@ -37,6 +40,10 @@ class WorkerConfig(EngineConfig):
         default=[], description="VLLM_CPU_OMP_THREADS_BIND for each replica, by replica index"
     )
     load_report_interval_s: float = Field(default=1.0, gt=0, description="how often to publish LoadReport")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="serve Prometheus /metrics here (replica i on metrics-port + i): engine load, prefill decisions",
+    )
     nixl_side_channel_port: int = Field(
         default=0, ge=0, le=65535,
         description="with NixlConnector: VLLM_NIXL_SIDE_CHANNEL_PORT of replica 0 (replica i: +i); 0 picks a free port",
@@ -80,6 +87,11 @@ class EngineHost:
         if _uses_nixl(config.engine_args):
             _set_nixl_side_channel(config.nixl_side_channel_port, ctx.replica)
         self.engine: Engine = create_engine(config.engine, config.engine_args)
+        self._replica = ctx.replica
+        # The service adds its own views (prefill decisions, jobs) before start().
+        self.metrics = CollectorRegistry()
+        self.metrics.register(EngineStatsView(self.engine))
+        self._metrics_server: Any = None
         self.info: ModelInfo | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._pending_publishes: set[asyncio.Task[None]] = set()
@@ -88,6 +100,7 @@ class EngineHost:
         worker_id = self._runtime.instance_id
         self.info = await self.engine.start(worker_id, on_kv_events=self._publish_kv if self._advertise else None)
         log.info("engine %s ready: model %s, block size %d", self._config.engine, self.info.name, self.info.block_size)
+        self._metrics_server = serve_metrics(self.metrics, self._config.metrics_port, self._replica)
         if not self._advertise:
             return self.info
         await self._runtime.discovery.register_model(
@@ -127,6 +140,8 @@ class EngineHost:
             await asyncio.sleep(self._config.load_report_interval_s)
 
     async def stop(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         await cancel_and_wait(self._load_task)
         await self.engine.stop()
 
@@ -174,6 +189,9 @@ class VllmWorker:
                 self.config.max_local_prefill_length, self.config.max_prefill_queue_size,
             )
             await self._policy.start()
+            self.host.metrics.register(
+                CounterView("tandem_worker_prefill_decisions", "Where prompts were prefilled", "decision", self._policy.decisions)
+            )
 
     @endpoint(request=PreprocessedRequest)
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
