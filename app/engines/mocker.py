@@ -18,10 +18,25 @@ Timing model, per step (milliseconds, before `speedup_ratio`):
   + decode_base_ms + decode_ms_per_seq * decoding requests
                    + decode_ms_per_kv_block * their KV blocks        (if any decode)
 
-Disaggregated serving is not simulated yet. The hook is `_admit`: a prefill-only
-request (max_tokens 1 + kv_transfer_params) would return transfer params after its
-prefill, and a decode request carrying them would wait for a transfer time computed
-from its KV bytes and a link bandwidth before joining the running set.
+A step that computes a single token (a decode, or a prompt's last token alone) costs
+a decode slot, not a prefill: it is a decode-shaped forward pass.
+
+Disaggregated serving, the two roles vLLM's NixlConnector gives an engine:
+
+* prefill: a request with `kv_transfer_params={"do_remote_decode": true}` (PrefillWorker
+  sends it with max_tokens 1) is prefilled as usual and finishes with one token, reason
+  "length". Its KV blocks are then held, not freed, and its last output carries
+  `kv_transfer_params` naming them (`_prefill_params`). A mocker in another process
+  cannot tell this one that it has pulled the KV, so the blocks are held for
+  `kv_lease_s` (simulated seconds), standing in for vLLM's read notification.
+* decode: a request carrying such params (`do_remote_prefill: true`) takes its prompt's
+  KV from the prefill engine instead of computing it: it reserves the blocks, waits a
+  transfer time, then joins the running set with all but the last prompt token
+  computed (vLLM recomputes that one to produce the first token). The transfer time is
+  the bytes of the prompt tokens not already in its own prefix cache,
+  `kv_bytes_per_token` each, over `kv_transfer_gb_per_s`, divided by `speedup_ratio`.
+  Transfers run beside the batch; they take KV blocks but no step time. A decode
+  request preempted later recomputes its prompt locally.
 """
 
 from __future__ import annotations
@@ -69,6 +84,14 @@ class MockerConfig(pydantic.BaseModel):
     seed: int = 0
     vocab_size: int = pydantic.Field(default=32000, ge=2)
     eos_token_id: int = 2
+    # An 8B Llama-3-like model in bf16: 2 (K and V) x 32 layers x 8 KV heads x 128 dims x 2 bytes.
+    kv_bytes_per_token: int = pydantic.Field(default=131072, ge=1)
+    # The prefill -> decode link, in gigabytes (1e9 bytes) per second: ~25 GB/s is a
+    # 200 Gb/s RDMA NIC; NVLink is tens of times more.
+    kv_transfer_gb_per_s: float = pydantic.Field(default=25.0, gt=0)
+    # Prefill role: how long handed-off KV is held. vLLM frees it when the decode engine
+    # says it has read it, a transfer time and a round trip after the answer.
+    kv_lease_s: float = pydantic.Field(default=0.5, gt=0)
 
     @pydantic.model_validator(mode="after")
     def _fits(self) -> MockerConfig:
@@ -85,7 +108,7 @@ class _Request:
     __slots__ = (
         "id", "tokens", "num_prompt", "num_output", "stop", "want_logprobs", "seed",
         "blocks", "hashes", "num_cached_blocks", "num_computed", "num_cached_tokens",
-        "pending", "pending_logprobs", "finish_reason", "wake",
+        "pending", "pending_logprobs", "finish_reason", "wake", "hand_off", "remote_tokens", "kv_transfer_params",
     )
 
     def __init__(self, request: PreprocessedRequest, seed: int) -> None:
@@ -105,6 +128,9 @@ class _Request:
         self.pending_logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.wake = asyncio.Event()
+        self.hand_off = False  # prefill role: keep the KV for a decode engine when done
+        self.remote_tokens = 0  # decode role: prompt tokens whose KV comes from a prefill engine
+        self.kv_transfer_params: dict[str, Any] | None = None  # prefill role: the answer
 
 
 class MockerEngine(Engine):
@@ -116,6 +142,8 @@ class MockerEngine(Engine):
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._requests: dict[str, _Request] = {}
+        self._transfers: dict[str, asyncio.TimerHandle] = {}  # decode role: KV pulls under way
+        self._held: dict[str, tuple[list[int], asyncio.TimerHandle]] = {}  # prefill role: leased KV
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._worker_id = ""
@@ -162,6 +190,8 @@ class MockerEngine(Engine):
         self._task = None
         for request in list(self._requests.values()):
             self._finish(request, "abort")
+        for request_id in list(self._held):
+            self._drop_held(request_id)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -186,6 +216,8 @@ class MockerEngine(Engine):
                     output.top_logprobs = [self._top_logprobs(req, t, lp) for t, lp in zip(req.pending, req.pending_logprobs)]
                     req.pending_logprobs = []
                 req.pending = []
+                if req.finish_reason is not None and req.kv_transfer_params is not None:
+                    output.kv_transfer_params = req.kv_transfer_params
                 if first:
                     first = False
                     output.num_prompt_tokens = req.num_prompt
@@ -202,8 +234,6 @@ class MockerEngine(Engine):
     def _admit(self, request: PreprocessedRequest) -> _Request:
         if self._task is None:
             raise RuntimeError("mocker engine not started")
-        if request.kv_transfer_params is not None:
-            raise ValueError(f"request {request.request_id}: the mocker does not simulate disaggregated serving yet")
         if not request.token_ids:
             raise ValueError(f"request {request.request_id}: empty prompt")
         if len(request.token_ids) >= self.config.max_model_len:
@@ -216,10 +246,62 @@ class MockerEngine(Engine):
         if request.request_id in self._requests:
             raise ValueError(f"request {request.request_id} is already running")
         req = _Request(request, self._generation_seed(request))
+        if request.kv_transfer_params is not None:
+            self._take_role(req, request.kv_transfer_params)
         self._requests[req.id] = req
         self._waiting.append(req)
         self._work.set()
         return req
+
+    def _take_role(self, req: _Request, params: dict[str, Any]) -> None:
+        if params.get("do_remote_decode"):
+            req.hand_off = True
+        elif params.get("do_remote_prefill") and "num_tokens" in params:
+            if params["num_tokens"] != req.num_prompt:
+                raise ValueError(
+                    f"request {req.id}: kv_transfer_params hold {params['num_tokens']} tokens, "
+                    f"the prompt has {req.num_prompt}"
+                )
+            req.remote_tokens = req.num_prompt - 1
+        else:
+            raise ValueError(f"request {req.id}: kv_transfer_params the mocker cannot serve: {params}")
+
+    def _prefill_params(self, req: _Request, blocks: list[int]) -> dict[str, Any]:
+        """What a prefill-role request answers, shaped like NixlConnector's params; a decode
+        mocker reads `do_remote_prefill` and `num_tokens`, the rest names the held KV."""
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": self._worker_id,
+            "remote_request_id": req.id,
+            "remote_block_ids": list(blocks),
+            "remote_host": "mocker",
+            "remote_port": 0,
+            "num_tokens": req.num_prompt,
+        }
+
+    def transfer_seconds(self, num_tokens: int) -> float:
+        """Wall time to pull `num_tokens` tokens' KV over the configured link."""
+        config = self.config
+        return num_tokens * config.kv_bytes_per_token / (config.kv_transfer_gb_per_s * 1e9) / config.speedup_ratio
+
+    def _start_transfer(self, req: _Request) -> None:
+        seconds = self.transfer_seconds(req.remote_tokens - req.num_computed)
+        self._transfers[req.id] = asyncio.get_running_loop().call_later(seconds, self._transfer_done, req)
+
+    def _transfer_done(self, req: _Request) -> None:
+        del self._transfers[req.id]
+        req.num_computed = req.remote_tokens
+        req.remote_tokens = 0  # were it preempted later, it recomputes locally
+        self._cache_full_blocks(req)
+        self._running.append(req)
+        self._work.set()
+
+    def _drop_held(self, request_id: str) -> None:
+        blocks, lease = self._held.pop(request_id)
+        lease.cancel()
+        self._pool.free(blocks)
+        self._work.set()  # the freed blocks may be what a waiting request needs
 
     # --- the scheduler loop ---------------------------------------------------------
 
@@ -266,6 +348,13 @@ class MockerEngine(Engine):
             req = self._waiting[0]
             if not req.blocks:
                 self._reuse_cached_prefix(req)
+            if req.remote_tokens:
+                if not self._reserve(req, req.remote_tokens):
+                    self._release(req)
+                    break
+                self._waiting.popleft()
+                self._start_transfer(req)
+                continue
             count = min(len(req.tokens) - req.num_computed, budget)
             if not self._reserve(req, req.num_computed + count):
                 self._release(req)  # don't sit on cached blocks while waiting
@@ -317,7 +406,7 @@ class MockerEngine(Engine):
         config = self.config
         prefill_tokens = decode_seqs = decode_blocks = 0
         for req, count in scheduled:
-            if count == 1 and req.num_computed >= req.num_prompt:
+            if count == 1 and req.num_computed >= req.num_prompt - 1:
                 decode_seqs += 1
                 decode_blocks += len(req.blocks)
             else:
@@ -398,11 +487,24 @@ class MockerEngine(Engine):
             self._running.remove(req)
         elif req in self._waiting:
             self._waiting.remove(req)
-        self._release(req)
+        transfer = self._transfers.pop(req.id, None)
+        if transfer is not None:
+            transfer.cancel()
+        if req.hand_off and reason != "abort":
+            self._hold_for_decode(req)
+        else:
+            self._release(req)
         self._requests.pop(req.id, None)
         req.wake.set()
         # An abort may free the blocks a stalled scheduler was waiting for.
         self._work.set()
+
+    def _hold_for_decode(self, req: _Request) -> None:
+        blocks, req.blocks = req.blocks, []
+        req.kv_transfer_params = self._prefill_params(req, blocks)
+        lease_s = self.config.kv_lease_s / self.config.speedup_ratio
+        lease = asyncio.get_running_loop().call_later(lease_s, self._drop_held, req.id)
+        self._held[req.id] = (blocks, lease)
 
     def _publish_kv_events(self) -> None:
         events = self._pool.take_events()

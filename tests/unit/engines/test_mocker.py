@@ -186,3 +186,99 @@ def test_config_keys_are_validated_by_name() -> None:
     with pytest.raises(ValueError, match="max_model_len 4096 does not fit"):
         MockerEngine.from_config({"num_gpu_blocks": 10, "block_size": 16, "max_model_len": 4096})
     assert MockerEngine.from_config({"max-num-seqs": 3}).config.max_num_seqs == 3
+
+
+# --- disaggregated serving: the prefill and decode roles -----------------------------------
+
+
+def prefill_job(tokens: list[int]) -> PreprocessedRequest:
+    """What a PrefillWorker sends its engine (app.components.prefill_worker.prefill_request)."""
+    req = request(tokens, max_tokens=1)
+    req.kv_transfer_params = {"do_remote_decode": True}
+    return req
+
+
+async def ttft_and_tokens(m: Mocker, req: PreprocessedRequest) -> tuple[float, list[int]]:
+    started = time.perf_counter()
+    outputs = []
+    first_at = 0.0
+    async for output in m.engine.generate(req):
+        first_at = first_at or time.perf_counter()
+        outputs.append(output)
+    return first_at - started, tokens_of(outputs)
+
+
+async def test_prefill_role_answers_with_the_kv_it_holds_until_the_lease_ends() -> None:
+    prompt = list(range(100, 150))  # 50 tokens: 4 blocks of 16
+    # Lease 0.3 s of wall time at this speedup.
+    async with Mocker("prefill-0", kv_lease_s=0.3e6) as m:
+        outputs = await m.run(prefill_job(prompt))
+        params = outputs[-1].kv_transfer_params
+        held = m.engine.stats().kv_used_blocks
+        await asyncio.sleep(0.5)
+        after_lease = m.engine.stats().kv_used_blocks
+        aggregated = tokens_of(await m.run(request(prompt, max_tokens=1)))
+    assert tokens_of(outputs) == aggregated and outputs[-1].finish_reason == "length"
+    assert params is not None and params["do_remote_prefill"] is True and params["num_tokens"] == 50
+    assert params["remote_engine_id"] == "prefill-0" and len(params["remote_block_ids"]) == 4
+    assert (held, after_lease) == (4, 0)
+
+
+async def test_decode_role_pulls_the_kv_instead_of_prefilling() -> None:
+    prompt = list(range(1000, 1400))  # 400 tokens
+    # Prefilling it here: 5 + 1 * 400 = 405 ms. Pulling 399 tokens of 1 MB at 2 GB/s: 200 ms.
+    timing = {"speedup_ratio": 1.0, "prefill_ms_per_token": 1.0, "kv_bytes_per_token": 1_000_000,
+              "kv_transfer_gb_per_s": 2.0, "max_model_len": 4096}
+    async with Mocker("prefill-0") as prefill:
+        params = (await prefill.run(prefill_job(prompt)))[-1].kv_transfer_params
+    disagg = request(prompt, max_tokens=8, ignore_eos=True)
+    disagg.kv_transfer_params = params
+    async with Mocker("decode-0", **timing) as decode:
+        assert decode.engine.transfer_seconds(399) == pytest.approx(0.1995)
+        pulled_ttft, pulled = await ttft_and_tokens(decode, disagg)
+    async with Mocker("aggregated", **timing) as agg:
+        local_ttft, local = await ttft_and_tokens(agg, request(prompt, max_tokens=8, ignore_eos=True))
+    assert pulled == local  # same prompt, same tokens, whichever engine computed the KV
+    assert local_ttft >= 0.4
+    # The transfer plus one decode-shaped step (~8 ms), no prefill step.
+    assert 0.195 <= pulled_ttft < 0.32
+
+
+async def test_speedup_ratio_scales_the_transfer_time() -> None:
+    prompt = list(range(2000, 2401))  # 401 tokens: 400 to pull
+    params = {"do_remote_prefill": True, "num_tokens": len(prompt)}
+    timing = {"kv_bytes_per_token": 1_000_000, "kv_transfer_gb_per_s": 1.0, "max_model_len": 4096}
+
+    async def ttft(speedup: float) -> float:
+        req = request(prompt, max_tokens=2)
+        req.kv_transfer_params = params
+        async with Mocker(**timing, speedup_ratio=speedup) as m:
+            return (await ttft_and_tokens(m, req))[0]
+
+    slow, fast = await ttft(1.0), await ttft(4.0)  # 400 ms against 100 ms
+    assert slow >= 0.4 and 0.1 <= fast < 0.25
+
+
+async def test_decode_role_pulls_only_what_its_own_cache_lacks() -> None:
+    prompt = list(range(3000, 3400))
+    timing = {"speedup_ratio": 1.0, "prefill_ms_per_token": 0.0, "kv_bytes_per_token": 1_000_000,
+              "kv_transfer_gb_per_s": 1.0, "max_model_len": 4096}
+    async with Mocker(**timing) as m:
+        await m.run(request(prompt, max_tokens=1))  # caches 24 of its 25 blocks
+        req = request(prompt, max_tokens=1)
+        req.kv_transfer_params = {"do_remote_prefill": True, "num_tokens": len(prompt)}
+        waited, _ = await ttft_and_tokens(m, req)
+    # 399 - 384 cached = 15 tokens: 15 ms, not 399 ms.
+    assert waited < 0.15
+
+
+async def test_kv_transfer_params_it_cannot_serve_are_refused() -> None:
+    async with Mocker() as m:
+        unknown = request([1, 2, 3])
+        unknown.kv_transfer_params = {"remote_host": "10.0.0.1"}
+        with pytest.raises(ValueError, match="cannot serve"):
+            await m.run(unknown)
+        wrong_length = request([1, 2, 3])
+        wrong_length.kv_transfer_params = {"do_remote_prefill": True, "num_tokens": 7}
+        with pytest.raises(ValueError, match="hold 7 tokens"):
+            await m.run(wrong_length)
