@@ -57,7 +57,13 @@ async def graph(tiny_model: Path, nats_server, etcd_server, tmp_path_factory) ->
             "remote-prefill-timeout-s": PREFILL_ACK_WAIT_S * 4,
             "common-configs": ["model", "served-model-name"],
         },
-        "PrefillWorker": {**MOCKER, "ServiceArgs": {"workers": PREFILL_WORKERS}, "common-configs": ["model", "served-model-name"]},
+        "PrefillWorker": {
+            **MOCKER,
+            # One job at a time each: four concurrent prompts then need both workers.
+            "max-concurrent-jobs": 1,
+            "ServiceArgs": {"workers": PREFILL_WORKERS},
+            "common-configs": ["model", "served-model-name"],
+        },
     }
     served = ServedGraph("graphs.disagg_router:Frontend", config, tmp_path_factory.mktemp("disagg-mocker"),
                          nats_server.url, etcd_server.url)
