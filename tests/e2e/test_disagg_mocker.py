@@ -34,8 +34,8 @@ MOCKER = {
     "eos-token-id": 2,
     "block-size": 16,
     "max-model-len": 4096,
-    # ~2.5 s per 500-token prefill: long enough to kill a PrefillWorker mid-job.
-    "prefill-ms-per-token": 5.0,
+    # ~2.4 s per ~1600-token prefill: long enough to kill a PrefillWorker mid-job.
+    "prefill-ms-per-token": 1.5,
 }
 
 
@@ -83,7 +83,7 @@ async def graph(tiny_model: Path, nats_server, etcd_server, tmp_path_factory) ->
 
 
 def long_prompt() -> str:
-    return " ".join(f"word{i}-{uuid.uuid4().hex[:6]}" for i in range(150))  # ~500 tokens
+    return " ".join(f"word{i}-{uuid.uuid4().hex[:6]}" for i in range(150))  # ~1600 tokens
 
 
 async def complete(http: httpx.AsyncClient, prompt: str) -> tuple[str, httpx.Response]:
@@ -126,7 +126,7 @@ async def test_a_prefill_worker_killed_mid_job_loses_nothing(graph: ServedGraph)
     before = await statuses(graph)
     async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
         requests = [asyncio.create_task(complete(http, long_prompt())) for _ in range(4)]
-        await asyncio.sleep(1.0)  # both PrefillWorkers are inside a ~2.5 s prefill now
+        await asyncio.sleep(1.0)  # both PrefillWorkers are inside a ~2.4 s prefill now
         victim = next(
             child for child in psutil.Process(graph.process.pid).children(recursive=True)
             if any("prefill_worker:PrefillWorker" in part for part in child.cmdline())
