@@ -7,7 +7,10 @@ graph=$1
 config=$2
 started_infra=0
 if [ -z "${NATS_SERVER:-}" ] || [ -z "${ETCD_ENDPOINTS:-}" ]; then
-    eval "$(.venv/bin/tandem infra up --export)"
+    # Its own line: `set -e` stops here if NATS or etcd cannot start (a port in use, say);
+    # inside `eval "$(...)"` the failure would pass unnoticed.
+    exports=$(.venv/bin/tandem infra up --export)
+    eval "$exports"
     started_infra=1
 fi
 cleanup() { [ "$started_infra" = 1 ] && .venv/bin/tandem infra down || true; }
