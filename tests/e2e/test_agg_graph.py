@@ -8,6 +8,7 @@ on the same model, run before the graph starts (two engines at once would share 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
@@ -270,27 +271,71 @@ def test_hostile_bodies_never_5xx_and_serving_continues(graph: ServedGraph, rout
         assert healthy.status_code == 200, healthy.text
 
 
-async def test_a_thin_frontend_calls_the_processor_service_over_nats(graph: ServedGraph, reference_texts) -> None:
-    """A second Frontend on the same fleet, with the Processor left to the Processor service."""
+@contextlib.asynccontextmanager
+async def extra_frontend(graph: ServedGraph, *overrides: str, namespace: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """Another Frontend process (only that service) for the fleet, or for an empty namespace."""
     port = free_port()
-    thin = subprocess.Popen(
+    env = graph.env if namespace is None else {**graph.env, "TANDEM_NAMESPACE": namespace}
+    process = subprocess.Popen(
         [TANDEM, "serve", "graphs.agg_router:Frontend", "-f", str(graph.config_path), "--service-name", "Frontend",
-         "--Frontend.embed-processor=false", f"--Frontend.port={port}"],
-        env=graph.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         f"--Frontend.port={port}", *overrides],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             async with asyncio.timeout(120):
                 while True:
                     try:
-                        if (await http.get("/health")).status_code == 200:
+                        if (await http.get("/live")).status_code == 200:
                             break
                     except httpx.TransportError:
                         pass
                     await asyncio.sleep(0.2)
-            body = {"model": MODEL, "messages": CHATS[0], "temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True}
-            response = await http.post("/v1/chat/completions", json=body)
-        assert response.status_code == 200, response.text
-        assert response.json()["choices"][0]["message"]["content"] == reference_texts[0]
+            yield http
     finally:
-        stop_process_tree(thin)
+        stop_process_tree(process)
+
+
+async def wait_healthy(http: httpx.AsyncClient) -> None:
+    async with asyncio.timeout(60):
+        while (await http.get("/health")).status_code != 200:
+            await asyncio.sleep(0.2)
+
+
+async def test_a_thin_frontend_calls_the_processor_service_over_nats(graph: ServedGraph, reference_texts) -> None:
+    """A second Frontend on the same fleet, with the Processor left to the Processor service."""
+    async with extra_frontend(graph, "--Frontend.embed-processor=false") as http:
+        await wait_healthy(http)
+        body = {"model": MODEL, "messages": CHATS[0], "temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True}
+        response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == reference_texts[0]
+
+
+async def test_past_its_inflight_cap_a_frontend_answers_429_with_retry_after(graph: ServedGraph) -> None:
+    async with extra_frontend(graph, "--Frontend.max-inflight-requests=1") as http:
+        await wait_healthy(http)
+        body = {"model": MODEL, "prompt": "one long answer", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        async with http.stream("POST", "/v1/completions", json=body) as holding:
+            assert holding.status_code == 200
+            await anext(holding.aiter_lines())
+            refused = await http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        # The cap counts requests in flight: once the Frontend sees the stream's client
+        # gone (at its next write), the next request is served.
+        async with asyncio.timeout(10):
+            while (served := await http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})).status_code == 429:
+                await asyncio.sleep(0.1)
+        assert served.status_code == 200, served.text
+
+
+async def test_with_no_worker_serving_a_frontend_answers_503_with_retry_after(graph: ServedGraph) -> None:
+    async with extra_frontend(graph, namespace=f"empty{uuid.uuid4().hex[:8]}") as http:
+        body = {"model": MODEL, "messages": CHATS[0], "max_tokens": 2}
+        response = await http.post("/v1/chat/completions", json=body)
+        assert (await http.get("/health")).status_code == 503
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"]
+    assert response.json()["error"]["message"]
