@@ -41,6 +41,7 @@ import aiohttp
 
 from app.infra import EtcdServer, NatsServer, free_port
 from bench import loadgen
+from bench.docs import write_section
 from bench.routing_scenarios import REPO, ServedGraph
 
 log = logging.getLogger(__name__)
@@ -287,20 +288,6 @@ How to read these numbers:
 """
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section, leaving every other section alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == DOCS_SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + f"\n\n{DOCS_SECTION}\n\n{body}"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        kept_after = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + f"\n{DOCS_SECTION}\n\n{body}" + (f"\n{kept_after}\n" if kept_after else "")
-    path.write_text(new)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.disagg_scenarios", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-llama", help="the served model name")
@@ -329,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = render(report, command.strip(), args)
     sys.stdout.write(table)
     if args.write_docs is not None:
-        write_section(args.write_docs, table)
+        write_section(args.write_docs, f"{DOCS_SECTION}\n\n{table}")
     return 0
 
 

@@ -48,6 +48,7 @@ from app.router.hashing import block_hashes
 from app.runtime import InstanceRecord, Runtime
 from app.settings import RuntimeSettings
 from bench import loadgen
+from bench.docs import write_section
 
 log = logging.getLogger(__name__)
 
@@ -662,20 +663,6 @@ def render(report: Report, command: str, runs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section, leaving every other section alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == DOCS_SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + f"\n\n{DOCS_SECTION}\n\n{body}"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        kept_after = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + f"\n{DOCS_SECTION}\n\n{body}" + (f"\n{kept_after}\n" if kept_after else "")
-    path.write_text(new)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.routing_scenarios", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "mocker-8.yaml")
@@ -705,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = render(report, command.strip(), args.runs)
     sys.stdout.write(table)
     if args.write_docs is not None:
-        write_section(args.write_docs, table)
+        write_section(args.write_docs, f"{DOCS_SECTION}\n\n{table}")
     return 0
 
 

@@ -41,6 +41,7 @@ import psutil
 import yaml
 
 from app.infra import EtcdServer, NatsServer, free_port
+from bench.docs import write_section
 from bench.loadgen import LoadConfig, Summary, run_load, summary_json
 
 log = logging.getLogger("bench.vs_direct")
@@ -468,26 +469,6 @@ concurrency {max(load.concurrencies)} the split across processes can outweigh th
 {len(os.sched_getaffinity(0))} cores. The tiny model makes each engine step very cheap, so
 serving overhead weighs far more here than with a real model on a GPU.
 """
-
-
-def write_section(path: Path, section: str) -> None:
-    """Put `section` in place of the existing one with the same title, or append it; other sections stay."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_TITLE), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = len(lines)
-    in_fence = False
-    for i in range(start + 1, len(lines)):
-        if lines[i].lstrip().startswith("```"):
-            in_fence = not in_fence
-        elif not in_fence and re.match(r"#{1,2} ", lines[i]):
-            end = i
-            break
-    rest = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + rest if rest else ""))
 
 
 # --- command line ---------------------------------------------------------------------------
