@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,10 +23,11 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
+from app.cli import main as tandem_cli
 from app.components.disagg import PREFILL_ACK_WAIT_S, PREFILL_QUEUE
 from app.runtime import Runtime
 from app.tunables import DISAGG_MAX_LOCAL_PREFILL_LENGTH, DISAGG_MAX_PREFILL_QUEUE_SIZE
-from tests.e2e.graph_harness import TANDEM, ServedGraph
+from tests.e2e.graph_harness import ServedGraph
 from tests.e2e.vllm_reference import vllm_greedy
 
 pytestmark = pytest.mark.e2e
@@ -172,11 +172,12 @@ async def test_short_prompts_stay_local_with_vllms_output(graph: ServedGraph, re
     assert (await _prefill_status(graph)).get("done", 0) == before
 
 
-async def test_disagg_set_flips_the_decision_live(graph: ServedGraph, reference) -> None:
-    # One CLI call (the operator's path); the rest through the API: each `tandem` start
-    # costs seconds on a busy machine.
-    set_high = [TANDEM, "disagg", "set", "--max-local-prefill-length", "100000"]
-    subprocess.run(set_high, env=graph.env, check=True, capture_output=True, timeout=120)
+async def test_disagg_set_flips_the_decision_live(graph: ServedGraph, reference, monkeypatch) -> None:
+    # One call of the operator's command (in-process: with two vLLM engines keeping both
+    # cores busy, a fresh Python process can take minutes to import); the rest through the API.
+    for name in ("NATS_SERVER", "ETCD_ENDPOINTS", "TANDEM_NAMESPACE"):
+        monkeypatch.setenv(name, graph.env[name])
+    assert await asyncio.to_thread(tandem_cli, ["disagg", "set", "--max-local-prefill-length", "100000"]) == 0
     async with await Runtime.connect(graph.settings) as runtime:
         try:
             assert await runtime.discovery.get_tunable(DISAGG_MAX_LOCAL_PREFILL_LENGTH) == 100000
