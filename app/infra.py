@@ -70,6 +70,19 @@ def advertised_host(bind_host: str) -> str:
     return os.environ.get("TANDEM_ADVERTISE_HOST") or socket.gethostbyname(socket.gethostname())
 
 
+def default_host() -> str:
+    """Where `tandem infra up` binds by default: the node's advertised address, else loopback.
+
+    A head node that exports TANDEM_ADVERTISE_HOST (as every node of a fleet does, for
+    its instance records and NIXL side channel) thereby serves NATS and etcd to the others.
+    """
+    return os.environ.get("TANDEM_ADVERTISE_HOST") or "127.0.0.1"
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.")
+
+
 def pid_alive(pid: int) -> bool:
     """Whether the process runs; reaps it first when it is our exited child (a zombie)."""
     try:
@@ -232,13 +245,21 @@ class EtcdServer(ServerProcess):
     def url(self) -> str:
         return f"http://{advertised_host(self.host)}:{self.port}"
 
+    def listen_client_urls(self) -> list[str]:
+        """The bind address and, for a routable one, loopback too (the seed's multi-node note):
+        other nodes dial the advertised address, local tools may keep 127.0.0.1."""
+        urls = [f"http://{self.host}:{self.port}"]
+        if not _is_loopback(self.host) and self.host not in ("0.0.0.0", "::", ""):
+            urls.append(f"http://127.0.0.1:{self.port}")
+        return urls
+
     def command(self) -> list[str]:
         peer_url = f"http://{advertised_host(self.host)}:{self.peer_port}"
         return [
             find_binary("etcd"),
             "--name", "tandem",
             "--data-dir", str(self.data_dir),
-            "--listen-client-urls", f"http://{self.host}:{self.port}",
+            "--listen-client-urls", ",".join(self.listen_client_urls()),
             "--advertise-client-urls", self.url,
             "--listen-peer-urls", f"http://{self.host}:{self.peer_port}",
             "--initial-advertise-peer-urls", peer_url,
@@ -282,7 +303,7 @@ def _running(entry: dict[str, Any] | None) -> bool:
 
 
 def infra_up(
-    host: str = "127.0.0.1",
+    host: str | None = None,
     nats_port: int = 4222,
     nats_monitor_port: int = 8222,
     etcd_port: int = 2379,
@@ -291,8 +312,11 @@ def infra_up(
 ) -> dict[str, str]:
     """Start NATS and etcd detached unless they already run; return their client URLs.
 
-    Returns `{"NATS_SERVER": ..., "ETCD_ENDPOINTS": ...}`.
+    `host` (default: `default_host()`) is the address both bind and advertise; a wildcard
+    binds everywhere and advertises TANDEM_ADVERTISE_HOST. Returns
+    `{"NATS_SERVER": ..., "ETCD_ENDPOINTS": ...}`, the values every node exports.
     """
+    host = host or default_host()
     root = root or state_dir()
     state = _load_state(root)
     if not _running(state.get("nats")):
@@ -369,7 +393,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     up = commands.add_parser("up", help="start NATS (JetStream) and etcd detached; idempotent")
     up.add_argument("--export", action="store_true", help="print `export VAR=...` lines for eval")
-    up.add_argument("--host", default="127.0.0.1", help="address to bind")
+    up.add_argument(
+        "--host",
+        default=None,
+        help="address to bind and advertise: this node's own address for a multi-node fleet "
+        "(default: $TANDEM_ADVERTISE_HOST, else 127.0.0.1); 0.0.0.0 binds everywhere and advertises "
+        "$TANDEM_ADVERTISE_HOST",
+    )
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument("--nats-monitor-port", type=int, default=8222)
     up.add_argument("--etcd-port", type=int, default=2379)
