@@ -1,5 +1,5 @@
 """The `tandem` command: serve a graph, run one service, check a config, and the tools
-other modules register (`infra`, `model`)."""
+other modules register (`infra`, `model`, `ray`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import app.infra
 import app.model.tiny
+import app.ray_cluster
 import app.tunables
 from app.sdk import graph, supervisor
 from app.sdk.config import ConfigError, load_config
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     app.infra.add_cli(commands)
     app.model.tiny.add_cli(commands)
+    app.ray_cluster.add_cli(commands)
     app.tunables.add_cli(commands)
     return parser
 

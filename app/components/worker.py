@@ -48,6 +48,14 @@ class WorkerConfig(EngineConfig):
         default=0, ge=0, le=65535,
         description="with NixlConnector: VLLM_NIXL_SIDE_CHANNEL_PORT of replica 0 (replica i: +i); 0 picks a free port",
     )
+    ray_address: str | None = Field(
+        default=None,
+        description="an engine on Ray (larger than its node): the Ray head as HOST:PORT; default RAY_ADDRESS, else the cluster this node joined",
+    )
+    ray_wait_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="an engine on Ray waits this long for the cluster to offer its devices, then fails saying what is missing",
+    )
 
 
 class VllmWorkerConfig(WorkerConfig):
@@ -98,6 +106,8 @@ class EngineHost:
 
     async def start(self) -> ModelInfo:
         worker_id = self._runtime.instance_id
+        if self._config.engine == "vllm":
+            await _wait_for_ray_devices(self._config)
         self.info = await self.engine.start(worker_id, on_kv_events=self._publish_kv if self._advertise else None)
         log.info("engine %s ready: model %s, block size %d", self._config.engine, self.info.name, self.info.block_size)
         self._metrics_server = serve_metrics(self.metrics, self._config.metrics_port, self._replica)
@@ -144,6 +154,16 @@ class EngineHost:
             self._metrics_server.shutdown()
         await cancel_and_wait(self._load_task)
         await self.engine.stop()
+
+
+async def _wait_for_ray_devices(config: WorkerConfig) -> None:
+    """An engine larger than its node starts only once the Ray cluster offers its devices."""
+    from app.engines.vllm_ray import ray_devices_needed, wait_for_ray_devices
+
+    need = ray_devices_needed(config.engine_args)
+    if need is not None:
+        # In a thread: the wait may take minutes, and the process must keep its etcd lease.
+        await asyncio.to_thread(wait_for_ray_devices, need, config.ray_address, config.ray_wait_timeout_s)
 
 
 def _uses_nixl(engine_args: dict) -> bool:

@@ -27,6 +27,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from app.engines.base import Engine, EngineStats, KvEventSink
 from app.engines.vllm_kv_events import VllmKvEventRelay
+from app.engines.vllm_ray import with_ray_backend_if_needed
 from app.engines.vllm_stats import SchedulerStatsCapture
 from app.protocol import EngineOutput, ModelInfo, PreprocessedRequest, TokenLogprob
 
@@ -105,6 +106,8 @@ class VllmEngine(Engine):
         for name in _NESTED_CONFIGS:
             if args.get(name) is not None:
                 args[name] = _nested_config(name, args[name])
+        # A model larger than the node runs on vLLM's Ray executor (app/engines/vllm_ray.py).
+        args = with_ray_backend_if_needed(args)
         if not args.get("served_model_name"):
             model = str(args["model"])
             # A local model is served under its directory name, not its absolute path.
