@@ -59,3 +59,14 @@ class EngineStatsView(Collector):
             "tandem_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
             value=stats.prefix_cache_queries,
         )
+        # Rises on a decode worker whose prompts were prefilled remotely (vLLM's
+        # external_kv_transfer prompt-token source); stays 0 on an aggregated worker.
+        yield CounterMetricFamily(
+            "tandem_worker_external_kv_prompt_tokens",
+            "Prompt tokens whose KV a KV connector pulled from another engine instead of computing it",
+            value=stats.external_kv_prompt_tokens,
+        )
+        yield CounterMetricFamily(
+            "tandem_worker_kv_transfer_bytes", "Bytes of KV cache the KV connector transferred (NIXL telemetry)",
+            value=stats.kv_transfer_bytes,
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -77,8 +78,12 @@ class PrefillWorker:
 
     @endpoint
     async def status(self, request: Any) -> AsyncIterator[dict[str, Any]]:
-        """This worker's id and job counts (done, failed, expired, undelivered)."""
-        yield {"worker_id": self.runtime.instance_id, **self.jobs}
+        """This worker's id, process id and job counts (done, failed, expired, undelivered).
+
+        The process id tells an operator (or a test) which process on the node this
+        instance is, e.g. to stop one PrefillWorker of several.
+        """
+        yield {"worker_id": self.runtime.instance_id, "pid": os.getpid(), **self.jobs}
 
     async def _pull_jobs(self, queue: WorkQueue) -> None:
         while True:

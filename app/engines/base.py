@@ -17,7 +17,10 @@ KvEventSink = Callable[[KvEventBatch], None]
 class EngineStats:
     """A snapshot of the engine's scheduler, for load reports and metrics."""
 
-    __slots__ = ("running", "waiting", "kv_used_blocks", "kv_total_blocks", "prefix_cache_hits", "prefix_cache_queries")
+    __slots__ = (
+        "running", "waiting", "kv_used_blocks", "kv_total_blocks", "prefix_cache_hits", "prefix_cache_queries",
+        "external_kv_prompt_tokens", "kv_transfer_bytes",
+    )
 
     def __init__(
         self,
@@ -27,6 +30,8 @@ class EngineStats:
         kv_total_blocks: int = 0,
         prefix_cache_hits: int = 0,
         prefix_cache_queries: int = 0,
+        external_kv_prompt_tokens: int = 0,
+        kv_transfer_bytes: int = 0,
     ) -> None:
         self.running = running
         self.waiting = waiting
@@ -34,6 +39,10 @@ class EngineStats:
         self.kv_total_blocks = kv_total_blocks
         self.prefix_cache_hits = prefix_cache_hits
         self.prefix_cache_queries = prefix_cache_queries
+        # Disaggregated decode: prompt tokens whose KV a KV connector pulled from another
+        # engine instead of computing it, and the bytes it moved (counters since start).
+        self.external_kv_prompt_tokens = external_kv_prompt_tokens
+        self.kv_transfer_bytes = kv_transfer_bytes
 
 
 class Engine(abc.ABC):

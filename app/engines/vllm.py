@@ -132,7 +132,12 @@ class VllmEngine(Engine):
     async def start(self, worker_id: str, on_kv_events: KvEventSink | None = None) -> ModelInfo:
         if self._llm is not None:
             raise RuntimeError("vllm engine already started")
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        if self._args.get("kv_cache_memory_bytes") is not None:
+            # vLLM's CPU platform lets the (whole-GiB) environment variable override the
+            # engine argument; the config's explicit size must win, e.g. a few MiB for
+            # each of three small engines on one machine.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = _DEFAULT_CPU_KVCACHE_SPACE_GIB
         self._worker_id = worker_id
         args = dict(self._args)

@@ -1,8 +1,13 @@
-"""Capture vLLM's scheduler statistics for a worker's load reports.
+"""Capture vLLM's scheduler statistics for a worker's load reports and metrics.
 
-AsyncLLM hands every engine step's SchedulerStats to its stat loggers; a logger that
-keeps the latest snapshot (and sums the per-step prefix-cache deltas) makes `stats()`
-a cheap read instead of a round trip to the engine core.
+AsyncLLM hands every engine step's SchedulerStats and IterationStats to its stat loggers;
+a logger that keeps the latest snapshot (and sums the per-step deltas) makes `stats()` a
+cheap read instead of a round trip to the engine core.
+
+The KV-transfer counters are the ones vLLM's own Prometheus logger exports as
+`vllm:prompt_tokens_by_source{source="external_kv_transfer"}` and
+`vllm:nixl_bytes_transferred`: the same per-step deltas, summed here so that the worker's
+metrics carry them under its own names.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ class SchedulerStatsCapture:
         self._latest: dict[int, SchedulerStats] = {}
         self._prefix_cache_hits = 0
         self._prefix_cache_queries = 0
+        self._external_kv_prompt_tokens = 0
+        self._kv_transfer_bytes = 0
 
     def factory(self, vllm_config: VllmConfig, engine_index: int = 0) -> StatLoggerBase:
         """A per-engine stat logger factory, as AsyncLLM(stat_loggers=[...]) expects."""
@@ -32,6 +39,13 @@ class SchedulerStatsCapture:
         self._latest[engine_index] = stats
         self._prefix_cache_hits += stats.prefix_cache_stats.hits
         self._prefix_cache_queries += stats.prefix_cache_stats.queries
+        if stats.kv_connector_stats:
+            self._kv_transfer_bytes += transferred_bytes(stats.kv_connector_stats)
+
+    def record_iteration(self, stats: IterationStats) -> None:
+        # Prompt tokens of requests that started this step whose KV a connector loaded
+        # (a decode engine pulling a remote prefill) rather than the engine computing it.
+        self._external_kv_prompt_tokens += stats.prompt_token_stats.external_kv_transfer
 
     def snapshot(self, in_flight: int, total_blocks: int) -> EngineStats:
         """`in_flight`: requests the engine front end still tracks.
@@ -55,7 +69,19 @@ class SchedulerStatsCapture:
             kv_total_blocks=total_blocks,
             prefix_cache_hits=self._prefix_cache_hits,
             prefix_cache_queries=self._prefix_cache_queries,
+            external_kv_prompt_tokens=self._external_kv_prompt_tokens,
+            kv_transfer_bytes=self._kv_transfer_bytes,
         )
+
+
+def transferred_bytes(connector_stats: dict[str, Any]) -> int:
+    """Bytes a KV connector moved in one step, from its serialized stats.
+
+    NixlConnector reports one `bytes_transferred` entry per finished transfer (NIXL
+    telemetry, on by default); connectors that report no bytes count as 0.
+    """
+    moved = connector_stats.get("bytes_transferred")
+    return int(sum(moved)) if isinstance(moved, list) else 0
 
 
 class _CapturingStatLogger(StatLoggerBase):
@@ -72,6 +98,8 @@ class _CapturingStatLogger(StatLoggerBase):
     ) -> None:
         if scheduler_stats is not None:
             self._capture.record(engine_idx, scheduler_stats)
+        if iteration_stats is not None:
+            self._capture.record_iteration(iteration_stats)
 
     def log_engine_initialized(self) -> None:
         pass
