@@ -93,7 +93,7 @@ class EngineHost:
             # takes its own cores, set before the engine spawns its workers.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binds[ctx.replica % len(binds)]
         if _uses_nixl(config.engine_args):
-            _set_nixl_side_channel(config.nixl_side_channel_port, ctx.replica)
+            _set_nixl_side_channel(config.nixl_side_channel_port, ctx.replica, runtime.host)
         self.engine: Engine = create_engine(config.engine, config.engine_args)
         self._replica = ctx.replica
         # The service adds its own views (prefill decisions, jobs) before start().
@@ -173,16 +173,17 @@ def _uses_nixl(engine_args: dict) -> bool:
     return False
 
 
-def _set_nixl_side_channel(base_port: int, replica: int) -> None:
+def _set_nixl_side_channel(base_port: int, replica: int, advertised_host: str) -> None:
     """Give this engine its own NIXL side channel (engines on one host must not share a port).
 
     The host is where the prefill side listens and what it tells decode engines to dial:
-    the advertised address on a multi-node fleet, loopback on one node.
+    the address this process advertises in its instance records (TANDEM_ADVERTISE_HOST,
+    else the hostname's address), so that records and KV hand-offs never disagree.
     """
     port = base_port + replica if base_port else free_port()
     os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port)
     if not os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST"):
-        os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = os.environ.get("TANDEM_ADVERTISE_HOST") or "127.0.0.1"
+        os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = advertised_host
     log.info("NIXL side channel on %s:%d", os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"], port)
 
 
