@@ -8,7 +8,24 @@ GRAPH ?= graphs.agg_router:Frontend
 TINY_MODEL ?= models/tiny-llama
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast model infra-up infra-down
+.PHONY: setup run test test-fast model infra-up infra-down build head decode prefill ray-head ray-worker down logs
+
+# --- the container appliance (docs/appliance.md) -------------------------------------------
+# ENGINE=cuda (default, GPU nodes) or cpu (no GPU; also builds the Debian base locally).
+ENGINE ?= cuda
+IMAGE ?= tandem:latest
+DOCKER ?= docker
+# Compose v2 where the plugin exists, else Debian's docker-compose 1.29: the files suit both.
+COMPOSE ?= $(shell if $(DOCKER) compose version >/dev/null 2>&1; then echo "$(DOCKER) compose"; else echo docker-compose; fi)
+COMPOSE_FILE_OF_ENGINE := compose/docker-compose$(if $(filter cpu,$(ENGINE)),.cpu).yml
+# On CPU: no --gpus, and the small model's config (as in compose/docker-compose.cpu.yml)
+# unless CONFIG is given.
+APPLIANCE_ENV := TANDEM_IMAGE=$(IMAGE) DOCKER=$(DOCKER) $(if $(filter cpu,$(ENGINE)),GPUS= CONFIG=$${CONFIG:-configs/cpu-tiny-disagg.yaml})
+COMPOSE_CMD := $(APPLIANCE_ENV) $(COMPOSE) -p tandem -f $(COMPOSE_FILE_OF_ENGINE)
+NODE_ROLES := decode prefill ray-head ray-worker
+COMPOSE_PROFILES_ALL := infra head frontend $(NODE_ROLES) metrics
+# Which node's logs `make logs` follows.
+ROLE ?= head
 
 setup:
 	@scripts/bootstrap.sh
@@ -35,3 +52,29 @@ infra-up: setup
 
 infra-down: setup
 	$(TANDEM) infra down
+
+## build: the image (ENGINE=cpu for machines without GPUs: Debian base made with debootstrap)
+build:
+	DOCKER=$(DOCKER) scripts/docker-build.sh $(ENGINE) $(IMAGE)
+
+## head: NATS, etcd, Frontend + Processor + Router and a decode worker (compose profile head)
+head:
+	$(COMPOSE_CMD) --profile head up -d
+
+## decode, prefill, ray-head, ray-worker: this node's role in a container; on another node
+## pass the head's addresses: make prefill NATS_SERVER=nats://HEAD:4222 ETCD_ENDPOINTS=http://HEAD:2379
+$(NODE_ROLES):
+	$(APPLIANCE_ENV) scripts/docker-node.sh $@
+
+## down: stop (drain) and remove this machine's Tandem containers
+down:
+	$(COMPOSE_CMD) $(addprefix --profile ,$(COMPOSE_PROFILES_ALL)) down
+	@for role in $(NODE_ROLES); do \
+		if $(DOCKER) container inspect tandem-$$role >/dev/null 2>&1; then \
+			$(DOCKER) stop -t 660 tandem-$$role && $(DOCKER) rm tandem-$$role; \
+		fi; \
+	done
+
+## logs: follow a node's container (ROLE=head by default; ROLE=prefill, ...)
+logs:
+	$(DOCKER) logs -f --tail 200 tandem-$(ROLE)

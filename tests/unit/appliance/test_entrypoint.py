@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -243,11 +244,19 @@ def test_compose_files_give_each_profile_its_env_files_and_gpus_only_on_gpu_node
             service = services[name]
             assert service["profiles"] == [name]
             assert service["extends"] == {"file": "base.yml", "service": "tandem"}
-            assert all((compose_dir / path).is_file() for path in service["env_file"])
+            # The same name under docker-compose 1.29 and Compose v2 (`make logs`, `make down`).
+            assert service["container_name"] == f"tandem-{name}"
+            # ${TANDEM_ENV_DIR:-../env}: an edited copy of env/ or env/ itself.
+            env_files = [re.sub(r"\$\{TANDEM_ENV_DIR:-([^}]*)\}", r"\1", path) for path in service["env_file"]]
+            assert env_files == ["../env/common.env", f"../env/{'head' if name == 'infra' else name}.env"]
+            assert all((compose_dir / path).is_file() for path in env_files)
         on_gpu = name not in ("infra", "frontend")
         assert ("deploy" in gpu["services"][name]) == on_gpu
         assert ("/dev/infiniband:/dev/infiniband" in gpu["services"][name].get("devices", [])) == on_gpu
         assert "deploy" not in cpu["services"][name] and "devices" not in cpu["services"][name]
     assert {s for s, spec in gpu["services"].items() if "metrics" in spec.get("profiles", [])} == {"prometheus", "grafana"}
     base = yaml.safe_load((compose_dir / "base.yml").read_text())["services"]["tandem"]
-    assert base["network_mode"] == "host" and base["ulimits"]["memlock"] == -1
+    assert base["network_mode"] == "host"
+    # Unlimited memlock (RDMA) on GPU nodes only: a host without CAP_SYS_RESOURCE refuses it.
+    assert all(gpu["services"][name]["ulimits"]["memlock"] == -1 for name in roles if name not in ("infra", "frontend"))
+    assert all("ulimits" not in cpu["services"][name] for name in roles)
