@@ -11,8 +11,8 @@
 | frontend   | one `tandem serve $GRAPH --service-name S` per S in FRONTEND_SERVICES (no worker) |
 | decode     | `tandem serve components.worker:VllmWorker --service-name VllmWorker`     |
 | prefill    | `tandem serve components.prefill_worker:PrefillWorker`                    |
-| ray-head   | `ray start --head --block`, plus `tandem serve $GRAPH` when GRAPH is set  |
-| ray-worker | `ray start --address=$RAY_ADDRESS --block`                                |
+| ray-head   | `tandem ray head` (`ray start --head --block`), plus `tandem serve $GRAPH` when GRAPH is set |
+| ray-worker | `tandem ray worker --address=$RAY_ADDRESS` (`ray start --address=... --block`) |
 | all        | head + prefill: the whole deployment on one node                          |
 
 Each Tandem program is a `tandem serve` command, exactly what an operator would type on
@@ -211,17 +211,19 @@ def _programs(blocks: Sequence[str], env: Mapping[str, str]) -> list[Program]:
         elif block == "prefill":
             command = _tandem(PREFILL_ADDRESS, config)
             programs.append(Program("tandem-prefill", command, PREFILL_PRIORITY, stop_wait, False))
-        elif block == "ray-head":
-            command = (
-                "ray", "start", "--head", f"--port={_port(env, 'RAY_PORT', 6379)}",
-                f"--node-ip-address={host_ip}", "--block", *ray_extra,
-            )
-            programs.append(Program("ray", command, RAY_PRIORITY, RAY_STOP_WAIT_S, True))
-        elif block == "ray-worker":
-            command = (
-                "ray", "start", f"--address={_get(env, 'RAY_ADDRESS')}",
-                f"--node-ip-address={host_ip}", "--block", *ray_extra,
-            )
+        elif block in ("ray-head", "ray-worker"):
+            # `tandem ray` execs `ray start ... --block` with the node's resources (on the CPU
+            # build, the Ray resource vLLM's CPU workers ask for); arguments after `--` go
+            # to `ray start` unchanged.
+            if block == "ray-head":
+                command = ("tandem", "ray", "head", f"--port={_port(env, 'RAY_PORT', 6379)}")
+            else:
+                command = ("tandem", "ray", "worker", f"--address={_get(env, 'RAY_ADDRESS')}")
+            command += (f"--node-ip-address={host_ip}",)
+            if _get(env, "RAY_CPU_WORKERS") is not None:
+                command += (f"--cpu-workers={_int(env, 'RAY_CPU_WORKERS', 1)}",)
+            if ray_extra:
+                command += ("--", *ray_extra)
             programs.append(Program("ray", command, RAY_PRIORITY, RAY_STOP_WAIT_S, True))
     return programs
 

@@ -24,7 +24,7 @@ CONFIG = str(REPO_ROOT / "configs" / "cpu-tiny.yaml")
 ENTRYPOINT_VARS = (
     "ROLE", "CONFIG", "GRAPH", "NATS_SERVER", "ETCD_ENDPOINTS", "RAY_ADDRESS", "VLLM_HOST_IP",
     "ETCD_ADVERTISE_HOST", "NATS_PORT", "ETCD_PORT", "FRONTEND_SERVICES", "TANDEM_RUN_DIR",
-    "TANDEM_DATA_DIR", "RAY_START_ARGS", "TANDEM_ADVERTISE_HOST", "VLLM_NIXL_SIDE_CHANNEL_HOST",
+    "TANDEM_DATA_DIR", "RAY_START_ARGS", "RAY_CPU_WORKERS", "TANDEM_ADVERTISE_HOST", "VLLM_NIXL_SIDE_CHANNEL_HOST",
 )
 REMOTE = {
     "CONFIG": CONFIG,
@@ -84,15 +84,18 @@ def _programs(**values: str) -> dict[str, dict[str, str]]:
         ("prefill", REMOTE,
          {"tandem-prefill": f"tandem serve components.prefill_worker:PrefillWorker -f {CONFIG}"}),
         ("ray-head", {"VLLM_HOST_IP": "10.0.0.1"},
-         {"ray": "ray start --head --port=6379 --node-ip-address=10.0.0.1 --block"}),
+         {"ray": "tandem ray head --port=6379 --node-ip-address=10.0.0.1"}),
         ("ray-head", {**REMOTE, "GRAPH": "graphs.agg:Frontend"},
-         {"ray": "ray start --head", "tandem-graph": "tandem serve graphs.agg:Frontend"}),
+         {"ray": "tandem ray head", "tandem-graph": "tandem serve graphs.agg:Frontend"}),
         ("ray-worker", {"VLLM_HOST_IP": "10.0.0.2", "RAY_ADDRESS": "10.0.0.1:6379"},
-         {"ray": "ray start --address=10.0.0.1:6379 --node-ip-address=10.0.0.2 --block"}),
+         {"ray": "tandem ray worker --address=10.0.0.1:6379 --node-ip-address=10.0.0.2"}),
+        ("ray-worker", {"VLLM_HOST_IP": "10.0.0.2", "RAY_ADDRESS": "10.0.0.1:6379", "RAY_CPU_WORKERS": "2",
+                        "RAY_START_ARGS": "--num-cpus=1"},
+         {"ray": "tandem ray worker --address=10.0.0.1:6379 --node-ip-address=10.0.0.2 --cpu-workers=2 -- --num-cpus=1"}),
         ("all", HEAD,
          {"nats": "nats-server", "etcd": "etcd", "tandem-graph": "tandem serve graphs.agg_router:Frontend",
           "tandem-prefill": "tandem serve components.prefill_worker:PrefillWorker"}),
-        ("head,ray-head", HEAD, {"nats": "nats-server", "etcd": "etcd", "tandem-graph": "tandem serve", "ray": "ray start --head"}),
+        ("head,ray-head", HEAD, {"nats": "nats-server", "etcd": "etcd", "tandem-graph": "tandem serve", "ray": "tandem ray head"}),
     ],
 )
 def test_each_role_runs_exactly_its_programs(role: str, values: dict[str, str], expected: dict[str, str]) -> None:
