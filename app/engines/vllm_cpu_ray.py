@@ -66,7 +66,7 @@ def _keep_shm_all_reduce_within_one_host() -> None:
     # `open shm in SHMManager failed. errno: 2`. With the host's shm domain in the name,
     # vLLM's own check (every rank of the group must compute one name) sees the mismatch
     # and falls back to torch.distributed, i.e. gloo over TCP (GLOO_SOCKET_IFNAME picks the
-    # interface). Ranks on one host still share the segment.
+    # interface).
     def make_group_name(communicator: object) -> str:
         return f"{original(communicator)}-{shm_domain()}"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -106,11 +107,14 @@ def wait_for_ray_devices(
     try:
         while True:
             elapsed = time.monotonic() - started
-            if connected_to is None:
+            if connected_to is None and not _answers(wanted):
+                last_error = "nothing answers there"
+            elif connected_to is None:
                 try:
                     ray.init(address=wanted, logging_level=logging.WARNING, log_to_driver=False,
                              configure_logging=False)  # fmt: skip
-                    connected_to = ray.get_runtime_context().gcs_address
+                    # Said as the operator gave it; "auto" as the address it found.
+                    connected_to = wanted if wanted != "auto" else ray.get_runtime_context().gcs_address
                 except (ConnectionError, RuntimeError, ValueError) as exc:
                     last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if connected_to is not None:
@@ -136,6 +140,19 @@ def wait_for_ray_devices(
     finally:
         if ray.is_initialized():
             ray.shutdown()
+
+
+def _answers(address: str) -> bool:
+    """Whether the GCS port takes connections. ray.init on an address nobody answers hangs
+    for minutes, far past any timeout of ours; "auto" (a local cluster) fails fast itself."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return True
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 def _missing(need: RayDevices, address: str, reachable: bool, have: float, nodes: int, timeout_s: float,
