@@ -1,11 +1,14 @@
 """Disaggregated serving on the real stack: `tandem serve graphs.disagg_router:Frontend` with
-one decode VllmWorker (core 0) and one PrefillWorker (core 1), vLLM CPU engines exchanging
-KV over NIXL (UCX on CPU), real NATS (the prefill work queue) and etcd (the live thresholds).
+the shipped configs/cpu-tiny-disagg.yaml and a second PrefillWorker: one decode VllmWorker
+(core 0) and two PrefillWorkers (both on core 1), three vLLM CPU engines exchanging KV over
+NIXL (UCX on CPU), real NATS (the prefill work queue) and etcd (the live thresholds).
 
-One decode and one prefill engine, not configs/cpu-tiny-disagg.yaml's two prefill workers:
-on this 2-core machine a third engine shares a core and slows every test down.
-The reference outputs come from vLLM's offline `LLM` on the same model (no KV transfer),
-run before the graph starts.
+One graph serves the whole module. The reference outputs come from vLLM's offline `LLM`
+on the same model (no KV transfer), run before the graph starts. Where a prompt was
+prefilled is read three ways: the decode worker's logged decision, the response's
+X-Tandem-Prefill-Worker header, and the decode engine's own count of prompt tokens whose
+KV it pulled from another engine (vLLM's external_kv_transfer source, served by the
+worker as tandem_worker_external_kv_prompt_tokens on its metrics port).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,10 +25,13 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from app.cli import main as tandem_cli
 from app.components.disagg import PREFILL_ACK_WAIT_S, PREFILL_QUEUE
+from app.infra import free_port
 from app.runtime import Runtime
 from app.tunables import DISAGG_MAX_LOCAL_PREFILL_LENGTH, DISAGG_MAX_PREFILL_QUEUE_SIZE
 from tests.e2e.graph_harness import ServedGraph
@@ -32,28 +39,31 @@ from tests.e2e.vllm_reference import vllm_greedy
 
 pytestmark = pytest.mark.e2e
 
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cpu-tiny-disagg.yaml"
 MODEL = "tiny-llama"
 MAX_TOKENS = 12
-BLOCK_SIZE = 32
-MAX_LOCAL_PREFILL = 64
-REMOTE_PREFILL_TIMEOUT_S = 8
-ENGINE_ARGS = {"block_size": BLOCK_SIZE, "max_model_len": 2048, "enforce_eager": True, "dtype": "float32"}
-# recompute: a decode engine whose KV pull fails (its prefill worker died after answering)
-# prefills the request itself instead of failing it.
-KV_TRANSFER = {
-    "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu", "kv_load_failure_policy": "recompute",
-}
+PREFILL_WORKERS = 2
+# Past the queue's ack wait: a job held by a killed PrefillWorker is redelivered to the
+# other one before its decode worker gives up and prefills locally.
+REMOTE_PREFILL_TIMEOUT_S = 2 * PREFILL_ACK_WAIT_S
+SHIPPED = yaml.safe_load(CONFIG.read_text())
+BLOCK_SIZE = SHIPPED["Common"]["block-size"]
+MAX_LOCAL_PREFILL = SHIPPED["VllmWorker"]["max-local-prefill-length"]
+ENGINE_ARGS = {"block_size": BLOCK_SIZE, "max_model_len": SHIPPED["Common"]["max-model-len"], "enforce_eager": True,
+               "dtype": "float32"}
 
 
 def _long(topic: str) -> str:
     return " ".join(f"{topic}-{i}" for i in range(60))  # well past MAX_LOCAL_PREFILL tokens
 
 
-LONG_PROMPTS = [_long("alpha"), _long("beta")]
+# Each long prompt starts differently: no prefix cache on the decode engine helps it.
+LONG_PROMPTS = [_long(topic) for topic in ("alpha", "beta", "epsilon", "zeta")]
 SHORT_PROMPTS = ["The quick brown fox", "def fibonacci(n):"]
 FLIP_PROMPT = _long("gamma")
 KILL_PROMPTS = [_long(f"delta{i}") for i in range(3)]
-ALL_PROMPTS = LONG_PROMPTS + SHORT_PROMPTS + [FLIP_PROMPT] + KILL_PROMPTS
+LATE_PROMPT = _long("omega")
+ALL_PROMPTS = LONG_PROMPTS + SHORT_PROMPTS + [FLIP_PROMPT] + KILL_PROMPTS + [LATE_PROMPT]
 
 
 @pytest.fixture(scope="module")
@@ -62,54 +72,48 @@ def tokenizer(tiny_model: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model: Path, tokenizer, tmp_path_factory) -> dict[str, str]:
+def prompt_lengths(tokenizer) -> dict[str, int]:
+    lengths = {prompt: len(tokenizer(prompt).input_ids) for prompt in ALL_PROMPTS}
+    assert all(lengths[p] <= MAX_LOCAL_PREFILL for p in SHORT_PROMPTS)
+    assert all(lengths[p] > MAX_LOCAL_PREFILL for p in set(ALL_PROMPTS) - set(SHORT_PROMPTS))
+    return lengths
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path, tokenizer, prompt_lengths, tmp_path_factory) -> dict[str, str]:
     """Prompt -> vLLM's own greedy completion, decoded as a client reads it."""
     prompt_ids = [list(tokenizer(prompt).input_ids) for prompt in ALL_PROMPTS]
-    lengths = dict(zip(ALL_PROMPTS, map(len, prompt_ids), strict=True))
-    assert all(lengths[p] > MAX_LOCAL_PREFILL for p in LONG_PROMPTS + [FLIP_PROMPT] + KILL_PROMPTS)
-    assert all(lengths[p] <= MAX_LOCAL_PREFILL for p in SHORT_PROMPTS)
     outputs = vllm_greedy(tiny_model, ENGINE_ARGS, prompt_ids, MAX_TOKENS, tmp_path_factory.mktemp("disagg-reference"))
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
     return dict(zip(ALL_PROMPTS, texts, strict=True))
 
 
+class DisaggGraph(ServedGraph):
+    decode_metrics_url: str
+
+
 @pytest.fixture(scope="module")
-async def graph(tiny_model, reference, nats_server, etcd_server, tmp_path_factory) -> AsyncIterator[ServedGraph]:
-    common = {
-        "model": str(tiny_model), "served-model-name": MODEL, "block-size": BLOCK_SIZE, "max-model-len": 2048,
-        "kv-transfer-config": KV_TRANSFER,
-    }
-    engine = {"engine": "vllm", "enforce-eager": True, "dtype": "float32"}
-    shared = ["model", "served-model-name", "block-size", "max-model-len", "kv-transfer-config"]
-    config = {
-        "Common": common,
-        "Frontend": {"served-model-name": MODEL},
-        "Processor": {"common-configs": ["model", "block-size", "max-model-len"]},
-        "Router": {"router": "kv", "common-configs": ["model", "block-size"]},
-        "VllmWorker": {
-            **engine,
-            "cpu-omp-threads-bind": ["0"],
-            "remote-prefill": True,
-            "conditional-disagg": True,
-            "max-local-prefill-length": MAX_LOCAL_PREFILL,
-            "max-prefill-queue-size": 16,
-            "remote-prefill-timeout-s": REMOTE_PREFILL_TIMEOUT_S,
-            "ServiceArgs": {"workers": 1},
-            "common-configs": shared,
-        },
-        "PrefillWorker": {**engine, "cpu-omp-threads-bind": ["1"], "ServiceArgs": {"workers": 1}, "common-configs": shared},
-    }
+async def graph(tiny_model, reference, nats_server, etcd_server, tmp_path_factory) -> AsyncIterator[DisaggGraph]:
+    config = yaml.safe_load(CONFIG.read_text())
+    config["Common"]["model"] = str(tiny_model)
+    metrics_port = free_port()
+    config["VllmWorker"].update({
+        "dtype": "float32", "metrics-port": metrics_port, "remote-prefill-timeout-s": REMOTE_PREFILL_TIMEOUT_S,
+    })
+    config["PrefillWorker"]["dtype"] = "float32"
+    config["PrefillWorker"]["ServiceArgs"]["workers"] = PREFILL_WORKERS
     workdir = tmp_path_factory.mktemp("disagg")
-    served = ServedGraph("graphs.disagg_router:Frontend", config, workdir, nats_server.url, etcd_server.url)
+    served = DisaggGraph("graphs.disagg_router:Frontend", config, workdir, nats_server.url, etcd_server.url)
+    served.decode_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     served.start()
     try:
         await served.wait_ready(workers=1)
         async with await Runtime.connect(served.settings) as runtime:
             prefill = await runtime.discovery.watch_instances("PrefillWorker", "status")
             try:
-                await prefill.wait_until(lambda items: len(items) >= 1, 240)
+                await prefill.wait_until(lambda items: len(items) >= PREFILL_WORKERS, 240)
             except TimeoutError:
-                raise AssertionError(f"no PrefillWorker serving:\n{served.log_tail()}") from None
+                raise AssertionError(f"{PREFILL_WORKERS} PrefillWorkers not serving:\n{served.log_tail()}") from None
             finally:
                 await prefill.close()
         yield served
@@ -117,64 +121,116 @@ async def graph(tiny_model, reference, nats_server, etcd_server, tmp_path_factor
         served.stop()
 
 
-# The latest response to each prompt, for the header checks.
-LAST_RESPONSE: dict[str, httpx.Response] = {}
-
-
-async def _complete(graph: ServedGraph, prompt: str) -> tuple[str, str]:
-    """(request id, text) of a greedy completion."""
+async def _complete(graph: ServedGraph, prompt: str) -> tuple[str, httpx.Response]:
+    """(request id, response) of a greedy completion that succeeded."""
     request_id = uuid.uuid4().hex
     body = {"model": MODEL, "prompt": prompt, "temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
         response = await http.post("/v1/completions", json=body, headers={"X-Request-Id": request_id})
     assert response.status_code == 200, response.text
-    LAST_RESPONSE[prompt] = response
-    return request_id, response.json()["choices"][0]["text"]
+    return request_id, response
 
 
-async def _prefill_status(graph: ServedGraph) -> dict[str, Any]:
+def _text(response: httpx.Response) -> str:
+    return response.json()["choices"][0]["text"]
+
+
+async def _prefill_statuses(graph: ServedGraph, count: int = PREFILL_WORKERS) -> dict[str, dict[str, Any]]:
+    """The status (pid, job counters) of `count` PrefillWorkers that answer, by instance id.
+
+    A record can outlive its process by the lease TTL (a killed worker), and a worker
+    frozen past the TTL re-registers a moment after it thaws: wait for `count` answers.
+    """
     async with await Runtime.connect(graph.settings) as runtime:
         client = runtime.client("PrefillWorker", "status")
-        await client.wait_for_instances(timeout=30)
-        return await client.call({}, timeout=10)
+        async with asyncio.timeout(60):
+            while True:
+                statuses = {}
+                for instance in await client.watch():
+                    try:
+                        statuses[instance] = await client.call({}, target=instance, timeout=2)
+                    except Exception:
+                        continue
+                if len(statuses) >= count:
+                    return statuses
+                await asyncio.sleep(0.5)
+
+
+async def _decode_counters(graph: DisaggGraph) -> dict[str, float]:
+    """The decode worker's KV-transfer counters, scraped from its metrics port."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(graph.decode_metrics_url)).text
+    samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        "external_tokens": samples["tandem_worker_external_kv_prompt_tokens_total"],
+        "transfer_bytes": samples["tandem_worker_kv_transfer_bytes_total"],
+    }
 
 
 def _decision(graph: ServedGraph, request_id: str) -> str:
-    """The decode worker's logged decision for a request: local, remote or fallback."""
-    for line in graph.log_path.read_text(errors="replace").splitlines():
-        marker = f"request {request_id}: prefill "
-        if marker in line:
-            return line.split(marker, 1)[1].split(" ", 1)[0]
-    raise AssertionError(f"no prefill decision logged for {request_id}:\n{graph.log_tail()}")
+    """The decode worker's logged decision for a request: local, remote or fallback.
+
+    supervisord relays the worker's output into the log a moment later (it polls the
+    pipes): a response can reach the client before its decision line reaches the file.
+    """
+    marker = f"request {request_id}: prefill "
+    deadline = time.monotonic() + 5
+    while True:
+        for line in graph.log_path.read_text(errors="replace").splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].split(" ", 1)[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no prefill decision logged for {request_id}:\n{graph.log_tail()}")
+        time.sleep(0.2)
 
 
-async def test_long_prompts_prefill_remotely_with_vllms_output(graph: ServedGraph, reference) -> None:
-    before = (await _prefill_status(graph)).get("done", 0)
-    for prompt in LONG_PROMPTS:
-        request_id, text = await _complete(graph, prompt)
-        assert text == reference[prompt]
+def _done(status: dict[str, Any]) -> int:
+    return status.get("done", 0)
+
+
+async def test_long_prompts_prefill_remotely_on_both_workers_with_vllms_output(
+    graph: DisaggGraph, reference, prompt_lengths
+) -> None:
+    before, counters_before = await _prefill_statuses(graph), await _decode_counters(graph)
+    assert len(before) == PREFILL_WORKERS
+    # At once: each PrefillWorker takes one job at a time, so the queue spreads them.
+    results = await asyncio.gather(*(_complete(graph, prompt) for prompt in LONG_PROMPTS))
+    after, counters_after = await _prefill_statuses(graph), await _decode_counters(graph)
+
+    served_by: dict[str, int] = {}
+    for prompt, (request_id, response) in zip(LONG_PROMPTS, results, strict=True):
+        assert _text(response) == reference[prompt]
         assert _decision(graph, request_id) == "remote"
-    status = await _prefill_status(graph)
-    assert status.get("done", 0) - before == len(LONG_PROMPTS)
-    # The response names the prefill worker that served it.
-    assert {LAST_RESPONSE[p].headers.get("x-tandem-prefill-worker") for p in LONG_PROMPTS} == {status["worker_id"]}
-    # The decode engine's NIXL connector set up the pull from the prefill engine.
-    assert "Transfer plan" in graph.log_path.read_text(errors="replace")
+        # The response names the prefill worker that served it.
+        worker = response.headers["x-tandem-prefill-worker"]
+        served_by[worker] = served_by.get(worker, 0) + 1
+    assert set(served_by) == set(before), "both PrefillWorkers should have taken jobs"
+    for worker, jobs in served_by.items():
+        assert _done(after[worker]) - _done(before[worker]) == jobs
+
+    # The decode engine did not compute these prompts: vLLM counts their KV as pulled
+    # from another engine (all of it but, at most, a partial last block), over NIXL.
+    pulled = counters_after["external_tokens"] - counters_before["external_tokens"]
+    prompt_tokens = sum(prompt_lengths[p] for p in LONG_PROMPTS)
+    assert prompt_tokens - len(LONG_PROMPTS) * BLOCK_SIZE <= pulled <= prompt_tokens
+    assert counters_after["transfer_bytes"] > counters_before["transfer_bytes"]
 
 
-async def test_short_prompts_stay_local_with_vllms_output(graph: ServedGraph, reference) -> None:
-    before = (await _prefill_status(graph)).get("done", 0)
+async def test_short_prompts_stay_local_with_vllms_output(graph: DisaggGraph, reference) -> None:
+    before, counters_before = await _prefill_statuses(graph), await _decode_counters(graph)
     for prompt in SHORT_PROMPTS:
-        request_id, text = await _complete(graph, prompt)
-        assert text == reference[prompt]
+        request_id, response = await _complete(graph, prompt)
+        assert _text(response) == reference[prompt]
         assert _decision(graph, request_id) == "local"
-        assert "x-tandem-prefill-worker" not in LAST_RESPONSE[prompt].headers
-    assert (await _prefill_status(graph)).get("done", 0) == before
+        assert "x-tandem-prefill-worker" not in response.headers
+    after = await _prefill_statuses(graph)
+    assert {w: _done(s) for w, s in after.items()} == {w: _done(s) for w, s in before.items()}
+    assert (await _decode_counters(graph))["external_tokens"] == counters_before["external_tokens"]
 
 
-async def test_disagg_set_flips_the_decision_live(graph: ServedGraph, reference, monkeypatch) -> None:
-    # One call of the operator's command (in-process: with two vLLM engines keeping both
-    # cores busy, a fresh Python process can take minutes to import); the rest through the API.
+async def test_disagg_set_flips_the_decision_live(graph: DisaggGraph, reference, monkeypatch) -> None:
+    # One call of the operator's command (in-process: with three vLLM engines on two
+    # cores, a fresh Python process can take minutes to import); the rest through the API.
     for name in ("NATS_SERVER", "ETCD_ENDPOINTS", "TANDEM_NAMESPACE"):
         monkeypatch.setenv(name, graph.env[name])
     assert await asyncio.to_thread(tandem_cli, ["disagg", "set", "--max-local-prefill-length", "100000"]) == 0
@@ -182,8 +238,8 @@ async def test_disagg_set_flips_the_decision_live(graph: ServedGraph, reference,
         try:
             assert await runtime.discovery.get_tunable(DISAGG_MAX_LOCAL_PREFILL_LENGTH) == 100000
             await asyncio.sleep(0.5)  # the worker's tunables watch applies it
-            request_id, text = await _complete(graph, FLIP_PROMPT)
-            assert text == reference[FLIP_PROMPT]
+            request_id, response = await _complete(graph, FLIP_PROMPT)
+            assert _text(response) == reference[FLIP_PROMPT]
             assert _decision(graph, request_id) == "local"
 
             await runtime.discovery.put_tunable(DISAGG_MAX_LOCAL_PREFILL_LENGTH, MAX_LOCAL_PREFILL)
@@ -192,38 +248,79 @@ async def test_disagg_set_flips_the_decision_live(graph: ServedGraph, reference,
             request_id, _ = await _complete(graph, FLIP_PROMPT)
             assert _decision(graph, request_id) == "local"
 
-            await runtime.discovery.delete_tunable(DISAGG_MAX_PREFILL_QUEUE_SIZE)  # back to the config's 16
+            await runtime.discovery.delete_tunable(DISAGG_MAX_PREFILL_QUEUE_SIZE)  # back to the config's
             await asyncio.sleep(0.5)
-            request_id, text = await _complete(graph, FLIP_PROMPT)
-            assert text == reference[FLIP_PROMPT]
+            request_id, response = await _complete(graph, FLIP_PROMPT)
+            assert _text(response) == reference[FLIP_PROMPT]
             assert _decision(graph, request_id) == "remote"
         finally:
             for key in (DISAGG_MAX_LOCAL_PREFILL_LENGTH, DISAGG_MAX_PREFILL_QUEUE_SIZE):
                 await runtime.discovery.delete_tunable(key)
 
 
-def _prefill_worker_process(graph: ServedGraph) -> psutil.Process:
+def _process_group(graph: ServedGraph, pid: int) -> int:
+    """A PrefillWorker's process group: the worker and its engine core, nothing else."""
     assert graph.process is not None
-    for child in psutil.Process(graph.process.pid).children(recursive=True):
-        if any("prefill_worker:PrefillWorker" in part for part in child.cmdline()):
-            return child
-    raise AssertionError("no PrefillWorker process under tandem serve")
+    group = os.getpgid(pid)
+    assert group not in {os.getpgid(graph.process.pid), os.getpgrp()}
+    assert any("prefill_worker:PrefillWorker" in part for part in psutil.Process(pid).cmdline())
+    return group
 
 
-async def test_sigkill_of_the_prefill_worker_loses_no_request(graph: ServedGraph, reference) -> None:
-    # The worker's whole process group: a dead node takes its engine core with it.
-    group = os.getpgid(_prefill_worker_process(graph).pid)
-    os.killpg(group, signal.SIGSTOP)  # frozen, so that the jobs are still queued when it dies
+async def _wait_queued(graph: ServedGraph, jobs: int) -> None:
+    async with await Runtime.connect(graph.settings) as runtime:
+        queue = await runtime.work_queue(PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
+        async with asyncio.timeout(30):
+            while await queue.depth() < jobs:
+                await asyncio.sleep(0.1)
+
+
+async def test_a_late_answer_is_discarded_after_the_local_fallback(graph: DisaggGraph, reference) -> None:
+    """No PrefillWorker answers within the deadline: the decode worker prefills itself,
+    and the job, once a worker reaches it, is skipped as expired (used at most once)."""
+    before = await _prefill_statuses(graph)
+    groups = [_process_group(graph, status["pid"]) for status in before.values()]
+    for group in groups:
+        os.killpg(group, signal.SIGSTOP)
+    try:
+        request_id, response = await _complete(graph, LATE_PROMPT)
+    finally:
+        for group in groups:
+            os.killpg(group, signal.SIGCONT)
+    assert _text(response) == reference[LATE_PROMPT]
+    assert _decision(graph, request_id) == "fallback"
+    assert "x-tandem-prefill-worker" not in response.headers
+    async with asyncio.timeout(2 * PREFILL_ACK_WAIT_S):
+        while True:
+            after = await _prefill_statuses(graph)
+            assert set(after) == set(before)
+            expired = sum(s.get("expired", 0) - before[w].get("expired", 0) for w, s in after.items())
+            if expired:
+                break
+            await asyncio.sleep(0.5)
+    # No worker prefilled it: the job was skipped (by both workers, if one thawed with it
+    # in hand while the queue redelivered it to the other after the ack wait).
+    assert {w: _done(s) for w, s in after.items()} == {w: _done(s) for w, s in before.items()}
+
+
+async def test_sigkill_of_a_prefill_worker_with_jobs_queued_loses_no_request(graph: DisaggGraph, reference) -> None:
+    before = await _prefill_statuses(graph)
+    victim, survivor = sorted(before)
+    groups = {worker: _process_group(graph, status["pid"]) for worker, status in before.items()}
+    # Both frozen, so that the jobs wait in the queue (or in a frozen worker's hands).
+    for group in groups.values():
+        os.killpg(group, signal.SIGSTOP)
     requests = [asyncio.create_task(_complete(graph, prompt)) for prompt in KILL_PROMPTS]
     try:
-        async with await Runtime.connect(graph.settings) as runtime:
-            queue = await runtime.work_queue(PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
-            async with asyncio.timeout(30):
-                while await queue.depth() < len(KILL_PROMPTS):
-                    await asyncio.sleep(0.1)
+        await _wait_queued(graph, len(KILL_PROMPTS))
     finally:
-        os.killpg(group, signal.SIGKILL)
+        # A dead node takes its engine core with it: the whole group.
+        os.killpg(groups[victim], signal.SIGKILL)
+        os.killpg(groups[survivor], signal.SIGCONT)
     results = await asyncio.gather(*requests)
-    for prompt, (request_id, text) in zip(KILL_PROMPTS, results, strict=True):
-        assert text == reference[prompt]
-        assert _decision(graph, request_id) == "fallback"
+    for prompt, (request_id, response) in zip(KILL_PROMPTS, results, strict=True):
+        assert _text(response) == reference[prompt]
+        # The victim's job was redelivered after the ack wait: still remote, no fallback.
+        assert _decision(graph, request_id) == "remote"
+        # supervisord restarts the victim under a new instance id; it may take a job late.
+        assert response.headers["x-tandem-prefill-worker"] != victim
