@@ -14,7 +14,7 @@
 #   make prefill NATS_SERVER=nats://10.0.0.1:4222 ETCD_ENDPOINTS=http://10.0.0.1:2379
 #
 # VLLM_HOST_IP, when neither given nor edited in the env files, is this machine's source
-# address towards the NATS server.
+# address towards the NATS server (a Ray worker: towards the Ray head).
 #
 # Environment: TANDEM_IMAGE (default tandem:latest), TANDEM_ENV_DIR (default env/),
 # TANDEM_MODEL_CACHE (default /var/lib/tandem/models), GPUS (docker run --gpus value,
@@ -49,12 +49,17 @@ done
 
 host_ip=$(value_of VLLM_HOST_IP)
 if [ -z "$host_ip" ] || [ "$host_ip" = THIS_NODE_IP ]; then
-    nats=$(value_of NATS_SERVER)
-    nats_host=${nats#*://}
-    nats_host=${nats_host%%:*}
-    host_ip=$(ip -4 route get "$nats_host" 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p' | head -n 1)
-    [ -n "$host_ip" ] || { echo "docker-node: set VLLM_HOST_IP (this node's address; no route to NATS host '$nats_host' to guess it from)" >&2; exit 2; }
-    echo "docker-node: VLLM_HOST_IP=$host_ip (this machine's address towards $nats_host)"
+    # The node this one must reach: the Ray head for a Ray worker, NATS for the others.
+    if [ "$role" = ray-worker ]; then
+        peer=$(value_of RAY_ADDRESS)
+    else
+        peer=$(value_of NATS_SERVER)
+        peer=${peer#*://}
+    fi
+    peer=${peer%%:*}
+    host_ip=$( (ip -4 route get "$peer" 2>/dev/null || true) | sed -n 's/.* src \([0-9.]*\).*/\1/p' | head -n 1)
+    [ -n "$host_ip" ] || { echo "docker-node: set VLLM_HOST_IP, this node's address (no route to '$peer' to guess it from)" >&2; exit 2; }
+    echo "docker-node: VLLM_HOST_IP=$host_ip (this machine's address towards $peer)"
     overrides+=(-e "VLLM_HOST_IP=$host_ip")
 fi
 
