@@ -15,18 +15,22 @@ node advertises (instance records, NIXL side channel) must come from that.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from app.runtime import Runtime
 from app.runtime.discovery import InstanceRecord
 from app.settings import RuntimeSettings
 from tests.netns import Fabric, Node, NodeProcess
+
+log = logging.getLogger(__name__)
 
 TANDEM = str(Path(sys.executable).with_name("tandem"))
 REPO = Path(__file__).resolve().parents[2]
@@ -43,11 +47,7 @@ def node_env(node: Node, **extra: str) -> dict[str, str]:
 
 
 class SeedCluster:
-    """Head node `nodes[0]` and prefill nodes `nodes[1:]`, started one at a time.
-
-    The engines start one after another: on two cores, three engines compiling and
-    loading at once each take minutes.
-    """
+    """Head node `fabric.nodes[0]` and prefill nodes `fabric.nodes[1:]`."""
 
     def __init__(self, fabric: Fabric, config: Path, overrides: Sequence[str], workdir: Path) -> None:
         self.head, *self.prefill_nodes = fabric.nodes
@@ -103,18 +103,22 @@ class SeedCluster:
         return process
 
     async def start(self, timeout: float = 420.0) -> None:
+        """Node 1 first (the others need its NATS and etcd), then the prefill nodes together."""
+        began = time.monotonic()
         self.infra_up()
         self.serve(self.head, "graphs.agg_router:Frontend")
         await self.wait_serving("VllmWorker", "generate", self.head, timeout)
         await self.wait_http(f"{self.base_url}/health", timeout)
+        log.info("node 1 serving after %.0f s", time.monotonic() - began)
         for node in self.prefill_nodes:
             self.serve(node, "components.prefill_worker:PrefillWorker")
-            await self.wait_serving("PrefillWorker", "status", node, timeout)
+        await asyncio.gather(*(self.wait_serving("PrefillWorker", "status", n, timeout) for n in self.prefill_nodes))
+        log.info("prefill nodes serving after %.0f s", time.monotonic() - began)
 
     def stop(self) -> None:
-        """Prefill nodes, then the head's graph, then its NATS and etcd."""
-        for _, process in reversed(self._serving):
-            process.stop(timeout=90)
+        """Every node's `tandem serve` at once (each drains its own), then node 1's NATS and etcd."""
+        with ThreadPoolExecutor(max(1, len(self._serving))) as pool:
+            list(pool.map(lambda serving: serving[1].stop(timeout=90), self._serving))
         self._serving.clear()
         if self.urls:
             self.infra_down()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import urllib.request
 import uuid
@@ -38,6 +39,8 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not Fabric.available(), reason="network namespaces need root, ip and unshare"),
 ]
+
+log = logging.getLogger(__name__)
 
 CONFIG = REPO / "configs" / "cpu-tiny-disagg.yaml"
 MODEL = "tiny-llama"
@@ -227,6 +230,7 @@ async def test_long_prompts_are_prefilled_on_nodes_2_and_3_and_their_kv_crosses_
         # The prompt's KV (every full block of it, at least) left the prefill node over its wire.
         kv_bytes = sum(len(prompt_ids[key]) // BLOCK_SIZE * BLOCK_SIZE * per_token for key in served_by[node.ip])
         sent = _tx_bytes(node) - sent_before[node.ip]
+        log.info("%s (%s) sent %d bytes for %d bytes of KV", node.name, node.ip, sent, kv_bytes)
         assert sent >= kv_bytes, f"{node.name} sent {sent} bytes for {kv_bytes} bytes of KV"
 
 
