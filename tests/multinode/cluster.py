@@ -59,6 +59,7 @@ class SeedCluster:
         self.urls: dict[str, str] = {}
         self.logs: dict[str, Path] = {}
         self._serving: list[tuple[Node, NodeProcess]] = []
+        self._infra_started = False
 
     @property
     def settings(self) -> RuntimeSettings:
@@ -77,6 +78,7 @@ class SeedCluster:
         Not in a private PID namespace: the servers detach from the command, and outlive
         it until `infra_down`, as on a real head node.
         """
+        self._infra_started = True  # even if `up` fails half-way, `down` stops what it started
         result = self.head.run([TANDEM, "infra", "up"], env=self._head_infra_env(), timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
         self.urls = dict(line.split("=", 1) for line in result.stdout.split())
@@ -94,10 +96,10 @@ class SeedCluster:
         log_path = self.workdir / f"{node.name}.log"
         self.logs[node.name] = log_path
         env = node_env(node, NATS_SERVER=self.urls["NATS_SERVER"], ETCD_ENDPOINTS=self.urls["ETCD_ENDPOINTS"])
-        with open(log_path, "ab") as log:
+        with open(log_path, "ab") as output:
             process = node.popen(
                 [TANDEM, "serve", address, "-f", str(self.config), *self.overrides],
-                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self._serving.append((node, process))
         return process
@@ -120,7 +122,7 @@ class SeedCluster:
         with ThreadPoolExecutor(max(1, len(self._serving))) as pool:
             list(pool.map(lambda serving: serving[1].stop(timeout=90), self._serving))
         self._serving.clear()
-        if self.urls:
+        if self._infra_started:
             self.infra_down()
 
     # --- waiting, with the logs of whatever died ----------------------------------------
