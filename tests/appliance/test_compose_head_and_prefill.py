@@ -1,0 +1,266 @@
+"""The appliance as an operator runs it, on this CPU machine (docs/appliance.md).
+
+`docker compose --profile head up` with env files edited the way docs/appliance.md says
+(NATS, etcd, Frontend + Processor + Router and a decode worker pinned to core 0, the
+small local model in the models volume), a streamed chat completion with the official
+`openai` client on port 8000, then a prefill node: the image with env/common.env and
+env/prefill.env on the host network (`docker run --network host --env-file ...`, what
+`make prefill` runs), its vLLM engine pinned to core 1. A long prompt is then prefilled
+by that container: the response names it in X-Tandem-Prefill-Worker and its job counter
+rises.
+
+Compose is driven through Debian's docker-compose 1.29 CLI: testcontainers' DockerCompose
+always runs `docker compose` (the v2 plugin, not installable here) and parses
+`docker compose ps --format json`, which 1.29 lacks. The prefill container is a
+testcontainers DockerContainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+from openai import AsyncOpenAI
+from testcontainers.core.container import DockerContainer
+
+from app.infra import free_port
+from app.runtime import Runtime
+from app.settings import RuntimeSettings
+from tests.appliance.conftest import REPO_ROOT
+from tests.appliance.docker_engine import DockerEngine
+
+pytestmark = pytest.mark.appliance
+
+COMPOSE_FILE = REPO_ROOT / "compose" / "docker-compose.cpu.yml"
+PROJECT = "tandem-appliance-test"
+HEAD_CONTAINER = "tandem-head"
+# The CPU compose file's default config: the decode engine on core 0 prefills prompts up to
+# 64 tokens itself and hands longer ones to PrefillWorkers, whose engines use core 1.
+CONFIG = "configs/cpu-tiny-disagg.yaml"
+FRONTEND_PORT = 8000  # the config's Frontend port
+MODEL = "tiny-llama"
+NAMESPACE = "tandem"  # env/common.env's TANDEM_NAMESPACE
+NODE_IP = "127.0.0.1"  # both "nodes" are this machine
+START_TIMEOUT_S = 420
+# Past the config's max-local-prefill-length (64 tokens): prefilled remotely.
+LONG_PROMPT = " ".join(f"appliance-{i}" for i in range(80))
+
+
+@dataclass(frozen=True)
+class Deployment:
+    env_dir: Path  # the edited copy of env/
+    models_dir: Path  # mounted at /models; holds tiny-llama
+    nats_server: str
+    etcd_endpoints: str
+
+    @property
+    def runtime_settings(self) -> RuntimeSettings:
+        return RuntimeSettings(
+            nats_server=self.nats_server, etcd_endpoints=self.etcd_endpoints, namespace=NAMESPACE, connect_timeout_s=10.0
+        )
+
+
+def _set(text: str, name: str, value: str) -> str:
+    """`name=value` in an env file's text, replacing the line that sets it or appended."""
+    line = f"{name}={value}"
+    pattern = re.compile(rf"^{re.escape(name)}=.*$", re.MULTILINE)
+    return pattern.sub(line, text) if pattern.search(text) else f"{text.rstrip()}\n{line}\n"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Deployment:
+    """env/ edited as docs/appliance.md tells an operator, for a one-machine deployment."""
+    root = tmp_path_factory.mktemp("appliance")
+    env_dir = root / "env"
+    shutil.copytree(REPO_ROOT / "env", env_dir)
+    # Free ports, not 4222/2379: the test must not meet another NATS or etcd on this machine.
+    nats_port, monitor_port, etcd_port, peer_port = (free_port() for _ in range(4))
+    nats_server, etcd_endpoints = f"nats://{NODE_IP}:{nats_port}", f"http://{NODE_IP}:{etcd_port}"
+    for path in env_dir.glob("*.env"):
+        text = path.read_text()
+        for placeholder in ("HEAD_NODE_IP", "THIS_NODE_IP", "RAY_HEAD_IP"):
+            text = text.replace(placeholder, NODE_IP)
+        path.write_text(text)
+    common = env_dir / "common.env"
+    text = common.read_text()
+    for name, value in (("NATS_SERVER", nats_server), ("ETCD_ENDPOINTS", etcd_endpoints), ("CONFIG", CONFIG)):
+        text = _set(text, name, value)
+    common.write_text(text)
+    head = env_dir / "head.env"
+    text = head.read_text()
+    for name, port in (("NATS_PORT", nats_port), ("NATS_MONITOR_PORT", monitor_port),
+                       ("ETCD_PORT", etcd_port), ("ETCD_PEER_PORT", peer_port)):
+        text = _set(text, name, str(port))
+    head.write_text(text)
+    # The containers run as the image's user (uid 10001): the model must be readable by it.
+    models_dir = root / "models"
+    shutil.copytree(tiny_model, models_dir / MODEL)
+    for path in (models_dir, *models_dir.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return Deployment(env_dir, models_dir, nats_server, etcd_endpoints)
+
+
+class Compose:
+    """Debian's docker-compose 1.29 CLI on the CPU compose file, against the test's engine."""
+
+    def __init__(self, engine: DockerEngine, image: str, deployment: Deployment) -> None:
+        self.env = {
+            **engine.env(),
+            "TANDEM_IMAGE": image,
+            "TANDEM_ENV_DIR": str(deployment.env_dir),
+            "TANDEM_MODEL_CACHE": str(deployment.models_dir),
+        }
+
+    def __call__(self, *args: str, timeout: float = 300) -> str:
+        command = ["docker-compose", "-p", PROJECT, "-f", str(COMPOSE_FILE), *args]
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(command[3:])} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result.stdout + result.stderr
+
+
+def _logs(client: docker.DockerClient, name: str, lines: int = 80) -> str:
+    try:
+        return client.containers.get(name).logs(tail=lines).decode(errors="replace")
+    except docker.errors.NotFound:
+        return f"(no container {name})"
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.fixture(scope="module")
+def head(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient, tandem_image: str, deployment: Deployment
+) -> Iterator[Compose]:
+    """`docker-compose --profile head up -d`, until the model is served; `down` at the end."""
+    if not _port_is_free(FRONTEND_PORT):
+        pytest.fail(f"port {FRONTEND_PORT} is in use on this machine; the head's Frontend needs it")
+    compose = Compose(docker_engine, tandem_image, deployment)
+    compose("--profile", "head", "up", "-d")
+    try:
+        _wait_for_model(docker_client)
+        yield compose
+    finally:
+        # SIGTERM: supervisord drains the Tandem programs, then stops etcd and NATS.
+        compose("--profile", "head", "down", "--volumes", "--timeout", "120", timeout=300)
+
+
+def _wait_for_model(client: docker.DockerClient) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        container = client.containers.get(HEAD_CONTAINER)
+        if container.status == "exited" or container.attrs["RestartCount"] > 0:
+            break  # supervisord gave up, or the container died and restarts
+        try:
+            models = httpx.get(f"http://127.0.0.1:{FRONTEND_PORT}/v1/models", timeout=5).json()
+            if any(model["id"] == MODEL for model in models.get("data", [])):
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(2)
+    raise AssertionError(f"the head did not serve {MODEL} within {START_TIMEOUT_S}s:\n{_logs(client, HEAD_CONTAINER)}")
+
+
+async def test_head_streams_a_chat_completion_on_port_8000(head: Compose) -> None:
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{FRONTEND_PORT}/v1", api_key="unused")
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me about Eldoria."}],
+        stream=True, max_tokens=16, temperature=0,
+    )
+    pieces, finish = [], None
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    await client.close()
+    assert sum(1 for piece in pieces if piece) > 1, "expected the reply in several streamed chunks"
+    assert "".join(pieces).strip()
+    assert finish in ("length", "stop")
+
+
+async def test_head_container_is_healthy_and_not_root(head: Compose, docker_client: docker.DockerClient) -> None:
+    container = docker_client.containers.get(HEAD_CONTAINER)
+    # The image's HEALTHCHECK (every program RUNNING; NATS, etcd and the Frontend answering);
+    # compose's interval is 10 s.
+    deadline = time.monotonic() + 90
+    while container.attrs["State"]["Health"]["Status"] != "healthy" and time.monotonic() < deadline:
+        await asyncio.sleep(2)
+        container.reload()
+    health = container.attrs["State"]["Health"]
+    assert health["Status"] == "healthy", health["Log"][-3:]
+    uid = container.exec_run(["id", "-u"]).output.decode().strip()
+    assert uid not in ("", "0"), f"the head runs as uid {uid!r}"
+    programs = container.exec_run(["supervisorctl", "-c", "/tmp/tandem-supervisor/supervisord.conf", "status"])
+    names = {line.split()[0] for line in programs.output.decode().splitlines() if line.strip()}
+    assert names == {"nats", "etcd", "tandem-graph"}
+
+
+@pytest.fixture
+async def prefill_node(
+    head: Compose, tandem_image: str, deployment: Deployment, docker_client: docker.DockerClient
+) -> AsyncIterator[DockerContainer]:
+    """A prefill node as docs/appliance.md starts it, until its PrefillWorker serves."""
+    container = (
+        DockerContainer(tandem_image)
+        .with_env_file(deployment.env_dir / "common.env")
+        .with_env_file(deployment.env_dir / "prefill.env")
+        .with_volume_mapping(str(deployment.models_dir), "/models", "ro")
+        .with_name("tandem-prefill")
+        .with_kwargs(network_mode="host", shm_size="2g")
+    )
+    container.start()
+    try:
+        async with await Runtime.connect(deployment.runtime_settings) as runtime:
+            workers = await runtime.discovery.watch_instances("PrefillWorker", "status")
+            try:
+                await workers.wait_until(lambda items: len(items) >= 1, START_TIMEOUT_S)
+            except TimeoutError:
+                raise AssertionError(f"no PrefillWorker serving:\n{_logs(docker_client, 'tandem-prefill')}") from None
+            finally:
+                await workers.close()
+        yield container
+    finally:
+        # docker stop first (SIGTERM: the worker drains); testcontainers' stop removes it.
+        container.get_wrapped_container().stop(timeout=60)
+        container.stop()
+
+
+async def _prefill_status(deployment: Deployment) -> dict:
+    async with await Runtime.connect(deployment.runtime_settings) as runtime:
+        client = runtime.client("PrefillWorker", "status")
+        (worker,) = await client.watch()
+        return await client.call({}, target=worker, timeout=10)
+
+
+async def test_long_prompt_is_prefilled_by_the_prefill_container(
+    prefill_node: DockerContainer, deployment: Deployment, docker_client: docker.DockerClient
+) -> None:
+    before = await _prefill_status(deployment)
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{FRONTEND_PORT}/v1", api_key="unused", timeout=120)
+    response = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": LONG_PROMPT}], stream=True, max_tokens=8, temperature=0,
+    )
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in response.parse() if chunk.choices])
+    await client.close()
+    after = await _prefill_status(deployment)
+
+    assert text.strip()
+    assert response.headers.get("x-tandem-prefill-worker") == before["worker_id"], (
+        f"not prefilled by the prefill container {before['worker_id']}:\n{_logs(docker_client, HEAD_CONTAINER, 30)}"
+    )
+    assert after["worker_id"] == before["worker_id"]
+    assert after.get("done", 0) == before.get("done", 0) + 1
+    assert "prefilled" in _logs(docker_client, "tandem-prefill", 200)
