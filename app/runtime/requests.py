@@ -1,10 +1,11 @@
 """Requests plane: serve an endpoint, call one, stream the replies back.
 
 A call is one NATS message to the instance's subject; every reply frame is one NATS
-message to the caller's inbox (see `wire.py`). The callee answers ACCEPTED before its
-handler runs, so a caller learns within `request_ack_timeout_s` that an instance whose
-record still lives in etcd is in fact dead (and NATS tells it at once with a
-no-responders status when nothing subscribes to the subject at all).
+message to the caller's inbox (see `wire.py`). The callee answers as soon as its handler
+first pauses (ACCEPTED if it has nothing to send yet), so a caller learns within
+`request_ack_timeout_s` that an instance whose record still lives in etcd is in fact
+dead (and NATS tells it at once with a no-responders status when nothing subscribes to
+the subject at all).
 """
 
 from __future__ import annotations
@@ -133,9 +134,8 @@ class ServedEndpoint:
             task.cancel()
 
     async def _handle(self, reply: str, payload: msgspec.Raw, ctx: RequestContext) -> None:
-        publish = self._nc.publish
+        frames = _ReplyFrames(self._nc, reply, ctx.request_id)
         try:
-            await publish(reply, wire.ACCEPTED)
             try:
                 request = self._request_decoder.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -143,8 +143,9 @@ class ServedEndpoint:
             stream = self._handler(request, ctx)
             async with contextlib.aclosing(stream):
                 async for item in stream:
-                    await publish(reply, wire.encode_data(item))
-            await publish(reply, wire.END)
+                    if frames.add(wire.encoder.encode(item)):
+                        await frames.flush()  # a full batch leaves at once
+            await frames.finish()
         except asyncio.CancelledError:
             log.info("request %s cancelled by its caller", ctx.request_id)
         except NatsError as exc:
@@ -160,7 +161,76 @@ class ServedEndpoint:
             if status >= 500:
                 log.exception("request %s: handler of %s failed", ctx.request_id, self.record.subject)
             with contextlib.suppress(NatsError):
-                await publish(reply, wire.encode_error(type_name, message, status))
+                await frames.fail(wire.encode_error(type_name, message, status))
+
+
+class _ReplyFrames:
+    """The reply frames of one call. Items the handler yields within one turn of the
+    event loop leave as one frame: a flush is scheduled (as a task, so it runs once the
+    handler pauses) when the first of them arrives, and the handler's end takes what is
+    still pending into the last frame. A flush that finds nothing to send, before
+    anything was sent, sends ACCEPTED."""
+
+    __slots__ = ("_nc", "_reply", "_request_id", "_pending", "_pending_bytes", "_flush_scheduled", "_flush_task", "_sent")
+
+    def __init__(self, nc: NatsClient, reply: str, request_id: str) -> None:
+        self._nc = nc
+        self._reply = reply
+        self._request_id = request_id
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._sent = False
+        self._flush_scheduled = False
+        self._schedule_flush()  # ACCEPTED, unless the handler has items by its first pause
+
+    def add(self, encoded_item: bytes) -> bool:
+        """Queue an item; True when the batch is full and should be flushed now."""
+        self._pending.append(encoded_item)
+        self._pending_bytes += len(encoded_item)
+        if not self._flush_scheduled:
+            self._schedule_flush()
+        return self._pending_bytes >= wire.MAX_BATCH_BYTES
+
+    def _schedule_flush(self) -> None:
+        self._flush_scheduled = True
+        # Held so that the task is not collected while it waits; one flush is ever due.
+        self._flush_task = asyncio.get_running_loop().create_task(self.flush(scheduled=True))
+
+    async def flush(self, scheduled: bool = False) -> None:
+        if scheduled:
+            self._flush_scheduled = False
+        pending = self._take()
+        if pending:
+            frame = wire.DATA_PREFIX + pending[0] if len(pending) == 1 else wire.encode_batch(wire.FRAME_BATCH, pending)
+        elif not self._sent:
+            frame = wire.ACCEPTED
+        else:
+            return
+        self._sent = True
+        try:
+            await self._nc.publish(self._reply, frame)
+        except NatsError as exc:
+            # The handler's own end or failure will find the connection gone too.
+            log.warning("request %s: reply frame lost (%s)", self._request_id, exc)
+
+    def _take(self) -> list[bytes]:
+        pending, self._pending = self._pending, []
+        self._pending_bytes = 0
+        return pending
+
+    async def finish(self) -> None:
+        """The last frame: what is pending, and the end of the stream."""
+        pending = self._take()
+        self._sent = True
+        await self._nc.publish(self._reply, wire.encode_batch(wire.FRAME_LAST, pending) if pending else wire.END)
+
+    async def fail(self, error_frame: bytes) -> None:
+        """Items yielded before the failure still reach the caller, then the error."""
+        pending = self._take()
+        self._sent = True
+        if pending:
+            await self._nc.publish(self._reply, wire.encode_batch(wire.FRAME_BATCH, pending))
+        await self._nc.publish(self._reply, error_frame)
 
 
 class _Call:
@@ -325,6 +395,7 @@ class EndpointClient:
         watch = await self._instances()
         loop = asyncio.get_running_loop()
         decoder = wire.decoder_for(response_type)
+        batch_decoder = wire.batch_decoder_for(response_type)
         request_id = request_id or uuid.uuid4().hex
         body = wire.encode_request(request_id, payload)
         if len(body) > self._nc.max_payload:
@@ -368,6 +439,15 @@ class EndpointClient:
                         kind = frame[0]
                         if kind == wire.FRAME_DATA:
                             yield decoder.decode(memoryview(frame)[1:])
+                        elif kind == wire.FRAME_BATCH or kind == wire.FRAME_LAST:
+                            items = batch_decoder.decode(memoryview(frame)[1:])
+                            if kind == wire.FRAME_LAST:
+                                finished = True  # the callee is done: nothing to cancel
+                                for item in items:
+                                    yield item
+                                return
+                            for item in items:
+                                yield item
                         elif kind == wire.FRAME_END:
                             finished = True
                             return

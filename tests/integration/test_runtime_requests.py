@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
+import nats
 import pytest
 
 from app.runtime import (
@@ -19,6 +20,7 @@ from app.runtime import (
     Runtime,
     ServiceError,
 )
+from app.runtime import wire
 
 MakeRuntime = Callable[..., Awaitable[Runtime]]
 
@@ -201,3 +203,56 @@ async def _until(predicate: Callable[[], bool], client: Any) -> None:
     await client.wait_for_instances(timeout=5)  # starts the client's instance watch
     while not predicate():
         await asyncio.sleep(0.02)
+
+
+async def _reply_frames(runtime: Runtime, service: str, endpoint: str, payload: Any) -> list[bytes]:
+    """The raw NATS messages one call gets back, up to the one that ends the stream."""
+    record = next(iter((await runtime.client(service, endpoint).wait_for_instances(timeout=5))))
+    nc = await nats.connect(runtime.settings.nats_server)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(record.subject, wire.encode_request("raw-call", payload), reply=inbox)
+        frames = []
+        while not frames or frames[-1][0] not in (wire.FRAME_LAST, wire.FRAME_END, wire.FRAME_ERROR):
+            frames.append((await sub.next_msg(timeout=5)).data)
+        return frames
+    finally:
+        await nc.close()
+
+
+async def test_items_ready_together_travel_in_one_frame(make_runtime: MakeRuntime) -> None:
+    """The wire contract (docs/internals.md): a unary reply is one message, and items the
+    handler yields without pausing share a frame; a pause starts a new one."""
+    rt = await make_runtime()
+
+    async def paused(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+        yield 1
+        yield 2
+        await asyncio.sleep(0.05)
+        yield 3
+
+    await rt.serve_endpoint("Counter", "count", count_to, request_type=Count)
+    await rt.serve_endpoint("Paused", "go", paused)
+
+    unary = await _reply_frames(rt, "Counter", "count", Count(1))
+    assert [frame[:1] for frame in unary] == [b"L"]
+    assert msgspec.msgpack.decode(unary[0][1:], type=list[Item]) == [Item(0, "item 0")]
+
+    streamed = await _reply_frames(rt, "Paused", "go", None)
+    assert [frame[:1] for frame in streamed] == [b"B", b"L"]
+    assert [msgspec.msgpack.decode(frame[1:]) for frame in streamed] == [[1, 2], [3]]
+    assert [item async for item in rt.client("Paused", "go").stream(None)] == [1, 2, 3]
+
+
+async def test_a_long_burst_is_split_below_the_message_size_limit(make_runtime: MakeRuntime) -> None:
+    rt = await make_runtime()
+    text = "x" * 10_000
+
+    async def burst(payload: Any, ctx: RequestContext) -> AsyncIterator[Item]:
+        for i in range(300):  # 3 MB without a pause: three times NATS's default message limit
+            yield Item(i, text)
+
+    await rt.serve_endpoint("Burst", "go", burst)
+    items = [item async for item in rt.client("Burst", "go").stream(None, response_type=Item)]
+    assert [item.index for item in items] == list(range(300)) and all(item.text == text for item in items)
