@@ -5,7 +5,10 @@ a waiting queue and a running set, paged KV blocks with prefix caching
 (`app.engines.mocker_kv`), chunked prefill bounded by `max_num_batched_tokens`, and
 recompute preemption when the KV cache runs out. Each step sleeps for the timing
 model's duration divided by `speedup_ratio`, then every scheduled request advances;
-a request whose prompt is fully computed gets one token per step.
+a request whose prompt is fully computed gets one token per step. Steps shorter than a
+millisecond (a large `speedup_ratio`) are slept in bulk: their tokens then reach the
+caller several to an output, as they would from an engine that steps faster than its
+caller reads.
 
 Tokens come from a deterministic generator (prompt hash, position, request seed), so
 the same prompt always yields the same text. KV events match what vLLM publishes
@@ -62,6 +65,10 @@ from app.router.hashing import block_hashes
 log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
+# Simulated step time shorter than this is owed rather than slept (see MockerEngine._run).
+MIN_SLEEP_S = 0.001
+# The scheduler yields to the event loop at least this often while it runs ahead of its owed time.
+MAX_AWAKE_S = 0.002
 
 
 class MockerConfig(pydantic.BaseModel):
@@ -306,23 +313,42 @@ class MockerEngine(Engine):
     # --- the scheduler loop ---------------------------------------------------------
 
     async def _run(self) -> None:
+        # Simulated step time not slept yet. A step shorter than MIN_SLEEP_S is not slept
+        # on its own: the time is owed and slept together with later steps' (the event
+        # loop's timers have millisecond resolution anyway). So a fast mocker runs several
+        # steps per wake-up of its requests, each of which then collects several tokens,
+        # as a real engine's caller does when it reads less often than the engine steps.
+        owed_s = 0.0
+        awake_since = time.perf_counter()
         while True:
             if not self._running and not self._waiting:
-                self._work.clear()
-                await self._work.wait()
+                await self._idle()
+                owed_s, awake_since = 0.0, time.perf_counter()
                 continue
             scheduled = self._schedule()
-            self._publish_kv_events()
             if not scheduled:
                 # Nothing fits this step (e.g. max_num_seqs of requests all waiting on
                 # blocks): wait for an arrival or an abort rather than spin.
-                self._work.clear()
-                await self._work.wait()
+                await self._idle()
+                owed_s, awake_since = 0.0, time.perf_counter()
                 continue
-            seconds = self._step_ms(scheduled) / 1000.0 / self.config.speedup_ratio
-            await asyncio.sleep(seconds if seconds >= 1e-5 else 0)
+            owed_s += self._step_ms(scheduled) / 1000.0 / self.config.speedup_ratio
+            if owed_s >= MIN_SLEEP_S:
+                self._publish_kv_events()
+                await asyncio.sleep(owed_s)
+                owed_s, awake_since = 0.0, time.perf_counter()
+            elif time.perf_counter() - awake_since >= MAX_AWAKE_S:
+                # Running ahead, but arrivals, aborts and the worker's NATS traffic must
+                # still be served.
+                self._publish_kv_events()
+                await asyncio.sleep(0)
+                awake_since = time.perf_counter()
             self._advance(scheduled)
-            self._publish_kv_events()
+
+    async def _idle(self) -> None:
+        self._publish_kv_events()
+        self._work.clear()
+        await self._work.wait()
 
     def _schedule(self) -> list[tuple[_Request, int]]:
         """This step's batch: (request, tokens to compute). Running requests first, in

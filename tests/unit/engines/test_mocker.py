@@ -136,7 +136,8 @@ async def test_memory_pressure_preempts_and_everything_still_completes(caplog: p
     prompts = [[i] * 30 for i in range(12)]
     async with Mocker(block_size=4, enable_prefix_caching=False) as roomy:
         solo = [tokens_of(await roomy.run(request(p, max_tokens=20))) for p in prompts]
-    async with Mocker(block_size=4, num_gpu_blocks=40, max_model_len=160, max_num_seqs=4) as tight:
+    # Steps of about 2 ms, each slept on its own: every step's running set is observed.
+    async with Mocker(block_size=4, num_gpu_blocks=40, max_model_len=160, max_num_seqs=4, speedup_ratio=4.0) as tight:
         running_seen = []
 
         async def observed(p: list[int]) -> list[int]:
@@ -162,6 +163,18 @@ async def test_speedup_ratio_scales_step_time() -> None:
 
     assert await elapsed(1.0) >= 0.3  # 40 decode steps of 8 ms
     assert await elapsed(1e6) < 0.1
+
+
+async def test_steps_shorter_than_a_millisecond_reach_the_caller_in_batches() -> None:
+    """At a large speedup the engine runs ahead of its caller, and each output carries the
+    tokens made since the last one; at real speed every step is slept, one token each."""
+    async with Mocker(speedup_ratio=1e6) as fast:
+        batched = await fast.run(request([1, 2, 3], max_tokens=64))
+    async with Mocker(speedup_ratio=4.0, decode_base_ms=8.0) as real:
+        stepped = await real.run(request([1, 2, 3], max_tokens=8))
+    assert len(tokens_of(batched)) == 64 and len(batched) < 16
+    assert [len(output.token_ids) for output in stepped] == [1] * 8
+    assert tokens_of(stepped) == tokens_of(batched)[:8]  # the same tokens, however they are grouped
 
 
 async def test_time_to_first_token_grows_with_prompt_length() -> None:
