@@ -4,26 +4,56 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.aio import cancel_and_wait
 from app.components.metrics import serve_metrics
 from app.components.routing import RouterPolicyName
 from app.components.worker import VllmWorker
 from app.protocol import KvEventBatch, LoadReport, RouteDecision, RouteRequest
 from app.router import KvRouter, PlacementEvent
 from app.router.metrics import RouterMetrics
-from app.runtime import InstanceRecord, Runtime, ServiceError
+from app.runtime import EventSubscription, InstanceRecord, Runtime, ServiceError
 from app.sdk import ServiceContext, depends, endpoint, on_shutdown, on_start, service
 from app.tunables import ROUTER_POLICY
 
 log = logging.getLogger(__name__)
 
 # Topic on which routers and processors share placement accounting (app.router.load).
+# A message is a list of PlacementEvents (a lone PlacementEvent is still understood).
 PLACEMENT_TOPIC = "placement"
+PlacementMessage = PlacementEvent | list[PlacementEvent]
+
+
+class PlacementPublisher:
+    """Publishes placement events, those of one turn of the event loop in one message.
+
+    Every router replica applies every event, so each message costs every replica a
+    NATS delivery; a busy Processor makes several events per turn (one request's first
+    token and its end often arrive in one frame, other requests' alongside).
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._pending: list[PlacementEvent] = []
+        self._publishes: set[asyncio.Task[None]] = set()
+
+    def publish(self, event: PlacementEvent) -> None:
+        if not self._pending:
+            # A task runs after the current turn's callbacks: by then the turn's events are in.
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._publishes.add(task)
+            task.add_done_callback(self._publishes.discard)
+        self._pending.append(event)
+
+    async def _flush(self) -> None:
+        events, self._pending = self._pending, []
+        try:
+            await self._runtime.publish(PLACEMENT_TOPIC, events)
+        except Exception:
+            log.exception("publishing %d placement events failed", len(events))
 
 
 class RouterConfig(BaseModel):
@@ -55,8 +85,7 @@ class Router:
 
     def __init__(self) -> None:
         self._router: KvRouter | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._publishes: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[EventSubscription[Any]] = []
         self._metrics_server: Any = None
 
     @on_start
@@ -68,16 +97,18 @@ class Router:
             policy=self.config.router,
             knobs=self.config.knobs,
             router_id=self.runtime.instance_id,
-            on_placement=self._share_placement,
+            on_placement=PlacementPublisher(self.runtime).publish,
             observe_decision_seconds=metrics.observe_decision,
         )
         metrics.router = self._router
         self._metrics_server = serve_metrics(metrics.registry, self.config.metrics_port, self.ctx.replica)
         router = self._router
-        self._tasks = [
-            await self._consume("kv", KvEventBatch, router.apply_kv_batch),
-            await self._consume("load", LoadReport, router.apply_load_report),
-            await self._consume(PLACEMENT_TOPIC, PlacementEvent, router.apply_placement),
+        # Callbacks, not consumer tasks: every replica gets every event of the fleet, and
+        # a task hop per event was a good part of a Router's CPU per request.
+        self._subscriptions = [
+            await self.runtime.subscribe("kv", KvEventBatch, on_event=router.apply_kv_batch),
+            await self.runtime.subscribe("load", LoadReport, on_event=router.apply_load_report),
+            await self.runtime.subscribe(PLACEMENT_TOPIC, PlacementMessage, on_event=self._apply_placements),
         ]
         workers = await self.runtime.discovery.watch_instances(VllmWorker.__name__, "generate")
         workers.add_listener(self._on_worker_change)
@@ -100,22 +131,10 @@ class Router:
             await watch.close()
         raise ServiceError(f"no worker serves model {self.config.model!r}")
 
-    async def _consume(self, topic: str, event_type: type, apply: Callable[[Any], Any]) -> asyncio.Task[None]:
-        subscription = await self.runtime.subscribe(topic, event_type)
-
-        async def run() -> None:
-            async for event in subscription:
-                try:
-                    apply(event)
-                except Exception:
-                    log.exception("applying a %s event failed", topic)
-
-        return asyncio.create_task(run(), name=f"router-{topic}")
-
-    def _share_placement(self, event: PlacementEvent) -> None:
-        task = asyncio.get_running_loop().create_task(self.runtime.publish(PLACEMENT_TOPIC, event))
-        self._publishes.add(task)
-        task.add_done_callback(self._publishes.discard)
+    def _apply_placements(self, message: PlacementEvent | list[PlacementEvent]) -> None:
+        assert self._router is not None
+        for event in message if isinstance(message, list) else (message,):
+            self._router.apply_placement(event)
 
     def _on_worker_change(self, instance_id: str, record: InstanceRecord | None) -> None:
         if record is None and self._router is not None:
@@ -146,5 +165,5 @@ class Router:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         await self._tunables.close()
-        for task in self._tasks:
-            await cancel_and_wait(task)
+        for subscription in self._subscriptions:
+            await subscription.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.components.kv_router import PLACEMENT_TOPIC, Router
+from app.components.kv_router import PlacementPublisher, Router
 from app.components.routing import RouterPolicyName
 from app.components.worker import VllmWorker
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
@@ -32,6 +32,18 @@ log = logging.getLogger(__name__)
 # How long a request waits for a worker to appear before it fails with 503; covers a
 # worker restarting under supervisord, not a cluster with no workers at all.
 WORKER_WAIT_S = 5.0
+# Prompts up to this many characters are tokenized on the event loop: that takes tens of
+# microseconds, less than handing the work to a thread and back. Longer ones (a long
+# prompt takes up to a second) go off the loop.
+INLINE_PREPROCESS_CHARS = 4096
+
+
+def _prompt_chars(request: OpenAIRequest) -> int:
+    """The prompt's size in characters (token ids count as one each), before templating."""
+    if isinstance(request, ChatCompletionRequest):
+        return sum(len(message.text() or "") for message in request.messages)
+    text = request.prompt_text()
+    return len(text) if text is not None else len(request.prompt_token_ids() or ())
 
 
 class ProcessorConfig(BaseModel):
@@ -54,14 +66,13 @@ class RequestPipeline:
         self, config: ProcessorConfig, runtime: Runtime, router: EndpointClient, worker: EndpointClient
     ) -> None:
         self._config = config
-        self._runtime = runtime
         self._router = router
         self._worker = worker
         self._preprocessor: Preprocessor | None = None
         self._round_robin = itertools.count()
         # Placement events name their source; the Routers apply every source but their own.
         self._placement_source = f"processor-{runtime.instance_id}"
-        self._publishes: set[asyncio.Task[None]] = set()
+        self._placements = PlacementPublisher(runtime)
 
     async def start(self) -> None:
         # Loading transformers and the tokenizer takes seconds: off the event loop, which
@@ -76,8 +87,10 @@ class RequestPipeline:
 
     async def generate(self, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
         assert self._preprocessor is not None, "request before start()"
-        # Tokenizing a long prompt takes up to a second: off the event loop.
-        preprocessed = await asyncio.to_thread(self._preprocessor.preprocess, request, request_id)
+        if _prompt_chars(request) <= INLINE_PREPROCESS_CHARS:
+            preprocessed = self._preprocessor.preprocess(request, request_id)
+        else:
+            preprocessed = await asyncio.to_thread(self._preprocessor.preprocess, request, request_id)
         decision = await self._pick_worker(preprocessed)
         postprocessor = self._preprocessor.postprocessor(request, preprocessed)
         outputs = self._worker.stream(
@@ -117,10 +130,9 @@ class RequestPipeline:
     def _placement(self, request_id: str, worker_id: str, kind: str) -> None:
         if not self._router.instance_ids():
             return
-        event = PlacementEvent(router_id=self._placement_source, request_id=request_id, worker_id=worker_id, kind=kind)
-        task = asyncio.get_running_loop().create_task(self._runtime.publish(PLACEMENT_TOPIC, event))
-        self._publishes.add(task)
-        task.add_done_callback(self._publishes.discard)
+        self._placements.publish(
+            PlacementEvent(router_id=self._placement_source, request_id=request_id, worker_id=worker_id, kind=kind)
+        )
 
 
 @service(config=ProcessorConfig)

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import etcd3aio
@@ -130,9 +131,14 @@ class Runtime:
     async def publish(self, topic: str, event: Any) -> None:
         await self._nc.publish(event_subject(self.namespace, topic), encoder.encode(event))
 
-    async def subscribe(self, topic: str, event_type: Any = None) -> EventSubscription[Any]:
-        """Events of `topic` (NATS wildcards allowed), decoded to `event_type` (None: builtins)."""
-        sub: EventSubscription[Any] = EventSubscription(self._nc, event_subject(self.namespace, topic), event_type)
+    async def subscribe(
+        self, topic: str, event_type: Any = None, on_event: Callable[[Any], Any] | None = None
+    ) -> EventSubscription[Any]:
+        """Events of `topic` (NATS wildcards allowed), decoded to `event_type` (None: builtins):
+        iterate the subscription, or have each event handed to `on_event` as it arrives."""
+        sub: EventSubscription[Any] = EventSubscription(
+            self._nc, event_subject(self.namespace, topic), event_type, on_event
+        )
         await sub.start()
         self._subscriptions.append(sub)
         return sub

@@ -47,6 +47,28 @@ async def test_events_skip_what_does_not_decode(make_runtime: MakeRuntime) -> No
     assert await asyncio.wait_for(anext(sub), timeout=5) == good
 
 
+async def test_events_to_a_callback_in_order_past_bad_events_and_failures(make_runtime: MakeRuntime) -> None:
+    publisher, subscriber = await make_runtime(), await make_runtime()
+    received: list[LoadReport] = []
+    done = asyncio.Event()
+
+    def on_event(report: LoadReport) -> None:
+        received.append(report)
+        if report.running == 1:
+            raise RuntimeError("a failing handler must not end the subscription")
+        if report.running == 3:
+            done.set()
+
+    await subscriber.subscribe("load", LoadReport, on_event=on_event)
+    reports = [LoadReport(worker_id="w1", running=i, waiting=0, kv_used_blocks=3) for i in range(4)]
+    await publisher.publish("load", reports[0])
+    await publisher.publish("load", {"unexpected": True})
+    for report in reports[1:]:
+        await publisher.publish("load", report)
+    await asyncio.wait_for(done.wait(), timeout=5)
+    assert received == reports
+
+
 async def test_queue_push_pull_ack_and_depth(make_runtime: MakeRuntime) -> None:
     producer, consumer = await make_runtime(), await make_runtime()
     queue_in = await producer.work_queue("prefill", ack_wait_s=30)
