@@ -327,20 +327,23 @@ How to read these numbers:
   tokens (all the long ones: "prefilled remotely") go through the JetStream queue to the
   PrefillWorker, and the decode engine pulls their KV over NIXL (UCX, CPU memory).
 - On this machine disaggregation mostly shows its overhead. It halves the decode
-  capacity: one engine decodes every request where two did, so TPOT and ITL rise and
-  output tokens/s drops, while the prefill core idles between long prompts (about one
+  capacity: one engine decodes every request where two did, so TPOT and ITL p50 rise
+  and output tokens/s drops, while the prefill core idles between long prompts (about one
   request in three). A long prompt's TTFT adds the queue hop, the prefill on a single
   core shared with the Frontend, the `prefill_done` answer over NATS, the NIXL pull and
   the decode engine's first step, queued behind the other requests it decodes.
 - The stall disaggregation removes is small here: the tiny model's prefill of a
   900-token prompt is short (the aggregated long requests' TTFT p50 includes it), and
   gaps of that size come as often from the serving processes (Frontend, Router, NATS, the
-  load generator) waiting for a core that the engines' threads keep busy. Even the
-  disaggregated decode worker, which never prefills a long prompt, shows gaps past the
-  stall threshold in most requests: ITL p99/p99.9 and the "stalled" share measure that
-  CPU contention in both layouts, not prefills, and do not improve. The benefit shows where a long prefill
-  costs far more than a decode step and many requests decode together (a large model on
-  GPUs): the mocker scenario above models that.
+  load generator) waiting for a core that the engines' threads keep busy. The tails
+  (short requests' TTFT p99, ITL p99.9) move by 2x between runs of this command: in this
+  run they came out lower disaggregated, in an earlier one (same command, 21:31 UTC)
+  higher (ITL p99.9 about 540 ms aggregated against 670-820 ms disaggregated). Read them
+  as noise at this size. The "stalled" share is no prefill signal here either: the
+  disaggregated decode worker, which never prefills a long prompt, steps every ~30 ms
+  with all requests on one core, so most of its requests cross the threshold. The
+  benefit shows where a long prefill costs far more than a decode step and many requests
+  decode together (a large model on GPUs): the mocker scenario above models that.
 - Aggregated ITL p50 near 0 ms means most chunks arrive bunched: the two busy engine cores
   leave the Frontend little CPU, so it forwards several tokens at once. TPOT is the fair
   decode-pace comparison. The machine was shared with other work (load average above);
