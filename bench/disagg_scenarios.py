@@ -310,9 +310,9 @@ How to read these numbers:
   because no decode step waits for a long prefill.
 - ITL is the gap between streamed chunks as the client sees them; TPOT is a request's
   time per output token after the first, however they were bunched into chunks. The
-  Frontend, NATS and the load generator share this 2-core machine with the 8 engines and other work, so
-  absolute times move by tens of percent from run to run; the contrast between the
-  layouts is the point.
+  Frontend, NATS and the load generator share this 2-core machine with the 8 engines and
+  other work, so absolute times move by tens of percent from run to run; the contrast
+  between the layouts is the point.
 """
 
 
