@@ -52,6 +52,9 @@ MODEL = "tiny-llama"
 NAMESPACE = "tandem"  # env/common.env's TANDEM_NAMESPACE
 NODE_IP = "127.0.0.1"  # both "nodes" are this machine
 START_TIMEOUT_S = 420
+# The prefill node starts while the head's engines hold the cores: its Python imports alone
+# took from 1 to 5.5 minutes here, depending on what else the machine ran.
+PREFILL_START_TIMEOUT_S = 900
 # Past the config's max-local-prefill-length (64 tokens): prefilled remotely.
 LONG_PROMPT = " ".join(f"appliance-{i}" for i in range(80))
 
@@ -226,7 +229,7 @@ async def prefill_node(
         async with await Runtime.connect(deployment.runtime_settings) as runtime:
             workers = await runtime.discovery.watch_instances("PrefillWorker", "status")
             try:
-                await workers.wait_until(lambda items: len(items) >= 1, START_TIMEOUT_S)
+                await workers.wait_until(lambda items: len(items) >= 1, PREFILL_START_TIMEOUT_S)
             except TimeoutError:
                 raise AssertionError(f"no PrefillWorker serving:\n{_logs(docker_client, 'tandem-prefill')}") from None
             finally:
