@@ -88,6 +88,22 @@ class ServedGraph:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def prefill_decision(self, request_id: str, timeout: float = 5.0) -> str:
+        """The decode worker's logged decision for a request: local, remote or fallback.
+
+        supervisord relays the worker's output into the log a moment later (it polls the
+        pipes): a response can reach the client before its decision line reaches the file.
+        """
+        marker = f"request {request_id}: prefill "
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                if marker in line:
+                    return line.split(marker, 1)[1].split(" ", 1)[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no prefill decision logged for {request_id}:\n{self.log_tail()}")
+            time.sleep(0.2)
+
     def stop(self) -> None:
         if self.process is not None:
             stop_process_tree(self.process)

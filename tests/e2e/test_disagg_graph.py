@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -167,23 +166,6 @@ async def _decode_counters(graph: DisaggGraph) -> dict[str, float]:
     }
 
 
-def _decision(graph: ServedGraph, request_id: str) -> str:
-    """The decode worker's logged decision for a request: local, remote or fallback.
-
-    supervisord relays the worker's output into the log a moment later (it polls the
-    pipes): a response can reach the client before its decision line reaches the file.
-    """
-    marker = f"request {request_id}: prefill "
-    deadline = time.monotonic() + 5
-    while True:
-        for line in graph.log_path.read_text(errors="replace").splitlines():
-            if marker in line:
-                return line.split(marker, 1)[1].split(" ", 1)[0]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no prefill decision logged for {request_id}:\n{graph.log_tail()}")
-        time.sleep(0.2)
-
-
 def _done(status: dict[str, Any]) -> int:
     return status.get("done", 0)
 
@@ -200,7 +182,7 @@ async def test_long_prompts_prefill_remotely_on_both_workers_with_vllms_output(
     served_by: dict[str, int] = {}
     for prompt, (request_id, response) in zip(LONG_PROMPTS, results, strict=True):
         assert _text(response) == reference[prompt]
-        assert _decision(graph, request_id) == "remote"
+        assert graph.prefill_decision(request_id) == "remote"
         # The response names the prefill worker that served it.
         worker = response.headers["x-tandem-prefill-worker"]
         served_by[worker] = served_by.get(worker, 0) + 1
@@ -221,7 +203,7 @@ async def test_short_prompts_stay_local_with_vllms_output(graph: DisaggGraph, re
     for prompt in SHORT_PROMPTS:
         request_id, response = await _complete(graph, prompt)
         assert _text(response) == reference[prompt]
-        assert _decision(graph, request_id) == "local"
+        assert graph.prefill_decision(request_id) == "local"
         assert "x-tandem-prefill-worker" not in response.headers
     after = await _prefill_statuses(graph)
     assert {w: _done(s) for w, s in after.items()} == {w: _done(s) for w, s in before.items()}
@@ -240,19 +222,19 @@ async def test_disagg_set_flips_the_decision_live(graph: DisaggGraph, reference,
             await asyncio.sleep(0.5)  # the worker's tunables watch applies it
             request_id, response = await _complete(graph, FLIP_PROMPT)
             assert _text(response) == reference[FLIP_PROMPT]
-            assert _decision(graph, request_id) == "local"
+            assert graph.prefill_decision(request_id) == "local"
 
             await runtime.discovery.put_tunable(DISAGG_MAX_LOCAL_PREFILL_LENGTH, MAX_LOCAL_PREFILL)
             await runtime.discovery.put_tunable(DISAGG_MAX_PREFILL_QUEUE_SIZE, 0)  # "queue full": local
             await asyncio.sleep(0.5)
             request_id, _ = await _complete(graph, FLIP_PROMPT)
-            assert _decision(graph, request_id) == "local"
+            assert graph.prefill_decision(request_id) == "local"
 
             await runtime.discovery.delete_tunable(DISAGG_MAX_PREFILL_QUEUE_SIZE)  # back to the config's
             await asyncio.sleep(0.5)
             request_id, response = await _complete(graph, FLIP_PROMPT)
             assert _text(response) == reference[FLIP_PROMPT]
-            assert _decision(graph, request_id) == "remote"
+            assert graph.prefill_decision(request_id) == "remote"
         finally:
             for key in (DISAGG_MAX_LOCAL_PREFILL_LENGTH, DISAGG_MAX_PREFILL_QUEUE_SIZE):
                 await runtime.discovery.delete_tunable(key)
@@ -288,7 +270,7 @@ async def test_a_late_answer_is_discarded_after_the_local_fallback(graph: Disagg
         for group in groups:
             os.killpg(group, signal.SIGCONT)
     assert _text(response) == reference[LATE_PROMPT]
-    assert _decision(graph, request_id) == "fallback"
+    assert graph.prefill_decision(request_id) == "fallback"
     assert "x-tandem-prefill-worker" not in response.headers
     async with asyncio.timeout(2 * PREFILL_ACK_WAIT_S):
         while True:
@@ -321,6 +303,6 @@ async def test_sigkill_of_a_prefill_worker_with_jobs_queued_loses_no_request(gra
     for prompt, (request_id, response) in zip(KILL_PROMPTS, results, strict=True):
         assert _text(response) == reference[prompt]
         # The victim's job was redelivered after the ack wait: still remote, no fallback.
-        assert _decision(graph, request_id) == "remote"
+        assert graph.prefill_decision(request_id) == "remote"
         # supervisord restarts the victim under a new instance id; it may take a job late.
         assert response.headers["x-tandem-prefill-worker"] != victim

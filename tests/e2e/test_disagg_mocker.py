@@ -101,21 +101,13 @@ async def statuses(graph: ServedGraph) -> dict[str, dict[str, Any]]:
         return {i: await client.call({}, target=i, timeout=10) for i in ids}
 
 
-def decision(graph: ServedGraph, request_id: str) -> str:
-    marker = f"request {request_id}: prefill "
-    for line in graph.log_path.read_text(errors="replace").splitlines():
-        if marker in line:
-            return line.split(marker, 1)[1].split(" ", 1)[0]
-    raise AssertionError(f"no decision logged for {request_id}")
-
-
 async def test_both_prefill_workers_take_jobs_and_name_themselves(graph: ServedGraph) -> None:
     async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
         results = await asyncio.gather(*(complete(http, long_prompt()) for _ in range(4)))
     served_by = set()
     for request_id, response in results:
         assert response.status_code == 200, response.text
-        assert decision(graph, request_id) == "remote"
+        assert graph.prefill_decision(request_id) == "remote"
         served_by.add(response.headers["x-tandem-prefill-worker"])
     counts = await statuses(graph)
     assert served_by <= set(counts)
@@ -136,7 +128,7 @@ async def test_a_prefill_worker_killed_mid_job_loses_nothing(graph: ServedGraph)
     for request_id, response in results:
         assert response.status_code == 200, response.text
         # Redelivered to the surviving PrefillWorker: still remote, never a local fallback.
-        assert decision(graph, request_id) == "remote"
+        assert graph.prefill_decision(request_id) == "remote"
     after = await statuses(graph)
     survivors = set(after) & set(before)
     done = sum(after[w].get("done", 0) - before[w].get("done", 0) for w in survivors)

@@ -8,8 +8,9 @@ network namespace (and, for `tandem serve`, its own PID/IPC namespace and /dev/s
 - nodes 2, 3: `NATS_SERVER=... ETCD_ENDPOINTS=... tandem serve
   components.prefill_worker:PrefillWorker -f CONFIG`.
 
-Every node gets its own address through TANDEM_ADVERTISE_HOST and nothing else: what a
-node advertises (instance records, NIXL side channel) must come from that.
+Node 1 gets its own address through TANDEM_ADVERTISE_HOST (`tandem infra up` binds it);
+nodes 2 and 3 get exactly the guide's two exports and nothing else: what they advertise
+(instance records, NIXL side channel) must be found from the route to NATS.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ FRONTEND_PORT = 8000  # the config's; every node has its own port space
 _HOST_ONLY = ("NATS_SERVER", "ETCD_", "TANDEM_", "VLLM_NIXL_", "VLLM_HOST_IP", "UCX_")
 
 
-def node_env(node: Node, **extra: str) -> dict[str, str]:
+def node_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_HOST_ONLY)}
-    return {**env, "TANDEM_ADVERTISE_HOST": node.ip, **extra}
+    return {**env, **extra}
 
 
 class SeedCluster:
@@ -88,14 +89,14 @@ class SeedCluster:
         assert result.returncode == 0, result.stdout + result.stderr
 
     def _head_infra_env(self) -> dict[str, str]:
-        return node_env(self.head, TANDEM_STATE_DIR=str(self.state_dir))
+        return node_env(TANDEM_ADVERTISE_HOST=self.head.ip, TANDEM_STATE_DIR=str(self.state_dir))
 
     # --- steps 4 to 6: `tandem serve` on each node -------------------------------------
 
     def serve(self, node: Node, address: str) -> NodeProcess:
         log_path = self.workdir / f"{node.name}.log"
         self.logs[node.name] = log_path
-        env = node_env(node, NATS_SERVER=self.urls["NATS_SERVER"], ETCD_ENDPOINTS=self.urls["ETCD_ENDPOINTS"])
+        env = node_env(NATS_SERVER=self.urls["NATS_SERVER"], ETCD_ENDPOINTS=self.urls["ETCD_ENDPOINTS"])
         with open(log_path, "ab") as output:
             process = node.popen(
                 [TANDEM, "serve", address, "-f", str(self.config), *self.overrides],

@@ -1,0 +1,46 @@
+"""What a node advertises when the operator gives only the guide's exports.
+
+The seed's prefill nodes export NATS_SERVER and ETCD_ENDPOINTS and nothing else: the
+address they put in their instance records and NIXL side channel must still be the one
+the head node reaches them at, not the hostname's (often loopback).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+from app.runtime.runtime import _advertise_host
+from app.settings import RuntimeSettings
+from tests.netns import Fabric
+
+PRINT_ADVERTISED = (
+    "from app.runtime.runtime import _advertise_host; from app.settings import RuntimeSettings; "
+    "print(_advertise_host(RuntimeSettings()))"
+)
+
+
+def test_explicit_address_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_ADVERTISE_HOST", "10.9.8.7")
+    assert _advertise_host(RuntimeSettings(nats_server="nats://127.0.0.1:4222")) == "10.9.8.7"
+
+
+def test_nats_on_loopback_falls_back_to_the_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TANDEM_ADVERTISE_HOST", raising=False)
+    assert _advertise_host(RuntimeSettings(nats_server="nats://127.0.0.1:4222")) == socket.gethostbyname(
+        socket.gethostname()
+    )
+
+
+@pytest.mark.skipif(not Fabric.available(), reason="needs root, ip and unshare")
+def test_a_node_joining_by_nats_server_advertises_its_own_address() -> None:
+    with Fabric(2) as fabric:
+        head, joiner = fabric.nodes
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TANDEM_", "NATS_", "ETCD_"))}
+        env["NATS_SERVER"] = f"nats://{head.ip}:4222"  # nothing needs to listen: a route lookup only
+        out = joiner.run([sys.executable, "-c", PRINT_ADVERTISED], env=env, cwd=os.getcwd())
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == joiner.ip
