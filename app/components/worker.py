@@ -26,7 +26,7 @@ from app.components.routing import RouterPolicyName
 from app.engines import Engine, create_engine
 from app.infra import free_port
 from app.protocol import EngineOutput, KvEventBatch, LoadReport, ModelInfo, PreprocessedRequest
-from app.runtime import ModelRecord, Runtime
+from app.runtime import EndpointClient, ModelRecord, Runtime
 from app.runtime.workqueue import WorkQueue
 from app.sdk import EngineConfig, ServiceContext, endpoint, on_shutdown, on_start, service
 
@@ -198,6 +198,7 @@ class VllmWorker:
         self.host = EngineHost("VllmWorker", "generate", self.config, self.ctx, self.runtime)
         self._queue: WorkQueue | None = None
         self._policy: DisaggPolicy | None = None
+        self._prefill_fleet: EndpointClient | None = None
         self._pending = PendingPrefills()
 
     @on_start
@@ -210,6 +211,11 @@ class VllmWorker:
                 self.config.max_local_prefill_length, self.config.max_prefill_queue_size,
             )
             await self._policy.start()
+            # Followed so that a job is queued only while some PrefillWorker can take it:
+            # a decode worker up before its prefill nodes (or after they all died) must not
+            # hold long prompts for `remote-prefill-timeout-s` each.
+            self._prefill_fleet = self.runtime.client("PrefillWorker", "status")
+            await self._prefill_fleet.watch()
             self.host.metrics.register(
                 CounterView("tandem_worker_prefill_decisions", "Where prompts were prefilled", "decision", self._policy.decisions)
             )
@@ -233,8 +239,11 @@ class VllmWorker:
 
     async def _prefill_remotely_if_worth_it(self, request: PreprocessedRequest) -> PrefillAnswer | None:
         """The PrefillWorker's answer, or None where this worker prefills the request itself."""
-        assert self._policy is not None and self._queue is not None
+        assert self._policy is not None and self._queue is not None and self._prefill_fleet is not None
         policy, queue = self._policy, self._queue
+        if not self._prefill_fleet.instance_ids():
+            policy.count("local", request.request_id, "no PrefillWorker registered")
+            return None
         try:
             remote = await policy.prefill_remotely(request, queue.depth)
         except Exception as exc:

@@ -39,9 +39,8 @@ MOCKER = {
 }
 
 
-@pytest.fixture(scope="module")
-async def graph(tiny_model: Path, nats_server, etcd_server, tmp_path_factory) -> AsyncIterator[ServedGraph]:
-    config = {
+def disagg_config(tiny_model: Path) -> dict[str, Any]:
+    return {
         "Common": {"model": str(tiny_model), "served-model-name": MODEL},
         "Frontend": {"served-model-name": MODEL},
         "Processor": {"common-configs": ["model"]},
@@ -65,6 +64,11 @@ async def graph(tiny_model: Path, nats_server, etcd_server, tmp_path_factory) ->
             "common-configs": ["model", "served-model-name"],
         },
     }
+
+
+@pytest.fixture(scope="module")
+async def graph(tiny_model: Path, nats_server, etcd_server, tmp_path_factory) -> AsyncIterator[ServedGraph]:
+    config = disagg_config(tiny_model)
     served = ServedGraph("graphs.disagg_router:Frontend", config, tmp_path_factory.mktemp("disagg-mocker"),
                          nats_server.url, etcd_server.url)
     served.start()
@@ -99,6 +103,27 @@ async def statuses(graph: ServedGraph) -> dict[str, dict[str, Any]]:
         client = runtime.client("PrefillWorker", "status")
         ids = await client.watch()
         return {i: await client.call({}, target=i, timeout=10) for i in ids}
+
+
+async def test_with_no_prefill_worker_long_prompts_prefill_locally_at_once(
+    tiny_model: Path, nats_server, etcd_server, tmp_path_factory
+) -> None:
+    """A decode node up before its prefill nodes queues nothing nobody would take."""
+    config = disagg_config(tiny_model)
+    del config["PrefillWorker"]
+    served = ServedGraph("graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("decode-only"),
+                         nats_server.url, etcd_server.url)
+    served.start()
+    try:
+        await served.wait_ready(workers=1, timeout=120)
+        async with httpx.AsyncClient(base_url=served.base_url, timeout=120) as http:
+            request_id, response = await complete(http, long_prompt())
+        assert response.status_code == 200, response.text
+        assert "x-tandem-prefill-worker" not in response.headers
+        assert served.prefill_decision(request_id) == "local"
+        assert f"request {request_id}: prefill local (no PrefillWorker registered)" in served.log_path.read_text()
+    finally:
+        served.stop()
 
 
 async def test_both_prefill_workers_take_jobs_and_name_themselves(graph: ServedGraph) -> None:
