@@ -115,9 +115,13 @@ class PrefillWorker:
         finally:
             await cancel_and_wait(heartbeat)
         answer = PrefillAnswer(job_id=data.job_id, prefill_worker_id=self.runtime.instance_id, kv_transfer_params=params)
+        # The decode worker waits for this answer until the job's deadline: until then a slow
+        # accept (its process busy) is no reason to give up on it. A decode process that is
+        # gone answers at once (NATS: no responders).
+        answer_within = max(data.deadline - time.time(), _ANSWER_TIMEOUT_S)
         try:
             taken = await self.runtime.client("VllmWorker", "prefill_done").call(
-                answer, target=data.decode_worker_id, timeout=_ANSWER_TIMEOUT_S
+                answer, target=data.decode_worker_id, timeout=answer_within, accept_timeout=answer_within
             )
         except Exception as exc:
             # The decode worker is gone or unreachable: nobody can use this KV any more.

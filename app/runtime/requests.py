@@ -376,10 +376,11 @@ class EndpointClient:
         timeout: float | None = None,
         response_type: Any = None,
         request_id: str | None = None,
+        accept_timeout: float | None = None,
     ) -> Any:
         """A unary call: the one item the handler yields (None if it yields nothing)."""
         result = None
-        async for item in self.stream(payload, target, timeout, response_type, request_id):
+        async for item in self.stream(payload, target, timeout, response_type, request_id, accept_timeout):
             result = item
         return result
 
@@ -390,8 +391,15 @@ class EndpointClient:
         timeout: float | None = None,
         response_type: Any = None,
         request_id: str | None = None,
+        accept_timeout: float | None = None,
     ) -> AsyncIterator[Any]:
-        """Stream the handler's items. Closing the iterator early cancels the callee."""
+        """Stream the handler's items. Closing the iterator early cancels the callee.
+
+        `accept_timeout` (default: the runtime's `request_ack_timeout_s`) bounds the wait for
+        the callee to accept the request before it is taken for dead. A caller that must
+        reach one named instance, with nobody else to try, may wait longer for it.
+        """
+        accept_timeout = self._ack_timeout_s if accept_timeout is None else accept_timeout
         watch = await self._instances()
         loop = asyncio.get_running_loop()
         decoder = wire.decoder_for(response_type)
@@ -407,7 +415,7 @@ class EndpointClient:
             record = self._pick(watch, target, excluded)
             call = self._replies.open()
             self._calls_by_instance.setdefault(record.instance_id, set()).add(call)
-            timers = [loop.call_later(self._ack_timeout_s, call.queue.put_nowait, _ACK_TIMEOUT)]
+            timers = [loop.call_later(accept_timeout, call.queue.put_nowait, _ACK_TIMEOUT)]
             if timeout is not None:
                 timers.append(loop.call_later(timeout, call.queue.put_nowait, _DEADLINE))
             finished = False
@@ -424,7 +432,7 @@ class EndpointClient:
                     self._suspects[record.instance_id] = time.monotonic() + self._suspect_for_s
                     raise InstanceGoneError(
                         f"instance {record.instance_id} of {self._name} did not accept "
-                        f"request {request_id} within {self._ack_timeout_s:g}s"
+                        f"request {request_id} within {accept_timeout:g}s"
                     )
                 timers[0].cancel()
                 frame = first

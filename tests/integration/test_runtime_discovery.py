@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +49,30 @@ async def test_killed_instance_leaves_within_ttl(make_runtime: MakeRuntime, runt
                 async for _ in ticks:
                     pass
     finally:
+        await child.kill()
+
+
+async def test_a_caller_may_wait_longer_for_a_named_instance_to_accept(
+    make_runtime: MakeRuntime, runtime_settings: RuntimeSettings
+) -> None:
+    """A stalled process (stopped, so its lease lives on) misses the default accept timeout;
+    a call that names it with a longer `accept_timeout` is answered once it runs again."""
+    caller = await make_runtime(request_ack_timeout_s=0.5)
+    client = caller.client("Child", "whoami")
+    child = await Child.start(runtime_settings, "serve", lease_ttl_s=30)
+    try:
+        instance_id = (await child.read_line()).split()[1]
+        await client.wait_for_instances(timeout=5)
+        child.proc.send_signal(signal.SIGSTOP)
+        with pytest.raises(InstanceGoneError, match="did not accept"):
+            await client.call(None, target=instance_id)
+        patient = asyncio.create_task(client.call(None, target=instance_id, accept_timeout=20))
+        await asyncio.sleep(2)  # four default accept timeouts
+        assert not patient.done()
+        child.proc.send_signal(signal.SIGCONT)
+        assert await asyncio.wait_for(patient, 10) == child.proc.pid
+    finally:
+        child.proc.send_signal(signal.SIGCONT)
         await child.kill()
 
 
