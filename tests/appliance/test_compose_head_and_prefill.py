@@ -9,10 +9,11 @@ env/prefill.env on the host network (`docker run --network host --env-file ...`,
 by that container: the response names it in X-Tandem-Prefill-Worker and its job counter
 rises.
 
-Compose is driven through Debian's docker-compose 1.29 CLI: testcontainers' DockerCompose
-always runs `docker compose` (the v2 plugin, not installable here) and parses
-`docker compose ps --format json`, which 1.29 lacks. The prefill container is a
-testcontainers DockerContainer.
+The operator's commands start the containers: `make head` (compose profile head, through
+Debian's docker-compose 1.29: testcontainers' DockerCompose always runs `docker compose`, the
+v2 plugin, not installable here), `make prefill NATS_SERVER=... ETCD_ENDPOINTS=...` as on
+another node (scripts/docker-node.sh), and `make down` at the end. The prefill container is
+then driven as a testcontainers DockerContainer.
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ from tests.appliance.docker_engine import DockerEngine
 
 pytestmark = pytest.mark.appliance
 
-COMPOSE_FILE = REPO_ROOT / "compose" / "docker-compose.cpu.yml"
-PROJECT = "tandem-appliance-test"
 HEAD_CONTAINER = "tandem-head"
 # The CPU compose file's default config: the decode engine on core 0 prefills prompts up to
 # 64 tokens itself and hands longer ones to PrefillWorkers, whose engines use core 1.
@@ -113,23 +112,41 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> De
     return Deployment(env_dir, models_dir, nats_server, etcd_endpoints)
 
 
-class Compose:
-    """Debian's docker-compose 1.29 CLI on the CPU compose file, against the test's engine."""
+class Make:
+    """The Makefile's node targets (`make head`, `make prefill`, `make down`) on this CPU
+    machine, against the test's engine, with the edited env files and models folder."""
 
     def __init__(self, engine: DockerEngine, image: str, deployment: Deployment) -> None:
+        self.deployment = deployment
         self.env = {
             **engine.env(),
-            "TANDEM_IMAGE": image,
             "TANDEM_ENV_DIR": str(deployment.env_dir),
             "TANDEM_MODEL_CACHE": str(deployment.models_dir),
         }
+        self.variables = ["ENGINE=cpu", f"IMAGE={image}"]
 
-    def __call__(self, *args: str, timeout: float = 300) -> str:
-        command = ["docker-compose", "-p", PROJECT, "-f", str(COMPOSE_FILE), *args]
+    def __call__(self, target: str, *variables: str, timeout: float = 300) -> str:
+        command = ["make", "--no-print-directory", "-C", str(REPO_ROOT), target, *self.variables, *variables]
         result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
-            raise AssertionError(f"{' '.join(command[3:])} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+            raise AssertionError(f"{' '.join(command[4:])} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result.stdout + result.stderr
+
+
+class NodeStartedByMake(DockerContainer):
+    """A node container that `make ROLE NATS_SERVER=... ETCD_ENDPOINTS=...` starts, as on
+    another machine (scripts/docker-node.sh: `docker run -d --network host --env-file ...`);
+    testcontainers drives it from then on (logs, state, stop and removal)."""
+
+    def __init__(self, make: Make, role: str) -> None:
+        super().__init__(image="unused: make starts the container")
+        self.make, self.role = make, role
+
+    def start(self) -> NodeStartedByMake:
+        self.make(self.role, f"NATS_SERVER={self.make.deployment.nats_server}",
+                  f"ETCD_ENDPOINTS={self.make.deployment.etcd_endpoints}")
+        self._container = self.get_docker_client().client.containers.get(f"tandem-{self.role}")
+        return self
 
 
 def _logs(client: docker.DockerClient, name: str, lines: int = 80) -> str:
@@ -145,20 +162,25 @@ def _port_is_free(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def head(
-    docker_engine: DockerEngine, docker_client: docker.DockerClient, tandem_image: str, deployment: Deployment
-) -> Iterator[Compose]:
-    """`docker-compose --profile head up -d`, until the model is served; `down` at the end."""
+def make(docker_engine: DockerEngine, tandem_image: str, deployment: Deployment) -> Make:
+    return Make(docker_engine, tandem_image, deployment)
+
+
+@pytest.fixture(scope="module")
+def head(make: Make, docker_client: docker.DockerClient) -> Iterator[Make]:
+    """`make head` (compose profile head), until the model is served; `make down` at the end."""
     if not _port_is_free(FRONTEND_PORT):
         pytest.fail(f"port {FRONTEND_PORT} is in use on this machine; the head's Frontend needs it")
-    compose = Compose(docker_engine, tandem_image, deployment)
-    compose("--profile", "head", "up", "-d")
+    make("head")
     try:
         _wait_for_model(docker_client)
-        yield compose
+        yield make
     finally:
         # SIGTERM: supervisord drains the Tandem programs, then stops etcd and NATS.
-        compose("--profile", "head", "down", "--volumes", "--timeout", "120", timeout=300)
+        make("down", timeout=900)
+        assert not docker_client.containers.list(all=True), "make down left containers behind"
+        for volume in docker_client.volumes.list():  # the head's NATS and etcd data: the next run starts empty
+            volume.remove(force=True)
 
 
 def _wait_for_model(client: docker.DockerClient) -> None:
@@ -177,7 +199,7 @@ def _wait_for_model(client: docker.DockerClient) -> None:
     raise AssertionError(f"the head did not serve {MODEL} within {START_TIMEOUT_S}s:\n{_logs(client, HEAD_CONTAINER)}")
 
 
-async def test_head_streams_a_chat_completion_on_port_8000(head: Compose) -> None:
+async def test_head_streams_a_chat_completion_on_port_8000(head: Make) -> None:
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{FRONTEND_PORT}/v1", api_key="unused")
     stream = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Tell me about Eldoria."}],
@@ -194,7 +216,7 @@ async def test_head_streams_a_chat_completion_on_port_8000(head: Compose) -> Non
     assert finish in ("length", "stop")
 
 
-async def test_head_container_is_healthy_and_not_root(head: Compose, docker_client: docker.DockerClient) -> None:
+async def test_head_container_is_healthy_and_not_root(head: Make, docker_client: docker.DockerClient) -> None:
     container = docker_client.containers.get(HEAD_CONTAINER)
     # The image's HEALTHCHECK (every program RUNNING; NATS, etcd and the Frontend answering);
     # compose's interval is 10 s.
@@ -213,18 +235,10 @@ async def test_head_container_is_healthy_and_not_root(head: Compose, docker_clie
 
 @pytest.fixture
 async def prefill_node(
-    head: Compose, tandem_image: str, deployment: Deployment, docker_client: docker.DockerClient
+    head: Make, deployment: Deployment, docker_client: docker.DockerClient
 ) -> AsyncIterator[DockerContainer]:
-    """A prefill node as docs/appliance.md starts it, until its PrefillWorker serves."""
-    container = (
-        DockerContainer(tandem_image)
-        .with_env_file(deployment.env_dir / "common.env")
-        .with_env_file(deployment.env_dir / "prefill.env")
-        .with_volume_mapping(str(deployment.models_dir), "/models", "ro")
-        .with_name("tandem-prefill")
-        .with_kwargs(network_mode="host", shm_size="2g")
-    )
-    container.start()
+    """A prefill node as docs/appliance.md starts it on another machine, until its PrefillWorker serves."""
+    container = NodeStartedByMake(head, "prefill").start()
     try:
         async with await Runtime.connect(deployment.runtime_settings) as runtime:
             workers = await runtime.discovery.watch_instances("PrefillWorker", "status")
