@@ -5,8 +5,9 @@ the thread busy-polls. On a GPU server that buys latency with a spare core; on a
 server it takes a whole core per engine process from the engines themselves, even idle
 (measured here: 1 s user + 4 s system per 5 s idle, for each NixlConnector engine).
 With a delay the thread still wakes on UCX events, so transfers are not slower
-(`docs/internals.md`, "NIXL on CPU": a 4 MiB read over TCP took the same ~15 ms), and it
-polls at most every `PROGRESS_THREAD_DELAY_US` when nothing happens.
+(`docs/internals.md`, "NIXL on vLLM's CPU build": a 4 MiB read over TCP took the same
+~15 ms either way), and it polls at most every `PROGRESS_THREAD_DELAY_US` when nothing
+happens.
 
 Registered under the `vllm.general_plugins` entry point; does nothing off the CPU platform.
 The patch applies only when vLLM first loads NIXL, so processes without a NixlConnector
@@ -59,3 +60,5 @@ def delay_progress_thread(nixl_api: Any) -> None:
 
     nixl_agent._tandem_patched = True  # type: ignore[attr-defined]
     bindings.nixlAgent = nixl_agent
+    log.info("NIXL progress threads poll every %d µs at most on this CPU build (NIXL's default: spin)",
+             PROGRESS_THREAD_DELAY_US)

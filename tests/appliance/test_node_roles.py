@@ -7,7 +7,7 @@ small local model in the models volume), a streamed chat completion with the off
 env/prefill.env on the host network (`docker run --network host --env-file ...`, what
 `make prefill` runs), its vLLM engine pinned to core 1. A long prompt is then prefilled
 by that container: the response names it in X-Tandem-Prefill-Worker and its job counter
-rises.
+rises. Last, the Ray roles: a ray-head and a ray-worker container form one Ray cluster.
 
 The operator's commands start the containers: `make head` (compose profile head, through
 Debian's docker-compose 1.29: testcontainers' DockerCompose always runs `docker compose`, the
@@ -19,6 +19,7 @@ then driven as a testcontainers DockerContainer.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import socket
@@ -30,8 +31,11 @@ from pathlib import Path
 
 import docker
 import httpx
+import openai
 import pytest
+import yaml
 from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
 from testcontainers.core.container import DockerContainer
 
 from app.infra import free_port
@@ -54,6 +58,10 @@ START_TIMEOUT_S = 420
 # The prefill node starts while the head's engines hold the cores: its Python imports alone
 # took from 1 to 5.5 minutes here, depending on what else the machine ran.
 PREFILL_START_TIMEOUT_S = 900
+# Ray binds these at fixed defaults unless told otherwise (tests/e2e/ray_harness.py).
+RAY_NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                  "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+RAY_JOIN_TIMEOUT_S = 300
 # Past the config's max-local-prefill-length (64 tokens): prefilled remotely.
 LONG_PROMPT = " ".join(f"appliance-{i}" for i in range(80))
 
@@ -64,6 +72,7 @@ class Deployment:
     models_dir: Path  # mounted at /models; holds tiny-llama
     nats_server: str
     etcd_endpoints: str
+    ray_address: str  # the Ray head container's GCS
 
     @property
     def runtime_settings(self) -> RuntimeSettings:
@@ -104,12 +113,23 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> De
                        ("ETCD_PORT", etcd_port), ("ETCD_PEER_PORT", peer_port)):
         text = _set(text, name, str(port))
     head.write_text(text)
+    # Two Ray nodes on one host network: each needs ports of its own for what Ray binds at
+    # fixed defaults (the same as tests/e2e/ray_harness.py), and no graph on the Ray head.
+    ray_port = free_port()
+    for role in ("ray-head", "ray-worker"):
+        path = env_dir / f"{role}.env"
+        ports = " ".join(f"--{name}={free_port()}" for name in RAY_NODE_PORTS)
+        head_only = " --include-dashboard=false" if role == "ray-head" else ""
+        text = _set(path.read_text(), "RAY_START_ARGS", f"--num-cpus=1 --object-store-memory=100000000 {ports}{head_only}")
+        text = _set(text, "RAY_PORT", str(ray_port)) if role == "ray-head" else text
+        text = _set(text, "GRAPH", "") if role == "ray-head" else text
+        path.write_text(text)
     # The containers run as the image's user (uid 10001): the model must be readable by it.
     models_dir = root / "models"
     shutil.copytree(tiny_model, models_dir / MODEL)
     for path in (models_dir, *models_dir.rglob("*")):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    return Deployment(env_dir, models_dir, nats_server, etcd_endpoints)
+    return Deployment(env_dir, models_dir, nats_server, etcd_endpoints, ray_address=f"{NODE_IP}:{ray_port}")
 
 
 class Make:
@@ -138,13 +158,12 @@ class NodeStartedByMake(DockerContainer):
     another machine (scripts/docker-node.sh: `docker run -d --network host --env-file ...`);
     testcontainers drives it from then on (logs, state, stop and removal)."""
 
-    def __init__(self, make: Make, role: str) -> None:
+    def __init__(self, make: Make, role: str, *variables: str) -> None:
         super().__init__(image="unused: make starts the container")
-        self.make, self.role = make, role
+        self.make, self.role, self.variables = make, role, variables
 
     def start(self) -> NodeStartedByMake:
-        self.make(self.role, f"NATS_SERVER={self.make.deployment.nats_server}",
-                  f"ETCD_ENDPOINTS={self.make.deployment.etcd_endpoints}")
+        self.make(self.role, *self.variables)
         self._container = self.get_docker_client().client.containers.get(f"tandem-{self.role}")
         return self
 
@@ -233,12 +252,14 @@ async def test_head_container_is_healthy_and_not_root(head: Make, docker_client:
     assert names == {"nats", "etcd", "tandem-graph"}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def prefill_node(
     head: Make, deployment: Deployment, docker_client: docker.DockerClient
 ) -> AsyncIterator[DockerContainer]:
     """A prefill node as docs/appliance.md starts it on another machine, until its PrefillWorker serves."""
-    container = NodeStartedByMake(head, "prefill").start()
+    container = NodeStartedByMake(
+        head, "prefill", f"NATS_SERVER={deployment.nats_server}", f"ETCD_ENDPOINTS={deployment.etcd_endpoints}"
+    ).start()
     try:
         async with await Runtime.connect(deployment.runtime_settings) as runtime:
             workers = await runtime.discovery.watch_instances("PrefillWorker", "status")
@@ -284,3 +305,72 @@ async def test_long_prompt_is_prefilled_by_the_prefill_container(
         f"prefill job counts {before} -> {after}:\n{_logs(docker_client, 'tandem-prefill', 40)}"
     )
     assert "prefilled" in _logs(docker_client, "tandem-prefill", 200)
+
+
+def _dashboard_metrics() -> set[str]:
+    """The Tandem metric names the shipped Grafana dashboard queries."""
+    dashboard = json.loads((REPO_ROOT / "compose" / "grafana" / "dashboards" / "tandem-serving.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    return {name for expr in exprs for name in re.findall(r"\btandem_[a-z_]+", expr)}
+
+
+def _scrape_targets() -> dict[str, list[str]]:
+    """compose/prometheus.yml's static targets by job."""
+    config = yaml.safe_load((REPO_ROOT / "compose" / "prometheus.yml").read_text())
+    return {job["job_name"]: [t for group in job["static_configs"] for t in group["targets"]]
+            for job in config["scrape_configs"]}
+
+
+async def test_every_metric_on_the_dashboard_is_served(
+    prefill_node: DockerContainer, deployment: Deployment
+) -> None:
+    """The metrics profile's Prometheus scrapes the head at the shipped file's targets and
+    each prefill node at its PrefillWorker's metrics-port; every series the dashboard
+    queries must be on one of them (after one remote prefill and one error, so that
+    labeled counters have samples)."""
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{FRONTEND_PORT}/v1", api_key="unused", timeout=120)
+    await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    targets = _scrape_targets()
+    head_targets = targets["tandem-frontend"] + targets["tandem-router"] + targets["tandem-worker"]
+    prefill_target = f"{NODE_IP}:{yaml.safe_load((REPO_ROOT / CONFIG).read_text())['PrefillWorker']['metrics-port']}"
+    served: set[str] = set()
+    async with httpx.AsyncClient(timeout=10) as http:
+        for target in [*head_targets, prefill_target]:
+            text = (await http.get(f"http://{target}/metrics")).raise_for_status().text
+            served |= {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    missing = _dashboard_metrics() - served
+    assert not missing, f"the dashboard queries series nobody serves: {sorted(missing)}"
+
+
+def _ray_cluster_slots(client: docker.DockerClient, address: str) -> float:
+    """The vLLM CPU worker slots that `ray status`, run in the Ray head container, counts."""
+    result = client.containers.get("tandem-ray-head").exec_run(["ray", "status", f"--address={address}"])
+    found = re.search(r"/([0-9.]+) vllm_cpu_worker", result.output.decode(errors="replace"))
+    return float(found.group(1)) if found else 0.0
+
+
+def test_ray_head_and_worker_containers_form_one_cluster(
+    head: Make, deployment: Deployment, docker_client: docker.DockerClient
+) -> None:
+    """`make ray-head` and `make ray-worker RAY_ADDRESS=...` as on two nodes: the head's
+    cluster then offers both nodes' vLLM CPU worker slots (one each)."""
+    nodes = [NodeStartedByMake(head, "ray-head")]
+    try:
+        nodes[0].start()
+        nodes.append(NodeStartedByMake(head, "ray-worker", f"RAY_ADDRESS={deployment.ray_address}"))
+        nodes[1].start()
+        deadline = time.monotonic() + RAY_JOIN_TIMEOUT_S
+        while (slots := _ray_cluster_slots(docker_client, deployment.ray_address)) < 2 and time.monotonic() < deadline:
+            time.sleep(3)
+        assert slots == 2, (
+            f"the Ray cluster offers {slots} vLLM CPU worker slots, not 2:\n"
+            f"{_logs(docker_client, 'tandem-ray-head', 30)}\n{_logs(docker_client, 'tandem-ray-worker', 30)}"
+        )
+    finally:
+        for node in reversed(nodes):
+            if node._container is not None:
+                node.get_wrapped_container().stop(timeout=60)
+                node.stop()
