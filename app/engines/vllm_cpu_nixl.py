@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+# TANDEM_NIXL_PROGRESS_DELAY_US overrides it; 0 keeps NIXL's spinning thread.
 PROGRESS_THREAD_DELAY_US = 100_000
+DELAY_ENV = "TANDEM_NIXL_PROGRESS_DELAY_US"
 
 
 def register() -> None:
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    if not current_platform.is_cpu() or progress_thread_delay_us() == 0:
         return
     from vllm.distributed import nixl_utils
 
@@ -46,19 +49,24 @@ def register() -> None:
     nixl_utils._load_nixl_attr = load_nixl_attr
 
 
+def progress_thread_delay_us() -> int:
+    return int(os.environ.get(DELAY_ENV) or PROGRESS_THREAD_DELAY_US)
+
+
 def delay_progress_thread(nixl_api: Any) -> None:
     """Make every agent that `nixl_api.nixl_agent` creates poll with a delay instead of spinning."""
     bindings = nixl_api.nixlBind
     create_agent = bindings.nixlAgent
+    delay_us = progress_thread_delay_us()
     if getattr(create_agent, "_tandem_patched", False):
         return
 
     def nixl_agent(name: str, config: Any) -> Any:
         if config.useProgThread and config.pthrDelay == 0:
-            config.pthrDelay = PROGRESS_THREAD_DELAY_US
+            config.pthrDelay = delay_us
         return create_agent(name, config)
 
     nixl_agent._tandem_patched = True  # type: ignore[attr-defined]
     bindings.nixlAgent = nixl_agent
-    log.info("NIXL progress threads poll every %d µs at most on this CPU build (NIXL's default: spin)",
-             PROGRESS_THREAD_DELAY_US)
+    log.info("NIXL progress threads poll every %d µs at most on this CPU build (NIXL's default: spin; %s)",
+             delay_us, DELAY_ENV)

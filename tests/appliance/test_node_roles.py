@@ -287,13 +287,17 @@ async def test_long_prompt_is_prefilled_by_the_prefill_container(
     prefill_node: DockerContainer, deployment: Deployment, docker_client: docker.DockerClient
 ) -> None:
     before = await _prefill_status(deployment)
+    pulled_before = await _decode_pulled_kv()
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{FRONTEND_PORT}/v1", api_key="unused", timeout=120)
+    started = time.monotonic()
     response = await client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": LONG_PROMPT}], stream=True, max_tokens=8, temperature=0,
     )
     text = "".join([chunk.choices[0].delta.content or "" async for chunk in response.parse() if chunk.choices])
+    took_s = time.monotonic() - started
     await client.close()
     after = await _prefill_status(deployment)
+    pulled = {key: value - pulled_before[key] for key, value in (await _decode_pulled_kv()).items()}
 
     assert text.strip()
     assert response.headers.get("x-tandem-prefill-worker") == before["worker_id"], (
@@ -305,6 +309,26 @@ async def test_long_prompt_is_prefilled_by_the_prefill_container(
         f"prefill job counts {before} -> {after}:\n{_logs(docker_client, 'tandem-prefill', 40)}"
     )
     assert "prefilled" in _logs(docker_client, "tandem-prefill", 200)
+    # The decode engine pulled the prompt's KV from the other container over NIXL: vLLM
+    # counts the prompt's tokens as external when it schedules the pull, NIXL the bytes it
+    # moved; and the prefill engine learned that its blocks were read (a transfer that
+    # stalls is recomputed once vLLM's 30 s KV lease expires, which private PID and IPC
+    # namespaces caused: "... retrieved by 0 remote worker(s) before lease expired").
+    prefill_log = _logs(docker_client, "tandem-prefill", 200)
+    assert pulled["tokens"] >= 64 and pulled["bytes"] > 0 and "before lease expired" not in prefill_log, (
+        f"the decode engine's KV pull: {pulled} (request took {took_s:.1f}s):\n"
+        f"{_logs(docker_client, HEAD_CONTAINER, 60)}\n{prefill_log}"
+    )
+
+
+async def _decode_pulled_kv() -> dict[str, float]:
+    """The head's decode worker: prompt tokens whose KV it pulled from a prefill engine, and bytes moved."""
+    port = yaml.safe_load((REPO_ROOT / CONFIG).read_text())["VllmWorker"]["metrics-port"]
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"http://{NODE_IP}:{port}/metrics")).raise_for_status().text
+    samples = {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {"tokens": samples["tandem_worker_external_kv_prompt_tokens_total"],
+            "bytes": samples["tandem_worker_kv_transfer_bytes_total"]}
 
 
 def _dashboard_metrics() -> set[str]:
