@@ -5,7 +5,7 @@
 #   scripts/docker-node.sh ROLE
 #
 # It is `docker run` with what compose gives every node: host networking, the host's IPC
-# and PID namespaces (compose/base.yml says why),
+# namespace (compose/base.yml says why),
 # the model volume, env/common.env then env/ROLE.env, and where the node has RDMA its
 # devices with unlimited memlock. Each of
 # NATS_SERVER, ETCD_ENDPOINTS, VLLM_HOST_IP, CONFIG, GRAPH, RAY_ADDRESS and
@@ -74,7 +74,7 @@ if [ -e /dev/infiniband ]; then
 fi
 
 exec $docker run -d --name "$name" --restart unless-stopped \
-    --network host --ipc host --pid host --ulimit stack=67108864 \
+    --network host --ipc host --ulimit stack=67108864 \
     "${devices[@]}" \
     --env-file "$env_dir/common.env" --env-file "$env_dir/$role.env" "${overrides[@]}" \
     -v "${TANDEM_MODEL_CACHE:-/var/lib/tandem/models}:/models" \

@@ -32,6 +32,7 @@ from pathlib import Path
 import docker
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 from openai import AsyncOpenAI
@@ -319,6 +320,27 @@ async def test_long_prompt_is_prefilled_by_the_prefill_container(
         f"the decode engine's KV pull: {pulled} (request took {took_s:.1f}s):\n"
         f"{_logs(docker_client, HEAD_CONTAINER, 60)}\n{prefill_log}"
     )
+    # Each engine worker keeps to the core its config binds: vLLM's NIXL connector would pin
+    # both to the machine's last core, where the decode engine starved while the prefill
+    # engine busy-polled for its KV to be pulled (until the KV's lease ran out: the stall
+    # above). app/engines/vllm_cpu_nixl.py keeps them apart.
+    assert _engine_worker_cores(docker_client, HEAD_CONTAINER) == _configured_cores("VllmWorker")
+    assert _engine_worker_cores(docker_client, "tandem-prefill") == _configured_cores("PrefillWorker")
+
+
+def _engine_worker_cores(client: docker.DockerClient, name: str) -> list[list[int]]:
+    """The CPU affinity of each vLLM engine worker process (VLLM::Worker) in a container.
+
+    `docker top` names the processes by their PIDs on the host, where psutil reads them.
+    """
+    top = client.containers.get(name).top(ps_args="-eo pid,args")
+    pids = [int(row[0]) for row in top["Processes"] if row[1].startswith("VLLM::Worker")]
+    return [sorted(psutil.Process(pid).cpu_affinity()) for pid in pids]
+
+
+def _configured_cores(service: str) -> list[list[int]]:
+    binds = yaml.safe_load((REPO_ROOT / CONFIG).read_text())[service]["cpu-omp-threads-bind"]
+    return [[int(core) for core in binds[0].split(",")]]
 
 
 async def _decode_pulled_kv() -> dict[str, float]:

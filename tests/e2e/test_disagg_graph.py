@@ -198,6 +198,36 @@ async def test_long_prompts_prefill_remotely_on_both_workers_with_vllms_output(
     assert counters_after["transfer_bytes"] > counters_before["transfer_bytes"]
 
 
+def test_each_engine_keeps_to_the_core_its_config_binds(graph: DisaggGraph) -> None:
+    """vLLM's NIXL connector on CPU pins each engine worker to the node's last core; the
+    tandem_cpu_nixl plugin keeps it on the cores `cpu-omp-threads-bind` gave it. (On the
+    last core together, a decode engine starved while a prefill engine busy-polled for its
+    KV to be pulled, until that KV's 30 s lease ran out.)"""
+    assert _engine_worker_cores(graph) == {
+        "VllmWorker": _bound_cores("VllmWorker", 1), "PrefillWorker": _bound_cores("PrefillWorker", PREFILL_WORKERS),
+    }
+
+
+def _bound_cores(service: str, replicas: int) -> list[list[int]]:
+    """The cores `cpu-omp-threads-bind` gives each replica of a service (replica i: entry i mod n)."""
+    binds = SHIPPED[service]["cpu-omp-threads-bind"]
+    return [[int(core) for core in binds[replica % len(binds)].split(",")] for replica in range(replicas)]
+
+
+def _engine_worker_cores(graph: ServedGraph) -> dict[str, list[list[int]]]:
+    """Service -> the CPU affinity of each of its vLLM engine worker processes (VLLM::Worker)."""
+    assert graph.process is not None
+    cores: dict[str, list[list[int]]] = {"VllmWorker": [], "PrefillWorker": []}
+    for program in psutil.Process(graph.process.pid).children(recursive=True):
+        service = next((name for name in cores if f":{name}" in " ".join(program.cmdline())), None)
+        if service is None:
+            continue
+        for child in program.children(recursive=True):
+            if " ".join(child.cmdline()).startswith("VLLM::Worker"):
+                cores[service].append(sorted(child.cpu_affinity()))
+    return cores
+
+
 async def test_short_prompts_stay_local_with_vllms_output(graph: DisaggGraph, reference) -> None:
     before, counters_before = await _prefill_statuses(graph), await _decode_counters(graph)
     for prompt in SHORT_PROMPTS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,42 @@ def test_agents_transfer_and_idle_without_spinning_unless_told_to() -> None:
     # (~6 s of CPU against under 0.6 s) so that a loaded machine does not blur them.
     assert _idle_cpu_seconds(None) < 0.6
     assert _idle_cpu_seconds("0") > 1.0
+
+
+def test_engine_cores_are_the_ones_vllms_openmp_binding_wrote(monkeypatch) -> None:
+    for name in ("OMP_PLACES", "GOMP_CPU_AFFINITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert vllm_cpu_nixl.engine_cores() is None
+    monkeypatch.setenv("OMP_PLACES", "{2,3}")  # vLLM's OMP_PROC_BIND form
+    assert vllm_cpu_nixl.engine_cores() == [2, 3]
+    monkeypatch.delenv("OMP_PLACES")
+    monkeypatch.setenv("GOMP_CPU_AFFINITY", "0 1")  # its form with a preloaded libgomp
+    assert vllm_cpu_nixl.engine_cores() == [0, 1]
+    monkeypatch.setenv("GOMP_CPU_AFFINITY", "0-3")  # not a form vLLM writes: left to vLLM
+    assert vllm_cpu_nixl.engine_cores() is None
+
+
+# NixlConnector's worker pins its thread to the largest core of each group that
+# `discover_numa_topology` returns. In a child, as vLLM loads plugins in each process.
+KV_CORE_GROUPS = textwrap.dedent("""
+    import json, os
+    from vllm.platforms import current_platform
+    for name in ("OMP_PLACES", "GOMP_CPU_AFFINITY"):
+        os.environ.pop(name, None)
+    vllms_own = current_platform.discover_numa_topology()
+    from vllm.plugins import load_general_plugins
+    load_general_plugins()
+    unbound = current_platform.discover_numa_topology()
+    os.environ["OMP_PLACES"] = "{0}"
+    print(json.dumps([vllms_own, unbound, current_platform.discover_numa_topology()]))
+""")
+
+
+def test_the_core_nixl_reserves_is_one_of_the_engines_own() -> None:
+    done = subprocess.run([sys.executable, "-c", KV_CORE_GROUPS], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    vllms_own, unbound, bound = json.loads(done.stdout.strip().splitlines()[-1])
+    # vLLM's own choice: the last core of each NUMA node, this machine's last core among them.
+    assert os.cpu_count() - 1 in {max(group) for group in vllms_own}
+    assert unbound == vllms_own  # an engine without a core binding keeps vLLM's choice
+    assert bound == [[0]]  # an engine bound to core 0 reserves core 0, not the last one
