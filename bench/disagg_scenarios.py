@@ -325,27 +325,28 @@ How to read these numbers:
   decoding what the KV router sends it. Disaggregated is `configs/cpu-tiny-disagg.yaml`:
   one decode VllmWorker on core 0 and one PrefillWorker on core 1; prompts past 512
   tokens (all the long ones: "prefilled remotely") go through the JetStream queue to the
-  PrefillWorker, and the decode engine pulls their KV over NIXL (UCX, CPU memory).
-- On this machine disaggregation mostly shows its overhead. It halves the decode
-  capacity: one engine decodes every request where two did, so TPOT and ITL p50 rise
-  and output tokens/s drops, while the prefill core idles between long prompts (about one
-  request in three). A long prompt's TTFT adds the queue hop, the prefill on a single
-  core shared with the Frontend, the `prefill_done` answer over NATS, the NIXL pull and
-  the decode engine's first step, queued behind the other requests it decodes.
-- The stall disaggregation removes is small here: the tiny model's prefill of a
-  900-token prompt is short (the aggregated long requests' TTFT p50 includes it), and
-  gaps of that size come as often from the serving processes (Frontend, Router, NATS, the
-  load generator) waiting for a core that the engines' threads keep busy. The tails
-  (short requests' TTFT p99, ITL p99.9) move by 2x between runs of this command: in this
-  run they came out lower disaggregated, in an earlier one (same command, 21:31 UTC)
-  higher (ITL p99.9 about 540 ms aggregated against 670-820 ms disaggregated). Read them
-  as noise at this size. The "stalled" share is no prefill signal here either: the
-  disaggregated decode worker, which never prefills a long prompt, steps every ~30 ms
-  with all requests on one core, so most of its requests cross the threshold. The
-  benefit shows where a long prefill costs far more than a decode step and many requests
-  decode together (a large model on GPUs): the mocker scenario above models that.
-- Aggregated ITL p50 near 0 ms means most chunks arrive bunched: the two busy engine cores
-  leave the Frontend little CPU, so it forwards several tokens at once. TPOT is the fair
+  PrefillWorker, and the decode engine pulls their KV over NIXL (UCX, CPU memory). Each
+  engine really runs on its own core since the fourth session: before, vLLM's NIXL
+  connector pinned both to core 1 (docs/internals.md), and the table measured then had
+  the disaggregated decode at ~35 ms per token.
+- Decode pace is the same in both layouts (TPOT p50 ~12 ms): one engine decodes every
+  request where two did, and a few more sequences in a step cost little. Output tokens/s
+  is lower disaggregated (107 against 130) because one core does all the decoding while
+  the prefill core idles between long prompts (about one request in three is long).
+- Long prompts pay for the hand-off: TTFT p50 about doubles (the queue hop, the prefill on
+  its own core, the answer over NATS, the NIXL pull, then the decode engine's first step
+  behind the requests it is decoding), and TTFT p99 grows more, because the one
+  PrefillWorker takes one job at a time (`max-concurrent-jobs: 1`): long prompts that
+  arrive together wait for each other.
+- Short prompts gain: their TTFT p50 is lower disaggregated (116 against 158 ms), since
+  no long prefill runs on the engine they wait for. The tails (TTFT p99, ITL p99.9) move
+  by 2x between runs of this command at this size, as the serving processes (Frontend,
+  Router, NATS, the load generator) wait for cores the engines keep busy: read them as
+  noise. The benefit grows where a long prefill costs far more than a decode step and
+  many requests decode together (a large model on GPUs): the mocker scenario above
+  models that.
+- ITL p50 near 0 ms means most chunks arrive bunched: the busy engine cores leave the
+  Frontend little CPU, so it forwards several tokens at once. TPOT is the fair
   decode-pace comparison. The machine was shared with other work (load average above);
   treat differences under about 20 % as noise.
 """
