@@ -31,7 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
         errors = config.check(services, check_engine_args=False)
         if errors:
             raise ConfigError(errors)
-        programs = supervisor.programs(services, config, args.overrides)
+        embedded = config.embedded_services(services)
+        for name in sorted(embedded & {s.name for s in services}):
+            # Its ServiceArgs (workers: N) no longer apply: say so rather than drop them silently.
+            print(f"note: {name} runs inside another service of the graph (embed-*), not in processes of its own",
+                  file=sys.stderr)
+        programs = supervisor.programs([s for s in services if s.name not in embedded], config, args.overrides)
     except (graph.GraphError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -3,8 +3,10 @@
 Serves `graphs.agg_router:Frontend` (configs/mocker-8.yaml) with 2 mocker workers whose
 `speedup-ratio` removes every simulated delay, so what is left is the serving overhead
 alone: the Frontend (HTTP, SSE, the embedded Processor pipeline: chat template,
-tokenizer, detokenizer, the Router call, the worker stream) and the Routers (hashing,
-index, placement accounting). Short chat prompts, 16-token streams, concurrency 16 and 64.
+tokenizer, detokenizer, the worker stream) and the routing (hashing, index, placement
+accounting), in two layouts: inside the Frontend (`embed-router: true`) and in the
+config's 2 Router processes, called over NATS. Short chat prompts, 16-token streams,
+concurrency 16 and 64.
 
 CPU milliseconds per request come from the service processes' own CPU time (user +
 system, /proc) over a load phase divided by the requests it completed: unlike
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -54,6 +57,8 @@ PATH_SERVICES = ("Frontend", "Processor", "Router")
 # Targets of the issue at concurrency 16.
 TARGET_RPS = 600.0
 TARGET_CPU_MS = 1.5
+# Where the routing runs: the config's Router replicas, or inside the Frontend (embed-router).
+LAYOUTS = ("router-in-frontend", "router-processes")
 
 
 # --- a lean HTTP/1.1 client ------------------------------------------------------------------
@@ -144,13 +149,16 @@ class PathResult:
     requests_per_s: float
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)  # by service, nats-server too
     failed: int = 0
+    layout: str = "router-processes"
 
     @property
     def path_cpu_ms(self) -> float:
         return sum(self.cpu_ms_per_request.get(service, 0.0) for service in PATH_SERVICES)
 
 
-async def measure(graph: ServedGraph, nats: NatsServer, model: str, concurrency: int, requests: int, seed: int) -> PathResult:
+async def measure(
+    graph: ServedGraph, nats: NatsServer, model: str, concurrency: int, requests: int, seed: int, layout: str
+) -> PathResult:
     config = loadgen.LoadConfig(url="", model="", prompt_tokens=PROMPT_WORDS, seed=seed)
     bodies = [msgspec.json.encode(chat_body(model, p, MAX_TOKENS)) for p in loadgen.build_prompts(config, requests)]
     pids = graph.service_pids()
@@ -169,34 +177,45 @@ async def measure(graph: ServedGraph, nats: NatsServer, model: str, concurrency:
         requests_per_s=completed / wall,
         cpu_ms_per_request={s: (after[s] - before[s]) * 1000.0 / per_request for s in sorted(pids)},
         failed=failed,
+        layout=layout,
     )
 
 
 async def run_all(args: argparse.Namespace, workdir: Path) -> list[list[PathResult]]:
-    """Per concurrency, the results of every run."""
+    """Per layout and concurrency, the results of every run.
+
+    Both layouts' graphs are up at once (each in its own namespace, the idle one costing
+    next to nothing) and their runs alternate, so that both see the same machine: measured
+    one after the other, minutes apart, the same layout was seen to move by 30 %.
+    """
     nats = NatsServer("127.0.0.1", free_port(), free_port(), workdir / "nats")
     etcd = EtcdServer("127.0.0.1", free_port(), free_port(), workdir / "etcd")
     overrides = [f"--VllmWorker.ServiceArgs.workers={WORKERS}", f"--VllmWorker.speedup-ratio={INFINITE_SPEEDUP:g}"]
-    results: list[list[PathResult]] = []
+    results: dict[tuple[str, int], list[PathResult]] = {}
     try:
         nats.start()
         etcd.start()
-        async with ServedGraph(args.config, overrides, nats.url, etcd.url, workdir / "serve.log") as graph:
-            await graph.wait_ready(WORKERS, args.routers)
-            await measure(graph, nats, args.model, 16, 200, 0)  # warm-up (caches, lazy imports), not reported
+        async with contextlib.AsyncExitStack() as stack:
+            graphs = {}
+            for layout in args.layouts:
+                embedded = layout == "router-in-frontend"
+                layout_overrides = [*overrides, f"--Frontend.embed-router={str(embedded).lower()}"]
+                graph = ServedGraph(args.config, layout_overrides, nats.url, etcd.url, workdir / f"serve-{layout}.log")
+                graphs[layout] = await stack.enter_async_context(graph)
+                await graph.wait_ready(WORKERS, 0 if embedded else args.routers)
+                await measure(graph, nats, args.model, 16, 200, 0, layout)  # warm-up (caches, lazy imports)
             for concurrency in args.concurrency:
-                runs = []
                 for run in range(1, args.runs + 1):
-                    result = await measure(graph, nats, args.model, concurrency, args.requests, 100 + run)
-                    log.info("concurrency %d, run %d: %.0f req/s, path %.2f CPU-ms/request %s", concurrency, run,
-                             result.requests_per_s, result.path_cpu_ms,
-                             {k: round(v, 2) for k, v in result.cpu_ms_per_request.items()})
-                    runs.append(result)
-                results.append(runs)
+                    for layout, graph in graphs.items():
+                        result = await measure(graph, nats, args.model, concurrency, args.requests, 100 + run, layout)
+                        log.info("%s, concurrency %d, run %d: %.0f req/s, path %.2f CPU-ms/request %s", layout,
+                                 concurrency, run, result.requests_per_s, result.path_cpu_ms,
+                                 {k: round(v, 2) for k, v in result.cpu_ms_per_request.items()})
+                        results.setdefault((layout, concurrency), []).append(result)
     finally:
         etcd.stop()
         nats.stop()
-    return results
+    return list(results.values())
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -206,35 +225,28 @@ READING_GUIDE = """\
 How to read these numbers:
 
 - Everything runs on one 2-core machine that other work shares: the load generator, NATS,
-  etcd, the two mockers and the services. requests/s moves by tens of percent from run to
-  run with what else is running; CPU milliseconds per request (each process's own CPU time
-  over the phase, divided by the requests completed) hardly do, and are the measure to
-  compare. "path total" is Frontend + both Router replicas + Processor (idle: the Frontend
-  runs the Processor pipeline itself by default).
-- requests/s is bound by the two cores: at 16 in flight the path, the mockers and
-  nats-server together take about 3.8 CPU ms per request, and the client the rest of the
-  machine. 600 requests/s on two cores leaves at most 3.3 CPU ms per request for
-  everything, client included.
-- What made the path cheaper (before: the commit before these changes, same bench): a
-  responder coalesces the items its handler yields within one event-loop turn into one
-  NATS frame, so a Router reply is one message instead of three; a mocker whose steps
-  are shorter than a millisecond runs several steps per wake-up, so a 16-token stream
-  reaches the Frontend in a few frames instead of 16 and leaves it in a few SSE writes;
-  placement events of one loop turn share a message, and the Routers take events by
-  callback rather than through a queue and a task; the generation endpoints bypass
-  FastAPI's middleware and routing; short prompts are tokenized on the event loop
-  instead of in a thread.
-- Where the rest goes (py-spy, 16 in flight, after): in the Frontend (about 1.6 ms) about
-  a fifth is the chat template and the tokenizer (the Hugging Face fast tokenizer costs
-  about 0.2 ms for these 60-token prompts), a sixth the socket writes to NATS (route call,
-  generate call, placement events: a system call each), a seventh uvicorn (HTTP parsing
-  and the SSE writes), and the rest is spread thin over asyncio, the NATS client's parser,
-  pydantic validation and the detokenizer. In each Router replica (about 0.5 ms) half is
-  the NATS client receiving and sending (every replica gets every KV event batch and
-  placement message of the fleet), the rest hashing, the index and the policy. No single
-  hot spot is left: what remains is per-message and per-request Python overhead.
-- The request-path rows of the KV routing section (bench/routing_scenarios.py, scenario
-  overhead) measure the same path with aiohttp as the client; they predate these changes.
+  etcd, the two mockers and the services. Both layouts' graphs are up at once and their
+  runs alternate, so each pair of runs saw the same machine; measured minutes apart
+  instead, one layout's numbers moved by 30 %. Compare the layouts within one table, and
+  CPU milliseconds per request (each process's own CPU time over the phase, divided by the
+  requests completed) rather than requests/s, which also carries the client's share.
+- "path total" is Frontend + Router processes + Processor (idle: the Frontend runs the
+  Processor pipeline itself by default). In `router-in-frontend` the Frontend's figure
+  includes the router: ingesting the workers' KV events and load reports, hashing, the
+  index, the policy and the placement accounting.
+- Why the embedded router is cheaper: a request no longer makes a NATS round trip to a
+  Router (an encode, a publish and a system call on each side, a reply to decode), and the
+  fleet's KV events and placement messages are taken by one process instead of every Router
+  replica. Where the embedded layout's Frontend spends it (py-spy, 16 in flight): about a
+  sixth in the Hugging Face fast tokenizer's encode (0.1 to 0.2 ms for these 70-token
+  prompts), an eighth in uvicorn (HTTP parsing, the SSE writes), a tenth in the router
+  (decisions, taking the KV events), a twentieth each in the chat template and the socket
+  writes to NATS, and the rest spread thin over asyncio, the NATS client's parser,
+  pydantic validation and the detokenizer: per-request Python overhead, no single hot spot.
+- requests/s is bound by the two cores: the path, the mockers and nats-server take the CPU
+  milliseconds shown, and the client the rest of the machine.
+- Router processes remain the layout for frontends that must stay thin, or where the
+  routing should be scaled apart from HTTP; the KV-aware e2e tests run both layouts.
 """
 
 
@@ -246,12 +258,16 @@ def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def _key(runs_of: Sequence[PathResult]) -> str:
+    return f"{runs_of[0].layout} @ {runs_of[0].concurrency}"
+
+
 def medians(results: list[list[PathResult]]) -> dict[str, dict[str, float]]:
-    """By concurrency: median requests/s, path CPU ms and CPU ms of each process."""
+    """By layout and concurrency: median requests/s, path CPU ms and CPU ms of each process."""
     summary = {}
     for runs_of in results:
         services = sorted({s for r in runs_of for s in r.cpu_ms_per_request})
-        summary[str(runs_of[0].concurrency)] = {
+        summary[_key(runs_of)] = {
             "requests_per_s": _median([r.requests_per_s for r in runs_of]),
             "path_cpu_ms": _median([r.path_cpu_ms for r in runs_of]),
             **{s: _median([r.cpu_ms_per_request.get(s, math.nan) for r in runs_of]) for s in services},
@@ -263,16 +279,16 @@ def render_comparison(before: dict[str, dict[str, float]], after: dict[str, dict
     lines = [
         f"Before ({label}) and after, measured one after the other in one sitting:",
         "",
-        "| concurrency | requests/s before | after | after / before | path CPU ms/request before | after "
+        "| layout @ concurrency | requests/s before | after | after / before | path CPU ms/request before | after "
         "| before / after |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for concurrency, now in after.items():
-        then = before.get(concurrency)
+    for key, now in after.items():
+        then = before.get(key)
         if then is None:
             continue
         lines.append(
-            f"| {concurrency} | {then['requests_per_s']:.0f} | {now['requests_per_s']:.0f} "
+            f"| {key} | {then['requests_per_s']:.0f} | {now['requests_per_s']:.0f} "
             f"| {now['requests_per_s'] / then['requests_per_s']:.2f}x | {then['path_cpu_ms']:.2f} "
             f"| {now['path_cpu_ms']:.2f} | {then['path_cpu_ms'] / now['path_cpu_ms']:.2f}x |"
         )
@@ -283,13 +299,15 @@ def render(results: list[list[PathResult]], command: str, runs: int) -> str:
     lines = [
         f"Command: `{command}` (medians of {runs} runs each)",
         "",
-        f"{WORKERS} mocker workers (speedup-ratio {INFINITE_SPEEDUP:g}), 2 Router replicas, chat requests of "
-        f"{PROMPT_WORDS} words, {MAX_TOKENS}-token streams, the Processor pipeline in the Frontend (the default). "
+        f"{WORKERS} mocker workers (speedup-ratio {INFINITE_SPEEDUP:g}), chat requests of {PROMPT_WORDS} words, "
+        f"{MAX_TOKENS}-token streams, the Processor pipeline in the Frontend (the default). Two layouts of the "
+        "routing: `router-in-frontend` (`embed-router: true`: the Frontend is the router replica, no Router "
+        "process) and `router-processes` (the config's 2 Router replicas, called over NATS). "
         "CPU milliseconds per request by process:",
         "",
-        "| concurrency | requests/s | Frontend | Router (2 replicas) | Processor (idle) | path total "
+        "| layout | concurrency | requests/s | Frontend | Router processes | Processor (idle) | path total "
         f"(target <= {TARGET_CPU_MS:g} at 16) | mocker workers | nats-server |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     failed = 0
     for runs_of in results:
@@ -297,19 +315,39 @@ def render(results: list[list[PathResult]], command: str, runs: int) -> str:
         failed += sum(r.failed for r in runs_of)
 
         def cpu(service: str) -> float:
-            return _median([r.cpu_ms_per_request.get(service, math.nan) for r in runs_of])
+            return _median([r.cpu_ms_per_request.get(service, 0.0) for r in runs_of])
 
         rps = _median([r.requests_per_s for r in runs_of])
         path = _median([r.path_cpu_ms for r in runs_of])
         judged = concurrency == 16
+        routers = "none" if runs_of[0].layout == "router-in-frontend" else f"{cpu('Router'):.2f}"
         lines.append(
-            f"| {concurrency} | {rps:.0f}" + (f" (target >= {TARGET_RPS:g}: {_met(rps >= TARGET_RPS)})" if judged else "")
-            + f" | {cpu('Frontend'):.2f} | {cpu('Router'):.2f} | {cpu('Processor'):.2f} | {path:.2f}"
+            f"| {runs_of[0].layout} | {concurrency} | {rps:.0f}"
+            + (f" (target >= {TARGET_RPS:g}: {_met(rps >= TARGET_RPS)})" if judged else "")
+            + f" | {cpu('Frontend'):.2f} | {routers} | {cpu('Processor'):.2f} | {path:.2f}"
             + (f" {_met(path <= TARGET_CPU_MS)}" if judged else "")
             + f" | {cpu('VllmWorker'):.2f} | {cpu('nats-server'):.2f} |"
         )
-    lines += ["", f"Failed requests: {failed}.", "", READING_GUIDE]
+    lines += ["", f"Failed requests: {failed}.", ""]
+    lines += _layout_ratios(medians(results))
+    lines += [READING_GUIDE]
     return "\n".join(lines) + "\n"
+
+
+def _layout_ratios(summary: dict[str, dict[str, float]]) -> list[str]:
+    """The two layouts side by side (same run, same machine), where both were measured."""
+    lines = []
+    for key, embedded in summary.items():
+        layout, _, concurrency = key.partition(" @ ")
+        processes = summary.get(f"router-processes @ {concurrency}")
+        if layout != "router-in-frontend" or processes is None:
+            continue
+        lines.append(
+            f"- At concurrency {concurrency}, routing in the Frontend instead of in Router processes: "
+            f"{embedded['requests_per_s'] / processes['requests_per_s']:.2f}x the requests/s, "
+            f"path CPU per request {processes['path_cpu_ms'] / embedded['path_cpu_ms']:.2f}x lower."
+        )
+    return [*lines, ""] if lines else []
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -318,6 +356,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="tiny-llama", help="the served model name")
     parser.add_argument("--routers", type=int, default=2, help="Router replicas the config starts")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    parser.add_argument(
+        "--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+        help="router-processes: the Router replicas of the config; router-in-frontend: embed-router",
+    )
     parser.add_argument("--runs", type=int, default=3, help="repetitions; the report gives medians")
     parser.add_argument("--requests", type=int, default=1000, help="requests per run")
     parser.add_argument("--workdir", type=Path, help="keep servers' data and logs here (default: a temporary folder)")

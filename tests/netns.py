@@ -151,6 +151,7 @@ class Fabric:
         self.bridge = f"{self.tag}br"
         self.nodes = [Node(f"{self.tag}n{i + 1}", f"{self.subnet_prefix}.{i + 1}") for i in range(count)]
         self._created_namespaces: list[str] = []
+        self._created_links: list[str] = []
         self._bridge_created = False
 
     @staticmethod
@@ -179,6 +180,7 @@ class Fabric:
             _ip("netns", "add", node.name)
             self._created_namespaces.append(node.name)
             _ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            self._created_links.append(host_end)
             _ip("link", "set", node_end, "netns", node.name)
             _ip("link", "set", host_end, "master", self.bridge)
             _ip("link", "set", host_end, "up")
@@ -192,8 +194,13 @@ class Fabric:
             for process in reversed(node.processes):
                 process.stop()
             node.processes.clear()
+        for link in self._created_links:
+            # Deleting one end deletes the pair at once. Deleting the namespace would too, but
+            # the kernel cleans a namespace up later, asynchronously: the next Fabric of this
+            # process, reusing the names, then found the old host end still there.
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+        self._created_links.clear()
         for name in self._created_namespaces:
-            # Deleting a namespace deletes its veth end, and with it the host end.
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         self._created_namespaces.clear()
         if self._bridge_created:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.components.kv_router import PlacementPublisher, Router
+from app.components.kv_router import FleetRouter, NoRoutableWorkerError, PlacementPublisher, Router
 from app.components.routing import RouterPolicyName
 from app.components.worker import VllmWorker
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
@@ -46,6 +46,11 @@ def _prompt_chars(request: OpenAIRequest) -> int:
     return len(text) if text is not None else len(request.prompt_token_ids() or ())
 
 
+def _log_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the embedded router could not start; requests fail until a restart", exc_info=task.exception())
+
+
 class ProcessorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,11 +68,20 @@ class RequestPipeline:
     """Tokenizes, asks the Router for a worker, streams from that worker, detokenizes."""
 
     def __init__(
-        self, config: ProcessorConfig, runtime: Runtime, router: EndpointClient, worker: EndpointClient
+        self,
+        config: ProcessorConfig,
+        runtime: Runtime,
+        router: EndpointClient,
+        worker: EndpointClient,
+        embedded_router: FleetRouter | None = None,
     ) -> None:
         self._config = config
         self._router = router
         self._worker = worker
+        # A router replica in this process (the Frontend's `embed-router`): no NATS round
+        # trip per request, and its own placement accounting instead of the Router's.
+        self._embedded_router = embedded_router
+        self._router_started: asyncio.Task[None] | None = None
         self._preprocessor: Preprocessor | None = None
         self._round_robin = itertools.count()
         # Placement events name their source; the Routers apply every source but their own.
@@ -84,6 +98,17 @@ class RequestPipeline:
         # whether a Router is deployed (graphs.agg has none).
         await self._router.watch()
         await self._worker.watch()
+        if self._embedded_router is not None:
+            # Without a block size in its config the router learns it from the first worker's
+            # model record: in the background, so that the Frontend serves /health meanwhile.
+            self._router_started = asyncio.create_task(self._embedded_router.start(), name="embedded-router")
+            self._router_started.add_done_callback(_log_start_failure)
+
+    async def close(self) -> None:
+        if self._embedded_router is not None and self._router_started is not None:
+            self._router_started.cancel()
+            await asyncio.gather(self._router_started, return_exceptions=True)
+            await self._embedded_router.close()
 
     async def generate(self, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
         assert self._preprocessor is not None, "request before start()"
@@ -112,6 +137,14 @@ class RequestPipeline:
     async def _pick_worker(self, request: PreprocessedRequest) -> RouteDecision:
         if not self._worker.instance_ids():
             await self._worker.wait_for_instances(timeout=WORKER_WAIT_S)
+        if self._embedded_router is not None and self._router_started is not None:
+            if not self._router_started.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._router_started), WORKER_WAIT_S)
+                except TimeoutError:
+                    raise NoRoutableWorkerError("the router has not started yet (no worker's model record)") from None
+            self._router_started.result()  # re-raises why it could not start
+            return self._embedded_router.route(request.request_id, request.token_ids)
         if self._router.instance_ids():
             decision = await self._router.call(
                 RouteRequest(request_id=request.request_id, token_ids=request.token_ids),
@@ -128,6 +161,13 @@ class RequestPipeline:
         return RouteDecision(worker_id=workers[next(self._round_robin) % len(workers)])
 
     def _placement(self, request_id: str, worker_id: str, kind: str) -> None:
+        if self._embedded_router is not None:
+            # The replica accounts for it and publishes it to the others.
+            if kind == "prefill_done":
+                self._embedded_router.router.on_prefill_done(request_id)
+            else:
+                self._embedded_router.router.on_finished(request_id)
+            return
         if not self._router.instance_ids():
             return
         self._placements.publish(

@@ -159,6 +159,17 @@ class GraphConfig:
         except ValidationError as exc:
             raise ConfigError(_format(spec.name, exc, spelled)) from None
 
+    def embedded_services(self, services: Iterable[ServiceSpec]) -> set[str]:
+        """Names of services that another of `services` runs inside its own process, as its
+        section says (a config model's `embedded_services()`): they need no process of their own."""
+        embedded: set[str] = set()
+        for spec in services:
+            config = self.service_config(spec)
+            names = getattr(config, "embedded_services", None)
+            if names is not None:
+                embedded |= names()
+        return embedded
+
     def check(self, services: Iterable[ServiceSpec] | None = None, check_engine_args: bool = True) -> list[str]:
         """Every error in the sections of `services` (default: every known service)."""
         errors = [

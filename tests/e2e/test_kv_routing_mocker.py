@@ -1,8 +1,8 @@
 """KV-aware routing end to end: `tandem serve graphs.agg_router:Frontend` on mocker workers.
 
-Real NATS and etcd, the real graph under supervisord (4 mocker VllmWorkers, 2 Router
-replicas), requests through the official `openai` client. Each graph is stopped by PID
-when its class of tests is done.
+Real NATS and etcd, the real graph under supervisord (4 mocker VllmWorkers, and either 2
+Router replicas or the router inside the Frontend: `embed-router`), requests through the
+official `openai` client. Each graph is stopped by PID when its tests are done.
 """
 
 from __future__ import annotations
@@ -87,15 +87,15 @@ async def ask(client: openai.AsyncOpenAI, text: str) -> tuple[str, int, int]:
 
 @contextlib.asynccontextmanager
 async def served_graph(policy: str, tiny_model: Path, tmp_path: Path, nats: NatsServer, etcd: EtcdServer,
-                       metrics_port: int) -> AsyncIterator[ServedGraph]:
+                       metrics_port: int, embed_router: bool = False) -> AsyncIterator[ServedGraph]:
     config = tmp_path / "graph.yaml"
     config.write_text(
         CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS, routers=ROUTERS, metrics_port=metrics_port)
     )
-    graph = ServedGraph(config, [f"--Router.router={policy}"], nats.url, etcd.url, tmp_path / "serve.log",
-                        lease_ttl_s=LEASE_TTL_S)
+    overrides = [f"--Router.router={policy}", f"--Frontend.embed-router={str(embed_router).lower()}"]
+    graph = ServedGraph(config, overrides, nats.url, etcd.url, tmp_path / "serve.log", lease_ttl_s=LEASE_TTL_S)
     async with graph:
-        await graph.wait_ready(WORKERS, ROUTERS, timeout=90)
+        await graph.wait_ready(WORKERS, 0 if embed_router else ROUTERS, timeout=90)
         yield graph
 
 
@@ -112,12 +112,20 @@ def router_metrics_port() -> int:
     return port
 
 
-# Class-scoped: each graph runs only while its class's tests do.
+# Class-scoped: each graph runs only while its class's tests do. The KV-aware tests run
+# twice: with the config's Router replicas, and with the router inside the Frontend.
+@pytest.fixture(scope="class", params=["router-processes", "router-in-frontend"])
+def embed_router(request: pytest.FixtureRequest) -> bool:
+    return request.param == "router-in-frontend"
+
+
 @pytest.fixture(scope="class")
-async def kv_graph(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer,
-                   etcd_server: EtcdServer, router_metrics_port: int) -> AsyncIterator[ServedGraph]:
+async def kv_graph(embed_router: bool, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
+                   nats_server: NatsServer, etcd_server: EtcdServer, router_metrics_port: int
+                   ) -> AsyncIterator[ServedGraph]:
     workdir = tmp_path_factory.mktemp("kv")
-    async with served_graph("kv", tiny_model, workdir, nats_server, etcd_server, router_metrics_port) as graph:
+    async with served_graph("kv", tiny_model, workdir, nats_server, etcd_server, router_metrics_port,
+                            embed_router) as graph:
         yield graph
 
 
@@ -150,17 +158,32 @@ class TestKvRouting:
                 # The shared prefix is 95 % of the words: all of it but a partial block was cached.
                 assert cached >= 0.8 * prompt_tokens, (g, request, prompt_tokens, cached)
 
+    async def test_the_routing_runs_where_the_config_says(self, kv_graph: ServedGraph, embed_router: bool) -> None:
+        routers = await kv_graph.instances("Router", "route")
+        if embed_router:
+            assert not routers and "Router" not in kv_graph.service_pids()
+        else:
+            assert len(routers) == ROUTERS and len(kv_graph.service_pids()["Router"]) == ROUTERS
+
     async def test_the_routers_metrics_show_their_decisions_and_hit_rate(
-        self, kv_graph: ServedGraph, router_metrics_port: int
+        self, kv_graph: ServedGraph, embed_router: bool, router_metrics_port: int
     ) -> None:
+        # Each Router replica on the metrics port + its index; a Frontend's embedded router
+        # there too and on the Frontend's own /metrics.
+        urls = [f"http://127.0.0.1:{router_metrics_port + replica}/metrics" for replica in range(ROUTERS)]
+        if embed_router:
+            urls = [urls[0], f"{kv_graph.url}/metrics"]
         decisions, hit_rates = [], []
         async with httpx.AsyncClient(timeout=10) as http:
-            for replica in range(ROUTERS):
-                text = (await http.get(f"http://127.0.0.1:{router_metrics_port + replica}/metrics")).text
+            for url in urls:
+                text = (await http.get(url)).text
                 values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
                 decisions.append(values["tandem_router_decisions_total"])
                 hit_rates.append(values["tandem_router_hit_rate"])
                 assert values["tandem_router_decision_seconds_count"] == values["tandem_router_decisions_total"]
+        if embed_router:
+            assert decisions[0] == decisions[1], "the two views of one embedded router disagree"
+            decisions.pop()
         # The test before sent 16 requests, most of them sharing cached prefixes.
         assert sum(decisions) >= 16
         assert max(hit_rates) > 0.5

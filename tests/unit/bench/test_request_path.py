@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.request_path import completion_tokens
+from bench.request_path import PathResult, completion_tokens, render
 
 
 def _sse(*events: bytes) -> bytes:
@@ -25,3 +25,19 @@ def test_failures_count_nothing() -> None:
     assert completion_tokens(200, error) == 0
     assert completion_tokens(200, cut_short) == 0
     assert completion_tokens(503, b'{"error":{"message":"no model"}}') == 0
+
+
+def test_the_report_judges_each_layout_and_compares_them_side_by_side() -> None:
+    def result(layout: str, rps: float, frontend: float, router: float = 0.0) -> PathResult:
+        cpu = {"Frontend": frontend, "Processor": 0.0, "VllmWorker": 0.5, "nats-server": 0.2}
+        if router:
+            cpu["Router"] = router
+        return PathResult(concurrency=16, requests_per_s=rps, cpu_ms_per_request=cpu, layout=layout)
+
+    embedded = [result("router-in-frontend", rps, 1.2) for rps in (700, 800, 900)]
+    processes = [result("router-processes", rps, 1.3, 0.7) for rps in (400, 500, 600)]
+    report = render([embedded, processes], "python -m bench.request_path", 3)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| router-")}
+    assert "800 (target >= 600: yes)" in rows["router-in-frontend"] and "| 1.20 yes |" in rows["router-in-frontend"]
+    assert "500 (target >= 600: **no**)" in rows["router-processes"] and "| 2.00 **no** |" in rows["router-processes"]
+    assert "1.60x the requests/s, path CPU per request 1.67x lower" in report

@@ -58,6 +58,22 @@ def test_dry_run_passes_overrides_to_every_process_and_honours_workers() -> None
     assert command[-2:] == ["--VllmWorker.ServiceArgs.workers=2", "--VllmWorker.router=kv"]
 
 
+def test_a_frontend_that_embeds_the_router_replaces_the_router_processes() -> None:
+    embedded = "--Frontend.embed-router=true"
+    assert list(dry_run("graphs.disagg_router:Frontend", embedded)) == [
+        "Frontend", "Processor", "VllmWorker", "PrefillWorker"]
+    # The Router alone still runs when asked for: Frontends without embed-router call it.
+    assert list(dry_run("graphs.agg_router:Frontend", "--service-name", "Router", embedded)) == ["Router"]
+
+
+def test_embed_router_without_the_embedded_processor_is_refused() -> None:
+    done = tandem("serve", "graphs.agg_router:Frontend", "-f", CONFIG, "--dry-run",
+                  "--Frontend.embed-router=true", "--Frontend.embed-processor=false")
+    assert done.returncode == 1
+    assert "embed-router needs embed-processor" in done.stderr
+    assert done.stdout == ""
+
+
 def test_serve_refuses_a_bad_config_before_starting_anything() -> None:
     done = tandem("serve", "graphs.agg:Frontend", "-f", CONFIG, "--dry-run", "--Frontend.prot=1")
     assert done.returncode == 1
