@@ -1,21 +1,25 @@
 """The `tandem` command: serve a graph, run one service, check a config, and the tools
-other modules register (`infra`, `model`, `ray`)."""
+other modules register (`infra`, `model`, `ray`, and `router` / `disagg` for the live
+tunables their owners declare)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 from collections.abc import Sequence
 
 import app.infra
 import app.model.tiny
 import app.ray_cluster
-import app.tunables
+import app.tunables.cli
+from app import env
+from app.disagg.tunables import DISAGG_TUNABLES
+from app.launch.devices import node_devices
+from app.router.tunables import ROUTER_TUNABLES
 from app.sdk import graph, supervisor
 from app.sdk.config import ConfigError, load_config
-from app.sdk.process import add_service_arguments, run_one, split_overrides
+from app.sdk.process import add_graph_argument, add_service_arguments, run_one, split_overrides
 
 log = logging.getLogger("tandem")
 
@@ -36,19 +40,39 @@ def _serve(args: argparse.Namespace) -> int:
             # Its ServiceArgs (workers: N) no longer apply: say so rather than drop them silently.
             print(f"note: {name} runs inside another service of the graph (embed-*), not in processes of its own",
                   file=sys.stderr)
-        programs = supervisor.programs([s for s in services if s.name not in embedded], config, args.overrides)
+        processes, devices = supervisor.plan(
+            [s for s in services if s.name not in embedded], config, args.overrides, node_devices(), args.address
+        )
     except (graph.GraphError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    shortfall = devices.shortfall()
     if args.dry_run:
-        for prog in programs:
-            print(f"{prog.name}  x{prog.processes}  {shlex.join(prog.command)}")
-        return 0
-    return supervisor.run_supervisord(programs)
+        print("\n".join(supervisor.describe(processes)))
+        if shortfall is not None and not devices.node.ids:
+            # A machine without GPUs plans for the nodes that have them.
+            print(f"note: {shortfall} here", file=sys.stderr)
+            return 0
+    if shortfall is not None:
+        print(f"error: {shortfall}; nothing started", file=sys.stderr)
+        return 1
+    return 0 if args.dry_run else supervisor.run_supervisord(processes)
 
 
 def _run_service(args: argparse.Namespace) -> int:
-    return run_one(args.address, args.config_file, args.overrides)
+    return run_one(args.address, args.config_file, args.overrides, args.graph)
+
+
+def _config_env(args: argparse.Namespace) -> int:
+    rows = env.table()
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    reader = None
+    for row in rows:
+        if row[0] != reader:
+            print(f"{'' if reader is None else chr(10)}# read by {row[0]}")
+            reader = row[0]
+        print("  ".join(value.ljust(width) for value, width in zip(row[1:4], widths[1:], strict=True)) + f"  {row[4]}")
+    return 0
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -86,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run-service", help="(internal) run one service in the foreground")
     add_service_arguments(run)
+    add_graph_argument(run)
     run.set_defaults(func=_run_service, takes_overrides=True)
 
     config = commands.add_parser("config", help="graph config tools")
@@ -94,11 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-f", "--config", dest="config_file", required=True, help="graph config YAML")
     check.add_argument("graph", nargs="?", metavar="MODULE:Service", help="check only this graph's services")
     check.set_defaults(func=_config_check, takes_overrides=True)
+    listing = config_commands.add_parser("env", help="list every environment variable Tandem reads")
+    listing.set_defaults(func=_config_env)
 
     app.infra.add_cli(commands)
     app.model.tiny.add_cli(commands)
     app.ray_cluster.add_cli(commands)
-    app.tunables.add_cli(commands)
+    app.tunables.cli.add_cli(commands, (ROUTER_TUNABLES, DISAGG_TUNABLES))
     return parser
 
 
@@ -110,7 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = split_overrides(parser, extras)
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except env.EnvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

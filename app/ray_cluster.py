@@ -26,16 +26,18 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+from app import env
 from app.engines.vllm_cpu_ray import CPU_DEVICE_RESOURCE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GCS_PORT = 6379
+DEFAULT_GCS_PORT = env.RAY_PORT.default
 # Ray's worker processes take ports from this range unless told otherwise; a GCS port
 # inside it collides with them sooner or later.
 RAY_WORKER_PORTS = range(10002, 20000)
 # The variables that pick the network interface of the collective and transfer libraries.
-INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "NCCL_IB_HCA", "UCX_NET_DEVICES")
+INTERFACE_VARIABLES = (env.GLOO_SOCKET_IFNAME, env.NCCL_SOCKET_IFNAME, env.TP_SOCKET_IFNAME, env.NCCL_IB_HCA,
+                       env.UCX_NET_DEVICES)
 
 
 class RayStartError(ValueError):
@@ -107,16 +109,18 @@ def ray_start_command(
 
 
 def ray_start_env(node_ip: str | None) -> dict[str, str]:
-    env = dict(os.environ)
+    environment = dict(os.environ)
     if node_ip:
-        env["VLLM_HOST_IP"] = node_ip
+        environment[env.VLLM_HOST_IP.name] = node_ip
     # Usage statistics would phone home from every node.
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return env
+    environment.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return environment
 
 
 def _run(args: argparse.Namespace) -> int:
-    node_ip = args.node_ip_address or os.environ.get("VLLM_HOST_IP") or None
+    # vLLM's own variable, not this node's Tandem address (app.node): on a node with
+    # several networks vLLM's ranks may use another one than Tandem's records.
+    node_ip = args.node_ip_address or env.VLLM_HOST_IP.get()
     extra = list(args.ray_args)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -130,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if not node_ip:
         log.warning("no --node-ip-address or VLLM_HOST_IP: Ray picks this node's address itself")
-    interfaces = {name: os.environ[name] for name in INTERFACE_VARIABLES if os.environ.get(name)}
+    interfaces = {variable.name: variable.get() for variable in INTERFACE_VARIABLES if variable.get()}
     log.info("Ray %s on %s; interfaces %s: %s", args.ray_command, node_ip or "(Ray's choice)",
              interfaces or "(library defaults)", " ".join(command))  # fmt: skip
     os.execve(command[0], command, ray_start_env(node_ip))

@@ -1,37 +1,34 @@
-"""Process settings shared by every Tandem process.
+"""Process settings shared by every Tandem process, from the environment.
 
-Every field is also an environment variable. `NATS_SERVER` and `ETCD_ENDPOINTS` are
-spelled exactly as the multi-node guide spells them, so an operator's shell exports
-work unchanged; the rest carry the `TANDEM_` prefix.
+Each field is a variable of the registry (app/env.py), which declares its name, default
+and doc; this model adds the bounds and the parsing of URL lists.
 """
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, field_validator
+from typing import Any
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app import env
+
+
+def _from_registry(variable: env.Variable[Any], **bounds: Any) -> Any:
+    return Field(default=variable.default, validation_alias=variable.name, description=variable.doc, **bounds)
 
 
 class RuntimeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
+    # populate_by_name: code and tests pass fields by name (`RuntimeSettings(namespace=...)`);
+    # an empty variable is unset, as everywhere in the registry.
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
-    nats_server: str = Field(
-        default="nats://127.0.0.1:4222",
-        validation_alias=AliasChoices("NATS_SERVER", "TANDEM_NATS_SERVER"),
-        description="NATS URL (nats://host:port); comma-separated for a cluster",
-    )
-    etcd_endpoints: str = Field(
-        default="http://127.0.0.1:2379",
-        validation_alias=AliasChoices("ETCD_ENDPOINTS", "TANDEM_ETCD_ENDPOINTS"),
-        description="etcd client URLs, comma-separated (scheme optional)",
-    )
-    namespace: str = Field(default="tandem", description="isolates deployments sharing NATS/etcd")
-    lease_ttl_s: int = Field(default=10, ge=2, description="etcd lease TTL of each process")
-    connect_timeout_s: float = Field(
-        default=60.0, gt=0, description="how long to retry NATS/etcd at start before exiting"
-    )
-    request_ack_timeout_s: float = Field(
-        default=5.0, gt=0, description="how long a caller waits for a callee to accept a call"
-    )
+    nats_server: str = _from_registry(env.NATS_SERVER)
+    etcd_endpoints: str = _from_registry(env.ETCD_ENDPOINTS)
+    namespace: str = _from_registry(env.TANDEM_NAMESPACE)
+    lease_ttl_s: int = _from_registry(env.TANDEM_LEASE_TTL_S, ge=2)
+    connect_timeout_s: float = _from_registry(env.TANDEM_CONNECT_TIMEOUT_S, gt=0)
+    request_ack_timeout_s: float = _from_registry(env.TANDEM_REQUEST_ACK_TIMEOUT_S, gt=0)
 
     @field_validator("nats_server")
     @classmethod

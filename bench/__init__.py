@@ -1,1 +1,1 @@
-"""Benchmarks for Tandem: load generation and scenarios (not tests)."""
+"""Tandem's benchmarks: one command each (docs/benchmarks.md), on the harness in bench/harness/."""

@@ -10,7 +10,7 @@
 | head       | nats + etcd + `tandem serve $GRAPH` (Frontend, Processor, Router, VllmWorker) |
 | frontend   | one `tandem serve $GRAPH --service-name S` per S in FRONTEND_SERVICES (no worker) |
 | decode     | `tandem serve components.worker:VllmWorker --service-name VllmWorker`     |
-| prefill    | `tandem serve components.prefill_worker:PrefillWorker`                    |
+| prefill    | `tandem serve components.prefill_worker:PrefillWorker --service-name PrefillWorker` |
 | ray-head   | `tandem ray head` (`ray start --head --block`), plus `tandem serve $GRAPH` when GRAPH is set |
 | ray-worker | `tandem ray worker --address=$RAY_ADDRESS` (`ray start --address=... --block`) |
 | all        | head + prefill: the whole deployment on one node                          |
@@ -18,10 +18,13 @@
 Each Tandem program is a `tandem serve` command, exactly what an operator would type on
 the node; `tandem serve` runs its own supervisord for the graph's services, so the
 supervisord started here is the outer of two. On SIGTERM it stops programs in reverse
-priority order, waiting for each: Tandem programs first (they drain in-flight requests),
-then Ray, then etcd and NATS, which the draining programs still need.
+priority order, waiting for each: Tandem programs first (they drain in-flight requests;
+each gets TANDEM_STOP_WAIT_S for every service it runs, which its own supervisord stops
+one after another), then Ray, then etcd and NATS, which the draining programs still need.
 
-Only the standard library is used: this runs before anything else in the container.
+The NATS and etcd command lines, the supervisord config and the stop budgets are
+app.launch's, the same `tandem infra` and `tandem serve` use; every variable is read
+through app.env. This runs with the image's Python, in which the app package is installed.
 """
 
 from __future__ import annotations
@@ -35,11 +38,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from app import env
+from app.launch import servers, supervisord
+from app.launch.supervisord import Program
+from app.node import configured_node_address
 
 log = logging.getLogger("entrypoint")
 
-DEFAULT_GRAPH = "graphs.agg_router:Frontend"
-DEFAULT_FRONTEND_SERVICES = "Frontend,Processor,Router"
 DECODE_ADDRESS = "components.worker:VllmWorker"
 PREFILL_ADDRESS = "components.prefill_worker:PrefillWorker"
 
@@ -65,24 +72,10 @@ PREFILL_PRIORITY = 50
 SERVING_PRIORITY = 60
 INFRA_STOP_WAIT_S = 30
 RAY_STOP_WAIT_S = 60
-ETCD_MEMBER_NAME = "tandem"
-# `tandem serve` stops its own services one after another, each allowed 60 s to drain.
-DEFAULT_TANDEM_STOP_WAIT_S = 300
 
 
 class EntrypointError(Exception):
     """A configuration the operator must fix; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class Program:
-    name: str
-    command: tuple[str, ...]
-    priority: int
-    stop_wait_s: int
-    # True where the program's children must all get SIGTERM (nats, etcd, Ray). A nested
-    # supervisord gets it alone, so it can stop its services in order.
-    stop_as_group: bool
 
 
 @dataclass(frozen=True)
@@ -95,41 +88,24 @@ class Plan:
     derived: dict[str, str]
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
-    """An empty value counts as unset: compose env files make `X=` easy to write."""
-    value = env.get(name, "").strip()
-    return value or None
-
-
-def _int(env: Mapping[str, str], name: str, default: int, upper: int = 2**31) -> int:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 0 < int(raw) < upper:
-        raise EntrypointError(f"{name}={raw!r} is not a whole number between 1 and {upper - 1}")
-    return int(raw)
-
-
-def _port(env: Mapping[str, str], name: str, default: int) -> int:
-    return _int(env, name, default, upper=65536)
-
-
 def parse_roles(raw: str | None) -> tuple[str, ...]:
     if raw is None:
         raise EntrypointError(f"ROLE is not set; set it to one of: {', '.join(ROLES)} (comma-separated to combine)")
     roles = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
     unknown = [role for role in roles if role not in ROLES]
     if unknown or not roles:
-        raise EntrypointError(f"ROLE={raw!r}: unknown role {', '.join(unknown) or raw!r}; known roles: {', '.join(ROLES)}")
+        raise EntrypointError(
+            f"ROLE={raw!r}: unknown role {', '.join(unknown) or raw!r}; known roles: {', '.join(ROLES)}"
+        )
     return roles
 
 
-def _blocks(roles: Sequence[str], env: Mapping[str, str]) -> list[str]:
+def _blocks(roles: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     blocks: list[str] = []
     for role in roles:
         for block in ROLES[role]:
             if block == "graph-if-set":
-                if _get(env, "GRAPH") is None:
+                if env.GRAPH.raw(environ) is None:
                     continue
                 block = "graph"
             if block not in blocks:
@@ -137,209 +113,184 @@ def _blocks(roles: Sequence[str], env: Mapping[str, str]) -> list[str]:
     return blocks
 
 
-def _required(blocks: Sequence[str], env: Mapping[str, str]) -> list[str]:
+def _required(blocks: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     """Variables these programs cannot start without, in a stable order."""
     tandem_blocks = {"graph", "frontend", "decode", "prefill"}
-    needed: list[str] = []
+    needed: list[env.Variable[Any]] = []
     if tandem_blocks.intersection(blocks):
-        needed.append("CONFIG")
+        needed.append(env.CONFIG)
         if "nats" not in blocks:
-            needed.append("NATS_SERVER")
+            needed.append(env.NATS_SERVER)
         if "etcd" not in blocks:
-            needed.append("ETCD_ENDPOINTS")
-    # Workers advertise this address for the NIXL KV hand-off and Ray/Gloo/NCCL; a
-    # default (localhost) fails only later, at the first remote transfer (FACTS.md).
+            needed.append(env.ETCD_ENDPOINTS)
+    # Workers hand this address to vLLM for the NIXL KV hand-off and Ray/Gloo/NCCL; a
+    # default (localhost) fails only later, at the first remote transfer.
     if {"graph", "decode", "prefill", "ray-head", "ray-worker"}.intersection(blocks):
-        needed.append("VLLM_HOST_IP")
+        needed.append(env.VLLM_HOST_IP)
     if "ray-worker" in blocks:
-        needed.append("RAY_ADDRESS")
-    missing = [name for name in dict.fromkeys(needed) if _get(env, name) is None]
+        needed.append(env.RAY_ADDRESS)
+    missing = [v.name for v in dict.fromkeys(needed) if v.raw(environ) is None]
     # etcd advertises the node's address to the other nodes; it is its only need.
-    no_etcd_host = _get(env, "ETCD_ADVERTISE_HOST") is None and _get(env, "VLLM_HOST_IP") is None
-    if "etcd" in blocks and no_etcd_host and "VLLM_HOST_IP" not in missing:
+    no_etcd_host = env.ETCD_ADVERTISE_HOST.raw(environ) is None and configured_node_address(environ) is None
+    if "etcd" in blocks and no_etcd_host and env.VLLM_HOST_IP.name not in missing:
         missing.append("ETCD_ADVERTISE_HOST (or VLLM_HOST_IP)")
     return missing
 
 
-def _derive(blocks: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
+def _derive(blocks: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
     derived: dict[str, str] = {}
-    if "nats" in blocks and _get(env, "NATS_SERVER") is None:
-        derived["NATS_SERVER"] = f"nats://127.0.0.1:{_port(env, 'NATS_PORT', 4222)}"
-    if "etcd" in blocks and _get(env, "ETCD_ENDPOINTS") is None:
-        derived["ETCD_ENDPOINTS"] = f"http://127.0.0.1:{_port(env, 'ETCD_PORT', 2379)}"
-    host_ip = _get(env, "VLLM_HOST_IP")
-    if host_ip is not None:
-        # The NIXL side channel must listen on, and hand out, the node's routable address.
-        for name in ("TANDEM_ADVERTISE_HOST", "VLLM_NIXL_SIDE_CHANNEL_HOST"):
-            if _get(env, name) is None:
-                derived[name] = host_ip
+    if "nats" in blocks and env.NATS_SERVER.raw(environ) is None:
+        derived[env.NATS_SERVER.name] = f"nats://127.0.0.1:{env.NATS_PORT.get(environ)}"
+    if "etcd" in blocks and env.ETCD_ENDPOINTS.raw(environ) is None:
+        derived[env.ETCD_ENDPOINTS.name] = f"http://127.0.0.1:{env.ETCD_PORT.get(environ)}"
+    node = configured_node_address(environ)
+    if node is not None and env.VLLM_NIXL_SIDE_CHANNEL_HOST.raw(environ) is None:
+        # vLLM's NIXL side channel must listen on, and hand out, the node's routable
+        # address, in every engine process of the node (Ray's workers too).
+        derived[env.VLLM_NIXL_SIDE_CHANNEL_HOST.name] = node
     return derived
 
 
-def _tandem(address: str, config: str, *extra: str) -> tuple[str, ...]:
-    return ("tandem", "serve", address, "-f", config, *extra)
+def _binary(name: str) -> str:
+    # A dry run where the server is not installed still prints the plan; a real start
+    # checks every program's binary first (_check_binaries).
+    try:
+        return servers.find_binary(name)
+    except FileNotFoundError:
+        return name
 
 
-def _programs(blocks: Sequence[str], env: Mapping[str, str]) -> list[Program]:
-    data_dir = Path(_get(env, "TANDEM_DATA_DIR") or "/data")
-    config = _get(env, "CONFIG") or ""
-    graph = _get(env, "GRAPH") or DEFAULT_GRAPH
-    stop_wait = _int(env, "TANDEM_STOP_WAIT_S", DEFAULT_TANDEM_STOP_WAIT_S)
-    ray_extra = tuple(shlex.split(_get(env, "RAY_START_ARGS") or ""))
-    host_ip = _get(env, "VLLM_HOST_IP") or ""
+def _services_in(address: str) -> int:
+    """How many services `tandem serve ADDRESS` runs (without --service-name): its own
+    supervisord stops them one after another, and this one must wait for all of them."""
+    # Imported here: only nodes that serve a whole graph pay for importing it.
+    from app.sdk.graph import GraphError, graph_services, resolve
+
+    try:
+        module, entry = resolve(address)
+    except GraphError as exc:
+        raise EntrypointError(f"GRAPH={address!r}: {exc}") from None
+    return len(graph_services(module, entry))
+
+
+def _tandem(address: str, config: str, *extra: str) -> list[str]:
+    return ["tandem", "serve", address, "-f", config, *extra]
+
+
+def _programs(blocks: Sequence[str], environ: Mapping[str, str]) -> list[Program]:
+    data_dir = Path(env.TANDEM_DATA_DIR.get(environ))
+    config = env.CONFIG.get(environ) or ""
+    graph = env.GRAPH.get(environ)
+    # A `tandem serve` of one service: that service's budget, and its supervisord's exit.
+    one_service_s = supervisord.nested_stop_wait_s(1, env.TANDEM_STOP_WAIT_S.get(environ))
+    ray_extra = tuple(shlex.split(env.RAY_START_ARGS.get(environ) or ""))
+    node = configured_node_address(environ) or ""
     programs: list[Program] = []
     for block in blocks:
         if block == "nats":
-            command = (
-                "nats-server", "-js", "-sd", str(data_dir / "nats"),
-                "-p", str(_port(env, "NATS_PORT", 4222)), "-m", str(_port(env, "NATS_MONITOR_PORT", 8222)),
-            )
-            programs.append(Program("nats", command, INFRA_PRIORITY, INFRA_STOP_WAIT_S, True))
+            command = servers.nats_command(_binary("nats-server"), data_dir / "nats", env.NATS_PORT.get(environ),
+                                           env.NATS_MONITOR_PORT.get(environ))
+            programs.append(Program("nats", command, INFRA_STOP_WAIT_S, priority=INFRA_PRIORITY))
         elif block == "etcd":
-            programs.append(Program("etcd", _etcd_command(env, data_dir), INFRA_PRIORITY, INFRA_STOP_WAIT_S, True))
+            # The seed's `etcd --advertise-client-urls http://<head-node-ip>:2379
+            # --listen-client-urls http://<head-node-ip>:2379,http://127.0.0.1:2379`.
+            host = env.ETCD_ADVERTISE_HOST.get(environ) or node
+            command = servers.etcd_command(_binary("etcd"), data_dir / "etcd", host, env.ETCD_PORT.get(environ),
+                                           env.ETCD_PEER_PORT.get(environ), environ)
+            programs.append(Program("etcd", command, INFRA_STOP_WAIT_S, priority=INFRA_PRIORITY))
         elif block == "graph":
-            programs.append(Program("tandem-graph", _tandem(graph, config), SERVING_PRIORITY, stop_wait, False))
+            stop_wait_s = supervisord.nested_stop_wait_s(_services_in(graph), env.TANDEM_STOP_WAIT_S.get(environ))
+            programs.append(Program("tandem-graph", _tandem(graph, config), stop_wait_s, priority=SERVING_PRIORITY,
+                                    stop_as_group=False))
         elif block == "frontend":
-            services = [s.strip() for s in (_get(env, "FRONTEND_SERVICES") or DEFAULT_FRONTEND_SERVICES).split(",")]
+            services = [s.strip() for s in env.FRONTEND_SERVICES.get(environ).split(",")]
             # Listed front to back: the first (Frontend) starts last and stops first.
             for offset, service in enumerate(s for s in services if s):
                 command = _tandem(graph, config, "--service-name", service)
-                programs.append(Program(f"tandem-{service.lower()}", command, SERVING_PRIORITY - offset, stop_wait, False))
+                programs.append(Program(f"tandem-{service.lower()}", command, one_service_s,
+                                        priority=SERVING_PRIORITY - offset, stop_as_group=False))
         elif block == "decode":
             command = _tandem(DECODE_ADDRESS, config, "--service-name", "VllmWorker")
-            programs.append(Program("tandem-decode", command, SERVING_PRIORITY, stop_wait, False))
+            programs.append(Program("tandem-decode", command, one_service_s, priority=SERVING_PRIORITY,
+                                    stop_as_group=False))
         elif block == "prefill":
-            command = _tandem(PREFILL_ADDRESS, config)
-            programs.append(Program("tandem-prefill", command, PREFILL_PRIORITY, stop_wait, False))
+            command = _tandem(PREFILL_ADDRESS, config, "--service-name", "PrefillWorker")
+            programs.append(Program("tandem-prefill", command, one_service_s, priority=PREFILL_PRIORITY,
+                                    stop_as_group=False))
         elif block in ("ray-head", "ray-worker"):
             # `tandem ray` execs `ray start ... --block` with the node's resources (on the CPU
             # build, the Ray resource vLLM's CPU workers ask for); arguments after `--` go
             # to `ray start` unchanged.
             if block == "ray-head":
-                command = ("tandem", "ray", "head", f"--port={_port(env, 'RAY_PORT', 6379)}")
+                command = ["tandem", "ray", "head", f"--port={env.RAY_PORT.get(environ)}"]
             else:
-                command = ("tandem", "ray", "worker", f"--address={_get(env, 'RAY_ADDRESS')}")
-            command += (f"--node-ip-address={host_ip}",)
-            if _get(env, "RAY_CPU_WORKERS") is not None:
-                command += (f"--cpu-workers={_int(env, 'RAY_CPU_WORKERS', 1)}",)
+                command = ["tandem", "ray", "worker", f"--address={env.RAY_ADDRESS.get(environ)}"]
+            # vLLM's own address variable, as `tandem ray` reads it (app/ray_cluster.py).
+            command.append(f"--node-ip-address={env.VLLM_HOST_IP.get(environ)}")
+            cpu_workers = env.RAY_CPU_WORKERS.get(environ)
+            if cpu_workers is not None:
+                command.append(f"--cpu-workers={cpu_workers}")
             if ray_extra:
-                command += ("--", *ray_extra)
-            programs.append(Program("ray", command, RAY_PRIORITY, RAY_STOP_WAIT_S, True))
+                command += ["--", *ray_extra]
+            programs.append(Program("ray", command, RAY_STOP_WAIT_S, priority=RAY_PRIORITY))
     return programs
 
 
-def _etcd_command(env: Mapping[str, str], data_dir: Path) -> tuple[str, ...]:
-    """The seed's `etcd --advertise-client-urls http://<head-node-ip>:2379
-    --listen-client-urls http://<head-node-ip>:2379,http://127.0.0.1:2379`, single member."""
-    port = _port(env, "ETCD_PORT", 2379)
-    host = _get(env, "ETCD_ADVERTISE_HOST") or _get(env, "VLLM_HOST_IP") or ""
-    listen = dict.fromkeys([f"http://{host}:{port}", f"http://127.0.0.1:{port}"])
-    # One member: no peer ever connects, so the peer URL stays on loopback.
-    peer_url = f"http://127.0.0.1:{_port(env, 'ETCD_PEER_PORT', 2380)}"
-    return (
-        "etcd",
-        "--name", ETCD_MEMBER_NAME,
-        "--data-dir", str(data_dir / "etcd"),
-        "--advertise-client-urls", f"http://{host}:{port}",
-        "--listen-client-urls", ",".join(listen),
-        "--listen-peer-urls", peer_url,
-        "--initial-advertise-peer-urls", peer_url,
-        "--initial-cluster", f"{ETCD_MEMBER_NAME}={peer_url}",
-    )
-
-
-def make_plan(env: Mapping[str, str]) -> Plan:
+def make_plan(environ: Mapping[str, str]) -> Plan:
     """What this node runs, or EntrypointError naming the first thing to fix."""
-    roles = parse_roles(_get(env, "ROLE"))
-    blocks = _blocks(roles, env)
-    missing = _required(blocks, env)
-    if missing:
-        raise EntrypointError(
-            f"ROLE={','.join(roles)} needs {', '.join(missing)}: set "
-            f"{'it' if len(missing) == 1 else 'them'} in the role's env file (env/*.env)"
-        )
-    unedited = sorted(name for name, value in env.items() if any(p in value for p in PLACEHOLDERS))
-    if unedited:
-        raise EntrypointError(
-            f"{', '.join(unedited)} still hold{'s' if len(unedited) == 1 else ''} a placeholder "
-            f"({', '.join(PLACEHOLDERS)}): edit env/*.env"
-        )
-    config = _get(env, "CONFIG")
-    if config is not None and not Path(config).is_file():
-        raise EntrypointError(f"CONFIG={config!r} is not a file (relative paths start at {Path.cwd()})")
-    derived = _derive(blocks, env)
-    environment = {**env, **derived}
-    return Plan(roles, tuple(_programs(blocks, environment)), environment, derived)
-
-
-def _supervisor_command(program: Program, environment: Mapping[str, str]) -> str:
-    command = list(program.command)
-    if program.name == "etcd":
-        # etcd reads every ETCD_* variable as a flag; ours (ETCD_ENDPOINTS, ETCD_PORT...)
-        # are not its flags and must not reach it.
-        unset = [arg for name in sorted(environment) if name.startswith("ETCD_") for arg in ("-u", name)]
-        if unset:
-            command = ["env", *unset, *command]
-    # supervisord expands %(name)s in `command`, so a literal % must be doubled.
-    return shlex.join(command).replace("%", "%%")
+    try:
+        roles = parse_roles(env.ROLE.get(environ))
+        blocks = _blocks(roles, environ)
+        missing = _required(blocks, environ)
+        if missing:
+            raise EntrypointError(
+                f"ROLE={','.join(roles)} needs {', '.join(missing)}: set "
+                f"{'it' if len(missing) == 1 else 'them'} in the role's env file (env/*.env)"
+            )
+        unedited = sorted(name for name, value in environ.items() if any(p in value for p in PLACEHOLDERS))
+        if unedited:
+            raise EntrypointError(
+                f"{', '.join(unedited)} still hold{'s' if len(unedited) == 1 else ''} a placeholder "
+                f"({', '.join(PLACEHOLDERS)}): edit env/*.env"
+            )
+        config = env.CONFIG.get(environ)
+        if config is not None and not Path(config).is_file():
+            raise EntrypointError(f"CONFIG={config!r} is not a file (relative paths start at {Path.cwd()})")
+        derived = _derive(blocks, environ)
+        environment = {**environ, **derived}
+        return Plan(roles, tuple(_programs(blocks, environment)), environment, derived)
+    except env.EnvError as exc:
+        raise EntrypointError(str(exc)) from None
 
 
 def render_config(plan: Plan, run_dir: Path, workdir: Path) -> str:
-    lines = [
-        f"; Generated by entrypoints/render.py for ROLE={','.join(plan.roles)}",
-        *(f"; derived: {name}={value}" for name, value in sorted(plan.derived.items())),
-        "[supervisord]",
-        "nodaemon=true",
-        # In the foreground supervisord logs to stdout by itself; no second copy in a file.
-        "logfile=/dev/null",
-        "logfile_maxbytes=0",
-        f"pidfile={run_dir / 'supervisord.pid'}",
-        f"childlogdir={run_dir}",
-        "",
-        "[unix_http_server]",
-        f"file={run_dir / 'supervisor.sock'}",
-        "chmod=0700",
-        "",
-        "[rpcinterface:supervisor]",
-        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
-        "",
-        "[supervisorctl]",
-        f"serverurl=unix://{run_dir / 'supervisor.sock'}",
+    comments = [
+        f"Generated by entrypoints/render.py for ROLE={','.join(plan.roles)}",
+        *(f"derived: {name}={value}" for name, value in sorted(plan.derived.items())),
     ]
-    for program in plan.programs:
-        stop_as_group = "true" if program.stop_as_group else "false"
-        lines += [
-            "",
-            f"[program:{program.name}]",
-            f"command={_supervisor_command(program, plan.environment)}",
-            f"directory={workdir}",
-            f"priority={program.priority}",
-            "autostart=true",
-            "autorestart=true",
-            "startsecs=2",
-            "stopsignal=TERM",
-            f"stopwaitsecs={program.stop_wait_s}",
-            f"stopasgroup={stop_as_group}",
-            # Whatever still runs when the wait is over dies with its group.
-            "killasgroup=true",
-            "stdout_logfile=/dev/stdout",
-            "stdout_logfile_maxbytes=0",
-            "redirect_stderr=true",
-        ]
-    return "\n".join(lines) + "\n"
+    return supervisord.config_text(plan.programs, run_dir, workdir, comments)
 
 
-def run_dir_from(env: Mapping[str, str]) -> Path:
-    return Path(_get(env, "TANDEM_RUN_DIR") or "/tmp/tandem-supervisor")
+def _binary_of(command: Sequence[str]) -> str:
+    words = list(command)
+    if words[0] == "env":  # `env -u NAME ... BINARY ...` (etcd's command)
+        words = words[1:]
+        while words[0] == "-u":
+            words = words[2:]
+    return words[0]
 
 
-def _check_binaries(plan: Plan) -> None:
+def _check_binaries(plan: Plan) -> str:
+    """supervisord's path, once every program's binary is known to exist."""
     path = plan.environment.get("PATH")
     for program in plan.programs:
-        if shutil.which(program.command[0], path=path) is None:
-            raise EntrypointError(f"program {program.name}: {program.command[0]!r} is not on PATH")
-    if shutil.which("supervisord", path=path) is None:
-        raise EntrypointError("supervisord is not on PATH")
+        binary = _binary_of(program.command)
+        if shutil.which(binary, path=path) is None:
+            raise EntrypointError(f"program {program.name}: {binary!r} is not on PATH")
+    try:
+        return supervisord.supervisord_binary()
+    except FileNotFoundError as exc:
+        raise EntrypointError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,19 +298,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the supervisord config and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s entrypoint: %(message)s")
-    env = dict(os.environ)
-    run_dir = run_dir_from(env)
+    environ = dict(os.environ)
+    run_dir = Path(env.TANDEM_RUN_DIR.get(environ))
     try:
-        plan = make_plan(env)
+        plan = make_plan(environ)
         text = render_config(plan, run_dir, Path.cwd())
         if args.dry_run:
             sys.stdout.write(text)
             return 0
-        _check_binaries(plan)
+        supervisord_path = _check_binaries(plan)
     except EntrypointError as exc:
         sys.stderr.write(f"entrypoint: error: {exc}\n")
         return 2
-    data_dir = Path(_get(env, "TANDEM_DATA_DIR") or "/data")
+    data_dir = Path(env.TANDEM_DATA_DIR.get(environ))
     for block in ("nats", "etcd"):
         if any(p.name == block for p in plan.programs):
             (data_dir / block).mkdir(parents=True, exist_ok=True)
@@ -369,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("ROLE=%s: %s", ",".join(plan.roles), ", ".join(p.name for p in plan.programs))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvpe("supervisord", ["supervisord", "-n", "-c", str(conf)], plan.environment)
+    os.execve(supervisord_path, [supervisord_path, "-n", "-c", str(conf)], plan.environment)
     return 0  # not reached: exec replaced this process
 
 

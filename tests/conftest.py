@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app.infra import EtcdServer, NatsServer, free_port
+from app.infra import EtcdServer, NatsServer
+from app.launch.ports import free_port
 from app.model.tiny import make_tiny
 from app.runtime import Runtime
 from app.settings import RuntimeSettings

@@ -1,56 +1,27 @@
 """PrefillWorker: pulls prefill jobs from the shared work queue and hands the KV to decode.
 
-Each job is a decode worker's request (app/components/disagg.py has the whole hand-off).
-The engine prefills it with `max_tokens=1` and `kv_transfer_params={"do_remote_decode":
-true}`, keeps the KV, and returns where to fetch it; this worker calls the decode
-worker's `prefill_done` with those params and its own instance id, then acks the job.
-A failed prefill is nak'ed for redelivery; a job past its deadline is acked and skipped
-(its decode worker already prefilled locally).
+The engine lives in an `EngineHost` (app/engines/host.py) that advertises nothing: no
+request is routed here. The jobs are `PrefillJobs` (app/disagg/prefill.py; the hand-off
+is app/protocol/prefill.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import os
-import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 from pydantic import Field
 
-from app.aio import cancel_and_wait
-from app.components.disagg import PREFILL_ACK_WAIT_S, PREFILL_QUEUE, PrefillAnswer, PrefillJob
-from app.components.metrics import CounterView
-from app.components.worker import EngineHost, WorkerConfig
-from app.protocol import PreprocessedRequest
+from app.disagg.prefill import PrefillJobs
+from app.engines.host import EngineHost, WorkerConfig
+from app.protocol import names
 from app.runtime import Runtime
-from app.runtime.workqueue import Job, WorkQueue
 from app.sdk import ServiceContext, endpoint, on_shutdown, on_start, service
-
-log = logging.getLogger(__name__)
-
-_REDELIVERY_DELAY_S = 0.5
-_ANSWER_TIMEOUT_S = 5.0
 
 
 class PrefillWorkerConfig(WorkerConfig):
     max_concurrent_jobs: int = Field(default=4, ge=1, description="prefill jobs in the engine at once")
-
-
-def prefill_request(request: PreprocessedRequest, attempt: int) -> PreprocessedRequest:
-    """The engine request that computes the prompt's KV and keeps it for a decode engine."""
-    return msgspec.structs.replace(
-        request,
-        # A redelivered job may come back to this engine while vLLM still knows the old id.
-        request_id=f"{request.request_id}-prefill-{attempt}",
-        sampling=msgspec.structs.replace(request.sampling, logprobs=None),
-        stop=msgspec.structs.replace(request.stop, max_tokens=1, min_tokens=0),
-        kv_transfer_params={"do_remote_decode": True},
-    )
 
 
 @service(config=PrefillWorkerConfig)
@@ -60,21 +31,17 @@ class PrefillWorker:
     runtime: Runtime
 
     def __init__(self) -> None:
-        self.host = EngineHost("PrefillWorker", "status", self.config, self.ctx, self.runtime, advertise=False)
-        self._queue: WorkQueue | None = None
-        self._pullers: list[asyncio.Task[None]] = []
-        self.jobs: Counter[str] = Counter()
-        self.host.metrics.register(CounterView("tandem_prefill_jobs", "Prefill jobs by outcome", "outcome", self.jobs))
+        self.host = EngineHost(
+            names.PREFILL_WORKER, names.PREFILL_STATUS, self.config, self.ctx, self.runtime, advertise=False
+        )
+        self._jobs = PrefillJobs(
+            self.runtime, self.host.engine.generate, self.config.max_concurrent_jobs, self.host.metrics
+        )
 
     @on_start
     async def start(self) -> None:
         await self.host.start()
-        self._queue = await self.runtime.work_queue(PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
-        self._pullers = [
-            asyncio.create_task(self._pull_jobs(self._queue), name=f"prefill-puller-{i}")
-            for i in range(self.config.max_concurrent_jobs)
-        ]
-        log.info("pulling prefill jobs from %s", self._queue.stream)
+        await self._jobs.start()
 
     @endpoint
     async def status(self, request: Any) -> AsyncIterator[dict[str, Any]]:
@@ -83,73 +50,9 @@ class PrefillWorker:
         The process id tells an operator (or a test) which process on the node this
         instance is, e.g. to stop one PrefillWorker of several.
         """
-        yield {"worker_id": self.runtime.instance_id, "pid": os.getpid(), **self.jobs}
-
-    async def _pull_jobs(self, queue: WorkQueue) -> None:
-        while True:
-            try:
-                job = await queue.pull(timeout=1.0, job_type=PrefillJob)
-            except Exception:
-                log.exception("pulling from the prefill queue failed")
-                await asyncio.sleep(1.0)
-                continue
-            if job is not None:
-                await self._handle(job)
-
-    async def _handle(self, job: Job) -> None:
-        data: PrefillJob = job.data
-        request_id = data.request.request_id
-        if time.time() > data.deadline:
-            self.jobs["expired"] += 1
-            log.info("request %s: prefill job past its deadline, skipped", request_id)
-            await job.ack()
-            return
-        heartbeat = asyncio.create_task(self._keep_in_progress(job))
-        try:
-            params = await self._prefill(prefill_request(data.request, job.redeliveries))
-        except Exception:
-            self.jobs["failed"] += 1
-            log.exception("request %s: prefill failed; the job goes back to the queue", request_id)
-            await job.nak(delay=_REDELIVERY_DELAY_S)
-            return
-        finally:
-            await cancel_and_wait(heartbeat)
-        answer = PrefillAnswer(job_id=data.job_id, prefill_worker_id=self.runtime.instance_id, kv_transfer_params=params)
-        # The decode worker waits for this answer until the job's deadline: until then a slow
-        # accept (its process busy) is no reason to give up on it. A decode process that is
-        # gone answers at once (NATS: no responders).
-        answer_within = max(data.deadline - time.time(), _ANSWER_TIMEOUT_S)
-        try:
-            taken = await self.runtime.client("VllmWorker", "prefill_done").call(
-                answer, target=data.decode_worker_id, timeout=answer_within, accept_timeout=answer_within
-            )
-        except Exception as exc:
-            # The decode worker is gone or unreachable: nobody can use this KV any more.
-            taken = False
-            log.warning("request %s: answering decode worker %s failed: %s", request_id, data.decode_worker_id, exc)
-        self.jobs["done" if taken else "undelivered"] += 1
-        log.info("request %s: prefilled %d tokens for %s (%s)", request_id, len(data.request.token_ids),
-                 data.decode_worker_id, "taken" if taken else "discarded")
-        await job.ack()
-
-    async def _prefill(self, request: PreprocessedRequest) -> dict[str, Any]:
-        params = None
-        async with contextlib.aclosing(self.host.engine.generate(request)) as outputs:
-            async for output in outputs:
-                if output.kv_transfer_params is not None:
-                    params = output.kv_transfer_params
-        if params is None:
-            raise RuntimeError("the engine returned no kv_transfer_params (is a KV connector configured?)")
-        return params
-
-    @staticmethod
-    async def _keep_in_progress(job: Job) -> None:
-        while True:
-            await asyncio.sleep(PREFILL_ACK_WAIT_S / 2)
-            await job.in_progress()
+        yield {"worker_id": self.runtime.instance_id, "pid": os.getpid(), **self._jobs.counts}
 
     @on_shutdown
     async def stop(self) -> None:
-        for puller in self._pullers:
-            await cancel_and_wait(puller)
+        await self._jobs.close()
         await self.host.stop()

@@ -7,9 +7,11 @@ Each is registered in `app.engines.ENGINES` under its config name.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequest
+from app.errors import WorkerUnavailableError
 
 KvEventSink = Callable[[KvEventBatch], None]
 
@@ -45,13 +47,34 @@ class EngineStats:
         self.kv_transfer_bytes = kv_transfer_bytes
 
 
+@dataclass(frozen=True)
+class EngineProcess:
+    """The process an engine is about to start in, for its `prepare`: where it runs, and
+    what the worker's section says about the process (every worker takes these keys; an
+    engine reads those it uses)."""
+
+    replica: int  # index among this node's processes of the service
+    advertised_host: str  # the address this process advertises to other nodes (app.node)
+    cpu_omp_threads_bind: Sequence[str] = ()  # OpenMP cores by replica index
+    nixl_side_channel_port: int = 0  # replica 0's; 0 picks a free port
+    ray_address: str | None = None  # the Ray head, where the engine is larger than its node
+    ray_wait_timeout_s: float = 600.0
+
+
 class Engine(abc.ABC):
     """An LLM engine behind a worker.
 
-    Lifecycle: `await start()` once, then any number of concurrent `generate()` streams,
-    then `await stop()`. The worker that owns the engine publishes what `on_kv_events`
-    delivers and what `stats()` returns; the engine itself knows nothing of NATS or etcd.
+    Lifecycle: `await prepare()` and `await start()` once, then any number of concurrent
+    `generate()` streams, then `await stop()`. The worker that owns the engine publishes
+    what `on_kv_events` delivers and what `stats()` returns; the engine itself knows
+    nothing of NATS or etcd.
     """
+
+    async def prepare(self, process: EngineProcess) -> None:  # noqa: B027 - the mocker needs nothing
+        """Make this process ready for the engine, before `start`: the one place where an
+        engine hands settings to its libraries through the environment (vLLM's and Ray's
+        variables), and where it waits for what it needs outside this process. Nothing to
+        do by default (the mocker)."""
 
     @abc.abstractmethod
     async def start(self, worker_id: str, on_kv_events: KvEventSink | None = None) -> ModelInfo:
@@ -66,6 +89,18 @@ class Engine(abc.ABC):
     def stats(self) -> EngineStats:
         """Current scheduler state (cheap; called for every load report)."""
 
+    def dead_reason(self) -> str | None:
+        """Why the engine can serve nothing more (its core process died, ...), or None while it can.
+
+        Cheap: the worker polls it. A dead engine stays dead; its worker leaves routing and
+        exits so that supervisord starts a fresh one.
+        """
+        return None
+
     @abc.abstractmethod
     async def stop(self) -> None:
         """Release the engine. Callers drain in-flight requests before calling it."""
+
+
+class EngineDeadError(WorkerUnavailableError):
+    """The engine died under a request: the request can go to another worker (503, not 500)."""

@@ -59,6 +59,7 @@ import pydantic
 from app.aio import cancel_and_wait
 from app.engines.base import Engine, EngineStats, KvEventSink
 from app.engines.mocker_kv import BlockPool
+from app.errors import InvalidRequestError
 from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequest, TokenLogprob
 from app.router.hashing import block_hashes
 
@@ -242,16 +243,16 @@ class MockerEngine(Engine):
         if self._task is None:
             raise RuntimeError("mocker engine not started")
         if not request.token_ids:
-            raise ValueError(f"request {request.request_id}: empty prompt")
+            raise InvalidRequestError(f"request {request.request_id}: empty prompt")
         if len(request.token_ids) >= self.config.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"request {request.request_id}: prompt of {len(request.token_ids)} tokens leaves no room "
                 f"under max_model_len {self.config.max_model_len}"
             )
         if request.stop.max_tokens < 1:
-            raise ValueError(f"request {request.request_id}: max_tokens must be at least 1")
+            raise InvalidRequestError(f"request {request.request_id}: max_tokens must be at least 1")
         if request.request_id in self._requests:
-            raise ValueError(f"request {request.request_id} is already running")
+            raise InvalidRequestError(f"request {request.request_id} is already running")
         req = _Request(request, self._generation_seed(request))
         if request.kv_transfer_params is not None:
             self._take_role(req, request.kv_transfer_params)

@@ -8,10 +8,8 @@ module owns are the KV events publisher (pointed at our relay) and the served na
 from __future__ import annotations
 
 import asyncio
-
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,22 +18,21 @@ from vllm import SamplingParams
 from vllm.config import KVEventsConfig, KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
+from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.inputs import TokensPrompt
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from app.engines.base import Engine, EngineStats, KvEventSink
+from app.engines.base import Engine, EngineDeadError, EngineProcess, EngineStats, KvEventSink
 from app.engines.vllm_kv_events import VllmKvEventRelay
+from app.engines.vllm_process import prepare_vllm_process
 from app.engines.vllm_ray import with_ray_backend_if_needed
 from app.engines.vllm_stats import SchedulerStatsCapture
+from app.errors import InvalidRequestError
 from app.protocol import EngineOutput, ModelInfo, PreprocessedRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
-
-# vLLM's CPU build sizes its KV cache to 92 % of a NUMA node by default and refuses to
-# start on a shared machine; an empty value crashes it. GPU builds never read it.
-_DEFAULT_CPU_KVCACHE_SPACE_GIB = "1"
 
 # Config sections may carry these as JSON strings (as on vLLM's command line); vLLM's
 # AsyncEngineArgs converts other nested configs from dicts itself, but not these two.
@@ -129,16 +126,12 @@ class VllmEngine(Engine):
         name = self._args["served_model_name"]
         return name[0] if isinstance(name, list) else str(name)
 
+    async def prepare(self, process: EngineProcess) -> None:
+        await prepare_vllm_process(self._args, process)
+
     async def start(self, worker_id: str, on_kv_events: KvEventSink | None = None) -> ModelInfo:
         if self._llm is not None:
             raise RuntimeError("vllm engine already started")
-        if self._args.get("kv_cache_memory_bytes") is not None:
-            # vLLM's CPU platform lets the (whole-GiB) environment variable override the
-            # engine argument; the config's explicit size must win, e.g. a few MiB for
-            # each of three small engines on one machine.
-            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = _DEFAULT_CPU_KVCACHE_SPACE_GIB
         self._worker_id = worker_id
         args = dict(self._args)
         if on_kv_events is not None:
@@ -189,15 +182,19 @@ class VllmEngine(Engine):
             (engine_input,) = self._llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=request.token_ids)])
             stream = self._llm.generate(engine_input, params, request.request_id)
         except VLLMClientError as exc:
-            # The caller's mistake, reported as the mocker reports it: the worker answers 400.
-            raise ValueError(f"request {request.request_id}: {exc}") from exc
+            # The caller's mistake (a prompt past max_model_len, ...): a 400 with vLLM's words.
+            raise InvalidRequestError(f"request {request.request_id}: {exc}") from exc
+        except VllmEngineDeadError:
+            raise EngineDeadError(f"request {request.request_id}: the vLLM engine core is dead") from None
         first = True
         try:
             async for output in stream:
                 yield self._engine_output(output, first, num_top, params.logprobs is not None)
                 first = False
         except VLLMClientError as exc:
-            raise ValueError(f"request {request.request_id}: {exc}") from exc
+            raise InvalidRequestError(f"request {request.request_id}: {exc}") from exc
+        except VllmEngineDeadError:
+            raise EngineDeadError(f"request {request.request_id}: the vLLM engine core died") from None
         finally:
             # vLLM's generator aborts the request (freeing its KV blocks) when closed
             # before it finished; closing it here makes that happen now, not at GC.
@@ -220,6 +217,13 @@ class VllmEngine(Engine):
     def stats(self) -> EngineStats:
         in_flight = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
         return self._stats.snapshot(in_flight, self._total_blocks)
+
+    def dead_reason(self) -> str | None:
+        # `errored` turns true as soon as vLLM's monitor thread sees the engine core process
+        # (or its output handler) end; from then on every request fails with EngineDeadError.
+        if self._llm is not None and self._llm.errored:
+            return "the vLLM engine core process is gone"
+        return None
 
     async def stop(self) -> None:
         if self._llm is not None:

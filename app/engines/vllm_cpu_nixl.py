@@ -17,7 +17,7 @@ Two things vLLM's NixlConnector does on CPU assume one engine per machine:
   (measured here: 1 s user + 4 s system per 5 s idle, for each NixlConnector engine).
   With a delay the thread still wakes on UCX events, so transfers are not slower (a
   4 MiB read over TCP took the same ~15 ms either way), and it polls at most every
-  `PROGRESS_THREAD_DELAY_US` when nothing happens.
+  TANDEM_NIXL_PROGRESS_DELAY_US (app/env.py: 100 ms) when nothing happens.
 
 Registered under the `vllm.general_plugins` entry point; does nothing off the CPU platform.
 The NIXL patch applies only when vLLM first loads NIXL, so processes without a
@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import re
 from typing import Any
 
-log = logging.getLogger(__name__)
+from app import env
 
-# TANDEM_NIXL_PROGRESS_DELAY_US overrides it; 0 keeps NIXL's spinning thread.
-PROGRESS_THREAD_DELAY_US = 100_000
-DELAY_ENV = "TANDEM_NIXL_PROGRESS_DELAY_US"
+log = logging.getLogger(__name__)
 
 
 def register() -> None:
@@ -69,7 +66,7 @@ def engine_cores() -> list[int] | None:
     vLLM writes them into the worker's environment when it spawns it: OMP_PLACES="{0,1}"
     (libgomp via OMP_PROC_BIND) or GOMP_CPU_AFFINITY="0 1" (a preloaded libgomp).
     """
-    places = os.environ.get("OMP_PLACES") or os.environ.get("GOMP_CPU_AFFINITY") or ""
+    places = env.OMP_PLACES.get() or env.GOMP_CPU_AFFINITY.get() or ""
     if not re.fullmatch(r"\{?\s*\d+(\s*[, ]\s*\d+)*\s*\}?", places.strip()):
         return None
     return [int(core) for core in re.findall(r"\d+", places)]
@@ -95,7 +92,7 @@ def reserve_kv_core_within_engine_cores(platform_class: Any) -> None:
 
 
 def progress_thread_delay_us() -> int:
-    return int(os.environ.get(DELAY_ENV) or PROGRESS_THREAD_DELAY_US)
+    return env.TANDEM_NIXL_PROGRESS_DELAY_US.get()
 
 
 def delay_progress_thread(nixl_api: Any) -> None:
@@ -114,4 +111,4 @@ def delay_progress_thread(nixl_api: Any) -> None:
     nixl_agent._tandem_patched = True  # type: ignore[attr-defined]
     bindings.nixlAgent = nixl_agent
     log.info("NIXL progress threads poll every %d µs at most on this CPU build (NIXL's default: spin; %s)",
-             delay_us, DELAY_ENV)
+             delay_us, env.TANDEM_NIXL_PROGRESS_DELAY_US.name)

@@ -10,11 +10,12 @@ periodically, and gives up after `ray-wait-timeout-s` naming what is missing.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from app import env
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def with_ray_backend_if_needed(engine_args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _address(configured: str | None) -> str:
-    return configured or os.environ.get("RAY_ADDRESS") or "auto"
+    return configured or env.RAY_ADDRESS.get() or "auto"
 
 
 def wait_for_ray_devices(
@@ -92,8 +93,8 @@ def wait_for_ray_devices(
     """Block until the Ray cluster at `address` offers `need` (in total); return its address.
 
     `address`: HOST:PORT of the Ray head; None: RAY_ADDRESS, else the cluster this node
-    joined. The address found is exported as RAY_ADDRESS, so that vLLM's engine connects
-    to this very cluster instead of starting a private one.
+    joined. The engine's preparation exports the address found as RAY_ADDRESS
+    (app/engines/vllm_process.py).
     """
     import ray
 
@@ -123,7 +124,6 @@ def wait_for_ray_devices(
                 if have >= need.count:
                     log.info("Ray cluster at %s offers %g %s on %d nodes (need %d): starting the engine",
                              connected_to, have, need.resource, nodes, need.count)  # fmt: skip
-                    os.environ["RAY_ADDRESS"] = connected_to
                     return connected_to
             if elapsed >= timeout_s:
                 raise RayClusterTimeout(_missing(need, connected_to or wanted, connected_to is not None, have, nodes,

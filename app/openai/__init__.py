@@ -2,16 +2,7 @@
 
 from app.openai.app import WORKER_HEADER, create_app
 from app.openai.backend import Backend, ModelCard, RequestKind
-from app.openai.errors import (
-    InternalError,
-    ModelNotFoundError,
-    OpenAIError,
-    OverloadedError,
-    RequestError,
-    ServiceUnavailableError,
-    error_from_remote,
-    to_openai_error,
-)
+from app.openai.errors import ClientError, to_client_error
 from app.openai.metrics import FrontendMetrics
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
 from app.openai.server import make_server, serve
@@ -20,21 +11,15 @@ __all__ = [
     "WORKER_HEADER",
     "Backend",
     "ChatCompletionRequest",
+    "ClientError",
     "CompletionRequest",
     "FrontendMetrics",
-    "InternalError",
     "ModelCard",
-    "ModelNotFoundError",
-    "OpenAIError",
     "OpenAIRequest",
-    "OverloadedError",
-    "RequestError",
     "RequestKind",
-    "ServiceUnavailableError",
     "create_app",
-    "error_from_remote",
     "make_server",
     "parse_request",
     "serve",
-    "to_openai_error",
+    "to_client_error",
 ]

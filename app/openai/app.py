@@ -25,20 +25,21 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.openai.backend import Backend, RequestKind
-from app.openai.errors import (
+from app.errors import (
     InternalError,
+    InvalidRequestError,
     ModelNotFoundError,
-    OpenAIError,
     OverloadedError,
     PayloadTooLargeError,
-    RequestError,
-    ServiceUnavailableError,
-    to_openai_error,
+    TandemError,
+    UnavailableError,
+    WorkerUnavailableError,
 )
+from app.openai.errors import ClientError, to_client_error
 from app.openai.metrics import FrontendMetrics
 from app.openai.render import ChatRenderer, CompletionRenderer, Renderer, usage_dict
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
-from app.preprocess.items import StreamItem, TokenLogprobs
+from app.protocol import StreamItem, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +64,12 @@ def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
-def _error_kind(error: OpenAIError) -> str:
-    return error.code or error.error_type
-
-
-def _finish_error(finish_reason: str) -> OpenAIError | None:
+def _finish_error(finish_reason: str) -> TandemError | None:
     """Engine finish reasons that are failures, not endings a client should see."""
     if finish_reason == "error":
         return InternalError("the engine failed while generating")
     if finish_reason == "abort":
-        return ServiceUnavailableError("the worker aborted the request; retry it")
+        return WorkerUnavailableError("the worker aborted the request; retry it")
     return None
 
 
@@ -254,13 +251,13 @@ class _Generation:
             body = unsent_role + _sse(error.body()) + _SSE_DONE
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    def _log_error(self, exc: BaseException) -> OpenAIError:
-        error = to_openai_error(exc)
-        if isinstance(error, InternalError):
+    def _log_error(self, exc: BaseException) -> ClientError:
+        error = to_client_error(exc)
+        if error.is_internal:
             logger.error("request %s failed", self._request_id, exc_info=exc)
         else:
             logger.info("request %s: %s %s", self._request_id, error.status, error.message)
-        self._metrics.errors.labels(_error_kind(error)).inc()
+        self._metrics.errors.labels(error.kind).inc()
         return error
 
     async def _send_error(self, send: Send, exc: BaseException) -> None:
@@ -327,9 +324,9 @@ def _request_id(request: Request) -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_ids):016x}"
 
 
-def _error_response(error: OpenAIError, metrics: FrontendMetrics, route: str) -> Response:
+def _error_response(error: ClientError, metrics: FrontendMetrics, route: str) -> Response:
     metrics.requests.labels(route, str(error.status)).inc()
-    metrics.errors.labels(_error_kind(error)).inc()
+    metrics.errors.labels(error.kind).inc()
     return Response(error.body_bytes(), status_code=error.status, headers=error.headers(), media_type="application/json")
 
 
@@ -369,7 +366,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        error = RequestError(str(exc.detail), status=exc.status_code)
+        error = to_client_error(InvalidRequestError(str(exc.detail), status=exc.status_code))
         return Response(error.body_bytes(), status_code=exc.status_code, media_type="application/json")
 
     async def handle(request: Request, kind: RequestKind, route: str) -> Response:
@@ -379,12 +376,12 @@ def create_app(
             parsed = parse_request(request_type, await _read_body(request, max_body_bytes))
             served = {card.id for card in backend.list_models()}
             if not served:
-                raise ServiceUnavailableError("no model is being served yet")
+                raise UnavailableError("no model is being served yet")
             if parsed.model not in served:
-                raise ModelNotFoundError(parsed.model)
+                raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
         except Exception as exc:
-            error = to_openai_error(exc)
-            if isinstance(error, InternalError):
+            error = to_client_error(exc)
+            if error.is_internal:
                 logger.error("%s: request handling failed", route, exc_info=exc)
             return _error_response(error, metrics, route)
         generation = _Generation(

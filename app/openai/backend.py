@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from app.openai.schema import OpenAIRequest
-from app.preprocess.items import StreamItem
+from app.protocol import StreamItem
 
 RequestKind = Literal["chat", "completion"]
 

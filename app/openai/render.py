@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.preprocess.items import TokenLogprobs
+from app.protocol import TokenLogprobs
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> dict[str, Any]:

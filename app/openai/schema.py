@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from app.openai.errors import RequestError
+from app.errors import InvalidRequestError
 
 # Engines index and count tokens with 32-bit integers.
 MAX_INT32 = 2**31 - 1
@@ -88,11 +88,11 @@ class _SamplingFields(_Strict):
     @model_validator(mode="after")
     def _common_checks(self) -> _SamplingFields:
         if self.n != 1:
-            raise RequestError("only n=1 is supported", param="n")
+            raise InvalidRequestError("only n=1 is supported", param="n")
         if self.stream_options is not None and not self.stream:
-            raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
+            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         if any(stop == "" for stop in self.stop_list()):
-            raise RequestError("stop sequences must not be empty", param="stop")
+            raise InvalidRequestError("stop sequences must not be empty", param="stop")
         return self
 
     def stop_list(self) -> list[str]:
@@ -113,9 +113,9 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
         if not self.messages:
-            raise RequestError("messages must not be empty", param="messages")
+            raise InvalidRequestError("messages must not be empty", param="messages")
         if self.top_logprobs is not None and not self.logprobs:
-            raise RequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         return self
 
     def max_output_tokens(self) -> int | None:
@@ -141,11 +141,11 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _completion_checks(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
-            raise RequestError("a list of prompts is not supported; send one prompt per request", param="prompt")
+            raise InvalidRequestError("a list of prompts is not supported; send one prompt per request", param="prompt")
         if self.echo:
-            raise RequestError("echo is not supported", param="echo")
+            raise InvalidRequestError("echo is not supported", param="echo")
         if self.suffix is not None:
-            raise RequestError("suffix is not supported", param="suffix")
+            raise InvalidRequestError("suffix is not supported", param="suffix")
         return self
 
     def prompt_text(self) -> str | None:
@@ -182,32 +182,32 @@ def _param_name(loc: tuple[int | str, ...]) -> str | None:
     return param or None
 
 
-def _request_error(exc: ValidationError) -> RequestError:
+def _request_error(exc: ValidationError) -> InvalidRequestError:
     errors = exc.errors(include_url=False)
     deepest = max(len(e["loc"]) for e in errors)
     candidates = [e for e in errors if len(e["loc"]) == deepest]
     # Across union branches a wrong value ("too long") says more than "wrong type".
     first = next((e for e in candidates if not e["type"].endswith("_type")), candidates[0])
     if first["type"] == "json_invalid":
-        return RequestError(f"We could not parse the JSON body of your request: {first['msg']}")
+        return InvalidRequestError(f"We could not parse the JSON body of your request: {first['msg']}")
     if first["type"] == "model_type" and not first["loc"]:
-        return RequestError("The request body must be a JSON object.")
+        return InvalidRequestError("The request body must be a JSON object.")
     param = _param_name(first["loc"])
     if first["type"] == "extra_forbidden":
-        return RequestError(f"Unrecognized request argument supplied: {param}", param=param)
+        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
     if first["type"] == "missing":
-        return RequestError(f"Missing required parameter: '{param}'.", param=param)
+        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
     if first["type"].endswith("_type") and len(candidates) > 1:
-        return RequestError(f"Invalid type for '{param}'.", param=param)
+        return InvalidRequestError(f"Invalid type for '{param}'.", param=param)
     message = first["msg"].removeprefix("Value error, ")
-    return RequestError(f"Invalid value for '{param}': {message}", param=param)
+    return InvalidRequestError(f"Invalid value for '{param}': {message}", param=param)
 
 
 def parse_request(request_type: type[OpenAIRequest], body: bytes | str | dict[str, Any]) -> OpenAIRequest:
     """Validate a raw body (or an already-decoded dict, after a hop) into a request.
 
-    Raises RequestError naming the offending parameter (validators raise it directly:
-    pydantic wraps only ValueErrors, so a RequestError passes through as it is).
+    Raises InvalidRequestError naming the offending parameter (validators raise it directly:
+    pydantic wraps only ValueErrors, so a InvalidRequestError passes through as it is).
     """
     try:
         if isinstance(body, dict):

@@ -1,10 +1,9 @@
 """The Processor's text pipeline: OpenAI request -> token ids -> engine -> text.
 
 transformers is imported only when a Preprocessor is built, so importing this
-package (for StreamItem, say) stays cheap in the Frontend.
+package stays cheap in the Frontend.
 """
 
-from app.preprocess.items import StreamItem, TokenLogprobs, TopLogprob
 from app.preprocess.postprocessor import Postprocessor, StopStringMatcher, postprocess_stream
 from app.preprocess.preprocessor import Preprocessor
 
@@ -12,8 +11,5 @@ __all__ = [
     "Postprocessor",
     "Preprocessor",
     "StopStringMatcher",
-    "StreamItem",
-    "TokenLogprobs",
-    "TopLogprob",
     "postprocess_stream",
 ]

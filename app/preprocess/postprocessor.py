@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator, Sequence
 
 from tokenizers import Tokenizer
 
-from app.openai.errors import InternalError
+from app.errors import InternalError
 from app.preprocess.detokenizer import IncrementalDetokenizer
-from app.preprocess.items import StreamItem, TokenLogprobs, TopLogprob
 from app.preprocess.tokenizer import TokenTexts
-from app.protocol import EngineOutput, TokenLogprob
+from app.protocol import EngineOutput, StreamItem, TokenLogprob, TokenLogprobs, TopLogprob
 
 
 class StopStringMatcher:

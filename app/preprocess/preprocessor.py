@@ -1,7 +1,7 @@
 """OpenAI requests -> PreprocessedRequests: chat template, tokenization, sampling.
 
 Every user-caused problem (prompt too long, token ids outside the vocabulary, a chat
-the template rejects) is a RequestError naming the parameter, raised before any
+the template rejects) is a InvalidRequestError naming the parameter, raised before any
 worker is involved.
 """
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.openai.errors import RequestError
+from app.errors import InvalidRequestError
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from app.preprocess.postprocessor import Postprocessor
 from app.preprocess.tokenizer import TokenTexts, load_tokenizer
@@ -67,7 +67,7 @@ class Preprocessor:
             token_ids = request.prompt_token_ids() or []
             out_of_vocab = next((t for t in token_ids if t >= self.vocab_size), None)
             if out_of_vocab is not None:
-                raise RequestError(
+                raise InvalidRequestError(
                     f"token id {out_of_vocab} is outside the vocabulary (size {self.vocab_size})", param="prompt"
                 )
         return self._build(request, request_id, token_ids, prompt_param="prompt")
@@ -89,7 +89,7 @@ class Preprocessor:
 
     def _render_chat(self, request: ChatCompletionRequest) -> str:
         if not self.tokenizer.chat_template:
-            raise RequestError("this model has no chat template; use /v1/completions", param="messages")
+            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         messages = []
         for message in request.messages:
             rendered: dict[str, Any] = {"role": message.role, "content": message.text() or ""}
@@ -103,12 +103,12 @@ class Preprocessor:
         except Exception as exc:
             # Templates reject some conversations on purpose (raise_exception: roles out of
             # order, say) and trip over others (a tool call missing a key): both are the request's doing.
-            raise RequestError(f"the chat template rejected the messages: {exc}", param="messages") from None
+            raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from None
 
     def _encode(self, text: str, *, prompt_param: str, add_special_tokens: bool = False) -> list[int]:
         size = len(text.encode())
         if size > self._max_prompt_bytes:
-            raise RequestError(
+            raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
                 f"({size} bytes) is far longer.",
                 param=prompt_param,
@@ -121,16 +121,16 @@ class Preprocessor:
     ) -> PreprocessedRequest:
         prompt_len = len(token_ids)
         if prompt_len == 0:
-            raise RequestError("the prompt is empty", param=prompt_param)
+            raise InvalidRequestError("the prompt is empty", param=prompt_param)
         if prompt_len >= self.max_model_len:
-            raise RequestError(
+            raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
                 f"{prompt_len} tokens, which leaves no room for the completion.",
                 param=prompt_param,
             )
         max_tokens = self._max_tokens(request, prompt_len)
         if request.min_tokens > max_tokens:
-            raise RequestError(
+            raise InvalidRequestError(
                 f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
             )
         return PreprocessedRequest(
@@ -161,7 +161,7 @@ class Preprocessor:
         if requested > room:
             if not explicit:
                 return room
-            raise RequestError(
+            raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
                 f"Please reduce the prompt or {param}.",

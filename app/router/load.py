@@ -18,26 +18,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
 
-import msgspec
-
-from app.protocol import LoadReport
+from app.protocol import LoadReport, PlacementEvent, PlacementKind
 
 log = logging.getLogger(__name__)
-
-PlacementKind = Literal["routed", "prefill_done", "finished"]
-
-
-class PlacementEvent(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """A router replica's placement news, shared with the other replicas."""
-
-    router_id: str
-    request_id: str
-    worker_id: str
-    kind: PlacementKind
-    prompt_blocks: int = 0
-    overlap_blocks: int = 0
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,4 +1,4 @@
-"""Prometheus view of a KvRouter: what the Router service exposes on its metrics port."""
+"""Prometheus view of a router replica's `RoutingCore`: what a Router exposes on its metrics port."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from app.router.router import KvRouter
+from app.router.core import RoutingCore
 
 _DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 0.1)
 
 
 class RouterMetrics(Collector):
-    """Reads the router's own counters at scrape time (nothing to keep in step) and times
-    its decisions in a histogram (`observe_decision` is the KvRouter's callback)."""
+    """Reads the core's own counters at scrape time (nothing to keep in step) and times
+    its decisions in a histogram (`observe_decision` is the RoutingCore's callback)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.router: KvRouter | None = None
+        self.core: RoutingCore | None = None  # set once the replica has built it
         self.decision_seconds = Histogram(
             "tandem_router_decision_seconds", "Time to pick a worker for one request",
             buckets=_DECISION_BUCKETS, registry=self.registry,
@@ -30,10 +30,10 @@ class RouterMetrics(Collector):
         self.decision_seconds.observe(seconds)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        router = self.router
-        if router is None:
+        core = self.core
+        if core is None:
             return
-        counters = router.counters
+        counters = core.counters
         yield CounterMetricFamily("tandem_router_decisions", "Requests routed", value=counters.decisions)
         yield CounterMetricFamily(
             "tandem_router_prompt_blocks", "Full KV blocks in the prompts routed", value=counters.prompt_blocks
@@ -46,5 +46,5 @@ class RouterMetrics(Collector):
             "tandem_router_rejected_kv_batches", "KV event batches rejected (block size mismatch)",
             value=counters.rejected_batches,
         )
-        yield CounterMetricFamily("tandem_router_kv_seq_gaps", "Gaps seen in workers' KV event sequences", value=router.seq_gaps)
-        yield GaugeMetricFamily("tandem_router_indexed_blocks", "Blocks in the KV index", value=router.index.num_blocks())
+        yield CounterMetricFamily("tandem_router_kv_seq_gaps", "Gaps seen in workers' KV event sequences", value=core.seq_gaps)
+        yield GaugeMetricFamily("tandem_router_indexed_blocks", "Blocks in the KV index", value=core.index.num_blocks())

@@ -1,17 +1,7 @@
 """The runtime planes (discovery on etcd, requests and events on NATS, work queue on
 JetStream) behind one small API: the only package that imports `nats` and `etcd3aio`."""
 
-from app.runtime.discovery import InstanceRecord, ModelRecord
-from app.runtime.errors import (
-    CallTimeoutError,
-    ConnectError,
-    InstanceGoneError,
-    NoInstancesError,
-    PayloadTooLargeError,
-    RemoteError,
-    RuntimePlaneError,
-    ServiceError,
-)
+from app.runtime.errors import CallTimeoutError, ConnectError, InstanceGoneError, NoInstancesError
 from app.runtime.events import EventSubscription
 from app.runtime.requests import EndpointClient, RequestContext, ServedEndpoint
 from app.runtime.runtime import Runtime
@@ -23,16 +13,10 @@ __all__ = [
     "EndpointClient",
     "EventSubscription",
     "InstanceGoneError",
-    "InstanceRecord",
     "Job",
-    "ModelRecord",
     "NoInstancesError",
-    "PayloadTooLargeError",
-    "RemoteError",
     "RequestContext",
     "Runtime",
-    "RuntimePlaneError",
     "ServedEndpoint",
-    "ServiceError",
     "WorkQueue",
 ]

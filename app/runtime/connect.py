@@ -12,6 +12,7 @@ import grpc.aio
 import nats
 from nats.aio.client import Client as NatsClient
 
+from app.protocol.names import ETCD_ROOT
 from app.runtime.errors import ConnectError
 from app.settings import RuntimeSettings
 
@@ -96,7 +97,7 @@ async def connect_etcd(settings: RuntimeSettings) -> etcd3aio.Etcd3Client:
             endpoints = [await _resolve_ipv4(url) for url in settings.etcd_urls()]
             client = etcd3aio.Etcd3Client(endpoints)
             await client.connect()
-            await client.kv.get(b"/tandem/", timeout=min(2.0, max(remaining, 0.1)), max_attempts=1)
+            await client.kv.get(ETCD_ROOT.encode(), timeout=min(2.0, max(remaining, 0.1)), max_attempts=1)
             return client
         except (OSError, asyncio.TimeoutError, etcd3aio.EtcdError, grpc.aio.AioRpcError) as exc:
             last_error = exc

@@ -20,6 +20,7 @@ import etcd3aio
 import grpc.aio
 import msgspec
 
+from app.protocol import InstanceRecord, ModelRecord, names
 from app.runtime.wire import decoder_for, encoder
 
 log = logging.getLogger(__name__)
@@ -30,29 +31,6 @@ _RETRY_S = 0.5
 _ETCD_ERRORS = (etcd3aio.EtcdError, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
 
 T = TypeVar("T")
-
-
-class InstanceRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """One served endpoint of one process: `/tandem/<ns>/instances/<service>/<endpoint>/<id>`."""
-
-    namespace: str
-    service: str
-    endpoint: str
-    instance_id: str
-    subject: str
-    host: str
-    pid: int
-    metadata: dict[str, Any] = {}
-
-
-class ModelRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """A model some instance serves: `/tandem/<ns>/models/<name>/<instance_id>`."""
-
-    name: str
-    instance_id: str
-    service: str
-    endpoint: str
-    metadata: dict[str, Any] = {}
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -90,8 +68,9 @@ class PrefixWatch(Generic[T]):
                 await self._task
             self._task = None
 
-    async def wait_until(self, predicate: Callable[[dict[str, T]], bool], timeout: float) -> bool:
-        """Wait until `predicate(self.items)` holds; False if it still does not after `timeout`."""
+    async def wait_until(self, predicate: Callable[[dict[str, T]], bool], timeout: float | None) -> bool:
+        """Wait until `predicate(self.items)` holds; False if it still does not after `timeout`
+        (None: no limit)."""
         async with asyncio.timeout(timeout):
             while not predicate(self.items):
                 self._changed.clear()
@@ -165,7 +144,9 @@ class ModelsWatch:
     def models(self) -> dict[str, list[ModelRecord]]:
         return _group_models(self._watch.items.values())
 
-    async def wait_until(self, predicate: Callable[[dict[str, list[ModelRecord]]], bool], timeout: float) -> bool:
+    async def wait_until(
+        self, predicate: Callable[[dict[str, list[ModelRecord]]], bool], timeout: float | None
+    ) -> bool:
         return await self._watch.wait_until(lambda _: predicate(self.models), timeout)
 
     async def close(self) -> None:
@@ -205,7 +186,7 @@ class Discovery:
 
     def __init__(self, client: etcd3aio.Etcd3Client, namespace: str, lease_ttl_s: int) -> None:
         self._client = client
-        self._root = f"/tandem/{namespace}"
+        self._namespace = namespace
         self._ttl = lease_ttl_s
         self.lease_id = 0
         self._owned: dict[bytes, bytes] = {}
@@ -285,17 +266,8 @@ class Discovery:
 
     # --- keys ---------------------------------------------------------------------------
 
-    def instances_prefix(self, service: str, endpoint: str) -> str:
-        return f"{self._root}/instances/{service}/{endpoint}/"
-
     def instance_key(self, service: str, endpoint: str, instance_id: str) -> str:
-        return self.instances_prefix(service, endpoint) + instance_id
-
-    def _model_key(self, name: str, instance_id: str) -> str:
-        return f"{self._root}/models/{name}/{instance_id}"
-
-    def _tunable_key(self, key: str) -> str:
-        return f"{self._root}/tunables/{key}"
+        return names.instance_key(self._namespace, service, endpoint, instance_id)
 
     async def _start_watch(self, prefix: str, value_type: Any) -> PrefixWatch[Any]:
         watch: PrefixWatch[Any] = PrefixWatch(self._client, prefix, value_type)
@@ -305,38 +277,39 @@ class Discovery:
 
     async def watch_instances(self, service: str, endpoint: str) -> PrefixWatch[InstanceRecord]:
         """Live instance records of one endpoint, keyed by instance id."""
-        return await self._start_watch(self.instances_prefix(service, endpoint), InstanceRecord)
+        return await self._start_watch(names.instances_prefix(self._namespace, service, endpoint), InstanceRecord)
 
     # --- models -------------------------------------------------------------------------
 
     async def register_model(self, record: ModelRecord) -> None:
-        await self.register(self._model_key(record.name, record.instance_id), record)
+        await self.register(names.model_key(self._namespace, record.name, record.instance_id), record)
 
     async def deregister_model(self, record: ModelRecord) -> None:
-        await self.deregister(self._model_key(record.name, record.instance_id))
+        await self.deregister(names.model_key(self._namespace, record.name, record.instance_id))
 
     async def list_models(self) -> dict[str, list[ModelRecord]]:
-        prefix = f"{self._root}/models/".encode()
+        prefix = names.models_prefix(self._namespace).encode()
         resp = await self._client.kv.get(prefix, _prefix_end(prefix), timeout=_RPC_TIMEOUT_S)
         decoder = decoder_for(ModelRecord)
         return _group_models(decoder.decode(kv.value) for kv in resp.kvs)
 
     async def watch_models(self) -> ModelsWatch:
-        return ModelsWatch(await self._start_watch(f"{self._root}/models/", ModelRecord))
+        return ModelsWatch(await self._start_watch(names.models_prefix(self._namespace), ModelRecord))
 
     # --- tunables (no lease: they outlive processes) -------------------------------------
 
     async def put_tunable(self, key: str, value: Any) -> None:
-        await self._client.kv.put(self._tunable_key(key), encoder.encode(value), timeout=_RPC_TIMEOUT_S)
+        raw_key = names.tunable_key(self._namespace, key)
+        await self._client.kv.put(raw_key, encoder.encode(value), timeout=_RPC_TIMEOUT_S)
 
     async def delete_tunable(self, key: str) -> None:
-        await self._client.kv.delete(self._tunable_key(key), timeout=_RPC_TIMEOUT_S)
+        await self._client.kv.delete(names.tunable_key(self._namespace, key), timeout=_RPC_TIMEOUT_S)
 
     async def get_tunable(self, key: str, default: Any = None) -> Any:
-        resp = await self._client.kv.get(self._tunable_key(key), timeout=_RPC_TIMEOUT_S)
+        resp = await self._client.kv.get(names.tunable_key(self._namespace, key), timeout=_RPC_TIMEOUT_S)
         if not resp.kvs:
             return default
         return decoder_for(None).decode(resp.kvs[0].value)
 
     async def watch_tunables(self) -> TunablesWatch:
-        return TunablesWatch(await self._start_watch(f"{self._root}/tunables/", None))
+        return TunablesWatch(await self._start_watch(names.tunables_prefix(self._namespace), None))

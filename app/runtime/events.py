@@ -1,4 +1,4 @@
-"""Events plane: typed fire-and-forget pub/sub on NATS core (`tandem.<ns>.events.<topic>`)."""
+"""Events plane: typed fire-and-forget pub/sub on NATS core (subjects: app/protocol/names.py)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CLOSED = object()
-
-
-def event_subject(namespace: str, topic: str) -> str:
-    return f"tandem.{namespace}.events.{topic}"
 
 
 class EventSubscription(Generic[T]):

@@ -27,17 +27,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
+from app.protocol import InstanceRecord, names
 from app.runtime import wire
 from app.runtime.connect import confirm_subscriptions
-from app.runtime.discovery import Discovery, InstanceRecord, PrefixWatch
-from app.runtime.errors import (
-    CallTimeoutError,
-    InstanceGoneError,
-    NoInstancesError,
-    PayloadTooLargeError,
-    RemoteError,
-    ServiceError,
-)
+from app.runtime.discovery import Discovery, PrefixWatch
+from app.errors import ErrorCode, InternalError, InvalidRequestError, PayloadTooLargeError, TandemError, error_for_code
+from app.runtime.errors import CallTimeoutError, InstanceGoneError, NoInstancesError
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +80,19 @@ class ServedEndpoint:
         self._inflight: dict[str, tuple[asyncio.Task[None], RequestContext]] = {}
 
     async def start(self) -> None:
-        self._control_sub = await self._nc.subscribe(self.record.subject + ".ctl", cb=self._on_control)
+        self._control_sub = await self._nc.subscribe(names.control_subject(self.record.subject), cb=self._on_control)
         self._requests_sub = await self._nc.subscribe(self.record.subject, cb=self._on_request)
         await confirm_subscriptions(self._nc)
         await self._discovery.register(self._key, self.record)
         log.info("serving %s/%s as %s", self.record.service, self.record.endpoint, self.record.subject)
+
+    async def withdraw(self) -> None:
+        """Leave discovery now, still answering: callers stop picking this instance at once.
+
+        For an instance that can serve nothing more; its callers' in-flight calls end as
+        its record goes. `stop()` follows.
+        """
+        await self._discovery.deregister(self._key)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """New calls get no-responders (callers pick another instance); in-flight ones finish."""
@@ -119,7 +122,7 @@ class ServedEndpoint:
         try:
             envelope = wire.envelope_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            await self._nc.publish(msg.reply, wire.encode_error("DecodeError", str(exc), 400))
+            await self._nc.publish(msg.reply, wire.encode_error(ErrorCode.INVALID_REQUEST, f"undecodable request: {exc}"))
             return
         ctx = RequestContext(envelope.request_id)
         task = asyncio.create_task(self._handle(msg.reply, envelope.payload, ctx))
@@ -139,7 +142,7 @@ class ServedEndpoint:
             try:
                 request = self._request_decoder.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise ServiceError(f"invalid request: {exc}", status=400) from exc
+                raise InvalidRequestError(f"invalid request: {exc}") from exc
             stream = self._handler(request, ctx)
             async with contextlib.aclosing(stream):
                 async for item in stream:
@@ -151,17 +154,16 @@ class ServedEndpoint:
         except NatsError as exc:
             log.warning("request %s: reply lost (%s)", ctx.request_id, exc)
         except Exception as exc:
-            if isinstance(exc, RemoteError):
-                # A failure further down the chain (Processor -> Router, say) reaches the
-                # first caller as the service that failed described it, status included.
-                type_name, message, status = exc.type_name, exc.message, exc.status
+            # A coded error (this handler's, or one that came from further down the chain:
+            # Processor -> worker, say) travels on as it is; anything else is a failure
+            # here, logged here, and the caller learns only that it happened.
+            if isinstance(exc, TandemError):
+                error = exc
             else:
-                type_name, message = type(exc).__name__, str(exc)
-                status = exc.status if isinstance(exc, ServiceError) else 500
-            if status >= 500:
-                log.exception("request %s: handler of %s failed", ctx.request_id, self.record.subject)
+                error = InternalError(f"{self.record.service}/{self.record.endpoint} failed ({type(exc).__name__})")
+                log.error("request %s: handler of %s failed", ctx.request_id, self.record.subject, exc_info=exc)
             with contextlib.suppress(NatsError):
-                await frames.fail(wire.encode_error(type_name, message, status))
+                await frames.fail(wire.encode_error(error.code, error.message))
 
 
 class _ReplyFrames:
@@ -249,7 +251,7 @@ class ReplyRouter:
 
     def __init__(self, nc: NatsClient) -> None:
         self._nc = nc
-        self._prefix = f"_INBOX.{uuid.uuid4().hex}."
+        self._prefix = names.inbox_prefix(uuid.uuid4().hex)
         self._calls: dict[str, _Call] = {}
         self._tokens = itertools.count()
         self._sub: Subscription | None = None
@@ -337,9 +339,16 @@ class EndpointClient:
         """Live instance ids (empty until the first call, `watch` or `wait_for_instances`)."""
         return list(self._ids)
 
-    async def watch(self) -> list[str]:
-        """Start following the endpoint's instances now; the live ids so far."""
-        await self._instances()
+    async def watch(self, on_change: Callable[[str, InstanceRecord | None], None] | None = None) -> list[str]:
+        """Start following the endpoint's instances now; the live ids so far.
+
+        `on_change(instance_id, record)` then runs on every change (record None: the instance
+        left), after `instance_ids()` has taken it in: one etcd watch serves the client and
+        whoever else follows the same instances in this process.
+        """
+        watch = await self._instances()
+        if on_change is not None:
+            watch.add_listener(on_change)
         return self.instance_ids()
 
     async def wait_for_instances(self, timeout: float = 30.0) -> list[InstanceRecord]:
@@ -462,7 +471,7 @@ class EndpointClient:
                         elif kind == wire.FRAME_ERROR:
                             finished = True
                             error = wire.error_decoder.decode(memoryview(frame)[1:])
-                            raise RemoteError(error.type_name, error.message, error.status)
+                            raise error_for_code(error.code, error.message)
                     frame = await call.queue.get()
             finally:
                 for timer in timers:
@@ -473,7 +482,7 @@ class EndpointClient:
                     calls.discard(call)
                 if not finished:
                     with contextlib.suppress(NatsError):
-                        await self._nc.publish(record.subject + ".ctl", call.reply.encode())
+                        await self._nc.publish(names.control_subject(record.subject), call.reply.encode())
 
 
 def instance_record(namespace: str, service: str, endpoint: str, instance_id: str, host: str, metadata: dict[str, Any]) -> InstanceRecord:
@@ -482,7 +491,7 @@ def instance_record(namespace: str, service: str, endpoint: str, instance_id: st
         service=service,
         endpoint=endpoint,
         instance_id=instance_id,
-        subject=f"tandem.{namespace}.{service}.{endpoint}.{instance_id}",
+        subject=names.endpoint_subject(namespace, service, endpoint, instance_id),
         host=host,
         pid=os.getpid(),
         metadata=metadata,

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import os
 import re
-import socket
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import etcd3aio
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 
+from app.node import node_address
+from app.protocol.names import event_subject
 from app.runtime.connect import connect_etcd, connect_nats
 from app.runtime.discovery import Discovery
-from app.runtime.events import EventSubscription, event_subject
+from app.runtime.events import EventSubscription
 from app.runtime.requests import EndpointClient, Handler, ReplyRouter, ServedEndpoint, instance_record
 from app.runtime.wire import encoder
 from app.runtime.workqueue import WorkQueue
@@ -37,47 +35,13 @@ def _check_name(kind: str, name: str) -> None:
         raise ValueError(f"{kind} name {name!r} must be letters, digits, '_' or '-'")
 
 
-def _advertise_host(settings: RuntimeSettings) -> str:
-    """Where other nodes reach this process.
-
-    TANDEM_ADVERTISE_HOST when set; else this node's own address on the route to the NATS
-    server: a node that joins a fleet with only the guide's NATS_SERVER / ETCD_ENDPOINTS
-    exports then advertises the address the head node (and so every peer on that network)
-    reaches it at. With NATS on loopback (one node, or the head itself) that route says
-    nothing, and the hostname's address is the best guess.
-    """
-    configured = os.environ.get("TANDEM_ADVERTISE_HOST")
-    if configured:
-        return configured
-    routed = _source_address_towards(settings.nats_urls()[0])
-    if routed and not ipaddress.ip_address(routed).is_loopback:
-        return routed
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
-
-
-def _source_address_towards(url: str) -> str | None:
-    """The local address the kernel would send from to reach `url`'s host (no packet is sent)."""
-    parsed = urlsplit(url)
-    if not parsed.hostname:
-        return None
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((parsed.hostname, parsed.port or 4222))  # UDP connect: a route lookup only
-            return str(probe.getsockname()[0])
-    except OSError:
-        return None
-
-
 class Runtime:
     def __init__(
         self, settings: RuntimeSettings, nc: NatsClient, etcd: etcd3aio.Etcd3Client, discovery: Discovery
     ) -> None:
         self.settings = settings
         self.namespace = settings.namespace
-        self.host = _advertise_host(settings)
+        self.host = node_address(settings.nats_urls()[0])
         self.discovery = discovery
         self._nc = nc
         self._etcd = etcd

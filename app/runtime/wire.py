@@ -23,7 +23,7 @@ FRAME_DATA = 0x44  # "D": one streamed item
 FRAME_BATCH = 0x42  # "B": a msgpack array of streamed items
 FRAME_LAST = 0x4C  # "L": a msgpack array of streamed items, then the handler finished
 FRAME_END = 0x45  # "E": the handler finished
-FRAME_ERROR = 0x58  # "X": the handler raised; body is an ErrorBody
+FRAME_ERROR = 0x58  # "X": the handler raised; body is an ErrorBody (code, message)
 
 # A batch this large leaves at once, whether or not the handler pauses: frames stay far
 # below NATS's message size limit (1 MiB by default) and the caller gets going.
@@ -41,9 +41,10 @@ class RequestEnvelope(msgspec.Struct, array_like=True):
 
 
 class ErrorBody(msgspec.Struct, array_like=True):
-    type_name: str
+    """What crosses for an error: its stable code (app.errors.ErrorCode) and message."""
+
+    code: str
     message: str
-    status: int = 500
 
 
 encoder = msgspec.msgpack.Encoder()
@@ -84,5 +85,5 @@ def encode_batch(kind: int, items: list[bytes]) -> bytes:
     return header + b"".join(items)
 
 
-def encode_error(type_name: str, message: str, status: int) -> bytes:
-    return ERROR_PREFIX + encoder.encode(ErrorBody(type_name, message, status))
+def encode_error(code: str, message: str) -> bytes:
+    return ERROR_PREFIX + encoder.encode(ErrorBody(code, message))

@@ -17,6 +17,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import BadRequestError
 
+from app.protocol.names import queue_subject
 from app.runtime.wire import decoder_for, encoder
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class WorkQueue:
     def __init__(self, nc: NatsClient, namespace: str, name: str, ack_wait_s: float) -> None:
         self._js = nc.jetstream()
         self.stream = re.sub(r"[^A-Za-z0-9_-]", "_", f"{namespace}_{name}")
-        self.subject = f"tandem.{namespace}.queue.{name}"
+        self.subject = queue_subject(namespace, name)
         self._ack_wait_s = ack_wait_s
         self._psub: Any = None
 

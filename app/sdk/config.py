@@ -2,9 +2,10 @@
 
 A service section holds the service's own keys (kebab-case or snake_case), optionally
 `common-configs: [keys]` (copied from `Common` unless the section sets them itself) and
-`ServiceArgs: {workers, resources}` (how many processes `tandem serve` runs). Worker
-services take engine arguments too: every key their model does not define goes to
-`engine_args`, checked against the engine's own argument names where the engine runs.
+`ServiceArgs: {workers, resources: {gpu}}` (how many processes `tandem serve` runs, and
+how many GPUs of its own each gets). Worker services take engine arguments too: every key
+their model does not define goes to `engine_args`, checked against the engine's own
+argument names where the engine runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,6 +24,8 @@ from app.sdk.service import SERVICES, ServiceSpec
 COMMON = "Common"
 SERVICE_ARGS = "ServiceArgs"
 COMMON_CONFIGS = "common_configs"
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -36,9 +39,11 @@ class ConfigError(ValueError):
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    gpu: int = Field(default=0, ge=0)
-    cpu: int | None = Field(default=None, ge=1)
-    memory: str | None = None
+    gpu: int = Field(
+        default=0, ge=0,
+        description="GPUs of its own for each process (CUDA_VISIBLE_DEVICES, app/launch/devices.py); "
+        "0: the devices its environment gives it",
+    )
 
 
 class ServiceArgs(BaseModel):
@@ -144,20 +149,24 @@ class GraphConfig:
         `check_engine_args` imports the engine (vLLM: seconds) to check engine argument names:
         only where the engine will run (the worker process, `tandem config check`).
         """
-        values, spelled = self.section(spec.name)
-        model = spec.config_model
+        return self.section_config(spec.name, spec.config_model, check_engine_args)
+
+    def section_config(self, service: str, model: type[M], check_engine_args: bool = False) -> M:
+        """The section of `service` validated as `model`: for a service that runs another's
+        library with that one's section (a Frontend that embeds the Processor's pipeline)."""
+        values, spelled = self.section(service)
         fields = _accepted_keys(model)
         unknown = [k for k in values if k not in fields]
         if issubclass(model, EngineConfig):
             values["engine_args"] = {**values.get("engine_args", {}), **{k: values.pop(k) for k in unknown}}
             if check_engine_args:
-                _check_engine_args(spec.name, values, spelled)
+                _check_engine_args(service, values, spelled)
         elif unknown:
-            raise ConfigError([f"{spec.name}: unknown key {spelled[k]!r}" for k in unknown])
+            raise ConfigError([f"{service}: unknown key {spelled[k]!r}" for k in unknown])
         try:
             return model.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError(_format(spec.name, exc, spelled)) from None
+            raise ConfigError(_format(service, exc, spelled)) from None
 
     def embedded_services(self, services: Iterable[ServiceSpec]) -> set[str]:
         """Names of services that another of `services` runs inside its own process, as its

@@ -80,6 +80,21 @@ def graph_services(module: ModuleType, entry: ServiceSpec, service_name: str | N
     raise GraphError(f"--service-name {service_name!r} is not in the graph of {entry.name} ({known})")
 
 
+def dependency_names(spec: ServiceSpec) -> frozenset[str]:
+    """The service and every service its depends() reach, transitively."""
+    order = [spec.cls]
+    for cls in order:
+        order += [nxt for nxt in spec_of(cls).dependencies.values() if nxt not in order]
+    return frozenset(spec_of(cls).name for cls in order)
+
+
+def graph_service_names(address: str) -> frozenset[str]:
+    """The names of the services the graph at `address` runs (a service alone: it and its
+    depends(), transitively), so that a service knows which of its dependencies exist."""
+    module, entry = resolve(address)
+    return frozenset(spec.name for spec in graph_services(module, entry))
+
+
 def import_components() -> dict[str, ServiceSpec]:
     """Import every module of app.components so that all their services are known by name."""
     import app.components

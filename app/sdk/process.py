@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 import uvloop
 
+from app import env
 from app.sdk.config import ConfigError, is_override, load_config
-from app.sdk.graph import GraphError, resolve
-from app.sdk.runner import configure_logging, replica_from_env, run_service
+from app.sdk.graph import GraphError, graph_service_names, resolve
+from app.sdk.runner import ServiceFailedError, configure_logging, run_service
 from app.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,13 @@ log = logging.getLogger(__name__)
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", metavar="MODULE:Service", help="e.g. components.worker:VllmWorker")
     parser.add_argument("-f", "--config", dest="config_file", help="graph config YAML")
+
+
+def add_graph_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--graph", metavar="MODULE:Service",
+        help="the graph this service runs in (default: the service and its dependencies)",
+    )
 
 
 def split_overrides(parser: argparse.ArgumentParser, extras: Sequence[str]) -> list[str]:
@@ -35,20 +43,24 @@ def split_overrides(parser: argparse.ArgumentParser, extras: Sequence[str]) -> l
     return overrides
 
 
-def run_one(address: str, config_file: str | None, overrides: Sequence[str]) -> int:
+def run_one(address: str, config_file: str | None, overrides: Sequence[str], graph: str | None = None) -> int:
     """Serve one service until SIGTERM/SIGINT; the exit status for supervisord."""
     try:
         _, spec = resolve(address)
+        graph_names = graph_service_names(graph or address)
     except GraphError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    configure_logging(spec.name, replica_from_env())
+    configure_logging(spec.name, env.TANDEM_REPLICA.get())
     try:
         config = load_config(config_file, overrides)
-        uvloop.run(run_service(spec.cls, config, RuntimeSettings()))
+        uvloop.run(run_service(spec.cls, config, RuntimeSettings(), graph=graph_names))
     except ConfigError as exc:
         for line in exc.errors:
             log.error("config: %s", line)
+        return 1
+    except ServiceFailedError as exc:
+        log.error("%s exits: %s", spec.name, exc)
         return 1
     except Exception:
         log.exception("%s failed", spec.name)
@@ -59,8 +71,9 @@ def run_one(address: str, config_file: str | None, overrides: Sequence[str]) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.sdk.process", description=__doc__)
     add_service_arguments(parser)
+    add_graph_argument(parser)
     args, extras = parser.parse_known_args(argv)
-    return run_one(args.address, args.config_file, split_overrides(parser, extras))
+    return run_one(args.address, args.config_file, split_overrides(parser, extras), args.graph)
 
 
 if __name__ == "__main__":

@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from app import env
 from app.sdk.config import GraphConfig
+from app.sdk.graph import dependency_names
 from app.sdk.service import EndpointSpec, spec_of
 from app.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
-
-REPLICA_ENV = "TANDEM_REPLICA"  # supervisord's process_num for this program
-
 
 @dataclass(frozen=True)
 class ServiceContext:
@@ -28,10 +26,17 @@ class ServiceContext:
     replica: int  # 0-based index among this node's processes of the service
     config_path: str | None
     config: GraphConfig  # the whole file, for services that read another's section
+    # Asks this process to leave because the service can serve nothing more (its engine
+    # died, ...): it deregisters at once, stops, and exits non-zero, so that supervisord
+    # starts a fresh one.
+    fail: Callable[[str], None]
+    # The names of the services of the graph this one runs in: a depends() target outside
+    # it is not deployed (graphs.agg's Processor has no Router to ask).
+    graph: frozenset[str] = frozenset()
 
 
-def replica_from_env() -> int:
-    return int(os.environ.get(REPLICA_ENV, "0"))
+class ServiceFailedError(Exception):
+    """The service called `ctx.fail(reason)`: the process stopped and must exit non-zero."""
 
 
 def configure_logging(service_name: str, replica: int, level: int = logging.INFO) -> None:
@@ -64,13 +69,13 @@ async def run_service(
     *,
     replica: int | None = None,
     stop: asyncio.Event | None = None,
+    graph: frozenset[str] | None = None,
 ) -> None:
     """Serve `cls` until SIGTERM/SIGINT (or until `stop` is set, when given)."""
     from app.runtime import Runtime
 
     spec = spec_of(cls)
     service_config = config.service_config(spec, check_engine_args=True)
-    ctx = ServiceContext(spec.name, replica_from_env() if replica is None else replica, config.path, config)
     loop = asyncio.get_running_loop()
     handled_signals: list[signal.Signals] = []
     if stop is None:
@@ -78,6 +83,18 @@ async def run_service(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
             handled_signals.append(sig)
+    stopping = stop
+    failures: list[str] = []
+
+    def fail(reason: str) -> None:
+        if not failures:
+            failures.append(reason)
+            stopping.set()
+
+    replica = env.TANDEM_REPLICA.get() if replica is None else replica
+    if graph is None:
+        graph = dependency_names(spec)
+    ctx = ServiceContext(spec.name, replica, config.path, config, fail, graph)
 
     runtime = await Runtime.connect(settings)
     log.info("connected: instance %s, namespace %s", runtime.instance_id, runtime.namespace)
@@ -104,7 +121,13 @@ async def run_service(
                 )
             log.info("serving %s", ", ".join(spec.endpoints) or "no endpoints")
             await stop.wait()
-            log.info("stopping: draining in-flight requests")
+            if failures:
+                log.error("leaving: %s", failures[0])
+                # Out of discovery before anything else: callers pick other instances from
+                # now on instead of this one while it stops.
+                await asyncio.gather(*(s.withdraw() for s in served))
+            else:
+                log.info("stopping: draining in-flight requests")
         finally:
             await asyncio.gather(*(s.stop() for s in served))
             for hook in spec.on_shutdown:
@@ -117,3 +140,5 @@ async def run_service(
         for sig in handled_signals:
             loop.remove_signal_handler(sig)
         log.info("stopped")
+    if failures:
+        raise ServiceFailedError(failures[0])

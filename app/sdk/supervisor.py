@@ -1,4 +1,4 @@
-"""`tandem serve`: one supervisord program per service of the graph, in the foreground."""
+"""`tandem serve`: the graph's services as supervisord programs, one per replica, in the foreground."""
 
 from __future__ import annotations
 
@@ -15,91 +15,78 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app import env
+from app.launch.devices import DeviceAssignment, DeviceRequest, NodeDevices, assign_devices
+from app.launch.supervisord import Program, config_text, supervisord_binary
 from app.sdk.config import GraphConfig
-from app.sdk.runner import REPLICA_ENV
 from app.sdk.service import ServiceSpec
-
-# A worker given SIGTERM drains its in-flight requests before exiting; a vLLM engine
-# shutting down takes seconds, so supervisord waits this long before SIGKILL.
-STOP_WAIT_S = 60
 
 
 @dataclass(frozen=True)
-class Program:
+class ServiceProcesses:
+    """A service's processes on this node: one command, one process per replica."""
+
     name: str
-    processes: int
     command: list[str]
+    # Per replica, the GPUs it gets (ServiceArgs.resources.gpu); empty where the service
+    # asks for none: it sees the node's devices as its environment gives them.
+    devices: list[tuple[str, ...]]
+
+    @property
+    def processes(self) -> int:
+        return len(self.devices)
 
 
-def programs(services: Sequence[ServiceSpec], config: GraphConfig, overrides: Sequence[str]) -> list[Program]:
-    """What supervisord runs: each service in processes of its own (`app.sdk.process`)."""
+def plan(
+    services: Sequence[ServiceSpec], config: GraphConfig, overrides: Sequence[str], node: NodeDevices, graph: str
+) -> tuple[list[ServiceProcesses], DeviceAssignment]:
+    """What supervisord runs: each service in processes of its own (`app.sdk.process`), and
+    which of the node's devices each replica gets. `graph` is the address `tandem serve`
+    was given: each process learns from it which services its graph has."""
+    requests = []
+    for spec in services:
+        args = config.service_args(spec.name)
+        requests.append(DeviceRequest(spec.name, args.workers, args.resources.gpu))
+    assignment = assign_devices(requests, node)
     out = []
     for spec in services:
-        command = [sys.executable, "-m", "app.sdk.process", spec.address]
+        command = [sys.executable, "-m", "app.sdk.process", spec.address, "--graph", graph]
         if config.path is not None:
             command += ["-f", config.path]
         command += list(overrides)
-        out.append(Program(spec.name, config.service_args(spec.name).workers, command))
-    return out
+        out.append(ServiceProcesses(spec.name, command, assignment.replicas[spec.name]))
+    return out, assignment
 
 
-def _quote_for_supervisord(command: list[str]) -> str:
-    # supervisord expands %(name)s in `command`, so a literal % must be doubled.
-    return shlex.join(command).replace("%", "%%")
+def process_name(service: str, replica: int) -> str:
+    return f"{service}_{replica}"
 
 
-def supervisord_conf(progs: Sequence[Program], workdir: Path, cwd: Path) -> str:
-    lines = [
-        "[supervisord]",
-        "nodaemon=true",
-        # In the foreground supervisord logs to stdout by itself; no second copy in a file.
-        "logfile=/dev/null",
-        "logfile_maxbytes=0",
-        f"pidfile={workdir / 'supervisord.pid'}",
-        f"childlogdir={workdir}",
-        "",
-        "[unix_http_server]",
-        f"file={workdir / 'supervisor.sock'}",
-        "",
-        "[rpcinterface:supervisor]",
-        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
-        "",
-        "[supervisorctl]",
-        f"serverurl=unix://{workdir / 'supervisor.sock'}",
-    ]
-    for prog in progs:
+def describe(services: Sequence[ServiceProcesses]) -> list[str]:
+    """The plan as `--dry-run` prints it: a line per service, then each replica's devices."""
+    lines = []
+    for service in services:
+        lines.append(f"{service.name}  x{service.processes}  {shlex.join(service.command)}")
         lines += [
-            "",
-            f"[program:{prog.name}]",
-            f"command={_quote_for_supervisord(prog.command)}",
-            "process_name=%(program_name)s_%(process_num)d",
-            f"numprocs={prog.processes}",
-            "numprocs_start=0",
-            f"directory={cwd}",
-            f'environment={REPLICA_ENV}="%(process_num)d"',
-            "autostart=true",
-            "autorestart=true",
-            "startsecs=1",
-            "stopsignal=TERM",
-            f"stopwaitsecs={STOP_WAIT_S}",
-            # vLLM starts engine subprocesses: stop and kill the whole group, never orphan them.
-            "stopasgroup=true",
-            "killasgroup=true",
-            "stdout_logfile=/dev/stdout",
-            "stdout_logfile_maxbytes=0",
-            "redirect_stderr=true",
+            f"  {process_name(service.name, replica)}  {env.CUDA_VISIBLE_DEVICES.name}={','.join(devices)}"
+            for replica, devices in enumerate(service.devices)
+            if devices
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def supervisord_binary() -> str:
-    beside_python = Path(sys.executable).parent / "supervisord"
-    if beside_python.exists():
-        return str(beside_python)
-    found = shutil.which("supervisord")
-    if found is None:
-        raise FileNotFoundError("supervisord not found beside the Python interpreter nor on PATH")
-    return found
+def supervisord_programs(services: Sequence[ServiceProcesses]) -> list[Program]:
+    """One program per replica, each service's replicas a group (they start and stop together)."""
+    stop_wait_s = env.TANDEM_STOP_WAIT_S.get()
+    programs = []
+    for service in services:
+        for replica, devices in enumerate(service.devices):
+            environment = {env.TANDEM_REPLICA.name: str(replica)}
+            if devices:
+                environment[env.CUDA_VISIBLE_DEVICES.name] = ",".join(devices)
+            programs.append(Program(process_name(service.name, replica), service.command, stop_wait_s,
+                                    environment, group=service.name))
+    return programs
 
 
 def _append_to_regular_stdout() -> None:
@@ -110,7 +97,7 @@ def _append_to_regular_stdout() -> None:
         fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) | os.O_APPEND)
 
 
-def run_supervisord(progs: Sequence[Program]) -> int:
+def run_supervisord(services: Sequence[ServiceProcesses]) -> int:
     """Run supervisord in the foreground until it exits; its exit status.
 
     SIGTERM, SIGINT and SIGHUP sent to this process go on to supervisord, which stops every
@@ -120,7 +107,7 @@ def run_supervisord(progs: Sequence[Program]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
     try:
         conf = workdir / "supervisord.conf"
-        conf.write_text(supervisord_conf(progs, workdir, Path.cwd()))
+        conf.write_text(config_text(supervisord_programs(services), workdir, Path.cwd()))
         sys.stdout.flush()
         sys.stderr.flush()
         _append_to_regular_stdout()

@@ -9,11 +9,18 @@ env/prefill.env on the host network (`docker run --network host --env-file ...`,
 by that container: the response names it in X-Tandem-Prefill-Worker and its job counter
 rises. Last, the Ray roles: a ray-head and a ray-worker container form one Ray cluster.
 
-The operator's commands start the containers: `make head` (compose profile head, through
-Debian's docker-compose 1.29: testcontainers' DockerCompose always runs `docker compose`, the
-v2 plugin, not installable here), `make prefill NATS_SERVER=... ETCD_ENDPOINTS=...` as on
-another node (scripts/docker-node.sh), and `make down` at the end. The prefill container is
-then driven as a testcontainers DockerContainer.
+The operator's commands are docs/appliance.md's own (its `appliance-cpu` block, read by
+tests/docs/blocks.py and run as written, `<head-ip>` and `<ray-head-ip>` being this machine's
+127.0.0.1, so every port is the documented default): `make build ENGINE=cpu`, the tiny model
+in the models volume, `make head ENGINE=cpu` (compose profile head, through Debian's
+docker-compose 1.29: testcontainers' DockerCompose always runs `docker compose`, the v2
+plugin, not installable here), its curl, `make prefill ENGINE=cpu NATS_SERVER=...
+ETCD_ENDPOINTS=...` as on another node (scripts/docker-node.sh), `make ray-head` and `make
+ray-worker RAY_ADDRESS=...`, and `make down ENGINE=cpu` at the end. The test's environment
+points them at its own Docker engine and image (DOCKER_HOST, DOCKER, IMAGE), its edited
+copy of env/ (TANDEM_ENV_DIR) and its models folder (TANDEM_MODEL_CACHE), the knobs the
+Makefile and docs/appliance.md give an operator. Containers that `make` started are then
+driven as testcontainers DockerContainers.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import json
 import re
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -39,14 +45,21 @@ from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from testcontainers.core.container import DockerContainer
 
-from app.infra import free_port
+from app.launch.ports import free_port
 from app.runtime import Runtime
 from app.settings import RuntimeSettings
-from tests.appliance.conftest import REPO_ROOT
+from tests.appliance.conftest import BUILD_TIMEOUT_S, REPO_ROOT, cache_dir
 from tests.appliance.docker_engine import DockerEngine
+from tests.docs.blocks import Command, doc_block
+from tests.docs.shell import DocShell, sse_data, user_environment
 
 pytestmark = pytest.mark.appliance
 
+BUILD, MAKE_MODEL, MAKE_HEAD, CURL, MAKE_PREFILL, MAKE_RAY_HEAD, MAKE_RAY_WORKER, MAKE_DOWN = doc_block(
+    "appliance-cpu"
+).expect(
+    "make build", "mkdir", "make head", "curl", "make prefill", "make ray-head", "make ray-worker", "make down"
+)
 HEAD_CONTAINER = "tandem-head"
 # The CPU compose file's default config: the decode engine on core 0 prefills prompts up to
 # 64 tokens itself and hands longer ones to PrefillWorkers, whose engines use core 1.
@@ -54,7 +67,10 @@ CONFIG = "configs/cpu-tiny-disagg.yaml"
 FRONTEND_PORT = 8000  # the config's Frontend port
 MODEL = "tiny-llama"
 NAMESPACE = "tandem"  # env/common.env's TANDEM_NAMESPACE
-NODE_IP = "127.0.0.1"  # both "nodes" are this machine
+NODE_IP = "127.0.0.1"  # both "nodes" are this machine: <head-ip> and <ray-head-ip> of the block
+# What the block binds on this machine's network at their defaults: the head's Frontend,
+# NATS (and its monitoring), etcd (and its peers), the Ray head's GCS.
+FIXED_PORTS = (FRONTEND_PORT, 4222, 8222, 2379, 2380, 6379)
 START_TIMEOUT_S = 420
 # The prefill node starts while the head's engines hold the cores: its Python imports alone
 # took from 1 to 5.5 minutes here, depending on what else the machine ran.
@@ -70,10 +86,9 @@ LONG_PROMPT = " ".join(f"appliance-{i}" for i in range(80))
 @dataclass(frozen=True)
 class Deployment:
     env_dir: Path  # the edited copy of env/
-    models_dir: Path  # mounted at /models; holds tiny-llama
+    models_dir: Path  # mounted at /models; the block makes tiny-llama there
     nats_server: str
     etcd_endpoints: str
-    ray_address: str  # the Ray head container's GCS
 
     @property
     def runtime_settings(self) -> RuntimeSettings:
@@ -90,14 +105,12 @@ def _set(text: str, name: str, value: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Deployment:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     """env/ edited as docs/appliance.md tells an operator, for a one-machine deployment."""
     root = tmp_path_factory.mktemp("appliance")
     env_dir = root / "env"
     shutil.copytree(REPO_ROOT / "env", env_dir)
-    # Free ports, not 4222/2379: the test must not meet another NATS or etcd on this machine.
-    nats_port, monitor_port, etcd_port, peer_port = (free_port() for _ in range(4))
-    nats_server, etcd_endpoints = f"nats://{NODE_IP}:{nats_port}", f"http://{NODE_IP}:{etcd_port}"
+    nats_server, etcd_endpoints = f"nats://{NODE_IP}:4222", f"http://{NODE_IP}:2379"
     for path in env_dir.glob("*.env"):
         text = path.read_text()
         for placeholder in ("HEAD_NODE_IP", "THIS_NODE_IP", "RAY_HEAD_IP"):
@@ -108,64 +121,46 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> De
     for name, value in (("NATS_SERVER", nats_server), ("ETCD_ENDPOINTS", etcd_endpoints), ("CONFIG", CONFIG)):
         text = _set(text, name, value)
     common.write_text(text)
-    head = env_dir / "head.env"
-    text = head.read_text()
-    for name, port in (("NATS_PORT", nats_port), ("NATS_MONITOR_PORT", monitor_port),
-                       ("ETCD_PORT", etcd_port), ("ETCD_PEER_PORT", peer_port)):
-        text = _set(text, name, str(port))
-    head.write_text(text)
     # Two Ray nodes on one host network: each needs ports of its own for what Ray binds at
     # fixed defaults (the same as tests/e2e/ray_harness.py), and no graph on the Ray head.
-    ray_port = free_port()
     for role in ("ray-head", "ray-worker"):
         path = env_dir / f"{role}.env"
         ports = " ".join(f"--{name}={free_port()}" for name in RAY_NODE_PORTS)
         head_only = " --include-dashboard=false" if role == "ray-head" else ""
         text = _set(path.read_text(), "RAY_START_ARGS", f"--num-cpus=1 --object-store-memory=100000000 {ports}{head_only}")
-        text = _set(text, "RAY_PORT", str(ray_port)) if role == "ray-head" else text
         text = _set(text, "GRAPH", "") if role == "ray-head" else text
         path.write_text(text)
-    # The containers run as the image's user (uid 10001): the model must be readable by it.
-    models_dir = root / "models"
-    shutil.copytree(tiny_model, models_dir / MODEL)
-    for path in (models_dir, *models_dir.rglob("*")):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return Deployment(env_dir, models_dir, nats_server, etcd_endpoints, ray_address=f"{NODE_IP}:{ray_port}")
+    return Deployment(env_dir, root / "models", nats_server, etcd_endpoints)
 
 
-class Make:
-    """The Makefile's node targets (`make head`, `make prefill`, `make down`) on this CPU
-    machine, against the test's engine, with the edited env files and models folder."""
-
-    def __init__(self, engine: DockerEngine, image: str, deployment: Deployment) -> None:
-        self.deployment = deployment
-        self.env = {
-            **engine.env(),
-            "TANDEM_ENV_DIR": str(deployment.env_dir),
-            "TANDEM_MODEL_CACHE": str(deployment.models_dir),
-        }
-        self.variables = ["ENGINE=cpu", f"IMAGE={image}"]
-
-    def __call__(self, target: str, *variables: str, timeout: float = 300) -> str:
-        command = ["make", "--no-print-directory", "-C", str(REPO_ROOT), target, *self.variables, *variables]
-        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
-        if result.returncode != 0:
-            raise AssertionError(f"{' '.join(command[4:])} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-        return result.stdout + result.stderr
+@pytest.fixture(scope="module")
+def shell(
+    docker_engine: DockerEngine, tandem_image: str, deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
+) -> DocShell:
+    """The operator's terminal in the repository, for the block's commands."""
+    engine = docker_engine.env()
+    env = user_environment(
+        DOCKER_HOST=engine["DOCKER_HOST"], DOCKER=engine["DOCKER"], IMAGE=tandem_image,
+        TANDEM_DOCKER_CACHE=str(cache_dir()),
+        TANDEM_ENV_DIR=str(deployment.env_dir), TANDEM_MODEL_CACHE=str(deployment.models_dir),
+    )  # fmt: skip
+    placeholders = {"head-ip": NODE_IP, "ray-head-ip": NODE_IP}
+    return DocShell(tmp_path_factory.mktemp("appliance-shell"), env=env, placeholders=placeholders)
 
 
 class NodeStartedByMake(DockerContainer):
-    """A node container that `make ROLE NATS_SERVER=... ETCD_ENDPOINTS=...` starts, as on
-    another machine (scripts/docker-node.sh: `docker run -d --network host --env-file ...`);
-    testcontainers drives it from then on (logs, state, stop and removal)."""
+    """A node container that the block's `make ROLE ...` starts, as on another machine
+    (scripts/docker-node.sh: `docker run -d --network host --env-file ...`); testcontainers
+    drives it from then on (logs, state, stop and removal)."""
 
-    def __init__(self, make: Make, role: str, *variables: str) -> None:
+    def __init__(self, shell: DocShell, command: Command) -> None:
         super().__init__(image="unused: make starts the container")
-        self.make, self.role, self.variables = make, role, variables
+        self.shell, self.command = shell, command
 
     def start(self) -> NodeStartedByMake:
-        self.make(self.role, *self.variables)
-        self._container = self.get_docker_client().client.containers.get(f"tandem-{self.role}")
+        self.shell.run(self.command)
+        role = self.command.words[1]
+        self._container = self.get_docker_client().client.containers.get(f"tandem-{role}")
         return self
 
 
@@ -182,22 +177,22 @@ def _port_is_free(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def make(docker_engine: DockerEngine, tandem_image: str, deployment: Deployment) -> Make:
-    return Make(docker_engine, tandem_image, deployment)
-
-
-@pytest.fixture(scope="module")
-def head(make: Make, docker_client: docker.DockerClient) -> Iterator[Make]:
-    """`make head` (compose profile head), until the model is served; `make down` at the end."""
-    if not _port_is_free(FRONTEND_PORT):
-        pytest.fail(f"port {FRONTEND_PORT} is in use on this machine; the head's Frontend needs it")
-    make("head")
+def head(shell: DocShell, deployment: Deployment, docker_client: docker.DockerClient) -> Iterator[DocShell]:
+    """The block up to `make head ENGINE=cpu`, until the model is served; its `make down` at the end."""
+    if in_use := [port for port in FIXED_PORTS if not _port_is_free(port)]:
+        pytest.fail(f"the block's containers bind these ports, in use on this machine now: {in_use}")
+    shell.run(BUILD, timeout=BUILD_TIMEOUT_S)  # the image tandem_image built: from the build cache
+    shell.run(MAKE_MODEL)
+    # The containers run as the image's user (uid 10001): the model must be readable by it.
+    unreadable = [p for p in deployment.models_dir.rglob("*") if not p.stat().st_mode & 0o004]
+    assert not unreadable, f"the models folder is not readable by the containers' user: {unreadable}"
+    shell.run(MAKE_HEAD)
     try:
         _wait_for_model(docker_client)
-        yield make
+        yield shell
     finally:
         # SIGTERM: supervisord drains the Tandem programs, then stops etcd and NATS.
-        make("down", timeout=900)
+        shell.run(MAKE_DOWN, timeout=900)
         assert not docker_client.containers.list(all=True), "make down left containers behind"
         for volume in docker_client.volumes.list():  # the head's NATS and etcd data: the next run starts empty
             volume.remove(force=True)
@@ -219,7 +214,7 @@ def _wait_for_model(client: docker.DockerClient) -> None:
     raise AssertionError(f"the head did not serve {MODEL} within {START_TIMEOUT_S}s:\n{_logs(client, HEAD_CONTAINER)}")
 
 
-async def test_head_streams_a_chat_completion_on_port_8000(head: Make) -> None:
+async def test_head_streams_a_chat_completion_on_port_8000(head: DocShell) -> None:
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{FRONTEND_PORT}/v1", api_key="unused")
     stream = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Tell me about Eldoria."}],
@@ -236,7 +231,15 @@ async def test_head_streams_a_chat_completion_on_port_8000(head: Make) -> None:
     assert finish in ("length", "stop")
 
 
-async def test_head_container_is_healthy_and_not_root(head: Make, docker_client: docker.DockerClient) -> None:
+def test_the_documents_curl_streams_a_reply(head: DocShell) -> None:
+    events = list(sse_data(head.run(CURL)))
+    assert events and events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(event) for event in events[:-1]]
+    pieces = [chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"]]
+    assert "".join(pieces).strip()
+
+
+async def test_head_container_is_healthy_and_not_root(head: DocShell, docker_client: docker.DockerClient) -> None:
     container = docker_client.containers.get(HEAD_CONTAINER)
     # The image's HEALTHCHECK (every program RUNNING; NATS, etcd and the Frontend answering);
     # compose's interval is 10 s.
@@ -255,12 +258,10 @@ async def test_head_container_is_healthy_and_not_root(head: Make, docker_client:
 
 @pytest.fixture(scope="module")
 async def prefill_node(
-    head: Make, deployment: Deployment, docker_client: docker.DockerClient
+    head: DocShell, deployment: Deployment, docker_client: docker.DockerClient
 ) -> AsyncIterator[DockerContainer]:
     """A prefill node as docs/appliance.md starts it on another machine, until its PrefillWorker serves."""
-    container = NodeStartedByMake(
-        head, "prefill", f"NATS_SERVER={deployment.nats_server}", f"ETCD_ENDPOINTS={deployment.etcd_endpoints}"
-    ).start()
+    container = NodeStartedByMake(head, MAKE_PREFILL).start()
     try:
         async with await Runtime.connect(deployment.runtime_settings) as runtime:
             workers = await runtime.discovery.watch_instances("PrefillWorker", "status")
@@ -399,17 +400,19 @@ def _ray_cluster_slots(client: docker.DockerClient, address: str) -> float:
 
 
 def test_ray_head_and_worker_containers_form_one_cluster(
-    head: Make, deployment: Deployment, docker_client: docker.DockerClient
+    head: DocShell, docker_client: docker.DockerClient
 ) -> None:
     """`make ray-head` and `make ray-worker RAY_ADDRESS=...` as on two nodes: the head's
     cluster then offers both nodes' vLLM CPU worker slots (one each)."""
-    nodes = [NodeStartedByMake(head, "ray-head")]
+    worker_command = MAKE_RAY_WORKER.substituted(head.placeholders)
+    ray_address = next(word for word in worker_command.words if word.startswith("RAY_ADDRESS=")).split("=", 1)[1]
+    nodes = [NodeStartedByMake(head, MAKE_RAY_HEAD)]
     try:
         nodes[0].start()
-        nodes.append(NodeStartedByMake(head, "ray-worker", f"RAY_ADDRESS={deployment.ray_address}"))
+        nodes.append(NodeStartedByMake(head, MAKE_RAY_WORKER))
         nodes[1].start()
         deadline = time.monotonic() + RAY_JOIN_TIMEOUT_S
-        while (slots := _ray_cluster_slots(docker_client, deployment.ray_address)) < 2 and time.monotonic() < deadline:
+        while (slots := _ray_cluster_slots(docker_client, ray_address)) < 2 and time.monotonic() < deadline:
             time.sleep(3)
         assert slots == 2, (
             f"the Ray cluster offers {slots} vLLM CPU worker slots, not 2:\n"

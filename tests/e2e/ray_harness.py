@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from app.engines.vllm_ray import RayDevices
-from app.infra import free_port
-from tests.e2e.graph_harness import stop_process_tree
+from app.launch.ports import free_port
+from bench.harness.launch import stop_process_tree
 
 TANDEM = str(Path(sys.executable).with_name("tandem"))
 

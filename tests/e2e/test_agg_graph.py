@@ -18,14 +18,15 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from app.infra import free_port
-from app.protocol import LoadReport
+from app.launch.ports import free_port
+from app.protocol import LoadReport, names
+from app.router.tunables import ROUTER_POLICY, LivePolicy
 from app.runtime import Runtime
-from app.tunables import ROUTER_POLICY
-from tests.e2e.graph_harness import TANDEM, ServedGraph, stop_process_tree
+from bench.harness.launch import TANDEM, ServedGraph, engine_core_of, stop_process_tree
 from tests.e2e.vllm_reference import vllm_greedy
 
 pytestmark = pytest.mark.e2e
@@ -71,8 +72,8 @@ async def graph(tiny_model, reference_texts, nats_server, etcd_server, tmp_path_
     config = {
         "Common": common,
         "Frontend": {"served-model-name": MODEL},
-        "Processor": {"common-configs": ["model", "block-size", "max-model-len"]},
-        "Router": {"router": "kv", "common-configs": ["model", "block-size"]},
+        "Processor": {"common-configs": ["model", "max-model-len"]},
+        "Router": {"policy": "kv", "common-configs": ["model", "block-size"]},
         "VllmWorker": {
             "engine": "vllm",
             "enforce-eager": True,
@@ -158,7 +159,7 @@ async def test_disconnect_mid_stream_frees_the_request_in_the_engine(graph: Serv
         "ignore_eos": True,
     }
     async with await Runtime.connect(graph.settings) as runtime:
-        reports = await runtime.subscribe("load", LoadReport)
+        reports = await runtime.subscribe(names.LOAD_TOPIC, LoadReport)
         async with httpx.AsyncClient(timeout=60) as http:
             async with http.stream("POST", f"{graph.base_url}/v1/chat/completions", json=body) as response:
                 assert response.status_code == 200
@@ -201,7 +202,7 @@ def test_shared_prefix_lands_on_the_worker_that_caches_it(graph: ServedGraph) ->
 
 async def test_round_robin_set_live_spreads_the_same_requests(graph: ServedGraph) -> None:
     async with await Runtime.connect(graph.settings) as runtime:
-        await runtime.discovery.put_tunable(ROUTER_POLICY, {"policy": "round-robin"})
+        await runtime.discovery.put_tunable(ROUTER_POLICY.key, LivePolicy(policy="round-robin"))
         try:
             await asyncio.sleep(0.5)  # the Router's watch applies it
             prefix = " ".join(f"other-context-{i}" for i in range(120))
@@ -214,7 +215,7 @@ async def test_round_robin_set_live_spreads_the_same_requests(graph: ServedGraph
                     workers.add(response.headers["x-tandem-worker"])
             assert len(workers) == 2
         finally:
-            await runtime.discovery.delete_tunable(ROUTER_POLICY)
+            await runtime.discovery.delete_tunable(ROUTER_POLICY.key)
 
 
 @pytest.mark.parametrize(
@@ -339,3 +340,55 @@ async def test_with_no_worker_serving_a_frontend_answers_503_with_retry_after(gr
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"]
     assert response.json()["error"]["message"]
+
+
+async def test_a_dead_engine_takes_its_worker_out_of_routing_until_supervisord_restarts_it(graph: ServedGraph) -> None:
+    """SIGKILL of one worker's vLLM engine core, with requests arriving all along.
+
+    The worker leaves routing within seconds (a dead engine would answer every request
+    with an error), exits, and supervisord starts a fresh one with a fresh engine. No
+    request sent after the kill fails: the other worker serves them, including any sent
+    to the dead one before it left (re-routed before their first token). Last in the
+    module: the graph is whole again when it ends.
+    """
+    async with await Runtime.connect(graph.settings) as runtime:
+        workers = await runtime.discovery.watch_instances(names.VLLM_WORKER, names.GENERATE)
+        try:
+            victim_id, victim = sorted(workers.items.items())[0]
+            engine_core = engine_core_of(victim.pid)
+            statuses: list[tuple[float, int, str]] = []
+            stop_sending = asyncio.Event()
+
+            async def send_requests() -> None:
+                async with httpx.AsyncClient(base_url=graph.base_url, timeout=60) as http:
+                    i = 0
+                    while not stop_sending.is_set():
+                        sent = time.monotonic()
+                        body = {"model": MODEL, "prompt": f"still serving {i}", "max_tokens": 4}
+                        response = await http.post("/v1/completions", json=body)
+                        statuses.append((sent, response.status_code, response.text[:200]))
+                        i += 1
+
+            senders = [asyncio.create_task(send_requests()) for _ in range(2)]
+            try:
+                await asyncio.sleep(1.0)
+                killed_at = time.monotonic()
+                engine_core.kill()
+                await workers.wait_until(lambda items: victim_id not in items, timeout=5)
+                left_after = time.monotonic() - killed_at
+                # supervisord's restart: a new process, a new engine (tens of seconds here).
+                await workers.wait_until(lambda items: len(items) == 2, timeout=240)
+                serving = dict(workers.items)
+                await asyncio.sleep(1.0)
+            finally:
+                stop_sending.set()
+                await asyncio.gather(*senders)
+        finally:
+            await workers.close()
+    assert left_after < 5
+    # Two workers again, neither of them the old process.
+    assert victim_id not in serving and victim.pid not in {record.pid for record in serving.values()}
+    after_kill = [(status, text) for sent, status, text in statuses if sent >= killed_at]
+    assert after_kill, "no request was sent after the kill"
+    assert all(status == 200 for status, _ in after_kill), [s for s in after_kill if s[0] != 200][:5]
+    assert not psutil.pid_exists(victim.pid) or psutil.Process(victim.pid).status() == psutil.STATUS_ZOMBIE

@@ -29,11 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from app.cli import main as tandem_cli
-from app.components.disagg import PREFILL_ACK_WAIT_S, PREFILL_QUEUE
-from app.infra import free_port
+from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
+from app.launch.ports import free_port
+from app.protocol import PREFILL_ACK_WAIT_S, names
 from app.runtime import Runtime
-from app.tunables import DISAGG_MAX_LOCAL_PREFILL_LENGTH, DISAGG_MAX_PREFILL_QUEUE_SIZE
-from tests.e2e.graph_harness import ServedGraph
+from bench.harness.launch import ServedGraph, engine_core_of
 from tests.e2e.vllm_reference import vllm_greedy
 
 pytestmark = pytest.mark.e2e
@@ -48,8 +48,9 @@ REMOTE_PREFILL_TIMEOUT_S = 2 * PREFILL_ACK_WAIT_S
 SHIPPED = yaml.safe_load(CONFIG.read_text())
 BLOCK_SIZE = SHIPPED["Common"]["block-size"]
 MAX_LOCAL_PREFILL = SHIPPED["VllmWorker"]["max-local-prefill-length"]
+# The reference runs the engine as the shipped config does (its dtype included).
 ENGINE_ARGS = {"block_size": BLOCK_SIZE, "max_model_len": SHIPPED["Common"]["max-model-len"], "enforce_eager": True,
-               "dtype": "float32"}
+               "dtype": SHIPPED["Common"]["dtype"]}
 
 
 def _long(topic: str) -> str:
@@ -96,10 +97,7 @@ async def graph(tiny_model, reference, nats_server, etcd_server, tmp_path_factor
     config = yaml.safe_load(CONFIG.read_text())
     config["Common"]["model"] = str(tiny_model)
     metrics_port = free_port()
-    config["VllmWorker"].update({
-        "dtype": "float32", "metrics-port": metrics_port, "remote-prefill-timeout-s": REMOTE_PREFILL_TIMEOUT_S,
-    })
-    config["PrefillWorker"]["dtype"] = "float32"
+    config["VllmWorker"].update({"metrics-port": metrics_port, "remote-prefill-timeout-s": REMOTE_PREFILL_TIMEOUT_S})
     config["PrefillWorker"]["ServiceArgs"]["workers"] = PREFILL_WORKERS
     workdir = tmp_path_factory.mktemp("disagg")
     served = DisaggGraph("graphs.disagg_router:Frontend", config, workdir, nats_server.url, etcd_server.url)
@@ -248,25 +246,25 @@ async def test_disagg_set_flips_the_decision_live(graph: DisaggGraph, reference,
     assert await asyncio.to_thread(tandem_cli, ["disagg", "set", "--max-local-prefill-length", "100000"]) == 0
     async with await Runtime.connect(graph.settings) as runtime:
         try:
-            assert await runtime.discovery.get_tunable(DISAGG_MAX_LOCAL_PREFILL_LENGTH) == 100000
+            assert await runtime.discovery.get_tunable(MAX_LOCAL_PREFILL_LENGTH.key) == 100000
             await asyncio.sleep(0.5)  # the worker's tunables watch applies it
             request_id, response = await _complete(graph, FLIP_PROMPT)
             assert _text(response) == reference[FLIP_PROMPT]
             assert graph.prefill_decision(request_id) == "local"
 
-            await runtime.discovery.put_tunable(DISAGG_MAX_LOCAL_PREFILL_LENGTH, MAX_LOCAL_PREFILL)
-            await runtime.discovery.put_tunable(DISAGG_MAX_PREFILL_QUEUE_SIZE, 0)  # "queue full": local
+            await runtime.discovery.put_tunable(MAX_LOCAL_PREFILL_LENGTH.key, MAX_LOCAL_PREFILL)
+            await runtime.discovery.put_tunable(MAX_PREFILL_QUEUE_SIZE.key, 0)  # "queue full": local
             await asyncio.sleep(0.5)
             request_id, _ = await _complete(graph, FLIP_PROMPT)
             assert graph.prefill_decision(request_id) == "local"
 
-            await runtime.discovery.delete_tunable(DISAGG_MAX_PREFILL_QUEUE_SIZE)  # back to the config's
+            await runtime.discovery.delete_tunable(MAX_PREFILL_QUEUE_SIZE.key)  # back to the config's
             await asyncio.sleep(0.5)
             request_id, response = await _complete(graph, FLIP_PROMPT)
             assert _text(response) == reference[FLIP_PROMPT]
             assert graph.prefill_decision(request_id) == "remote"
         finally:
-            for key in (DISAGG_MAX_LOCAL_PREFILL_LENGTH, DISAGG_MAX_PREFILL_QUEUE_SIZE):
+            for key in (MAX_LOCAL_PREFILL_LENGTH.key, MAX_PREFILL_QUEUE_SIZE.key):
                 await runtime.discovery.delete_tunable(key)
 
 
@@ -281,7 +279,7 @@ def _process_group(graph: ServedGraph, pid: int) -> int:
 
 async def _wait_queued(graph: ServedGraph, jobs: int) -> None:
     async with await Runtime.connect(graph.settings) as runtime:
-        queue = await runtime.work_queue(PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
+        queue = await runtime.work_queue(names.PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
         async with asyncio.timeout(30):
             while await queue.depth() < jobs:
                 await asyncio.sleep(0.1)
@@ -336,3 +334,34 @@ async def test_sigkill_of_a_prefill_worker_with_jobs_queued_loses_no_request(gra
         assert graph.prefill_decision(request_id) == "remote"
         # supervisord restarts the victim under a new instance id; it may take a job late.
         assert response.headers["x-tandem-prefill-worker"] != victim
+
+
+async def test_with_its_only_decode_engine_dead_the_frontend_is_unhealthy_until_the_restart(graph: DisaggGraph, reference) -> None:
+    """SIGKILL of the decode worker's engine core: the worker leaves routing and exits, so the
+    Frontend's /health turns 503 (no routable worker) and requests get 503, never a 500,
+    until supervisord's fresh worker serves again. Last in the module."""
+    async with await Runtime.connect(graph.settings) as runtime:
+        workers = await runtime.discovery.watch_instances(names.VLLM_WORKER, names.GENERATE)
+        try:
+            ((victim_id, victim),) = workers.items.items()
+            engine_core_of(victim.pid).kill()
+            await workers.wait_until(lambda items: victim_id not in items, timeout=5)
+            async with httpx.AsyncClient(base_url=graph.base_url, timeout=60) as http:
+                async with asyncio.timeout(5):
+                    while (await http.get("/health")).status_code != 503:
+                        await asyncio.sleep(0.1)
+                body = {"model": MODEL, "prompt": SHORT_PROMPTS[0], "max_tokens": 2}
+                while not workers.items:
+                    response = await http.post("/v1/completions", json=body)
+                    assert response.status_code in (200, 503), response.text
+                    if response.status_code == 503:
+                        assert response.headers["retry-after"]
+                    await asyncio.sleep(0.5)
+                await workers.wait_until(bool, timeout=240)
+                async with asyncio.timeout(30):
+                    while (await http.get("/health")).status_code != 200:
+                        await asyncio.sleep(0.2)
+        finally:
+            await workers.close()
+    _, response = await _complete(graph, SHORT_PROMPTS[0])
+    assert _text(response) == reference[SHORT_PROMPTS[0]]

@@ -20,9 +20,9 @@ import httpx
 import psutil
 import pytest
 
-from app.components.disagg import PREFILL_ACK_WAIT_S
+from app.protocol import PREFILL_ACK_WAIT_S
 from app.runtime import Runtime
-from tests.e2e.graph_harness import ServedGraph
+from bench.harness.launch import ServedGraph
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +44,7 @@ def disagg_config(tiny_model: Path) -> dict[str, Any]:
         "Common": {"model": str(tiny_model), "served-model-name": MODEL},
         "Frontend": {"served-model-name": MODEL},
         "Processor": {"common-configs": ["model"]},
-        "Router": {"router": "kv", "block-size": 16, "common-configs": ["model"]},
+        "Router": {"policy": "kv", "block-size": 16, "common-configs": ["model"]},
         "VllmWorker": {
             **MOCKER,
             "remote-prefill": True,

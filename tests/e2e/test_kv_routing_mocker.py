@@ -22,9 +22,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.infra import EtcdServer, NatsServer, free_port
-from bench.loadgen import WORDS
-from bench.routing_scenarios import ServedGraph
+from app.infra import EtcdServer, NatsServer
+from app.launch.ports import free_port
+from bench.harness.launch import ServedGraph
+from bench.harness.load import WORDS
 
 pytestmark = pytest.mark.e2e
 
@@ -44,9 +45,9 @@ Common:
 Frontend:
   served-model-name: {name}
 Processor:
-  common-configs: [model, block-size, max-model-len]
+  common-configs: [model, max-model-len]
 Router:
-  router: kv
+  policy: kv
   metrics-port: {metrics_port}
   ServiceArgs:
     workers: {routers}
@@ -92,15 +93,16 @@ async def served_graph(policy: str, tiny_model: Path, tmp_path: Path, nats: Nats
     config.write_text(
         CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS, routers=ROUTERS, metrics_port=metrics_port)
     )
-    overrides = [f"--Router.router={policy}", f"--Frontend.embed-router={str(embed_router).lower()}"]
-    graph = ServedGraph(config, overrides, nats.url, etcd.url, tmp_path / "serve.log", lease_ttl_s=LEASE_TTL_S)
+    overrides = [f"--Router.policy={policy}", f"--Frontend.embed-router={str(embed_router).lower()}"]
+    graph = ServedGraph("graphs.agg_router:Frontend", config, tmp_path, nats.url, etcd.url, overrides=overrides,
+                        lease_ttl_s=LEASE_TTL_S)
     async with graph:
-        await graph.wait_ready(WORKERS, 0 if embed_router else ROUTERS, timeout=90)
+        await graph.wait_ready(WORKERS, routers=0 if embed_router else ROUTERS, processors=1, timeout=90)
         yield graph
 
 
 def openai_client(graph: ServedGraph) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{graph.url}/v1", api_key="unused", timeout=30, max_retries=0)
+    return openai.AsyncOpenAI(base_url=f"{graph.base_url}/v1", api_key="unused", timeout=30, max_retries=0)
 
 
 @pytest.fixture(scope="class")
@@ -172,7 +174,7 @@ class TestKvRouting:
         # there too and on the Frontend's own /metrics.
         urls = [f"http://127.0.0.1:{router_metrics_port + replica}/metrics" for replica in range(ROUTERS)]
         if embed_router:
-            urls = [urls[0], f"{kv_graph.url}/metrics"]
+            urls = [urls[0], f"{kv_graph.base_url}/metrics"]
         decisions, hit_rates = [], []
         async with httpx.AsyncClient(timeout=10) as http:
             for url in urls:

@@ -21,8 +21,8 @@ from transformers import AutoTokenizer
 
 from app.engines.vllm_cpu_ray import CPU_DEVICE_RESOURCE
 from app.engines.vllm_ray import RayDevices
-from app.infra import free_port
-from tests.e2e.graph_harness import ServedGraph
+from app.launch.ports import free_port
+from bench.harness.launch import ServedGraph
 from tests.e2e.ray_harness import LOOPBACK_ENV, LOOPBACK_IP, LoopbackRayNode, wait_for_cluster, wait_in_process
 from tests.e2e.vllm_reference import vllm_greedy
 
@@ -95,8 +95,8 @@ async def graph(ray_head, tiny_model, nats_server, etcd_server, tmp_path_factory
     config = {
         "Common": common,
         "Frontend": {"served-model-name": MODEL},
-        "Processor": {"common-configs": ["model", "block-size", "max-model-len"]},
-        "Router": {"router": "kv", "common-configs": ["model", "block-size"]},
+        "Processor": {"common-configs": ["model", "max-model-len"]},
+        "Router": {"policy": "kv", "common-configs": ["model", "block-size"]},
         "VllmWorker": {
             "engine": "vllm",
             "enforce-eager": True,

@@ -212,8 +212,8 @@ def _config(model: Path, ray_address: str) -> dict:
     return {
         "Common": common,
         "Frontend": {"served-model-name": MODEL, "port": FRONTEND_PORT},
-        "Processor": {"common-configs": ["model", "block-size", "max-model-len"]},
-        "Router": {"router": "kv", "common-configs": ["model", "block-size"]},
+        "Processor": {"common-configs": ["model", "max-model-len"]},
+        "Router": {"policy": "kv", "common-configs": ["model", "block-size"]},
         "VllmWorker": {
             "engine": "vllm",
             "enforce-eager": True,

@@ -20,9 +20,9 @@ _SCRIPT = textwrap.dedent(
     from vllm.inputs import TokensPrompt
 
     if __name__ == "__main__":
-        model, engine_args, prompts, max_tokens, out = json.loads(sys.argv[1])
+        model, engine_args, prompts, max_tokens, ignore_eos, out = json.loads(sys.argv[1])
         llm = LLM(model=model, **engine_args)
-        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
         with open(out, "w") as f:
             json.dump([list(o.outputs[0].token_ids) for o in outputs], f)
@@ -31,12 +31,18 @@ _SCRIPT = textwrap.dedent(
 
 
 def vllm_greedy(
-    model: Path, engine_args: dict[str, Any], prompt_ids: list[list[int]], max_tokens: int, workdir: Path
+    model: Path,
+    engine_args: dict[str, Any],
+    prompt_ids: list[list[int]],
+    max_tokens: int,
+    workdir: Path,
+    ignore_eos: bool = True,
 ) -> list[list[int]]:
-    """Token ids vLLM generates greedily (EOS ignored) for each prompt."""
+    """Token ids vLLM generates greedily for each prompt (past EOS unless `ignore_eos` is
+    False: then as a request without `ignore_eos`, which stops there)."""
     script, out = workdir / "reference.py", workdir / "outputs.json"
     script.write_text(_SCRIPT)
-    argument = json.dumps([str(model), engine_args, prompt_ids, max_tokens, str(out)])
+    argument = json.dumps([str(model), engine_args, prompt_ids, max_tokens, ignore_eos, str(out)])
     result = subprocess.run(
         [sys.executable, str(script), argument], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300
     )

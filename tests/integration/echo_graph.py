@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 from pydantic import BaseModel, ConfigDict
 
+from app import env
 from app.sdk import depends, endpoint, on_shutdown, on_start, service
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class Echo:
     @endpoint
     async def echo(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         for word in request["text"].split():
-            yield {"word": self.config.prefix + word, "replica": self.ctx.replica}
+            yield {"word": self.config.prefix + word, "replica": self.ctx.replica,
+                   "devices": env.CUDA_VISIBLE_DEVICES.get()}
 
     @endpoint(request=CountRequest)
     async def count(self, request: CountRequest, ctx: Any) -> AsyncIterator[int]:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app.infra import EtcdServer, NatsServer, add_cli, free_port, infra_down, infra_status, infra_up, pid_alive
+from app.infra import EtcdServer, NatsServer, add_cli, infra_down, infra_status, infra_up
+from app.launch.ports import free_port
+from app.launch.processes import pid_alive
 
 
 def _http_ok(url: str) -> bool:
@@ -76,28 +78,3 @@ def test_infra_cli_parses_and_dispatches(tmp_path: Path, monkeypatch: pytest.Mon
         assert down.func(down) == 0
     status = parser.parse_args(["infra", "status"])
     assert status.func(status) == 1
-
-
-def test_free_port_is_below_the_ephemeral_range_and_skips_ports_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outgoing connections take source ports from the ephemeral range; a port handed out to
-    be bound later must not be one of them (a NIXL side channel once lost its port that way)."""
-    import socket
-
-    from app import infra
-
-    ephemeral = infra._ephemeral_port_range()
-    ports = {free_port() for _ in range(20)}
-    assert all(20000 <= port < ephemeral.start for port in ports)
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        taken = held.getsockname()[1]
-        held.listen()
-        # Only two candidates, one of them in use: the other one is the answer every time.
-        monkeypatch.setattr(infra, "_HANDED_OUT_PORTS_FROM", taken - 1)
-        monkeypatch.setattr(infra, "_ephemeral_port_range", lambda: range(taken + 1, 61000))
-        with socket.socket() as blocker:
-            blocker.bind(("127.0.0.1", taken - 1))
-            blocker.listen()
-            # both candidates busy: the OS picks
-            assert free_port() not in (taken - 1, taken)
-        assert {free_port() for _ in range(5)} == {taken - 1}

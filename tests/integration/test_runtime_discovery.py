@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.runtime import InstanceGoneError, ModelRecord, RequestContext, Runtime
+from app.protocol import ModelRecord
+from app.runtime import InstanceGoneError, RequestContext, Runtime
 from app.settings import RuntimeSettings
 from tests.integration.child_process import Child
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-from app.infra import EtcdServer, NatsServer, free_port
-from app.runtime import ConnectError, RequestContext, Runtime, RuntimePlaneError
+from app.infra import EtcdServer, NatsServer
+from app.launch.ports import free_port
+from app.errors import UnavailableError, WorkerUnavailableError
+from app.runtime import ConnectError, RequestContext, Runtime
 from app.settings import RuntimeSettings
 
 MakeRuntime = Callable[..., Awaitable[Runtime]]
@@ -26,7 +28,7 @@ async def _call_until_ok(runtime: Runtime, service: str, payload: Any, timeout: 
     while True:
         try:
             return await runtime.client(service, "echo").call(payload, timeout=2)
-        except RuntimePlaneError:
+        except (UnavailableError, WorkerUnavailableError):  # the runtime's own failures
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)

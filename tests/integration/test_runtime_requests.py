@@ -15,12 +15,11 @@ from app.runtime import (
     CallTimeoutError,
     InstanceGoneError,
     NoInstancesError,
-    RemoteError,
     RequestContext,
     Runtime,
-    ServiceError,
 )
 from app.runtime import wire
+from app.errors import InternalError, InvalidRequestError
 
 MakeRuntime = Callable[..., Awaitable[Runtime]]
 
@@ -34,8 +33,8 @@ class Item(msgspec.Struct):
     text: str
 
 
-class BadPrompt(ServiceError):
-    status = 400
+class BadPrompt(InvalidRequestError):
+    """A handler's own error class: the caller gets the class of its code."""
 
 
 async def count_to(request: Count, ctx: RequestContext) -> AsyncIterator[Item]:
@@ -65,7 +64,7 @@ async def test_builtins_round_trip_without_types(make_runtime: MakeRuntime) -> N
     assert reply == {"got": {"a": [1, 2]}, "request_id": "req-7"}
 
 
-async def test_callee_errors_arrive_with_type_message_and_status(make_runtime: MakeRuntime) -> None:
+async def test_callee_errors_arrive_as_their_code_with_their_message(make_runtime: MakeRuntime) -> None:
     rt = await make_runtime()
 
     async def failing(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
@@ -78,22 +77,23 @@ async def test_callee_errors_arrive_with_type_message_and_status(make_runtime: M
     client = rt.client("Failing", "go")
 
     received = []
-    with pytest.raises(RemoteError) as caught:
+    with pytest.raises(InvalidRequestError) as caught:
         async for item in client.stream("bad"):
             received.append(item)
     assert received == [1]
-    assert (caught.value.type_name, caught.value.message, caught.value.status) == ("BadPrompt", "prompt too long", 400)
+    assert (caught.value.code, caught.value.message, caught.value.status) == ("invalid_request", "prompt too long", 400)
 
-    with pytest.raises(RemoteError) as caught:
+    # A bug in the callee: the caller learns which endpoint failed, nothing of its internals.
+    with pytest.raises(InternalError) as caught:
         await client.call("other")
-    assert (caught.value.type_name, caught.value.status) == ("KeyError", 500)
-    assert "boom" in caught.value.message
+    assert caught.value.status == 500
+    assert "Failing/go" in caught.value.message and "boom" not in caught.value.message
 
 
 async def test_invalid_request_is_a_400(make_runtime: MakeRuntime) -> None:
     rt = await make_runtime()
     await rt.serve_endpoint("Counter", "count", count_to, request_type=Count)
-    with pytest.raises(RemoteError) as caught:
+    with pytest.raises(InvalidRequestError) as caught:
         await rt.client("Counter", "count").call({"n": "not a number"})
     assert caught.value.status == 400
 

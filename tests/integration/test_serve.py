@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app.runtime import NoInstancesError, RemoteError, Runtime
+from app.errors import InvalidRequestError
+from app.runtime import NoInstancesError, Runtime
 from app.sdk import load_config, run_service
 from app.sdk.graph import resolve
 from app.settings import RuntimeSettings
@@ -30,7 +31,10 @@ Echo:
   prefix: ">"
   ServiceArgs:
     workers: 2
+    resources: {gpu: 1}
 """
+# The node's devices, as far as `tandem serve` knows: each Echo replica gets one of its own.
+NODE_DEVICES = "5,7"
 
 
 class Served:
@@ -63,6 +67,7 @@ def served(tmp_path: Path, runtime_settings: RuntimeSettings) -> Iterator[Served
         "ETCD_ENDPOINTS": runtime_settings.etcd_endpoints,
         "TANDEM_NAMESPACE": runtime_settings.namespace,
         "TANDEM_LEASE_TTL_S": "2",
+        "CUDA_VISIBLE_DEVICES": NODE_DEVICES,
     }
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
@@ -117,6 +122,12 @@ async def test_graph_answers_through_the_runtime_and_a_killed_process_comes_back
         assert time.monotonic() < deadline, "the second Echo process never registered"
         await asyncio.sleep(0.2)
     served.service_pids |= echo_pids | await live_pids(runtime, "Greeter", "greet")
+    echo = runtime.client("Echo", "echo")
+    seen = {}
+    for record in await echo.wait_for_instances(timeout=STARTUP_TIMEOUT_S):
+        (reply,) = [item async for item in echo.stream({"text": "x"}, target=record.instance_id, timeout=10)]
+        seen[reply["replica"]] = reply["devices"]
+    assert seen == {0: "5", 1: "7"}
     victim = min(echo_pids)
     os.kill(victim, signal.SIGKILL)
 
@@ -158,7 +169,7 @@ async def test_run_service_in_process_serves_typed_requests_and_closes_abandoned
         count = runtime.client("Echo", "count")
         await count.wait_for_instances(timeout=20)
         assert [n async for n in count.stream({"upto": 3})] == [0, 1, 2]
-        with pytest.raises(RemoteError):
+        with pytest.raises(InvalidRequestError):
             await count.call({"upto": "three"})  # decoded to CountRequest by the runtime: rejected
         stream = count.stream({"upto": 1_000_000})
         assert await anext(stream) == 0

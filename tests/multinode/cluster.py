@@ -1,66 +1,74 @@
-"""The seed's three-node deployment ("Single node sized models", steps 1 to 6) on a `Fabric`.
+"""The seed's three-node deployment ("Single node sized models", steps 1 to 6) on a `Fabric`,
+run from docs/multinode-quickstart.md's own blocks.
 
-Each node runs the commands docs/multinode-quickstart.md gives an operator, in its own
-network namespace (and, for `tandem serve`, its own PID/IPC namespace and /dev/shm):
+Each node runs its block as an operator types it (tests/docs/shell.py), in its own network
+namespace, with `<node1-ip>` and `<this-node-ip>` replaced by the namespaces' addresses:
 
-- node 1: `tandem infra up` (NATS + etcd bound to and advertising the node's address,
-  taken from TANDEM_ADVERTISE_HOST), then `tandem serve graphs.agg_router:Frontend -f CONFIG`;
-- nodes 2, 3: `NATS_SERVER=... ETCD_ENDPOINTS=... tandem serve
-  components.prefill_worker:PrefillWorker -f CONFIG`.
+- node 1, `quickstart-node1`: exports its address, `tandem infra up` (NATS + etcd bound to
+  and advertising it), exports the two URLs, makes the tiny model, and `tandem serve
+  graphs.agg_router:Frontend -f configs/cpu-tiny-disagg.yaml`;
+- nodes 2 and 3, `quickstart-prefill-node`: the two exports pointing at node 1, their own
+  address, the tiny model, and `tandem serve components.prefill_worker:PrefillWorker`.
 
-Node 1 gets its own address through TANDEM_ADVERTISE_HOST (`tandem infra up` binds it);
-nodes 2 and 3 get exactly the guide's two exports and nothing else: what they advertise
-(instance records, NIXL side channel) must be found from the route to NATS.
+`tandem serve` also runs in a private PID/IPC namespace with its own /dev/shm, as on a
+separate host. The nodes share this machine's filesystem: each gets a working directory
+of its own, where `.venv` and `configs` link to the repository's and `models/` (what its
+`tandem model make-tiny` writes) and `.state` (what its `tandem infra` records) are its
+own, so that no node writes another's files, nor the repository's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from app.protocol import InstanceRecord
 from app.runtime import Runtime
-from app.runtime.discovery import InstanceRecord
 from app.settings import RuntimeSettings
-from tests.netns import Fabric, Node, NodeProcess
+from tests.docs.blocks import REPO, doc_blocks
+from tests.docs.shell import DocShell
+from tests.netns import Fabric, Node
 
 log = logging.getLogger(__name__)
 
-TANDEM = str(Path(sys.executable).with_name("tandem"))
-REPO = Path(__file__).resolve().parents[2]
+NODE1_BLOCK, PREFILL_NODE_BLOCK, CLIENT_BLOCK = doc_blocks(
+    "quickstart-node1", "quickstart-prefill-node", "quickstart-client"
+)
+CONFIG = REPO / "configs" / "cpu-tiny-disagg.yaml"  # the one the blocks serve
 FRONTEND_PORT = 8000  # the config's; every node has its own port space
-
-# What the test's own shell may hold that must not leak into a "host" of the fleet: each
-# node is configured only by what the seed exports.
-_HOST_ONLY = ("NATS_SERVER", "ETCD_", "TANDEM_", "VLLM_NIXL_", "VLLM_HOST_IP", "UCX_")
-
-
-def node_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_HOST_ONLY)}
-    return {**env, **extra}
+# What a node's working directory shares with the repository: the rest is the node's own.
+SHARED_WITH_REPO = (".venv", "configs")
 
 
 class SeedCluster:
     """Head node `fabric.nodes[0]` and prefill nodes `fabric.nodes[1:]`."""
 
-    def __init__(self, fabric: Fabric, config: Path, overrides: Sequence[str], workdir: Path) -> None:
+    def __init__(self, fabric: Fabric, workdir: Path) -> None:
         self.head, *self.prefill_nodes = fabric.nodes
         self.host_ip = fabric.host_ip  # where the test itself reaches the nodes from
-        self.config = config
-        self.overrides = list(overrides)
         self.workdir = workdir
-        self.state_dir = workdir / "head-state"
-        self.urls: dict[str, str] = {}
-        self.logs: dict[str, Path] = {}
-        self._serving: list[tuple[Node, NodeProcess]] = []
+        self.shells = {node.name: self._shell(node) for node in fabric.nodes}
+        self.urls: dict[str, str] = {}  # what `tandem infra up` printed on node 1
         self._infra_started = False
+
+    def node_dir(self, node: Node) -> Path:
+        return self.workdir / node.name
+
+    def model_dir(self, node: Node) -> Path:
+        """Where the node's own `tandem model make-tiny models/tiny-llama` wrote the model."""
+        return self.node_dir(node) / "models" / "tiny-llama"
+
+    def _shell(self, node: Node) -> DocShell:
+        directory = self.node_dir(node)
+        directory.mkdir(parents=True)
+        for name in SHARED_WITH_REPO:
+            (directory / name).symlink_to(REPO / name)
+        placeholders = {"node1-ip": self.head.ip, "this-node-ip": node.ip}
+        return DocShell(self.workdir / f"{node.name}-logs", cwd=directory, placeholders=placeholders, node=node)
 
     @property
     def settings(self) -> RuntimeSettings:
@@ -71,60 +79,37 @@ class SeedCluster:
     def base_url(self) -> str:
         return f"http://{self.head.ip}:{FRONTEND_PORT}"
 
-    # --- step 1: NATS and etcd on the head node --------------------------------------
-
-    def infra_up(self) -> None:
-        """`tandem infra up` on node 1; its printed URLs are what the other nodes export.
-
-        Not in a private PID namespace: the servers detach from the command, and outlive
-        it until `infra_down`, as on a real head node.
-        """
-        self._infra_started = True  # even if `up` fails half-way, `down` stops what it started
-        result = self.head.run([TANDEM, "infra", "up"], env=self._head_infra_env(), timeout=120)
-        assert result.returncode == 0, result.stdout + result.stderr
-        self.urls = dict(line.split("=", 1) for line in result.stdout.split())
-
-    def infra_down(self) -> None:
-        result = self.head.run([TANDEM, "infra", "down"], env=self._head_infra_env(), timeout=120)
-        assert result.returncode == 0, result.stdout + result.stderr
-
-    def _head_infra_env(self) -> dict[str, str]:
-        return node_env(TANDEM_ADVERTISE_HOST=self.head.ip, TANDEM_STATE_DIR=str(self.state_dir))
-
-    # --- steps 4 to 6: `tandem serve` on each node -------------------------------------
-
-    def serve(self, node: Node, address: str) -> NodeProcess:
-        log_path = self.workdir / f"{node.name}.log"
-        self.logs[node.name] = log_path
-        env = node_env(NATS_SERVER=self.urls["NATS_SERVER"], ETCD_ENDPOINTS=self.urls["ETCD_ENDPOINTS"])
-        with open(log_path, "ab") as output:
-            process = node.popen(
-                [TANDEM, "serve", address, "-f", str(self.config), *self.overrides],
-                env=env, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self._serving.append((node, process))
-        return process
-
     async def start(self, timeout: float = 420.0) -> None:
-        """Node 1 first (the others need its NATS and etcd), then the prefill nodes together."""
+        """Node 1's block first (the others need its NATS and etcd), then the prefill nodes'."""
         began = time.monotonic()
-        self.infra_up()
-        self.serve(self.head, "graphs.agg_router:Frontend")
+        head = self.shells[self.head.name]
+        export_address, infra_up, export_nats, export_etcd, make_model, serve = NODE1_BLOCK.expect(
+            "export", "tandem infra up", "export", "export", "tandem model make-tiny", "tandem serve"
+        )
+        head.run(export_address)
+        self._infra_started = True  # even if `up` fails half-way, `infra down` stops what it started
+        # Not in a private PID namespace: the servers detach from the command and outlive it, as on a head node.
+        self.urls = dict(line.split("=", 1) for line in head.run(infra_up, timeout=120).split())
+        for command in (export_nats, export_etcd, make_model):
+            head.run(command)
+        head.start(serve)
         await self.wait_serving("VllmWorker", "generate", self.head, timeout)
         await self.wait_http(f"{self.base_url}/health", timeout)
         log.info("node 1 serving after %.0f s", time.monotonic() - began)
+
+        PREFILL_NODE_BLOCK.expect("export", "export", "export", "tandem model make-tiny", "tandem serve")
         for node in self.prefill_nodes:
-            self.serve(node, "components.prefill_worker:PrefillWorker")
+            for command in PREFILL_NODE_BLOCK.commands:
+                self.shells[node.name].execute(command)
         await asyncio.gather(*(self.wait_serving("PrefillWorker", "status", n, timeout) for n in self.prefill_nodes))
         log.info("prefill nodes serving after %.0f s", time.monotonic() - began)
 
     def stop(self) -> None:
         """Every node's `tandem serve` at once (each drains its own), then node 1's NATS and etcd."""
-        with ThreadPoolExecutor(max(1, len(self._serving))) as pool:
-            list(pool.map(lambda serving: serving[1].stop(timeout=90), self._serving))
-        self._serving.clear()
+        with ThreadPoolExecutor(len(self.shells)) as pool:
+            list(pool.map(DocShell.stop_all, self.shells.values()))
         if self._infra_started:
-            self.infra_down()
+            self.shells[self.head.name].check(".venv/bin/tandem infra down", timeout=120)
 
     # --- waiting, with the logs of whatever died ----------------------------------------
 
@@ -165,12 +150,9 @@ class SeedCluster:
         raise AssertionError(f"{url} not healthy after {timeout}s\n{self.log_tails()}")
 
     def assert_running(self) -> None:
-        for node, process in self._serving:
-            assert process.poll() is None, f"tandem serve on {node.name} exited\n{self.log_tails()}"
+        for shell in self.shells.values():
+            for started in shell.background:
+                assert started.poll() is None, f"{started.command} on {shell.node.name} exited\n{self.log_tails()}"
 
     def log_tails(self, lines: int = 40) -> str:
-        tails = []
-        for name, path in self.logs.items():
-            tail = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-            tails.append(f"--- {name} ({path})\n{tail}")
-        return "\n".join(tails)
+        return "\n".join(shell.background_tails(lines) for shell in self.shells.values())

@@ -1,15 +1,18 @@
-"""The seed's multi-node deployment on three "hosts": network namespaces on one bridge.
+"""The seed's multi-node deployment on three "hosts": network namespaces on one bridge,
+each running docs/multinode-quickstart.md's block for it as written (tests/multinode/cluster.py).
 
 Node 1 runs NATS and etcd (`tandem infra up`, advertising the node's own address) and
 `tandem serve graphs.agg_router:Frontend` (Frontend, Processor, Router, decode VllmWorker);
 nodes 2 and 3 run `tandem serve components.prefill_worker:PrefillWorker` with NATS_SERVER
 and ETCD_ENDPOINTS pointing at node 1, all with the one config file
-configs/cpu-tiny-disagg.yaml (tests/multinode/cluster.py has the commands).
+configs/cpu-tiny-disagg.yaml, unmodified. The quickstart's client request is sent as its
+block shows it, from this machine.
 
 Each `tandem serve` also runs in its own PID and IPC namespace with its own /dev/shm, so
 UCX cannot take its same-host shortcuts: the KV a prefill node computed reaches the
 decode engine on node 1 only through the prefill node's network interface, which the
-tests watch. Greedy outputs must equal vLLM's own (offline `LLM`, one engine, no transfer).
+tests watch. Greedy outputs must equal vLLM's own (offline `LLM`, one engine, no transfer)
+with the config's engine arguments: no dtype, so the tiny model's default on CPU, bfloat16.
 
 Three vLLM engines on two cores: decode on core 0, both prefill engines on core 1.
 """
@@ -26,13 +29,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import yaml
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from app.runtime import Runtime
+from tests.docs.shell import DocShell, http_response, sse_data
 from tests.e2e.vllm_reference import vllm_greedy
-from tests.multinode.cluster import REPO, SeedCluster
+from tests.multinode.cluster import CLIENT_BLOCK, CONFIG, SeedCluster
 from tests.netns import Fabric, Node
 
 pytestmark = [
@@ -42,16 +47,25 @@ pytestmark = [
 
 log = logging.getLogger(__name__)
 
-CONFIG = REPO / "configs" / "cpu-tiny-disagg.yaml"
-MODEL = "tiny-llama"
-BLOCK_SIZE = 32  # the config's
-MAX_LOCAL_PREFILL = 64  # the config's max-local-prefill-length
+SHIPPED = yaml.safe_load(CONFIG.read_text())
+MODEL = SHIPPED["Common"]["served-model-name"]
+BLOCK_SIZE = SHIPPED["Common"]["block-size"]
+MAX_LOCAL_PREFILL = SHIPPED["VllmWorker"]["max-local-prefill-length"]
 MAX_TOKENS = 16
-METRICS_PORT = 9100
-ENGINE_ARGS = {"block_size": BLOCK_SIZE, "max_model_len": 2048, "enforce_eager": True, "dtype": "float32"}
+DECODE_METRICS_PORT = SHIPPED["VllmWorker"]["metrics-port"]
+PREFILL_METRICS_PORT = SHIPPED["PrefillWorker"]["metrics-port"]
+# The config's engine arguments, as its workers pass them to vLLM: no dtype, the model's default.
+ENGINE_ARGS = {
+    "block_size": BLOCK_SIZE,
+    "max_model_len": SHIPPED["Common"]["max-model-len"],
+    "enforce_eager": SHIPPED["VllmWorker"]["enforce-eager"],
+}
+# What vLLM's dtype "auto" makes of the float32 checkpoint on CPU (app/model/tiny.py).
+KV_DTYPE_BYTES = 2  # bfloat16
 
-# The seed's client request (about 200 tokens), and a second one that shares no prefix
-# with it, so that the decode worker's prefix cache cannot serve either from the other.
+# The seed's client request text (about 200 tokens) in two chats that share no prefix with
+# each other nor with the quickstart's client request (the seed's, without a system
+# message), so that the decode worker's prefix cache cannot serve one from another.
 SEED_PROMPT = (
     "In the heart of Eldoria, an ancient land of boundless magic and mysterious creatures, lies the long-forgotten "
     "city of Aeloria. Once a beacon of knowledge and power, Aeloria was buried beneath the shifting sands of time, "
@@ -64,7 +78,7 @@ SEED_PROMPT = (
     "knowledge, a search for lost familt clue is hidden."
 )
 LONG_CHATS = [
-    [{"role": "user", "content": SEED_PROMPT}],
+    [{"role": "system", "content": "You are a guide to Eldoria."}, {"role": "user", "content": SEED_PROMPT}],
     [{"role": "system", "content": "You are the map's last keeper."}, {"role": "user", "content": SEED_PROMPT[::-1]}],
 ]
 SHORT_CHAT = [{"role": "user", "content": "Where is Aeloria?"}]
@@ -101,20 +115,9 @@ def reference(tiny_model: Path, tokenizer, prompt_ids, tmp_path_factory) -> dict
 
 
 @pytest.fixture(scope="module")
-async def cluster(tiny_model: Path, reference, tmp_path_factory) -> AsyncIterator[SeedCluster]:
-    # One config for every node, as the seed has it; the command line only points it at the
-    # test's model, compares in float32 and turns on the workers' /metrics.
-    overrides = [
-        f"--Common.model={tiny_model}",
-        "--VllmWorker.dtype=float32",
-        "--PrefillWorker.dtype=float32",
-        f"--VllmWorker.metrics-port={METRICS_PORT}",
-        f"--PrefillWorker.metrics-port={METRICS_PORT}",
-        # One job at a time per prefill worker: two concurrent long prompts then go to both nodes.
-        "--PrefillWorker.max-concurrent-jobs=1",
-    ]
+async def cluster(reference, tmp_path_factory) -> AsyncIterator[SeedCluster]:
     with Fabric(3) as fabric:
-        seed = SeedCluster(fabric, CONFIG, overrides, tmp_path_factory.mktemp("multinode"))
+        seed = SeedCluster(fabric, tmp_path_factory.mktemp("multinode"))
         try:
             await seed.start()
             yield seed
@@ -131,9 +134,9 @@ def _tx_bytes(node: Node) -> int:
     return int(result.stdout)
 
 
-def _counter(node: Node, name: str, **labels: str) -> float:
+def _counter(node: Node, port: int, name: str, **labels: str) -> float:
     """A counter's value on a worker's /metrics at the node's address (0 before its first event)."""
-    with urllib.request.urlopen(f"http://{node.ip}:{METRICS_PORT}/metrics", timeout=5) as response:
+    with urllib.request.urlopen(f"http://{node.ip}:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -142,9 +145,14 @@ def _counter(node: Node, name: str, **labels: str) -> float:
     return 0.0
 
 
+def _prefill_jobs_done(node: Node) -> float:
+    return _counter(node, PREFILL_METRICS_PORT, "tandem_prefill_jobs", outcome="done")
+
+
 def _kv_bytes_per_token(model: Path) -> int:
     config = json.loads((model / "config.json").read_text())
-    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * 4  # K and V, float32
+    # K and V, of every layer.
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * KV_DTYPE_BYTES
 
 
 async def _instance_hosts(cluster: SeedCluster, service: str, endpoint: str) -> dict[str, str]:
@@ -206,9 +214,9 @@ async def test_long_prompts_are_prefilled_on_nodes_2_and_3_and_their_kv_crosses_
     head, prefill_nodes = cluster.head, cluster.prefill_nodes
     node_of = await _instance_hosts(cluster, "PrefillWorker", "status")  # instance id -> node address
     sent_before = {node.ip: _tx_bytes(node) for node in prefill_nodes}
-    done_before = {node.ip: _counter(node, "tandem_prefill_jobs", outcome="done") for node in prefill_nodes}
-    remote_before = _counter(head, "tandem_worker_prefill_decisions", decision="remote")
-    pulled_before = _counter(head, "tandem_worker_external_kv_prompt_tokens")
+    done_before = {node.ip: _prefill_jobs_done(node) for node in prefill_nodes}
+    remote_before = _counter(head, DECODE_METRICS_PORT, "tandem_worker_prefill_decisions", decision="remote")
+    pulled_before = _counter(head, DECODE_METRICS_PORT, "tandem_worker_external_kv_prompt_tokens")
 
     # Both at once: each prefill worker takes one job at a time, so each node gets one.
     results = await asyncio.gather(*(_stream_chat(cluster, chat) for chat in LONG_CHATS))
@@ -219,14 +227,15 @@ async def test_long_prompts_are_prefilled_on_nodes_2_and_3_and_their_kv_crosses_
         assert prefill_worker in node_of, f"not prefilled by a PrefillWorker: {prefill_worker!r}"
         served_by.setdefault(node_of[prefill_worker], []).append(_key(chat))
     assert sorted(served_by) == sorted(node.ip for node in prefill_nodes), served_by
-    assert _counter(head, "tandem_worker_prefill_decisions", decision="remote") - remote_before == len(LONG_CHATS)
+    remote = _counter(head, DECODE_METRICS_PORT, "tandem_worker_prefill_decisions", decision="remote")
+    assert remote - remote_before == len(LONG_CHATS)
     # The decode engine on node 1 took the prompts' KV from the connector, not from its own prefill.
-    pulled = _counter(head, "tandem_worker_external_kv_prompt_tokens") - pulled_before
+    pulled = _counter(head, DECODE_METRICS_PORT, "tandem_worker_external_kv_prompt_tokens") - pulled_before
     assert pulled >= sum((len(prompt_ids[_key(chat)]) - 1) // BLOCK_SIZE * BLOCK_SIZE for chat in LONG_CHATS)
 
     per_token = _kv_bytes_per_token(tiny_model)
     for node in prefill_nodes:
-        assert _counter(node, "tandem_prefill_jobs", outcome="done") - done_before[node.ip] == 1
+        assert _prefill_jobs_done(node) - done_before[node.ip] == 1
         # The prompt's KV (every full block of it, at least) left the prefill node over its wire.
         kv_bytes = sum(len(prompt_ids[key]) // BLOCK_SIZE * BLOCK_SIZE * per_token for key in served_by[node.ip])
         sent = _tx_bytes(node) - sent_before[node.ip]
@@ -236,12 +245,36 @@ async def test_long_prompts_are_prefilled_on_nodes_2_and_3_and_their_kv_crosses_
 
 async def test_short_prompt_stays_on_node_1(cluster: SeedCluster, reference) -> None:
     head, prefill_nodes = cluster.head, cluster.prefill_nodes
-    done_before = [_counter(node, "tandem_prefill_jobs", outcome="done") for node in prefill_nodes]
-    local_before = _counter(head, "tandem_worker_prefill_decisions", decision="local")
+    done_before = [_prefill_jobs_done(node) for node in prefill_nodes]
+    local_before = _counter(head, DECODE_METRICS_PORT, "tandem_worker_prefill_decisions", decision="local")
 
     text, prefill_worker = await _stream_chat(cluster, SHORT_CHAT)
 
     assert text == reference[_key(SHORT_CHAT)]
     assert prefill_worker is None
-    assert _counter(head, "tandem_worker_prefill_decisions", decision="local") - local_before == 1
-    assert [_counter(node, "tandem_prefill_jobs", outcome="done") for node in prefill_nodes] == done_before
+    assert _counter(head, DECODE_METRICS_PORT, "tandem_worker_prefill_decisions", decision="local") - local_before == 1
+    assert [_prefill_jobs_done(node) for node in prefill_nodes] == done_before
+
+
+def test_every_node_made_the_same_model(cluster: SeedCluster, tiny_model: Path) -> None:
+    """Each node's `tandem model make-tiny` (default seed) wrote the files the reference ran on."""
+    expected = {path.name: path.read_bytes() for path in tiny_model.iterdir()}
+    for node in [cluster.head, *cluster.prefill_nodes]:
+        made = cluster.model_dir(node)
+        assert {path.name: path.read_bytes() for path in made.iterdir()} == expected, node.name
+
+
+async def test_the_quickstarts_client_request_is_prefilled_on_a_prefill_node(cluster: SeedCluster, tmp_path) -> None:
+    """The client block, as written, from this machine (which reaches node 1 through the bridge)."""
+    (curl,) = CLIENT_BLOCK.expect("curl")
+    prefill_workers = await _instance_hosts(cluster, "PrefillWorker", "status")
+    client = DocShell(tmp_path, placeholders={"node1-ip": cluster.head.ip})
+    response = http_response(await asyncio.to_thread(client.run, curl))
+    assert response.status == 200, response.body[:2000]
+    assert response.headers.get("x-tandem-prefill-worker") in prefill_workers, response.headers
+    events = list(sse_data(response.body))
+    assert events[-1] == "[DONE]"
+    assert "".join(
+        chunk["choices"][0]["delta"].get("content") or ""
+        for chunk in map(json.loads, events[:-1]) if chunk["choices"]
+    ).strip()

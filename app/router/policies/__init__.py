@@ -6,10 +6,11 @@ Adding a policy: one new module with a `RoutingPolicy` subclass, one line here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from app.router.policies.base import (
-    NoWorkersError,
     PolicyConfigError,
     RoutingContext,
     RoutingPolicy,
@@ -29,18 +30,30 @@ POLICIES: dict[str, type[RoutingPolicy]] = {
 }
 
 
-def create_policy(name: str, knobs: Mapping[str, Any] | None = None) -> RoutingPolicy:
+def _policy_class(name: str) -> type[RoutingPolicy]:
     try:
-        policy_class = POLICIES[name]
+        return POLICIES[name]
     except KeyError:
         raise PolicyConfigError(f"unknown router policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
-    return policy_class.from_knobs(knobs)
+
+
+def create_policy(name: str, knobs: Mapping[str, Any] | None = None) -> RoutingPolicy:
+    return _policy_class(name).from_knobs(knobs)
+
+
+def _registered(name: str) -> str:
+    _policy_class(name)  # PolicyConfigError, a ValueError: pydantic reports it under the key
+    return name
+
+
+# A config key that names a policy (the Router section's `policy`): checked when the config loads.
+PolicyName = Annotated[str, AfterValidator(_registered)]
 
 
 __all__ = [
     "POLICIES",
-    "NoWorkersError",
     "PolicyConfigError",
+    "PolicyName",
     "RoutingContext",
     "RoutingPolicy",
     "create_policy",

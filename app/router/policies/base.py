@@ -27,10 +27,6 @@ class PolicyConfigError(ValueError):
     """A policy name or knob in the configuration is wrong."""
 
 
-class NoWorkersError(RuntimeError):
-    """No live worker to route to."""
-
-
 @dataclass(slots=True, frozen=True)
 class RoutingContext:
     request_id: str

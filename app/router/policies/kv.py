@@ -27,7 +27,7 @@ Knobs:
 Example (graph config):
 
     Router:
-      router: kv
+      policy: kv
       knobs:
         overlap-weight: 2.0
         active-request-cost: 2.0

@@ -16,7 +16,7 @@ Knobs:
 Example (graph config):
 
     Router:
-      router: kv-legacy
+      policy: kv-legacy
       knobs:
         hit-weight: 2.0
 """

@@ -12,7 +12,7 @@ Knobs:
 Example (graph config):
 
     Router:
-      router: least-loaded
+      policy: least-loaded
 """
 
 from __future__ import annotations

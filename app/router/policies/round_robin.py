@@ -9,7 +9,7 @@ Inputs: live worker ids. Knobs: none.
 Example (graph config):
 
     Router:
-      router: round-robin
+      policy: round-robin
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Knobs:
 Example (graph config):
 
     Router:
-      router: random
+      policy: random
       knobs:
         seed: 7
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.infra import free_port
+from app.launch.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ENTRYPOINT = REPO_ROOT / "entrypoints" / "entrypoint.sh"
@@ -128,7 +128,7 @@ def test_frontend_services_stop_front_to_back() -> None:
 
 def test_etcd_gets_no_etcd_variables_and_listens_on_the_node_and_loopback() -> None:
     command = _programs(ROLE="head", ETCD_ENDPOINTS="http://10.0.0.1:2379", ETCD_PORT="2479", **HEAD)["etcd"]["command"]
-    assert command.startswith("env -u ETCD_ENDPOINTS -u ETCD_PORT etcd ")
+    assert re.match(r"env -u ETCD_ENDPOINTS -u ETCD_PORT \S*etcd --name tandem ", command), command
     assert "--advertise-client-urls http://10.0.0.1:2479" in command
     assert "--listen-client-urls http://10.0.0.1:2479,http://127.0.0.1:2479" in command
 

@@ -1,4 +1,4 @@
-"""The load generator against a small in-test server that speaks OpenAI's streaming format."""
+"""The load driver against a small in-test server that speaks OpenAI's streaming format."""
 
 from __future__ import annotations
 
@@ -15,16 +15,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bench.loadgen import (
-    WORKER_HEADER,
-    LoadConfig,
-    RequestResult,
-    _nodelay_socket,
-    build_prompts,
-    percentile,
-    run_load,
-    summarize,
-)
+from bench.harness.load import WORKER_HEADER, Connection, RequestResult, prompts
+from bench.harness.stats import median, percentile
+from bench.loadgen import LoadConfig, run_load, summarize
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FIRST_TOKEN_DELAY_S = 0.03
@@ -35,7 +28,8 @@ TOKEN_GAP_S = 0.01
 class FakeOpenAI:
     """Streams `max_tokens` one-word chunks. The i-th request (1-based) fails with 503
     when i is a multiple of 4 and otherwise names worker `w{i % 2}` in its header.
-    Model "slow" never answers; model "broken" sends an error event mid-stream."""
+    Model "slow" never answers; model "broken" sends an error event mid-stream; model
+    "truncated" ends its stream without [DONE], "unmetered" without the usage chunk."""
 
     url: str = ""
     bodies: list[dict[str, Any]] = field(default_factory=list)
@@ -92,7 +86,9 @@ class FakeOpenAI:
                 return response
             await send({"choices": [choice(" tok")]})
         await send({"choices": [{**choice(""), "finish_reason": "length"}]})
-        if body.get("stream_options", {}).get("include_usage"):
+        if body["model"] == "truncated":
+            return response
+        if body.get("stream_options", {}).get("include_usage") and body["model"] != "unmetered":
             usage = {"prompt_tokens": 7, "completion_tokens": body["max_tokens"]}
             await send({"choices": [], "usage": usage})
         await send("[DONE]")
@@ -130,6 +126,11 @@ def test_percentile_interpolates_between_ranks() -> None:
         percentile(values, 101)
 
 
+def test_median_leaves_out_runs_without_samples() -> None:
+    assert median([3.0, math.nan, 1.0, 2.0]) == 2.0
+    assert math.isnan(median([math.nan]))
+
+
 def test_summarize_counts_only_successes_in_latency_and_throughput() -> None:
     results = [
         RequestResult(ok=True, e2e_s=1.0, ttft_s=0.1, itl_s=[0.01, 0.03], output_tokens=3, worker="a"),
@@ -154,27 +155,35 @@ def test_summarize_counts_only_successes_in_latency_and_throughput() -> None:
 
 
 def test_prompts_share_the_requested_prefix_per_group() -> None:
-    config = LoadConfig(url="x", model="m", prompt_tokens=100, shared_prefix_ratio=0.4, prefix_groups=2)
-    prompts = [p.split() for p in build_prompts(config, 6)]
-    assert all(len(words) == 100 for words in prompts)
-    assert prompts[0][:40] == prompts[2][:40] == prompts[4][:40]
-    assert prompts[1][:40] == prompts[3][:40] == prompts[5][:40]
-    assert prompts[0][:40] != prompts[1][:40]
-    assert len({" ".join(words[40:]) for words in prompts}) == 6
-    assert build_prompts(config, 6) == build_prompts(config, 6)
-    assert build_prompts(config, 2) != build_prompts(LoadConfig(url="x", model="m", seed=1), 2)
+    words = [p.split() for p in prompts(6, 100, shared_ratio=0.4, groups=2)]
+    assert all(len(w) == 100 for w in words)
+    assert words[0][:40] == words[2][:40] == words[4][:40]
+    assert words[1][:40] == words[3][:40] == words[5][:40]
+    assert words[0][:40] != words[1][:40]
+    assert len({" ".join(w[40:]) for w in words}) == 6
+    assert prompts(6, 100, shared_ratio=0.4, groups=2) == prompts(6, 100, shared_ratio=0.4, groups=2)
+    assert prompts(2, 100) != prompts(2, 100, seed=1)
 
 
-def test_connector_sockets_disable_nagle() -> None:
-    addr_info = socket.getaddrinfo("127.0.0.1", 80, socket.AF_INET, socket.SOCK_STREAM)[0]
-    with _nodelay_socket(addr_info) as sock:
+async def test_connections_disable_nagle(fake_server: FakeOpenAI) -> None:
+    connection = await Connection.open("127.0.0.1", int(fake_server.url.rsplit(":", 1)[1]))
+    try:
+        sock = connection._writer.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        connection.close()
 
 
 async def test_streaming_run_counts_tokens_errors_and_workers(fake_server: FakeOpenAI) -> None:
     config = LoadConfig(
-        url=fake_server.url, model="tiny", concurrency=3, requests=12, prompt_tokens=50,
-        shared_prefix_ratio=0.5, max_tokens=5, ignore_eos=True,
+        url=fake_server.url,
+        model="tiny",
+        concurrency=3,
+        requests=12,
+        prompt_tokens=50,
+        shared_prefix_ratio=0.5,
+        max_tokens=5,
+        ignore_eos=True,
     )
     summary, results = await run_load(config)
 
@@ -188,7 +197,7 @@ async def test_streaming_run_counts_tokens_errors_and_workers(fake_server: FakeO
     assert all(len(r.itl_s) == 4 for r in ok)  # one gap between each pair of 5 content chunks
     assert summary.ttft_p50_s >= FIRST_TOKEN_DELAY_S
     assert TOKEN_GAP_S * 0.9 <= summary.itl_p50_s < FIRST_TOKEN_DELAY_S
-    assert all(r.e2e_s >= r.ttft_s + sum(r.itl_s) - 1e-6 for r in ok)
+    assert all(r.ttft_s is not None and r.e2e_s >= r.ttft_s + sum(r.itl_s) - 1e-6 for r in ok)
     assert 2 <= fake_server.max_in_flight <= 3
 
     body = fake_server.bodies[0]
@@ -200,8 +209,13 @@ async def test_streaming_run_counts_tokens_errors_and_workers(fake_server: FakeO
 
 async def test_unary_completions_and_warmup_are_not_measured(fake_server: FakeOpenAI) -> None:
     config = LoadConfig(
-        url=fake_server.url + "/v1", model="tiny", api="completions", stream=False,
-        requests=3, warmup=2, max_tokens=4,
+        url=fake_server.url + "/v1",
+        model="tiny",
+        api="completions",
+        stream=False,
+        requests=3,
+        warmup=2,
+        max_tokens=4,
     )
     summary, _ = await run_load(config)
 
@@ -219,23 +233,40 @@ async def test_failures_are_counted_by_kind_without_stopping(fake_server: FakeOp
     assert broken.errors == {"stream_error": 3}
     assert broken.error_examples["stream_error"] == "engine died"
 
-    slow, _ = await run_load(
-        LoadConfig(url=fake_server.url, model="slow", requests=2, concurrency=2, timeout_s=0.2)
-    )
+    slow, _ = await run_load(LoadConfig(url=fake_server.url, model="slow", requests=2, concurrency=2, timeout_s=0.2))
     assert slow.errors == {"timeout": 2}
 
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         closed_port = unused.getsockname()[1]
     refused, _ = await run_load(LoadConfig(url=f"http://127.0.0.1:{closed_port}", model="m", requests=2))
-    assert refused.failed == 2 and list(refused.errors) == ["ClientConnectorError"]
+    assert refused.failed == 2 and list(refused.errors) == ["ConnectionRefusedError"]
+
+
+async def test_a_stream_without_done_or_usage_is_a_failure(fake_server: FakeOpenAI) -> None:
+    truncated, _ = await run_load(LoadConfig(url=fake_server.url, model="truncated", requests=3, max_tokens=4))
+    assert truncated.errors == {"truncated_stream": 3}
+    unmetered, _ = await run_load(LoadConfig(url=fake_server.url, model="unmetered", requests=3, max_tokens=4))
+    assert unmetered.errors == {"http_503": 1, "missing_usage": 2}  # the fourth request of the server is a 503
 
 
 async def test_command_line_prints_json_summary(fake_server: FakeOpenAI) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.loadgen", "--url", fake_server.url, "--model", "tiny",
-        "--requests", "4", "--max-tokens", "3", "--json",
-        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--url",
+        fake_server.url,
+        "--model",
+        "tiny",
+        "--requests",
+        "4",
+        "--max-tokens",
+        "3",
+        "--json",
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)

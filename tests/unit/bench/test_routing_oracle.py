@@ -1,12 +1,14 @@
 """The oracle behind the routing benchmark's "best possible" hit rate."""
 
-from bench.routing_scenarios import Outcome, best_possible_cached
+from bench.harness.load import RequestResult
+from bench.routing_scenarios import best_possible_cached
 
 BLOCK = 4
 
 
-def sent(at: float, first_token_at: float | None) -> Outcome:
-    return Outcome(ok=first_token_at is not None, sent_at=at, first_token_at=first_token_at)
+def sent(at: float, first_token_at: float | None) -> RequestResult:
+    ttft = None if first_token_at is None else first_token_at - at
+    return RequestResult(ok=first_token_at is not None, e2e_s=1.0, sent_at=at, ttft_s=ttft)
 
 
 def test_a_prefix_hits_only_once_an_earlier_request_finished_prefilling_it() -> None:

@@ -205,7 +205,7 @@ def test_config_keys_are_validated_by_name() -> None:
 
 
 def prefill_job(tokens: list[int]) -> PreprocessedRequest:
-    """What a PrefillWorker sends its engine (app.components.prefill_worker.prefill_request)."""
+    """What a PrefillWorker sends its engine (app.disagg.prefill.prefill_request)."""
     req = request(tokens, max_tokens=1)
     req.kv_transfer_params = {"do_remote_decode": True}
     return req

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from importlib.metadata import entry_points
 
+import app.env
 from app.engines import vllm_cpu_nixl
 
 # Run in a child: the patch changes process-wide modules (vLLM's NIXL loader, NIXL's bindings).
@@ -45,9 +46,10 @@ AGENTS_IDLE_THEN_TRANSFER = textwrap.dedent("""
 
 
 def _idle_cpu_seconds(delay_us: str | None) -> float:
-    env = {key: value for key, value in os.environ.items() if key != vllm_cpu_nixl.DELAY_ENV}
+    delay = app.env.TANDEM_NIXL_PROGRESS_DELAY_US.name
+    env = {key: value for key, value in os.environ.items() if key != delay}
     if delay_us is not None:
-        env[vllm_cpu_nixl.DELAY_ENV] = delay_us
+        env[delay] = delay_us
     done = subprocess.run([sys.executable, "-c", AGENTS_IDLE_THEN_TRANSFER],
                           capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 from app.openai import ModelCard
 from app.openai.schema import OpenAIRequest
-from app.preprocess import Preprocessor, StreamItem, postprocess_stream
-from app.protocol import EngineOutput, PreprocessedRequest, TokenLogprob
+from app.preprocess import Preprocessor, postprocess_stream
+from app.protocol import EngineOutput, PreprocessedRequest, StreamItem, TokenLogprob
 
 REPLY = "Hello there! 日本語 🙂 and the end."
 MODEL = "tiny"

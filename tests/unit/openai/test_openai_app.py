@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 from app.openai import WORKER_HEADER, create_app
-from app.openai.errors import OverloadedError, ServiceUnavailableError
+from app.errors import OverloadedError, UnavailableError
 from app.openai.schema import ChatCompletionRequest, parse_request
 from scripted_backend import MODEL, REPLY
 
@@ -124,7 +124,7 @@ async def test_client_errors(client, backend, route, body, status, param) -> Non
 
 
 async def test_backend_errors_map_to_statuses(client, backend) -> None:
-    backend.fail_with = ServiceUnavailableError("no worker for tiny")
+    backend.fail_with = UnavailableError("no worker for tiny")
     response = await client.post("/v1/chat/completions", json=CHAT)
     assert _assert_error(response, 503)["code"] == "service_unavailable"
     assert response.headers["retry-after"] == "1"
@@ -140,7 +140,7 @@ async def test_backend_errors_map_to_statuses(client, backend) -> None:
 
 
 async def test_error_after_streaming_started_is_an_sse_error_event(client, backend) -> None:
-    backend.fail_after_tokens = ServiceUnavailableError("worker went away")
+    backend.fail_after_tokens = UnavailableError("worker went away")
     response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
     assert response.status_code == 200
     chunks = _events(response)

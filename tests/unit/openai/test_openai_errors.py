@@ -1,48 +1,75 @@
 import pytest
 
-from app.openai.errors import (
+from app.errors import (
+    ErrorCode,
     InternalError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoWorkerError,
     OverloadedError,
-    RequestError,
-    ServiceUnavailableError,
-    error_from_remote,
-    to_openai_error,
+    PayloadTooLargeError,
+    TandemError,
+    UnavailableError,
+    WorkerUnavailableError,
+    error_for_code,
 )
-from app.runtime.errors import NoInstancesError, RemoteError, ServiceError
+from app.engines.base import EngineDeadError
+from app.openai.errors import to_client_error
+from app.runtime.errors import CallTimeoutError, ConnectError, InstanceGoneError, NoInstancesError
+from app.runtime.wire import ErrorBody, encoder, error_decoder
 
 
-def _over_the_wire(exc: Exception) -> RemoteError:
-    """What the runtime turns a callee's exception into (app/runtime/requests.py)."""
-    status = exc.status if isinstance(exc, ServiceError) else 500
-    return RemoteError(type(exc).__name__, str(exc), status)
+def _over_the_wire(error: TandemError) -> TandemError:
+    """What the caller of a callee that raised `error` gets (app/runtime/requests.py)."""
+    body = error_decoder.decode(encoder.encode(ErrorBody(error.code, error.message)))
+    return error_for_code(body.code, body.message)
 
 
 @pytest.mark.parametrize(
-    "original",
-    [RequestError("prompt too long", param="messages"), OverloadedError("busy"), ServiceUnavailableError("no workers")],
+    ("error", "status", "error_type", "code"),
+    [
+        (InvalidRequestError("prompt too long"), 400, "invalid_request_error", None),
+        (ModelNotFoundError("no such model"), 404, "invalid_request_error", "model_not_found"),
+        (PayloadTooLargeError("too big"), 413, "invalid_request_error", "payload_too_large"),
+        (OverloadedError("busy"), 429, "rate_limit_error", "rate_limit_exceeded"),
+        (UnavailableError("no workers"), 503, "service_unavailable_error", "service_unavailable"),
+        (NoWorkerError("no worker serves tiny"), 503, "service_unavailable_error", "service_unavailable"),
+        (WorkerUnavailableError("its engine died"), 503, "service_unavailable_error", "service_unavailable"),
+        (InternalError("the engine failed"), 500, "server_error", "internal_error"),
+    ],
 )
-def test_errors_survive_the_nats_hop(original) -> None:
-    rebuilt = to_openai_error(_over_the_wire(original))
-    assert (rebuilt.status, rebuilt.message, rebuilt.error_type) == (original.status, original.message, original.error_type)
-    assert rebuilt.headers() == original.headers()
+def test_each_code_keeps_its_status_and_message_across_the_hop(error, status, error_type, code) -> None:
+    rebuilt = _over_the_wire(error)
+    assert type(rebuilt) is type(error) or isinstance(error, type(rebuilt))  # NoWorkerError arrives as UnavailableError
+    for seen in (to_client_error(error), to_client_error(rebuilt)):
+        assert (seen.status, seen.message, seen.error_type, seen.code) == (status, error.message, error_type, code)
 
 
-def test_no_worker_is_503_with_retry_after_locally_and_remotely() -> None:
-    for exc in (NoInstancesError("no VllmWorker"), _over_the_wire(NoInstancesError("no VllmWorker"))):
-        error = to_openai_error(exc)
+def test_engine_and_runtime_failures_are_unavailable_and_say_when_to_retry() -> None:
+    for exc in (NoInstancesError("no VllmWorker"), InstanceGoneError("left"), ConnectError("no NATS"),
+                CallTimeoutError("slow"), EngineDeadError("engine core died")):
+        error = to_client_error(exc)
         assert error.status == 503 and error.code == "service_unavailable"
         assert error.headers() == {"Retry-After": "1"}
-    assert error_from_remote("InstanceGoneError", "gone", 500).status == 503
+    # A worker that cannot serve is the one kind the request pipeline re-routes.
+    assert isinstance(EngineDeadError("x"), WorkerUnavailableError)
+    assert isinstance(InstanceGoneError("x"), WorkerUnavailableError)
+    assert not isinstance(NoInstancesError("x"), WorkerUnavailableError)
 
 
-def test_body_shape() -> None:
-    assert RequestError("bad", param="n").body() == {
+def test_body_shape_names_the_parameter() -> None:
+    assert to_client_error(InvalidRequestError("bad", param="n")).body() == {
         "error": {"message": "bad", "type": "invalid_request_error", "param": "n", "code": None}
     }
+    assert to_client_error(OverloadedError("busy", retry_after_s=3)).headers() == {"Retry-After": "3"}
 
 
 def test_bugs_are_500s_that_leak_nothing() -> None:
-    for exc in (KeyError("secret internals"), _over_the_wire(KeyError("secret internals"))):
-        error = to_openai_error(exc)
-        assert isinstance(error, InternalError) and error.status == 500
-        assert "secret" not in error.message
+    error = to_client_error(KeyError("secret internals"))
+    assert error.status == 500 and error.is_internal
+    assert "secret" not in error.message
+
+
+def test_an_unknown_code_from_a_newer_peer_is_internal() -> None:
+    assert isinstance(error_for_code("something_new", "?"), InternalError)
+    assert {c.value for c in ErrorCode} >= {"invalid_request", "unavailable", "worker_unavailable", "internal"}

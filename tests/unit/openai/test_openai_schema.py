@@ -1,6 +1,6 @@
 import pytest
 
-from app.openai.errors import RequestError
+from app.errors import InvalidRequestError
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, parse_request
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -35,7 +35,7 @@ COMPLETION = {"model": "m", "prompt": "hi"}
     ],
 )
 def test_chat_errors_name_the_parameter(extra, param) -> None:
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequestError) as error:
         parse_request(ChatCompletionRequest, {**CHAT, **extra})
     assert error.value.status == 400
     assert error.value.param == param
@@ -56,7 +56,7 @@ def test_chat_errors_name_the_parameter(extra, param) -> None:
     ],
 )
 def test_completion_errors_name_the_parameter(extra, param) -> None:
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequestError) as error:
         parse_request(CompletionRequest, {**COMPLETION, **extra})
     assert error.value.param == param
 
@@ -66,7 +66,7 @@ def test_completion_errors_name_the_parameter(extra, param) -> None:
     [b"{", b"[]", b'{"model": "m", "messages": [{"role": "user", "content": "\xff"}]}', b'{"model": "\\ud800"}', b""],
 )
 def test_unparseable_bodies_are_400s(body: bytes) -> None:
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequestError) as error:
         parse_request(ChatCompletionRequest, body)
     assert error.value.status == 400 and error.value.param is None
 

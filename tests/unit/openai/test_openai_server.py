@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from app.infra import free_port
+from app.launch.ports import free_port
 from app.openai import FrontendMetrics, create_app, make_server
 from scripted_backend import MODEL
 

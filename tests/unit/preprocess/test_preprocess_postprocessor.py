@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.openai.errors import InternalError
+from app.errors import InternalError
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, parse_request
 from app.preprocess import Preprocessor, StopStringMatcher, postprocess_stream
 from app.protocol import EngineOutput, TokenLogprob

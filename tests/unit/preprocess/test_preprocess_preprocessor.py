@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from app.openai.errors import RequestError
+from app.errors import InvalidRequestError
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, parse_request
 from app.preprocess import Preprocessor
 
@@ -58,25 +58,25 @@ def test_default_max_tokens_fills_the_context(preprocessor: Preprocessor) -> Non
 def test_completion_default_is_16_and_clipped_only_when_implicit(tiny_model) -> None:
     small = Preprocessor(tiny_model, max_model_len=10)
     assert small.completion(_completion(prompt=[5, 6]), "r").stop.max_tokens == 8
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequestError) as error:
         small.completion(_completion(prompt=[5, 6], max_tokens=9), "r")
     assert error.value.param == "max_tokens" and "10" in error.value.message
 
 
 def test_too_long_prompts_are_rejected_naming_the_limit(tiny_model) -> None:
     small = Preprocessor(tiny_model, max_model_len=10)
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequestError) as error:
         small.chat(_chat(), "r")
     assert error.value.status == 400 and error.value.param == "messages"
     assert "maximum context length is 10 tokens" in error.value.message
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequestError) as error:
         small.chat(_chat(max_completion_tokens=5), "r")
     assert error.value.param == "messages"
 
 
 def test_a_megabyte_prompt_is_rejected_without_tokenizing_it(preprocessor: Preprocessor) -> None:
     started = time.perf_counter()
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequestError) as error:
         preprocessor.completion(_completion(prompt="word " * 200_000), "r")
     assert error.value.param == "prompt"
     assert time.perf_counter() - started < 0.5
@@ -84,7 +84,7 @@ def test_a_megabyte_prompt_is_rejected_without_tokenizing_it(preprocessor: Prepr
 
 def test_completion_token_ids_are_checked_against_the_vocabulary(preprocessor: Preprocessor) -> None:
     assert preprocessor.completion(_completion(prompt=[1, 2, 2999]), "r").token_ids == [1, 2, 2999]
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequestError) as error:
         preprocessor.completion(_completion(prompt=[1, 3000]), "r")
     assert error.value.param == "prompt"
 
@@ -96,6 +96,6 @@ def test_completion_text_prompt_gets_bos(preprocessor: Preprocessor) -> None:
 
 
 def test_min_tokens_above_max_tokens_is_rejected(preprocessor: Preprocessor) -> None:
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequestError) as error:
         preprocessor.chat(_chat(min_tokens=10, max_tokens=5), "r")
     assert error.value.param == "min_tokens"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from app.protocol import LoadReport
-from app.router.load import LoadTracker, PlacementEvent
+from app.protocol import LoadReport, PlacementEvent
+from app.router.load import LoadTracker
 
 
 def test_placements_count_until_finished() -> None:

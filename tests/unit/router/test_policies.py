@@ -102,4 +102,4 @@ def test_every_policy_is_documented_with_a_yaml_example(name: str) -> None:
     import sys
 
     doc = sys.modules[POLICIES[name].__module__].__doc__ or ""
-    assert f"`{name}`" in doc and f"router: {name}" in doc and "Knobs" in doc
+    assert f"`{name}`" in doc and f"policy: {name}" in doc and "Knobs" in doc

@@ -31,11 +31,11 @@ Common:
   block-size: 16
   max-model-len: 4096
 Processor:
-  common-configs: [model, block-size, max-model-len]
+  common-configs: [model, max-model-len]
   max_model_len: 1024
 """))
     processor = config.service_config(spec_of(Processor))
-    assert (processor.model, processor.block_size, processor.max_model_len) == ("m", 16, 1024)
+    assert (processor.model, processor.max_model_len) == ("m", 1024)
 
 
 def test_common_configs_naming_a_key_common_lacks_is_an_error(tmp_path: Path) -> None:
@@ -60,8 +60,8 @@ def test_unknown_key_error_names_service_and_key_as_written(tmp_path: Path) -> N
 
 
 def test_bad_value_error_names_service_and_key(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "Router:\n  router: kvv\n"))
-    with pytest.raises(ConfigError, match="Router: key 'router': Value error, unknown router policy 'kvv'"):
+    config = load_config(write(tmp_path, "Router:\n  policy: kvv\n"))
+    with pytest.raises(ConfigError, match="Router: key 'policy': Value error, unknown router policy 'kvv'"):
         config.service_config(spec_of(Router))
 
 
@@ -132,3 +132,21 @@ def test_the_multinode_405b_config_passes_the_full_check() -> None:
     assert worker.remote_prefill and worker.conditional_disagg
     assert worker.engine_args["kv_transfer_config"] == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     assert config.service_args("PrefillWorker").resources.gpu == 8
+
+
+def test_keys_that_would_do_nothing_are_refused(tmp_path: Path) -> None:
+    # The Processor spreads requests only where no Router runs; `kv` is the Router's policy.
+    config = load_config(write(tmp_path, "Processor: {model: m, spread: kv}\n"))
+    with pytest.raises(ConfigError, match="Processor: key 'spread': Input should be 'round-robin' or 'random'"):
+        config.service_config(spec_of(Processor))
+    random = load_config(write(tmp_path, "Processor: {model: m, spread: random}\n"))
+    assert random.service_config(spec_of(Processor)).spread == "random"
+    config = load_config(write(tmp_path, "Processor: {model: m, router: kv}\n"))
+    with pytest.raises(ConfigError, match="Processor: unknown key 'router'"):
+        config.service_config(spec_of(Processor))
+    config = load_config(write(tmp_path, "VllmWorker: {model: m, router: kv}\n"))
+    with pytest.raises(ConfigError, match="VllmWorker: unknown key 'router'"):
+        config.service_config(spec_of(VllmWorker), check_engine_args=True)
+    config = load_config(write(tmp_path, "VllmWorker:\n  ServiceArgs: {resources: {gpu: 1, memory: 8Gi}}\n"))
+    with pytest.raises(ConfigError, match=r"VllmWorker.ServiceArgs: key 'resources.memory': Extra inputs"):
+        config.service_args("VllmWorker")

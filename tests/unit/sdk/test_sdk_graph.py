@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.sdk.graph import GraphError, graph_services, resolve
+from app.sdk.graph import GraphError, dependency_names, graph_service_names, graph_services, resolve
 
 
 def names(address: str, service_name: str | None = None) -> list[str]:
@@ -50,9 +50,19 @@ def test_full_dotted_module_names_resolve() -> None:
         ("graphs.agg", "expected MODULE:Service"),
         ("graphs.nope:Frontend", "no module named 'app.graphs.nope'"),
         ("graphs.agg:Nope", "has no 'Nope'"),
-        ("components.worker:WorkerConfig", "is not a service"),
+        ("components.worker:VllmWorkerConfig", "is not a service"),
     ],
 )
 def test_bad_addresses_say_what_is_wrong(address: str, message: str) -> None:
     with pytest.raises(GraphError, match=message):
         resolve(address)
+
+
+def test_each_process_knows_which_services_its_graph_deploys() -> None:
+    """What the Processor picks workers by: graphs.agg deploys no Router, agg_router does."""
+    assert graph_service_names("graphs.agg:Frontend") == {"Frontend", "Processor", "VllmWorker"}
+    assert "Router" in graph_service_names("graphs.agg_router:Frontend")
+    # A component alone: it and what its depends() reach.
+    _, processor = resolve("components.processor:Processor")
+    assert dependency_names(processor) == graph_service_names("components.processor:Processor")
+    assert dependency_names(processor) == {"Processor", "Router", "VllmWorker"}

@@ -1,0 +1,108 @@
+"""The decode side of disaggregated prefill: `RemotePrefill` asks the policy whether a
+request's prefill goes remote, queues the job, and waits for the PrefillWorker's answer in
+a one-shot slot (`PendingPrefills`), which the decode worker's `prefill_done` endpoint fills.
+
+A request whose prefill does not go remote, or whose answer does not come in time, is
+prefilled by the decode worker itself: remote prefill only ever saves work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from prometheus_client import CollectorRegistry
+
+from app.disagg.policy import DisaggPolicy
+from app.metrics import CounterView
+from app.protocol import PREFILL_ACK_WAIT_S, PrefillAnswer, PrefillJob, PreprocessedRequest, names
+from app.runtime import EndpointClient, Runtime
+from app.runtime.workqueue import WorkQueue
+
+
+class PendingPrefills:
+    """One-shot slots for answers the decode worker awaits, by job id."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, asyncio.Future[PrefillAnswer]] = {}
+
+    def open(self, job_id: str) -> asyncio.Future[PrefillAnswer]:
+        slot: asyncio.Future[PrefillAnswer] = asyncio.get_running_loop().create_future()
+        self._slots[job_id] = slot
+        return slot
+
+    def close(self, job_id: str) -> None:
+        self._slots.pop(job_id, None)
+
+    def deliver(self, answer: PrefillAnswer) -> bool:
+        """Hand the answer to its waiter; False if nobody waits for it any more (late, or twice)."""
+        slot = self._slots.pop(answer.job_id, None)
+        if slot is None or slot.done():
+            return False
+        slot.set_result(answer)
+        return True
+
+
+class RemotePrefill:
+    def __init__(self, runtime: Runtime, policy: DisaggPolicy, timeout_s: float) -> None:
+        """`timeout_s`: how long a request waits for a PrefillWorker before it prefills locally."""
+        self._runtime = runtime
+        self._policy = policy
+        self._timeout_s = timeout_s
+        self._pending = PendingPrefills()
+        self._queue: WorkQueue | None = None
+        self._prefill_fleet: EndpointClient | None = None
+
+    async def start(self, registry: CollectorRegistry) -> None:
+        """Open the queue, follow the thresholds and the PrefillWorkers; count decisions in `registry`."""
+        self._queue = await self._runtime.work_queue(names.PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
+        await self._policy.start(self._runtime.discovery)
+        # Followed so that a job is queued only while some PrefillWorker can take it:
+        # a decode worker up before its prefill nodes (or after they all died) must not
+        # hold long prompts for `remote-prefill-timeout-s` each.
+        self._prefill_fleet = self._runtime.client(names.PREFILL_WORKER, names.PREFILL_STATUS)
+        await self._prefill_fleet.watch()
+        decisions = self._policy.decisions
+        registry.register(CounterView("tandem_worker_prefill_decisions", "Where prompts were prefilled", "decision", decisions))
+
+    async def close(self) -> None:
+        await self._policy.close()
+
+    async def prefill(self, request: PreprocessedRequest) -> PrefillAnswer | None:
+        """The PrefillWorker's answer, or None where the decode worker prefills the request itself."""
+        assert self._queue is not None and self._prefill_fleet is not None, "used before start()"
+        policy, queue = self._policy, self._queue
+        if not self._prefill_fleet.instance_ids():
+            policy.count("local", request.request_id, "no PrefillWorker registered")
+            return None
+        try:
+            remote = await policy.prefill_remotely(request, queue.depth)
+        except Exception as exc:
+            policy.count("local", request.request_id, f"prefill queue unreadable: {exc}")
+            return None
+        if not remote:
+            policy.count("local", request.request_id, f"{len(request.token_ids)} prompt tokens")
+            return None
+        job_id = uuid.uuid4().hex
+        timeout = self._timeout_s
+        answer = self._pending.open(job_id)
+        try:
+            job = PrefillJob(
+                job_id=job_id, request=request, decode_worker_id=self._runtime.instance_id, deadline=time.time() + timeout
+            )
+            await queue.push(job)
+            result = await asyncio.wait_for(answer, timeout)
+        except Exception as exc:
+            reason = f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            policy.count("fallback", request.request_id, reason)
+            return None
+        finally:
+            # A late answer finds no slot and is discarded.
+            self._pending.close(job_id)
+        policy.count("remote", request.request_id, f"{len(request.token_ids)} prompt tokens on {result.prefill_worker_id}")
+        return result
+
+    def deliver(self, answer: PrefillAnswer) -> bool:
+        """A PrefillWorker's answer; True if a request still waited for it."""
+        return self._pending.deliver(answer)

@@ -1,0 +1,133 @@
+"""The prefill side of disaggregated prefill: `PrefillJobs` pulls the shared work queue.
+
+Each job is a decode worker's request (app/protocol/prefill.py has the whole hand-off).
+The engine prefills it with `max_tokens=1` and `kv_transfer_params={"do_remote_decode":
+true}`, keeps the KV, and returns where to fetch it; the job's answer goes to the decode
+worker's `prefill_done` with those params and this worker's instance id, then the job is
+acked. A failed prefill is nak'ed for redelivery; a job past its deadline is acked and
+skipped (its decode worker already prefilled locally).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from app.aio import cancel_and_wait
+from app.metrics import CounterView
+from app.protocol import PREFILL_ACK_WAIT_S, EngineOutput, PrefillAnswer, PrefillJob, PreprocessedRequest, names
+from app.runtime import Runtime
+from app.runtime.workqueue import Job, WorkQueue
+
+log = logging.getLogger(__name__)
+
+_REDELIVERY_DELAY_S = 0.5
+_ANSWER_TIMEOUT_S = 5.0
+
+Generate = Callable[[PreprocessedRequest], AsyncIterator[EngineOutput]]
+
+
+def prefill_request(request: PreprocessedRequest, attempt: int) -> PreprocessedRequest:
+    """The engine request that computes the prompt's KV and keeps it for a decode engine."""
+    return msgspec.structs.replace(
+        request,
+        # A redelivered job may come back to this engine while vLLM still knows the old id.
+        request_id=f"{request.request_id}-prefill-{attempt}",
+        sampling=msgspec.structs.replace(request.sampling, logprobs=None),
+        stop=msgspec.structs.replace(request.stop, max_tokens=1, min_tokens=0),
+        kv_transfer_params={"do_remote_decode": True},
+    )
+
+
+class PrefillJobs:
+    def __init__(self, runtime: Runtime, generate: Generate, concurrency: int, registry: CollectorRegistry) -> None:
+        """`generate`: the engine's stream (its host's); `concurrency`: jobs in the engine at once.
+        `counts` (done, failed, expired, undelivered) also go to `registry`."""
+        self._runtime = runtime
+        self._generate = generate
+        self._concurrency = concurrency
+        self._pullers: list[asyncio.Task[None]] = []
+        self.counts: Counter[str] = Counter()
+        registry.register(CounterView("tandem_prefill_jobs", "Prefill jobs by outcome", "outcome", self.counts))
+
+    async def start(self) -> None:
+        queue = await self._runtime.work_queue(names.PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
+        self._pullers = [
+            asyncio.create_task(self._pull_jobs(queue), name=f"prefill-puller-{i}") for i in range(self._concurrency)
+        ]
+        log.info("pulling prefill jobs from %s", queue.stream)
+
+    async def close(self) -> None:
+        for puller in self._pullers:
+            await cancel_and_wait(puller)
+
+    async def _pull_jobs(self, queue: WorkQueue) -> None:
+        while True:
+            try:
+                job = await queue.pull(timeout=1.0, job_type=PrefillJob)
+            except Exception:
+                log.exception("pulling from the prefill queue failed")
+                await asyncio.sleep(1.0)
+                continue
+            if job is not None:
+                await self._handle(job)
+
+    async def _handle(self, job: Job) -> None:
+        data: PrefillJob = job.data
+        request_id = data.request.request_id
+        if time.time() > data.deadline:
+            self.counts["expired"] += 1
+            log.info("request %s: prefill job past its deadline, skipped", request_id)
+            await job.ack()
+            return
+        heartbeat = asyncio.create_task(self._keep_in_progress(job))
+        try:
+            params = await self._prefill(prefill_request(data.request, job.redeliveries))
+        except Exception:
+            self.counts["failed"] += 1
+            log.exception("request %s: prefill failed; the job goes back to the queue", request_id)
+            await job.nak(delay=_REDELIVERY_DELAY_S)
+            return
+        finally:
+            await cancel_and_wait(heartbeat)
+        answer = PrefillAnswer(job_id=data.job_id, prefill_worker_id=self._runtime.instance_id, kv_transfer_params=params)
+        # The decode worker waits for this answer until the job's deadline: until then a slow
+        # accept (its process busy) is no reason to give up on it. A decode process that is
+        # gone answers at once (NATS: no responders).
+        answer_within = max(data.deadline - time.time(), _ANSWER_TIMEOUT_S)
+        try:
+            taken = await self._runtime.client(names.VLLM_WORKER, names.PREFILL_DONE).call(
+                answer, target=data.decode_worker_id, timeout=answer_within, accept_timeout=answer_within
+            )
+        except Exception as exc:
+            # The decode worker is gone or unreachable: nobody can use this KV any more.
+            taken = False
+            log.warning("request %s: answering decode worker %s failed: %s", request_id, data.decode_worker_id, exc)
+        self.counts["done" if taken else "undelivered"] += 1
+        log.info("request %s: prefilled %d tokens for %s (%s)", request_id, len(data.request.token_ids),
+                 data.decode_worker_id, "taken" if taken else "discarded")
+        await job.ack()
+
+    async def _prefill(self, request: PreprocessedRequest) -> dict[str, Any]:
+        params = None
+        async with contextlib.aclosing(self._generate(request)) as outputs:
+            async for output in outputs:
+                if output.kv_transfer_params is not None:
+                    params = output.kv_transfer_params
+        if params is None:
+            raise RuntimeError("the engine returned no kv_transfer_params (is a KV connector configured?)")
+        return params
+
+    @staticmethod
+    async def _keep_in_progress(job: Job) -> None:
+        while True:
+            await asyncio.sleep(PREFILL_ACK_WAIT_S / 2)
+            await job.in_progress()

@@ -1,0 +1,172 @@
+"""`EngineHost`: what every worker does around its engine.
+
+The engine's own preparation (`Engine.prepare`), its start, the model record, KV events
+and load reports on the events plane, /metrics, a watchdog that takes a dead engine's
+worker out of routing, and a clean stop. VllmWorker and PrefillWorker both own one; only
+their endpoints differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry
+from pydantic import Field
+
+from app.aio import cancel_and_wait
+from app.engines import Engine, create_engine
+from app.engines.base import EngineProcess
+from app.engines.metrics import EngineStatsView
+from app.metrics import replica_port, serve_metrics
+from app.protocol import KvEventBatch, LoadReport, ModelInfo, ModelRecord, names
+from app.runtime import Runtime
+from app.sdk import EngineConfig, ServiceContext
+
+log = logging.getLogger(__name__)
+
+# How often a worker asks its engine whether it still lives: a dead engine's worker leaves
+# routing within this time (the check reads a flag; vLLM sets it when its core process ends).
+ENGINE_CHECK_INTERVAL_S = 0.5
+
+
+class WorkerConfig(EngineConfig):
+    """Keys every worker takes; any other key of the section is an engine argument."""
+
+    cpu_omp_threads_bind: list[str] = Field(
+        default=[], description="VLLM_CPU_OMP_THREADS_BIND for each replica, by replica index"
+    )
+    load_report_interval_s: float = Field(default=1.0, gt=0, description="how often to publish LoadReport")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="serve Prometheus /metrics here (replica i on metrics-port + i): engine load, prefill decisions",
+    )
+    nixl_side_channel_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="with NixlConnector: VLLM_NIXL_SIDE_CHANNEL_PORT of replica 0 (replica i: +i); 0 picks a free port",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="an engine on Ray (larger than its node): the Ray head as HOST:PORT; default RAY_ADDRESS, else the cluster this node joined",
+    )
+    ray_wait_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="an engine on Ray waits this long for the cluster to offer its devices, then fails saying what is missing",
+    )
+
+
+class EngineHost:
+    """A host that does not `advertise` (a PrefillWorker) registers no model and publishes
+    no KV events or load reports: routers must never pick it for a request."""
+
+    def __init__(
+        self, service: str, endpoint: str, config: WorkerConfig, ctx: ServiceContext, runtime: Runtime,
+        advertise: bool = True,
+    ) -> None:
+        self._service = service
+        self._endpoint = endpoint
+        self._config = config
+        self._runtime = runtime
+        self._advertise = advertise
+        self.engine: Engine = create_engine(config.engine, config.engine_args)
+        self._replica = ctx.replica
+        self._fail = ctx.fail
+        # The service adds its own views (prefill decisions, jobs) before start().
+        self.metrics = CollectorRegistry()
+        self.metrics.register(EngineStatsView(self.engine))
+        self._metrics_server: Any = None
+        self.info: ModelInfo | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._leaving: asyncio.Task[None] | None = None
+        self._model_record: ModelRecord | None = None
+        self._pending_publishes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> ModelInfo:
+        worker_id = self._runtime.instance_id
+        config = self._config
+        await self.engine.prepare(EngineProcess(
+            replica=self._replica,
+            advertised_host=self._runtime.host,
+            cpu_omp_threads_bind=config.cpu_omp_threads_bind,
+            nixl_side_channel_port=config.nixl_side_channel_port,
+            ray_address=config.ray_address,
+            ray_wait_timeout_s=config.ray_wait_timeout_s,
+        ))
+        self.info = await self.engine.start(worker_id, on_kv_events=self._publish_kv if self._advertise else None)
+        log.info("engine %s ready: model %s, block size %d", config.engine, self.info.name, self.info.block_size)
+        self._metrics_server = serve_metrics(self.metrics, replica_port(config.metrics_port, self._replica))
+        self._watchdog = asyncio.create_task(self._watch_engine(), name="engine-watchdog")
+        if not self._advertise:
+            return self.info
+        self._model_record = ModelRecord(
+            name=self.info.name,
+            instance_id=worker_id,
+            service=self._service,
+            endpoint=self._endpoint,
+            metadata=msgspec.to_builtins(self.info),
+        )
+        await self._runtime.discovery.register_model(self._model_record)
+        self._load_task = asyncio.create_task(self._report_load(worker_id))
+        return self.info
+
+    def check_engine(self) -> None:
+        """Leave if the engine died: called every ENGINE_CHECK_INTERVAL_S, and at once by an
+        endpoint whose request failed with EngineDeadError."""
+        reason = self.engine.dead_reason()
+        if reason is not None and self._leaving is None:
+            self._leaving = asyncio.get_running_loop().create_task(self._leave(reason))
+
+    async def _watch_engine(self) -> None:
+        while self._leaving is None:
+            await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
+            self.check_engine()
+
+    async def _leave(self, reason: str) -> None:
+        """A dead engine answers every request with an error: out of routing, then out.
+
+        The model record goes first, so that a Frontend with no other worker of the model
+        answers 503 on /health; the runner then withdraws the instance records and exits
+        non-zero, and supervisord starts a fresh worker with a fresh engine.
+        """
+        log.error("engine %s dead (%s): leaving routing; this process exits and is restarted", self._config.engine, reason)
+        if self._model_record is not None:
+            try:
+                await self._runtime.discovery.deregister_model(self._model_record)
+            except Exception:
+                log.exception("removing the model record failed; it goes with the lease")
+        self._fail(f"engine dead: {reason}")
+
+    def _publish_kv(self, batch: KvEventBatch) -> None:
+        # Called from the engine's relay task; publishing must not block it. NATS keeps
+        # the order of publishes from one connection, and tasks start in FIFO order.
+        task = asyncio.get_running_loop().create_task(self._runtime.publish(names.KV_EVENTS_TOPIC, batch))
+        self._pending_publishes.add(task)
+        task.add_done_callback(self._pending_publishes.discard)
+
+    async def _report_load(self, worker_id: str) -> None:
+        while True:
+            stats = self.engine.stats()
+            report = LoadReport(
+                worker_id=worker_id,
+                running=stats.running,
+                waiting=stats.waiting,
+                kv_used_blocks=stats.kv_used_blocks,
+                kv_total_blocks=stats.kv_total_blocks,
+                timestamp=time.time(),
+            )
+            try:
+                await self._runtime.publish(names.LOAD_TOPIC, report)
+            except Exception:
+                log.exception("publishing the load report failed")
+            await asyncio.sleep(self._config.load_report_interval_s)
+
+    async def stop(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        await cancel_and_wait(self._watchdog)
+        await cancel_and_wait(self._load_task)
+        await self.engine.stop()

@@ -1,0 +1,68 @@
+"""Every wire type and every name on the wire, by plane.
+
+msgspec structs, msgpack on the wire. Versioned by field additions only: a new field
+always has a default, so an older peer that omits it still decodes. Nothing here imports
+the rest of Tandem, so every layer (the runtime included) can import it.
+
+- `names`: services, endpoints, topics, queues, NATS subjects, etcd keys
+- `requests`: what endpoints take and stream
+- `events`: KV events, load reports, placements
+- `prefill`: the disaggregated-prefill hand-off (a queue job and its answer)
+- `discovery`: the records kept in etcd
+"""
+
+from app.protocol.discovery import InstanceRecord, ModelInfo, ModelRecord
+from app.protocol.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EngineBlockHash,
+    KvEvent,
+    KvEventBatch,
+    LoadReport,
+    PlacementEvent,
+    PlacementKind,
+    PlacementMessage,
+)
+from app.protocol.prefill import PREFILL_ACK_WAIT_S, PrefillAnswer, PrefillJob
+from app.protocol.requests import (
+    EngineOutput,
+    PreprocessedRequest,
+    RouteDecision,
+    RouteRequest,
+    SamplingOptions,
+    StopConditions,
+    StreamItem,
+    TokenLogprob,
+    TokenLogprobs,
+    TopLogprob,
+)
+
+__all__ = [
+    "PREFILL_ACK_WAIT_S",
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "EngineBlockHash",
+    "EngineOutput",
+    "InstanceRecord",
+    "KvEvent",
+    "KvEventBatch",
+    "LoadReport",
+    "ModelInfo",
+    "ModelRecord",
+    "PlacementEvent",
+    "PlacementKind",
+    "PlacementMessage",
+    "PrefillAnswer",
+    "PrefillJob",
+    "PreprocessedRequest",
+    "RouteDecision",
+    "RouteRequest",
+    "SamplingOptions",
+    "StopConditions",
+    "StreamItem",
+    "TokenLogprob",
+    "TokenLogprobs",
+    "TopLogprob",
+]

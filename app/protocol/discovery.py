@@ -1,0 +1,45 @@
+"""Discovery plane: the records processes keep in etcd (key layout in app/protocol/names.py).
+
+Instance and model records hang on their process's lease and vanish with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class InstanceRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One served endpoint of one process: `/tandem/<ns>/instances/<service>/<endpoint>/<id>`."""
+
+    namespace: str
+    service: str
+    endpoint: str
+    instance_id: str
+    subject: str
+    host: str
+    pid: int
+    metadata: dict[str, Any] = {}
+
+
+class ModelRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A model some instance serves: `/tandem/<ns>/models/<name>/<instance_id>`.
+
+    `metadata` is the worker's `ModelInfo`, as builtins.
+    """
+
+    name: str
+    instance_id: str
+    service: str
+    endpoint: str
+    metadata: dict[str, Any] = {}
+
+
+class ModelInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """What a worker tells the fleet about the model it serves (the model record's metadata)."""
+
+    name: str
+    max_model_len: int
+    block_size: int
+    model_path: str = ""  # where the tokenizer and chat template are read from

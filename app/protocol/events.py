@@ -1,0 +1,84 @@
+"""Events plane: what workers and router replicas publish (topics in app/protocol/names.py).
+
+Every VllmWorker publishes `KvEventBatch`es (topic `kv`) and `LoadReport`s (topic `load`);
+router replicas (Routers, Frontends that embed the router) and Processors share
+`PlacementEvent`s (topic `placement`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+# --- KV events: VllmWorker -> router replicas ------------------------------------------
+
+EngineBlockHash = int | bytes
+
+
+class BlockStored(msgspec.Struct, tag="stored", omit_defaults=True, kw_only=True):
+    """Blocks the engine cached, as vLLM reports them.
+
+    token_ids covers every block (block_size tokens each). block_hashes are the engine's
+    own hashes, used only to match later removals; the router keys its index by hashes
+    it computes itself from token_ids, chained from the parent block's.
+    """
+
+    token_ids: list[int]
+    block_hashes: list[EngineBlockHash]
+    parent_block_hash: EngineBlockHash | None = None
+
+
+class BlockRemoved(msgspec.Struct, tag="removed", omit_defaults=True, kw_only=True):
+    block_hashes: list[EngineBlockHash]
+
+
+class AllBlocksCleared(msgspec.Struct, tag="cleared"):
+    pass
+
+
+KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KvEventBatch(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One engine's KV events, in sequence order."""
+
+    worker_id: str
+    seq: int
+    block_size: int
+    events: list[KvEvent]
+    timestamp: float = 0.0
+
+
+# --- load: VllmWorker -> router replicas ------------------------------------------------
+
+
+class LoadReport(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Published periodically by every worker."""
+
+    worker_id: str
+    running: int
+    waiting: int
+    kv_used_blocks: int
+    kv_total_blocks: int
+    timestamp: float = 0.0
+
+
+# --- placements: among router replicas and Processors (app/router/load.py) --------------
+
+PlacementKind = Literal["routed", "prefill_done", "finished"]
+
+
+class PlacementEvent(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A router replica's placement news, shared with the other replicas."""
+
+    router_id: str
+    request_id: str
+    worker_id: str
+    kind: PlacementKind
+    prompt_blocks: int = 0
+    overlap_blocks: int = 0
+
+
+# A message is the events of one event-loop turn; a lone event (older publishers) is understood too.
+PlacementMessage = PlacementEvent | list[PlacementEvent]

@@ -1,0 +1,52 @@
+"""The Router section of a graph config, and the router replica it configures.
+
+The Router service runs that replica in each of its processes; a Frontend with
+`embed-router` builds the same one from the same section in its own process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.metrics import replica_port
+from app.router.policies import PolicyName
+from app.router.replica import RouterReplica
+from app.router.runtime_feed import RuntimeFleetFeed
+from app.router.tunables import ROUTER_POLICY
+from app.runtime import EndpointClient, Runtime
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: PolicyName = Field(
+        default=ROUTER_POLICY.default.policy, description="the routing policy (app/router/policies/)"
+    )
+    knobs: dict[str, Any] = Field(default=ROUTER_POLICY.default.knobs, description="the policy's own parameters")
+    model: str = Field(default="", description="take the KV block size from this model's workers; default: any's")
+    block_size: int | None = Field(default=None, ge=1, description="KV block size; default: the model record's")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="serve Prometheus /metrics here (replica i on metrics-port + i): hit rate, decision time",
+    )
+
+
+def router_replica(
+    runtime: Runtime, config: RouterConfig, workers: EndpointClient, replica: int,
+    registry: CollectorRegistry | None = None,
+) -> RouterReplica:
+    """The replica `config` describes, fed through `runtime`. `workers`: the client of the
+    workers' `generate` endpoint; `replica`: this process's index among its service's on
+    the node; `registry`: where its metrics go (the Frontend's, when embedded)."""
+    return RouterReplica(
+        RuntimeFleetFeed(runtime, workers, model=config.model),
+        policy=config.policy,
+        knobs=config.knobs,
+        block_size=config.block_size,
+        replica_id=runtime.instance_id,
+        registry=registry,
+        metrics_port=replica_port(config.metrics_port, replica),
+    )

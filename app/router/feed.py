@@ -1,0 +1,65 @@
+"""The narrow interface between a router replica and the fleet it routes for.
+
+A replica needs six things from the fleet and gives it one: it hears the workers' KV
+events and load reports, the other replicas' placements, which workers are live (and
+when one goes), the live routing policy, and the block size the workers' engines use;
+it publishes its own placements. `FleetFeed` is that interface, so that the replica
+(app/router/replica.py) knows nothing of NATS, etcd or the runtime.
+
+Implementations:
+- `RuntimeFleetFeed` (app/router/runtime_feed.py): topics and discovery watches through
+  the process's `Runtime`; what Router services and `embed-router` Frontends use.
+- the unit tests' in-memory fleet (tests/unit/router/fleet.py).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Protocol
+
+from app.protocol import KvEventBatch, LoadReport, PlacementEvent
+from app.router.tunables import LivePolicy
+
+
+class FleetListener(Protocol):
+    """What a feed tells its replica, each as it happens (on the event loop, never concurrently)."""
+
+    def on_kv_events(self, batch: KvEventBatch) -> None: ...
+
+    def on_load_report(self, report: LoadReport) -> None: ...
+
+    def on_placements(self, events: Sequence[PlacementEvent]) -> None:
+        """Placements of any replica, this one's own echoes included (the replica skips those)."""
+
+    def on_worker_gone(self, worker_id: str) -> None:
+        """A worker left (its lease went): it is no longer among `live_workers()`."""
+
+    def on_policy(self, policy: LivePolicy) -> None:
+        """The live policy changed (validated already), or went back to the configured one."""
+
+
+class FleetFeed(abc.ABC):
+    @abc.abstractmethod
+    async def block_size(self) -> int:
+        """The KV block size of the workers' engines; waits until a worker says."""
+
+    @abc.abstractmethod
+    async def follow(self, listener: FleetListener, configured_policy: LivePolicy) -> None:
+        """From now until `close`, tell `listener` what happens in the fleet.
+
+        `configured_policy` applies while no valid live policy is set; a live one that is
+        set already reaches `listener.on_policy` before this returns.
+        """
+
+    @abc.abstractmethod
+    def live_workers(self) -> Sequence[str]:
+        """The workers a request may go to now."""
+
+    @abc.abstractmethod
+    async def publish_placements(self, events: list[PlacementEvent]) -> None:
+        """Tell every replica (this one too) of these placements, as one message."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop following the fleet; the listener hears nothing more."""

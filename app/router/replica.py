@@ -1,0 +1,121 @@
+"""`RouterReplica`: one router replica, a `RoutingCore` kept current from the fleet.
+
+The Router service runs one per process; a Frontend with `embed-router` runs one in its
+own process and routes without a NATS round trip. Either way every replica builds the
+whole KV index from the workers' events and shares its placements with the others, so
+replicas neither miss cached prefixes nor pile onto one worker. What the replica hears
+and says goes through a `FleetFeed` (app/router/feed.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from app.errors import NoWorkerError
+from app.metrics import serve_metrics
+from app.protocol import KvEventBatch, LoadReport, PlacementEvent, RouteDecision, names
+from app.router.core import RoutingCore
+from app.router.feed import FleetFeed
+from app.router.metrics import RouterMetrics
+from app.router.placements import PlacementPublisher
+from app.router.tunables import LivePolicy
+
+log = logging.getLogger(__name__)
+
+
+class RouterReplica:
+    """Implements `FleetListener` for its feed; `route` and the placement hooks serve requests."""
+
+    def __init__(
+        self,
+        feed: FleetFeed,
+        *,
+        policy: str,
+        knobs: Mapping[str, Any] | None = None,
+        block_size: int | None = None,
+        replica_id: str,
+        registry: CollectorRegistry | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        """`block_size`: None takes the workers' (from the feed). `replica_id`: the source
+        its placement events name (the process's instance id). `registry`: where its metrics
+        go (the Frontend's, when embedded); they are also served on `metrics_port` if set."""
+        self._feed = feed
+        self._configured = LivePolicy(policy=policy, knobs=dict(knobs or {}))
+        self._block_size = block_size
+        self._replica_id = replica_id
+        self._metrics = RouterMetrics(registry)
+        self._metrics_port = metrics_port
+        self._metrics_server: Any = None
+        self._core: RoutingCore | None = None
+
+    @property
+    def core(self) -> RoutingCore:
+        """The index, load view and policy this replica routes with."""
+        assert self._core is not None, "used before start()"
+        return self._core
+
+    async def start(self) -> None:
+        block_size = self._block_size or await self._feed.block_size()
+        self._core = RoutingCore(
+            block_size,
+            policy=self._configured.policy,
+            knobs=self._configured.knobs,
+            router_id=self._replica_id,
+            on_placement=PlacementPublisher(self._feed.publish_placements).publish,
+            observe_decision_seconds=self._metrics.observe_decision,
+        )
+        self._metrics.core = self._core
+        self._metrics_server = serve_metrics(self._metrics.registry, self._metrics_port)
+        await self._feed.follow(self, self._configured)
+        log.info("routing with policy %s, block size %d", self._core.policy.name, block_size)
+
+    async def close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        await self._feed.close()
+
+    # --- requests -------------------------------------------------------------------------
+
+    def live_workers(self) -> Sequence[str]:
+        return self._feed.live_workers()
+
+    def route(self, request_id: str, token_ids: Sequence[int], exclude: Sequence[str] = ()) -> RouteDecision:
+        """The worker for a request, accounted as placed; NoWorkerError if none is live.
+
+        `exclude`: workers that failed this request before its first token.
+        """
+        live = [worker for worker in self._feed.live_workers() if worker not in exclude]
+        if not live:
+            but = " but the ones that failed this request" if exclude else ""
+            raise NoWorkerError(f"no {names.VLLM_WORKER} is serving{but}")
+        return self.core.route(request_id, token_ids, live)
+
+    def on_prefill_done(self, request_id: str) -> None:
+        """The request's first token came back: its prompt is in the worker's KV now."""
+        self.core.on_prefill_done(request_id)
+
+    def on_finished(self, request_id: str) -> None:
+        self.core.on_finished(request_id)
+
+    # --- FleetListener --------------------------------------------------------------------
+
+    def on_kv_events(self, batch: KvEventBatch) -> None:
+        self.core.apply_kv_batch(batch)
+
+    def on_load_report(self, report: LoadReport) -> None:
+        self.core.apply_load_report(report)
+
+    def on_placements(self, events: Sequence[PlacementEvent]) -> None:
+        for event in events:
+            self.core.apply_placement(event)
+
+    def on_worker_gone(self, worker_id: str) -> None:
+        self.core.remove_worker(worker_id)
+
+    def on_policy(self, policy: LivePolicy) -> None:
+        self.core.set_policy(policy.policy, policy.knobs)

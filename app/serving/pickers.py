@@ -1,0 +1,209 @@
+"""How the request pipeline picks a worker: one interface, one implementation per layout.
+
+Chosen once, when the pipeline is built, from the deployment (`create_picker`):
+
+- `ReplicaPicker`: a router replica in this process (the Frontend's `embed-router`);
+- `RouterServicePicker`: the graph's Router service, over NATS;
+- `SpreadPicker`: a graph without a router (graphs.agg, graphs.disagg): round-robin or random.
+
+A picker never falls back to another: a graph whose Router has no live instance answers
+503 naming the Router, rather than spreading requests blind and publishing no placements.
+Each pick returns a `Placement`, on which the pipeline reports the request's first token
+and its end, so that whoever routed it accounts for the load it adds.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+import logging
+import random
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+from app.errors import NoWorkerError
+from app.protocol import PlacementEvent, PreprocessedRequest, RouteDecision, RouteRequest, names
+from app.router.placements import PlacementPublisher
+from app.runtime import EndpointClient, Runtime
+
+log = logging.getLogger(__name__)
+
+# How long a pick waits for what it needs to appear (a Router instance, the embedded
+# router's start): covers a restart under supervisord, not a fleet that is not there.
+START_WAIT_S = 5.0
+
+Spread = Literal["round-robin", "random"]
+
+
+class Placement(abc.ABC):
+    """Where one request went; the pipeline says when its prefill is done and when it ends."""
+
+    def __init__(self, decision: RouteDecision) -> None:
+        self.decision = decision
+
+    @property
+    def worker_id(self) -> str:
+        return self.decision.worker_id
+
+    def prefill_done(self) -> None:  # noqa: B027 - a placement nobody accounts for does nothing
+        """The first output arrived: the prompt's blocks now sit in the worker's KV cache."""
+
+    def finished(self) -> None:  # noqa: B027
+        """The request ended (whichever way): its blocks no longer count as the worker's load."""
+
+
+class _Unaccounted(Placement):
+    pass
+
+
+class WorkerPicker(abc.ABC):
+    """Picks the worker for each request; see the module docstring for the implementations."""
+
+    async def start(self) -> None:  # noqa: B027 - most pickers need nothing started
+        pass
+
+    @abc.abstractmethod
+    async def pick(self, request: PreprocessedRequest, exclude: Sequence[str]) -> Placement:
+        """A live worker for the request, none of `exclude` (workers that failed it before its
+        first token); NoWorkerError (503) when there is none."""
+
+    async def close(self) -> None:  # noqa: B027
+        pass
+
+
+class SpreadPicker(WorkerPicker):
+    """No router: spread over the live workers, round-robin or at random."""
+
+    def __init__(self, workers: EndpointClient, spread: Spread) -> None:
+        self._workers = workers
+        self._spread = spread
+        self._turn = itertools.count()
+
+    async def pick(self, request: PreprocessedRequest, exclude: Sequence[str]) -> Placement:
+        workers = [worker for worker in self._workers.instance_ids() if worker not in exclude]
+        if not workers:
+            raise NoWorkerError(f"no {names.VLLM_WORKER} is serving" + (" but those that failed it" if exclude else ""))
+        chosen = random.choice(workers) if self._spread == "random" else workers[next(self._turn) % len(workers)]
+        return _Unaccounted(RouteDecision(worker_id=chosen))
+
+
+class _Published(Placement):
+    def __init__(self, decision: RouteDecision, request_id: str, source: str, publisher: PlacementPublisher) -> None:
+        super().__init__(decision)
+        self._request_id = request_id
+        self._source = source
+        self._publisher = publisher
+
+    def _publish(self, kind: str) -> None:
+        self._publisher.publish(
+            PlacementEvent(router_id=self._source, request_id=self._request_id, worker_id=self.worker_id, kind=kind)
+        )
+
+    def prefill_done(self) -> None:
+        self._publish("prefill_done")
+
+    def finished(self) -> None:
+        self._publish("finished")
+
+
+class RouterServicePicker(WorkerPicker):
+    """Asks the graph's Router service; reports first tokens and ends on the placement topic,
+    where every Router replica applies them (each names its source and skips its own)."""
+
+    def __init__(self, runtime: Runtime, router: EndpointClient) -> None:
+        self._router = router
+        self._source = f"processor-{runtime.instance_id}"
+        self._publisher = PlacementPublisher(lambda events: runtime.publish(names.PLACEMENT_TOPIC, events))
+
+    async def start(self) -> None:
+        await self._router.watch()
+
+    async def pick(self, request: PreprocessedRequest, exclude: Sequence[str]) -> Placement:
+        if not self._router.instance_ids():
+            # NoInstancesError naming the Router after the wait: a 503 that says what is missing.
+            await self._router.wait_for_instances(timeout=START_WAIT_S)
+        decision: RouteDecision = await self._router.call(
+            RouteRequest(request_id=request.request_id, token_ids=request.token_ids, exclude=list(exclude)),
+            response_type=RouteDecision,
+            target="round_robin",
+        )
+        log.debug("%s: routed to %s (%d/%d blocks cached)", request.request_id, decision.worker_id,
+                  decision.overlap_blocks, decision.prompt_blocks)
+        return _Published(decision, request.request_id, self._source, self._publisher)
+
+
+class RouterReplica(Protocol):
+    """What `ReplicaPicker` needs of the router replica it runs (app.router.replica)."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def route(self, request_id: str, token_ids: list[int], exclude: Sequence[str] = ()) -> RouteDecision: ...
+    def on_prefill_done(self, request_id: str) -> None: ...
+    def on_finished(self, request_id: str) -> None: ...
+
+
+class _ReplicaAccounted(Placement):
+    def __init__(self, decision: RouteDecision, request_id: str, replica: RouterReplica) -> None:
+        super().__init__(decision)
+        self._request_id = request_id
+        self._replica = replica
+
+    def prefill_done(self) -> None:
+        self._replica.on_prefill_done(self._request_id)
+
+    def finished(self) -> None:
+        self._replica.on_finished(self._request_id)
+
+
+class ReplicaPicker(WorkerPicker):
+    """A router replica in this process: no NATS round trip per request; the replica
+    accounts for its placements and shares them with the other replicas itself."""
+
+    def __init__(self, replica: RouterReplica) -> None:
+        self._replica = replica
+        self._started: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # Without a block size in its config the replica learns it from the first worker's
+        # model record: in the background, so that the Frontend serves /health meanwhile.
+        self._started = asyncio.create_task(self._replica.start(), name="router-replica-start")
+        self._started.add_done_callback(_log_start_failure)
+
+    async def pick(self, request: PreprocessedRequest, exclude: Sequence[str]) -> Placement:
+        assert self._started is not None, "pick before start()"
+        if not self._started.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._started), START_WAIT_S)
+            except TimeoutError:
+                raise NoWorkerError("the router has not started yet (no worker's model record)") from None
+        self._started.result()  # re-raises why it could not start
+        decision = self._replica.route(request.request_id, request.token_ids, exclude)
+        return _ReplicaAccounted(decision, request.request_id, self._replica)
+
+    async def close(self) -> None:
+        if self._started is not None:
+            self._started.cancel()
+            await asyncio.gather(self._started, return_exceptions=True)
+            await self._replica.close()
+
+
+def _log_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the router replica could not start; requests fail until a restart", exc_info=task.exception())
+
+
+def create_picker(
+    runtime: Runtime,
+    workers: EndpointClient,
+    *,
+    graph: frozenset[str],
+    spread: Spread,
+    replica: RouterReplica | None = None,
+) -> WorkerPicker:
+    """The picker for this deployment: the replica given, else the graph's Router, else spreading."""
+    if replica is not None:
+        return ReplicaPicker(replica)
+    if names.ROUTER in graph:
+        return RouterServicePicker(runtime, runtime.client(names.ROUTER, names.ROUTE))
+    return SpreadPicker(workers, spread)

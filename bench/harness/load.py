@@ -1,0 +1,267 @@
+"""The one load driver: closed-loop clients sending OpenAI requests (to Tandem's Frontend, vLLM, ...).
+
+`drive()` runs `concurrency` clients that each send one request after another, and measures each
+request (RequestResult: TTFT, the gaps between text chunks, end-to-end time, the usage block, the
+X-Tandem-Worker header); a failure is a result with a kind, never an exception. docs/benchmarks.md,
+"Load generator", says what each figure means.
+
+The client is a few lines of asyncio streams (keep-alive HTTP/1.1, chunked SSE) rather than
+aiohttp: on a 2-core machine every millisecond the client spends is one the servers do not get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import random
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+WORKER_HEADER = "x-tandem-worker"
+ERROR_MESSAGE_LIMIT = 200
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+
+# Short, common English words: byte-level BPE tokenizers (Llama 3, GPT-2 style) encode
+# each one, with its leading space, as a single token, so N words make about N tokens.
+WORDS = (  # noqa: SIM905 (one string reads as the list of words it is)
+    "the of and to in is was for on that with as by at from his her they this are had not but have one all "
+    "were when there can been who will more would some time into only other new could than first also after "
+    "made many most over such way year day man work life back world still hand old great good long small "
+    "place part case week house point home water room story fact month book eye job word side kind head city "
+    "name team idea body face level law war line end game hour child car power light sound music river road "
+    "field table window paper green black white red blue early late young high low open close round short "
+    "strong quick slow bright dark warm cold north south east west tree stone bird fish horse rain snow wind "
+    "fire earth gold iron glass bread milk salt sugar plan test rule list form note page sign track ship"
+).split()
+
+
+def prompts(
+    count: int, words: int, seed: int = 0, shared_ratio: float = 0.0, groups: int = 1, first_index: int = 0
+) -> list[str]:
+    """`count` prompts of `words` words; the first `shared_ratio` of each is one of `groups` prefixes
+    (request i uses group i mod groups), the rest is the request's own. Deterministic in seed and index."""
+    prefix_len = round(words * shared_ratio)
+    prefix_rng = random.Random(f"{seed}:prefix")
+    prefixes = [prefix_rng.choices(WORDS, k=prefix_len) for _ in range(groups)]
+    return [
+        " ".join(prefixes[i % groups] + random.Random(f"{seed}:request:{i}").choices(WORDS, k=words - prefix_len))
+        for i in range(first_index, first_index + count)
+    ]
+
+
+def request_body(
+    model: str, prompt: str, max_tokens: int, chat: bool = True, stream: bool = True, ignore_eos: bool = True
+) -> dict[str, Any]:
+    """A chat (or completions) request; a streamed one asks for the usage chunk, which counts the tokens."""
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": stream}
+    body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if ignore_eos:
+        body["ignore_eos"] = True  # vLLM's: every output is exactly max_tokens long
+    return body
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    e2e_s: float  # sending to [DONE] (the whole body when not streamed)
+    sent_at: float = 0.0  # time.perf_counter() when sent
+    ttft_s: float | None = None  # to the first chunk with text (OpenAI's role-only opening chunk has none)
+    itl_s: list[float] = field(default_factory=list)  # the gaps between text chunks
+    output_tokens: int = 0  # these three from the server's usage block
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    worker: str | None = None  # the X-Tandem-Worker header
+    error_kind: str | None = None
+    error_message: str | None = None
+
+    @property
+    def first_token_at(self) -> float | None:
+        return None if self.ttft_s is None else self.sent_at + self.ttft_s
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; `reusable` says whether the next request may use it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+        self._reader, self._writer, self._host = reader, writer, host
+        self.reusable = True
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection(host, port)
+        # Without it a small write can wait ~40 ms for a delayed ACK and distort TTFT.
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer, host)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str]]:
+        """Sends a request; returns the response's status and headers (names in lower case)."""
+        self.reusable = False  # until its whole body has been read
+        self._writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        lines = (await self._reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {
+            name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in lines[1:]) if name
+        }
+        return int(lines[0][9:12]), headers
+
+    async def read_body(self, headers: dict[str, str], feed: Callable[[bytes], None]) -> None:
+        """Feeds the body to `feed` as it arrives: chunk by chunk when chunked (a streamed response)."""
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while size := int((await self._reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
+                feed((await self._reader.readexactly(size + 2))[:-2])
+            await self._reader.readexactly(2)  # the empty trailer: none of the servers measured sends one
+        elif "content-length" in headers:
+            feed(await self._reader.readexactly(int(headers["content-length"])))
+        else:
+            feed(await self._reader.read())  # the body ends with the connection
+            return
+        self.reusable = headers.get("connection", "").lower() != "close"
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+_decode = msgspec.json.Decoder().decode
+
+
+class _Response:
+    """One response as it arrives: the times of its text chunks, its usage, [DONE], an error event."""
+
+    def __init__(self, streamed: bool) -> None:
+        self.streamed = streamed
+        self.body = b""  # the whole body; when streamed, only what is not yet a whole line
+        self.text_at: list[float] = []
+        self.usage: dict[str, Any] | None = None
+        self.done_at: float | None = None
+        self.error: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        if not self.streamed:
+            self.body += data
+            return
+        now = time.perf_counter()
+        *lines, self.body = (self.body + data).split(b"\n")
+        for line in lines:
+            if not (line := line.strip()).startswith(b"data:"):
+                continue
+            if (payload := line[5:].strip()) == b"[DONE]":
+                self.done_at = now
+                continue
+            chunk = _decode(payload)
+            if (error := chunk.get("error")) is not None and self.error is None:
+                self.error = str(error.get("message", error) if isinstance(error, dict) else error)
+            if any((c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or ()):
+                self.text_at.append(now)
+            self.usage = chunk.get("usage") or self.usage
+
+
+def _failure(started: float, kind: str, message: str, worker: str | None = None) -> RequestResult:
+    return RequestResult(
+        ok=False,
+        e2e_s=time.perf_counter() - started,
+        sent_at=started,
+        worker=worker,
+        error_kind=kind,
+        error_message=message[:ERROR_MESSAGE_LIMIT],
+    )
+
+
+async def send(connection: Connection, path: str, body: bytes, started: float) -> RequestResult:
+    """One request on an open connection, measured from `started` (time.perf_counter())."""
+    status, headers = await connection.request("POST", path, body)
+    worker = headers.get(WORKER_HEADER)
+    response = _Response(streamed=status == 200 and headers.get("content-type", "").startswith("text/event-stream"))
+    await connection.read_body(headers, response.feed)
+    finished = time.perf_counter()
+    if status != 200:
+        return _failure(started, f"http_{status}", response.body.decode(errors="replace"), worker)
+    if not response.streamed:
+        usage = _decode(response.body).get("usage") or {}
+    elif response.error is not None:
+        return _failure(started, "stream_error", response.error, worker)
+    elif response.done_at is None:
+        return _failure(started, "truncated_stream", "stream ended without [DONE]", worker)
+    elif (usage := response.usage) is None:
+        return _failure(started, "missing_usage", "no usage chunk (stream_options.include_usage)", worker)
+    else:
+        finished = response.done_at
+    times = response.text_at
+    return RequestResult(
+        ok=True,
+        e2e_s=finished - started,
+        sent_at=started,
+        ttft_s=times[0] - started if times else None,
+        itl_s=[later - earlier for earlier, later in itertools.pairwise(times)],
+        output_tokens=int(usage.get("completion_tokens") or 0),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
+        worker=worker,
+    )
+
+
+async def drive(
+    url: str,
+    path: str,
+    bodies: Sequence[dict[str, Any]],
+    concurrency: int,
+    max_duration_s: float = math.inf,
+    timeout_s: float = 120.0,
+) -> tuple[list[RequestResult], float]:
+    """Closed loop: `concurrency` clients take the bodies in order, each on a connection of its own; none
+    starts a request after `max_duration_s`, and `timeout_s` bounds each. Returns the results in request
+    order (those of the first requests: the ones never sent are the last) and the wall time."""
+    where = urllib.parse.urlsplit(url)
+    encoded = [msgspec.json.encode(body) for body in bodies]  # before the clock starts
+    results: dict[int, RequestResult] = {}
+    pending = iter(enumerate(encoded))
+    deadline = time.monotonic() + max_duration_s
+
+    async def client() -> None:
+        connection: Connection | None = None
+        for index, body in pending:
+            if time.monotonic() >= deadline:
+                break
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    connection = connection or await Connection.open(where.hostname or "127.0.0.1", where.port or 80)
+                    results[index] = await send(connection, path, body, started)
+            except TimeoutError:
+                results[index] = _failure(started, "timeout", f"no complete response within {timeout_s} s")
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                results[index] = _failure(started, type(exc).__name__, str(exc))
+            except ValueError as exc:  # msgspec.DecodeError too
+                results[index] = _failure(started, "bad_response", f"{type(exc).__name__}: {exc}")
+            if connection is not None and not connection.reusable:
+                connection.close()
+                connection = None
+        if connection is not None:
+            connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(min(concurrency, max(len(encoded), 1)))))
+    return [results[i] for i in sorted(results)], time.perf_counter() - started
+
+
+def count_failures(results: Sequence[RequestResult]) -> int:
+    """How many failed; the first few are logged, since a benchmark goes on through failures."""
+    failed = [r for r in results if not r.ok]
+    for result in failed[:3]:
+        log.warning("request failed: %s: %s", result.error_kind, result.error_message)
+    return len(failed)

@@ -1,0 +1,61 @@
+"""A service that can serve nothing more (`ctx.fail`) leaves discovery first, then stops, and
+its runner raises so that the process exits non-zero (supervisord then restarts it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from app.runtime import InstanceGoneError, Runtime
+from app.sdk import endpoint, on_shutdown, run_service, service
+from app.sdk.config import GraphConfig
+from app.sdk.runner import ServiceFailedError
+from app.settings import RuntimeSettings
+
+MakeRuntime = Callable[..., Awaitable[Runtime]]
+
+# What the service saw, for the test to read.
+SEEN: dict[str, bool] = {}
+
+
+@service
+class Fragile:
+    runtime: Runtime
+
+    @endpoint
+    async def work(self, request: dict[str, Any]) -> AsyncIterator[str]:
+        """Breaks the service, then keeps the call open for as long as its record is listed."""
+        self.ctx.fail("asked to break")
+        records = await self.runtime.discovery.watch_instances("Fragile", "work")
+        try:
+            await records.wait_until(lambda items: not items, timeout=5)
+        except TimeoutError:
+            pass
+        finally:
+            await records.close()
+        yield "done"
+
+    @on_shutdown
+    async def record(self) -> None:
+        SEEN["shutdown hook ran"] = True
+
+
+async def test_a_failing_service_leaves_discovery_before_it_stops_and_its_runner_raises(
+    make_runtime: MakeRuntime, runtime_settings: RuntimeSettings
+) -> None:
+    served = asyncio.create_task(run_service(Fragile, GraphConfig(path=None), runtime_settings, replica=0))
+    caller = await make_runtime()
+    client = caller.client("Fragile", "work")
+    await client.wait_for_instances(timeout=10)
+
+    # Out of discovery at once, while its handler still ran: the caller hears of it then
+    # (an in-flight call to an instance that left fails), not after the handler's 5 s.
+    with pytest.raises(InstanceGoneError):
+        await client.call({})
+
+    with pytest.raises(ServiceFailedError, match="asked to break"):
+        await asyncio.wait_for(served, timeout=30)
+    assert SEEN == {"shutdown hook ran": True}

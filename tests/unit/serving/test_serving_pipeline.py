@@ -1,0 +1,196 @@
+"""The request pipeline with each worker picker, on in-memory fakes of the runtime's clients
+(no NATS, no etcd) and the tiny model's real tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.errors import InvalidRequestError, NoWorkerError, UnavailableError, WorkerUnavailableError
+from app.openai.schema import CompletionRequest, parse_request
+from app.protocol import EngineOutput, PlacementEvent, PreprocessedRequest, RouteDecision, RouteRequest, names
+from app.runtime import NoInstancesError
+from app.serving import ReplicaPicker, RequestPipeline, RouterServicePicker, SpreadPicker, WorkerPicker
+
+MODEL = "tiny-llama"
+
+
+class FakeWorkers:
+    """The workers' `generate` client: each live worker answers with its fixed tokens, or
+    fails before its first output with the error given for it."""
+
+    def __init__(self, tokens: dict[str, list[int]], failing: dict[str, Exception] | None = None) -> None:
+        self.tokens = tokens
+        self.failing = failing or {}
+        self.calls: list[str] = []
+
+    def instance_ids(self) -> list[str]:
+        return sorted(self.tokens)
+
+    async def watch(self) -> list[str]:
+        return self.instance_ids()
+
+    async def wait_for_instances(self, timeout: float = 30.0) -> list[Any]:
+        if not self.tokens:
+            raise NoInstancesError(f"no instance of {names.VLLM_WORKER}/{names.GENERATE} appeared within {timeout:g}s")
+        return []
+
+    async def stream(self, request: PreprocessedRequest, target: str, **_: Any) -> AsyncIterator[EngineOutput]:
+        self.calls.append(target)
+        if target in self.failing:
+            raise self.failing[target]
+        tokens = self.tokens[target]
+        yield EngineOutput(token_ids=tokens[:1], num_prompt_tokens=len(request.token_ids), worker_id=target)
+        yield EngineOutput(token_ids=tokens[1:], finish_reason="length")
+
+
+class FakeRouterClient:
+    """The Router's `route` client: decides by a function of the request, records the requests."""
+
+    def __init__(self, decide: Any, live: bool = True) -> None:
+        self.decide = decide
+        self.live = live
+        self.requests: list[RouteRequest] = []
+
+    def instance_ids(self) -> list[str]:
+        return ["router-1"] if self.live else []
+
+    async def watch(self) -> list[str]:
+        return self.instance_ids()
+
+    async def wait_for_instances(self, timeout: float = 30.0) -> list[Any]:
+        if not self.live:
+            raise NoInstancesError(f"no instance of {names.ROUTER}/{names.ROUTE} appeared within {timeout:g}s")
+        return []
+
+    async def call(self, request: RouteRequest, **_: Any) -> RouteDecision:
+        self.requests.append(request)
+        return RouteDecision(worker_id=self.decide(request))
+
+
+class FakeRuntime:
+    instance_id = "frontend-1"
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, list[PlacementEvent]]] = []
+
+    async def publish(self, topic: str, events: list[PlacementEvent]) -> None:
+        self.published.append((topic, events))
+
+
+class FakeReplica:
+    """A router replica: picks the first live worker not excluded, records the accounting."""
+
+    def __init__(self, workers: FakeWorkers) -> None:
+        self.workers = workers
+        self.accounting: list[tuple[str, str]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def route(self, request_id: str, token_ids: list[int], exclude: Sequence[str] = ()) -> RouteDecision:
+        live = [w for w in self.workers.instance_ids() if w not in exclude]
+        if not live:
+            raise NoWorkerError("no worker")
+        self.accounting.append(("routed", live[0]))
+        return RouteDecision(worker_id=live[0])
+
+    def on_prefill_done(self, request_id: str) -> None:
+        self.accounting.append(("prefill_done", request_id))
+
+    def on_finished(self, request_id: str) -> None:
+        self.accounting.append(("finished", request_id))
+
+
+async def _pipeline(tiny_model: Path, picker: WorkerPicker, workers: FakeWorkers) -> RequestPipeline:
+    pipeline = RequestPipeline(str(tiny_model), None, picker, workers)  # type: ignore[arg-type]
+    await pipeline.start()
+    return pipeline
+
+
+async def _complete(pipeline: RequestPipeline, request_id: str = "r1") -> tuple[str, str | None]:
+    """(text, worker id of the first item) of a completion of 'hello'."""
+    request = parse_request(CompletionRequest, {"model": MODEL, "prompt": "hello", "max_tokens": 4})
+    items = [item async for item in pipeline.generate(request, request_id)]
+    return "".join(item.text for item in items), items[0].worker_id
+
+
+async def test_spreading_takes_the_workers_in_turn_and_accounts_nothing(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [100, 101], "w2": [200, 201]})
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin"), workers)  # type: ignore[arg-type]
+    seen = [(await _complete(pipeline, f"r{i}"))[1] for i in range(4)]
+    assert seen == ["w1", "w2", "w1", "w2"]
+
+
+async def test_a_worker_that_fails_before_its_first_token_is_replaced(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [100, 101], "w2": [200, 201]}, failing={"w1": WorkerUnavailableError("engine died")})
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin"), workers)  # type: ignore[arg-type]
+    text, worker = await _complete(pipeline)
+    assert worker == "w2" and workers.calls == ["w1", "w2"]
+    assert text  # w2's tokens, detokenized
+
+
+async def test_a_bad_request_is_not_retried_elsewhere(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [1], "w2": [2]}, failing={"w1": InvalidRequestError("prompt too long")})
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin"), workers)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="prompt too long"):
+        await _complete(pipeline)
+    assert workers.calls == ["w1"]
+
+
+async def test_when_every_worker_failed_the_request_gets_no_worker(tiny_model: Path) -> None:
+    dead = WorkerUnavailableError("engine died")
+    workers = FakeWorkers({"w1": [1], "w2": [2]}, failing={"w1": dead, "w2": dead})
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "random"), workers)  # type: ignore[arg-type]
+    with pytest.raises(NoWorkerError):
+        await _complete(pipeline)
+    assert sorted(workers.calls) == ["w1", "w2"]
+
+
+async def test_the_router_service_decides_hears_of_failures_and_gets_the_placements(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [100, 101], "w2": [200, 201]}, failing={"w2": WorkerUnavailableError("left")})
+    router = FakeRouterClient(lambda request: "w2" if "w2" not in request.exclude else "w1")
+    runtime = FakeRuntime()
+    picker = RouterServicePicker(runtime, router)  # type: ignore[arg-type]
+    pipeline = await _pipeline(tiny_model, picker, workers)
+    _, worker = await _complete(pipeline, "r9")
+    assert worker == "w1"
+    assert [r.exclude for r in router.requests] == [[], ["w2"]]
+    await _drain_publishes()
+    events = [(e.worker_id, e.kind) for topic, batch in runtime.published for e in batch if topic == names.PLACEMENT_TOPIC]
+    # The failed attempt's placement is closed too, so that no Router counts it as load.
+    assert events == [("w2", "finished"), ("w1", "prefill_done"), ("w1", "finished")]
+    assert {e.router_id for _, batch in runtime.published for e in batch} == {"processor-frontend-1"}
+
+
+async def test_a_graph_whose_router_is_down_answers_503_naming_it_and_never_spreads(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [1, 2]})
+    picker = RouterServicePicker(FakeRuntime(), FakeRouterClient(lambda r: "w1", live=False))  # type: ignore[arg-type]
+    pipeline = await _pipeline(tiny_model, picker, workers)
+    with pytest.raises(UnavailableError, match=names.ROUTER) as caught:
+        await _complete(pipeline)
+    assert caught.value.status == 503
+    assert workers.calls == []
+
+
+async def test_the_replica_in_process_accounts_for_each_placement(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [1, 2], "w2": [3, 4]}, failing={"w1": WorkerUnavailableError("engine died")})
+    replica = FakeReplica(workers)
+    pipeline = await _pipeline(tiny_model, ReplicaPicker(replica), workers)  # type: ignore[arg-type]
+    _, worker = await _complete(pipeline, "r5")
+    assert worker == "w2"
+    assert replica.accounting == [
+        ("routed", "w1"), ("finished", "r5"), ("routed", "w2"), ("prefill_done", "r5"), ("finished", "r5"),
+    ]
+
+
+async def _drain_publishes() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
