@@ -53,7 +53,8 @@ RUN apt-get update \
         python3 python3-venv ca-certificates libnuma1 libgomp1 libtcmalloc-minimal4 numactl procps \
     && rm -rf /var/lib/apt/lists/*
 # vLLM's CPU default asks for most of the NUMA node's memory and refuses to start
-# (FACTS.md); 1 GiB of KV cache per engine, raise it per node in env/*.env.
+# (app/engines/vllm_process.py, tests/unit/engines/test_vllm_process.py); 1 GiB of KV
+# cache per engine, raise it per node in env/*.env.
 ENV PATH=/opt/venv/bin:$PATH \
     VLLM_CPU_KVCACHE_SPACE=1
 COPY requirements.lock /tmp/requirements.lock

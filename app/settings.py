@@ -51,7 +51,7 @@ class RuntimeSettings(BaseSettings):
                 continue
             for prefix in ("http://", "https://"):
                 if raw.startswith(prefix):
-                    raw = raw[len(prefix):]
+                    raw = raw[len(prefix) :]
             if ":" not in raw:
                 raw += ":2379"
             out.append(raw.rstrip("/"))

@@ -85,12 +85,12 @@ def best_possible_cached(
     hashes = [block_hashes(tokens, block_size) for tokens in token_ids]
     # A chained block hash names its whole prefix: when was each prefix first computed?
     computed_at: dict[int, float] = {}
-    for prefix, outcome in zip(hashes, outcomes):
+    for prefix, outcome in zip(hashes, outcomes, strict=True):
         if (done := outcome.first_token_at) is not None:
             for block in prefix:
                 computed_at[block] = min(computed_at.get(block, math.inf), done)
     cached = []
-    for tokens, prefix, outcome in zip(token_ids, hashes, outcomes):
+    for tokens, prefix, outcome in zip(token_ids, hashes, outcomes, strict=True):
         usable = prefix[: (len(tokens) - 1) // block_size]
         hit = 0
         while hit < len(usable) and computed_at.get(usable[hit], math.inf) < outcome.sent_at:
@@ -127,7 +127,7 @@ async def run_shared(graph: ServedGraph, seed: int, preprocessor: Preprocessor, 
         ]
     )
     best = await asyncio.to_thread(best_possible_cached, token_ids, outcomes, block_size)
-    ok = [(o, b) for o, b in zip(outcomes, best) if o.ok]
+    ok = [(o, b) for o, b in zip(outcomes, best, strict=True) if o.ok]
     prompt_total = sum(o.prompt_tokens for o, _ in ok) or 1
     return SharedResult(
         hit_rate=sum(o.cached_tokens for o, _ in ok) / prompt_total,

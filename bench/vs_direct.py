@@ -69,8 +69,9 @@ class EngineSettings:
             sys.executable,
             *shlex.split(
                 f"-m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port {port} --model {self.model} "
-                f"--served-model-name {self.name} --enforce-eager --enable-prefix-caching --block-size {self.block_size} "
-                f"--max-model-len {self.max_model_len} --dtype {self.dtype} --disable-uvicorn-access-log"
+                f"--served-model-name {self.name} --enforce-eager --enable-prefix-caching "
+                f"--block-size {self.block_size} --max-model-len {self.max_model_len} --dtype {self.dtype} "
+                "--disable-uvicorn-access-log"
             ),
         ]
 
@@ -223,14 +224,15 @@ def section_text(command: str, note: str, report: str, args: argparse.Namespace,
 
 Both systems serve `{ENGINE.name}` with the same engine: `enforce_eager`, block size {ENGINE.block_size},
 max model length {ENGINE.max_model_len}, dtype {ENGINE.dtype}, prefix caching on,
-`VLLM_CPU_KVCACHE_SPACE={ENGINE.kvcache_gib}`, engine threads `VLLM_CPU_OMP_THREADS_BIND={ENGINE.cpu_bind}` for both. Direct is
-`python -m vllm.entrypoints.openai.api_server`; Tandem is the agg_router graph
+`VLLM_CPU_KVCACHE_SPACE={ENGINE.kvcache_gib}`, engine threads `VLLM_CPU_OMP_THREADS_BIND={ENGINE.cpu_bind}` for both.
+Direct is `python -m vllm.entrypoints.openai.api_server`; Tandem is the agg_router graph
 (Frontend → Processor → KV Router → one VllmWorker) on its own NATS and etcd. One system runs at
 a time; the pair runs {args.repeats} time(s), in alternating order. Each run: bench.loadgen, chat
 API, streaming, {LOAD.prompt_tokens}-word prompts ({prompt_tokens:.0f} tokens by the servers' count),
 exactly {LOAD.max_tokens} output tokens (`ignore_eos`), requests per run: {requests}, after a
-warm-up; no two runs send the same prompt. Numbers are medians over the repeats; ITL is the gap between streamed chunks as the client sees
-them, so a server that sends several tokens in one chunk shows a lower ITL p50 and a higher p99.
+warm-up; no two runs send the same prompt. Numbers are medians over the repeats; ITL is the gap between
+streamed chunks as the client sees them, so a server that sends several tokens in one chunk shows a lower
+ITL p50 and a higher p99.
 
 {report}"""
 

@@ -188,35 +188,57 @@ def _programs(blocks: Sequence[str], environ: Mapping[str, str]) -> list[Program
     programs: list[Program] = []
     for block in blocks:
         if block == "nats":
-            command = servers.nats_command(_binary("nats-server"), data_dir / "nats", env.NATS_PORT.get(environ),
-                                           env.NATS_MONITOR_PORT.get(environ))
+            command = servers.nats_command(
+                _binary("nats-server"),
+                data_dir / "nats",
+                env.NATS_PORT.get(environ),
+                env.NATS_MONITOR_PORT.get(environ),
+            )
             programs.append(Program("nats", command, INFRA_STOP_WAIT_S, priority=INFRA_PRIORITY))
         elif block == "etcd":
             # The seed's `etcd --advertise-client-urls http://<head-node-ip>:2379
             # --listen-client-urls http://<head-node-ip>:2379,http://127.0.0.1:2379`.
             host = env.ETCD_ADVERTISE_HOST.get(environ) or node
-            command = servers.etcd_command(_binary("etcd"), data_dir / "etcd", host, env.ETCD_PORT.get(environ),
-                                           env.ETCD_PEER_PORT.get(environ), environ)
+            command = servers.etcd_command(
+                _binary("etcd"),
+                data_dir / "etcd",
+                host,
+                env.ETCD_PORT.get(environ),
+                env.ETCD_PEER_PORT.get(environ),
+                environ,
+            )
             programs.append(Program("etcd", command, INFRA_STOP_WAIT_S, priority=INFRA_PRIORITY))
         elif block == "graph":
             stop_wait_s = supervisord.nested_stop_wait_s(_services_in(graph), env.TANDEM_STOP_WAIT_S.get(environ))
-            programs.append(Program("tandem-graph", _tandem(graph, config), stop_wait_s, priority=SERVING_PRIORITY,
-                                    stop_as_group=False))
+            programs.append(
+                Program(
+                    "tandem-graph", _tandem(graph, config), stop_wait_s, priority=SERVING_PRIORITY, stop_as_group=False
+                )
+            )
         elif block == "frontend":
             services = [s.strip() for s in env.FRONTEND_SERVICES.get(environ).split(",")]
             # Listed front to back: the first (Frontend) starts last and stops first.
             for offset, service in enumerate(s for s in services if s):
                 command = _tandem(graph, config, "--service-name", service)
-                programs.append(Program(f"tandem-{service.lower()}", command, one_service_s,
-                                        priority=SERVING_PRIORITY - offset, stop_as_group=False))
+                programs.append(
+                    Program(
+                        f"tandem-{service.lower()}",
+                        command,
+                        one_service_s,
+                        priority=SERVING_PRIORITY - offset,
+                        stop_as_group=False,
+                    )
+                )
         elif block == "decode":
             command = _tandem(DECODE_ADDRESS, config, "--service-name", "VllmWorker")
-            programs.append(Program("tandem-decode", command, one_service_s, priority=SERVING_PRIORITY,
-                                    stop_as_group=False))
+            programs.append(
+                Program("tandem-decode", command, one_service_s, priority=SERVING_PRIORITY, stop_as_group=False)
+            )
         elif block == "prefill":
             command = _tandem(PREFILL_ADDRESS, config, "--service-name", "PrefillWorker")
-            programs.append(Program("tandem-prefill", command, one_service_s, priority=PREFILL_PRIORITY,
-                                    stop_as_group=False))
+            programs.append(
+                Program("tandem-prefill", command, one_service_s, priority=PREFILL_PRIORITY, stop_as_group=False)
+            )
         elif block in ("ray-head", "ray-worker"):
             # `tandem ray` execs `ray start ... --block` with the node's resources (on the CPU
             # build, the Ray resource vLLM's CPU workers ask for); arguments after `--` go

@@ -8,14 +8,17 @@ own address: loopback on one node is not reachable from another.
 A process started with `private=True` also gets its own PID, IPC and mount namespace with
 a fresh /dev/shm, as a separate host would: vLLM's shared-memory names and UCX's
 same-host shortcuts (cross-process memory reads) then cannot reach across nodes, so the
-bytes really cross the veth (FACTS.md). It runs as PID 1 of its namespace: stopping it
-tears down everything it started there, which is how tests stop Ray without `ray stop`.
+bytes really cross the veth (tests/unit/engines/test_vllm_cpu_ray.py: a fresh /dev/shm is
+another shm domain; docs/internals.md, "NIXL on vLLM's CPU build"). It runs as PID 1 of
+its namespace: stopping it tears down everything it started there, which is how tests
+stop Ray without `ray stop`.
 
 Needs root (`ip netns`, `unshare`); `Fabric.available()` tells a test whether to skip.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -82,10 +85,8 @@ class NodeProcess:
                 self.popen.wait()
         # A non-private program's children may have outlived it (a private node's cannot).
         for child in descendants:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -96,10 +97,8 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 def _signal(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 @dataclass

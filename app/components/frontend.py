@@ -26,7 +26,7 @@ from app.openai.server import make_server
 from app.protocol import names
 from app.router.config import RouterConfig, router_replica
 from app.runtime import Runtime
-from app.sdk import ServiceContext, depends, on_shutdown, on_start, service
+from app.sdk import Service, ServiceContext, depends, on_shutdown, on_start, service
 from app.serving import PipelineConfig, RequestPipeline, create_picker
 from app.serving.backend import FleetBackend, Generate, pipeline_generate, remote_processor_generate
 
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 class FrontendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    served_model_name: str | None = Field(default=None, description="model name clients send; default: every model discovered")
+    served_model_name: str | None = Field(
+        default=None, description="model name clients send; default: every model discovered"
+    )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
     embed_processor: bool = Field(
@@ -68,7 +70,7 @@ class FrontendConfig(BaseModel):
 
 
 @service(config=FrontendConfig)
-class Frontend:
+class Frontend(Service):
     config: FrontendConfig
     runtime: Runtime
     ctx: ServiceContext
@@ -93,7 +95,7 @@ class Frontend:
         self._server = make_server(app, self.config.host, self.config.port)
         # The service runner owns SIGTERM/SIGINT (it drains, then stops us); uvicorn must
         # not install its own handlers over the runner's.
-        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         self._serving = asyncio.create_task(self._server.serve(), name="uvicorn")
         while not self._server.started:
             if self._serving.done():

@@ -14,11 +14,11 @@ from app.components.worker import VllmWorker
 from app.protocol import RouteDecision, RouteRequest
 from app.router.config import RouterConfig, router_replica
 from app.runtime import Runtime
-from app.sdk import ServiceContext, depends, endpoint, on_shutdown, on_start, service
+from app.sdk import Service, ServiceContext, depends, endpoint, on_shutdown, on_start, service
 
 
 @service(config=RouterConfig)
-class Router:
+class Router(Service):
     config: RouterConfig
     runtime: Runtime
     ctx: ServiceContext

@@ -17,7 +17,7 @@ from app.disagg.prefill import PrefillJobs
 from app.engines.host import EngineHost, WorkerConfig
 from app.protocol import names
 from app.runtime import Runtime
-from app.sdk import ServiceContext, endpoint, on_shutdown, on_start, service
+from app.sdk import Service, ServiceContext, endpoint, on_shutdown, on_start, service
 
 
 class PrefillWorkerConfig(WorkerConfig):
@@ -25,7 +25,7 @@ class PrefillWorkerConfig(WorkerConfig):
 
 
 @service(config=PrefillWorkerConfig)
-class PrefillWorker:
+class PrefillWorker(Service):
     config: PrefillWorkerConfig
     ctx: ServiceContext
     runtime: Runtime

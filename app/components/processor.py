@@ -17,12 +17,12 @@ from app.components.worker import VllmWorker
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
 from app.protocol import StreamItem
 from app.runtime import RequestContext, Runtime
-from app.sdk import ServiceContext, depends, endpoint, on_shutdown, on_start, service
+from app.sdk import Service, ServiceContext, depends, endpoint, on_shutdown, on_start, service
 from app.serving import PipelineConfig, RequestPipeline, create_picker
 
 
 @service(config=PipelineConfig)
-class Processor:
+class Processor(Service):
     config: PipelineConfig
     runtime: Runtime
     ctx: ServiceContext

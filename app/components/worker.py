@@ -20,7 +20,7 @@ from app.engines.base import EngineDeadError
 from app.engines.host import EngineHost, WorkerConfig
 from app.protocol import EngineOutput, PrefillAnswer, PreprocessedRequest, names
 from app.runtime import Runtime
-from app.sdk import ServiceContext, endpoint, on_shutdown, on_start, service
+from app.sdk import Service, ServiceContext, endpoint, on_shutdown, on_start, service
 
 
 class VllmWorkerConfig(WorkerConfig):
@@ -39,7 +39,7 @@ class VllmWorkerConfig(WorkerConfig):
 
 # VllmWorker reaches PrefillWorkers through the prefill work queue, not by calling them.
 @service(config=VllmWorkerConfig)
-class VllmWorker:
+class VllmWorker(Service):
     config: VllmWorkerConfig
     ctx: ServiceContext
     runtime: Runtime

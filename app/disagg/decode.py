@@ -64,7 +64,9 @@ class RemotePrefill:
         self._prefill_fleet = self._runtime.client(names.PREFILL_WORKER, names.PREFILL_STATUS)
         await self._prefill_fleet.watch()
         decisions = self._policy.decisions
-        registry.register(CounterView("tandem_worker_prefill_decisions", "Where prompts were prefilled", "decision", decisions))
+        registry.register(
+            CounterView("tandem_worker_prefill_decisions", "Where prompts were prefilled", "decision", decisions)
+        )
 
     async def close(self) -> None:
         await self._policy.close()
@@ -89,18 +91,25 @@ class RemotePrefill:
         answer = self._pending.open(job_id)
         try:
             job = PrefillJob(
-                job_id=job_id, request=request, decode_worker_id=self._runtime.instance_id, deadline=time.time() + timeout
+                job_id=job_id,
+                request=request,
+                decode_worker_id=self._runtime.instance_id,
+                deadline=time.time() + timeout,
             )
             await queue.push(job)
             result = await asyncio.wait_for(answer, timeout)
         except Exception as exc:
-            reason = f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            reason = (
+                f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            )
             policy.count("fallback", request.request_id, reason)
             return None
         finally:
             # A late answer finds no slot and is discarded.
             self._pending.close(job_id)
-        policy.count("remote", request.request_id, f"{len(request.token_ids)} prompt tokens on {result.prefill_worker_id}")
+        policy.count(
+            "remote", request.request_id, f"{len(request.token_ids)} prompt tokens on {result.prefill_worker_id}"
+        )
         return result
 
     def deliver(self, answer: PrefillAnswer) -> bool:

@@ -22,10 +22,12 @@ class DisaggPolicy:
 
     def __init__(self, conditional: bool, max_local_prefill_length: int, max_prefill_queue_size: int) -> None:
         self._conditional = conditional
-        self._thresholds = LiveTunables({
-            MAX_LOCAL_PREFILL_LENGTH: max_local_prefill_length,
-            MAX_PREFILL_QUEUE_SIZE: max_prefill_queue_size,
-        })
+        self._thresholds = LiveTunables(
+            {
+                MAX_LOCAL_PREFILL_LENGTH: max_local_prefill_length,
+                MAX_PREFILL_QUEUE_SIZE: max_prefill_queue_size,
+            }
+        )
         self.decisions: Counter[str] = Counter()
 
     async def start(self, tunables: TunablesSource) -> None:

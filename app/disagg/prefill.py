@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _REDELIVERY_DELAY_S = 0.5
 _ANSWER_TIMEOUT_S = 5.0
 
-Generate = Callable[[PreprocessedRequest], AsyncIterator[EngineOutput]]
+Generate = Callable[[PreprocessedRequest], AsyncGenerator[EngineOutput, None]]
 
 
 def prefill_request(request: PreprocessedRequest, attempt: int) -> PreprocessedRequest:
@@ -98,7 +98,9 @@ class PrefillJobs:
             return
         finally:
             await cancel_and_wait(heartbeat)
-        answer = PrefillAnswer(job_id=data.job_id, prefill_worker_id=self._runtime.instance_id, kv_transfer_params=params)
+        answer = PrefillAnswer(
+            job_id=data.job_id, prefill_worker_id=self._runtime.instance_id, kv_transfer_params=params
+        )
         # The decode worker waits for this answer until the job's deadline: until then a slow
         # accept (its process busy) is no reason to give up on it. A decode process that is
         # gone answers at once (NATS: no responders).
@@ -112,8 +114,13 @@ class PrefillJobs:
             taken = False
             log.warning("request %s: answering decode worker %s failed: %s", request_id, data.decode_worker_id, exc)
         self.counts["done" if taken else "undelivered"] += 1
-        log.info("request %s: prefilled %d tokens for %s (%s)", request_id, len(data.request.token_ids),
-                 data.decode_worker_id, "taken" if taken else "discarded")
+        log.info(
+            "request %s: prefilled %d tokens for %s (%s)",
+            request_id,
+            len(data.request.token_ids),
+            data.decode_worker_id,
+            "taken" if taken else "discarded",
+        )
         await job.ack()
 
     async def _prefill(self, request: PreprocessedRequest) -> dict[str, Any]:

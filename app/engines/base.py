@@ -7,11 +7,11 @@ Each is registered in `app.engines.ENGINES` under its config name.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
-from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequest
 from app.errors import WorkerUnavailableError
+from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequest
 
 KvEventSink = Callable[[KvEventBatch], None]
 
@@ -20,8 +20,14 @@ class EngineStats:
     """A snapshot of the engine's scheduler, for load reports and metrics."""
 
     __slots__ = (
-        "running", "waiting", "kv_used_blocks", "kv_total_blocks", "prefix_cache_hits", "prefix_cache_queries",
-        "external_kv_prompt_tokens", "kv_transfer_bytes",
+        "running",
+        "waiting",
+        "kv_used_blocks",
+        "kv_total_blocks",
+        "prefix_cache_hits",
+        "prefix_cache_queries",
+        "external_kv_prompt_tokens",
+        "kv_transfer_bytes",
     )
 
     def __init__(
@@ -81,7 +87,7 @@ class Engine(abc.ABC):
         """Load the model; return what the fleet should know about it."""
 
     @abc.abstractmethod
-    def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         """Stream outputs for one request. Closing or cancelling the iterator aborts
         the request inside the engine and frees its KV blocks."""
 

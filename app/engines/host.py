@@ -41,20 +41,27 @@ class WorkerConfig(EngineConfig):
     )
     load_report_interval_s: float = Field(default=1.0, gt=0, description="how often to publish LoadReport")
     metrics_port: int | None = Field(
-        default=None, ge=1, le=65535,
+        default=None,
+        ge=1,
+        le=65535,
         description="serve Prometheus /metrics here (replica i on metrics-port + i): engine load, prefill decisions",
     )
     nixl_side_channel_port: int = Field(
-        default=0, ge=0, le=65535,
+        default=0,
+        ge=0,
+        le=65535,
         description="with NixlConnector: VLLM_NIXL_SIDE_CHANNEL_PORT of replica 0 (replica i: +i); 0 picks a free port",
     )
     ray_address: str | None = Field(
         default=None,
-        description="an engine on Ray (larger than its node): the Ray head as HOST:PORT; default RAY_ADDRESS, else the cluster this node joined",
+        description="an engine on Ray (larger than its node): the Ray head as HOST:PORT; "
+        "default RAY_ADDRESS, else the cluster this node joined",
     )
     ray_wait_timeout_s: float = Field(
-        default=600.0, gt=0,
-        description="an engine on Ray waits this long for the cluster to offer its devices, then fails saying what is missing",
+        default=600.0,
+        gt=0,
+        description="an engine on Ray waits this long for the cluster to offer its devices, "
+        "then fails saying what is missing",
     )
 
 
@@ -63,7 +70,12 @@ class EngineHost:
     no KV events or load reports: routers must never pick it for a request."""
 
     def __init__(
-        self, service: str, endpoint: str, config: WorkerConfig, ctx: ServiceContext, runtime: Runtime,
+        self,
+        service: str,
+        endpoint: str,
+        config: WorkerConfig,
+        ctx: ServiceContext,
+        runtime: Runtime,
         advertise: bool = True,
     ) -> None:
         self._service = service
@@ -88,14 +100,16 @@ class EngineHost:
     async def start(self) -> ModelInfo:
         worker_id = self._runtime.instance_id
         config = self._config
-        await self.engine.prepare(EngineProcess(
-            replica=self._replica,
-            advertised_host=self._runtime.host,
-            cpu_omp_threads_bind=config.cpu_omp_threads_bind,
-            nixl_side_channel_port=config.nixl_side_channel_port,
-            ray_address=config.ray_address,
-            ray_wait_timeout_s=config.ray_wait_timeout_s,
-        ))
+        await self.engine.prepare(
+            EngineProcess(
+                replica=self._replica,
+                advertised_host=self._runtime.host,
+                cpu_omp_threads_bind=config.cpu_omp_threads_bind,
+                nixl_side_channel_port=config.nixl_side_channel_port,
+                ray_address=config.ray_address,
+                ray_wait_timeout_s=config.ray_wait_timeout_s,
+            )
+        )
         self.info = await self.engine.start(worker_id, on_kv_events=self._publish_kv if self._advertise else None)
         log.info("engine %s ready: model %s, block size %d", config.engine, self.info.name, self.info.block_size)
         self._metrics_server = serve_metrics(self.metrics, replica_port(config.metrics_port, self._replica))
@@ -132,7 +146,9 @@ class EngineHost:
         answers 503 on /health; the runner then withdraws the instance records and exits
         non-zero, and supervisord starts a fresh worker with a fresh engine.
         """
-        log.error("engine %s dead (%s): leaving routing; this process exits and is restarted", self._config.engine, reason)
+        log.error(
+            "engine %s dead (%s): leaving routing; this process exits and is restarted", self._config.engine, reason
+        )
         if self._model_record is not None:
             try:
                 await self._runtime.discovery.deregister_model(self._model_record)

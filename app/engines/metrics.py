@@ -24,10 +24,13 @@ class EngineStatsView(Collector):
         yield GaugeMetricFamily("tandem_worker_kv_used_blocks", "KV cache blocks in use", value=stats.kv_used_blocks)
         yield GaugeMetricFamily("tandem_worker_kv_total_blocks", "KV cache blocks in all", value=stats.kv_total_blocks)
         yield CounterMetricFamily(
-            "tandem_worker_prefix_cache_hits", "Prompt tokens served from the prefix cache", value=stats.prefix_cache_hits
+            "tandem_worker_prefix_cache_hits",
+            "Prompt tokens served from the prefix cache",
+            value=stats.prefix_cache_hits,
         )
         yield CounterMetricFamily(
-            "tandem_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+            "tandem_worker_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
             value=stats.prefix_cache_queries,
         )
         # Rises on a decode worker whose prompts were prefilled remotely (vLLM's
@@ -38,6 +41,7 @@ class EngineStatsView(Collector):
             value=stats.external_kv_prompt_tokens,
         )
         yield CounterMetricFamily(
-            "tandem_worker_kv_transfer_bytes", "Bytes of KV cache the KV connector transferred (NIXL telemetry)",
+            "tandem_worker_kv_transfer_bytes",
+            "Bytes of KV cache the KV connector transferred (NIXL telemetry)",
             value=stats.kv_transfer_bytes,
         )

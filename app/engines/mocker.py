@@ -50,7 +50,7 @@ import math
 import time
 from array import array
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from hashlib import blake2b
 from typing import Any
 
@@ -114,9 +114,25 @@ class MockerConfig(pydantic.BaseModel):
 
 class _Request:
     __slots__ = (
-        "id", "tokens", "num_prompt", "num_output", "stop", "want_logprobs", "seed",
-        "blocks", "hashes", "num_cached_blocks", "num_computed", "num_cached_tokens",
-        "pending", "pending_logprobs", "finish_reason", "wake", "hand_off", "remote_tokens", "kv_transfer_params",
+        "id",
+        "tokens",
+        "num_prompt",
+        "num_output",
+        "stop",
+        "want_logprobs",
+        "seed",
+        "blocks",
+        "hashes",
+        "num_cached_blocks",
+        "num_computed",
+        "num_cached_tokens",
+        "pending",
+        "pending_logprobs",
+        "finish_reason",
+        "wake",
+        "hand_off",
+        "remote_tokens",
+        "kv_transfer_params",
     )
 
     def __init__(self, request: PreprocessedRequest, seed: int) -> None:
@@ -211,7 +227,7 @@ class MockerEngine(Engine):
             prefix_cache_queries=self._prefix_queries,
         )
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         req = self._admit(request)
         first = True
         try:
@@ -221,7 +237,9 @@ class MockerEngine(Engine):
                 output = EngineOutput(token_ids=req.pending, finish_reason=req.finish_reason)
                 if req.want_logprobs is not None:
                     output.logprobs = req.pending_logprobs
-                    output.top_logprobs = [self._top_logprobs(req, t, lp) for t, lp in zip(req.pending, req.pending_logprobs)]
+                    output.top_logprobs = [
+                        self._top_logprobs(req, t, lp) for t, lp in zip(req.pending, req.pending_logprobs, strict=True)
+                    ]
                     req.pending_logprobs = []
                 req.pending = []
                 if req.finish_reason is not None and req.kv_transfer_params is not None:
@@ -371,7 +389,12 @@ class MockerEngine(Engine):
             preempted = True
         # After a preemption the cache is tight: admitting more would only thrash,
         # unless everything was preempted and the queue head must restart.
-        while (not preempted or not scheduled) and self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+        while (
+            (not preempted or not scheduled)
+            and self._waiting
+            and budget > 0
+            and len(self._running) < self.config.max_num_seqs
+        ):
             req = self._waiting[0]
             if not req.blocks:
                 self._reuse_cached_prefix(req)
@@ -442,7 +465,11 @@ class MockerEngine(Engine):
         if prefill_tokens:
             ms += config.prefill_base_ms + config.prefill_ms_per_token * prefill_tokens
         if decode_seqs:
-            ms += config.decode_base_ms + config.decode_ms_per_seq * decode_seqs + config.decode_ms_per_kv_block * decode_blocks
+            ms += (
+                config.decode_base_ms
+                + config.decode_ms_per_seq * decode_seqs
+                + config.decode_ms_per_kv_block * decode_blocks
+            )
         return ms
 
     def _advance(self, scheduled: list[tuple[_Request, int]]) -> None:
@@ -538,8 +565,11 @@ class MockerEngine(Engine):
         if not events or self._on_kv_events is None:
             return
         batch = KvEventBatch(
-            worker_id=self._worker_id, seq=self._event_seq, block_size=self.config.block_size,
-            events=events, timestamp=time.time(),
+            worker_id=self._worker_id,
+            seq=self._event_seq,
+            block_size=self.config.block_size,
+            events=events,
+            timestamp=time.time(),
         )
         self._event_seq += 1
         try:

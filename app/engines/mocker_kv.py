@@ -32,9 +32,6 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - self.num_free()
 
-    def num_cached(self) -> int:
-        return len(self._block_of_hash)
-
     def take_events(self) -> list[KvEvent]:
         events, self._events = self._events, []
         return events
@@ -92,7 +89,7 @@ class BlockPool:
             return
         block_size = len(token_ids) // len(blocks)
         run_start: int | None = None
-        for i, (block, block_hash) in enumerate(zip(blocks, hashes)):
+        for i, (block, block_hash) in enumerate(zip(blocks, hashes, strict=True)):
             if block_hash in self._block_of_hash:
                 # Another request filled the same block first; keep one copy cached,
                 # this one goes back to the pool uncached when its request ends.
@@ -108,7 +105,12 @@ class BlockPool:
             self._stored(hashes, token_ids, block_size, run_start, len(blocks), parent_hash)
 
     def _stored(
-        self, hashes: Sequence[int], token_ids: Sequence[int], block_size: int, start: int, end: int,
+        self,
+        hashes: Sequence[int],
+        token_ids: Sequence[int],
+        block_size: int,
+        start: int,
+        end: int,
         parent_hash: int | None,
     ) -> None:
         self._events.append(

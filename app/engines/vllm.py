@@ -10,19 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from vllm import SamplingParams
 from vllm.config import KVEventsConfig, KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
-from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.inputs import TokensPrompt
+from vllm.logprobs import LogprobsOnePosition
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
 from app.engines.base import Engine, EngineDeadError, EngineProcess, EngineStats, KvEventSink
 from app.engines.vllm_kv_events import VllmKvEventRelay
@@ -82,7 +83,10 @@ def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
 def _logprobs(completion: CompletionOutput, num_top: int) -> tuple[list[float], list[list[TokenLogprob]]]:
     chosen: list[float] = []
     top: list[list[TokenLogprob]] = []
-    for token_id, position in zip(completion.token_ids, completion.logprobs or (), strict=True):
+    # A sampled token's position always has its logprobs (FlatLogprobs' iterator says so;
+    # its sequence type also allows the None of prompt positions).
+    positions = cast("Iterable[LogprobsOnePosition]", completion.logprobs or ())
+    for token_id, position in zip(completion.token_ids, positions, strict=True):
         chosen.append(position[token_id].logprob)
         # vLLM adds the sampled token to the top-N even when it ranks lower; OpenAI's
         # top_logprobs lists the N best only.
@@ -167,11 +171,14 @@ class VllmEngine(Engine):
         )
         logger.info(
             "vLLM engine ready: %s, max_model_len %d, block size %d, %d KV blocks",
-            info.name, info.max_model_len, info.block_size, self._total_blocks,
+            info.name,
+            info.max_model_len,
+            info.block_size,
+            self._total_blocks,
         )
         return info
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._llm is None:
             raise RuntimeError("vllm engine not started")
         params = sampling_params_for(request)

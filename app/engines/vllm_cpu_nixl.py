@@ -110,5 +110,8 @@ def delay_progress_thread(nixl_api: Any) -> None:
 
     nixl_agent._tandem_patched = True  # type: ignore[attr-defined]
     bindings.nixlAgent = nixl_agent
-    log.info("NIXL progress threads poll every %d µs at most on this CPU build (NIXL's default: spin; %s)",
-             delay_us, env.TANDEM_NIXL_PROGRESS_DELAY_US.name)
+    log.info(
+        "NIXL progress threads poll every %d µs at most on this CPU build (NIXL's default: spin; %s)",
+        delay_us,
+        env.TANDEM_NIXL_PROGRESS_DELAY_US.name,
+    )

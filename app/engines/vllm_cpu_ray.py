@@ -17,6 +17,10 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.platforms.interface import Platform
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ def register() -> None:
     _resolve_ray_executor_to_cpu_variant()
 
 
-def _name_the_cpu_ray_device(platform: type) -> None:
+def _name_the_cpu_ray_device(platform: type[Platform]) -> None:
     # vLLM asks Ray for one bundle of `ray_device_key` per worker and refuses Ray where the
     # key is empty, as it is on CPU. Naming our resource makes the placement group ask for
     # one CPU worker slot per rank, spread over the nodes that declared slots.
@@ -67,11 +71,11 @@ def _keep_shm_all_reduce_within_one_host() -> None:
     # vLLM's own check (every rank of the group must compute one name) sees the mismatch
     # and falls back to torch.distributed, i.e. gloo over TCP (GLOO_SOCKET_IFNAME picks the
     # interface).
-    def make_group_name(communicator: object) -> str:
+    def make_group_name(communicator: cpu_communicator.CpuCommunicator) -> str:
         return f"{original(communicator)}-{shm_domain()}"
 
     make_group_name._tandem_patched = True  # type: ignore[attr-defined]
-    shm_class.make_group_name = staticmethod(make_group_name)
+    shm_class.make_group_name = staticmethod(make_group_name)  # type: ignore[method-assign]  # the patch
 
 
 def _resolve_ray_executor_to_cpu_variant() -> None:

@@ -26,8 +26,8 @@ class CpuRayExecutor(RayExecutorV2):
         # RayExecutorV2 creates its actors from the module's RayWorkerProc: point that at
         # the CPU worker class while the actors are created, and put it back afterwards.
         stock = ray_executor_v2.RayWorkerProc
-        ray_executor_v2.RayWorkerProc = CpuRayWorkerProc
+        ray_executor_v2.RayWorkerProc = CpuRayWorkerProc  # type: ignore[misc]  # the swap itself
         try:
             super()._init_executor()
         finally:
-            ray_executor_v2.RayWorkerProc = stock
+            ray_executor_v2.RayWorkerProc = stock  # type: ignore[misc]

@@ -26,7 +26,7 @@ DEFAULT_LOG_INTERVAL_S = 10.0
 _POLL_INTERVAL_S = 1.0
 
 
-class RayClusterTimeout(RuntimeError):
+class RayClusterTimeoutError(RuntimeError):
     """The Ray cluster did not offer the engine's devices in time."""
 
 
@@ -112,8 +112,9 @@ def wait_for_ray_devices(
                 last_error = "nothing answers there"
             elif connected_to is None:
                 try:
-                    ray.init(address=wanted, logging_level=logging.WARNING, log_to_driver=False,
-                             configure_logging=False)  # fmt: skip
+                    ray.init(
+                        address=wanted, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False
+                    )
                     # Said as the operator gave it; "auto" as the address it found.
                     connected_to = wanted if wanted != "auto" else ray.get_runtime_context().gcs_address
                 except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -122,19 +123,41 @@ def wait_for_ray_devices(
                 have = ray.cluster_resources().get(need.resource, 0.0)
                 nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
                 if have >= need.count:
-                    log.info("Ray cluster at %s offers %g %s on %d nodes (need %d): starting the engine",
-                             connected_to, have, need.resource, nodes, need.count)  # fmt: skip
+                    log.info(
+                        "Ray cluster at %s offers %g %s on %d nodes (need %d): starting the engine",
+                        connected_to,
+                        have,
+                        need.resource,
+                        nodes,
+                        need.count,
+                    )
                     return connected_to
             if elapsed >= timeout_s:
-                raise RayClusterTimeout(_missing(need, connected_to or wanted, connected_to is not None, have, nodes,
-                                                 timeout_s, last_error))  # fmt: skip
+                raise RayClusterTimeoutError(
+                    _missing(need, connected_to or wanted, connected_to is not None, have, nodes, timeout_s, last_error)
+                )
             if time.monotonic() >= next_log:
                 if connected_to is None:
-                    log.info("waiting for the Ray cluster at %s to answer (need %d %s), %.0f s of %.0f s: %s",
-                             wanted, need.count, need.resource, elapsed, timeout_s, last_error)  # fmt: skip
+                    log.info(
+                        "waiting for the Ray cluster at %s to answer (need %d %s), %.0f s of %.0f s: %s",
+                        wanted,
+                        need.count,
+                        need.resource,
+                        elapsed,
+                        timeout_s,
+                        last_error,
+                    )
                 else:
-                    log.info("waiting for the Ray cluster at %s: need %d %s, have %g on %d nodes, %.0f s of %.0f s",
-                             connected_to, need.count, need.resource, have, nodes, elapsed, timeout_s)  # fmt: skip
+                    log.info(
+                        "waiting for the Ray cluster at %s: need %d %s, have %g on %d nodes, %.0f s of %.0f s",
+                        connected_to,
+                        need.count,
+                        need.resource,
+                        have,
+                        nodes,
+                        elapsed,
+                        timeout_s,
+                    )
                 next_log += log_interval_s
             time.sleep(_POLL_INTERVAL_S)
     finally:
@@ -155,10 +178,15 @@ def _answers(address: str) -> bool:
     return True
 
 
-def _missing(need: RayDevices, address: str, reachable: bool, have: float, nodes: int, timeout_s: float,
-             error: str) -> str:  # fmt: skip
+def _missing(
+    need: RayDevices, address: str, reachable: bool, have: float, nodes: int, timeout_s: float, error: str
+) -> str:
     if not reachable:
-        return (f"need {need.count} {need.resource} in the Ray cluster at {address}, which did not answer "
-                f"within {timeout_s:g} s ({error}); is `tandem ray head` running there?")  # fmt: skip
-    return (f"need {need.count} {need.resource} in the Ray cluster at {address}, have {have:g} on {nodes} "
-            f"node(s) after {timeout_s:g} s; start `tandem ray worker --address {address}` on more nodes")  # fmt: skip
+        return (
+            f"need {need.count} {need.resource} in the Ray cluster at {address}, which did not answer "
+            f"within {timeout_s:g} s ({error}); is `tandem ray head` running there?"
+        )
+    return (
+        f"need {need.count} {need.resource} in the Ray cluster at {address}, have {have:g} on {nodes} "
+        f"node(s) after {timeout_s:g} s; start `tandem ray worker --address {address}` on more nodes"
+    )

@@ -55,8 +55,10 @@ class DeviceAssignment:
             return None
         asks = ", ".join(f"{r.service}: {r.replicas} x {r.per_replica}" for r in self.requests if r.per_replica)
         gone = str(missing.start) if len(missing) == 1 else f"{missing.start}-{missing.stop - 1}"
-        return (f"the graph asks for {self.needed} GPUs ({asks}) but this node has {len(self.node.ids)} "
-                f"({self.node.source}): devices {gone} are missing")
+        return (
+            f"the graph asks for {self.needed} GPUs ({asks}) but this node has {len(self.node.ids)} "
+            f"({self.node.source}): devices {gone} are missing"
+        )
 
 
 def node_devices(environ: Mapping[str, str] | None = None) -> NodeDevices:

@@ -71,8 +71,12 @@ def config_text(programs: Sequence[Program], run_dir: Path, directory: Path, com
     for program in programs:
         if program.group is not None:
             groups.setdefault(program.group, []).append(program.name)
-        lines += ["", f"[program:{program.name}]", f"command={_quote(shlex.join(program.command))}",
-                  f"directory={directory}"]
+        lines += [
+            "",
+            f"[program:{program.name}]",
+            f"command={_quote(shlex.join(program.command))}",
+            f"directory={directory}",
+        ]
         if program.priority is not None:
             lines.append(f"priority={program.priority}")
         if program.environment:

@@ -72,6 +72,14 @@ def _training_corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)] + [_MULTILINGUAL_SAMPLE] * 3
 
 
+def _token_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of one of SPECIAL_TOKENS (the trainer adds every one of them)."""
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise RuntimeError(f"the trained tokenizer lacks {token!r}")
+    return token_id
+
+
 def _train_tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,7 +91,7 @@ def _train_tokenizer() -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
-    bos_id = tokenizer.token_to_id(BOS_TOKEN)
+    bos_id = _token_id(tokenizer, BOS_TOKEN)
     # As Llama 3: encoding a plain prompt with special tokens prepends BOS.
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",
@@ -152,8 +160,14 @@ def _model_config(vocab_size: int, bos_id: int, eos_ids: list[int]) -> dict[str,
 def _tokenizer_config() -> dict[str, Any]:
     added = {}
     for token in SPECIAL_TOKENS:
-        added[token] = {"content": token, "special": True, "lstrip": False, "rstrip": False,
-                        "normalized": False, "single_word": False}
+        added[token] = {
+            "content": token,
+            "special": True,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+        }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN,
@@ -182,16 +196,17 @@ def make_tiny(out_dir: Path, *, seed: int = 0) -> Path:
     tokenizer = _train_tokenizer()
     tokenizer.save(str(out_dir / "tokenizer.json"))
     vocab_size = tokenizer.get_vocab_size()
-    bos_id = tokenizer.token_to_id(BOS_TOKEN)
+    bos_id = _token_id(tokenizer, BOS_TOKEN)
     # Chat turns end with <|eot_id|>, plain text with <|end_of_text|>: both stop generation.
-    eos_ids = [tokenizer.token_to_id(EOT_TOKEN), tokenizer.token_to_id(EOS_TOKEN)]
+    eos_ids = [_token_id(tokenizer, EOT_TOKEN), _token_id(tokenizer, EOS_TOKEN)]
 
     save_file(_random_weights(vocab_size, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out_dir / "config.json", _model_config(vocab_size, bos_id, eos_ids))
     _write_json(out_dir / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_ids})
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config())
-    _write_json(out_dir / "special_tokens_map.json",
-                {"bos_token": BOS_TOKEN, "eos_token": EOT_TOKEN, "pad_token": EOS_TOKEN})
+    _write_json(
+        out_dir / "special_tokens_map.json", {"bos_token": BOS_TOKEN, "eos_token": EOT_TOKEN, "pad_token": EOS_TOKEN}
+    )
     logger.info("made tiny model in %s (seed %d, vocab %d)", out_dir, seed, vocab_size)
     return out_dir
 

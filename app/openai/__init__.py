@@ -5,7 +5,7 @@ from app.openai.backend import Backend, ModelCard, RequestKind
 from app.openai.errors import ClientError, to_client_error
 from app.openai.metrics import FrontendMetrics
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
-from app.openai.server import make_server, serve
+from app.openai.server import make_server
 
 __all__ = [
     "WORKER_HEADER",
@@ -20,6 +20,5 @@ __all__ = [
     "create_app",
     "make_server",
     "parse_request",
-    "serve",
     "to_client_error",
 ]

@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.openai.backend import Backend, RequestKind
 from app.errors import (
     InternalError,
     InvalidRequestError,
@@ -35,6 +34,7 @@ from app.errors import (
     UnavailableError,
     WorkerUnavailableError,
 )
+from app.openai.backend import Backend, RequestKind
 from app.openai.errors import ClientError, to_client_error
 from app.openai.metrics import FrontendMetrics
 from app.openai.render import ChatRenderer, CompletionRenderer, Renderer, usage_dict
@@ -202,7 +202,7 @@ class _Generation:
                 if item.finish_reason is not None:
                     break
                 item = await anext(items, None)
-            if item is None:
+            if item is None or item.finish_reason is None:
                 raise InternalError("the backend stream ended without a finish reason")
             failure = _finish_error(item.finish_reason)
             if failure is not None:
@@ -327,7 +327,9 @@ def _request_id(request: Request) -> str:
 def _error_response(error: ClientError, metrics: FrontendMetrics, route: str) -> Response:
     metrics.requests.labels(route, str(error.status)).inc()
     metrics.errors.labels(error.kind).inc()
-    return Response(error.body_bytes(), status_code=error.status, headers=error.headers(), media_type="application/json")
+    return Response(
+        error.body_bytes(), status_code=error.status, headers=error.headers(), media_type="application/json"
+    )
 
 
 class _OpenAIApp(FastAPI):
@@ -385,8 +387,14 @@ def create_app(
                 logger.error("%s: request handling failed", route, exc_info=exc)
             return _error_response(error, metrics, route)
         generation = _Generation(
-            backend=backend, metrics=metrics, admission=admission, kind=kind, request=parsed,
-            request_id=_request_id(request), route=route, started=started,
+            backend=backend,
+            metrics=metrics,
+            admission=admission,
+            kind=kind,
+            request=parsed,
+            request_id=_request_id(request),
+            route=route,
+            started=started,
         )
         return _GenerationResponse(generation)
 

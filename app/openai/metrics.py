@@ -17,16 +17,24 @@ class FrontendMetrics:
         self.requests = Counter(
             f"{prefix}_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
         )
-        self.errors = Counter(f"{prefix}_errors", "Errors returned to clients, by kind", ["kind"], registry=self.registry)
+        self.errors = Counter(
+            f"{prefix}_errors", "Errors returned to clients, by kind", ["kind"], registry=self.registry
+        )
         self.time_to_first_token = Histogram(
-            f"{prefix}_time_to_first_token_seconds", "Request arrival to first output token",
-            buckets=_TTFT_BUCKETS, registry=self.registry,
+            f"{prefix}_time_to_first_token_seconds",
+            "Request arrival to first output token",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
         )
         self.inter_token_latency = Histogram(
-            f"{prefix}_inter_token_latency_seconds", "Time between output tokens of one request",
-            buckets=_ITL_BUCKETS, registry=self.registry,
+            f"{prefix}_inter_token_latency_seconds",
+            "Time between output tokens of one request",
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
         )
-        self.input_tokens = Counter(f"{prefix}_input_tokens", "Prompt tokens of finished requests", registry=self.registry)
+        self.input_tokens = Counter(
+            f"{prefix}_input_tokens", "Prompt tokens of finished requests", registry=self.registry
+        )
         self.output_tokens = Counter(f"{prefix}_output_tokens", "Generated tokens", registry=self.registry)
         self.inflight = Gauge(f"{prefix}_inflight_requests", "Requests being served now", registry=self.registry)
 

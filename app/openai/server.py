@@ -12,7 +12,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 class NoDelayHttpToolsProtocol(HttpToolsProtocol):
     """httptools with Nagle off: otherwise each small SSE chunk can wait ~40 ms for
-    the client's delayed ACK (measured, see FACTS.md).
+    the client's delayed ACK (docs/benchmarks.md, "Load generator";
+    tests/unit/openai/test_openai_server.py checks the option).
 
     asyncio's and uvloop's TCP transports set TCP_NODELAY themselves today; streaming
     latency hinges on it, so it is set here explicitly rather than left to that detail.
@@ -43,8 +44,3 @@ def make_server(app: FastAPI, host: str, port: int, *, log_level: str = "warning
         timeout_keep_alive=30,
     )
     return uvicorn.Server(config)
-
-
-async def serve(app: FastAPI, host: str, port: int) -> None:
-    """Serve until cancelled or until uvicorn receives SIGINT/SIGTERM."""
-    await make_server(app, host, port).serve()

@@ -7,7 +7,7 @@ that could still begin one.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from tokenizers import Tokenizer
 
@@ -122,10 +122,9 @@ class Postprocessor:
             return None
         top_lists: Sequence[list[TokenLogprob]] = output.top_logprobs or [[] for _ in output.token_ids]
         entries = []
-        for token_id, logprob, top in zip(output.token_ids, output.logprobs, top_lists):
+        for token_id, logprob, top in zip(output.token_ids, output.logprobs, top_lists, strict=True):
             alternatives = [
-                TopLogprob(*self._token_texts.get(alt.token_id), alt.logprob)
-                for alt in top[: self._num_top_logprobs]
+                TopLogprob(*self._token_texts.get(alt.token_id), alt.logprob) for alt in top[: self._num_top_logprobs]
             ]
             entries.append(TokenLogprobs(*self._token_texts.get(token_id), logprob, alternatives))
         return entries
@@ -133,7 +132,7 @@ class Postprocessor:
 
 async def postprocess_stream(
     postprocessor: Postprocessor, outputs: AsyncIterator[EngineOutput]
-) -> AsyncIterator[StreamItem]:
+) -> AsyncGenerator[StreamItem, None]:
     """Stream items until the request finishes, then close the engine stream.
 
     Closing (not draining) is what aborts the request inside the engine when a stop

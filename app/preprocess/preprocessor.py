@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from app.errors import InvalidRequestError
 from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from app.preprocess.postprocessor import Postprocessor
 from app.preprocess.tokenizer import TokenTexts, load_tokenizer
 from app.protocol import PreprocessedRequest, SamplingOptions, StopConditions
-
 
 # Sampling defaults a model may set in generation_config.json; vLLM applies them too.
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")
@@ -99,7 +98,8 @@ class Preprocessor:
                     rendered[key] = value
             messages.append(rendered)
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            # tokenize=False: the rendered text (transformers types every return form at once).
+            return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         except Exception as exc:
             # Templates reject some conversations on purpose (raise_exception: roles out of
             # order, say) and trip over others (a tool call missing a key): both are the request's doing.

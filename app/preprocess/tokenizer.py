@@ -30,7 +30,9 @@ def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
 @functools.lru_cache(maxsize=1)
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-to-printable-character table, inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = list(printable)
     extra = 0
     for byte in range(256):
@@ -38,7 +40,7 @@ def _byte_level_alphabet() -> dict[str, int]:
             printable.append(byte)
             chars.append(256 + extra)
             extra += 1
-    return {chr(char): byte for byte, char in zip(printable, chars)}
+    return {chr(char): byte for byte, char in zip(printable, chars, strict=True)}
 
 
 class TokenTexts:

@@ -29,13 +29,18 @@ class RouterConfig(BaseModel):
     model: str = Field(default="", description="take the KV block size from this model's workers; default: any's")
     block_size: int | None = Field(default=None, ge=1, description="KV block size; default: the model record's")
     metrics_port: int | None = Field(
-        default=None, ge=1, le=65535,
+        default=None,
+        ge=1,
+        le=65535,
         description="serve Prometheus /metrics here (replica i on metrics-port + i): hit rate, decision time",
     )
 
 
 def router_replica(
-    runtime: Runtime, config: RouterConfig, workers: EndpointClient, replica: int,
+    runtime: Runtime,
+    config: RouterConfig,
+    workers: EndpointClient,
+    replica: int,
     registry: CollectorRegistry | None = None,
 ) -> RouterReplica:
     """The replica `config` describes, fed through `runtime`. `workers`: the client of the

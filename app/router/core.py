@@ -79,8 +79,11 @@ class RoutingCore:
             live = set(workers)
             overlaps = {w: n for w, n in self.index.find_matches(hashes).items() if w in live}
         ctx = RoutingContext(
-            request_id=request_id, block_hashes=hashes, overlaps=overlaps,
-            load=self.load.views(workers), workers=workers,
+            request_id=request_id,
+            block_hashes=hashes,
+            overlaps=overlaps,
+            load=self.load.views(workers),
+            workers=workers,
         )
         decision = self.policy.select_worker(ctx)
         self.counters.decisions += 1
@@ -95,7 +98,11 @@ class RoutingCore:
             self._observe_decision_seconds(elapsed)
         log.debug(
             "request %s -> worker %s (overlap %d/%d blocks, %.0f us)",
-            request_id, decision.worker_id, decision.overlap_blocks, decision.prompt_blocks, elapsed * 1e6,
+            request_id,
+            decision.worker_id,
+            decision.overlap_blocks,
+            decision.prompt_blocks,
+            elapsed * 1e6,
         )
         return decision
 

@@ -31,12 +31,12 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None =
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     prev = ROOT_PARENT if parent is None else parent
-    hashes = []
+    hashes: list[int] = []
     append = hashes.append
     # zip() over `block_size` references to one iterator cuts the tokens into block tuples
     # in C, and drops a partial last block; a slice and a tuple per block in Python cost a
     # third more for a 4k-token prompt.
-    for block in zip(*[iter(token_ids)] * block_size):
+    for block in zip(*[iter(token_ids)] * block_size, strict=False):
         prev = hash((prev, block))
         append(prev)
     return hashes

@@ -119,7 +119,9 @@ class KvIndex:
             self.malformed_events += 1
             log.warning(
                 "KV events from worker %s: BlockStored with %d blocks but %d tokens; skipped",
-                worker_id, len(engine_hashes), len(event.token_ids),
+                worker_id,
+                len(engine_hashes),
+                len(event.token_ids),
             )
             return
         router_hash_of = worker.router_hash_of
@@ -134,14 +136,18 @@ class KvIndex:
                 return
         holders = self._holders
         bit = worker.bit
-        for engine_hash, router_hash in zip(engine_hashes, block_hashes(event.token_ids, self.block_size, parent)):
+        for engine_hash, router_hash in zip(
+            engine_hashes, block_hashes(event.token_ids, self.block_size, parent), strict=True
+        ):
             known = router_hash_of.get(engine_hash)
             if known is not None:
                 if known == router_hash:
                     worker.engine_copies[engine_hash] = worker.engine_copies.get(engine_hash, 1) + 1
                 else:
                     self.malformed_events += 1
-                    log.warning("KV events from worker %s: engine hash %r reused for other tokens", worker_id, engine_hash)
+                    log.warning(
+                        "KV events from worker %s: engine hash %r reused for other tokens", worker_id, engine_hash
+                    )
                 continue
             router_hash_of[engine_hash] = router_hash
             mask = holders.get(router_hash, 0)

@@ -75,8 +75,12 @@ class LoadTracker:
 
     def on_routed(self, request_id: str, worker_id: str, prompt_blocks: int, overlap_blocks: int) -> PlacementEvent:
         event = PlacementEvent(
-            router_id=self.router_id, request_id=request_id, worker_id=worker_id, kind="routed",
-            prompt_blocks=prompt_blocks, overlap_blocks=overlap_blocks,
+            router_id=self.router_id,
+            request_id=request_id,
+            worker_id=worker_id,
+            kind="routed",
+            prompt_blocks=prompt_blocks,
+            overlap_blocks=overlap_blocks,
         )
         self._apply(event)
         return event

@@ -21,8 +21,10 @@ class RouterMetrics(Collector):
         self.registry = registry or CollectorRegistry()
         self.core: RoutingCore | None = None  # set once the replica has built it
         self.decision_seconds = Histogram(
-            "tandem_router_decision_seconds", "Time to pick a worker for one request",
-            buckets=_DECISION_BUCKETS, registry=self.registry,
+            "tandem_router_decision_seconds",
+            "Time to pick a worker for one request",
+            buckets=_DECISION_BUCKETS,
+            registry=self.registry,
         )
         self.registry.register(self)
 
@@ -43,8 +45,11 @@ class RouterMetrics(Collector):
         )
         yield GaugeMetricFamily("tandem_router_hit_rate", "hit_blocks / prompt_blocks so far", value=counters.hit_rate)
         yield CounterMetricFamily(
-            "tandem_router_rejected_kv_batches", "KV event batches rejected (block size mismatch)",
+            "tandem_router_rejected_kv_batches",
+            "KV event batches rejected (block size mismatch)",
             value=counters.rejected_batches,
         )
-        yield CounterMetricFamily("tandem_router_kv_seq_gaps", "Gaps seen in workers' KV event sequences", value=core.seq_gaps)
+        yield CounterMetricFamily(
+            "tandem_router_kv_seq_gaps", "Gaps seen in workers' KV event sequences", value=core.seq_gaps
+        )
         yield GaugeMetricFamily("tandem_router_indexed_blocks", "Blocks in the KV index", value=core.index.num_blocks())

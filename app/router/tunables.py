@@ -28,8 +28,13 @@ class PolicyTunable(Tunable[LivePolicy]):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--policy", help=f"the routing policy: {' | '.join(POLICIES)}")
-        parser.add_argument("--knob", action="append", default=[], metavar="KEY=VALUE",
-                            help="a knob of that policy, its value read as YAML (repeatable)")
+        parser.add_argument(
+            "--knob",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="a knob of that policy, its value read as YAML (repeatable)",
+        )
 
     def value_from_args(self, args: argparse.Namespace) -> LivePolicy | None:
         if args.policy is None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import time
+from typing import TypeVar
 
 import etcd3aio
 import grpc.aio
@@ -20,6 +21,15 @@ log = logging.getLogger(__name__)
 
 _FIRST_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 2.0
+
+S = TypeVar("S")
+
+
+def etcd_service(service: S | None) -> S:
+    """One of an etcd3aio client's services (kv, lease, watch): None before `connect()` and after `close()`."""
+    if service is None:
+        raise RuntimeError("the etcd client is not connected")
+    return service
 
 
 async def connect_nats(settings: RuntimeSettings) -> NatsClient:
@@ -53,7 +63,7 @@ async def connect_nats(settings: RuntimeSettings) -> NatsClient:
             ),
             timeout=settings.connect_timeout_s,
         )
-    except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
         raise ConnectError(
             f"cannot reach NATS at {settings.nats_server} within {settings.connect_timeout_s:g}s "
             f"(set NATS_SERVER): {type(exc).__name__}"
@@ -97,9 +107,9 @@ async def connect_etcd(settings: RuntimeSettings) -> etcd3aio.Etcd3Client:
             endpoints = [await _resolve_ipv4(url) for url in settings.etcd_urls()]
             client = etcd3aio.Etcd3Client(endpoints)
             await client.connect()
-            await client.kv.get(ETCD_ROOT.encode(), timeout=min(2.0, max(remaining, 0.1)), max_attempts=1)
+            await etcd_service(client.kv).get(ETCD_ROOT.encode(), timeout=min(2.0, max(remaining, 0.1)), max_attempts=1)
             return client
-        except (OSError, asyncio.TimeoutError, etcd3aio.EtcdError, grpc.aio.AioRpcError) as exc:
+        except (TimeoutError, OSError, etcd3aio.EtcdError, grpc.aio.AioRpcError) as exc:
             last_error = exc
             if client is not None:
                 await client.close()

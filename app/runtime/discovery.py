@@ -21,6 +21,7 @@ import grpc.aio
 import msgspec
 
 from app.protocol import InstanceRecord, ModelRecord, names
+from app.runtime.connect import etcd_service
 from app.runtime.wire import decoder_for, encoder
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,12 @@ class PrefixWatch(Generic[T]):
             return None
 
     async def _load(self) -> int:
-        resp = await self._client.kv.get(self._prefix, _prefix_end(self._prefix), timeout=_RPC_TIMEOUT_S)
+        resp = await etcd_service(self._client.kv).get(self._prefix, _prefix_end(self._prefix), timeout=_RPC_TIMEOUT_S)
         fresh: dict[str, T] = {}
         for kv in resp.kvs:
             value = self._decode(kv.value)
             if value is not None:
-                fresh[kv.key[len(self._prefix):].decode()] = value
+                fresh[kv.key[len(self._prefix) :].decode()] = value
         for key in self.items.keys() - fresh.keys():
             self._apply(key, None)
         for key, value in fresh.items():
@@ -111,12 +112,14 @@ class PrefixWatch(Generic[T]):
     async def _run(self, revision: int) -> None:
         while True:
             try:
-                watch = self._client.watch.watch(self._prefix, _prefix_end(self._prefix), start_revision=revision + 1)
+                watch = etcd_service(self._client.watch).watch(
+                    self._prefix, _prefix_end(self._prefix), start_revision=revision + 1
+                )
                 async for resp in watch:
                     if resp.compact_revision > 0 or resp.canceled:
                         break  # events were lost: reload below
                     for event in resp.events:
-                        key = event.kv.key[len(self._prefix):].decode()
+                        key = event.kv.key[len(self._prefix) :].decode()
                         value = None if event.type == _EVENT_DELETE else self._decode(event.kv.value)
                         self._apply(key, value)
                     revision = max(revision, resp.header.revision)
@@ -196,7 +199,7 @@ class Discovery:
     # --- lease --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        grant = await self._client.lease.grant(self._ttl, timeout=_RPC_TIMEOUT_S)
+        grant = await etcd_service(self._client.lease).grant(self._ttl, timeout=_RPC_TIMEOUT_S)
         self.lease_id = grant.ID
         self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="etcd-lease-keepalive")
 
@@ -209,13 +212,13 @@ class Discovery:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keepalive_task
         try:
-            await self._client.lease.revoke(self.lease_id, timeout=_RPC_TIMEOUT_S)
+            await etcd_service(self._client.lease).revoke(self.lease_id, timeout=_RPC_TIMEOUT_S)
         except _ETCD_ERRORS as exc:
             log.warning("etcd: lease revoke failed (%s); records expire within %ds", exc, self._ttl)
         self._owned.clear()
 
     async def _keepalive_once(self) -> int:
-        call = self._client.lease.keep_alive(self.lease_id)
+        call = etcd_service(self._client.lease).keep_alive(self.lease_id)
         try:
             async with asyncio.timeout(_RPC_TIMEOUT_S):
                 async for resp in call:
@@ -240,16 +243,16 @@ class Discovery:
                 interval = _RETRY_S
 
     async def _restore_lease(self) -> None:
-        await self._client.lease.grant(self._ttl, lease_id=self.lease_id, timeout=_RPC_TIMEOUT_S)
+        await etcd_service(self._client.lease).grant(self._ttl, lease_id=self.lease_id, timeout=_RPC_TIMEOUT_S)
         for key, value in list(self._owned.items()):
-            await self._client.kv.put(key, value, lease=self.lease_id, timeout=_RPC_TIMEOUT_S)
+            await etcd_service(self._client.kv).put(key, value, lease=self.lease_id, timeout=_RPC_TIMEOUT_S)
 
     async def register(self, key: str, value: Any) -> None:
         """Put a record attached to the process lease (restored if the lease is ever lost)."""
         raw_key, raw_value = key.encode(), encoder.encode(value)
         self._owned[raw_key] = raw_value
         try:
-            await self._client.kv.put(raw_key, raw_value, lease=self.lease_id, timeout=_RPC_TIMEOUT_S)
+            await etcd_service(self._client.kv).put(raw_key, raw_value, lease=self.lease_id, timeout=_RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             # The lease expires whenever this process blocks its event loop past the TTL
             # (a large model's engine start does). The record is owned already, so
@@ -262,7 +265,7 @@ class Discovery:
     async def deregister(self, key: str) -> None:
         raw_key = key.encode()
         self._owned.pop(raw_key, None)
-        await self._client.kv.delete(raw_key, timeout=_RPC_TIMEOUT_S)
+        await etcd_service(self._client.kv).delete(raw_key, timeout=_RPC_TIMEOUT_S)
 
     # --- keys ---------------------------------------------------------------------------
 
@@ -289,7 +292,7 @@ class Discovery:
 
     async def list_models(self) -> dict[str, list[ModelRecord]]:
         prefix = names.models_prefix(self._namespace).encode()
-        resp = await self._client.kv.get(prefix, _prefix_end(prefix), timeout=_RPC_TIMEOUT_S)
+        resp = await etcd_service(self._client.kv).get(prefix, _prefix_end(prefix), timeout=_RPC_TIMEOUT_S)
         decoder = decoder_for(ModelRecord)
         return _group_models(decoder.decode(kv.value) for kv in resp.kvs)
 
@@ -300,13 +303,13 @@ class Discovery:
 
     async def put_tunable(self, key: str, value: Any) -> None:
         raw_key = names.tunable_key(self._namespace, key)
-        await self._client.kv.put(raw_key, encoder.encode(value), timeout=_RPC_TIMEOUT_S)
+        await etcd_service(self._client.kv).put(raw_key, encoder.encode(value), timeout=_RPC_TIMEOUT_S)
 
     async def delete_tunable(self, key: str) -> None:
-        await self._client.kv.delete(names.tunable_key(self._namespace, key), timeout=_RPC_TIMEOUT_S)
+        await etcd_service(self._client.kv).delete(names.tunable_key(self._namespace, key), timeout=_RPC_TIMEOUT_S)
 
     async def get_tunable(self, key: str, default: Any = None) -> Any:
-        resp = await self._client.kv.get(names.tunable_key(self._namespace, key), timeout=_RPC_TIMEOUT_S)
+        resp = await etcd_service(self._client.kv).get(names.tunable_key(self._namespace, key), timeout=_RPC_TIMEOUT_S)
         if not resp.kvs:
             return default
         return decoder_for(None).decode(resp.kvs[0].value)

@@ -18,7 +18,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -27,16 +27,16 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
+from app.errors import ErrorCode, InternalError, InvalidRequestError, PayloadTooLargeError, TandemError, error_for_code
 from app.protocol import InstanceRecord, names
 from app.runtime import wire
 from app.runtime.connect import confirm_subscriptions
 from app.runtime.discovery import Discovery, PrefixWatch
-from app.errors import ErrorCode, InternalError, InvalidRequestError, PayloadTooLargeError, TandemError, error_for_code
 from app.runtime.errors import CallTimeoutError, InstanceGoneError, NoInstancesError
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any, "RequestContext"], AsyncIterator[Any]]
+Handler = Callable[[Any, "RequestContext"], AsyncGenerator[Any, None]]
 
 # Markers a caller's queue may hold besides frames (bytes).
 _NO_RESPONDERS = object()
@@ -122,12 +122,15 @@ class ServedEndpoint:
         try:
             envelope = wire.envelope_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            await self._nc.publish(msg.reply, wire.encode_error(ErrorCode.INVALID_REQUEST, f"undecodable request: {exc}"))
+            await self._nc.publish(
+                msg.reply, wire.encode_error(ErrorCode.INVALID_REQUEST, f"undecodable request: {exc}")
+            )
             return
         ctx = RequestContext(envelope.request_id)
         task = asyncio.create_task(self._handle(msg.reply, envelope.payload, ctx))
         self._inflight[msg.reply] = (task, ctx)
-        task.add_done_callback(lambda _, reply=msg.reply: self._inflight.pop(reply, None))
+        reply = msg.reply
+        task.add_done_callback(lambda _: self._inflight.pop(reply, None))
 
     async def _on_control(self, msg: Msg) -> None:
         entry = self._inflight.get(msg.data.decode())
@@ -173,7 +176,16 @@ class _ReplyFrames:
     still pending into the last frame. A flush that finds nothing to send, before
     anything was sent, sends ACCEPTED."""
 
-    __slots__ = ("_nc", "_reply", "_request_id", "_pending", "_pending_bytes", "_flush_scheduled", "_flush_task", "_sent")
+    __slots__ = (
+        "_nc",
+        "_reply",
+        "_request_id",
+        "_pending",
+        "_pending_bytes",
+        "_flush_scheduled",
+        "_flush_task",
+        "_sent",
+    )
 
     def __init__(self, nc: NatsClient, reply: str, request_id: str) -> None:
         self._nc = nc
@@ -276,7 +288,7 @@ class ReplyRouter:
         self._calls.pop(call.token, None)
 
     async def _on_reply(self, msg: Msg) -> None:
-        call = self._calls.get(msg.subject[len(self._prefix):])
+        call = self._calls.get(msg.subject[len(self._prefix) :])
         if call is None:
             return  # a late frame of a call already given up
         if not msg.data and msg.headers and msg.headers.get(_NATS_STATUS) == _NO_RESPONDERS_STATUS:
@@ -401,7 +413,7 @@ class EndpointClient:
         response_type: Any = None,
         request_id: str | None = None,
         accept_timeout: float | None = None,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Stream the handler's items. Closing the iterator early cancels the callee.
 
         `accept_timeout` (default: the runtime's `request_ack_timeout_s`) bounds the wait for
@@ -485,7 +497,9 @@ class EndpointClient:
                         await self._nc.publish(names.control_subject(record.subject), call.reply.encode())
 
 
-def instance_record(namespace: str, service: str, endpoint: str, instance_id: str, host: str, metadata: dict[str, Any]) -> InstanceRecord:
+def instance_record(
+    namespace: str, service: str, endpoint: str, instance_id: str, host: str, metadata: dict[str, Any]
+) -> InstanceRecord:
     return InstanceRecord(
         namespace=namespace,
         service=service,

@@ -181,5 +181,3 @@ async def _close_connected(nats_task: asyncio.Task[NatsClient], etcd_task: async
             continue
         with contextlib.suppress(Exception):
             await task.result().close()
-
-

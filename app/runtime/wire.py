@@ -68,10 +68,6 @@ def batch_decoder_for(type_: Any) -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder() if type_ is None else msgspec.msgpack.Decoder(list[type_])
 
 
-def encode_data(item: Any) -> bytes:
-    return DATA_PREFIX + encoder.encode(item)
-
-
 def encode_batch(kind: int, items: list[bytes]) -> bytes:
     """A batch or last frame from items msgpack-encoded one by one (as they were yielded:
     encoding at once keeps what the handler yielded, whatever it mutates later)."""

@@ -2,12 +2,13 @@
 
 from app.sdk.config import ConfigError, EngineConfig, GraphConfig, ServiceArgs, load_config
 from app.sdk.runner import ServiceContext, run_service
-from app.sdk.service import depends, endpoint, on_shutdown, on_start, service
+from app.sdk.service import Service, depends, endpoint, on_shutdown, on_start, service
 
 __all__ = [
     "ConfigError",
     "EngineConfig",
     "GraphConfig",
+    "Service",
     "ServiceArgs",
     "ServiceContext",
     "depends",

@@ -40,7 +40,8 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gpu: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="GPUs of its own for each process (CUDA_VISIBLE_DEVICES, app/launch/devices.py); "
         "0: the devices its environment gives it",
     )
@@ -225,8 +226,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Graph
     bad = [f"{name}: the section must be a mapping" for name, s in raw.items() if not isinstance(s, dict | None)]
     if bad:
         raise ConfigError(bad)
-    config = GraphConfig(str(Path(path).resolve()) if path is not None else None,
-                         {str(name): dict(section or {}) for name, section in raw.items()})
+    config = GraphConfig(
+        str(Path(path).resolve()) if path is not None else None,
+        {str(name): dict(section or {}) for name, section in raw.items()},
+    )
     for arg in overrides:
         config.apply_override(arg)
     return config
@@ -253,8 +256,10 @@ def _check_engine_args(service: str, values: dict[str, Any], spelled: dict[str, 
     unknown = [k for k in values["engine_args"] if k not in names]
     if unknown:
         raise ConfigError(
-            [f"{service}: unknown key {spelled.get(k, k)!r} (neither a {service} key nor a {engine} engine argument)"
-             for k in unknown]
+            [
+                f"{service}: unknown key {spelled.get(k, k)!r} (neither a {service} key nor a {engine} engine argument)"
+                for k in unknown
+            ]
         )
 
 

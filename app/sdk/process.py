@@ -29,7 +29,8 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_graph_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--graph", metavar="MODULE:Service",
+        "--graph",
+        metavar="MODULE:Service",
         help="the graph this service runs in (default: the service and its dependencies)",
     )
 

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from app import env
 from app.sdk.config import GraphConfig
@@ -17,6 +17,7 @@ from app.sdk.service import EndpointSpec, spec_of
 from app.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ServiceContext:
@@ -48,10 +49,10 @@ def configure_logging(service_name: str, replica: int, level: int = logging.INFO
     )
 
 
-def _endpoint_handler(instance: Any, ep: EndpointSpec) -> Callable[[Any, Any], AsyncIterator[Any]]:
+def _endpoint_handler(instance: Any, ep: EndpointSpec) -> Callable[[Any, Any], AsyncGenerator[Any, None]]:
     method = getattr(instance, ep.method_name)
 
-    async def handle(payload: Any, ctx: Any) -> AsyncIterator[Any]:
+    async def handle(payload: Any, ctx: Any) -> AsyncGenerator[Any, None]:
         stream = method(payload, ctx) if ep.wants_context else method(payload)
         # aclosing: when the caller goes away the runtime closes this generator, and the
         # endpoint's own `finally` (e.g. aborting the engine request) must run at once.
@@ -63,7 +64,7 @@ def _endpoint_handler(instance: Any, ep: EndpointSpec) -> Callable[[Any, Any], A
 
 
 async def run_service(
-    cls: type,
+    cls: type[Any],
     config: GraphConfig,
     settings: RuntimeSettings,
     *,
@@ -100,7 +101,8 @@ async def run_service(
     log.info("connected: instance %s, namespace %s", runtime.instance_id, runtime.namespace)
     try:
         # Injected before __init__ so that a service may use its config there already.
-        instance = cls.__new__(cls)
+        # Any: the attributes below are the runner's to set on whatever class the service is.
+        instance: Any = cast(Any, cls).__new__(cls)
         instance.config = service_config
         instance.runtime = runtime
         instance.ctx = ctx

@@ -10,7 +10,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict
 
@@ -85,10 +85,22 @@ class Link:
         return Link(self._module, target)
 
 
-def _link(cls: type, target: type) -> Link:
-    # The edge belongs to the module whose top level wrote `A.link(B)`.
-    module = sys._getframe(1).f_globals.get("__name__", "__main__")
-    return Link(module, cls).link(target)
+class Service:
+    """Base of the service classes: `A.link(B)` declares an edge of the graph of the module that calls it."""
+
+    @classmethod
+    def link(cls, target: type) -> Link:
+        # The edge belongs to the module whose top level wrote `A.link(B)`.
+        module = sys._getframe(1).f_globals.get("__name__", "__main__")
+        return Link(module, cls).link(target)
+
+
+@overload
+def service(cls: C, /) -> C: ...
+
+
+@overload
+def service(*, config: type[BaseModel] | None = None, name: str | None = None) -> Callable[[C], C]: ...
 
 
 def service(
@@ -111,11 +123,18 @@ def service(
                 elif hook == "shutdown" and attr not in spec.on_shutdown:
                     spec.on_shutdown.append(attr)
         setattr(target, _SPEC_ATTR, spec)
-        target.link = classmethod(_link)  # type: ignore[attr-defined]
         SERVICES[spec.name] = spec
         return target
 
     return decorate(cls) if cls is not None else decorate
+
+
+@overload
+def endpoint(fn: F, /) -> F: ...
+
+
+@overload
+def endpoint(*, request: type | None = None) -> Callable[[F], F]: ...
 
 
 def endpoint(fn: F | None = None, *, request: type | None = None) -> F | Callable[[F], F]:

@@ -84,8 +84,11 @@ def supervisord_programs(services: Sequence[ServiceProcesses]) -> list[Program]:
             environment = {env.TANDEM_REPLICA.name: str(replica)}
             if devices:
                 environment[env.CUDA_VISIBLE_DEVICES.name] = ",".join(devices)
-            programs.append(Program(process_name(service.name, replica), service.command, stop_wait_s,
-                                    environment, group=service.name))
+            programs.append(
+                Program(
+                    process_name(service.name, replica), service.command, stop_wait_s, environment, group=service.name
+                )
+            )
     return programs
 
 

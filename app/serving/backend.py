@@ -48,7 +48,9 @@ def remote_processor_generate(chat: EndpointClient, completions: EndpointClient)
     clients = {"chat": chat, "completion": completions}
 
     async def generate(kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
-        stream = clients[kind].stream(request.model_dump(exclude_unset=True), response_type=StreamItem, request_id=request_id)
+        stream = clients[kind].stream(
+            request.model_dump(exclude_unset=True), response_type=StreamItem, request_id=request_id
+        )
         async with contextlib.aclosing(stream) as items:
             async for item in items:
                 yield item

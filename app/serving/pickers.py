@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 from app.errors import NoWorkerError
-from app.protocol import PlacementEvent, PreprocessedRequest, RouteDecision, RouteRequest, names
+from app.protocol import PlacementEvent, PlacementKind, PreprocessedRequest, RouteDecision, RouteRequest, names
 from app.router.placements import PlacementPublisher
 from app.runtime import EndpointClient, Runtime
 
@@ -36,8 +36,10 @@ START_WAIT_S = 5.0
 Spread = Literal["round-robin", "random"]
 
 
-class Placement(abc.ABC):
-    """Where one request went; the pipeline says when its prefill is done and when it ends."""
+class Placement:
+    """Where one request went; the pipeline says when its prefill is done and when it ends.
+
+    The hooks do nothing here: a picker that accounts for load subclasses it."""
 
     def __init__(self, decision: RouteDecision) -> None:
         self.decision = decision
@@ -46,15 +48,11 @@ class Placement(abc.ABC):
     def worker_id(self) -> str:
         return self.decision.worker_id
 
-    def prefill_done(self) -> None:  # noqa: B027 - a placement nobody accounts for does nothing
+    def prefill_done(self) -> None:
         """The first output arrived: the prompt's blocks now sit in the worker's KV cache."""
 
-    def finished(self) -> None:  # noqa: B027
+    def finished(self) -> None:
         """The request ended (whichever way): its blocks no longer count as the worker's load."""
-
-
-class _Unaccounted(Placement):
-    pass
 
 
 class WorkerPicker(abc.ABC):
@@ -85,7 +83,7 @@ class SpreadPicker(WorkerPicker):
         if not workers:
             raise NoWorkerError(f"no {names.VLLM_WORKER} is serving" + (" but those that failed it" if exclude else ""))
         chosen = random.choice(workers) if self._spread == "random" else workers[next(self._turn) % len(workers)]
-        return _Unaccounted(RouteDecision(worker_id=chosen))
+        return Placement(RouteDecision(worker_id=chosen))  # spread: nobody accounts for load
 
 
 class _Published(Placement):
@@ -95,7 +93,7 @@ class _Published(Placement):
         self._source = source
         self._publisher = publisher
 
-    def _publish(self, kind: str) -> None:
+    def _publish(self, kind: PlacementKind) -> None:
         self._publisher.publish(
             PlacementEvent(router_id=self._source, request_id=self._request_id, worker_id=self.worker_id, kind=kind)
         )
@@ -128,8 +126,13 @@ class RouterServicePicker(WorkerPicker):
             response_type=RouteDecision,
             target="round_robin",
         )
-        log.debug("%s: routed to %s (%d/%d blocks cached)", request.request_id, decision.worker_id,
-                  decision.overlap_blocks, decision.prompt_blocks)
+        log.debug(
+            "%s: routed to %s (%d/%d blocks cached)",
+            request.request_id,
+            decision.worker_id,
+            decision.overlap_blocks,
+            decision.prompt_blocks,
+        )
         return _Published(decision, request.request_id, self._source, self._publisher)
 
 

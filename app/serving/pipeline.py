@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from app.errors import WorkerUnavailableError
 from app.openai.schema import ChatCompletionRequest, OpenAIRequest
@@ -38,9 +38,7 @@ def _prompt_chars(request: OpenAIRequest) -> int:
 
 
 class RequestPipeline:
-    def __init__(
-        self, model: str, max_model_len: int | None, picker: WorkerPicker, workers: EndpointClient
-    ) -> None:
+    def __init__(self, model: str, max_model_len: int | None, picker: WorkerPicker, workers: EndpointClient) -> None:
         self._model = model
         self._max_model_len = max_model_len
         self._picker = picker
@@ -57,7 +55,7 @@ class RequestPipeline:
     async def close(self) -> None:
         await self._picker.close()
 
-    async def generate(self, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
+    async def generate(self, request: OpenAIRequest, request_id: str) -> AsyncGenerator[StreamItem, None]:
         assert self._preprocessor is not None, "request before start()"
         if _prompt_chars(request) <= INLINE_PREPROCESS_CHARS:
             preprocessed = self._preprocessor.preprocess(request, request_id)
@@ -78,7 +76,9 @@ class RequestPipeline:
         finally:
             placement.finished()
 
-    async def _stream_from_a_worker(self, request: PreprocessedRequest) -> tuple[Placement, AsyncIterator[EngineOutput]]:
+    async def _stream_from_a_worker(
+        self, request: PreprocessedRequest
+    ) -> tuple[Placement, AsyncGenerator[EngineOutput, None]]:
         """A worker's output stream that has produced its first output.
 
         A worker that fails the request before that (its engine died, it left discovery
@@ -98,19 +98,25 @@ class RequestPipeline:
             except StopAsyncIteration:
                 return placement, outputs
             except Exception as exc:
-                await outputs.aclose()  # type: ignore[attr-defined]
+                await outputs.aclose()
                 placement.finished()
                 if not isinstance(exc, WorkerUnavailableError) or len(failed) >= MAX_REROUTES:
                     raise
-                log.warning("%s: worker %s failed before the first token (%s); re-routing",
-                            request.request_id, placement.worker_id, exc)
+                log.warning(
+                    "%s: worker %s failed before the first token (%s); re-routing",
+                    request.request_id,
+                    placement.worker_id,
+                    exc,
+                )
                 failed.append(placement.worker_id)
                 continue
             return placement, _starting_with(first, outputs)
 
 
-async def _starting_with(first: EngineOutput, rest: AsyncIterator[EngineOutput]) -> AsyncIterator[EngineOutput]:
-    async with contextlib.aclosing(rest):  # type: ignore[type-var]
+async def _starting_with(
+    first: EngineOutput, rest: AsyncGenerator[EngineOutput, None]
+) -> AsyncGenerator[EngineOutput, None]:
+    async with contextlib.aclosing(rest):
         yield first
         async for output in rest:
             yield output

@@ -85,7 +85,11 @@ def tandem_image(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathF
     with log_path.open("w") as log:
         result = subprocess.run(
             [str(REPO_ROOT / "scripts" / "docker-build.sh"), "cpu", IMAGE],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=BUILD_TIMEOUT_S,
         )
     if result.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])

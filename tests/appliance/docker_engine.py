@@ -1,13 +1,14 @@
 """A private Docker engine for the appliance tests: dockerd as a child process of the test run.
 
 No Docker engine runs on these machines and none may be shared, so the tests start their own
-(FACTS.md): no bridge network (host networking only), no iptables changes, and its own
+(docs/appliance.md, "Tested here"): no bridge network (host networking only), no iptables changes, and its own
 data root, exec root, pidfile and unix socket, so it never meets another engine on the
 same machine. It is stopped by its PID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -36,7 +37,9 @@ def install_missing_packages() -> None:
     if not missing:
         return
     if os.geteuid() != 0:
-        raise DockerEngineError(f"the appliance tests need {', '.join(missing)}; run them as root or apt-get install them")
+        raise DockerEngineError(
+            f"the appliance tests need {', '.join(missing)}; run them as root or apt-get install them"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", *missing]):
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -69,7 +72,10 @@ class DockerEngine:
         self.data_root.mkdir(parents=True, exist_ok=True)
         command = [
             "dockerd",
-            "--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-forward=false",
+            "--ip-masq=false",
             f"--data-root={self.data_root}",
             f"--exec-root={self.run_dir / 'exec'}",
             f"--pidfile={self.run_dir / 'dockerd.pid'}",
@@ -103,12 +109,12 @@ class DockerEngine:
             process.wait()
         # Container shims detach from dockerd; those of this engine name its exec root.
         exec_root = str(self.run_dir / "exec")
-        shims = [p for p in psutil.process_iter(["cmdline"]) if any(exec_root in arg for arg in p.info["cmdline"] or ())]
+        shims = [
+            p for p in psutil.process_iter(["cmdline"]) if any(exec_root in arg for arg in p.info["cmdline"] or ())
+        ]
         for leftover in (*descendants, *shims):
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 leftover.kill()
-            except psutil.NoSuchProcess:
-                pass
         self._unmount_leftovers()
 
     def _unmount_leftovers(self) -> None:

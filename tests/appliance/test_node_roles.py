@@ -57,9 +57,7 @@ pytestmark = pytest.mark.appliance
 
 BUILD, MAKE_MODEL, MAKE_HEAD, CURL, MAKE_PREFILL, MAKE_RAY_HEAD, MAKE_RAY_WORKER, MAKE_DOWN = doc_block(
     "appliance-cpu"
-).expect(
-    "make build", "mkdir", "make head", "curl", "make prefill", "make ray-head", "make ray-worker", "make down"
-)
+).expect("make build", "mkdir", "make head", "curl", "make prefill", "make ray-head", "make ray-worker", "make down")
 HEAD_CONTAINER = "tandem-head"
 # The CPU compose file's default config: the decode engine on core 0 prefills prompts up to
 # 64 tokens itself and hands longer ones to PrefillWorkers, whose engines use core 1.
@@ -76,8 +74,14 @@ START_TIMEOUT_S = 420
 # took from 1 to 5.5 minutes here, depending on what else the machine ran.
 PREFILL_START_TIMEOUT_S = 900
 # Ray binds these at fixed defaults unless told otherwise (tests/e2e/ray_harness.py).
-RAY_NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-                  "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+RAY_NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
 RAY_JOIN_TIMEOUT_S = 300
 # Past the config's max-local-prefill-length (64 tokens): prefilled remotely.
 LONG_PROMPT = " ".join(f"appliance-{i}" for i in range(80))
@@ -93,7 +97,10 @@ class Deployment:
     @property
     def runtime_settings(self) -> RuntimeSettings:
         return RuntimeSettings(
-            nats_server=self.nats_server, etcd_endpoints=self.etcd_endpoints, namespace=NAMESPACE, connect_timeout_s=10.0
+            nats_server=self.nats_server,
+            etcd_endpoints=self.etcd_endpoints,
+            namespace=NAMESPACE,
+            connect_timeout_s=10.0,
         )
 
 
@@ -127,7 +134,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
         path = env_dir / f"{role}.env"
         ports = " ".join(f"--{name}={free_port()}" for name in RAY_NODE_PORTS)
         head_only = " --include-dashboard=false" if role == "ray-head" else ""
-        text = _set(path.read_text(), "RAY_START_ARGS", f"--num-cpus=1 --object-store-memory=100000000 {ports}{head_only}")
+        text = _set(
+            path.read_text(), "RAY_START_ARGS", f"--num-cpus=1 --object-store-memory=100000000 {ports}{head_only}"
+        )
         text = _set(text, "GRAPH", "") if role == "ray-head" else text
         path.write_text(text)
     return Deployment(env_dir, root / "models", nats_server, etcd_endpoints)
@@ -140,10 +149,13 @@ def shell(
     """The operator's terminal in the repository, for the block's commands."""
     engine = docker_engine.env()
     env = user_environment(
-        DOCKER_HOST=engine["DOCKER_HOST"], DOCKER=engine["DOCKER"], IMAGE=tandem_image,
+        DOCKER_HOST=engine["DOCKER_HOST"],
+        DOCKER=engine["DOCKER"],
+        IMAGE=tandem_image,
         TANDEM_DOCKER_CACHE=str(cache_dir()),
-        TANDEM_ENV_DIR=str(deployment.env_dir), TANDEM_MODEL_CACHE=str(deployment.models_dir),
-    )  # fmt: skip
+        TANDEM_ENV_DIR=str(deployment.env_dir),
+        TANDEM_MODEL_CACHE=str(deployment.models_dir),
+    )
     placeholders = {"head-ip": NODE_IP, "ray-head-ip": NODE_IP}
     return DocShell(tmp_path_factory.mktemp("appliance-shell"), env=env, placeholders=placeholders)
 
@@ -217,8 +229,11 @@ def _wait_for_model(client: docker.DockerClient) -> None:
 async def test_head_streams_a_chat_completion_on_port_8000(head: DocShell) -> None:
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{FRONTEND_PORT}/v1", api_key="unused")
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Tell me about Eldoria."}],
-        stream=True, max_tokens=16, temperature=0,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me about Eldoria."}],
+        stream=True,
+        max_tokens=16,
+        temperature=0,
     )
     pieces, finish = [], None
     async for chunk in stream:
@@ -293,7 +308,11 @@ async def test_long_prompt_is_prefilled_by_the_prefill_container(
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{FRONTEND_PORT}/v1", api_key="unused", timeout=120)
     started = time.monotonic()
     response = await client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": LONG_PROMPT}], stream=True, max_tokens=8, temperature=0,
+        model=MODEL,
+        messages=[{"role": "user", "content": LONG_PROMPT}],
+        stream=True,
+        max_tokens=8,
+        temperature=0,
     )
     text = "".join([chunk.choices[0].delta.content or "" async for chunk in response.parse() if chunk.choices])
     took_s = time.monotonic() - started
@@ -349,9 +368,13 @@ async def _decode_pulled_kv() -> dict[str, float]:
     port = yaml.safe_load((REPO_ROOT / CONFIG).read_text())["VllmWorker"]["metrics-port"]
     async with httpx.AsyncClient(timeout=10) as http:
         text = (await http.get(f"http://{NODE_IP}:{port}/metrics")).raise_for_status().text
-    samples = {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
-    return {"tokens": samples["tandem_worker_external_kv_prompt_tokens_total"],
-            "bytes": samples["tandem_worker_kv_transfer_bytes_total"]}
+    samples = {
+        sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+    return {
+        "tokens": samples["tandem_worker_external_kv_prompt_tokens_total"],
+        "bytes": samples["tandem_worker_kv_transfer_bytes_total"],
+    }
 
 
 def _dashboard_metrics() -> set[str]:
@@ -364,13 +387,13 @@ def _dashboard_metrics() -> set[str]:
 def _scrape_targets() -> dict[str, list[str]]:
     """compose/prometheus.yml's static targets by job."""
     config = yaml.safe_load((REPO_ROOT / "compose" / "prometheus.yml").read_text())
-    return {job["job_name"]: [t for group in job["static_configs"] for t in group["targets"]]
-            for job in config["scrape_configs"]}
+    return {
+        job["job_name"]: [t for group in job["static_configs"] for t in group["targets"]]
+        for job in config["scrape_configs"]
+    }
 
 
-async def test_every_metric_on_the_dashboard_is_served(
-    prefill_node: DockerContainer, deployment: Deployment
-) -> None:
+async def test_every_metric_on_the_dashboard_is_served(prefill_node: DockerContainer, deployment: Deployment) -> None:
     """The metrics profile's Prometheus scrapes the head at the shipped file's targets and
     each prefill node at its PrefillWorker's metrics-port; every series the dashboard
     queries must be on one of them (after one remote prefill and one error, so that
@@ -399,9 +422,7 @@ def _ray_cluster_slots(client: docker.DockerClient, address: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_ray_head_and_worker_containers_form_one_cluster(
-    head: DocShell, docker_client: docker.DockerClient
-) -> None:
+def test_ray_head_and_worker_containers_form_one_cluster(head: DocShell, docker_client: docker.DockerClient) -> None:
     """`make ray-head` and `make ray-worker RAY_ADDRESS=...` as on two nodes: the head's
     cluster then offers both nodes' vLLM CPU worker slots (one each)."""
     worker_command = MAKE_RAY_WORKER.substituted(head.placeholders)

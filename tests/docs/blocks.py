@@ -165,9 +165,7 @@ def read_blocks(text: str, document: str) -> list[Block]:
         if fence is None:
             index += 1
             continue
-        closing = next(
-            (i for i in range(index + 1, len(lines)) if lines[i].strip().startswith(fence["fence"])), None
-        )
+        closing = next((i for i in range(index + 1, len(lines)) if lines[i].strip().startswith(fence["fence"])), None)
         if closing is None:
             raise DocBlockError(f"{document}:{index + 1}: a fence that is never closed")
         if fence["info"] in _SHELL_LANGUAGES:
@@ -328,8 +326,10 @@ def audit(blocks: Iterable[Block], claims: Iterable[Claim]) -> list[str]:
     marked_at: dict[str, list[str]] = {}
     for block in blocks:
         if block.marker is None:
-            problems.append(f"{block.where}: a shell block without a doc-test marker (name it for the test that runs "
-                            "it, or `skip: WHY` where nothing can run it here)")
+            problems.append(
+                f"{block.where}: a shell block without a doc-test marker (name it for the test that runs "
+                "it, or `skip: WHY` where nothing can run it here)"
+            )
         elif block.marker.startswith(_SKIP):
             if not block.skip_reason:
                 problems.append(f"{block.where}: `skip:` without a reason")

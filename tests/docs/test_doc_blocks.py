@@ -78,7 +78,7 @@ def test_continuations_join_lines_and_quoted_strings_span_them() -> None:
     )
     assert commands == [
         'curl 127.0.0.1:8000/v1/chat/completions   -H "Content-Type: application/json"   '
-        "-d '{\"model\": \"tiny-llama\", \"stream\": true,\n"
+        '-d \'{"model": "tiny-llama", "stream": true,\n'
         '       "messages": [{"role": "user", "content": "it is # not a comment"}]}\'',
         "make down",
     ]
@@ -163,10 +163,21 @@ def test_audit_passes_when_each_named_block_has_one_claim() -> None:
 
 
 def test_audit_reports_unmarked_unclaimed_twice_claimed_and_unknown_blocks() -> None:
-    blocks = [_block(None, 1), _block("lonely", 10), _block("popular", 20), _block("skip:", 30), _block("Bad Name", 40),
-              _block("twin", 50), _block("twin", 60)]
-    claims = [Claim("popular", "tests/a.py:1"), Claim("popular", "tests/b.py:2"), Claim("ghost", "tests/c.py:3"),
-              Claim("twin", "tests/d.py:4")]
+    blocks = [
+        _block(None, 1),
+        _block("lonely", 10),
+        _block("popular", 20),
+        _block("skip:", 30),
+        _block("Bad Name", 40),
+        _block("twin", 50),
+        _block("twin", 60),
+    ]
+    claims = [
+        Claim("popular", "tests/a.py:1"),
+        Claim("popular", "tests/b.py:2"),
+        Claim("ghost", "tests/c.py:3"),
+        Claim("twin", "tests/d.py:4"),
+    ]
     assert audit(blocks, claims) == [
         "doc.md:1: a shell block without a doc-test marker (name it for the test that runs it, or `skip: WHY` where "
         "nothing can run it here)",
@@ -193,8 +204,7 @@ def test_claims_are_read_from_literal_calls_in_the_sources(tmp_path: Path) -> No
         "TEXT = \"doc_block('not-a-call')\"\n"
     )
     claims, problems = find_claims([source], root=tmp_path)
-    assert claims == [Claim(name, f"tests/test_x.py:{line}") for name, line in
-                      [("a", 3), ("b", 4), ("c", 4), ("d", 5)]]
+    assert claims == [Claim(name, f"tests/test_x.py:{line}") for name, line in [("a", 3), ("b", 4), ("c", 4), ("d", 5)]]
     assert problems == [
         "tests/test_x.py:7: doc_block() takes literal block names (the claims are read from the source)"
     ]

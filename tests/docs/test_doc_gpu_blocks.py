@@ -100,8 +100,12 @@ def _config_of(command: Command) -> str:
 def _config_check(config: str) -> None:
     result = subprocess.run(
         [str(REPO / ".venv" / "bin" / "tandem"), "config", "check", "-f", config],
-        cwd=REPO, env=user_environment(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        env=user_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"tandem config check -f {config}:\n{result.stderr[-3000:]}"
 
 

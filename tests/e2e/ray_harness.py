@@ -39,8 +39,14 @@ def short_temp_dir(prefix: str) -> str:
 
 def loopback_port_args() -> list[str]:
     """Ports Ray would otherwise take at fixed defaults (two nodes on one host would clash)."""
-    names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "metrics-export-port", "runtime-env-agent-port")  # fmt: skip
+    names = (
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    )
     return [f"--{name}={free_port()}" for name in names]
 
 
@@ -60,8 +66,11 @@ class LoopbackRayNode:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [TANDEM, "ray", role, *where, "--node-ip-address", LOOPBACK_IP, "--", *extra],
-                env={**os.environ, **LOOPBACK_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+                env={**os.environ, **LOOPBACK_ENV},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -73,13 +82,13 @@ class LoopbackRayNode:
 
 _WAIT_PROBE = """
 import logging, sys
-from app.engines.vllm_ray import RayClusterTimeout, RayDevices, wait_for_ray_devices
+from app.engines.vllm_ray import RayClusterTimeoutError, RayDevices, wait_for_ray_devices
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 address, resource, count, timeout, interval = sys.argv[1:]
 try:
     wait_for_ray_devices(RayDevices(resource, int(count)), address, float(timeout), float(interval))
-except RayClusterTimeout as exc:
-    print(f"RayClusterTimeout: {exc}", file=sys.stderr)
+except RayClusterTimeoutError as exc:
+    print(f"RayClusterTimeoutError: {exc}", file=sys.stderr)
     sys.exit(3)
 """
 
@@ -93,8 +102,11 @@ def wait_in_process(
     """
     return subprocess.run(
         [sys.executable, "-c", _WAIT_PROBE, address, need.resource, str(need.count), str(timeout), str(log_interval)],
-        env={**os.environ, **LOOPBACK_ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout + 120,
-    )  # fmt: skip
+        env={**os.environ, **LOOPBACK_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout + 120,
+    )
 
 
 def wait_for_cluster(address: str, need: RayDevices, timeout: float = 120.0) -> None:

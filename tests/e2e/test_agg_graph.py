@@ -45,6 +45,7 @@ CHATS = [
 ]
 COMPLETION_PROMPTS = ["def fibonacci(n):", "The quick brown fox"]
 
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model: Path):
     return AutoTokenizer.from_pretrained(tiny_model)
@@ -85,7 +86,9 @@ async def graph(tiny_model, reference_texts, nats_server, etcd_server, tmp_path_
             "common-configs": ["model", "served-model-name", "block-size", "max-model-len"],
         },
     }
-    served = ServedGraph("graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("agg"), nats_server.url, etcd_server.url)
+    served = ServedGraph(
+        "graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("agg"), nats_server.url, etcd_server.url
+    )
     served.start()
     try:
         await served.wait_ready(workers=2)
@@ -223,8 +226,18 @@ async def test_round_robin_set_live_spreads_the_same_requests(graph: ServedGraph
     [
         ("/v1/chat/completions", b"{not json", 400, ""),
         ("/v1/chat/completions", {"model": MODEL, "messages": [], "max_tokens": 4}, 400, "messages"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
-        ("/v1/chat/completions", {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404, "no-such-model"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]},
+            404,
+            "no-such-model",
+        ),
         ("/v1/completions", {"model": MODEL, "prompt": "word " * 5000, "max_tokens": 4}, 400, "4096"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n"),
@@ -273,14 +286,28 @@ def test_hostile_bodies_never_5xx_and_serving_continues(graph: ServedGraph, rout
 
 
 @contextlib.asynccontextmanager
-async def extra_frontend(graph: ServedGraph, *overrides: str, namespace: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
+async def extra_frontend(
+    graph: ServedGraph, *overrides: str, namespace: str | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
     """Another Frontend process (only that service) for the fleet, or for an empty namespace."""
     port = free_port()
     env = graph.env if namespace is None else {**graph.env, "TANDEM_NAMESPACE": namespace}
-    process = subprocess.Popen(
-        [TANDEM, "serve", "graphs.agg_router:Frontend", "-f", str(graph.config_path), "--service-name", "Frontend",
-         f"--Frontend.port={port}", *overrides],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; stop_process_tree needs a Popen
+        [
+            TANDEM,
+            "serve",
+            "graphs.agg_router:Frontend",
+            "-f",
+            str(graph.config_path),
+            "--service-name",
+            "Frontend",
+            f"--Frontend.port={port}",
+            *overrides,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
@@ -327,7 +354,9 @@ async def test_past_its_inflight_cap_a_frontend_answers_429_with_retry_after(gra
         # The cap counts requests in flight: once the Frontend sees the stream's client
         # gone (at its next write), the next request is served.
         async with asyncio.timeout(10):
-            while (served := await http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})).status_code == 429:
+            while (
+                served := await http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+            ).status_code == 429:
                 await asyncio.sleep(0.1)
         assert served.status_code == 200, served.text
 

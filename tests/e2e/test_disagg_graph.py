@@ -49,8 +49,12 @@ SHIPPED = yaml.safe_load(CONFIG.read_text())
 BLOCK_SIZE = SHIPPED["Common"]["block-size"]
 MAX_LOCAL_PREFILL = SHIPPED["VllmWorker"]["max-local-prefill-length"]
 # The reference runs the engine as the shipped config does (its dtype included).
-ENGINE_ARGS = {"block_size": BLOCK_SIZE, "max_model_len": SHIPPED["Common"]["max-model-len"], "enforce_eager": True,
-               "dtype": SHIPPED["Common"]["dtype"]}
+ENGINE_ARGS = {
+    "block_size": BLOCK_SIZE,
+    "max_model_len": SHIPPED["Common"]["max-model-len"],
+    "enforce_eager": True,
+    "dtype": SHIPPED["Common"]["dtype"],
+}
 
 
 def _long(topic: str) -> str:
@@ -202,7 +206,8 @@ def test_each_engine_keeps_to_the_core_its_config_binds(graph: DisaggGraph) -> N
     last core together, a decode engine starved while a prefill engine busy-polled for its
     KV to be pulled, until that KV's 30 s lease ran out.)"""
     assert _engine_worker_cores(graph) == {
-        "VllmWorker": _bound_cores("VllmWorker", 1), "PrefillWorker": _bound_cores("PrefillWorker", PREFILL_WORKERS),
+        "VllmWorker": _bound_cores("VllmWorker", 1),
+        "PrefillWorker": _bound_cores("PrefillWorker", PREFILL_WORKERS),
     }
 
 
@@ -336,7 +341,9 @@ async def test_sigkill_of_a_prefill_worker_with_jobs_queued_loses_no_request(gra
         assert response.headers["x-tandem-prefill-worker"] != victim
 
 
-async def test_with_its_only_decode_engine_dead_the_frontend_is_unhealthy_until_the_restart(graph: DisaggGraph, reference) -> None:
+async def test_with_its_only_decode_engine_dead_the_frontend_is_unhealthy_until_the_restart(
+    graph: DisaggGraph, reference
+) -> None:
     """SIGKILL of the decode worker's engine core: the worker leaves routing and exits, so the
     Frontend's /health turns 503 (no routable worker) and requests get 503, never a 500,
     until supervisord's fresh worker serves again. Last in the module."""

@@ -69,8 +69,13 @@ def disagg_config(tiny_model: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 async def graph(tiny_model: Path, nats_server, etcd_server, tmp_path_factory) -> AsyncIterator[ServedGraph]:
     config = disagg_config(tiny_model)
-    served = ServedGraph("graphs.disagg_router:Frontend", config, tmp_path_factory.mktemp("disagg-mocker"),
-                         nats_server.url, etcd_server.url)
+    served = ServedGraph(
+        "graphs.disagg_router:Frontend",
+        config,
+        tmp_path_factory.mktemp("disagg-mocker"),
+        nats_server.url,
+        etcd_server.url,
+    )
     served.start()
     try:
         await served.wait_ready(workers=1, timeout=120)
@@ -111,8 +116,9 @@ async def test_with_no_prefill_worker_long_prompts_prefill_locally_at_once(
     """A decode node up before its prefill nodes queues nothing nobody would take."""
     config = disagg_config(tiny_model)
     del config["PrefillWorker"]
-    served = ServedGraph("graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("decode-only"),
-                         nats_server.url, etcd_server.url)
+    served = ServedGraph(
+        "graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("decode-only"), nats_server.url, etcd_server.url
+    )
     served.start()
     try:
         await served.wait_ready(workers=1, timeout=120)
@@ -145,7 +151,8 @@ async def test_a_prefill_worker_killed_mid_job_loses_nothing(graph: ServedGraph)
         requests = [asyncio.create_task(complete(http, long_prompt())) for _ in range(4)]
         await asyncio.sleep(1.0)  # both PrefillWorkers are inside a ~2.4 s prefill now
         victim = next(
-            child for child in psutil.Process(graph.process.pid).children(recursive=True)
+            child
+            for child in psutil.Process(graph.process.pid).children(recursive=True)
             if any("prefill_worker:PrefillWorker" in part for part in child.cmdline())
         )
         os.killpg(os.getpgid(victim.pid), signal.SIGKILL)

@@ -33,12 +33,22 @@ def _config(tiny_model: Path, *, prefill_workers: bool = False, processor_max_mo
         "Common": {"model": str(tiny_model), "served-model-name": MODEL},
         "Frontend": {"served-model-name": MODEL},
         "Processor": {"common-configs": ["model"], "max-model-len": processor_max_model_len},
-        "VllmWorker": {**mocker, "max-model-len": 2048, "ServiceArgs": {"workers": 2},
-                       "common-configs": ["model", "served-model-name"]},
+        "VllmWorker": {
+            **mocker,
+            "max-model-len": 2048,
+            "ServiceArgs": {"workers": 2},
+            "common-configs": ["model", "served-model-name"],
+        },
     }
     if prefill_workers:
-        config["VllmWorker"].update({"remote-prefill": True, "conditional-disagg": True,
-                                     "max-local-prefill-length": 32, "ServiceArgs": {"workers": 1}})
+        config["VllmWorker"].update(
+            {
+                "remote-prefill": True,
+                "conditional-disagg": True,
+                "max-local-prefill-length": 32,
+                "ServiceArgs": {"workers": 1},
+            }
+        )
         config["PrefillWorker"] = {**mocker, "max-model-len": 2048, "common-configs": ["model", "served-model-name"]}
     return config
 
@@ -51,7 +61,9 @@ async def _complete(graph: ServedGraph, prompt: str, max_tokens: int = 4) -> htt
 async def test_graphs_agg_spreads_over_its_workers_with_no_router(
     tiny_model: Path, tmp_path: Path, nats_server: NatsServer, etcd_server: EtcdServer
 ) -> None:
-    async with ServedGraph("graphs.agg:Frontend", _config(tiny_model), tmp_path, nats_server.url, etcd_server.url) as graph:
+    async with ServedGraph(
+        "graphs.agg:Frontend", _config(tiny_model), tmp_path, nats_server.url, etcd_server.url
+    ) as graph:
         await graph.wait_ready(2, processors=1, timeout=90)
         assert await graph.instances("Router") == {}
         workers = []
@@ -81,10 +93,23 @@ async def test_a_graph_whose_router_is_not_running_answers_503_naming_it(
 ) -> None:
     """The agg_router graph's Frontend and workers, without its Router (`--service-name`)."""
     config = _config(tiny_model)
-    async with ServedGraph("graphs.agg_router:Frontend", config, tmp_path, nats_server.url, etcd_server.url,
-                           overrides=["--service-name", "Frontend"]) as frontend:
-        workers = ServedGraph("graphs.agg_router:Frontend", config, tmp_path, nats_server.url, etcd_server.url,
-                              overrides=["--service-name", "VllmWorker"], name="workers")
+    async with ServedGraph(
+        "graphs.agg_router:Frontend",
+        config,
+        tmp_path,
+        nats_server.url,
+        etcd_server.url,
+        overrides=["--service-name", "Frontend"],
+    ) as frontend:
+        workers = ServedGraph(
+            "graphs.agg_router:Frontend",
+            config,
+            tmp_path,
+            nats_server.url,
+            etcd_server.url,
+            overrides=["--service-name", "VllmWorker"],
+            name="workers",
+        )
         workers.settings, workers.env["TANDEM_NAMESPACE"] = frontend.settings, frontend.settings.namespace
         async with workers:
             await frontend.wait_ready(2, timeout=90)

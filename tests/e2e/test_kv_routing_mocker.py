@@ -83,19 +83,31 @@ async def ask(client: openai.AsyncOpenAI, text: str) -> tuple[str, int, int]:
     )
     completion = raw.parse()
     assert completion.usage is not None and completion.usage.prompt_tokens_details is not None
-    return raw.headers["X-Tandem-Worker"], completion.usage.prompt_tokens, completion.usage.prompt_tokens_details.cached_tokens or 0
+    return (
+        raw.headers["X-Tandem-Worker"],
+        completion.usage.prompt_tokens,
+        completion.usage.prompt_tokens_details.cached_tokens or 0,
+    )
 
 
 @contextlib.asynccontextmanager
-async def served_graph(policy: str, tiny_model: Path, tmp_path: Path, nats: NatsServer, etcd: EtcdServer,
-                       metrics_port: int, embed_router: bool = False) -> AsyncIterator[ServedGraph]:
+async def served_graph(
+    policy: str,
+    tiny_model: Path,
+    tmp_path: Path,
+    nats: NatsServer,
+    etcd: EtcdServer,
+    metrics_port: int,
+    embed_router: bool = False,
+) -> AsyncIterator[ServedGraph]:
     config = tmp_path / "graph.yaml"
     config.write_text(
         CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS, routers=ROUTERS, metrics_port=metrics_port)
     )
     overrides = [f"--Router.policy={policy}", f"--Frontend.embed-router={str(embed_router).lower()}"]
-    graph = ServedGraph("graphs.agg_router:Frontend", config, tmp_path, nats.url, etcd.url, overrides=overrides,
-                        lease_ttl_s=LEASE_TTL_S)
+    graph = ServedGraph(
+        "graphs.agg_router:Frontend", config, tmp_path, nats.url, etcd.url, overrides=overrides, lease_ttl_s=LEASE_TTL_S
+    )
     async with graph:
         await graph.wait_ready(WORKERS, routers=0 if embed_router else ROUTERS, processors=1, timeout=90)
         yield graph
@@ -122,18 +134,29 @@ def embed_router(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture(scope="class")
-async def kv_graph(embed_router: bool, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
-                   nats_server: NatsServer, etcd_server: EtcdServer, router_metrics_port: int
-                   ) -> AsyncIterator[ServedGraph]:
+async def kv_graph(
+    embed_router: bool,
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    nats_server: NatsServer,
+    etcd_server: EtcdServer,
+    router_metrics_port: int,
+) -> AsyncIterator[ServedGraph]:
     workdir = tmp_path_factory.mktemp("kv")
-    async with served_graph("kv", tiny_model, workdir, nats_server, etcd_server, router_metrics_port,
-                            embed_router) as graph:
+    async with served_graph(
+        "kv", tiny_model, workdir, nats_server, etcd_server, router_metrics_port, embed_router
+    ) as graph:
         yield graph
 
 
 @pytest.fixture(scope="class")
-async def round_robin_graph(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer,
-                            etcd_server: EtcdServer, router_metrics_port: int) -> AsyncIterator[ServedGraph]:
+async def round_robin_graph(
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    nats_server: NatsServer,
+    etcd_server: EtcdServer,
+    router_metrics_port: int,
+) -> AsyncIterator[ServedGraph]:
     workdir = tmp_path_factory.mktemp("round-robin")
     async with served_graph("round-robin", tiny_model, workdir, nats_server, etcd_server, router_metrics_port) as graph:
         yield graph
@@ -151,7 +174,7 @@ class TestKvRouting:
         # The groups' first requests all at once: each router accounts for the prefills
         # it (and the other replica) placed, so they can't all pile onto one worker.
         firsts = await asyncio.gather(*(ask(client, prompt(g, 0)) for g in groups))
-        home = {g: worker for g, (worker, _, _) in zip(groups, firsts)}
+        home = {g: worker for g, (worker, _, _) in zip(groups, firsts, strict=True)}
         assert len(set(home.values())) > 1, f"every prefix group went to one worker: {home}"
         for g in groups:
             for request in range(1, 4):

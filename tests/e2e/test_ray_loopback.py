@@ -10,6 +10,7 @@ once the second raylet joins. Greedy output must equal vLLM's own with tensor pa
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -73,9 +74,10 @@ def test_wait_gives_up_after_the_timeout_naming_what_is_missing(ray_head: Loopba
     result = wait_in_process(ray_head.address, RayDevices(CPU_DEVICE_RESOURCE, 3), timeout=6, log_interval=2)
     assert result.returncode == 3, result.stderr[-3000:]
     assert re.search(
-        rf"need 3 {CPU_DEVICE_RESOURCE} in the Ray cluster at {re.escape(ray_head.address)}, have [12] on [12] node\(s\) after 6 s",
+        rf"need 3 {CPU_DEVICE_RESOURCE} in the Ray cluster at {re.escape(ray_head.address)}, "
+        r"have [12] on [12] node\(s\) after 6 s",
         result.stderr,
-    ), result.stderr[-3000:]  # fmt: skip
+    ), result.stderr[-3000:]
     waits = re.findall(rf"waiting for the Ray cluster at \S+: need 3 {CPU_DEVICE_RESOURCE}, have", result.stderr)
     assert len(waits) >= 3  # at 0, 2 and 4 s
     assert time.monotonic() - started >= 6
@@ -119,7 +121,7 @@ async def graph(ray_head, tiny_model, nats_server, etcd_server, tmp_path_factory
         while waiting not in served.log_path.read_text(errors="replace"):
             assert served.process is not None and served.process.poll() is None, served.log_tail()
             assert time.monotonic() < deadline, f"the worker never said it waits:\n{served.log_tail()}"
-            time.sleep(0.5)
+            await asyncio.sleep(0.5)
         second = LoopbackRayNode("worker", workdir, head_address=ray_head.address)
         await served.wait_ready(workers=1, timeout=600)
         yield served

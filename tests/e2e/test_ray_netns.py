@@ -14,6 +14,7 @@ vLLM's own with tensor parallel 1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -59,8 +60,14 @@ _HOST_ONLY = ("NATS_SERVER", "ETCD_", "TANDEM_", "VLLM_HOST_IP", "RAY_", "GLOO_"
 
 def node_env(node: Node, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_HOST_ONLY)}
-    return {**env, "VLLM_HOST_IP": node.ip, "GLOO_SOCKET_IFNAME": "eth0", "TANDEM_ADVERTISE_HOST": node.ip,
-            "RAY_USAGE_STATS_ENABLED": "0", **extra}  # fmt: skip
+    return {
+        **env,
+        "VLLM_HOST_IP": node.ip,
+        "GLOO_SOCKET_IFNAME": "eth0",
+        "TANDEM_ADVERTISE_HOST": node.ip,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **extra,
+    }
 
 
 class RayNode:
@@ -72,10 +79,20 @@ class RayNode:
         where = ["--port", str(GCS_PORT)] if head is None else ["--address", f"{head.ip}:{GCS_PORT}"]
         with open(self.log_path, "ab") as log:
             self.process: NodeProcess = node.popen(
-                [TANDEM, "ray", role, *where, "--", f"--temp-dir={self.temp_dir}", *SMALL_NODE_ARGS,
-                 *(HEAD_ONLY_ARGS if head is None else [])],
-                env=node_env(node), stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    TANDEM,
+                    "ray",
+                    role,
+                    *where,
+                    "--",
+                    f"--temp-dir={self.temp_dir}",
+                    *SMALL_NODE_ARGS,
+                    *(HEAD_ONLY_ARGS if head is None else []),
+                ],
+                env=node_env(node),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def stop(self) -> None:
         self.process.stop(timeout=30)
@@ -133,9 +150,13 @@ class HeadNode:
         env = node_env(self.node, NATS_SERVER=self.urls["NATS_SERVER"], ETCD_ENDPOINTS=self.urls["ETCD_ENDPOINTS"])
         with open(self.serve_log, "ab") as log:
             self.serve = on_same_node(
-                self.ray, [TANDEM, "serve", "graphs.agg_router:Frontend", "-f", str(config)],
-                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                self.ray,
+                [TANDEM, "serve", "graphs.agg_router:Frontend", "-f", str(config)],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def log(self) -> str:
         return self.serve_log.read_text(errors="replace")
@@ -146,9 +167,12 @@ class HeadNode:
     def ray_status(self) -> str:
         """`ray status` on node 1, as an operator checks the cluster."""
         status = on_same_node(
-            self.ray, [str(Path(TANDEM).with_name("ray")), "status", f"--address={self.node.ip}:{GCS_PORT}"],
-            env=node_env(self.node), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            self.ray,
+            [str(Path(TANDEM).with_name("ray")), "status", f"--address={self.node.ip}:{GCS_PORT}"],
+            env=node_env(self.node),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         return status.communicate(timeout=60)[0].decode(errors="replace")
 
     def stop(self) -> None:
@@ -175,10 +199,8 @@ def _terminate_tree(process: psutil.Process, timeout: float = 90.0) -> None:
     except psutil.TimeoutExpired:
         process.kill()
     for child in descendants:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +214,9 @@ async def cluster(fabric: Fabric, tiny_model: Path, tmp_path_factory) -> AsyncIt
         config.write_text(yaml.safe_dump(_config(tiny_model, f"{head_node.ip}:{GCS_PORT}")))
         head.start_serve(config)
         # One Ray node offers one CPU worker; tensor parallel 2 needs two: the worker waits.
-        waiting = f"waiting for the Ray cluster at {head_node.ip}:{GCS_PORT}: need 2 {CPU_DEVICE_RESOURCE}, have 1 on 1 node"
+        waiting = (
+            f"waiting for the Ray cluster at {head_node.ip}:{GCS_PORT}: need 2 {CPU_DEVICE_RESOURCE}, have 1 on 1 node"
+        )
         deadline = time.monotonic() + 240
         while waiting not in head.log():
             assert head.serve is not None and head.serve.poll() is None, head.log_tail()

@@ -3,8 +3,8 @@
 The block (`readme-disagg-cpu`) runs in the repository root as a user types it: `make
 model`, `tandem infra up` (NATS and etcd on their default ports), `tandem serve
 graphs.disagg_router:Frontend -f configs/cpu-tiny-disagg.yaml` (the shipped config, as
-shipped: one decode and one prefill vLLM engine, in the tiny model's default dtype,
-bfloat16 on CPU), `tandem disagg set`, and its curl of a long prompt. The one thing the
+shipped: one decode and one prefill vLLM engine, in the config's dtype), `tandem disagg
+set`, and its curl of a long prompt. The one thing the
 test adds to the environment is TANDEM_STATE_DIR, so that `infra` records (and `infra
 down` stops) only the servers this test started, not those of the repository's .state.
 
@@ -22,7 +22,6 @@ import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import yaml
@@ -42,10 +41,13 @@ CONFIG = yaml.safe_load((REPO / "configs" / "cpu-tiny-disagg.yaml").read_text())
 # `tandem infra up`'s defaults (NATS, its monitoring, etcd clients and peers), the config's
 # Frontend and metrics ports: what the block binds on this machine.
 FIXED_PORTS = {
-    "NATS": 4222, "NATS monitoring": 8222, "etcd": 2379, "etcd peers": 2380,
+    "NATS": 4222,
+    "NATS monitoring": 8222,
+    "etcd": 2379,
+    "etcd peers": 2380,
     "Frontend": CONFIG["Frontend"]["port"],
     **{f"{service} metrics": CONFIG[service]["metrics-port"] for service in ("Router", "VllmWorker", "PrefillWorker")},
-}  # fmt: skip
+}
 FRONTEND = f"http://127.0.0.1:{CONFIG['Frontend']['port']}"
 DECODE_METRICS = f"http://127.0.0.1:{CONFIG['VllmWorker']['metrics-port']}/metrics"
 START_TIMEOUT_S = 600  # two vLLM engines starting on two cores
@@ -123,9 +125,10 @@ async def scenario(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sc
             model = REPO / CONFIG["Common"]["model"]
             tokenizer = AutoTokenizer.from_pretrained(model)
             prompt_ids = list(tokenizer(body["prompt"]).input_ids)
-            engine_args = {  # the config's, as its workers pass them to vLLM: no dtype, the model's default
+            engine_args = {  # the config's, as its workers pass them to vLLM
                 "block_size": CONFIG["Common"]["block-size"],
                 "max_model_len": CONFIG["Common"]["max-model-len"],
+                "dtype": CONFIG["Common"]["dtype"],
                 "enforce_eager": CONFIG["VllmWorker"]["enforce-eager"],
             }
             (reference_ids,) = vllm_greedy(
@@ -144,9 +147,13 @@ async def scenario(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sc
             pulled_after = _decode_pulled_kv()
             second = http_response(shell.run(curl))
             yield Scenario(
-                len(prompt_ids), tokenizer.decode(reference_ids, skip_special_tokens=True),
-                first, second, pulled_before, pulled_after,
-            )  # fmt: skip
+                len(prompt_ids),
+                tokenizer.decode(reference_ids, skip_special_tokens=True),
+                first,
+                second,
+                pulled_before,
+                pulled_after,
+            )
         finally:
             shell.stop_all()
             shell.check(".venv/bin/tandem infra down")

@@ -20,6 +20,7 @@ import pytest
 from vllm.sampling_params import RequestOutputKind
 
 from app.engines.vllm import VllmEngine, sampling_params_for
+from app.errors import InvalidRequestError
 from app.protocol import (
     BlockStored,
     EngineOutput,
@@ -82,7 +83,9 @@ def reference_outputs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
     script.write_text(_REFERENCE_SCRIPT)
     out = workdir / "outputs.json"
     argument = json.dumps([str(tiny_model), ENGINE_ARGS, GREEDY_PROMPTS, MAX_TOKENS, SEEDED, str(out)])
-    process = subprocess.Popen([sys.executable, str(script), argument], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), argument], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         log, _ = process.communicate(timeout=240)
     finally:
@@ -139,7 +142,9 @@ async def eventually(condition, timeout: float = 10.0) -> None:
 
 
 async def test_model_info_and_capacity(vllm: EngineUnderTest, tiny_model: Path) -> None:
-    assert vllm.info == ModelInfo(name="tiny-llama", max_model_len=4096, block_size=BLOCK_SIZE, model_path=str(tiny_model))
+    assert vllm.info == ModelInfo(
+        name="tiny-llama", max_model_len=4096, block_size=BLOCK_SIZE, model_path=str(tiny_model)
+    )
     stats = vllm.engine.stats()
     assert stats.kv_total_blocks > 0
     assert (stats.running, stats.waiting, stats.kv_used_blocks) == (0, 0, 0)
@@ -212,7 +217,9 @@ async def test_abandoned_stream_is_aborted_in_the_engine(vllm: EngineUnderTest, 
 
     # The engine core itself dropped the request: while a short one streams, its scheduler
     # sees one request and holds far fewer blocks than the 20-block prompt needed.
-    short = vllm.engine.generate(make_request(prompt_ids(12 if how == "close" else 13, 8), max_tokens=8, request_id=f"after-{how}"))
+    short = vllm.engine.generate(
+        make_request(prompt_ids(12 if how == "close" else 13, 8), max_tokens=8, request_id=f"after-{how}")
+    )
     outputs = [await anext(short), await anext(short)]
     during = vllm.engine.stats()
     outputs += [output async for output in short]
@@ -257,8 +264,9 @@ async def test_prefix_cache_hits_on_repeated_prompt(vllm: EngineUnderTest) -> No
 
 async def test_prompt_beyond_max_model_len_is_the_callers_error(vllm: EngineUnderTest) -> None:
     request = make_request(prompt_ids(40, 4097), request_id="too-long")
-    with pytest.raises(ValueError, match="maximum context length"):
+    with pytest.raises(InvalidRequestError, match="maximum context length") as caught:
         await collect(vllm.engine, request)
+    assert caught.value.status == 400
     assert vllm.engine.stats().running == 0
 
 

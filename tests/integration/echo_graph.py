@@ -11,7 +11,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict
 
 from app import env
-from app.sdk import depends, endpoint, on_shutdown, on_start, service
+from app.sdk import Service, depends, endpoint, on_shutdown, on_start, service
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,17 @@ class EchoConfig(BaseModel):
 
 
 @service(config=EchoConfig)
-class Echo:
+class Echo(Service):
     config: EchoConfig
 
     @endpoint
     async def echo(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         for word in request["text"].split():
-            yield {"word": self.config.prefix + word, "replica": self.ctx.replica,
-                   "devices": env.CUDA_VISIBLE_DEVICES.get()}
+            yield {
+                "word": self.config.prefix + word,
+                "replica": self.ctx.replica,
+                "devices": env.CUDA_VISIBLE_DEVICES.get(),
+            }
 
     @endpoint(request=CountRequest)
     async def count(self, request: CountRequest, ctx: Any) -> AsyncIterator[int]:
@@ -60,7 +63,7 @@ class GreeterConfig(BaseModel):
 
 
 @service(config=GreeterConfig)
-class Greeter:
+class Greeter(Service):
     config: GreeterConfig
     echo = depends(Echo)
 

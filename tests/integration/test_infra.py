@@ -56,14 +56,27 @@ def test_infra_up_status_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert infra_status(root=tmp_path) == {}
 
 
-def test_infra_cli_parses_and_dispatches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_infra_cli_parses_and_dispatches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("TANDEM_STATE_DIR", str(tmp_path))
     parser = argparse.ArgumentParser(prog="tandem")
     add_cli(parser.add_subparsers(dest="command", required=True))
     nats_port, etcd_port = free_port(), free_port()
     up = parser.parse_args(
-        ["infra", "up", "--export", "--nats-port", str(nats_port), "--nats-monitor-port", str(free_port()),
-         "--etcd-port", str(etcd_port), "--etcd-peer-port", str(free_port())]
+        [
+            "infra",
+            "up",
+            "--export",
+            "--nats-port",
+            str(nats_port),
+            "--nats-monitor-port",
+            str(free_port()),
+            "--etcd-port",
+            str(etcd_port),
+            "--etcd-peer-port",
+            str(free_port()),
+        ]
     )
     try:
         assert up.func(up) == 0

@@ -36,8 +36,9 @@ def test_nodes_reach_each_other_by_address_but_not_by_loopback() -> None:
         server_node, client_node = fabric.nodes
         server = server_node.popen(
             [sys.executable, "-m", "http.server", "18099", "--bind", server_node.ip],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         assert _wait_http(f"http://{server_node.ip}:18099/") == 200
         probe = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=3)"
         assert client_node.run([sys.executable, "-c", probe, f"http://{server_node.ip}:18099/"]).returncode == 0

@@ -60,14 +60,19 @@ async def test_replicas_share_the_index_and_their_placements_and_forget_a_worker
         await eventually(lambda f=fleet: len(f.live_workers()) == 2, "both workers are seen")
 
     cached = list(range(4 * BLOCK))
-    await workers[0].publish(names.KV_EVENTS_TOPIC, KvEventBatch(
-        worker_id=holder, seq=0, block_size=BLOCK,
-        events=[BlockStored(token_ids=cached, block_hashes=[101, 102, 103, 104])],
-    ))
+    await workers[0].publish(
+        names.KV_EVENTS_TOPIC,
+        KvEventBatch(
+            worker_id=holder,
+            seq=0,
+            block_size=BLOCK,
+            events=[BlockStored(token_ids=cached, block_hashes=[101, 102, 103, 104])],
+        ),
+    )
     for fleet in (frontend, router):
         await eventually(lambda f=fleet: f.core.index.num_blocks() == 4, "the KV events are indexed")
 
-    decision = frontend.route("request-1", cached + [7, 7, 7, 7, 7])
+    decision = frontend.route("request-1", [*cached, 7, 7, 7, 7, 7])
     assert (decision.worker_id, decision.overlap_blocks) == (holder, 4)
     # The other replica counts the placement: the next burst must not think the worker idle.
     await eventually(lambda: router.core.load.view(holder).active_requests == 1, "the placement is shared")
@@ -88,7 +93,9 @@ async def test_replicas_share_the_index_and_their_placements_and_forget_a_worker
 
 
 async def test_replicas_follow_the_live_policy_and_ignore_an_invalid_one(
-    make_runtime: MakeRuntime, runtime_settings: RuntimeSettings, monkeypatch: pytest.MonkeyPatch,
+    make_runtime: MakeRuntime,
+    runtime_settings: RuntimeSettings,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("NATS_SERVER", runtime_settings.nats_server)

@@ -81,7 +81,10 @@ async def test_models_register_list_and_watch(make_runtime: MakeRuntime) -> None
     worker, frontend = await make_runtime(), await make_runtime()
     watch = await frontend.discovery.watch_models()
     record = ModelRecord(
-        name="org/tiny", instance_id=worker.instance_id, service="VllmWorker", endpoint="generate",
+        name="org/tiny",
+        instance_id=worker.instance_id,
+        service="VllmWorker",
+        endpoint="generate",
         metadata={"max_model_len": 2048},
     )
     await worker.discovery.register_model(record)
@@ -115,10 +118,13 @@ async def test_lost_lease_is_granted_again_with_the_records(
     client = caller.client("Phoenix", "go")
     await client.wait_for_instances(timeout=5)
 
-    # Someone (an operator, an etcd outage longer than the TTL) drops the lease.
-    subprocess.run(
+    # Someone (an operator, an etcd outage longer than the TTL) drops the lease. Inline, with
+    # this loop held: the watch, not the server's keepalive, is what must notice it first.
+    subprocess.run(  # noqa: ASYNC221
         [str(ETCDCTL), f"--endpoints={runtime_settings.etcd_endpoints}", "lease", "revoke", server.instance_id],
-        check=True, capture_output=True, env={"PATH": "/usr/bin:/bin"},
+        check=True,
+        capture_output=True,
+        env={"PATH": "/usr/bin:/bin"},
     )
     await _wait_for(lambda: client.instance_ids() == [], timeout=2)
     await _wait_for(lambda: client.instance_ids() == [server.instance_id], timeout=5)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from app.errors import UnavailableError, WorkerUnavailableError
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
-from app.errors import UnavailableError, WorkerUnavailableError
 from app.runtime import ConnectError, RequestContext, Runtime
 from app.settings import RuntimeSettings
 
@@ -82,10 +82,18 @@ async def test_connect_gives_up_after_the_timeout_naming_the_address(
 ) -> None:
     closed = free_port()
     for settings, address in [
-        (RuntimeSettings(nats_server=f"nats://127.0.0.1:{closed}", etcd_endpoints=etcd_server.url,
-                         connect_timeout_s=1.0), f"127.0.0.1:{closed}"),
-        (RuntimeSettings(nats_server=nats_server.url, etcd_endpoints=f"http://127.0.0.1:{closed}",
-                         connect_timeout_s=1.0), f"127.0.0.1:{closed}"),
+        (
+            RuntimeSettings(
+                nats_server=f"nats://127.0.0.1:{closed}", etcd_endpoints=etcd_server.url, connect_timeout_s=1.0
+            ),
+            f"127.0.0.1:{closed}",
+        ),
+        (
+            RuntimeSettings(
+                nats_server=nats_server.url, etcd_endpoints=f"http://127.0.0.1:{closed}", connect_timeout_s=1.0
+            ),
+            f"127.0.0.1:{closed}",
+        ),
     ]:
         start = time.monotonic()
         with pytest.raises(ConnectError) as caught:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -11,15 +12,15 @@ import msgspec
 import nats
 import pytest
 
+from app.errors import InternalError, InvalidRequestError
 from app.runtime import (
     CallTimeoutError,
     InstanceGoneError,
     NoInstancesError,
     RequestContext,
     Runtime,
+    wire,
 )
-from app.runtime import wire
-from app.errors import InternalError, InvalidRequestError
 
 MakeRuntime = Callable[..., Awaitable[Runtime]]
 
@@ -33,7 +34,7 @@ class Item(msgspec.Struct):
     text: str
 
 
-class BadPrompt(InvalidRequestError):
+class BadPromptError(InvalidRequestError):
     """A handler's own error class: the caller gets the class of its code."""
 
 
@@ -70,7 +71,7 @@ async def test_callee_errors_arrive_as_their_code_with_their_message(make_runtim
     async def failing(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
         yield 1
         if payload == "bad":
-            raise BadPrompt("prompt too long")
+            raise BadPromptError("prompt too long")
         raise KeyError("boom")
 
     await rt.serve_endpoint("Failing", "go", failing)
@@ -158,7 +159,7 @@ async def test_round_robin_alternates_and_direct_hits_the_named_instance(make_ru
 
     answers = [await client.call(None, target="round_robin") for _ in range(6)]
     assert set(answers) == {first.instance_id, second.instance_id}
-    assert all(a != b for a, b in zip(answers, answers[1:]))
+    assert all(a != b for a, b in itertools.pairwise(answers))
 
     for rt in (first, second):
         assert [await client.call(None, target=rt.instance_id) for _ in range(3)] == [rt.instance_id] * 3
@@ -207,7 +208,7 @@ async def _until(predicate: Callable[[], bool], client: Any) -> None:
 
 async def _reply_frames(runtime: Runtime, service: str, endpoint: str, payload: Any) -> list[bytes]:
     """The raw NATS messages one call gets back, up to the one that ends the stream."""
-    record = next(iter((await runtime.client(service, endpoint).wait_for_instances(timeout=5))))
+    record = next(iter(await runtime.client(service, endpoint).wait_for_instances(timeout=5)))
     nc = await nats.connect(runtime.settings.nats_server)
     try:
         inbox = nc.new_inbox()

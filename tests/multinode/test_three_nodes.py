@@ -12,7 +12,7 @@ Each `tandem serve` also runs in its own PID and IPC namespace with its own /dev
 UCX cannot take its same-host shortcuts: the KV a prefill node computed reaches the
 decode engine on node 1 only through the prefill node's network interface, which the
 tests watch. Greedy outputs must equal vLLM's own (offline `LLM`, one engine, no transfer)
-with the config's engine arguments: no dtype, so the tiny model's default on CPU, bfloat16.
+with the config's engine arguments, its dtype included.
 
 Three vLLM engines on two cores: decode on core 0, both prefill engines on core 1.
 """
@@ -54,14 +54,15 @@ MAX_LOCAL_PREFILL = SHIPPED["VllmWorker"]["max-local-prefill-length"]
 MAX_TOKENS = 16
 DECODE_METRICS_PORT = SHIPPED["VllmWorker"]["metrics-port"]
 PREFILL_METRICS_PORT = SHIPPED["PrefillWorker"]["metrics-port"]
-# The config's engine arguments, as its workers pass them to vLLM: no dtype, the model's default.
+# The config's engine arguments, as its workers pass them to vLLM.
 ENGINE_ARGS = {
     "block_size": BLOCK_SIZE,
     "max_model_len": SHIPPED["Common"]["max-model-len"],
+    "dtype": SHIPPED["Common"]["dtype"],
     "enforce_eager": SHIPPED["VllmWorker"]["enforce-eager"],
 }
-# What vLLM's dtype "auto" makes of the float32 checkpoint on CPU (app/model/tiny.py).
-KV_DTYPE_BYTES = 2  # bfloat16
+# Bytes of one KV element in the config's dtype.
+KV_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}[SHIPPED["Common"]["dtype"]]
 
 # The seed's client request text (about 200 tokens) in two chats that share no prefix with
 # each other nor with the quickstart's client request (the seed's, without a system
@@ -97,7 +98,9 @@ def tokenizer(tiny_model: Path):
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer) -> dict[str, list[int]]:
     """Each chat's token ids, as the Processor renders them with the model's template."""
-    rendered = {_key(c): tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in ALL_CHATS}
+    rendered = {
+        _key(c): tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in ALL_CHATS
+    }
     ids = {key: list(tokenizer(text, add_special_tokens=False).input_ids) for key, text in rendered.items()}
     assert all(len(ids[_key(c)]) > 2 * MAX_LOCAL_PREFILL for c in LONG_CHATS)
     assert len(ids[_key(SHORT_CHAT)]) <= MAX_LOCAL_PREFILL
@@ -169,9 +172,14 @@ async def _stream_chat(cluster: SeedCluster, chat: list[dict[str, str]]) -> tupl
     """(text, X-Tandem-Prefill-Worker) of a streamed greedy chat completion sent to node 1."""
     client = AsyncOpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", timeout=120, max_retries=0)
     async with client.chat.completions.with_streaming_response.create(
-        model=MODEL, messages=chat, stream=True, temperature=0, max_tokens=MAX_TOKENS,
-        extra_body={"ignore_eos": True}, extra_headers={"X-Request-Id": uuid.uuid4().hex},
-    ) as response:  # fmt: skip
+        model=MODEL,
+        messages=chat,
+        stream=True,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        extra_body={"ignore_eos": True},
+        extra_headers={"X-Request-Id": uuid.uuid4().hex},
+    ) as response:
         prefill_worker = response.headers.get("x-tandem-prefill-worker")
         stream = await response.parse()
         text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
@@ -198,12 +206,15 @@ async def test_head_node_serves_nats_and_etcd_on_its_own_address(cluster: SeedCl
 async def test_every_node_advertises_its_own_address(cluster: SeedCluster) -> None:
     head, node2, node3 = cluster.head, *cluster.prefill_nodes
     for service, endpoint in [
-        ("VllmWorker", "generate"), ("VllmWorker", "prefill_done"), ("Router", "route"), ("Processor", "chat_completions"),
-    ]:  # fmt: skip
+        ("VllmWorker", "generate"),
+        ("VllmWorker", "prefill_done"),
+        ("Router", "route"),
+        ("Processor", "chat_completions"),
+    ]:
         assert set((await _instance_hosts(cluster, service, endpoint)).values()) == {head.ip}, service
     assert sorted((await _instance_hosts(cluster, "PrefillWorker", "status")).values()) == sorted([node2.ip, node3.ip])
     # Every NATS client dialled node 1's address from its own node (the test: from the bridge).
-    with urllib.request.urlopen(f"http://{head.ip}:8222/connz", timeout=5) as response:
+    with urllib.request.urlopen(f"http://{head.ip}:8222/connz", timeout=5) as response:  # noqa: ASYNC210 - nothing else on this loop
         client_ips = {connection["ip"] for connection in json.load(response)["connections"]}
     assert {head.ip, node2.ip, node3.ip} <= client_ips <= {head.ip, node2.ip, node3.ip, cluster.host_ip}
 
@@ -275,6 +286,5 @@ async def test_the_quickstarts_client_request_is_prefilled_on_a_prefill_node(clu
     events = list(sse_data(response.body))
     assert events[-1] == "[DONE]"
     assert "".join(
-        chunk["choices"][0]["delta"].get("content") or ""
-        for chunk in map(json.loads, events[:-1]) if chunk["choices"]
+        chunk["choices"][0]["delta"].get("content") or "" for chunk in map(json.loads, events[:-1]) if chunk["choices"]
     ).strip()

@@ -29,9 +29,12 @@ def test_head_blocks_on_its_gcs_port_and_node_address_and_offers_cpu_workers() -
 
 def test_worker_joins_the_head_and_keeps_ray_start_arguments() -> None:
     command = ray_start_command(
-        "worker", address="10.0.0.1:6379", node_ip="10.0.0.2", device="cpu",
+        "worker",
+        address="10.0.0.1:6379",
+        node_ip="10.0.0.2",
+        device="cpu",
         extra=["--num-cpus=4", "--resources", '{"disk": 1}'],
-    )  # fmt: skip
+    )
     assert command[1:4] == ["start", "--address=10.0.0.1:6379", "--node-ip-address=10.0.0.2"]
     assert command[-1] == "--num-cpus=4"
     # Theirs and ours merged into one --resources (ray start takes the last one only).

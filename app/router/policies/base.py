@@ -82,7 +82,7 @@ class RoutingPolicy(abc.ABC):
     def select_worker(self, ctx: RoutingContext) -> RouteDecision:
         """Pick one of `ctx.workers`."""
 
-    def on_request_finished(self, request_id: str, worker_id: str) -> None:
+    def on_request_finished(self, request_id: str, worker_id: str) -> None:  # noqa: B027 - most keep no per-request state
         """A request this policy placed has finished (optional hook)."""
 
 

@@ -22,9 +22,23 @@ ENTRYPOINT = REPO_ROOT / "entrypoints" / "entrypoint.sh"
 CONFIG = str(REPO_ROOT / "configs" / "cpu-tiny.yaml")
 # Variables the entrypoint reads; the test controls each of them.
 ENTRYPOINT_VARS = (
-    "ROLE", "CONFIG", "GRAPH", "NATS_SERVER", "ETCD_ENDPOINTS", "RAY_ADDRESS", "VLLM_HOST_IP",
-    "ETCD_ADVERTISE_HOST", "NATS_PORT", "ETCD_PORT", "FRONTEND_SERVICES", "TANDEM_RUN_DIR",
-    "TANDEM_DATA_DIR", "RAY_START_ARGS", "RAY_CPU_WORKERS", "TANDEM_ADVERTISE_HOST", "VLLM_NIXL_SIDE_CHANNEL_HOST",
+    "ROLE",
+    "CONFIG",
+    "GRAPH",
+    "NATS_SERVER",
+    "ETCD_ENDPOINTS",
+    "RAY_ADDRESS",
+    "VLLM_HOST_IP",
+    "ETCD_ADVERTISE_HOST",
+    "NATS_PORT",
+    "ETCD_PORT",
+    "FRONTEND_SERVICES",
+    "TANDEM_RUN_DIR",
+    "TANDEM_DATA_DIR",
+    "RAY_START_ARGS",
+    "RAY_CPU_WORKERS",
+    "TANDEM_ADVERTISE_HOST",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST",
 )
 REMOTE = {
     "CONFIG": CONFIG,
@@ -45,8 +59,12 @@ def _env(**values: str) -> dict[str, str]:
 
 def _entrypoint(*args: str, **values: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(ENTRYPOINT), *args], env=_env(**values), cwd=REPO_ROOT,
-        capture_output=True, text=True, timeout=30,
+        [str(ENTRYPOINT), *args],
+        env=_env(**values),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -69,33 +87,68 @@ def _programs(**values: str) -> dict[str, dict[str, str]]:
         ("nats", {}, {"nats": "nats-server -js -sd /data/nats -p 4222 -m 8222"}),
         ("etcd", {"VLLM_HOST_IP": "10.0.0.1"}, {"etcd": "etcd --name tandem"}),
         (
-            "head", HEAD,
-            {"nats": "nats-server", "etcd": "etcd",
-             "tandem-graph": f"tandem serve graphs.agg_router:Frontend -f {CONFIG}"},
+            "head",
+            HEAD,
+            {
+                "nats": "nats-server",
+                "etcd": "etcd",
+                "tandem-graph": f"tandem serve graphs.agg_router:Frontend -f {CONFIG}",
+            },
         ),
         (
-            "frontend", REMOTE,
-            {"tandem-frontend": f"tandem serve graphs.agg_router:Frontend -f {CONFIG} --service-name Frontend",
-             "tandem-processor": "--service-name Processor",
-             "tandem-router": "--service-name Router"},
+            "frontend",
+            REMOTE,
+            {
+                "tandem-frontend": f"tandem serve graphs.agg_router:Frontend -f {CONFIG} --service-name Frontend",
+                "tandem-processor": "--service-name Processor",
+                "tandem-router": "--service-name Router",
+            },
         ),
-        ("decode", REMOTE,
-         {"tandem-decode": f"tandem serve components.worker:VllmWorker -f {CONFIG} --service-name VllmWorker"}),
-        ("prefill", REMOTE,
-         {"tandem-prefill": f"tandem serve components.prefill_worker:PrefillWorker -f {CONFIG}"}),
-        ("ray-head", {"VLLM_HOST_IP": "10.0.0.1"},
-         {"ray": "tandem ray head --port=6379 --node-ip-address=10.0.0.1"}),
-        ("ray-head", {**REMOTE, "GRAPH": "graphs.agg:Frontend"},
-         {"ray": "tandem ray head", "tandem-graph": "tandem serve graphs.agg:Frontend"}),
-        ("ray-worker", {"VLLM_HOST_IP": "10.0.0.2", "RAY_ADDRESS": "10.0.0.1:6379"},
-         {"ray": "tandem ray worker --address=10.0.0.1:6379 --node-ip-address=10.0.0.2"}),
-        ("ray-worker", {"VLLM_HOST_IP": "10.0.0.2", "RAY_ADDRESS": "10.0.0.1:6379", "RAY_CPU_WORKERS": "2",
-                        "RAY_START_ARGS": "--num-cpus=1"},
-         {"ray": "tandem ray worker --address=10.0.0.1:6379 --node-ip-address=10.0.0.2 --cpu-workers=2 -- --num-cpus=1"}),
-        ("all", HEAD,
-         {"nats": "nats-server", "etcd": "etcd", "tandem-graph": "tandem serve graphs.agg_router:Frontend",
-          "tandem-prefill": "tandem serve components.prefill_worker:PrefillWorker"}),
-        ("head,ray-head", HEAD, {"nats": "nats-server", "etcd": "etcd", "tandem-graph": "tandem serve", "ray": "tandem ray head"}),
+        (
+            "decode",
+            REMOTE,
+            {"tandem-decode": f"tandem serve components.worker:VllmWorker -f {CONFIG} --service-name VllmWorker"},
+        ),
+        ("prefill", REMOTE, {"tandem-prefill": f"tandem serve components.prefill_worker:PrefillWorker -f {CONFIG}"}),
+        ("ray-head", {"VLLM_HOST_IP": "10.0.0.1"}, {"ray": "tandem ray head --port=6379 --node-ip-address=10.0.0.1"}),
+        (
+            "ray-head",
+            {**REMOTE, "GRAPH": "graphs.agg:Frontend"},
+            {"ray": "tandem ray head", "tandem-graph": "tandem serve graphs.agg:Frontend"},
+        ),
+        (
+            "ray-worker",
+            {"VLLM_HOST_IP": "10.0.0.2", "RAY_ADDRESS": "10.0.0.1:6379"},
+            {"ray": "tandem ray worker --address=10.0.0.1:6379 --node-ip-address=10.0.0.2"},
+        ),
+        (
+            "ray-worker",
+            {
+                "VLLM_HOST_IP": "10.0.0.2",
+                "RAY_ADDRESS": "10.0.0.1:6379",
+                "RAY_CPU_WORKERS": "2",
+                "RAY_START_ARGS": "--num-cpus=1",
+            },
+            {
+                "ray": "tandem ray worker --address=10.0.0.1:6379 --node-ip-address=10.0.0.2 "
+                "--cpu-workers=2 -- --num-cpus=1"
+            },
+        ),
+        (
+            "all",
+            HEAD,
+            {
+                "nats": "nats-server",
+                "etcd": "etcd",
+                "tandem-graph": "tandem serve graphs.agg_router:Frontend",
+                "tandem-prefill": "tandem serve components.prefill_worker:PrefillWorker",
+            },
+        ),
+        (
+            "head,ray-head",
+            HEAD,
+            {"nats": "nats-server", "etcd": "etcd", "tandem-graph": "tandem serve", "ray": "tandem ray head"},
+        ),
     ],
 )
 def test_each_role_runs_exactly_its_programs(role: str, values: dict[str, str], expected: dict[str, str]) -> None:
@@ -185,8 +238,12 @@ def test_shipped_env_files_work_once_the_operator_edits_them() -> None:
         result = _entrypoint("--dry-run", **values)
         assert result.returncode != 0 and "placeholder" in result.stderr, (role, result.stderr)
         assert "VLLM_HOST_IP" in result.stderr
-        edited = {k: v.replace("HEAD_NODE_IP", "10.0.0.1").replace("RAY_HEAD_IP", "10.0.0.1")
-                  .replace("THIS_NODE_IP", "10.0.0.2") for k, v in values.items()}
+        edited = {
+            k: v.replace("HEAD_NODE_IP", "10.0.0.1")
+            .replace("RAY_HEAD_IP", "10.0.0.1")
+            .replace("THIS_NODE_IP", "10.0.0.2")
+            for k, v in values.items()
+        }
         result = _entrypoint("--dry-run", **edited)
         assert result.returncode == 0, (role, result.stderr)
 
@@ -207,20 +264,29 @@ def _healthy(url: str) -> bool:
 def test_nats_and_etcd_run_under_supervisord_and_stop_on_sigterm(tmp_path: Path) -> None:
     nats_monitor, etcd_port = free_port(), free_port()
     env = _env(
-        ROLE="nats,etcd", ETCD_ADVERTISE_HOST="127.0.0.1", NATS_PORT=str(free_port()),
-        NATS_MONITOR_PORT=str(nats_monitor), ETCD_PORT=str(etcd_port), ETCD_PEER_PORT=str(free_port()),
+        ROLE="nats,etcd",
+        ETCD_ADVERTISE_HOST="127.0.0.1",
+        NATS_PORT=str(free_port()),
+        NATS_MONITOR_PORT=str(nats_monitor),
+        ETCD_PORT=str(etcd_port),
+        ETCD_PEER_PORT=str(free_port()),
         ETCD_ENDPOINTS=f"http://127.0.0.1:{etcd_port}",  # must not reach etcd as a flag
-        TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_RUN_DIR=str(tmp_path / "run"),
+        TANDEM_DATA_DIR=str(tmp_path / "data"),
+        TANDEM_RUN_DIR=str(tmp_path / "run"),
     )
     proc = subprocess.Popen([str(ENTRYPOINT)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
-        while not (_healthy(f"http://127.0.0.1:{nats_monitor}/healthz") and _healthy(f"http://127.0.0.1:{etcd_port}/health")):
+        while not (
+            _healthy(f"http://127.0.0.1:{nats_monitor}/healthz") and _healthy(f"http://127.0.0.1:{etcd_port}/health")
+        ):
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             assert time.monotonic() < deadline, "nats and etcd not healthy under supervisord"
             time.sleep(0.1)
         assert (tmp_path / "data" / "etcd" / "member").is_dir()
-        health = subprocess.run([str(REPO_ROOT / "entrypoints" / "healthcheck.sh")], env=env, capture_output=True, timeout=30)
+        health = subprocess.run(
+            [str(REPO_ROOT / "entrypoints" / "healthcheck.sh")], env=env, capture_output=True, timeout=30
+        )
         assert health.returncode == 0, health.stdout + health.stderr
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=40)
@@ -257,7 +323,10 @@ def test_compose_files_give_each_profile_its_env_files_and_gpus_only_on_gpu_node
         assert ("deploy" in gpu["services"][name]) == on_gpu
         assert ("/dev/infiniband:/dev/infiniband" in gpu["services"][name].get("devices", [])) == on_gpu
         assert "deploy" not in cpu["services"][name] and "devices" not in cpu["services"][name]
-    assert {s for s, spec in gpu["services"].items() if "metrics" in spec.get("profiles", [])} == {"prometheus", "grafana"}
+    assert {s for s, spec in gpu["services"].items() if "metrics" in spec.get("profiles", [])} == {
+        "prometheus",
+        "grafana",
+    }
     base = yaml.safe_load((compose_dir / "base.yml").read_text())["services"]["tandem"]
     assert base["network_mode"] == "host"
     # Unlimited memlock (RDMA) on GPU nodes only: a host without CAP_SYS_RESOURCE refuses it.

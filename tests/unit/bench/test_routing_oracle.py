@@ -13,7 +13,7 @@ def sent(at: float, first_token_at: float | None) -> RequestResult:
 
 def test_a_prefix_hits_only_once_an_earlier_request_finished_prefilling_it() -> None:
     shared = list(range(100, 112))  # three full blocks
-    prompts = [shared + [1, 2], shared + [3, 4], shared + [5, 6], [7] * 14]
+    prompts = [[*shared, 1, 2], [*shared, 3, 4], [*shared, 5, 6], [7] * 14]
     outcomes = [
         sent(0.0, 1.0),  # first of its group: nothing to hit
         sent(0.5, 1.6),  # sent while the first was still prefilling: misses too

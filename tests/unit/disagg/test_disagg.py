@@ -16,24 +16,28 @@ from tests.unit.tunables.fake_tunables import FakeTunables
 
 def _request(tokens: int) -> PreprocessedRequest:
     return PreprocessedRequest(
-        request_id="r1", model="m", token_ids=list(range(tokens)),
-        sampling=SamplingOptions(temperature=0.0, logprobs=2), stop=StopConditions(max_tokens=50, min_tokens=5),
+        request_id="r1",
+        model="m",
+        token_ids=list(range(tokens)),
+        sampling=SamplingOptions(temperature=0.0, logprobs=2),
+        stop=StopConditions(max_tokens=50, min_tokens=5),
     )
 
 
 def _depth(value: int):
     async def depth() -> int:
         return value
+
     return depth
 
 
 @pytest.mark.parametrize(
     ("conditional", "tokens", "depth", "remote"),
     [
-        (False, 3, 99, True),    # unconditional: everything goes remote
-        (True, 10, 0, False),    # at the length threshold: local
-        (True, 11, 0, True),     # past it, queue short: remote
-        (True, 11, 2, False),    # past it, queue full: local
+        (False, 3, 99, True),  # unconditional: everything goes remote
+        (True, 10, 0, False),  # at the length threshold: local
+        (True, 11, 0, True),  # past it, queue short: remote
+        (True, 11, 2, False),  # past it, queue full: local
     ],
 )
 async def test_policy_follows_the_thresholds(conditional, tokens, depth, remote) -> None:

@@ -19,8 +19,11 @@ _ids = iter(range(1_000_000))
 
 def request(tokens: list[int], max_tokens: int = 8, **stop: Any) -> PreprocessedRequest:
     return PreprocessedRequest(
-        request_id=f"req-{next(_ids)}", model="mocker", token_ids=tokens,
-        sampling=SamplingOptions(), stop=StopConditions(max_tokens=max_tokens, **stop),
+        request_id=f"req-{next(_ids)}",
+        model="mocker",
+        token_ids=tokens,
+        sampling=SamplingOptions(),
+        stop=StopConditions(max_tokens=max_tokens, **stop),
     )
 
 
@@ -80,7 +83,7 @@ async def test_repeated_prompt_hits_the_prefix_cache() -> None:
     prompt = list(range(100, 150))  # 50 tokens: 3 full blocks of 16 can be reused
     async with Mocker(block_size=16) as m:
         cold = await m.run(request(prompt))
-        warm = await m.run(request(prompt + [1, 2, 3]))
+        warm = await m.run(request([*prompt, 1, 2, 3]))
         stats = m.engine.stats()
     assert (cold[0].num_prompt_tokens, cold[0].num_cached_tokens) == (50, 0)
     assert warm[0].num_cached_tokens == 48
@@ -93,7 +96,7 @@ async def test_kv_events_let_the_router_predict_each_engines_cache() -> None:
     warmup = [shared + [i] * 20 for i in range(4)] + [list(range(500, 540))]
     index = KvIndex(8)
     async with Mocker("a", block_size=8, seed=1) as a, Mocker("b", block_size=8, seed=2) as b:
-        await asyncio.gather(*(m.run(request(p, max_tokens=17)) for m, p in zip([a, b, a, b, a], warmup)))
+        await asyncio.gather(*(m.run(request(p, max_tokens=17)) for m, p in zip([a, b, a, b, a], warmup, strict=True)))
         for batch in a.batches + b.batches:
             index.apply_batch(batch)
         assert index.seq_gaps == 0 and index.orphan_blocks == 0
@@ -240,8 +243,13 @@ async def test_prefill_role_answers_with_the_kv_it_holds_until_the_lease_ends() 
 async def test_decode_role_pulls_the_kv_instead_of_prefilling() -> None:
     prompt = list(range(1000, 1400))  # 400 tokens
     # Prefilling it here: 5 + 1 * 400 = 405 ms. Pulling 399 tokens of 1 MB at 2 GB/s: 200 ms.
-    timing = {"speedup_ratio": 1.0, "prefill_ms_per_token": 1.0, "kv_bytes_per_token": 1_000_000,
-              "kv_transfer_gb_per_s": 2.0, "max_model_len": 4096}
+    timing = {
+        "speedup_ratio": 1.0,
+        "prefill_ms_per_token": 1.0,
+        "kv_bytes_per_token": 1_000_000,
+        "kv_transfer_gb_per_s": 2.0,
+        "max_model_len": 4096,
+    }
     async with Mocker("prefill-0") as prefill:
         params = (await prefill.run(prefill_job(prompt)))[-1].kv_transfer_params
     disagg = request(prompt, max_tokens=8, ignore_eos=True)
@@ -274,8 +282,13 @@ async def test_speedup_ratio_scales_the_transfer_time() -> None:
 
 async def test_decode_role_pulls_only_what_its_own_cache_lacks() -> None:
     prompt = list(range(3000, 3400))
-    timing = {"speedup_ratio": 1.0, "prefill_ms_per_token": 0.0, "kv_bytes_per_token": 1_000_000,
-              "kv_transfer_gb_per_s": 1.0, "max_model_len": 4096}
+    timing = {
+        "speedup_ratio": 1.0,
+        "prefill_ms_per_token": 0.0,
+        "kv_bytes_per_token": 1_000_000,
+        "kv_transfer_gb_per_s": 1.0,
+        "max_model_len": 4096,
+    }
     async with Mocker(**timing) as m:
         await m.run(request(prompt, max_tokens=1))  # caches 24 of its 25 blocks
         req = request(prompt, max_tokens=1)

@@ -30,8 +30,8 @@ AGENTS_IDLE_THEN_TRANSFER = textwrap.dedent("""
     source, sink = torch.arange(1 << 16, dtype=torch.float32), torch.zeros(1 << 16)
     target.register_memory([source]); reader.register_memory([sink])
     peer = reader.add_remote_agent(target.get_agent_metadata())
-    handle = reader.initialize_xfer(
-        "READ", reader.get_xfer_descs([sink]), reader.get_xfer_descs([(source.data_ptr(), source.numel() * 4, 0)], "DRAM"), peer)
+    remote = reader.get_xfer_descs([(source.data_ptr(), source.numel() * 4, 0)], "DRAM")
+    handle = reader.initialize_xfer("READ", reader.get_xfer_descs([sink]), remote, peer)
     state = reader.transfer(handle)
     deadline = time.monotonic() + 30
     while (state := reader.check_xfer_state(handle)) == "PROC" and time.monotonic() < deadline:
@@ -50,8 +50,9 @@ def _idle_cpu_seconds(delay_us: str | None) -> float:
     env = {key: value for key, value in os.environ.items() if key != delay}
     if delay_us is not None:
         env[delay] = delay_us
-    done = subprocess.run([sys.executable, "-c", AGENTS_IDLE_THEN_TRANSFER],
-                          capture_output=True, text=True, timeout=180, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", AGENTS_IDLE_THEN_TRANSFER], capture_output=True, text=True, timeout=180, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return float(done.stdout.strip().splitlines()[-1])
 

@@ -55,7 +55,9 @@ def test_ray_v1_executor_is_refused_with_the_fix(registered: None, monkeypatch: 
         _executor_for("ray")
 
 
-def test_shm_all_reduce_group_name_carries_the_hosts_shm_domain(registered: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shm_all_reduce_group_name_carries_the_hosts_shm_domain(
+    registered: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
 
     monkeypatch.setenv("VLLM_DIST_IDENT", "29500")
@@ -67,9 +69,19 @@ def test_shm_all_reduce_group_name_carries_the_hosts_shm_domain(registered: None
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
 def test_a_node_with_its_own_dev_shm_has_another_shm_domain() -> None:
     # What a second host (or a container, or a test's network-namespace node) looks like.
-    probe = f"mount -t tmpfs tmpfs /dev/shm && {sys.executable} -c 'from app.engines.vllm_cpu_ray import shm_domain; print(shm_domain())'"
-    other = subprocess.run(["unshare", "--mount", "sh", "-c", probe], capture_output=True, text=True, timeout=60, check=True)
-    same = subprocess.run([sys.executable, "-c", "from app.engines.vllm_cpu_ray import shm_domain; print(shm_domain())"],
-                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    probe = (
+        f"mount -t tmpfs tmpfs /dev/shm && "
+        f"{sys.executable} -c 'from app.engines.vllm_cpu_ray import shm_domain; print(shm_domain())'"
+    )
+    other = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    same = subprocess.run(
+        [sys.executable, "-c", "from app.engines.vllm_cpu_ray import shm_domain; print(shm_domain())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert same.stdout.strip() == shm_domain()
     assert other.stdout.strip() != shm_domain()

@@ -14,8 +14,12 @@ from app.engines.mocker import MockerEngine
 from app.engines.vllm import VllmEngine
 
 HANDED_OVER = (
-    "VLLM_CPU_OMP_THREADS_BIND", "VLLM_NIXL_SIDE_CHANNEL_PORT", "VLLM_NIXL_SIDE_CHANNEL_HOST",
-    "VLLM_CPU_KVCACHE_SPACE", "PYTHONFAULTHANDLER", "RAY_ADDRESS",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_NIXL_SIDE_CHANNEL_PORT",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "PYTHONFAULTHANDLER",
+    "RAY_ADDRESS",
 )
 NIXL = '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'  # as configs/cpu-tiny-disagg.yaml spells it
 
@@ -52,7 +56,9 @@ async def test_a_nixl_engine_gets_its_replicas_cores_and_side_channel(environ: o
 async def test_an_engine_without_nixl_or_binding_gets_neither(environ: os._Environ[str], on_cpu: None) -> None:
     environ["VLLM_CPU_KVCACHE_SPACE"] = "4"  # the operator's size stands
     await VllmEngine.from_config({"model": "m"}).prepare(replica(0))
-    assert not {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_NIXL_SIDE_CHANNEL_PORT", "VLLM_NIXL_SIDE_CHANNEL_HOST"} & set(environ)
+    assert not {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_NIXL_SIDE_CHANNEL_PORT", "VLLM_NIXL_SIDE_CHANNEL_HOST"} & set(
+        environ
+    )
     assert environ["VLLM_CPU_KVCACHE_SPACE"] == "4"
 
 
@@ -82,8 +88,14 @@ async def test_an_engine_on_ray_exports_the_cluster_it_waited_for(
     ("config", "nixl"),
     [
         ({"kv_connector": "NixlConnector", "kv_role": "kv_both"}, True),
-        ({"kv_connector": "MultiConnector", "kv_role": "kv_both",
-          "kv_connector_extra_config": {"connectors": [{"kv_connector": "NixlConnector", "kv_role": "kv_both"}]}}, True),
+        (
+            {
+                "kv_connector": "MultiConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"connectors": [{"kv_connector": "NixlConnector", "kv_role": "kv_both"}]},
+            },
+            True,
+        ),
         ({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}, False),
         (None, False),
     ],

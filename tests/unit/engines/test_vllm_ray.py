@@ -34,7 +34,9 @@ def test_ray_backend_on_cpu_needs_one_cpu_worker_per_rank(on_cpu: None) -> None:
     assert need == RayDevices(CPU_DEVICE_RESOURCE, 2)
 
 
-@pytest.mark.parametrize("args", [{}, {"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}])
+@pytest.mark.parametrize(
+    "args", [{}, {"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}]
+)
 def test_cpu_engines_without_the_ray_backend_do_not_use_ray(on_cpu: None, args: dict) -> None:
     # On CPU, tensor parallelism within the node runs on vLLM's own processes.
     assert ray_devices_needed(args) is None
@@ -43,7 +45,11 @@ def test_cpu_engines_without_the_ray_backend_do_not_use_ray(on_cpu: None, args: 
 
 def test_ray_backend_is_set_once_in_snake_case(on_cpu: None) -> None:
     args = {"tensor-parallel-size": 2, "distributed-executor-backend": "ray", "model": "m"}
-    assert with_ray_backend_if_needed(args) == {"tensor-parallel-size": 2, "distributed_executor_backend": "ray", "model": "m"}
+    assert with_ray_backend_if_needed(args) == {
+        "tensor-parallel-size": 2,
+        "distributed_executor_backend": "ray",
+        "model": "m",
+    }
 
 
 def test_missing_devices_message_names_count_resource_address_and_time() -> None:

@@ -12,14 +12,19 @@ from app.engines.vllm_stats import SchedulerStatsCapture
 
 def _step(external: int, computed: int, connector_stats: dict | None) -> tuple[SchedulerStats, IterationStats]:
     scheduler = SchedulerStats(
-        num_running_reqs=1, prefix_cache_stats=PrefixCacheStats(queries=external + computed, hits=0),
+        num_running_reqs=1,
+        prefix_cache_stats=PrefixCacheStats(queries=external + computed, hits=0),
         kv_connector_stats=connector_stats,
     )
     iteration = IterationStats()
-    iteration.prompt_token_stats.update_from_output(PrefillStats(
-        num_prompt_tokens=external + computed, num_computed_tokens=computed,
-        num_cached_tokens=external, num_external_cached_tokens=external,
-    ))
+    iteration.prompt_token_stats.update_from_output(
+        PrefillStats(
+            num_prompt_tokens=external + computed,
+            num_computed_tokens=computed,
+            num_cached_tokens=external,
+            num_external_cached_tokens=external,
+        )
+    )
     return scheduler, iteration
 
 
@@ -29,7 +34,9 @@ def test_external_kv_tokens_and_nixl_bytes_add_up_across_steps() -> None:
     # A remote prefill pulled over NIXL (two transfers in the step), then a local prefill.
     logger.record(*_step(external=96, computed=4, connector_stats={"bytes_transferred": [4096, 2048]}))
     logger.record(*_step(external=0, computed=20, connector_stats=None))
-    logger.record(*_step(external=64, computed=1, connector_stats={"bytes_transferred": [1024], "num_failed_transfers": []}))
+    logger.record(
+        *_step(external=64, computed=1, connector_stats={"bytes_transferred": [1024], "num_failed_transfers": []})
+    )
     stats = capture.snapshot(in_flight=1, total_blocks=100)
     assert stats.external_kv_prompt_tokens == 160
     assert stats.kv_transfer_bytes == 7168

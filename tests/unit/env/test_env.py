@@ -67,8 +67,13 @@ def test_runtime_settings_take_names_defaults_and_docs_from_the_registry(monkeyp
 
 
 def test_tandem_config_env_lists_every_variable() -> None:
-    done = subprocess.run([str(Path(sys.executable).parent / "tandem"), "config", "env"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "tandem"), "config", "env"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line for line in done.stdout.splitlines() if line and not line.startswith("#")}
     assert set(rows) == set(env.VARIABLES)

@@ -11,7 +11,15 @@ from app.launch.servers import etcd_client_urls, etcd_command, find_binary, nats
 
 def test_nats_binds_where_asked_and_everywhere_otherwise() -> None:
     assert nats_command("nats-server", Path("/d"), 4222, 8222) == [
-        "nats-server", "-js", "-sd", "/d", "-p", "4222", "-m", "8222"]
+        "nats-server",
+        "-js",
+        "-sd",
+        "/d",
+        "-p",
+        "4222",
+        "-m",
+        "8222",
+    ]
     assert nats_command("nats-server", Path("/d"), 4222, 8222, "10.0.0.1")[-2:] == ["-a", "10.0.0.1"]
 
 

@@ -16,12 +16,17 @@ def parsed(text: str) -> configparser.ConfigParser:
 
 def test_programs_groups_environment_and_quoting(tmp_path: Path) -> None:
     text = config_text(
-        [Program("nats", ["nats-server", "-js"], 30, priority=10),
-         Program("Echo_0", ["python", "100%"], 60, {"TANDEM_REPLICA": "0", "CUDA_VISIBLE_DEVICES": "0,1"},
-                 group="Echo"),
-         Program("Echo_1", ["python", "100%"], 60, {"TANDEM_REPLICA": "1"}, group="Echo"),
-         Program("tandem-graph", ["tandem", "serve"], 250, stop_as_group=False)],
-        tmp_path, Path("/app"), comments=["derived: X=1"],
+        [
+            Program("nats", ["nats-server", "-js"], 30, priority=10),
+            Program(
+                "Echo_0", ["python", "100%"], 60, {"TANDEM_REPLICA": "0", "CUDA_VISIBLE_DEVICES": "0,1"}, group="Echo"
+            ),
+            Program("Echo_1", ["python", "100%"], 60, {"TANDEM_REPLICA": "1"}, group="Echo"),
+            Program("tandem-graph", ["tandem", "serve"], 250, stop_as_group=False),
+        ],
+        tmp_path,
+        Path("/app"),
+        comments=["derived: X=1"],
     )
     assert text.startswith("; derived: X=1\n[supervisord]\n")
     conf = parsed(text)

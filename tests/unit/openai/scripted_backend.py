@@ -52,7 +52,9 @@ class ScriptedBackend:
                     output.worker_id = "worker-1"
                 if request.sampling.logprobs is not None:
                     output.logprobs = [-0.25]
-                    output.top_logprobs = [[TokenLogprob(token_id, -0.25), TokenLogprob(5, -1.5), TokenLogprob(6, -2.5)]]
+                    output.top_logprobs = [
+                        [TokenLogprob(token_id, -0.25), TokenLogprob(5, -1.5), TokenLogprob(6, -2.5)]
+                    ]
                 if index == len(ids) - 1:
                     output.finish_reason = "length" if len(ids) == budget else "stop"
                 yield output

@@ -3,11 +3,11 @@ import json
 
 import httpx
 import pytest
-
-from app.openai import WORKER_HEADER, create_app
-from app.errors import OverloadedError, UnavailableError
-from app.openai.schema import ChatCompletionRequest, parse_request
 from scripted_backend import MODEL, REPLY
+
+from app.errors import OverloadedError, UnavailableError
+from app.openai import WORKER_HEADER, create_app
+from app.openai.schema import ChatCompletionRequest, parse_request
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 100}
@@ -39,7 +39,12 @@ async def test_chat_non_stream(client, backend) -> None:
     body = response.json()
     assert body["object"] == "chat.completion" and body["model"] == MODEL and body["id"].startswith("chatcmpl-")
     choice = body["choices"][0]
-    assert choice == {"index": 0, "message": {"role": "assistant", "content": REPLY}, "logprobs": None, "finish_reason": "stop"}
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant", "content": REPLY},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
     prompt_len = len(backend.preprocessor.chat(parse_request(ChatCompletionRequest, CHAT), "x").token_ids)
     assert body["usage"] == {
         "prompt_tokens": prompt_len,
@@ -107,7 +112,12 @@ async def test_logprobs_shapes(client, backend) -> None:
     ("route", "body", "status", "param"),
     [
         ("/v1/chat/completions", b"{not json", 400, None),
-        ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\xc3\x28"}]}', 400, None),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "\xc3\x28"}]}',
+            400,
+            None,
+        ),
         ("/v1/chat/completions", json.dumps({**CHAT, "bogus": 1}).encode(), 400, "bogus"),
         ("/v1/chat/completions", json.dumps({**CHAT, "n": 3}).encode(), 400, "n"),
         ("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 10**6}).encode(), 400, "max_tokens"),

@@ -1,5 +1,6 @@
 import pytest
 
+from app.engines.base import EngineDeadError
 from app.errors import (
     ErrorCode,
     InternalError,
@@ -13,7 +14,6 @@ from app.errors import (
     WorkerUnavailableError,
     error_for_code,
 )
-from app.engines.base import EngineDeadError
 from app.openai.errors import to_client_error
 from app.runtime.errors import CallTimeoutError, ConnectError, InstanceGoneError, NoInstancesError
 from app.runtime.wire import ErrorBody, encoder, error_decoder
@@ -46,8 +46,13 @@ def test_each_code_keeps_its_status_and_message_across_the_hop(error, status, er
 
 
 def test_engine_and_runtime_failures_are_unavailable_and_say_when_to_retry() -> None:
-    for exc in (NoInstancesError("no VllmWorker"), InstanceGoneError("left"), ConnectError("no NATS"),
-                CallTimeoutError("slow"), EngineDeadError("engine core died")):
+    for exc in (
+        NoInstancesError("no VllmWorker"),
+        InstanceGoneError("left"),
+        ConnectError("no NATS"),
+        CallTimeoutError("slow"),
+        EngineDeadError("engine core died"),
+    ):
         error = to_client_error(exc)
         assert error.status == 503 and error.code == "service_unavailable"
         assert error.headers() == {"Retry-After": "1"}

@@ -5,30 +5,67 @@ import json
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from app.openai import create_app
 from scripted_backend import MODEL
 
+from app.openai import create_app
+
 FIELDS = [
-    "model", "messages", "prompt", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-    "temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs",
-    "top_logprobs", "user", "top_k", "min_tokens", "ignore_eos", "echo", "suffix", "unknown_field",
+    "model",
+    "messages",
+    "prompt",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "top_logprobs",
+    "user",
+    "top_k",
+    "min_tokens",
+    "ignore_eos",
+    "echo",
+    "suffix",
+    "unknown_field",
 ]
 hostile_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**80), 2**80), st.sampled_from([0, 1, -1, 2**31, 2**63, 2**64]),
-    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([1e308, -1e308, 0.5, 2.0, 1e-300]),
-    st.text(max_size=20), st.just(MODEL),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**80), 2**80),
+    st.sampled_from([0, 1, -1, 2**31, 2**63, 2**64]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e308, -1e308, 0.5, 2.0, 1e-300]),
+    st.text(max_size=20),
+    st.just(MODEL),
 )
 messages = st.lists(
     st.fixed_dictionaries(
         {"role": st.sampled_from(["user", "system", "assistant", "tool", "bot", 3])},
-        optional={"content": st.one_of(st.text(max_size=30), st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)}), max_size=2), hostile_scalars)},
+        optional={
+            "content": st.one_of(
+                st.text(max_size=30),
+                st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)}), max_size=2),
+                hostile_scalars,
+            )
+        },
     ),
     max_size=3,
 )
-values = st.recursive(hostile_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=3)), max_leaves=8)
+values = st.recursive(
+    hostile_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=8,
+)
 bodies = st.one_of(
-    st.dictionaries(st.sampled_from(FIELDS), st.one_of(values, messages), max_size=8).map(lambda d: {"model": MODEL, **d}),
+    st.dictionaries(st.sampled_from(FIELDS), st.one_of(values, messages), max_size=8).map(
+        lambda d: {"model": MODEL, **d}
+    ),
     st.dictionaries(st.sampled_from(FIELDS), st.one_of(values, messages), max_size=8),
     values,
 )

@@ -28,7 +28,10 @@ COMPLETION = {"model": "m", "prompt": "hi"}
         ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content[0].type"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].type",
+        ),
         ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
         ({"messages": [{"role": "user"}]}, "messages[0]"),
         ({"model": None}, "model"),
@@ -72,10 +75,19 @@ def test_unparseable_bodies_are_400s(body: bytes) -> None:
 
 
 def test_valid_requests_parse_from_bytes_and_after_a_hop() -> None:
-    body = {**CHAT, "messages": [{"role": "system", "content": [{"type": "text", "text": "a"}]},
-                                 {"role": "assistant", "tool_calls": [{"id": "1"}]},
-                                 {"role": "tool", "content": "r", "tool_call_id": "1"}],
-            "stream": True, "stream_options": {"include_usage": True}, "stop": "x", "top_k": 5, "ignore_eos": True}
+    body = {
+        **CHAT,
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "a"}]},
+            {"role": "assistant", "tool_calls": [{"id": "1"}]},
+            {"role": "tool", "content": "r", "tool_call_id": "1"},
+        ],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "stop": "x",
+        "top_k": 5,
+        "ignore_eos": True,
+    }
     import json
 
     parsed = parse_request(ChatCompletionRequest, json.dumps(body).encode())

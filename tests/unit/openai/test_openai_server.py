@@ -6,10 +6,10 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from scripted_backend import MODEL
 
 from app.launch.ports import free_port
 from app.openai import FrontendMetrics, create_app, make_server
-from scripted_backend import MODEL
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def _request(port: int, body: dict) -> bytes:
 
 async def test_accepted_sockets_have_tcp_nodelay(served) -> None:
     _, _, port, server = served
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for _ in range(100):
             if server.server_state.connections:

@@ -56,5 +56,5 @@ def test_prompt_context_does_not_leak_into_output(preprocessor) -> None:
 
 
 def test_special_tokens_are_skipped_by_default(preprocessor) -> None:
-    ids = preprocessor.tokenizer.encode("hi", add_special_tokens=False) + [preprocessor.eos_token_ids[0]]
+    ids = [*preprocessor.tokenizer.encode("hi", add_special_tokens=False), preprocessor.eos_token_ids[0]]
     assert "".join(_stream(preprocessor, [[i] for i in ids])) == "hi"

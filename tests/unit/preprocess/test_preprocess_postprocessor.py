@@ -11,7 +11,9 @@ from app.protocol import EngineOutput, TokenLogprob
 
 
 def _chat(**fields) -> ChatCompletionRequest:
-    return parse_request(ChatCompletionRequest, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields})
+    return parse_request(
+        ChatCompletionRequest, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields}
+    )
 
 
 def _outputs(ids: list[int], finish: str = "stop") -> list[EngineOutput]:
@@ -39,7 +41,7 @@ def _run(preprocessor: Preprocessor, request, outputs: list[EngineOutput]):
 )
 def test_stop_matcher_emits_exactly_the_text_before_the_first_stop(text, stops, cuts) -> None:
     matcher = StopStringMatcher(stops)
-    pieces = [text[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(text)])]
+    pieces = [text[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(text)], strict=True)]
     emitted, stopped = "", False
     for piece in pieces:
         out, stopped = matcher.feed(piece)
@@ -85,7 +87,9 @@ def test_logprobs_are_truncated_to_the_request_and_carry_raw_bytes(preprocessor)
     ids = preprocessor.tokenizer.encode("🙂", add_special_tokens=False)
     outputs = [
         EngineOutput(
-            token_ids=[i], logprobs=[-0.5], top_logprobs=[[TokenLogprob(i, -0.5), TokenLogprob(5, -1.0), TokenLogprob(6, -2.0)]]
+            token_ids=[i],
+            logprobs=[-0.5],
+            top_logprobs=[[TokenLogprob(i, -0.5), TokenLogprob(5, -1.0), TokenLogprob(6, -2.0)]],
         )
         for i in ids
     ]

@@ -31,8 +31,19 @@ def test_chat_uses_the_models_template(preprocessor: Preprocessor) -> None:
 
 def test_sampling_parameters_are_mapped(preprocessor: Preprocessor) -> None:
     pre = preprocessor.chat(
-        _chat(temperature=0.3, top_p=0.9, top_k=-1, seed=7, presence_penalty=0.5, frequency_penalty=-0.5,
-              logprobs=True, top_logprobs=3, min_tokens=2, max_tokens=50, max_completion_tokens=20),
+        _chat(
+            temperature=0.3,
+            top_p=0.9,
+            top_k=-1,
+            seed=7,
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            logprobs=True,
+            top_logprobs=3,
+            min_tokens=2,
+            max_tokens=50,
+            max_completion_tokens=20,
+        ),
         "r",
     )
     s = pre.sampling
@@ -45,7 +56,10 @@ def test_sampling_parameters_are_mapped(preprocessor: Preprocessor) -> None:
 
 def test_eos_ids_come_from_generation_config_unless_ignored(preprocessor: Preprocessor) -> None:
     tok = preprocessor.tokenizer
-    assert set(preprocessor.eos_token_ids) == {tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")}
+    assert set(preprocessor.eos_token_ids) == {
+        tok.convert_tokens_to_ids("<|eot_id|>"),
+        tok.convert_tokens_to_ids("<|end_of_text|>"),
+    }
     pre = preprocessor.chat(_chat(ignore_eos=True), "r")
     assert pre.stop.ignore_eos and pre.stop.stop_token_ids == []
 

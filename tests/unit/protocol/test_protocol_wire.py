@@ -39,46 +39,104 @@ from app.protocol import (
 )
 
 REQUEST = PreprocessedRequest(
-    request_id="r1", model="m", token_ids=[1, 2, 3],
+    request_id="r1",
+    model="m",
+    token_ids=[1, 2, 3],
     sampling=SamplingOptions(temperature=0.5, seed=7, logprobs=2),
-    stop=StopConditions(max_tokens=8, stop_token_ids=[2]), kv_transfer_params={"a": 1},
+    stop=StopConditions(max_tokens=8, stop_token_ids=[2]),
+    kv_transfer_params={"a": 1},
 )
 
 SAMPLES: dict[str, tuple[Any, Any]] = {
     "PreprocessedRequest": (PreprocessedRequest, REQUEST),
-    "EngineOutput": (EngineOutput, EngineOutput(
-        token_ids=[5], logprobs=[-0.5], top_logprobs=[[TokenLogprob(5, -0.5)]], finish_reason="stop",
-        num_prompt_tokens=3, num_cached_tokens=0, worker_id="w", prefill_worker_id="pw",
-    )),
+    "EngineOutput": (
+        EngineOutput,
+        EngineOutput(
+            token_ids=[5],
+            logprobs=[-0.5],
+            top_logprobs=[[TokenLogprob(5, -0.5)]],
+            finish_reason="stop",
+            num_prompt_tokens=3,
+            num_cached_tokens=0,
+            worker_id="w",
+            prefill_worker_id="pw",
+        ),
+    ),
     "RouteRequest": (RouteRequest, RouteRequest(request_id="r1", token_ids=[1, 2])),
     "RouteDecision": (RouteDecision, RouteDecision(worker_id="w", overlap_blocks=2, prompt_blocks=3)),
     "ModelInfo": (ModelInfo, ModelInfo(name="m", max_model_len=128, block_size=16, model_path="/x")),
-    "LoadReport": (LoadReport, LoadReport(
-        worker_id="w", running=1, waiting=2, kv_used_blocks=3, kv_total_blocks=4, timestamp=1.5,
-    )),
-    "KvEventBatch": (KvEventBatch, KvEventBatch(worker_id="w", seq=3, block_size=4, timestamp=2.0, events=[
-        BlockStored(token_ids=[1, 2, 3, 4], block_hashes=[11, b"h"], parent_block_hash=9),
-        BlockRemoved(block_hashes=[11]),
-        AllBlocksCleared(),
-    ])),
-    "StreamItem": (StreamItem, StreamItem(
-        text="hi", completion_tokens=1, finish_reason="length", prompt_tokens=3, cached_tokens=0,
-        worker_id="w", prefill_worker_id="pw",
-        logprobs=[TokenLogprobs("hi", [104, 105], -0.1, [TopLogprob("ho", [104], -2.0)])],
-    )),
-    "PlacementEvent": (PlacementMessage, [
-        PlacementEvent(router_id="r", request_id="q", worker_id="w", kind="routed", prompt_blocks=3, overlap_blocks=1),
-        PlacementEvent(router_id="r", request_id="q", worker_id="w", kind="finished"),
-    ]),
+    "LoadReport": (
+        LoadReport,
+        LoadReport(
+            worker_id="w",
+            running=1,
+            waiting=2,
+            kv_used_blocks=3,
+            kv_total_blocks=4,
+            timestamp=1.5,
+        ),
+    ),
+    "KvEventBatch": (
+        KvEventBatch,
+        KvEventBatch(
+            worker_id="w",
+            seq=3,
+            block_size=4,
+            timestamp=2.0,
+            events=[
+                BlockStored(token_ids=[1, 2, 3, 4], block_hashes=[11, b"h"], parent_block_hash=9),
+                BlockRemoved(block_hashes=[11]),
+                AllBlocksCleared(),
+            ],
+        ),
+    ),
+    "StreamItem": (
+        StreamItem,
+        StreamItem(
+            text="hi",
+            completion_tokens=1,
+            finish_reason="length",
+            prompt_tokens=3,
+            cached_tokens=0,
+            worker_id="w",
+            prefill_worker_id="pw",
+            logprobs=[TokenLogprobs("hi", [104, 105], -0.1, [TopLogprob("ho", [104], -2.0)])],
+        ),
+    ),
+    "PlacementEvent": (
+        PlacementMessage,
+        [
+            PlacementEvent(
+                router_id="r", request_id="q", worker_id="w", kind="routed", prompt_blocks=3, overlap_blocks=1
+            ),
+            PlacementEvent(router_id="r", request_id="q", worker_id="w", kind="finished"),
+        ],
+    ),
     "PrefillJob": (PrefillJob, PrefillJob(job_id="j", request=REQUEST, decode_worker_id="d", deadline=1.25)),
     "PrefillAnswer": (PrefillAnswer, PrefillAnswer(job_id="j", prefill_worker_id="p", kv_transfer_params={"x": [1]})),
-    "InstanceRecord": (InstanceRecord, InstanceRecord(
-        namespace="ns", service="S", endpoint="e", instance_id="1", subject="tandem.ns.S.e.1", host="h", pid=9,
-        metadata={"k": 1},
-    )),
-    "ModelRecord": (ModelRecord, ModelRecord(
-        name="m", instance_id="1", service="S", endpoint="e", metadata={"block_size": 16},
-    )),
+    "InstanceRecord": (
+        InstanceRecord,
+        InstanceRecord(
+            namespace="ns",
+            service="S",
+            endpoint="e",
+            instance_id="1",
+            subject="tandem.ns.S.e.1",
+            host="h",
+            pid=9,
+            metadata={"k": 1},
+        ),
+    ),
+    "ModelRecord": (
+        ModelRecord,
+        ModelRecord(
+            name="m",
+            instance_id="1",
+            service="S",
+            endpoint="e",
+            metadata={"block_size": 16},
+        ),
+    ),
 }
 
 GOLDEN = {
@@ -96,8 +154,7 @@ GOLDEN = {
     "RouteRequest": "82aa726571756573745f6964a27231a9746f6b656e5f696473920102",
     "RouteDecision": "83a9776f726b65725f6964a177ae6f7665726c61705f626c6f636b7302ad70726f6d70745f626c6f636b7303",
     "ModelInfo": (
-        "84a46e616d65a16dad6d61785f6d6f64656c5f6c656ecc80aa626c6f636b5f73697a6510aa6d6f64656c5f70617468a2"
-        "2f78"
+        "84a46e616d65a16dad6d61785f6d6f64656c5f6c656ecc80aa626c6f636b5f73697a6510aa6d6f64656c5f70617468a22f78"
     ),
     "LoadReport": (
         "86a9776f726b65725f6964a177a772756e6e696e6701a777616974696e6702ae6b765f757365645f626c6f636b7303af"
@@ -128,8 +185,7 @@ GOLDEN = {
         "0000000000"
     ),
     "PrefillAnswer": (
-        "83a66a6f625f6964a16ab170726566696c6c5f776f726b65725f6964a170b26b765f7472616e736665725f706172616d"
-        "7381a1789101"
+        "83a66a6f625f6964a16ab170726566696c6c5f776f726b65725f6964a170b26b765f7472616e736665725f706172616d7381a1789101"
     ),
     "InstanceRecord": (
         "88a96e616d657370616365a26e73a773657276696365a153a8656e64706f696e74a165ab696e7374616e63655f6964a1"

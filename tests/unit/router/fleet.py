@@ -35,8 +35,12 @@ class InMemoryFleet:
     def store(self, worker: str, token_ids: list[int], seq: int = 0) -> None:
         """`worker`'s engine cached these tokens' blocks (a whole number of them)."""
         engine_hashes = list(range(len(token_ids) // self.block_size))  # only removals would use them
-        batch = KvEventBatch(worker_id=worker, seq=seq, block_size=self.block_size,
-                             events=[BlockStored(token_ids=token_ids, block_hashes=engine_hashes)])
+        batch = KvEventBatch(
+            worker_id=worker,
+            seq=seq,
+            block_size=self.block_size,
+            events=[BlockStored(token_ids=token_ids, block_hashes=engine_hashes)],
+        )
         for _, listener in self._listeners():
             listener.on_kv_events(batch)
 

@@ -98,8 +98,13 @@ def test_index_matches_a_brute_force_model(prompts: list[list[int]], ops: list[t
         hashes = [engine_hash(worker, prefix, variant) for prefix in prefixes]
         if kind == "store":
             parent = engine_hash(worker, tuple(prompt[: first * BLOCK]), variant) if first else None
-            model.store(worker, parent, list(zip(hashes, prefixes)))
-            send(worker, BlockStored(token_ids=prompt[first * BLOCK : last * BLOCK], block_hashes=hashes, parent_block_hash=parent))
+            model.store(worker, parent, list(zip(hashes, prefixes, strict=True)))
+            send(
+                worker,
+                BlockStored(
+                    token_ids=prompt[first * BLOCK : last * BLOCK], block_hashes=hashes, parent_block_hash=parent
+                ),
+            )
         elif kind == "remove":
             model.remove(worker, hashes)
             send(worker, BlockRemoved(block_hashes=hashes))
@@ -129,14 +134,14 @@ def test_overlap_counts_leading_blocks_only() -> None:
     # c holds blocks 2..3 of the prompt but not its start: no overlap.
     index.apply_batch(KvEventBatch(worker_id="c", seq=0, block_size=4, events=[_stored(prompt[:12], [5, 6, 7])]))
     index.apply_batch(KvEventBatch(worker_id="c", seq=1, block_size=4, events=[BlockRemoved(block_hashes=[5])]))
-    assert index.find_matches_for_tokens(prompt + [99]) == {"a": 2, "b": 4}
+    assert index.find_matches_for_tokens([*prompt, 99]) == {"a": 2, "b": 4}
     assert index.find_matches_for_tokens([42] * 16) == {}
 
 
 def test_block_size_mismatch_is_rejected_and_nothing_applied() -> None:
     index = KvIndex(16)
     batch = KvEventBatch(worker_id="w", seq=0, block_size=32, events=[_stored(list(range(32)), [1])])
-    with pytest.raises(BlockSizeMismatchError, match="block_size 32.*16"):
+    with pytest.raises(BlockSizeMismatchError, match=r"block_size 32.*16"):
         index.apply_batch(batch)
     assert index.num_blocks() == 0
 
@@ -154,7 +159,9 @@ def test_seq_gaps_are_counted_and_later_events_still_applied(caplog: pytest.LogC
 
 def test_blocks_chained_from_an_unknown_parent_are_skipped_and_counted() -> None:
     index = KvIndex(2)
-    index.apply_batch(KvEventBatch(worker_id="w", seq=0, block_size=2, events=[_stored([3, 4, 5, 6], [11, 12], parent=999)]))
+    index.apply_batch(
+        KvEventBatch(worker_id="w", seq=0, block_size=2, events=[_stored([3, 4, 5, 6], [11, 12], parent=999)])
+    )
     assert index.orphan_blocks == 2
     assert index.num_blocks() == 0
 

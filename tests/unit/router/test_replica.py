@@ -36,7 +36,7 @@ async def test_kv_events_route_a_prefix_to_the_worker_that_holds_it() -> None:
     fleet = InMemoryFleet(["w1", "w2", "w3"], BLOCK)
     replica = await started(fleet, "r1")
     fleet.store("w2", PREFIX)
-    decision = replica.route("q1", PREFIX + [7, 7, 7, 7])
+    decision = replica.route("q1", [*PREFIX, 7, 7, 7, 7])
     assert (decision.worker_id, decision.overlap_blocks, decision.prompt_blocks) == ("w2", 8, 9)
     assert replica.core.counters.hit_blocks == 8
 

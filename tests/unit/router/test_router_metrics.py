@@ -24,8 +24,12 @@ def test_hit_rate_decisions_and_decision_time_reach_the_scrape() -> None:
     metrics.core = core
     prompt = list(range(40))
     core.apply_kv_batch(
-        KvEventBatch(worker_id="w2", seq=0, block_size=BLOCK,
-                     events=[BlockStored(token_ids=prompt[:32], block_hashes=list(range(8)))])
+        KvEventBatch(
+            worker_id="w2",
+            seq=0,
+            block_size=BLOCK,
+            events=[BlockStored(token_ids=prompt[:32], block_hashes=list(range(8)))],
+        )
     )
     core.route("q1", prompt, ["w1", "w2"])  # 8 of 10 blocks cached on w2
     core.route("q2", list(range(500, 540)), ["w1", "w2"])  # nothing cached

@@ -13,22 +13,27 @@ BLOCK = 4
 
 def stored(worker: str, tokens: list[int], seq: int = 0, block_size: int = BLOCK) -> KvEventBatch:
     hashes = list(range(1000, 1000 + len(tokens) // block_size))
-    return KvEventBatch(worker_id=worker, seq=seq, block_size=block_size,
-                        events=[BlockStored(token_ids=tokens, block_hashes=hashes)])
+    return KvEventBatch(
+        worker_id=worker, seq=seq, block_size=block_size, events=[BlockStored(token_ids=tokens, block_hashes=hashes)]
+    )
 
 
 def test_routes_to_the_cache_holder_and_counts_hits() -> None:
     published: list[PlacementEvent] = []
     timings: list[float] = []
-    core = RoutingCore(BLOCK, "kv", {"seed": 0}, router_id="r1",
-                       on_placement=published.append, observe_decision_seconds=timings.append)
+    core = RoutingCore(
+        BLOCK, "kv", {"seed": 0}, router_id="r1", on_placement=published.append, observe_decision_seconds=timings.append
+    )
     prompt = list(range(40))
     assert core.apply_kv_batch(stored("w2", prompt[:32]))
-    decision = core.route("q1", prompt + [7, 7], ["w1", "w2", "w3"])
+    decision = core.route("q1", [*prompt, 7, 7], ["w1", "w2", "w3"])
     assert (decision.worker_id, decision.overlap_blocks, decision.prompt_blocks) == ("w2", 8, 10)
     assert core.counters.decisions == 1 and core.counters.hit_rate == 0.8
-    assert published == [PlacementEvent(router_id="r1", request_id="q1", worker_id="w2", kind="routed",
-                                         prompt_blocks=10, overlap_blocks=8)]
+    assert published == [
+        PlacementEvent(
+            router_id="r1", request_id="q1", worker_id="w2", kind="routed", prompt_blocks=10, overlap_blocks=8
+        )
+    ]
     assert len(timings) == 1 and 0 < timings[0] == core.last_decision_seconds
     core.on_prefill_done("q1")
     core.on_finished("q1")

@@ -27,15 +27,20 @@ def test_config_passes_check_with_engine_arguments(path: Path) -> None:
 def test_config_check_command_accepts_the_seeds_misspelt_name() -> None:
     done = subprocess.run(
         [str(Path(sys.executable).with_name("tandem")), "config", "check", "-f", "configs/mutinode_disagg_r1.yaml"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "OK: configs/mutinode_disagg_r1.yaml"
 
 
 def test_seed_spelling_of_the_disagg_file_is_the_same_file() -> None:
     # The seed names it `mutinode_disagg_r1.yaml`; both names must keep serving one config.
-    assert filecmp.cmp(REPO / "configs/mutinode_disagg_r1.yaml", REPO / "configs/multinode_disagg_r1.yaml", shallow=False)
+    assert filecmp.cmp(
+        REPO / "configs/mutinode_disagg_r1.yaml", REPO / "configs/multinode_disagg_r1.yaml", shallow=False
+    )
 
 
 def _worker(path: str, service: str):

@@ -25,7 +25,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_common_configs_copies_keys_and_the_section_own_value_wins(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, """
+    config = load_config(
+        write(
+            tmp_path,
+            """
 Common:
   model: m
   block-size: 16
@@ -33,7 +36,9 @@ Common:
 Processor:
   common-configs: [model, max-model-len]
   max_model_len: 1024
-"""))
+""",
+        )
+    )
     processor = config.service_config(spec_of(Processor))
     assert (processor.model, processor.max_model_len) == ("m", 1024)
 
@@ -67,7 +72,9 @@ def test_bad_value_error_names_service_and_key(tmp_path: Path) -> None:
 
 def test_check_reports_unknown_service_and_every_bad_section(tmp_path: Path) -> None:
     import_components()
-    config = load_config(write(tmp_path, "Frontned: {}\nFrontend: {prot: 1}\nVllmWorker:\n  ServiceArgs: {workers: 0}\n"))
+    config = load_config(
+        write(tmp_path, "Frontned: {}\nFrontend: {prot: 1}\nVllmWorker:\n  ServiceArgs: {workers: 0}\n")
+    )
     errors = config.check(check_engine_args=False)
     assert errors[0].startswith("unknown service 'Frontned'")
     assert "Frontend: unknown key 'prot'" in errors
@@ -77,8 +84,13 @@ def test_check_reports_unknown_service_and_every_bad_section(tmp_path: Path) -> 
 def test_overrides_are_yaml_scalars_and_replace_the_key_however_spelled(tmp_path: Path) -> None:
     config = load_config(
         write(tmp_path, "Frontend:\n  served-model-name: a\nVllmWorker:\n  remote-prefill: false\n"),
-        ["--Frontend.served_model_name=b", "--Frontend.port=9001", "--VllmWorker.remote-prefill=true",
-         "--VllmWorker.ServiceArgs.workers=3", "--VllmWorker.cpu-omp-threads-bind=['0', '1']"],
+        [
+            "--Frontend.served_model_name=b",
+            "--Frontend.port=9001",
+            "--VllmWorker.remote-prefill=true",
+            "--VllmWorker.ServiceArgs.workers=3",
+            "--VllmWorker.cpu-omp-threads-bind=['0', '1']",
+        ],
     )
     assert config.service_config(spec_of(Frontend)) == FrontendConfig(served_model_name="b", port=9001)
     worker = config.service_config(spec_of(VllmWorker))
@@ -94,13 +106,18 @@ def test_malformed_override_is_an_error(arg: str) -> None:
 
 
 def test_worker_keys_it_does_not_define_are_engine_args(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, """
+    config = load_config(
+        write(
+            tmp_path,
+            """
 Common: {model: m, block-size: 16}
 PrefillWorker:
   tensor-parallel-size: 8
   cpu-omp-threads-bind: ["0"]
   common-configs: [model, block-size]
-"""))
+""",
+        )
+    )
     worker = config.service_config(spec_of(PrefillWorker))
     assert worker.cpu_omp_threads_bind == ["0"]
     assert worker.engine_args == {"tensor_parallel_size": 8, "model": "m", "block_size": 16}
@@ -108,7 +125,7 @@ PrefillWorker:
 
 def test_unknown_engine_is_an_error(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "VllmWorker: {engine: trt}\n"))
-    with pytest.raises(ConfigError, match="VllmWorker: key 'engine': .*unknown engine 'trt'"):
+    with pytest.raises(ConfigError, match=r"VllmWorker: key 'engine': .*unknown engine 'trt'"):
         config.service_config(spec_of(VllmWorker))
 
 
@@ -116,12 +133,15 @@ def test_vllm_engine_args_are_checked_against_vllm(tmp_path: Path) -> None:
     # Imports vLLM (several seconds): once for the whole module.
     good = load_config(write(tmp_path, "VllmWorker: {tensor-parallel-size: 2, enforce-eager: true}\n"))
     assert good.service_config(spec_of(VllmWorker), check_engine_args=True).engine_args == {
-        "tensor_parallel_size": 2, "enforce_eager": True}
+        "tensor_parallel_size": 2,
+        "enforce_eager": True,
+    }
     bad = load_config(write(tmp_path, "VllmWorker: {tensor-paralel-size: 2}\n"))
     with pytest.raises(ConfigError) as raised:
         bad.service_config(spec_of(VllmWorker), check_engine_args=True)
     assert raised.value.errors == [
-        "VllmWorker: unknown key 'tensor-paralel-size' (neither a VllmWorker key nor a vllm engine argument)"]
+        "VllmWorker: unknown key 'tensor-paralel-size' (neither a VllmWorker key nor a vllm engine argument)"
+    ]
 
 
 def test_the_multinode_405b_config_passes_the_full_check() -> None:

@@ -18,8 +18,7 @@ def test_each_graph_module_has_its_own_links_even_when_all_are_imported() -> Non
     assert names("graphs.agg:Frontend") == ["Frontend", "Processor", "VllmWorker"]
     assert names("graphs.agg_router:Frontend") == ["Frontend", "Processor", "Router", "VllmWorker"]
     assert names("graphs.disagg:Frontend") == ["Frontend", "Processor", "VllmWorker", "PrefillWorker"]
-    assert names("graphs.disagg_router:Frontend") == [
-        "Frontend", "Processor", "Router", "VllmWorker", "PrefillWorker"]
+    assert names("graphs.disagg_router:Frontend") == ["Frontend", "Processor", "Router", "VllmWorker", "PrefillWorker"]
 
 
 def test_a_graph_entered_mid_chain_runs_what_follows_it() -> None:

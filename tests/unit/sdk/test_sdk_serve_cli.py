@@ -61,8 +61,9 @@ def test_dry_run_lists_the_services_of_the_users_guide(args: list[str], services
 
 
 def test_dry_run_passes_overrides_to_every_process_and_honours_workers() -> None:
-    listed = dry_run("components.worker:VllmWorker", "--VllmWorker.ServiceArgs.workers=2",
-                     "--VllmWorker.remote-prefill=false")
+    listed = dry_run(
+        "components.worker:VllmWorker", "--VllmWorker.ServiceArgs.workers=2", "--VllmWorker.remote-prefill=false"
+    )
     count, command = listed["VllmWorker"]
     assert count == 2
     assert command[-2:] == ["--VllmWorker.ServiceArgs.workers=2", "--VllmWorker.remote-prefill=false"]
@@ -71,14 +72,25 @@ def test_dry_run_passes_overrides_to_every_process_and_honours_workers() -> None
 def test_a_frontend_that_embeds_the_router_replaces_the_router_processes() -> None:
     embedded = "--Frontend.embed-router=true"
     assert list(dry_run("graphs.disagg_router:Frontend", embedded)) == [
-        "Frontend", "Processor", "VllmWorker", "PrefillWorker"]
+        "Frontend",
+        "Processor",
+        "VllmWorker",
+        "PrefillWorker",
+    ]
     # The Router alone still runs when asked for: Frontends without embed-router call it.
     assert list(dry_run("graphs.agg_router:Frontend", "--service-name", "Router", embedded)) == ["Router"]
 
 
 def test_embed_router_without_the_embedded_processor_is_refused() -> None:
-    done = tandem("serve", "graphs.agg_router:Frontend", "-f", CONFIG, "--dry-run",
-                  "--Frontend.embed-router=true", "--Frontend.embed-processor=false")
+    done = tandem(
+        "serve",
+        "graphs.agg_router:Frontend",
+        "-f",
+        CONFIG,
+        "--dry-run",
+        "--Frontend.embed-router=true",
+        "--Frontend.embed-processor=false",
+    )
     assert done.returncode == 1
     assert "embed-router needs embed-processor" in done.stderr
     assert done.stdout == ""
@@ -116,11 +128,28 @@ def test_supervisord_runs_each_replica_as_a_program_of_the_services_group(tmp_pa
     for replica in (0, 1):
         program = conf[f"program:VllmWorker_{replica}"]
         assert program["environment"] == f'TANDEM_REPLICA="{replica}"'
-        assert {k: program[k] for k in ("autorestart", "stopsignal", "stopwaitsecs", "stopasgroup", "directory",
-                                       "stdout_logfile", "stdout_logfile_maxbytes", "redirect_stderr")} == {
-            "autorestart": "true", "stopsignal": "TERM", "stopwaitsecs": "60", "stopasgroup": "true",
-            "directory": str(REPO), "stdout_logfile": "/dev/stdout", "stdout_logfile_maxbytes": "0",
-            "redirect_stderr": "true"}
+        assert {
+            k: program[k]
+            for k in (
+                "autorestart",
+                "stopsignal",
+                "stopwaitsecs",
+                "stopasgroup",
+                "directory",
+                "stdout_logfile",
+                "stdout_logfile_maxbytes",
+                "redirect_stderr",
+            )
+        } == {
+            "autorestart": "true",
+            "stopsignal": "TERM",
+            "stopwaitsecs": "60",
+            "stopasgroup": "true",
+            "directory": str(REPO),
+            "stdout_logfile": "/dev/stdout",
+            "stdout_logfile_maxbytes": "0",
+            "redirect_stderr": "true",
+        }
         # supervisord expands %(...)s in commands: a literal % must reach the process intact.
         assert program["command"].endswith("--VllmWorker.served-model-name=100%%")
 
@@ -145,8 +174,13 @@ def test_a_graph_asking_for_more_gpus_than_the_node_has_is_refused() -> None:
     assert "asks for 16 GPUs (VllmWorker: 2 x 8) but this node has 8" in done.stderr
     assert "devices 8-15 are missing" in done.stderr
     # Without --dry-run, refused before anything starts (no supervisord, no config).
-    done = tandem("serve", *GPU_GRAPH[:3], "--VllmWorker.ServiceArgs.workers=2",
-                  "--VllmWorker.ServiceArgs.resources={gpu: 8}", devices=EIGHT)
+    done = tandem(
+        "serve",
+        *GPU_GRAPH[:3],
+        "--VllmWorker.ServiceArgs.workers=2",
+        "--VllmWorker.ServiceArgs.resources={gpu: 8}",
+        devices=EIGHT,
+    )
     assert done.returncode == 1 and "nothing started" in done.stderr and done.stdout == ""
 
 
@@ -154,6 +188,7 @@ def test_a_dry_run_without_gpus_prints_the_whole_plan_and_what_is_missing() -> N
     done = tandem("serve", "graphs.agg_router:Frontend", "-f", CONFIG, "--dry-run")
     assert done.returncode == 0, done.stderr
     assert [line for line in done.stdout.splitlines() if line.startswith(" ")] == [
-        f"  VllmWorker_0  CUDA_VISIBLE_DEVICES={EIGHT}"]
+        f"  VllmWorker_0  CUDA_VISIBLE_DEVICES={EIGHT}"
+    ]
     assert "note: the graph asks for 8 GPUs (VllmWorker: 1 x 8) but this node has 0" in done.stderr
     assert "devices 0-7 are missing here" in done.stderr

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from pydantic import BaseModel
 
-from app.sdk import depends, endpoint, on_shutdown, on_start, service
+from app.sdk import Service, depends, endpoint, on_shutdown, on_start, service
 from app.sdk.service import LINKS, spec_of
 
 
@@ -16,7 +16,7 @@ class EchoConfig(BaseModel):
 
 
 @service(config=EchoConfig, name="EchoSvc")
-class Echo:
+class Echo(Service):
     @endpoint(request=dict)
     async def echo(self, request: dict) -> AsyncIterator[dict]:
         yield request
@@ -27,7 +27,7 @@ class Echo:
 
 
 @service
-class Caller:
+class Caller(Service):
     echo = depends(Echo)
 
     @on_start
@@ -50,7 +50,9 @@ def test_service_collects_name_config_endpoints_and_hooks() -> None:
     spec = spec_of(Echo)
     assert (spec.name, spec.config_model, spec.address) == ("EchoSvc", EchoConfig, f"{__name__}:Echo")
     assert {name: (ep.request_type, ep.wants_context) for name, ep in spec.endpoints.items()} == {
-        "echo": (dict, False), "echo_with_context": (None, True)}
+        "echo": (dict, False),
+        "echo_with_context": (None, True),
+    }
 
 
 def test_subclass_inherits_dependencies_and_runs_base_hooks_first() -> None:
@@ -65,6 +67,7 @@ def test_links_are_recorded_under_the_declaring_module() -> None:
 
 def test_endpoint_must_be_an_async_generator() -> None:
     with pytest.raises(TypeError, match="must be an async generator"):
+
         @endpoint
         async def not_streaming(self, request: dict) -> dict:
             return request
@@ -74,9 +77,9 @@ def test_depends_names_the_missing_endpoint() -> None:
     caller = Caller()
     caller.runtime = object()  # never reached: the endpoint name is checked first
     with pytest.raises(AttributeError, match="service EchoSvc has no endpoint 'ehco'"):
-        caller.echo.ehco
+        _ = caller.echo.ehco
 
 
 def test_depends_before_injection_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="before the runtime was injected"):
-        Caller().echo.echo
+        _ = Caller().echo.echo

@@ -164,7 +164,9 @@ async def test_the_router_service_decides_hears_of_failures_and_gets_the_placeme
     assert worker == "w1"
     assert [r.exclude for r in router.requests] == [[], ["w2"]]
     await _drain_publishes()
-    events = [(e.worker_id, e.kind) for topic, batch in runtime.published for e in batch if topic == names.PLACEMENT_TOPIC]
+    events = [
+        (e.worker_id, e.kind) for topic, batch in runtime.published for e in batch if topic == names.PLACEMENT_TOPIC
+    ]
     # The failed attempt's placement is closed too, so that no Router counts it as load.
     assert events == [("w2", "finished"), ("w1", "prefill_done"), ("w1", "finished")]
     assert {e.router_id for _, batch in runtime.published for e in batch} == {"processor-frontend-1"}
@@ -187,7 +189,11 @@ async def test_the_replica_in_process_accounts_for_each_placement(tiny_model: Pa
     _, worker = await _complete(pipeline, "r5")
     assert worker == "w2"
     assert replica.accounting == [
-        ("routed", "w1"), ("finished", "r5"), ("routed", "w2"), ("prefill_done", "r5"), ("finished", "r5"),
+        ("routed", "w1"),
+        ("finished", "r5"),
+        ("routed", "w2"),
+        ("prefill_done", "r5"),
+        ("finished", "r5"),
     ]
 
 

@@ -8,8 +8,8 @@ from typing import Annotated
 import msgspec
 import pytest
 
-from app.disagg.tunables import DISAGG_TUNABLES, MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.components.worker import VllmWorkerConfig
+from app.disagg.tunables import DISAGG_TUNABLES, MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.tunables import InvalidTunableError, Tunable
 
 LENGTH: Tunable[int] = Tunable("test/max_length", Annotated[int, msgspec.Meta(ge=0)], 100, "a length")
