@@ -200,7 +200,12 @@ def make_tiny(out_dir: Path, *, seed: int = 0) -> Path:
     # Chat turns end with <|eot_id|>, plain text with <|end_of_text|>: both stop generation.
     eos_ids = [_token_id(tokenizer, EOT_TOKEN), _token_id(tokenizer, EOS_TOKEN)]
 
-    save_file(_random_weights(vocab_size, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    weights = out_dir / "model.safetensors"
+    save_file(_random_weights(vocab_size, seed), str(weights), metadata={"format": "pt"})
+    # safetensors writes its file owner-only (0600); the other files follow the umask. The
+    # weights must be readable like them: the appliance's containers run as another user
+    # (uid 10001, docs/appliance.md) and read the model from a mounted folder.
+    weights.chmod((out_dir / "tokenizer.json").stat().st_mode & 0o777)
     _write_json(out_dir / "config.json", _model_config(vocab_size, bos_id, eos_ids))
     _write_json(out_dir / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_ids})
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config())

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
+
+from bench.harness.launch import stop_process_tree
 
 # Debian's docker.io CLI. /usr/local/bin/docker on these machines is a newer CLI without
 # the buildx plugin, which has no BuildKit at all; Debian's 20.10 CLI has it built in.
@@ -100,21 +101,13 @@ class DockerEngine:
         process = self._process
         if process is None or process.poll() is not None:
             return
-        descendants = psutil.Process(process.pid).children(recursive=True)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process_tree(process, timeout=timeout)
         # Container shims detach from dockerd; those of this engine name its exec root.
         exec_root = str(self.run_dir / "exec")
-        shims = [
-            p for p in psutil.process_iter(["cmdline"]) if any(exec_root in arg for arg in p.info["cmdline"] or ())
-        ]
-        for leftover in (*descendants, *shims):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                leftover.kill()
+        for shim in psutil.process_iter(["cmdline"]):
+            if any(exec_root in arg for arg in shim.info["cmdline"] or ()):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    shim.kill()
         self._unmount_leftovers()
 
     def _unmount_leftovers(self) -> None:

@@ -45,13 +45,14 @@ from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from testcontainers.core.container import DockerContainer
 
-from app.launch.ports import free_port
 from app.runtime import Runtime
 from app.settings import RuntimeSettings
 from tests.appliance.conftest import BUILD_TIMEOUT_S, REPO_ROOT, cache_dir
 from tests.appliance.docker_engine import DockerEngine
 from tests.docs.blocks import Command, doc_block
 from tests.docs.shell import DocShell, sse_data, user_environment
+from tests.e2e.ray_harness import free_ray_port_args
+from tests.waiting import wait_for_an_instance
 
 pytestmark = pytest.mark.appliance
 
@@ -73,15 +74,6 @@ START_TIMEOUT_S = 420
 # The prefill node starts while the head's engines hold the cores: its Python imports alone
 # took from 1 to 5.5 minutes here, depending on what else the machine ran.
 PREFILL_START_TIMEOUT_S = 900
-# Ray binds these at fixed defaults unless told otherwise (tests/e2e/ray_harness.py).
-RAY_NODE_PORTS = (
-    "node-manager-port",
-    "object-manager-port",
-    "dashboard-agent-listen-port",
-    "dashboard-agent-grpc-port",
-    "metrics-export-port",
-    "runtime-env-agent-port",
-)
 RAY_JOIN_TIMEOUT_S = 300
 # Past the config's max-local-prefill-length (64 tokens): prefilled remotely.
 LONG_PROMPT = " ".join(f"appliance-{i}" for i in range(80))
@@ -132,7 +124,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     # fixed defaults (the same as tests/e2e/ray_harness.py), and no graph on the Ray head.
     for role in ("ray-head", "ray-worker"):
         path = env_dir / f"{role}.env"
-        ports = " ".join(f"--{name}={free_port()}" for name in RAY_NODE_PORTS)
+        ports = " ".join(free_ray_port_args())
         head_only = " --include-dashboard=false" if role == "ray-head" else ""
         text = _set(
             path.read_text(), "RAY_START_ARGS", f"--num-cpus=1 --object-store-memory=100000000 {ports}{head_only}"
@@ -278,14 +270,13 @@ async def prefill_node(
     """A prefill node as docs/appliance.md starts it on another machine, until its PrefillWorker serves."""
     container = NodeStartedByMake(head, MAKE_PREFILL).start()
     try:
-        async with await Runtime.connect(deployment.runtime_settings) as runtime:
-            workers = await runtime.discovery.watch_instances("PrefillWorker", "status")
-            try:
-                await workers.wait_until(lambda items: len(items) >= 1, PREFILL_START_TIMEOUT_S)
-            except TimeoutError:
-                raise AssertionError(f"no PrefillWorker serving:\n{_logs(docker_client, 'tandem-prefill')}") from None
-            finally:
-                await workers.close()
+        await wait_for_an_instance(
+            deployment.runtime_settings,
+            "PrefillWorker",
+            "status",
+            PREFILL_START_TIMEOUT_S,
+            logs=lambda: _logs(docker_client, "tandem-prefill"),
+        )
         yield container
     finally:
         # docker stop first (SIGTERM: the worker drains); testcontainers' stop removes it.

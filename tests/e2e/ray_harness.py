@@ -14,10 +14,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
 
 from app.engines.vllm_ray import RayDevices
 from app.launch.ports import free_port
 from bench.harness.launch import stop_process_tree
+from tests.e2e.graph_configs import MODEL
+from tests.e2e.vllm_reference import vllm_greedy
 
 TANDEM = str(Path(sys.executable).with_name("tandem"))
 
@@ -37,17 +42,42 @@ def short_temp_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
-def loopback_port_args() -> list[str]:
-    """Ports Ray would otherwise take at fixed defaults (two nodes on one host would clash)."""
-    names = (
-        "node-manager-port",
-        "object-manager-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "metrics-export-port",
-        "runtime-env-agent-port",
-    )
-    return [f"--{name}={free_port()}" for name in names]
+# What Ray binds at fixed defaults unless told otherwise: two nodes on one host would clash.
+RAY_FIXED_PORT_OPTIONS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
+
+# What both tensor-parallel tests (test_ray_loopback.py, test_ray_netns.py) ask, and the
+# engine arguments of vLLM's own answer at tensor parallel 1. float32: tensor parallel sums
+# partial products in another order; in bf16 that can flip a greedy choice, in float32 it does not.
+MAX_TOKENS = 16
+ENGINE_ARGS = {"block_size": 32, "max_model_len": 2048, "enforce_eager": True, "dtype": "float32"}
+CHATS = [
+    [{"role": "user", "content": "In the heart of Eldoria, an ancient land of boundless magic, lies Aeloria."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "naïve café — 日本語 🙂 more"}],
+]
+PROMPT = "The quick brown fox"
+GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS, "extra_body": {"ignore_eos": True}}
+
+
+def free_ray_port_args() -> list[str]:
+    """A free port for each of RAY_FIXED_PORT_OPTIONS, as `ray start` options."""
+    return [f"--{name}={free_port()}" for name in RAY_FIXED_PORT_OPTIONS]
+
+
+def reference_texts_at_tensor_parallel_1(model: Path, workdir: Path) -> list[str]:
+    """vLLM's own greedy text, tensor parallel 1, for each of CHATS and then PROMPT."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rendered = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CHATS]
+    prompts = [list(tokenizer(text, add_special_tokens=False).input_ids) for text in rendered]
+    prompts.append(list(tokenizer(PROMPT).input_ids))
+    outputs = vllm_greedy(model, ENGINE_ARGS, prompts, MAX_TOKENS, workdir)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
 
 
 class LoopbackRayNode:
@@ -60,7 +90,7 @@ class LoopbackRayNode:
         self.gcs_port = free_port() if role == "head" else None
         self.address = f"{LOOPBACK_IP}:{self.gcs_port}" if role == "head" else head_address
         where = ["--port", str(self.gcs_port)] if role == "head" else ["--address", str(head_address)]
-        extra = [*SMALL_NODE_ARGS, f"--temp-dir={self.temp_dir}", *loopback_port_args()]
+        extra = [*SMALL_NODE_ARGS, f"--temp-dir={self.temp_dir}", *free_ray_port_args()]
         if role == "head":
             extra += [*HEAD_ONLY_ARGS, f"--ray-client-server-port={free_port()}"]
         with open(self.log_path, "ab") as log:
@@ -113,3 +143,18 @@ def wait_for_cluster(address: str, need: RayDevices, timeout: float = 120.0) -> 
     """Until the cluster at `address` answers and offers `need`."""
     result = wait_in_process(address, need, timeout)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_chat_equals_reference(client: Any, reference_texts: list[str], index: int) -> None:
+    """CHATS[index], whole and streamed, must answer what vLLM does at tensor parallel 1."""
+    whole = client.chat.completions.create(model=MODEL, messages=CHATS[index], **GREEDY)
+    assert whole.choices[0].message.content == reference_texts[index]
+    streamed = client.chat.completions.create(model=MODEL, messages=CHATS[index], stream=True, **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reference_texts[index]
+
+
+def assert_completion_equals_reference(client: Any, reference_texts: list[str]) -> None:
+    """PROMPT must complete to what vLLM makes of it at tensor parallel 1, MAX_TOKENS long."""
+    completion = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
+    assert completion.choices[0].text == reference_texts[-1]
+    assert completion.usage.completion_tokens == MAX_TOKENS

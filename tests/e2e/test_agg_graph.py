@@ -27,13 +27,12 @@ from app.protocol import LoadReport, names
 from app.router.tunables import ROUTER_POLICY, LivePolicy
 from app.runtime import Runtime
 from bench.harness.launch import TANDEM, ServedGraph, engine_core_of, stop_process_tree
+from tests.e2e.graph_configs import BLOCK_SIZE, MODEL, agg_router_config
 from tests.e2e.vllm_reference import vllm_greedy
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "tiny-llama"
 MAX_TOKENS = 16
-BLOCK_SIZE = 32
 ENGINE_ARGS = {"block_size": BLOCK_SIZE, "max_model_len": 4096, "enforce_eager": True, "dtype": "float32"}
 
 CHATS = [
@@ -69,23 +68,13 @@ def reference_texts(tiny_model: Path, tokenizer, prompt_ids, tmp_path_factory) -
 
 @pytest.fixture(scope="module")
 async def graph(tiny_model, reference_texts, nats_server, etcd_server, tmp_path_factory) -> AsyncIterator[ServedGraph]:
-    common = {"model": str(tiny_model), "served-model-name": MODEL, "block-size": BLOCK_SIZE, "max-model-len": 4096}
-    config = {
-        "Common": common,
-        "Frontend": {"served-model-name": MODEL},
-        "Processor": {"common-configs": ["model", "max-model-len"]},
-        "Router": {"policy": "kv", "common-configs": ["model", "block-size"]},
-        "VllmWorker": {
-            "engine": "vllm",
-            "enforce-eager": True,
-            "dtype": "float32",
-            "enable-prefix-caching": True,
-            "cpu-omp-threads-bind": ["0", "1"],
-            "load-report-interval-s": 0.2,
-            "ServiceArgs": {"workers": 2},
-            "common-configs": ["model", "served-model-name", "block-size", "max-model-len"],
-        },
+    worker = {
+        "enable-prefix-caching": True,
+        "cpu-omp-threads-bind": ["0", "1"],
+        "load-report-interval-s": 0.2,
+        "ServiceArgs": {"workers": 2},
     }
+    config = agg_router_config(tiny_model, max_model_len=4096, worker=worker)
     served = ServedGraph(
         "graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("agg"), nats_server.url, etcd_server.url
     )

@@ -14,7 +14,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -133,32 +133,35 @@ def embed_router(request: pytest.FixtureRequest) -> bool:
     return request.param == "router-in-frontend"
 
 
+ServePolicy = Callable[..., contextlib.AbstractAsyncContextManager[ServedGraph]]
+
+
 @pytest.fixture(scope="class")
-async def kv_graph(
-    embed_router: bool,
+def serve_policy(
     tiny_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
     nats_server: NatsServer,
     etcd_server: EtcdServer,
     router_metrics_port: int,
-) -> AsyncIterator[ServedGraph]:
-    workdir = tmp_path_factory.mktemp("kv")
-    async with served_graph(
-        "kv", tiny_model, workdir, nats_server, etcd_server, router_metrics_port, embed_router
-    ) as graph:
+) -> ServePolicy:
+    """`async with serve_policy(policy, embed_router) as graph`: the graph with that Router policy."""
+
+    def serve(policy: str, embed_router: bool = False) -> contextlib.AbstractAsyncContextManager[ServedGraph]:
+        workdir = tmp_path_factory.mktemp(policy)
+        return served_graph(policy, tiny_model, workdir, nats_server, etcd_server, router_metrics_port, embed_router)
+
+    return serve
+
+
+@pytest.fixture(scope="class")
+async def kv_graph(embed_router: bool, serve_policy: ServePolicy) -> AsyncIterator[ServedGraph]:
+    async with serve_policy("kv", embed_router) as graph:
         yield graph
 
 
 @pytest.fixture(scope="class")
-async def round_robin_graph(
-    tiny_model: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    nats_server: NatsServer,
-    etcd_server: EtcdServer,
-    router_metrics_port: int,
-) -> AsyncIterator[ServedGraph]:
-    workdir = tmp_path_factory.mktemp("round-robin")
-    async with served_graph("round-robin", tiny_model, workdir, nats_server, etcd_server, router_metrics_port) as graph:
+async def round_robin_graph(serve_policy: ServePolicy) -> AsyncIterator[ServedGraph]:
+    async with serve_policy("round-robin") as graph:
         yield graph
 
 

@@ -18,43 +18,30 @@ from pathlib import Path
 
 import openai
 import pytest
-from transformers import AutoTokenizer
 
 from app.engines.vllm_cpu_ray import CPU_DEVICE_RESOURCE
 from app.engines.vllm_ray import RayDevices
 from app.launch.ports import free_port
 from bench.harness.launch import ServedGraph
-from tests.e2e.ray_harness import LOOPBACK_ENV, LOOPBACK_IP, LoopbackRayNode, wait_for_cluster, wait_in_process
-from tests.e2e.vllm_reference import vllm_greedy
+from tests.e2e.graph_configs import agg_router_config, ray_tensor_parallel_2
+from tests.e2e.ray_harness import (
+    CHATS,
+    LOOPBACK_ENV,
+    LOOPBACK_IP,
+    LoopbackRayNode,
+    assert_chat_equals_reference,
+    assert_completion_equals_reference,
+    reference_texts_at_tensor_parallel_1,
+    wait_for_cluster,
+    wait_in_process,
+)
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "tiny-llama"
-MAX_TOKENS = 16
-# float32: tensor parallel sums partial products in another order; in bf16 that can flip
-# a greedy choice, in float32 it does not.
-ENGINE_ARGS = {"block_size": 32, "max_model_len": 2048, "enforce_eager": True, "dtype": "float32"}
-CHATS = [
-    [{"role": "user", "content": "In the heart of Eldoria, an ancient land of boundless magic, lies Aeloria."}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "naïve café — 日本語 🙂 more"}],
-]
-PROMPT = "The quick brown fox"
-GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS, "extra_body": {"ignore_eos": True}}
-
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path):
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def reference_texts(tiny_model: Path, tokenizer, tmp_path_factory) -> list[str]:
-    """vLLM's own greedy text, tensor parallel 1, for each chat and then the completion prompt."""
-    rendered = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CHATS]
-    prompts = [list(tokenizer(text, add_special_tokens=False).input_ids) for text in rendered]
-    prompts.append(list(tokenizer(PROMPT).input_ids))
-    outputs = vllm_greedy(tiny_model, ENGINE_ARGS, prompts, MAX_TOKENS, tmp_path_factory.mktemp("ray-reference"))
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+def reference_texts(tiny_model: Path, tmp_path_factory) -> list[str]:
+    return reference_texts_at_tensor_parallel_1(tiny_model, tmp_path_factory.mktemp("ray-reference"))
 
 
 @pytest.fixture(scope="module")
@@ -93,23 +80,7 @@ def test_wait_for_a_cluster_that_does_not_answer_says_so() -> None:
 @pytest.fixture(scope="module")
 async def graph(ray_head, tiny_model, nats_server, etcd_server, tmp_path_factory) -> AsyncIterator[ServedGraph]:
     workdir = tmp_path_factory.mktemp("ray-graph")
-    common = {"model": str(tiny_model), "served-model-name": MODEL, "block-size": 32, "max-model-len": 2048}
-    config = {
-        "Common": common,
-        "Frontend": {"served-model-name": MODEL},
-        "Processor": {"common-configs": ["model", "max-model-len"]},
-        "Router": {"policy": "kv", "common-configs": ["model", "block-size"]},
-        "VllmWorker": {
-            "engine": "vllm",
-            "enforce-eager": True,
-            "dtype": "float32",
-            "tensor-parallel-size": 2,
-            "distributed-executor-backend": "ray",
-            "ray-address": ray_head.address,
-            "ray-wait-timeout-s": 300,
-            "common-configs": ["model", "served-model-name", "block-size", "max-model-len"],
-        },
-    }
+    config = agg_router_config(tiny_model, max_model_len=2048, worker=ray_tensor_parallel_2(ray_head.address, 300))
     served = ServedGraph("graphs.agg_router:Frontend", config, workdir, nats_server.url, etcd_server.url)
     served.env.update(LOOPBACK_ENV)
     second: LoopbackRayNode | None = None
@@ -146,13 +117,8 @@ def test_worker_started_once_the_second_raylet_joined(graph: ServedGraph) -> Non
 
 @pytest.mark.parametrize("index", range(len(CHATS)))
 def test_tensor_parallel_2_over_ray_greedy_equals_tensor_parallel_1(client, reference_texts, index) -> None:
-    whole = client.chat.completions.create(model=MODEL, messages=CHATS[index], **GREEDY)
-    assert whole.choices[0].message.content == reference_texts[index]
-    streamed = client.chat.completions.create(model=MODEL, messages=CHATS[index], stream=True, **GREEDY)
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reference_texts[index]
+    assert_chat_equals_reference(client, reference_texts, index)
 
 
 def test_completions_over_ray_equal_tensor_parallel_1(client, reference_texts) -> None:
-    completion = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
-    assert completion.choices[0].text == reference_texts[-1]
-    assert completion.usage.completion_tokens == MAX_TOKENS
+    assert_completion_equals_reference(client, reference_texts)

@@ -19,22 +19,31 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import psutil
 import pytest
 import yaml
-from transformers import AutoTokenizer
 
 from app.engines.vllm_cpu_ray import CPU_DEVICE_RESOURCE
 from app.runtime import Runtime
 from app.settings import RuntimeSettings
-from tests.e2e.ray_harness import HEAD_ONLY_ARGS, SMALL_NODE_ARGS, TANDEM, short_temp_dir
-from tests.e2e.vllm_reference import vllm_greedy
+from tests.e2e.graph_configs import agg_router_config, ray_tensor_parallel_2
+from tests.e2e.ray_harness import (
+    CHATS,
+    HEAD_ONLY_ARGS,
+    SMALL_NODE_ARGS,
+    TANDEM,
+    assert_chat_equals_reference,
+    assert_completion_equals_reference,
+    reference_texts_at_tensor_parallel_1,
+    short_temp_dir,
+)
 from tests.netns import Fabric, Node, NodeProcess
+from tests.waiting import wait_healthy
 
 pytestmark = [
     pytest.mark.e2e,
@@ -42,15 +51,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = "tiny-llama"
-MAX_TOKENS = 16
-ENGINE_ARGS = {"block_size": 32, "max_model_len": 2048, "enforce_eager": True, "dtype": "float32"}
-CHATS = [
-    [{"role": "user", "content": "In the heart of Eldoria, an ancient land of boundless magic, lies Aeloria."}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "naïve café — 日本語 🙂 more"}],
-]
-PROMPT = "The quick brown fox"
-GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS, "extra_body": {"ignore_eos": True}}
 GCS_PORT = 6379  # each node has its own port space: the documented default
 FRONTEND_PORT = 8000
 # What the test's own shell may hold that must not leak into a "host": each node is
@@ -112,17 +112,8 @@ def on_same_node(ray_node: RayNode, argv: list[str], **kwargs) -> subprocess.Pop
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path):
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def reference_texts(tiny_model: Path, tokenizer, tmp_path_factory) -> list[str]:
-    rendered = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CHATS]
-    prompts = [list(tokenizer(text, add_special_tokens=False).input_ids) for text in rendered]
-    prompts.append(list(tokenizer(PROMPT).input_ids))
-    outputs = vllm_greedy(tiny_model, ENGINE_ARGS, prompts, MAX_TOKENS, tmp_path_factory.mktemp("netns-reference"))
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+def reference_texts(tiny_model: Path, tmp_path_factory) -> list[str]:
+    return reference_texts_at_tensor_parallel_1(tiny_model, tmp_path_factory.mktemp("netns-reference"))
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +202,7 @@ async def cluster(fabric: Fabric, tiny_model: Path, tmp_path_factory) -> AsyncIt
     second: RayNode | None = None
     try:
         config = workdir / "graph.yaml"
-        config.write_text(yaml.safe_dump(_config(tiny_model, f"{head_node.ip}:{GCS_PORT}")))
+        config.write_text(yaml.safe_dump(_config(tiny_model, head_node.ip)))
         head.start_serve(config)
         # One Ray node offers one CPU worker; tensor parallel 2 needs two: the worker waits.
         waiting = (
@@ -231,34 +222,23 @@ async def cluster(fabric: Fabric, tiny_model: Path, tmp_path_factory) -> AsyncIt
             second.stop()
 
 
-def _config(model: Path, ray_address: str) -> dict:
-    common = {"model": str(model), "served-model-name": MODEL, "block-size": 32, "max-model-len": 2048}
-    return {
-        "Common": common,
-        "Frontend": {"served-model-name": MODEL, "port": FRONTEND_PORT},
-        "Processor": {"common-configs": ["model", "max-model-len"]},
-        "Router": {"policy": "kv", "common-configs": ["model", "block-size"]},
-        "VllmWorker": {
-            "engine": "vllm",
-            "enforce-eager": True,
-            "dtype": "float32",
-            "tensor-parallel-size": 2,
-            "distributed-executor-backend": "ray",
-            "ray-address": ray_address,
-            "ray-wait-timeout-s": 600,
-            "common-configs": ["model", "served-model-name", "block-size", "max-model-len"],
-        },
-    }
+def _config(model: Path, head_ip: str) -> dict[str, Any]:
+    worker = ray_tensor_parallel_2(f"{head_ip}:{GCS_PORT}", wait_timeout_s=600)
+    return agg_router_config(model, max_model_len=2048, worker=worker, frontend={"port": FRONTEND_PORT})
 
 
 async def _wait_serving(head: HeadNode, timeout: float) -> None:
     settings = RuntimeSettings(nats_server=head.urls["NATS_SERVER"], etcd_endpoints=head.urls["ETCD_ENDPOINTS"])
     deadline = time.monotonic() + timeout
+
+    def assert_serving() -> None:
+        assert head.serve is not None and head.serve.poll() is None, head.log_tail()
+
     async with await Runtime.connect(settings) as runtime:
         watch = await runtime.discovery.watch_instances("VllmWorker", "generate")
         try:
             while True:
-                assert head.serve is not None and head.serve.poll() is None, head.log_tail()
+                assert_serving()
                 try:
                     await watch.wait_until(lambda items: len(items) >= 1, 2.0)
                     break
@@ -267,15 +247,7 @@ async def _wait_serving(head: HeadNode, timeout: float) -> None:
         finally:
             await watch.close()
     url = f"http://{head.node.ip}:{FRONTEND_PORT}/health"
-    while True:
-        try:
-            with await asyncio.to_thread(urllib.request.urlopen, url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"{url} not healthy\n{head.log_tail()}"
-        await asyncio.sleep(0.5)
+    await wait_healthy(url, deadline - time.monotonic(), assert_serving, head.log_tail)
 
 
 @pytest.fixture(scope="module")
@@ -295,13 +267,8 @@ def test_engine_ranks_span_both_nodes(cluster: HeadNode) -> None:
 
 @pytest.mark.parametrize("index", range(len(CHATS)))
 def test_tensor_parallel_2_across_nodes_greedy_equals_tensor_parallel_1(client, reference_texts, index) -> None:
-    whole = client.chat.completions.create(model=MODEL, messages=CHATS[index], **GREEDY)
-    assert whole.choices[0].message.content == reference_texts[index]
-    streamed = client.chat.completions.create(model=MODEL, messages=CHATS[index], stream=True, **GREEDY)
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reference_texts[index]
+    assert_chat_equals_reference(client, reference_texts, index)
 
 
 def test_completions_across_nodes_equal_tensor_parallel_1(client, reference_texts) -> None:
-    completion = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
-    assert completion.choices[0].text == reference_texts[-1]
-    assert completion.usage.completion_tokens == MAX_TOKENS
+    assert_completion_equals_reference(client, reference_texts)

@@ -28,11 +28,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from app.runtime import Runtime
 from app.settings import RuntimeSettings
 from tests.docs.blocks import REPO, Command, doc_block
 from tests.docs.shell import DocShell, HttpResponse, http_response, user_environment
 from tests.e2e.vllm_reference import vllm_greedy
+from tests.waiting import wait_for_an_instance
 
 pytestmark = pytest.mark.e2e
 
@@ -91,19 +91,6 @@ def _decode_pulled_kv() -> dict[str, float] | None:
     }
 
 
-async def _wait_for_a_prefill_worker(infra_urls: dict[str, str], shell: DocShell, timeout: float) -> None:
-    """The decode worker queues prompts only while a PrefillWorker is registered: the curl waits for one."""
-    settings = RuntimeSettings(nats_server=infra_urls["NATS_SERVER"], etcd_endpoints=infra_urls["ETCD_ENDPOINTS"])
-    async with await Runtime.connect(settings) as runtime:
-        watch = await runtime.discovery.watch_instances("PrefillWorker", "status")
-        try:
-            await watch.wait_until(lambda items: len(items) >= 1, timeout)
-        except TimeoutError:
-            raise AssertionError(f"no PrefillWorker registered after {timeout}s\n{shell.background_tails()}") from None
-        finally:
-            await watch.close()
-
-
 @pytest.fixture(scope="module")
 async def scenario(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scenario]:
     if in_use := _ports_in_use():
@@ -138,7 +125,11 @@ async def scenario(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sc
             infra_urls = dict(line.split("=", 1) for line in shell.run(infra_up).split())
             shell.start(serve)
             shell.wait_http(f"{FRONTEND}/health", START_TIMEOUT_S)
-            await _wait_for_a_prefill_worker(infra_urls, shell, START_TIMEOUT_S)
+            # The decode worker queues prompts only while a PrefillWorker is registered: the curl waits for one.
+            settings = RuntimeSettings(
+                nats_server=infra_urls["NATS_SERVER"], etcd_endpoints=infra_urls["ETCD_ENDPOINTS"]
+            )
+            await wait_for_an_instance(settings, "PrefillWorker", "status", START_TIMEOUT_S, shell.background_tails)
             shell.run(disagg_set)
             shell.run(export_prompt)
             pulled_before = _decode_pulled_kv()

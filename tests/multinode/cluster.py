@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from app.settings import RuntimeSettings
 from tests.docs.blocks import REPO, doc_blocks
 from tests.docs.shell import DocShell
 from tests.netns import Fabric, Node
+from tests.waiting import wait_healthy
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class SeedCluster:
             head.run(command)
         head.start(serve)
         await self.wait_serving("VllmWorker", "generate", self.head, timeout)
-        await self.wait_http(f"{self.base_url}/health", timeout)
+        await wait_healthy(f"{self.base_url}/health", timeout, self.assert_running, self.log_tails)
         log.info("node 1 serving after %.0f s", time.monotonic() - began)
 
         PREFILL_NODE_BLOCK.expect("export", "export", "export", "tandem model make-tiny", "tandem serve")
@@ -135,19 +135,6 @@ class SeedCluster:
                             ) from None
             finally:
                 await watch.close()
-
-    async def wait_http(self, url: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.assert_running()
-            try:
-                with await asyncio.to_thread(urllib.request.urlopen, url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            await asyncio.sleep(0.5)
-        raise AssertionError(f"{url} not healthy after {timeout}s\n{self.log_tails()}")
 
     def assert_running(self) -> None:
         for shell in self.shells.values():

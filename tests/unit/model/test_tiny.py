@@ -89,3 +89,9 @@ def test_cli_make_tiny(tiny_dir: Path, tmp_path: Path) -> None:
     args = parser.parse_args(["model", "make-tiny", str(tmp_path / "cli-model"), "--seed", "0"])
     assert args.func(args) == 0
     assert _files(tmp_path / "cli-model") == _files(tiny_dir)
+
+
+def test_every_file_is_as_readable_as_the_umask_lets_it(tiny_dir: Path) -> None:
+    """The appliance's containers read the model as another user (docs/appliance.md)."""
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tiny_dir.iterdir()}
+    assert len(set(modes.values())) == 1, modes

@@ -13,129 +13,82 @@ from typing import Any
 import msgspec
 import pytest
 
-from app.protocol import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    EngineOutput,
-    InstanceRecord,
-    KvEventBatch,
-    LoadReport,
-    ModelInfo,
-    ModelRecord,
-    PlacementEvent,
-    PlacementMessage,
-    PrefillAnswer,
-    PrefillJob,
-    PreprocessedRequest,
-    RouteDecision,
-    RouteRequest,
-    SamplingOptions,
-    StopConditions,
-    StreamItem,
-    TokenLogprob,
-    TokenLogprobs,
-    TopLogprob,
-)
+from app import protocol
 
-REQUEST = PreprocessedRequest(
+REQUEST = protocol.PreprocessedRequest(
     request_id="r1",
     model="m",
     token_ids=[1, 2, 3],
-    sampling=SamplingOptions(temperature=0.5, seed=7, logprobs=2),
-    stop=StopConditions(max_tokens=8, stop_token_ids=[2]),
+    sampling=protocol.SamplingOptions(temperature=0.5, seed=7, logprobs=2),
+    stop=protocol.StopConditions(max_tokens=8, stop_token_ids=[2]),
     kv_transfer_params={"a": 1},
 )
 
-SAMPLES: dict[str, tuple[Any, Any]] = {
-    "PreprocessedRequest": (PreprocessedRequest, REQUEST),
-    "EngineOutput": (
-        EngineOutput,
-        EngineOutput(
-            token_ids=[5],
-            logprobs=[-0.5],
-            top_logprobs=[[TokenLogprob(5, -0.5)]],
-            finish_reason="stop",
-            num_prompt_tokens=3,
-            num_cached_tokens=0,
-            worker_id="w",
-            prefill_worker_id="pw",
-        ),
+# A sample of each wire type, by the name of its type in app.protocol; the wire type of
+# a placement event is the message that carries a list of them.
+SAMPLES: dict[str, Any] = {
+    "PreprocessedRequest": REQUEST,
+    "EngineOutput": protocol.EngineOutput(
+        token_ids=[5],
+        logprobs=[-0.5],
+        top_logprobs=[[protocol.TokenLogprob(5, -0.5)]],
+        finish_reason="stop",
+        num_prompt_tokens=3,
+        num_cached_tokens=0,
+        worker_id="w",
+        prefill_worker_id="pw",
     ),
-    "RouteRequest": (RouteRequest, RouteRequest(request_id="r1", token_ids=[1, 2])),
-    "RouteDecision": (RouteDecision, RouteDecision(worker_id="w", overlap_blocks=2, prompt_blocks=3)),
-    "ModelInfo": (ModelInfo, ModelInfo(name="m", max_model_len=128, block_size=16, model_path="/x")),
-    "LoadReport": (
-        LoadReport,
-        LoadReport(
-            worker_id="w",
-            running=1,
-            waiting=2,
-            kv_used_blocks=3,
-            kv_total_blocks=4,
-            timestamp=1.5,
-        ),
+    "RouteRequest": protocol.RouteRequest(request_id="r1", token_ids=[1, 2]),
+    "RouteDecision": protocol.RouteDecision(worker_id="w", overlap_blocks=2, prompt_blocks=3),
+    "ModelInfo": protocol.ModelInfo(name="m", max_model_len=128, block_size=16, model_path="/x"),
+    "LoadReport": protocol.LoadReport(
+        worker_id="w", running=1, waiting=2, kv_used_blocks=3, kv_total_blocks=4, timestamp=1.5
     ),
-    "KvEventBatch": (
-        KvEventBatch,
-        KvEventBatch(
-            worker_id="w",
-            seq=3,
-            block_size=4,
-            timestamp=2.0,
-            events=[
-                BlockStored(token_ids=[1, 2, 3, 4], block_hashes=[11, b"h"], parent_block_hash=9),
-                BlockRemoved(block_hashes=[11]),
-                AllBlocksCleared(),
-            ],
-        ),
-    ),
-    "StreamItem": (
-        StreamItem,
-        StreamItem(
-            text="hi",
-            completion_tokens=1,
-            finish_reason="length",
-            prompt_tokens=3,
-            cached_tokens=0,
-            worker_id="w",
-            prefill_worker_id="pw",
-            logprobs=[TokenLogprobs("hi", [104, 105], -0.1, [TopLogprob("ho", [104], -2.0)])],
-        ),
-    ),
-    "PlacementEvent": (
-        PlacementMessage,
-        [
-            PlacementEvent(
-                router_id="r", request_id="q", worker_id="w", kind="routed", prompt_blocks=3, overlap_blocks=1
-            ),
-            PlacementEvent(router_id="r", request_id="q", worker_id="w", kind="finished"),
+    "KvEventBatch": protocol.KvEventBatch(
+        worker_id="w",
+        seq=3,
+        block_size=4,
+        timestamp=2.0,
+        events=[
+            protocol.BlockStored(token_ids=[1, 2, 3, 4], block_hashes=[11, b"h"], parent_block_hash=9),
+            protocol.BlockRemoved(block_hashes=[11]),
+            protocol.AllBlocksCleared(),
         ],
     ),
-    "PrefillJob": (PrefillJob, PrefillJob(job_id="j", request=REQUEST, decode_worker_id="d", deadline=1.25)),
-    "PrefillAnswer": (PrefillAnswer, PrefillAnswer(job_id="j", prefill_worker_id="p", kv_transfer_params={"x": [1]})),
-    "InstanceRecord": (
-        InstanceRecord,
-        InstanceRecord(
-            namespace="ns",
-            service="S",
-            endpoint="e",
-            instance_id="1",
-            subject="tandem.ns.S.e.1",
-            host="h",
-            pid=9,
-            metadata={"k": 1},
-        ),
+    "StreamItem": protocol.StreamItem(
+        text="hi",
+        completion_tokens=1,
+        finish_reason="length",
+        prompt_tokens=3,
+        cached_tokens=0,
+        worker_id="w",
+        prefill_worker_id="pw",
+        logprobs=[protocol.TokenLogprobs("hi", [104, 105], -0.1, [protocol.TopLogprob("ho", [104], -2.0)])],
     ),
-    "ModelRecord": (
-        ModelRecord,
-        ModelRecord(
-            name="m",
-            instance_id="1",
-            service="S",
-            endpoint="e",
-            metadata={"block_size": 16},
+    "PlacementEvent": [
+        protocol.PlacementEvent(
+            router_id="r", request_id="q", worker_id="w", kind="routed", prompt_blocks=3, overlap_blocks=1
         ),
+        protocol.PlacementEvent(router_id="r", request_id="q", worker_id="w", kind="finished"),
+    ],
+    "PrefillJob": protocol.PrefillJob(job_id="j", request=REQUEST, decode_worker_id="d", deadline=1.25),
+    "PrefillAnswer": protocol.PrefillAnswer(job_id="j", prefill_worker_id="p", kv_transfer_params={"x": [1]}),
+    "InstanceRecord": protocol.InstanceRecord(
+        namespace="ns",
+        service="S",
+        endpoint="e",
+        instance_id="1",
+        subject="tandem.ns.S.e.1",
+        host="h",
+        pid=9,
+        metadata={"k": 1},
+    ),
+    "ModelRecord": protocol.ModelRecord(
+        name="m",
+        instance_id="1",
+        service="S",
+        endpoint="e",
+        metadata={"block_size": 16},
     ),
 }
 
@@ -201,12 +154,13 @@ GOLDEN = {
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_encoding_is_what_it_was_and_decodes_back(name: str) -> None:
-    wire_type, value = SAMPLES[name]
+    wire_type = protocol.PlacementMessage if name == "PlacementEvent" else getattr(protocol, name)
+    value = SAMPLES[name]
     encoded = msgspec.msgpack.encode(value)
     assert encoded.hex() == GOLDEN[name]
     assert msgspec.msgpack.decode(encoded, type=wire_type) == value
 
 
 def test_a_lone_placement_event_is_still_a_placement_message() -> None:
-    event = PlacementEvent(router_id="r", request_id="q", worker_id="w", kind="prefill_done")
-    assert msgspec.msgpack.decode(msgspec.msgpack.encode(event), type=PlacementMessage) == event
+    event = protocol.PlacementEvent(router_id="r", request_id="q", worker_id="w", kind="prefill_done")
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(event), type=protocol.PlacementMessage) == event

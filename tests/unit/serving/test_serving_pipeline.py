@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,28 @@ from app.serving import ReplicaPicker, RequestPipeline, RouterServicePicker, Spr
 MODEL = "tiny-llama"
 
 
-class FakeWorkers:
+class FakeEndpointClient(ABC):
+    """What the runtime's clients of one endpoint share: its live instances, watched or waited for."""
+
+    endpoint: str  # "Service/endpoint", as NoInstancesError names it
+
+    @abstractmethod
+    def instance_ids(self) -> list[str]: ...
+
+    async def watch(self) -> list[str]:
+        return self.instance_ids()
+
+    async def wait_for_instances(self, timeout: float = 30.0) -> list[Any]:
+        if not self.instance_ids():
+            raise NoInstancesError(f"no instance of {self.endpoint} appeared within {timeout:g}s")
+        return []
+
+
+class FakeWorkers(FakeEndpointClient):
     """The workers' `generate` client: each live worker answers with its fixed tokens, or
     fails before its first output with the error given for it."""
+
+    endpoint = f"{names.VLLM_WORKER}/{names.GENERATE}"
 
     def __init__(self, tokens: dict[str, list[int]], failing: dict[str, Exception] | None = None) -> None:
         self.tokens = tokens
@@ -30,14 +50,6 @@ class FakeWorkers:
 
     def instance_ids(self) -> list[str]:
         return sorted(self.tokens)
-
-    async def watch(self) -> list[str]:
-        return self.instance_ids()
-
-    async def wait_for_instances(self, timeout: float = 30.0) -> list[Any]:
-        if not self.tokens:
-            raise NoInstancesError(f"no instance of {names.VLLM_WORKER}/{names.GENERATE} appeared within {timeout:g}s")
-        return []
 
     async def stream(self, request: PreprocessedRequest, target: str, **_: Any) -> AsyncIterator[EngineOutput]:
         self.calls.append(target)
@@ -48,8 +60,10 @@ class FakeWorkers:
         yield EngineOutput(token_ids=tokens[1:], finish_reason="length")
 
 
-class FakeRouterClient:
+class FakeRouterClient(FakeEndpointClient):
     """The Router's `route` client: decides by a function of the request, records the requests."""
+
+    endpoint = f"{names.ROUTER}/{names.ROUTE}"
 
     def __init__(self, decide: Any, live: bool = True) -> None:
         self.decide = decide
@@ -58,14 +72,6 @@ class FakeRouterClient:
 
     def instance_ids(self) -> list[str]:
         return ["router-1"] if self.live else []
-
-    async def watch(self) -> list[str]:
-        return self.instance_ids()
-
-    async def wait_for_instances(self, timeout: float = 30.0) -> list[Any]:
-        if not self.live:
-            raise NoInstancesError(f"no instance of {names.ROUTER}/{names.ROUTE} appeared within {timeout:g}s")
-        return []
 
     async def call(self, request: RouteRequest, **_: Any) -> RouteDecision:
         self.requests.append(request)
