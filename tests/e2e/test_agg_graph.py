@@ -13,6 +13,7 @@ import json
 import subprocess
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -281,23 +282,25 @@ async def extra_frontend(
     """Another Frontend process (only that service) for the fleet, or for an empty namespace."""
     port = free_port()
     env = graph.env if namespace is None else {**graph.env, "TANDEM_NAMESPACE": namespace}
-    process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; stop_process_tree needs a Popen
-        [
-            TANDEM,
-            "serve",
-            "graphs.agg_router:Frontend",
-            "-f",
-            str(graph.config_path),
-            "--service-name",
-            "Frontend",
-            f"--Frontend.port={port}",
-            *overrides,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    # Its log beside the graph's, for a failing test to be read.
+    with (graph.config_path.parent / f"frontend-{port}.log").open("wb") as log:
+        process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; stop_process_tree needs a Popen
+            [
+                TANDEM,
+                "serve",
+                "graphs.agg_router:Frontend",
+                "-f",
+                str(graph.config_path),
+                "--service-name",
+                "Frontend",
+                f"--Frontend.port={port}",
+                *overrides,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             async with asyncio.timeout(120):
@@ -329,14 +332,32 @@ async def test_a_thin_frontend_calls_the_processor_service_over_nats(graph: Serv
     assert response.json()["choices"][0]["message"]["content"] == reference_texts[0]
 
 
+async def _request_while_one_streams(http: httpx.AsyncClient, body: dict) -> tuple[httpx.Response, str | None]:
+    """The answer to a request sent while another one streams, and how the streaming one
+    ended if it did before its max_tokens (its last event), else None."""
+    async with http.stream("POST", "/v1/completions", json=body) as holding:
+        assert holding.status_code == 200
+        await anext(holding.aiter_lines())
+        second = await http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+        if second.status_code == 429:
+            return second, None
+        async with asyncio.timeout(60):
+            events = [line async for line in holding.aiter_lines() if line.startswith("data: {")]
+    last = events[-1] if events else "no event"
+    return second, None if '"finish_reason":"length"' in last else last
+
+
 async def test_past_its_inflight_cap_a_frontend_answers_429_with_retry_after(graph: ServedGraph) -> None:
     async with extra_frontend(graph, "--Frontend.max-inflight-requests=1") as http:
         await wait_healthy(http)
         body = {"model": MODEL, "prompt": "one long answer", "max_tokens": 3000, "ignore_eos": True, "stream": True}
-        async with http.stream("POST", "/v1/completions", json=body) as holding:
-            assert holding.status_code == 200
-            await anext(holding.aiter_lines())
-            refused = await http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+        # A held stream that ends early (an error event) frees its slot; that is not the
+        # cap failing, so the check is made again (once seen in CI, not reproduced since).
+        for _ in range(3):
+            refused, ended_early = await _request_while_one_streams(http, body)
+            if ended_early is None:
+                break
+            warnings.warn(f"the held stream ended before its max_tokens: {ended_early}", stacklevel=1)
         assert refused.status_code == 429, refused.text
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["type"] == "rate_limit_error"

@@ -2,7 +2,9 @@
 
 Real NATS and etcd, the real graph under supervisord (4 mocker VllmWorkers, and either 2
 Router replicas or the router inside the Frontend: `embed-router`), requests through the
-official `openai` client. Each graph is stopped by PID when its tests are done.
+official `openai` client. Each graph is stopped by PID when its tests are done. The
+operator's `tandem router` and `tandem disagg` commands run as the real binary against
+each layout's graph, and leave its live tunables as they found them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,9 +25,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
-from bench.harness.launch import ServedGraph
+from bench.harness.launch import TANDEM, ServedGraph
 from bench.harness.load import WORDS
 
 pytestmark = pytest.mark.e2e
@@ -88,6 +92,29 @@ async def ask(client: openai.AsyncOpenAI, text: str) -> tuple[str, int, int]:
         completion.usage.prompt_tokens,
         completion.usage.prompt_tokens_details.cached_tokens or 0,
     )
+
+
+async def tandem(graph: ServedGraph, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tandem ARGS` as an operator runs it against the graph: the binary, with the graph's
+    NATS_SERVER, ETCD_ENDPOINTS and TANDEM_NAMESPACE."""
+    return await asyncio.to_thread(
+        subprocess.run, [TANDEM, *args], env=graph.env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def tandem_ok(graph: ServedGraph, *args: str) -> list[str]:
+    """The lines `tandem ARGS` printed; it must have succeeded."""
+    done = await tandem(graph, *args)
+    assert done.returncode == 0, f"tandem {' '.join(args)} failed:\n{done.stderr}"
+    return done.stdout.splitlines()
+
+
+async def logged(graph: ServedGraph, text: str, times: int, timeout: float = 15.0) -> None:
+    """Until the graph's log holds `text` `times` times (supervisord relays each process's lines)."""
+    deadline = time.monotonic() + timeout
+    while (found := graph.log_path.read_text(errors="replace").count(text)) < times:
+        assert time.monotonic() < deadline, f"{text!r} logged {found} times, not {times}:\n{graph.log_tail()}"
+        await asyncio.sleep(0.2)
 
 
 @contextlib.asynccontextmanager
@@ -215,6 +242,73 @@ class TestKvRouting:
         # The test before sent 16 requests, most of them sharing cached prefixes.
         assert sum(decisions) >= 16
         assert max(hit_rates) > 0.5
+
+    async def test_tandem_router_set_show_reset_switch_every_replicas_policy_live(
+        self, kv_graph: ServedGraph, client: openai.AsyncOpenAI, embed_router: bool
+    ) -> None:
+        replicas = 1 if embed_router else ROUTERS
+        # Each replica logs the policy it takes from etcd: the test waits for all of them.
+        took_round_robin = "live tunable router/policy: LivePolicy(policy='round-robin', knobs={})"
+        took_kv_back = "live tunable router/policy: LivePolicy(policy='kv', knobs={}) (as configured)"
+        round_robin = 'router/policy={"policy": "round-robin", "knobs": {}}'
+        log = kv_graph.log_path.read_text(errors="replace")
+        round_robins, kv_backs = log.count(took_round_robin), log.count(took_kv_back)
+
+        assert await tandem_ok(kv_graph, "router", "show") == ["router/policy: as configured (no live value)"]
+        same = prompt(20, 0)
+        kv_workers = {(await ask(client, same))[0] for _ in range(3)}
+        assert len(kv_workers) == 1, f"KV routing spread identical requests: {kv_workers}"
+        try:
+            assert await tandem_ok(kv_graph, "router", "set", "--policy", "round-robin") == [round_robin]
+            await logged(kv_graph, took_round_robin, round_robins + replicas)
+            assert await tandem_ok(kv_graph, "router", "show") == [round_robin]
+            # Every replica walks the workers in turn: one of them routes at least WORKERS of these.
+            workers = [(await ask(client, same))[0] for _ in range(2 * WORKERS)]
+            assert set(workers) == set(await kv_graph.instances("VllmWorker", "generate")), workers
+
+            refused = await tandem(kv_graph, "router", "set", "--policy", "fastest")
+            assert refused.returncode == 1 and "unknown router policy 'fastest'" in refused.stderr, refused
+            assert await tandem_ok(kv_graph, "router", "show") == [round_robin]
+        finally:
+            reset = await tandem_ok(kv_graph, "router", "reset")
+        assert reset == ["router: back to each router replica's configured policy"]
+        assert await tandem_ok(kv_graph, "router", "show") == ["router/policy: as configured (no live value)"]
+        await logged(kv_graph, took_kv_back, kv_backs + replicas)
+        # KV-aware again: a new prefix group stays on the worker its first request went to.
+        home, _, _ = await ask(client, prompt(21, 0))
+        for request in range(1, 4):
+            worker, prompt_tokens, cached = await ask(client, prompt(21, request))
+            assert worker == home, f"request {request} left its prefix's worker after the reset"
+            assert cached >= 0.8 * prompt_tokens, (request, prompt_tokens, cached)
+
+    async def test_tandem_disagg_show_prints_what_set_stored_and_reset_restores_the_configured(
+        self, kv_graph: ServedGraph
+    ) -> None:
+        assert kv_graph.runtime is not None
+        discovery = kv_graph.runtime.discovery
+        keys = (MAX_LOCAL_PREFILL_LENGTH.key, MAX_PREFILL_QUEUE_SIZE.key)
+        as_configured = [f"{key}: as configured (no live value)" for key in keys]
+        stored = [f"{MAX_LOCAL_PREFILL_LENGTH.key}=512", f"{MAX_PREFILL_QUEUE_SIZE.key}=8"]
+
+        assert await tandem_ok(kv_graph, "disagg", "show") == as_configured
+        try:
+            assert (
+                await tandem_ok(
+                    kv_graph, "disagg", "set", "--max-local-prefill-length", "512", "--max-prefill-queue-size", "8"
+                )
+                == stored
+            )
+            assert await tandem_ok(kv_graph, "disagg", "show") == stored
+            assert [await discovery.get_tunable(key) for key in keys] == [512, 8]  # in the graph's namespace
+
+            refused = await tandem(kv_graph, "disagg", "set", "--max-prefill-queue-size", "-1")
+            assert refused.returncode == 1 and MAX_PREFILL_QUEUE_SIZE.key in refused.stderr, refused
+            assert await tandem_ok(kv_graph, "disagg", "show") == stored
+        finally:
+            reset = await tandem_ok(kv_graph, "disagg", "reset")
+        assert reset == ["disagg: back to each VllmWorker's configured thresholds"]
+        assert await tandem_ok(kv_graph, "disagg", "show") == as_configured
+        assert [await discovery.get_tunable(key) for key in keys] == [None, None]
 
     async def test_a_killed_worker_is_no_longer_chosen_and_requests_keep_succeeding(
         self, kv_graph: ServedGraph, client: openai.AsyncOpenAI
