@@ -1,171 +1,86 @@
-"""Aggregated against disaggregated serving on a mixed long/short load, two scenarios.
-
-Each scenario runs two layouts with the same engines under `tandem serve`, one after the
-other, each on its own namespace of one NATS and one etcd started here:
-
-  --scenario mocker   simulated engines at scale: 8 aggregated workers (configs/mocker-8.yaml)
-                      against 4 decode workers and 4 PrefillWorkers (configs/mocker-disagg.yaml)
-  --scenario vllm     the real vLLM CPU engine and the tiny model on the same 2 cores: 2 workers
-                      (configs/cpu-tiny.yaml) against a decode worker and a PrefillWorker that
-                      hands the KV over NIXL (configs/cpu-tiny-disagg.yaml)
-
-The load: closed loop, streamed chat requests with unrelated prompts, `--long-share` of them
-long, a fixed number of output tokens (ignore_eos). TTFT, TPOT and inter-token latency for
-long and short requests apart, and output tokens/s; each figure the median of `--runs` runs.
-docs/benchmarks.md, "Aggregated vs disaggregated", says how to read them.
-
-    python -m bench.disagg_scenarios --scenario mocker --runs 3 --write-docs docs/benchmarks.md
-    python -m bench.disagg_scenarios --scenario vllm --runs 3 --write-docs docs/benchmarks.md
-"""
+"""Aggregated against disaggregated serving on a mixed long/short load: mockers, or vLLM CPU."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
-import random
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.harness import cli, load
-from bench.harness.launch import REPO, SERVED_MODEL, Layout, ServedGraph, control_plane
+from bench.harness import cli
+from bench.harness.launch import REPO, SERVED_MODEL, Layout, ServedGraph, control_plane, measure_layouts
 from bench.harness.load import RequestResult
-from bench.harness.report import publish, table
-from bench.harness.stats import median, percentile
+from bench.harness.report import cells, table
+from bench.harness.stats import Phase, Summary, median_rows, summarize
+from bench.loadgen import LoadConfig, run_load
 
 log = logging.getLogger(__name__)
 
-KINDS = ("long", "short")
 CONFIGS = REPO / "configs"
-
-
-@dataclass(frozen=True)
-class Workload:
-    requests: int = 200
-    concurrency: int = 16
-    long_share: float = 0.3
-    # The tiny model's tokenizer makes about 1.8 tokens of a loadgen word: ~2k and ~100 tokens.
-    long_words: int = 1100
-    short_words: int = 50
-    max_tokens: int = 64
-
-    def prompts(self, seed: int) -> list[tuple[str, str]]:
-        """(kind, prompt) in sending order; prompts share nothing, so no prefix cache helps."""
-        rng = random.Random(f"disagg:{seed}")
-        prompts = []
-        for _ in range(self.requests):
-            kind = "long" if rng.random() < self.long_share else "short"
-            prompts.append(
-                (kind, " ".join(rng.choices(load.WORDS, k=self.long_words if kind == "long" else self.short_words)))
-            )
-        return prompts
+DISAGG_ROUTER = "graphs.disagg_router:Frontend"
 
 
 @dataclass(frozen=True)
 class Scenario:
-    docs_section: str
+    section: str
     layouts: dict[str, Layout]
-    workload: Workload  # --requests and --concurrency change it
+    load: LoadConfig  # streamed chat requests, unrelated prompts, `long_share` of them long
     stall_s: float  # a gap between tokens this long is a long prefill stalling the batch
 
 
+LOAD = LoadConfig(url="", model=SERVED_MODEL, ignore_eos=True, max_duration_s=60.0, long_share=0.3)
 SCENARIOS = {
     "mocker": Scenario(
-        docs_section="## Aggregated vs disaggregated (mockers)",
-        layouts={
+        "## Aggregated vs disaggregated (mockers)",
+        {
             "aggregated": Layout(CONFIGS / "mocker-8.yaml", 8, routers=2),
             "disaggregated": Layout(
-                CONFIGS / "mocker-disagg.yaml", 4, routers=2, prefill_workers=4, graph="graphs.disagg_router:Frontend"
+                CONFIGS / "mocker-disagg.yaml", 4, routers=2, prefill_workers=4, graph=DISAGG_ROUTER
             ),
         },
-        workload=Workload(),
+        # The tiny model's tokenizer makes about 1.8 tokens of a loadgen word: ~2k and ~100 tokens.
+        dataclasses.replace(LOAD, concurrency=16, requests=200, prompt_tokens=50, long_prompt_tokens=1100),
         # A decode step is ~10 ms and a short prompt's prefill ~25 ms, a 2k-token one's ~0.4 s.
         stall_s=0.1,
     ),
     "vllm": Scenario(
-        docs_section="## Aggregated vs disaggregated (vLLM CPU, tiny model)",
-        layouts={
+        "## Aggregated vs disaggregated (vLLM CPU, tiny model)",
+        {
             "aggregated": Layout(CONFIGS / "cpu-tiny.yaml", 2, routers=1),
             "disaggregated": Layout(
                 CONFIGS / "cpu-tiny-disagg.yaml",
                 1,
                 routers=1,
                 prefill_workers=1,
-                graph="graphs.disagg_router:Frontend",
                 # The shipped 64 sends nearly every chat prompt remote; here only long ones go.
                 overrides=("--VllmWorker.max-local-prefill-length=512",),
+                graph=DISAGG_ROUTER,
             ),
         },
         # ~900 and ~100 prompt tokens (the configs' max-model-len is 2048).
-        workload=Workload(requests=60, concurrency=4, long_share=0.3, long_words=500, short_words=50, max_tokens=32),
+        dataclasses.replace(LOAD, concurrency=4, requests=60, prompt_tokens=50, long_prompt_tokens=500, max_tokens=32),
         # A decode step of a few sequences takes a few ms here; a 900-token prefill tens of ms.
         stall_s=0.05,
     ),
 }
-# Each run stops starting requests after this long.
-MAX_DURATION_S = 60.0
-
-# The figures of each kind of request, and how each is shown (latencies, measured in seconds, in ms).
+# The table's columns after the layout: heading -> (figure, format); the load's tokens/s and the
+# remote prefills are the whole load's, the rest are each kind's.
 COLUMNS = {
-    "requests": "{:.0f}",
-    "prompt tokens": "{:.0f}",
-    "TTFT p50": "{:.0f} ms",
-    "TTFT p99": "{:.0f} ms",
-    "TPOT p50": "{:.1f} ms",
-    "ITL p50": "{:.1f} ms",
-    "ITL p99": "{:.1f} ms",
-    "ITL p99.9": "{:.0f} ms",
-    "stalled": "{:.0%}",
+    "requests": ("completed", "{:.0f}"),
+    "prompt tokens": ("mean_prompt_tokens", "{:.0f}"),
+    "TTFT p50": ("ttft_p50_s", "{:.0f} ms"),
+    "TTFT p99": ("ttft_p99_s", "{:.0f} ms"),
+    "TPOT p50": ("tpot_p50_s", "{:.1f} ms"),
+    "ITL p50": ("itl_p50_s", "{:.1f} ms"),
+    "ITL p99": ("itl_p99_s", "{:.1f} ms"),
+    "ITL p99.9": ("itl_p999_s", "{:.0f} ms"),
+    "requests stalled": ("stalled", "{:.0%}"),
+    "output tok/s (all)": ("all_output_tokens_per_second", "{:.0f}"),
+    "prefilled remotely": ("prefill_jobs", "{:.0f}"),
 }
-
-
-def kind_figures(results: Sequence[RequestResult], stall_s: float) -> dict[str, float]:
-    """The COLUMNS of one kind's successful requests."""
-    ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
-    # Per request, (end-to-end - TTFT) / (output tokens - 1): the decode pace, however the
-    # tokens were bunched into streamed chunks (a busy Frontend sends several per chunk).
-    tpots = [
-        (r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in results if r.ttft_s is not None and r.output_tokens > 1
-    ]
-    itls = [gap for r in results for gap in r.itl_s]
-    return {
-        "requests": len(results),
-        "prompt tokens": statistics.fmean(r.prompt_tokens for r in results) if results else 0.0,  # server's count
-        "TTFT p50": percentile(ttfts, 50),
-        "TTFT p99": percentile(ttfts, 99),
-        "TPOT p50": percentile(tpots, 50),
-        # The stalls are a few gaps in a thousand: p99 barely sees them, p99.9 does.
-        "ITL p50": percentile(itls, 50),
-        "ITL p99": percentile(itls, 99),
-        "ITL p99.9": percentile(itls, 99.9),
-        # The share of requests that saw a gap >= stall_s between two tokens.
-        "stalled": sum(max(r.itl_s, default=0.0) >= stall_s for r in results) / len(results) if results else 0.0,
-    }
-
-
-@dataclass
-class RunResult:
-    """One run of the workload on one layout."""
-
-    by_kind: dict[str, dict[str, float]]
-    output_tokens_per_s: float
-    failed: int
-    prefill_jobs: int = 0  # jobs the PrefillWorkers answered (0 when aggregated)
-
-
-async def run_load(graph: ServedGraph, workload: Workload, seed: int, stall_s: float) -> RunResult:
-    kinds, texts = zip(*workload.prompts(seed), strict=True)
-    bodies = [load.request_body(SERVED_MODEL, text, workload.max_tokens) for text in texts]
-    results, wall = await load.drive(graph.base_url, load.CHAT_PATH, bodies, workload.concurrency, MAX_DURATION_S)
-    # Fewer results than prompts when MAX_DURATION_S ran out: those never sent are the last.
-    ok = {kind: [r for k, r in zip(kinds, results, strict=False) if k == kind and r.ok] for kind in KINDS}
-    return RunResult(
-        by_kind={kind: kind_figures(ok[kind], stall_s) for kind in KINDS},
-        output_tokens_per_s=sum(r.output_tokens for r in results if r.ok) / wall,
-        failed=load.count_failures(results),
-    )
 
 
 async def prefill_jobs_done(graph: ServedGraph) -> int:
@@ -177,76 +92,72 @@ async def prefill_jobs_done(graph: ServedGraph) -> int:
     return done
 
 
-async def run_all(scenario: Scenario, runs: int, workdir: Path) -> dict[str, list[RunResult]]:
-    """The runs of each layout, by layout name: one layout after the other."""
-    runs_by_layout: dict[str, list[RunResult]] = {}
-    warmup = dataclasses.replace(scenario.workload, requests=2 * scenario.workload.concurrency)
-    with control_plane(workdir) as (nats, etcd):
-        for name, layout in scenario.layouts.items():
-            async with layout.serve(f"serve-{name}", workdir, nats, etcd) as graph:
-                await run_load(graph, warmup, 0, scenario.stall_s)
-                for run in range(1, runs + 1):
-                    jobs_before = await prefill_jobs_done(graph) if layout.prefill_workers else 0
-                    result = await run_load(graph, scenario.workload, run, scenario.stall_s)
-                    if layout.prefill_workers:
-                        result.prefill_jobs = await prefill_jobs_done(graph) - jobs_before
-                    log.info("%s, run %d: %s", name, run, result)
-                    runs_by_layout.setdefault(name, []).append(result)
-    return runs_by_layout
+def load_of(args: argparse.Namespace) -> LoadConfig:
+    """The scenario's load, with --requests where given."""
+    load = SCENARIOS[args.scenario].load
+    return dataclasses.replace(load, requests=args.requests or load.requests)
 
 
-def render(runs_by_layout: dict[str, list[RunResult]], command: str, runs: int, note: str, scenario: Scenario) -> str:
-    rows = []
-    for name, layout_runs in runs_by_layout.items():
-        tokens_per_s = median(r.output_tokens_per_s for r in layout_runs)
-        remote = median(r.prefill_jobs for r in layout_runs)
-        for kind in KINDS:
-            figures = {column: median(r.by_kind[kind][column] for r in layout_runs) for column in COLUMNS}
-            cells = [fmt.format(figures[c] * (1000 if fmt.endswith(" ms") else 1)) for c, fmt in COLUMNS.items()]
-            rows.append([f"{name}, {kind}", *cells, f"{tokens_per_s:.0f}", f"{remote:.0f}"])
-    stalled = f"requests stalled >= {scenario.stall_s * 1000:.0f} ms"
-    columns = [stalled if column == "stalled" else column for column in COLUMNS]
-    headings = " | ".join(["layout", *columns, "output tok/s (all)", "prefilled remotely"])
-    w = scenario.workload
-    lines = [
-        f"Command: `{command}` (medians of {runs} run(s) per layout)",
+def by_kind(
+    layout: str, load: LoadConfig, results: list[RequestResult], whole: Summary, stall_s: float, prefill_jobs: int
+) -> list[Phase]:
+    """A row for the long requests of a run, one for the short: their Summary, and the share of them that
+    saw a gap >= stall_s between two tokens; the whole load's output tokens/s and remote prefills."""
+    phases = []
+    for kind in ("long", "short"):
+        # Fewer results than requests when max_duration_s ran out: those never sent are the last.
+        kept = [r for i, r in enumerate(results) if load.is_long(i) == (kind == "long")]
+        ok = [r for r in kept if r.ok]
+        stalled = sum(max(r.itl_s, default=0.0) >= stall_s for r in ok) / len(ok) if ok else 0.0
+        extra = {
+            "stalled": stalled,
+            "all_output_tokens_per_second": whole.output_token_throughput,
+            "prefill_jobs": prefill_jobs,
+        }
+        phases.append(Phase((f"{layout}, {kind}",), summarize(kept, whole.duration_s), extra))
+    return phases
+
+
+async def measure(args: argparse.Namespace, workdir: Path) -> list[Phase]:
+    scenario, phases = SCENARIOS[args.scenario], []
+
+    async def run(layout: str, graph: ServedGraph, run: int) -> None:
+        load = dataclasses.replace(load_of(args), url=graph.base_url, seed=run)
+        if run == 1:
+            await run_load(dataclasses.replace(load, requests=2 * load.concurrency, seed=0))  # a warm-up
+        jobs_before = await prefill_jobs_done(graph)
+        whole, results = await run_load(load)
+        log.info("%s, run %d: %s", layout, run, whole.as_text().splitlines()[0])
+        jobs = await prefill_jobs_done(graph) - jobs_before
+        phases.extend(by_kind(layout, load, results, whole, scenario.stall_s, prefill_jobs=jobs))
+
+    with control_plane(workdir) as plane:
+        await measure_layouts(scenario.layouts, workdir, plane, args.runs, run)
+    return phases
+
+
+def render(phases: list[Phase], args: argparse.Namespace) -> list[str]:
+    scenario, load = SCENARIOS[args.scenario], load_of(args)
+    headings = [f"{h} >= {scenario.stall_s * 1000:.0f} ms" if h == "requests stalled" else h for h in COLUMNS]
+    rows = [[*row, *cells(figures, COLUMNS.values())] for row, figures in median_rows(phases).items()]
+    return [
+        f"Load: {load.requests} streamed chat requests per run, concurrency {load.concurrency}, {load.long_share:.0%} "
+        f"long (~{load.long_prompt_tokens} words) and the rest short (~{load.prompt_tokens} words), prompts sharing "
+        f"nothing, {load.max_tokens} output tokens (ignore_eos).",
         "",
-        note,
+        *table(" | ".join(["layout", *headings]), rows),
         "",
-        (
-            f"Load: {w.requests} streamed chat requests per run, concurrency {w.concurrency}, {w.long_share:.0%} long "
-            f"(~{w.long_words} words) and the rest short (~{w.short_words} words), prompts sharing nothing, "
-            f"{w.max_tokens} output tokens (ignore_eos)."
-        ),
-        "",
-        *table(headings, rows),
-        "",
-        f"Failed requests: {sum(r.failed for rs in runs_by_layout.values() for r in rs)}.",
+        f"Failed requests: {sum(p.summary.failed for p in phases)}.",
     ]
-    return "\n".join(lines) + "\n"
+
+
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", choices=SCENARIOS, default="mocker", help="simulated engines, or vLLM CPU")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.parser("python -m bench.disagg_scenarios", __doc__)
-    parser.add_argument(
-        "--scenario",
-        choices=sorted(SCENARIOS),
-        default="mocker",
-        help="mocker: simulated engines at scale; vllm: the real CPU engine and the tiny model",
-    )
-    parser.add_argument("--requests", type=int, help="requests per run (default: the scenario's)")
-    parser.add_argument("--concurrency", type=int, help="closed-loop clients (default: the scenario's)")
-    args = parser.parse_args(argv)
-    scenario = SCENARIOS[args.scenario]
-    changes = {name: getattr(args, name) for name in ("requests", "concurrency") if getattr(args, name) is not None}
-    scenario = dataclasses.replace(scenario, workload=dataclasses.replace(scenario.workload, **changes))
-    cli.setup_logging()
-    note = cli.RunNote()  # this machine is shared: how busy it was says how far to trust the numbers
-    with cli.workdir(args.workdir) as workdir:
-        runs = cli.run(run_all(scenario, args.runs, workdir))
-    command = cli.command_line("python -m bench.disagg_scenarios", argv)
-    publish(render(runs, command, args.runs, str(note), scenario), scenario.docs_section, args.write_docs)
-    return 0
+    section = lambda args: SCENARIOS[args.scenario].section  # noqa: E731 (the section depends on --scenario)
+    return cli.main("bench.disagg_scenarios", argv, section, measure, render, options)
 
 
 if __name__ == "__main__":

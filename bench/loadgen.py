@@ -1,26 +1,22 @@
-"""The load generator: generated prompts sent by the load driver (bench/harness/load.py) to an
-OpenAI-compatible server, and a summary of the measured phase. docs/benchmarks.md, "Load generator",
-gives the options and what each figure means.
-
-    python -m bench.loadgen --url http://127.0.0.1:8000 --model tiny-llama --concurrency 8 --requests 200
-"""
+"""The load generator: generated prompts, sent by the load driver to an OpenAI-compatible server, and
+the summary of the measured phase (docs/benchmarks.md, "Load generator", has the options)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import math
+import random
 import sys
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
+
+import msgspec
 
 from bench.harness import cli
 from bench.harness.load import CHAT_PATH, COMPLETIONS_PATH, RequestResult, drive, prompts, request_body
-from bench.harness.stats import percentile
+from bench.harness.stats import Summary, summarize
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +30,8 @@ class LoadConfig:
     prompt_tokens: int = 128
     shared_prefix_ratio: float = 0.0
     prefix_groups: int = 1
+    long_share: float = 0.0  # of the requests, whose prompt is long_prompt_tokens long and shares nothing
+    long_prompt_tokens: int = 1024
     max_tokens: int = 64
     stream: bool = True
     api: Literal["chat", "completions"] = "chat"
@@ -44,98 +42,25 @@ class LoadConfig:
     max_duration_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if (
-            min(self.concurrency, self.prompt_tokens, self.max_tokens, self.prefix_groups) < 1
-            or min(self.requests, self.warmup) < 0
-            or not 0.0 <= self.shared_prefix_ratio <= 1.0
-        ):
+        sizes = (self.concurrency, self.prompt_tokens, self.long_prompt_tokens, self.max_tokens, self.prefix_groups)
+        ratios = (self.shared_prefix_ratio, self.long_share)
+        if min(sizes) < 1 or min(self.requests, self.warmup) < 0 or not all(0.0 <= r <= 1.0 for r in ratios):
             raise ValueError(
-                "concurrency, prompt_tokens, max_tokens and prefix_groups must be >= 1, requests and "
-                "warmup >= 0, shared_prefix_ratio within [0, 1]"
+                "concurrency, prompt_tokens, long_prompt_tokens, max_tokens and prefix_groups must be >= 1, "
+                "requests and warmup >= 0, shared_prefix_ratio and long_share within [0, 1]"
             )
+
+    def is_long(self, index: int) -> bool:
+        """Whether request `index` has a long prompt: a draw of its own, so the same for a seed and index."""
+        return self.long_share > 0 and random.Random(f"{self.seed}:long:{index}").random() < self.long_share
 
     def bodies(self, count: int, first_index: int = 0) -> list[dict[str, Any]]:
         texts = prompts(count, self.prompt_tokens, self.seed, self.shared_prefix_ratio, self.prefix_groups, first_index)
-        return [
-            request_body(self.model, t, self.max_tokens, self.api == "chat", self.stream, self.ignore_eos)
-            for t in texts
-        ]
-
-
-@dataclass
-class Summary:
-    requests: int
-    completed: int
-    failed: int
-    duration_s: float
-    request_throughput: float  # successful requests over the wall time of the measured phase
-    output_token_throughput: float  # and their output tokens
-    total_output_tokens: int
-    mean_prompt_tokens: float
-    ttft_p50_s: float
-    ttft_p99_s: float
-    itl_p50_s: float
-    itl_p99_s: float
-    e2e_p50_s: float
-    e2e_p99_s: float
-    errors: dict[str, int]
-    error_examples: dict[str, str]
-    workers: dict[str, int]
-
-    def as_text(self) -> str:
-        ms = 1000.0
-        lines = [
-            f"requests        {self.completed} ok / {self.failed} failed in {self.duration_s:.2f} s",
-            (
-                f"throughput      {self.request_throughput:.2f} req/s, "
-                f"{self.output_token_throughput:.1f} output tok/s ({self.total_output_tokens} tokens)"
-            ),
-            f"prompt tokens   {self.mean_prompt_tokens:.1f} mean (server usage)",
-            f"TTFT            p50 {self.ttft_p50_s * ms:.1f} ms  p99 {self.ttft_p99_s * ms:.1f} ms",
-            f"ITL             p50 {self.itl_p50_s * ms:.2f} ms  p99 {self.itl_p99_s * ms:.2f} ms",
-            f"end-to-end      p50 {self.e2e_p50_s * ms:.1f} ms  p99 {self.e2e_p99_s * ms:.1f} ms",
-        ]
-        lines += [
-            f"error           {kind}: {count} (e.g. {self.error_examples.get(kind, '')!r})"
-            for kind, count in sorted(self.errors.items())
-        ]
-        lines += [f"worker          {worker}: {count}" for worker, count in sorted(self.workers.items())]
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        """For strict JSON: a metric with no samples (NaN) is None."""
-        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
-
-
-def summarize(results: Sequence[RequestResult], duration_s: float) -> Summary:
-    ok = [r for r in results if r.ok]
-    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
-    itls = [gap for r in ok for gap in r.itl_s]
-    e2es = [r.e2e_s for r in ok]
-    tokens = sum(r.output_tokens for r in ok)
-    failed = [r for r in results if not r.ok]
-    examples: dict[str, str] = {}
-    for r in failed:
-        examples.setdefault(r.error_kind or "unknown", r.error_message or "")
-    return Summary(
-        requests=len(results),
-        completed=len(ok),
-        failed=len(failed),
-        duration_s=duration_s,
-        request_throughput=len(ok) / duration_s if duration_s > 0 else 0.0,
-        output_token_throughput=tokens / duration_s if duration_s > 0 else 0.0,
-        total_output_tokens=tokens,
-        mean_prompt_tokens=(sum(r.prompt_tokens for r in ok) / len(ok)) if ok else math.nan,
-        ttft_p50_s=percentile(ttfts, 50),
-        ttft_p99_s=percentile(ttfts, 99),
-        itl_p50_s=percentile(itls, 50),
-        itl_p99_s=percentile(itls, 99),
-        e2e_p50_s=percentile(e2es, 50),
-        e2e_p99_s=percentile(e2es, 99),
-        errors=dict(Counter(r.error_kind or "unknown" for r in failed)),
-        error_examples=examples,
-        workers=dict(Counter(r.worker for r in ok if r.worker is not None)),
-    )
+        if self.long_share:
+            long = prompts(count, self.long_prompt_tokens, self.seed, first_index=first_index)
+            texts = [long[i] if self.is_long(first_index + i) else text for i, text in enumerate(texts)]
+        chat = self.api == "chat"
+        return [request_body(self.model, t, self.max_tokens, chat, self.stream, self.ignore_eos) for t in texts]
 
 
 async def run_load(config: LoadConfig) -> tuple[Summary, list[RequestResult]]:
@@ -147,47 +72,42 @@ async def run_load(config: LoadConfig) -> tuple[Summary, list[RequestResult]]:
         warmup, _ = await drive(config.url, path, config.bodies(config.warmup, first_index=config.requests), *limits)
         log.info("warm-up: %d requests, %d failed", len(warmup), sum(not r.ok for r in warmup))
     results, duration = await drive(config.url, path, config.bodies(config.requests), *limits)
-    return summarize(results, duration), results
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (http://)")
-    parser.add_argument("--model", required=True, help="model name the server serves")
-    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
-    parser.add_argument("--requests", type=int, default=100, help="measured requests to send")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="approximate prompt length")
-    parser.add_argument("--shared-prefix-ratio", type=float, default=0.0, help="fraction of each prompt shared (0..1)")
-    parser.add_argument("--prefix-groups", type=int, default=1, help="number of distinct shared prefixes")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--api", choices=("chat", "completions"), default="chat")
-    parser.add_argument("--seed", type=int, default=0, help="prompt generation seed")
-    parser.add_argument(
-        "--ignore-eos", action="store_true", help="send ignore_eos so each output has max_tokens tokens"
-    )
-    parser.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first")
-    parser.add_argument("--timeout", dest="timeout_s", type=float, default=120.0, help="per-request limit, seconds")
-    parser.add_argument(
-        "--max-duration",
-        dest="max_duration_s",
-        type=float,
-        default=600.0,
-        help="no new request starts after this many seconds",
-    )
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return parser
+    summary = summarize(results, duration)
+    for kind, example in summary.error_examples.items():  # a benchmark goes on through failures
+        log.warning("%d requests failed: %s, e.g. %s", summary.errors[kind], kind, example)
+    return summary, results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (http://)")
+    parser.add_argument("--model", required=True, help="model name the server serves")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
+    parser.add_argument("--requests", type=int, default=100, help="measured requests")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in words (~tokens)")
+    parser.add_argument("--shared-prefix-ratio", type=float, default=0.0, help="share of each prompt shared (0..1)")
+    parser.add_argument("--prefix-groups", type=int, default=1, help="number of distinct shared prefixes")
+    parser.add_argument("--long-share", type=float, default=0.0, help="share of requests with a long prompt")
+    parser.add_argument("--long-prompt-tokens", type=int, default=1024, help="its length in words")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--ignore-eos", action="store_true", help="every output exactly max_tokens long")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--api", choices=("chat", "completions"), default="chat")
+    parser.add_argument("--seed", type=int, default=0, help="prompt generation seed")
+    parser.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first")
+    parser.add_argument("--timeout", dest="timeout_s", type=float, default=120.0, help="per-request limit, seconds")
+    parser.add_argument("--max-duration", dest="max_duration_s", type=float, default=600.0, help="no start after (s)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
     cli.setup_logging()
     try:
         config = LoadConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoadConfig)})
     except ValueError as exc:
-        _parser().error(str(exc))
+        parser.error(str(exc))
     summary, _ = cli.run(run_load(config))
-    sys.stdout.write((json.dumps(summary.as_dict(), indent=2) if args.json else summary.as_text()) + "\n")
+    # msgspec writes a metric without samples (NaN) as null: strict JSON.
+    text = msgspec.json.format(msgspec.json.encode(summary)).decode() if args.json else summary.as_text()
+    sys.stdout.write(text + "\n")
     return 0 if summary.completed else 1
 
 

@@ -1,76 +1,59 @@
-"""KV-aware routing on simulated workers: cache hits, TTFT and load spread, kv vs round-robin.
-
-`graphs.agg_router:Frontend` with 8 mocker workers (configs/mocker-8.yaml), two scenarios:
-
-  shared    long prompts whose first 90 % is one of several prefix groups: the hit rate against
-            the best possible placement's, TTFT p50 against round-robin routing's.
-  spread    prompts that share nothing: requests per worker (X-Tandem-Worker), max/mean.
-
-(The cost of the request path itself is bench/request_path.py's.) docs/benchmarks.md,
-"KV routing (mockers)", says how to read the numbers.
-
-    python -m bench.routing_scenarios --runs 3 --write-docs docs/benchmarks.md
-"""
+"""KV-aware routing on 8 mocker workers: prefix-cache hits and TTFT against round-robin, load spread."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import math
 import statistics
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from app.openai.schema import ChatCompletionRequest, parse_request
 from app.preprocess import Preprocessor
 from app.router.hashing import block_hashes
-from bench.harness import cli, load
-from bench.harness.launch import REPO, SERVED_MODEL, Layout, ServedGraph, control_plane
+from bench.harness import cli
+from bench.harness.launch import REPO, SERVED_MODEL, Layout, ServedGraph, control_plane, measure_layouts
 from bench.harness.load import RequestResult
-from bench.harness.report import publish, table
-from bench.harness.stats import median, median_run, percentile
+from bench.harness.report import met, table
+from bench.harness.stats import Phase, median_rows, median_run
+from bench.loadgen import LoadConfig, run_load
 
 log = logging.getLogger(__name__)
 
-DOCS_SECTION = "## KV routing (mockers)"
-TIMEOUT_S = 60.0  # per request
-
-
-@dataclass(frozen=True)
-class Workload:
-    words: int
-    shared_ratio: float = 0.0
-    groups: int = 1
-    requests: int = 160
-    concurrency: int = 16
-    max_tokens: int = 16
-
-
-# About 1.8k tokens with the tiny model's tokenizer. 20 groups, not a multiple of the worker
-# count: a blind rotation must not line groups up with workers.
-SHARED = Workload(words=1000, shared_ratio=0.9, groups=20)
-SPREAD = Workload(words=256)
-# The routings the shared-prefix scenario compares: label -> `tandem serve` overrides.
-# kv's default overlap weight (2) weighs a cached block twice a block to compute: it keeps
-# a group on the worker that holds it even while that worker prefills another group's
-# first prompt; weight 1 shows what happens without that.
+MOCKERS = REPO / "configs" / "mocker-8.yaml"
+COMMON = yaml.safe_load(MOCKERS.read_text())["Common"]
+# Shared prefixes: about 1.8k tokens with the tiny model's tokenizer. 20 groups, not a multiple
+# of the worker count: a blind rotation must not line groups up with workers.
+SHARED = LoadConfig(
+    url="",
+    model=SERVED_MODEL,
+    concurrency=16,
+    requests=160,
+    prompt_tokens=1000,
+    shared_prefix_ratio=0.9,
+    prefix_groups=20,
+    max_tokens=16,
+    ignore_eos=True,
+    timeout_s=60.0,
+    max_duration_s=60.0,
+)
+SPREAD = dataclasses.replace(SHARED, prompt_tokens=256, shared_prefix_ratio=0.0, prefix_groups=1)  # no sharing
+# The routings SHARED compares: label -> `tandem serve` overrides. kv's default overlap weight (2)
+# weighs a cached block twice a block to compute: it keeps a group on the worker that holds it even
+# while that worker prefills another group's first prompt; weight 1 shows what happens without that.
 ROUTINGS: dict[str, tuple[str, ...]] = {
     "kv (default knobs)": ("--Router.policy=kv",),
     "kv, overlap-weight 1": ("--Router.policy=kv", "--Router.knobs={overlap-weight: 1}"),
     "round-robin": ("--Router.policy=round-robin",),
 }
-BASELINE = "round-robin"
-DEFAULT_ROUTING = "kv (default knobs)"
-MOCKERS = REPO / "configs" / "mocker-8.yaml"
-# Each load phase stops starting requests after this long.
-MAX_DURATION_S = 60.0
+BASELINE, DEFAULT_ROUTING = "round-robin", "kv (default knobs)"
 
 
 def best_possible_cached(
@@ -99,147 +82,92 @@ def best_possible_cached(
     return cached
 
 
-async def _drive(graph: ServedGraph, w: Workload, seed: int) -> tuple[list[dict[str, Any]], list[RequestResult], float]:
-    bodies = [
-        load.request_body(SERVED_MODEL, p, w.max_tokens)
-        for p in load.prompts(w.requests, w.words, seed, w.shared_ratio, w.groups)
-    ]
-    results, wall = await load.drive(graph.base_url, load.CHAT_PATH, bodies, w.concurrency, MAX_DURATION_S, TIMEOUT_S)
-    return bodies, results, wall
-
-
-@dataclass
-class SharedResult:
-    hit_rate: float
-    best_hit_rate: float
-    ttft_p50_s: float
-    requests_per_s: float
-    failed: int
-
-
-async def run_shared(graph: ServedGraph, seed: int, preprocessor: Preprocessor, block_size: int) -> SharedResult:
-    bodies, outcomes, wall = await _drive(graph, SHARED, seed)
-    # The oracle sees exactly the token ids the Processor sent to the workers.
-    token_ids = await asyncio.to_thread(
-        lambda: [
-            preprocessor.preprocess(parse_request(ChatCompletionRequest, body), f"oracle-{i}").token_ids
-            for i, body in enumerate(bodies[: len(outcomes)])
-        ]
-    )
-    best = await asyncio.to_thread(best_possible_cached, token_ids, outcomes, block_size)
-    ok = [(o, b) for o, b in zip(outcomes, best, strict=True) if o.ok]
-    prompt_total = sum(o.prompt_tokens for o, _ in ok) or 1
-    return SharedResult(
-        hit_rate=sum(o.cached_tokens for o, _ in ok) / prompt_total,
-        best_hit_rate=sum(b for _, b in ok) / prompt_total,
-        ttft_p50_s=percentile([o.ttft_s for o, _ in ok if o.ttft_s is not None], 50),
-        requests_per_s=len(ok) / wall,
-        failed=load.count_failures(outcomes),
-    )
-
-
-@dataclass
-class SpreadResult:
-    per_worker: list[int]
-    failed: int
-
-    @property
-    def max_over_mean(self) -> float:
-        mean = statistics.fmean(self.per_worker) if self.per_worker else 0.0
-        return max(self.per_worker) / mean if mean else math.nan
-
-
-async def run_spread(graph: ServedGraph, seed: int) -> SpreadResult:
-    _, outcomes, _ = await _drive(graph, SPREAD, seed)
-    counts = Counter(o.worker for o in outcomes if o.ok)
-    workers = await graph.instances("VllmWorker")
-    return SpreadResult(sorted((counts.get(w, 0) for w in workers), reverse=True), load.count_failures(outcomes))
-
-
 @dataclass
 class Report:
-    shared: dict[str, list[SharedResult]] = field(default_factory=dict)  # by routing
-    spread: list[SpreadResult] = field(default_factory=list)
+    shared_load: LoadConfig  # SHARED and SPREAD, with --requests where given
+    spread_load: LoadConfig
+    shared: list[Phase] = field(default_factory=list)  # a row per routing
+    spread: list[list[int]] = field(default_factory=list)  # each run's requests per worker, most first
+    failed: int = 0
 
 
-async def run_all(args: argparse.Namespace, workdir: Path) -> Report:
-    report = Report()
-    common = yaml.safe_load(MOCKERS.read_text())["Common"]
+async def hit_rates(load: LoadConfig, outcomes: list[RequestResult], preprocessor: Preprocessor) -> dict[str, float]:
+    """The share of prompt tokens the workers served from cache, the oracle's, and how close the first came."""
+    # The oracle sees exactly the token ids the Processor sent to the workers.
+    requests = [parse_request(ChatCompletionRequest, body) for body in load.bodies(len(outcomes))]
+    token_ids = await asyncio.to_thread(lambda: [preprocessor.preprocess(r, "oracle").token_ids for r in requests])
+    best = await asyncio.to_thread(best_possible_cached, token_ids, outcomes, COMMON["block-size"])
+    ok = [(o, b) for o, b in zip(outcomes, best, strict=True) if o.ok]
+    prompt_total = sum(o.prompt_tokens for o, _ in ok) or 1
+    hit, best_hit = sum(o.cached_tokens for o, _ in ok) / prompt_total, sum(b for _, b in ok) / prompt_total
+    return {"hit_rate": hit, "best_hit_rate": best_hit, "of_best": hit / best_hit if best_hit else math.nan}
+
+
+def max_over_mean(per_worker: list[int]) -> float:
+    mean = statistics.fmean(per_worker) if per_worker else 0.0
+    return max(per_worker) / mean if mean else math.nan
+
+
+async def measure(args: argparse.Namespace, workdir: Path) -> Report:
+    requests = {"requests": args.requests} if args.requests else {}
+    report = Report(dataclasses.replace(SHARED, **requests), dataclasses.replace(SPREAD, **requests))
     # Off the event loop: loading transformers takes seconds, longer than a lease might wait.
-    preprocessor = await asyncio.to_thread(Preprocessor, REPO / common["model"], max_model_len=common["max-model-len"])
-    routings = list(ROUTINGS) if "shared" in args.scenarios else [DEFAULT_ROUTING] if "spread" in args.scenarios else []
-    with control_plane(workdir) as (nats, etcd):
-        for routing in routings:  # each on a fresh graph
-            layout = Layout(MOCKERS, 8, routers=2, overrides=ROUTINGS[routing])
-            name = "serve-" + routing.replace(" ", "").replace(",", "-")
-            async with layout.serve(name, workdir, nats, etcd) as graph:
-                # Each run brings new prefix groups (a new seed): earlier runs' cache contents only
-                # take room, as an older workload's would.
-                for run in range(1, args.runs + 1):
-                    if "shared" in args.scenarios:
-                        shared = await run_shared(graph, run, preprocessor, common["block-size"])
-                        report.shared.setdefault(routing, []).append(shared)
-                        log.info("shared, %s, run %d: %s", routing, run, shared)
-                    if "spread" in args.scenarios and routing == DEFAULT_ROUTING:
-                        report.spread.append(spread := await run_spread(graph, 100 + run))
-                        log.info("spread, run %d: %s", run, spread)
+    preprocessor = await asyncio.to_thread(Preprocessor, REPO / COMMON["model"], max_model_len=COMMON["max-model-len"])
+
+    async def run(routing: str, graph: ServedGraph, run: int) -> None:
+        # Each run brings new prefix groups (a new seed): earlier runs' cache contents only take room,
+        # as an older workload's would.
+        load = dataclasses.replace(report.shared_load, url=graph.base_url, seed=run)
+        summary, outcomes = await run_load(load)
+        report.shared.append(Phase((routing,), summary, await hit_rates(load, outcomes, preprocessor)))
+        log.info("shared, %s, run %d: %s", routing, run, report.shared[-1].extra)
+        report.failed += summary.failed
+        if routing == DEFAULT_ROUTING:
+            spread, _ = await run_load(dataclasses.replace(report.spread_load, url=graph.base_url, seed=100 + run))
+            workers = await graph.instances("VllmWorker")
+            report.spread.append(sorted((spread.workers.get(w, 0) for w in workers), reverse=True))
+            log.info("spread, run %d: %s", run, report.spread[-1])
+            report.failed += spread.failed
+
+    layouts = {routing: Layout(MOCKERS, 8, routers=2, overrides=overrides) for routing, overrides in ROUTINGS.items()}
+    with control_plane(workdir) as plane:
+        await measure_layouts(layouts, workdir, plane, args.runs, run)  # each routing on a fresh graph
     return report
 
 
-def _met(ok: bool) -> str:
-    return "yes" if ok else "**no**"
-
-
-def render(report: Report, command: str, runs: int) -> str:
-    lines = [f"Command: `{command}` (medians of {runs} run(s) each)", ""]
-    if report.shared:
-        baseline_ttft = median(r.ttft_p50_s for r in report.shared.get(BASELINE, []))
-        rows = []
-        for routing, results in report.shared.items():
-            hit, best = median(r.hit_rate for r in results), median(r.best_hit_rate for r in results)
-            of_best = median(r.hit_rate / r.best_hit_rate for r in results if r.best_hit_rate)
-            ttft = median(r.ttft_p50_s for r in results)
-            of_best_cell, speedup_cell = f"{of_best:.1%}", f"{baseline_ttft / ttft:.2f}"
-            if routing != BASELINE:
-                of_best_cell += f" {_met(of_best >= 0.95)}"
-                speedup_cell += f" {_met(baseline_ttft / ttft >= 2)}"
-            rps = f"{median(r.requests_per_s for r in results):.1f}"
-            rows.append(
-                [routing, f"{hit:.1%}", f"{best:.1%}", of_best_cell, f"{ttft * 1000:.0f} ms", speedup_cell, rps]
-            )
-        headings = (
-            "routing | KV hit rate | best possible | hit / best (target >= 95 %) | TTFT p50"
-            f" | {BASELINE} TTFT p50 / this (target >= 2) | requests/s"
-        )
-        lines.append(
-            f"Shared prefixes: {SHARED.requests} chat requests of about {SHARED.words} words (~1.8k tokens), "
-            f"the first {SHARED.shared_ratio:.0%} one of {SHARED.groups} prefixes, {SHARED.max_tokens} output "
-            f"tokens, concurrency {SHARED.concurrency}."
-        )
-        lines += ["", *table(headings, rows), ""]
-    if report.spread:
-        spread = median_run(report.spread, lambda s: s.max_over_mean)
-        per_worker, ratio = " / ".join(map(str, spread.per_worker)), spread.max_over_mean
-        lines.append(
-            f"No sharing (kv): {SPREAD.requests} requests of about {SPREAD.words} unrelated words, "
-            f"concurrency {SPREAD.concurrency}; requests per worker {per_worker}: max / mean = {ratio:.2f} "
-            f"(target <= 1.5: {_met(ratio <= 1.5)})."
-        )
-        lines.append("")
-    failed = sum(r.failed for rs in report.shared.values() for r in rs) + sum(s.failed for s in report.spread)
-    return "\n".join([*lines, f"Failed requests: {failed}."]) + "\n"
+def render(report: Report, args: argparse.Namespace) -> list[str]:
+    shared, spread, rows = report.shared_load, report.spread_load, []
+    figures = median_rows(report.shared)
+    for (routing,), m in figures.items():
+        speedup = figures[BASELINE,]["ttft_p50_s"] / m["ttft_p50_s"]
+        judged = routing != BASELINE  # the targets are the kv policy's
+        of_best = f"{m['of_best']:.1%}" + (f" {met(m['of_best'] >= 0.95)}" if judged else "")
+        speedup_cell = f"{speedup:.2f}" + (f" {met(speedup >= 2)}" if judged else "")
+        hits = [f"{m['hit_rate']:.1%}", f"{m['best_hit_rate']:.1%}", of_best, f"{m['ttft_p50_s'] * 1000:.0f} ms"]
+        rows.append([routing, *hits, speedup_cell, f"{m['request_throughput']:.1f}"])
+    headings = (
+        "routing | KV hit rate | best possible | hit / best (target >= 95 %) | TTFT p50"
+        f" | {BASELINE} TTFT p50 / this (target >= 2) | requests/s"
+    )
+    per_worker = median_run(report.spread, max_over_mean)
+    ratio = max_over_mean(per_worker)
+    return [
+        f"Shared prefixes: {shared.requests} chat requests of about {shared.prompt_tokens} words (~1.8k tokens), "
+        f"the first {shared.shared_prefix_ratio:.0%} one of {shared.prefix_groups} prefixes, {shared.max_tokens} "
+        f"output tokens, concurrency {shared.concurrency}.",
+        "",
+        *table(headings, rows),
+        "",
+        f"No sharing (kv): {spread.requests} requests of about {spread.prompt_tokens} unrelated words, concurrency "
+        f"{spread.concurrency}; requests per worker {' / '.join(map(str, per_worker))}: max / mean = {ratio:.2f} "
+        f"(target <= 1.5: {met(ratio <= 1.5)}).",
+        "",
+        f"Failed requests: {report.failed}.",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.parser("python -m bench.routing_scenarios", __doc__)
-    parser.add_argument("--scenarios", nargs="+", choices=("shared", "spread"), default=["shared", "spread"])
-    args = parser.parse_args(argv)
-    cli.setup_logging()
-    with cli.workdir(args.workdir) as workdir:
-        report = cli.run(run_all(args, workdir))
-    command = cli.command_line("python -m bench.routing_scenarios", argv)
-    publish(render(report, command, args.runs), DOCS_SECTION, args.write_docs)
-    return 0
+    return cli.main("bench.routing_scenarios", argv, "## KV routing (mockers)", measure, render)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""What every benchmark's command shares: common options, logging, running it, the machine it ran on."""
+"""What every graph benchmark's command shares: its options, a folder for the servers, the measurement
+on uvloop, the machine it ran on, and its report (printed, and with --write-docs its docs section)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -13,23 +13,17 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import psutil
 import uvloop
 
+from bench.harness.report import write_section
+
 T = TypeVar("T")
-
-
-def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """A graph benchmark's parser, with the options they all take."""
-    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="repetitions; the report gives medians")
-    parser.add_argument("--workdir", type=Path, help="keep servers' data and logs here (default: a temporary folder)")
-    parser.add_argument("--write-docs", type=Path, help="put the results in this markdown file's section")
-    return parser
 
 
 def setup_logging() -> None:
@@ -52,22 +46,6 @@ def run(measurement: Coroutine[Any, Any, T]) -> T:
         raise SystemExit(128 + signal.SIGTERM) from None
 
 
-def command_line(prog: str, argv: Sequence[str] | None) -> str:
-    """The command as given, for the report to say how to measure again."""
-    return " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-
-
-@contextlib.contextmanager
-def workdir(path: Path | None) -> Iterator[Path]:
-    """`path` (servers' data and logs are kept), or a temporary folder removed at the end."""
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as folder:
-        yield Path(folder)
-
-
 class RunNote:
     """When and on what a run took place, and how busy the machine was: how far to trust the numbers."""
 
@@ -83,3 +61,39 @@ class RunNote:
             f"{len(os.sched_getaffinity(0))}), {cpu.group(1).strip() if cpu else 'unknown CPU'}, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; load average {load[0]} before, {load[1]} after."
         )
+
+
+def main(
+    module: str,
+    argv: Sequence[str] | None,
+    section: str | Callable[[argparse.Namespace], str],  # the docs section's `## Title`, or of the options
+    measure: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, T]],
+    render: Callable[[T, argparse.Namespace], list[str]],
+    options: Callable[[argparse.ArgumentParser], object] = lambda _: None,
+) -> int:
+    """`python -m MODULE`: measure (in a folder for the servers), then the report: "Command: ...", the
+    RunNote, `render`'s lines. `options` adds a benchmark's own options to the shared ones."""
+    prog = f"python -m {module}"
+    parser = argparse.ArgumentParser(prog=prog, description="docs/benchmarks.md has what it measures.")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions; the report gives medians")
+    parser.add_argument("--requests", type=int, help="requests per run (default: the benchmark's)")
+    parser.add_argument("--write-docs", type=Path, help="put the results in this markdown file's section")
+    parser.add_argument("--json-out", type=Path, help="also write every run's results here (JSON)")
+    options(parser)
+    args = parser.parse_args(argv)
+    if args.runs < 1 or (args.requests is not None and args.requests < 1):
+        parser.error("--runs and --requests must be >= 1")
+    setup_logging()
+    note = RunNote()
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as folder:  # the servers' data and logs
+        results = run(measure(args, Path(folder)))
+    if args.json_out is not None:
+        args.json_out.write_bytes(msgspec.json.format(msgspec.json.encode(results)) + b"\n")
+    command = " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    lines = [f"Command: `{command}` (medians of {args.runs} run(s))", "", str(note), "", *render(results, args)]
+    report = "\n".join(lines).rstrip("\n") + "\n"
+    sys.stdout.write(report)
+    if args.write_docs is not None:
+        title = section if isinstance(section, str) else section(args)
+        write_section(args.write_docs, f"{title}\n\n{report}")
+    return 0

@@ -1,22 +1,19 @@
-"""What a benchmark or an end-to-end test runs, each process stopped by its PID however it ends:
-NATS and etcd of its own, graphs under `tandem serve` on namespaces of their own, other servers.
-
-tests/e2e and bench/ launch graphs alike: `async with ServedGraph(...)` starts one and connects a
-Runtime to look at it (instances, service PIDs); leaving the block stops its whole process tree.
-(`start()` and `stop()` do the same for a graph that outlives one event loop's block.)
-"""
+"""What a benchmark or an end-to-end test runs, each process stopped by its PID however it ends: NATS
+and etcd of its own, graphs under `tandem serve` on namespaces of their own (`async with ServedGraph`,
+or `start()` and `stop()` for one that outlives a block), other servers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -34,7 +31,7 @@ from bench.harness.load import Connection
 REPO = Path(__file__).resolve().parents[2]
 TANDEM = str(Path(sys.executable).with_name("tandem"))
 SERVED_MODEL = "tiny-llama"  # the served-model-name of the shipped configs
-# The endpoint whose instances show that a service serves.
+# The endpoint whose instances show that a service serves (in wait_ready's order).
 SERVING_ENDPOINT = {
     names.VLLM_WORKER: names.GENERATE,
     names.ROUTER: names.ROUTE,
@@ -241,13 +238,8 @@ class ServedGraph(ServedProcess):
         timeout: float = 300.0,
     ) -> None:
         """Until that many instances serve (None: any number) and the Frontend's /health says it serves a model."""
-        expected = {
-            names.VLLM_WORKER: workers,
-            names.ROUTER: routers,
-            names.PROCESSOR: processors,
-            names.PREFILL_WORKER: prefill_workers,
-        }
-        expected = {service: count for service, count in expected.items() if count is not None}
+        wanted = (workers, routers, processors, prefill_workers)
+        expected = {service: n for service, n in zip(SERVING_ENDPOINT, wanted, strict=True) if n is not None}
         deadline = time.monotonic() + timeout
         async with self._runtime() as runtime:
             while True:
@@ -310,3 +302,28 @@ class Layout:
                 self.workers, routers=self.routers, processors=1, prefill_workers=self.prefill_workers
             )
             yield graph
+
+
+async def measure_layouts(
+    layouts: Mapping[str, Layout],
+    workdir: Path,
+    plane: tuple[NatsServer, EtcdServer],
+    runs: int,
+    measure: Callable[[str, ServedGraph, int], Awaitable[None]],
+    side_by_side: bool = False,
+) -> None:
+    """`measure(layout, graph, run)` for runs 1..`runs` of each layout, one layout after the other.
+
+    Side by side, all graphs are up at once (an idle one costs next to nothing) and each run
+    alternates between them, so that all see the same machine: measured minutes apart instead,
+    one layout's numbers were seen to move by 30 %.
+    """
+    for together in [list(layouts)] if side_by_side else [[name] for name in layouts]:
+        async with contextlib.AsyncExitStack() as stack:
+            graphs = {}
+            for name in together:
+                serving = layouts[name].serve("serve-" + re.sub(r"\W+", "-", name), workdir, *plane)
+                graphs[name] = await stack.enter_async_context(serving)
+            for run in range(1, runs + 1):
+                for name, graph in graphs.items():
+                    await measure(name, graph, run)

@@ -1,19 +1,11 @@
-"""The one load driver: closed-loop clients sending OpenAI requests (to Tandem's Frontend, vLLM, ...).
-
-`drive()` runs `concurrency` clients that each send one request after another, and measures each
-request (RequestResult: TTFT, the gaps between text chunks, end-to-end time, the usage block, the
-X-Tandem-Worker header); a failure is a result with a kind, never an exception. docs/benchmarks.md,
-"Load generator", says what each figure means.
-
-The client is a few lines of asyncio streams (keep-alive HTTP/1.1, chunked SSE) rather than
-aiohttp: on a 2-core machine every millisecond the client spends is one the servers do not get.
-"""
+"""The one load driver: closed-loop clients sending OpenAI requests and measuring each (TTFT, the gaps
+between text chunks, end-to-end time, usage, X-Tandem-Worker); a failure is a result, never an exception.
+Hand-written asyncio HTTP, not aiohttp: on 2 cores each client millisecond is one the servers lack."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import random
 import socket
@@ -24,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-
-log = logging.getLogger(__name__)
 
 WORKER_HEADER = "x-tandem-worker"
 ERROR_MESSAGE_LIMIT = 200
@@ -257,11 +247,3 @@ async def drive(
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(min(concurrency, max(len(encoded), 1)))))
     return [results[i] for i in sorted(results)], time.perf_counter() - started
-
-
-def count_failures(results: Sequence[RequestResult]) -> int:
-    """How many failed; the first few are logged, since a benchmark goes on through failures."""
-    failed = [r for r in results if not r.ok]
-    for result in failed[:3]:
-        log.warning("request failed: %s: %s", result.error_kind, result.error_message)
-    return len(failed)

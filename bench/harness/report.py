@@ -1,15 +1,11 @@
-"""A benchmark's report: printed, and with --write-docs its own section of docs/benchmarks.md.
-
-A section is its `## Title` line, the measured results a benchmark writes, the MEASURED_END
-line and the prose written by hand to read them: rewriting the section replaces the results
-and keeps the prose. Every other section stays as it is.
-"""
+"""A benchmark's report: markdown tables, and its own section of docs/benchmarks.md, which is its
+`## Title` line, the results a benchmark writes, the MEASURED_END line and the prose written by hand
+to read them: rewriting the section replaces the results and keeps the prose and the other sections."""
 
 from __future__ import annotations
 
 import re
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 MEASURED_END = "<!-- end of measured results: the text below is kept when the benchmark rewrites them -->"
@@ -48,8 +44,11 @@ def write_section(path: Path, section: str) -> None:
     path.write_text("".join(lines[:start]) + results + prose + ("\n" + rest if rest else ""))
 
 
-def publish(report: str, section_title: str, docs: Path | None) -> None:
-    """Print the report; with `docs`, also make it that file's section `section_title`."""
-    sys.stdout.write(report)
-    if docs is not None:
-        write_section(docs, f"{section_title}\n\n{report}")
+def met(ok: bool) -> str:
+    """A target's verdict in a table cell, a miss in bold."""
+    return "yes" if ok else "**no**"
+
+
+def cells(figures: Mapping[str, float], columns: Iterable[tuple[str, str]]) -> list[str]:
+    """A row's cells: each (figure, format) column's figure formatted, a time in seconds (`..._s`) in ms."""
+    return [fmt.format(figures[name] * (1000 if name.endswith("_s") else 1)) for name, fmt in columns]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
+
+import msgspec
 
 from bench import disagg_scenarios, vs_direct
 from bench.harness.load import RequestResult
-from bench.loadgen import summarize
+from bench.harness.stats import Phase, summarize
+from bench.loadgen import LoadConfig
 
 
 def _stream(ttft: float, gaps: list[float], prompt: int = 100) -> RequestResult:
@@ -17,36 +19,34 @@ def _stream(ttft: float, gaps: list[float], prompt: int = 100) -> RequestResult:
 
 
 def test_vs_direct_puts_each_system_and_their_ratio_in_one_table() -> None:
-    def run(system: vs_direct.System, ttft: float) -> vs_direct.RunResult:
-        summary = summarize([_stream(ttft, [0.01] * 9) for _ in range(10)], duration_s=2.0)
-        return vs_direct.RunResult(system, 1, 0, summary)
+    def run(system: str, ttft: float) -> Phase:
+        return Phase((system, "1"), summarize([_stream(ttft, [0.01] * 9) for _ in range(10)], duration_s=2.0))
 
-    results = [run("direct", 0.04), run("tandem", 0.05)]
-    lines = vs_direct.markdown_table(results, [1]).splitlines()
-    assert lines[0].startswith("| system | concurrency | output tok/s | req/s | TTFT p50 ms |")
-    assert lines[2] == "| direct | 1 | 50.0 | 5.00 | 40.0 | 40.0 | 10.00 | 10.00 | 1 | 0 |"
-    assert lines[4] == "| **Tandem / direct** | 1 | 1.00 | 1.00 | 1.25 | 1.25 | 1.00 | 1.00 | | |"
-    assert vs_direct.verdict(results, [1]) == "concurrency 1: Tandem at 100% of direct (meets the 90% target)"
-    args = argparse.Namespace(repeats=1, concurrency=[1], requests=10)
-    section = vs_direct.section_text("cmd", "Run ...", "TABLE\n", args, results)
-    assert section.startswith(vs_direct.SECTION_TITLE) and "(100 tokens by the servers' count)" in section
-    assert json.dumps(results[0].summary.as_dict())  # strict JSON: no NaN
+    phases = [run("direct", 0.04), run("tandem", 0.05)]
+    lines = vs_direct.render(phases, argparse.Namespace(runs=1, concurrency=[1], requests=10))
+    assert "(100 tokens by the servers' count)" in lines[0]
+    assert lines[2].startswith("| system | concurrency | output tok/s | req/s | TTFT p50 ms |")
+    assert lines[4] == "| direct | 1 | 50.0 | 5.00 | 40.0 | 40.0 | 10.00 | 10.00 | 1 | 0 |"
+    assert lines[6] == "| **Tandem / direct** | 1 | 1.00 | 1.00 | 1.25 | 1.25 | 1.00 | 1.00 | | |"
+    assert lines[-1] == "concurrency 1: Tandem at 100% of direct (meets the 90% target)."
+    assert msgspec.json.encode(phases)  # what --json-out writes: strict JSON, NaN as null
 
 
-def test_disagg_figures_split_decode_pace_from_chunk_gaps_and_count_stalls() -> None:
-    steady = _stream(0.2, [0.01] * 4)
-    stalled = _stream(0.1, [0.01, 0.3, 0.01, 0.01])
-    figures = disagg_scenarios.kind_figures([steady, stalled], stall_s=0.1)
-    assert figures["requests"] == 2 and figures["prompt tokens"] == 100
-    assert math.isclose(figures["TPOT p50"], (0.01 + 0.0825) / 2)  # (e2e - TTFT) / (tokens - 1), then the median
-    assert figures["stalled"] == 0.5
-    run = disagg_scenarios.RunResult(by_kind={"long": figures, "short": figures}, output_tokens_per_s=42.0, failed=0)
-    report = disagg_scenarios.render({"aggregated": [run]}, "cmd", 1, "Run ...", disagg_scenarios.SCENARIOS["mocker"])
+def test_disagg_rows_split_decode_pace_from_chunk_gaps_and_count_stalls() -> None:
+    steady, stalled = _stream(0.2, [0.01] * 4), _stream(0.1, [0.01, 0.3, 0.01, 0.01])
+    load = LoadConfig(url="", model="m", long_share=1.0)  # every request is long
+    whole = summarize([steady, stalled], duration_s=0.25)
+    long, short = disagg_scenarios.by_kind("aggregated", load, [steady, stalled], whole, 0.1, prefill_jobs=3)
+    assert long.extra == {"stalled": 0.5, "all_output_tokens_per_second": 40.0, "prefill_jobs": 3}
+    # (e2e - TTFT) / (tokens - 1), then the median
+    assert math.isclose(long.summary.tpot_p50_s, (0.01 + 0.0825) / 2)
+    assert short.summary.requests == 0
+    report = disagg_scenarios.render([long], argparse.Namespace(scenario="mocker", requests=None))
     assert (
         "| layout | requests | prompt tokens | TTFT p50 | TTFT p99 | TPOT p50 | ITL p50 | ITL p99 | ITL p99.9 "
         "| requests stalled >= 100 ms | output tok/s (all) | prefilled remotely |" in report
     )
     assert (
-        "| aggregated, long | 2 | 100 | 150 ms | 199 ms | 46.3 ms | 10.0 ms | 279.7 ms | 298 ms | 50% | 42 | 0 |"
+        "| aggregated, long | 2 | 100 | 150 ms | 199 ms | 46.3 ms | 10.0 ms | 279.7 ms | 298 ms | 50% | 40 | 3 |"
         in report
     )

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-from bench.request_path import PathResult, render
+import argparse
+
+from bench.harness.load import RequestResult
+from bench.harness.stats import Phase, summarize
+from bench.request_path import render
 
 
 def test_the_report_judges_each_layout_and_compares_them_side_by_side() -> None:
-    def result(layout: str, rps: float, frontend: float, router: float = 0.0) -> PathResult:
-        cpu = {"Frontend": frontend, "Processor": 0.0, "VllmWorker": 0.5, "nats-server": 0.2}
-        if router:
-            cpu["Router"] = router
-        return PathResult(concurrency=16, requests_per_s=rps, cpu_ms_per_request=cpu, layout=layout)
+    def phase(layout: str, rps: float, frontend: float, router: float = 0.0) -> Phase:
+        summary = summarize([RequestResult(ok=True, e2e_s=0.01)] * int(rps), duration_s=1.0)
+        cpu = {"Frontend": frontend, "Processor": 0.0, "VllmWorker": 0.5, "nats-server": 0.2, "path": frontend + router}
+        return Phase((layout, "16"), summary, {**cpu, "Router": router} if router else cpu)
 
-    embedded = [result("router-in-frontend", rps, 1.2) for rps in (700, 800, 900)]
-    processes = [result("router-processes", rps, 1.3, 0.7) for rps in (400, 500, 600)]
-    report = render([embedded, processes], "python -m bench.request_path", 3)
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| router-")}
+    embedded = [phase("router-in-frontend", rps, 1.2) for rps in (700, 800, 900)]
+    processes = [phase("router-processes", rps, 1.3, 0.7) for rps in (400, 500, 600)]
+    report = render([*embedded, *processes], argparse.Namespace())
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in report if line.startswith("| router-")}
     assert (
         rows["router-in-frontend"]
         == "| router-in-frontend | 16 | 800 (target >= 600: yes) | 1.20 | none | 0.00 | 1.20 yes | 0.50 | 0.20 |"
     )
     assert "500 (target >= 600: **no**)" in rows["router-processes"] and "| 2.00 **no** |" in rows["router-processes"]
-    assert "1.60x the requests/s, path CPU per request 1.67x lower" in report
+    assert (
+        "- At concurrency 16, routing in the Frontend instead of in Router processes: 1.60x the requests/s, "
+        "path CPU per request 1.67x lower." in report
+    )
