@@ -39,7 +39,7 @@ model: $(TINY_MODEL)/config.json
 run: setup model
 	@scripts/run-local.sh $(GRAPH) $(CONFIG)
 
-## lint: ruff (lint, then formatting) and mypy, configured in pyproject.toml
+## lint: ruff (lint, then formatting) and mypy, on the whole tree (tests included), configured in pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

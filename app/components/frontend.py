@@ -3,7 +3,8 @@
 By default the Frontend runs the request pipeline in its own process (configured by the
 Processor section of the same file): a token then crosses one process boundary between
 worker and client instead of two. `embed-processor: false` calls the Processor services
-over NATS instead, for frontends that must stay thin.
+over NATS instead, for frontends that must stay thin: /tokenize and /detokenize too, so
+that such a Frontend loads no tokenizer (nor transformers) and needs no model files.
 
 With `embed-router: true` the Frontend is also a router replica (configured by the Router
 section): it builds the KV index from the fleet's events and routes each request in
@@ -28,7 +29,7 @@ from app.router.config import RouterConfig, router_replica
 from app.runtime import Runtime
 from app.sdk import Service, ServiceContext, depends, on_shutdown, on_start, service
 from app.serving import PipelineConfig, RequestPipeline, create_picker
-from app.serving.backend import FleetBackend, Generate, pipeline_generate, remote_processor_generate
+from app.serving.backend import FleetBackend, LocalProcessing, Processing, RemoteProcessing
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,17 @@ class Frontend(Service):
     async def start(self) -> None:
         models = await self.runtime.discovery.watch_models()
         metrics = FrontendMetrics()
-        generate: Generate
+        processing: Processing
         if self.config.embed_processor:
             self._pipeline = self._embedded_pipeline(metrics)
             await self._pipeline.start()
-            generate = pipeline_generate(self._pipeline)
+            processing = LocalProcessing(self._pipeline)
         else:
-            generate = remote_processor_generate(self.processor.chat_completions, self.processor.completions)
-        backend = FleetBackend(models, generate, self.config.served_model_name)
+            processor = self.processor
+            processing = RemoteProcessing(
+                processor.chat_completions, processor.completions, processor.tokenize, processor.detokenize
+            )
+        backend = FleetBackend(models, processing, self.config.served_model_name)
         app = create_app(backend, metrics=metrics, max_inflight=self.config.max_inflight_requests)
         self._server = make_server(app, self.config.host, self.config.port)
         # The service runner owns SIGTERM/SIGINT (it drains, then stops us); uvicorn must

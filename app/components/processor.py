@@ -1,4 +1,5 @@
-"""Processor: OpenAI request -> tokens -> a worker -> detokenized OpenAI stream, over NATS.
+"""Processor: OpenAI request -> tokens -> a worker -> detokenized OpenAI stream, over NATS;
+and /tokenize, /detokenize for the Frontends that hold no tokenizer.
 
 The work is app.serving's RequestPipeline. The Frontend runs that pipeline in its own
 process by default (`embed-processor`); this service serves the Frontends that do not.
@@ -14,7 +15,14 @@ from typing import Any
 
 from app.components.kv_router import Router
 from app.components.worker import VllmWorker
-from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
+from app.openai.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIRequest,
+    parse_request,
+    parse_tokenize_request,
+)
 from app.protocol import StreamItem
 from app.runtime import RequestContext, Runtime
 from app.sdk import Service, ServiceContext, depends, endpoint, on_shutdown, on_start, service
@@ -51,6 +59,15 @@ class Processor(Service):
     async def completions(self, request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[StreamItem]:
         async for item in self._generate(parse_request(CompletionRequest, request), ctx):
             yield item
+
+    @endpoint
+    async def tokenize(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        tokenized = await self._pipeline.tokenize(parse_tokenize_request(request))
+        yield tokenized._asdict()
+
+    @endpoint
+    async def detokenize(self, request: dict[str, Any]) -> AsyncIterator[str]:
+        yield await self._pipeline.detokenize(parse_request(DetokenizeRequest, request))
 
     async def _generate(self, request: OpenAIRequest, ctx: RequestContext) -> AsyncIterator[StreamItem]:
         async with contextlib.aclosing(self._pipeline.generate(request, ctx.request_id)) as items:

@@ -11,9 +11,13 @@ caller several to an output, as they would from an engine that steps faster than
 caller reads.
 
 Tokens come from a deterministic generator (prompt hash, position, request seed), so
-the same prompt always yields the same text. KV events match what vLLM publishes
-(`BlockStored` when blocks fill, `BlockRemoved` on eviction), with engine hashes that
-deliberately differ from the router's so that the router can't depend on them.
+the same prompt always yields the same text. Sampling fields that shape a distribution
+change nothing (there is none); `logit_bias`, `allowed_token_ids` and `bad_words` steer
+the generator as they steer vLLM (`app.engines.mocker_sampling`), and stop tokens,
+`min_tokens`, `ignore_eos` and `max_tokens` end a request as in vLLM. KV events match
+what vLLM publishes (`BlockStored` when blocks fill, `BlockRemoved` on eviction), with
+engine hashes that deliberately differ from the router's so that the router can't
+depend on them.
 
 Timing model, per step (milliseconds, before `speedup_ratio`):
 
@@ -55,10 +59,12 @@ from hashlib import blake2b
 from typing import Any
 
 import pydantic
+from tokenizers import Tokenizer
 
 from app.aio import cancel_and_wait
 from app.engines.base import Engine, EngineStats, KvEventSink
 from app.engines.mocker_kv import BlockPool
+from app.engines.mocker_sampling import TokenChoice, load_tokenizer, token_choice
 from app.errors import InvalidRequestError
 from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequest, TokenLogprob
 from app.router.hashing import block_hashes
@@ -133,9 +139,10 @@ class _Request:
         "hand_off",
         "remote_tokens",
         "kv_transfer_params",
+        "choice",
     )
 
-    def __init__(self, request: PreprocessedRequest, seed: int) -> None:
+    def __init__(self, request: PreprocessedRequest, seed: int, choice: TokenChoice | None) -> None:
         self.id = request.request_id
         self.tokens = list(request.token_ids)
         self.num_prompt = len(self.tokens)
@@ -155,6 +162,7 @@ class _Request:
         self.hand_off = False  # prefill role: keep the KV for a decode engine when done
         self.remote_tokens = 0  # decode role: prompt tokens whose KV comes from a prefill engine
         self.kv_transfer_params: dict[str, Any] | None = None  # prefill role: the answer
+        self.choice = choice  # the request's constraints on its tokens, if any
 
 
 class MockerEngine(Engine):
@@ -178,6 +186,9 @@ class MockerEngine(Engine):
         self._hash_root = int.from_bytes(blake2b(f"mocker-{config.seed}".encode(), digest_size=8).digest(), "little")
         self._prefix_hits = 0
         self._prefix_queries = 0
+        # For bad_words alone: loaded at the first request that has some.
+        self._tokenizer: Tokenizer | None = None
+        self._tokenizer_loaded = False
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> MockerEngine:
@@ -228,6 +239,9 @@ class MockerEngine(Engine):
         )
 
     async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
+        if request.sampling.bad_words and not self._tokenizer_loaded:
+            self._tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
+            self._tokenizer_loaded = True
         req = self._admit(request)
         first = True
         try:
@@ -271,7 +285,8 @@ class MockerEngine(Engine):
             raise InvalidRequestError(f"request {request.request_id}: max_tokens must be at least 1")
         if request.request_id in self._requests:
             raise InvalidRequestError(f"request {request.request_id} is already running")
-        req = _Request(request, self._generation_seed(request))
+        choice = token_choice(request.request_id, request.sampling, self.config.vocab_size, self._tokenizer)
+        req = _Request(request, self._generation_seed(request), choice)
         if request.kv_transfer_params is not None:
             self._take_role(req, request.kv_transfer_params)
         self._requests[req.id] = req
@@ -508,6 +523,10 @@ class MockerEngine(Engine):
         position = len(req.tokens)
         mixed = _splitmix64(req.seed + position)
         token = mixed % self.config.vocab_size
+        if req.choice is not None:
+            token = req.choice.pick(
+                token, req.tokens, req.num_prompt, lambda rank: _splitmix64(mixed + rank), self.config.vocab_size
+            )
         req.tokens.append(token)
         req.num_output += 1
         req.pending.append(token)

@@ -55,9 +55,12 @@ def _nested_config(name: str, value: Any) -> Any:
 
 
 def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
-    """vLLM sampling parameters for a request the Processor already validated.
+    """vLLM sampling parameters for a request the Processor validated as far as it can.
 
-    Stop strings never reach the engine: the Processor detokenizes and matches them.
+    Raises vLLM's VLLMValidationError for a value vLLM refuses; the engine checks the rest
+    (token ids against the vocabulary, bad_words in its tokenizer) when the request is added.
+    Stop strings and the detokenizer's options never reach the engine: the Processor
+    detokenizes and matches them.
     """
     sampling, stop = request.sampling, request.stop
     extra_args = {"kv_transfer_params": request.kv_transfer_params} if request.kv_transfer_params else None
@@ -65,10 +68,15 @@ def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k,
+        min_p=sampling.min_p,
         seed=sampling.seed,
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
         logprobs=sampling.logprobs,
+        logit_bias=sampling.logit_bias,
+        allowed_token_ids=sampling.allowed_token_ids,
+        bad_words=list(sampling.bad_words),
         max_tokens=stop.max_tokens,
         min_tokens=stop.min_tokens,
         stop_token_ids=list(stop.stop_token_ids),
@@ -181,9 +189,9 @@ class VllmEngine(Engine):
     async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._llm is None:
             raise RuntimeError("vllm engine not started")
-        params = sampling_params_for(request)
         num_top = request.sampling.logprobs or 0
         try:
+            params = sampling_params_for(request)
             # Rendering checks the prompt against max_model_len with a clear error; raw
             # prompts handed to generate() are a deprecated path in vLLM.
             (engine_input,) = self._llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=request.token_ids)])

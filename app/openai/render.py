@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from app.protocol import TokenLogprobs
+
+# The usage so far, for vLLM's continuous_usage_stats: every chunk carries it.
+RunningUsage = Callable[[], dict[str, Any]]
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> dict[str, Any]:
@@ -18,20 +22,45 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | 
     return usage
 
 
-class ChatRenderer:
-    def __init__(self, response_id: str, model: str, created: int, *, include_usage: bool) -> None:
-        self._head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        self._include_usage = include_usage
+class _StreamRenderer:
+    """What both endpoints' chunks share: the head (id, object, created, model) and usage."""
 
-    def _chunk(self, delta: dict[str, Any], logprobs: list[TokenLogprobs] | None, finish_reason: str | None) -> dict:
+    OBJECT = ""
+
+    def __init__(
+        self,
+        response_id: str,
+        model: str,
+        created: int,
+        *,
+        include_usage: bool,
+        running_usage: RunningUsage | None = None,
+    ) -> None:
+        self._head = {"id": response_id, "object": self.OBJECT, "created": created, "model": model}
+        self._include_usage = include_usage
+        self._running_usage = running_usage
+
+    def _with_choice(self, choice: dict[str, Any]) -> dict[str, Any]:
         chunk = dict(self._head)
-        chunk["choices"] = [
-            {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
-        ]
-        if self._include_usage:
+        chunk["choices"] = [choice]
+        if self._running_usage is not None:
+            chunk["usage"] = self._running_usage()
+        elif self._include_usage:
             # OpenAI: with include_usage every chunk carries usage, null until the last.
             chunk["usage"] = None
         return chunk
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {**self._head, "choices": [], "usage": usage}
+
+
+class ChatRenderer(_StreamRenderer):
+    OBJECT = "chat.completion.chunk"
+
+    def _chunk(self, delta: dict[str, Any], logprobs: list[TokenLogprobs] | None, finish_reason: str | None) -> dict:
+        return self._with_choice(
+            {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+        )
 
     def role_chunk(self) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""}, None, None)
@@ -41,9 +70,6 @@ class ChatRenderer:
 
     def finish_chunk(self, finish_reason: str) -> dict[str, Any]:
         return self._chunk({}, None, finish_reason)
-
-    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return {**self._head, "choices": [], "usage": usage}
 
     def body(
         self, text: str, logprobs: list[TokenLogprobs] | None, finish_reason: str, usage: dict[str, Any]
@@ -79,20 +105,16 @@ class ChatRenderer:
         }
 
 
-class CompletionRenderer:
-    def __init__(self, response_id: str, model: str, created: int, *, include_usage: bool) -> None:
-        self._head = {"id": response_id, "object": "text_completion", "created": created, "model": model}
-        self._include_usage = include_usage
-        self._text_offset = 0
+class CompletionRenderer(_StreamRenderer):
+    OBJECT = "text_completion"
+    # Where the next token's text starts in the whole completion (logprobs' text_offset);
+    # the first += makes it the instance's own.
+    _text_offset = 0
 
     def _chunk(self, text: str, logprobs: list[TokenLogprobs] | None, finish_reason: str | None) -> dict[str, Any]:
-        chunk = dict(self._head)
-        chunk["choices"] = [
+        return self._with_choice(
             {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
-        ]
-        if self._include_usage:
-            chunk["usage"] = None
-        return chunk
+        )
 
     def role_chunk(self) -> None:
         """The legacy endpoint has no role chunk."""
@@ -103,9 +125,6 @@ class CompletionRenderer:
 
     def finish_chunk(self, finish_reason: str) -> dict[str, Any]:
         return self._chunk("", None, finish_reason)
-
-    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return {**self._head, "choices": [], "usage": usage}
 
     def body(
         self, text: str, logprobs: list[TokenLogprobs] | None, finish_reason: str, usage: dict[str, Any]

@@ -7,8 +7,9 @@ every number so that absurd values stop here instead of deep inside an engine.
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -53,6 +54,8 @@ class ChatMessage(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk carries the usage so far.
+    continuous_usage_stats: bool = False
 
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -60,10 +63,17 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenCount = Annotated[int, Field(ge=1, le=MAX_INT32)]
 StopSequences = str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)]
-# vLLM accepts any 64-bit seed, signed or not.
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+# vLLM's server takes any signed 64-bit seed.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 # vLLM: -1 or 0 disables top-k.
 TopK = Annotated[int, Field(ge=-1, le=MAX_INT32)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+# vLLM's bounds (vllm/sampling_params.py); whether a token id is in the vocabulary is the
+# engine's to check, since only it knows the model's vocabulary size.
+RepetitionPenalty = Annotated[float, Field(gt=0.0)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+# vLLM clamps each bias to this range rather than refusing it.
+MAX_LOGIT_BIAS = 100.0
 
 
 class _SamplingFields(_Strict):
@@ -80,10 +90,28 @@ class _SamplingFields(_Strict):
     seed: Seed | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
+    # Accepted and ignored, as by OpenAI's and vLLM's servers.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    # Token ids (as strings, JSON's keys) to a bias added to their logits.
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extras, with vLLM's meaning (its SamplingParams).
     top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    # vLLM uses it in beam search only, which it runs for use_beam_search alone.
+    length_penalty: float = 1.0
     min_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] = 0
     ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = None
+    bad_words: list[str] = []
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    # Detokenizer options: the Processor detokenizes, so they act there.
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Declared to be refused clearly: Tandem's engines do not hand prompt logprobs back.
+    prompt_logprobs: int | None = None
 
     @model_validator(mode="after")
     def _common_checks(self) -> _SamplingFields:
@@ -93,7 +121,37 @@ class _SamplingFields(_Strict):
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         if any(stop == "" for stop in self.stop_list()):
             raise InvalidRequestError("stop sequences must not be empty", param="stop")
+        if any(not word for word in self.bad_words):
+            # vLLM's words.
+            raise InvalidRequestError(
+                f"bad_words cannot contain an empty string. Got bad_words={self.bad_words}", param="bad_words"
+            )
+        if self.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs is not supported", param="prompt_logprobs")
+        if self.logit_bias:
+            self.logit_bias_by_id()
         return self
+
+    def logit_bias_by_id(self) -> dict[int, float] | None:
+        """logit_bias with token ids for keys and each bias clamped, as vLLM makes it."""
+        if not self.logit_bias:
+            return None
+        by_id: dict[int, float] = {}
+        not_ints = []
+        for key, bias in self.logit_bias.items():
+            try:
+                by_id[int(key)] = min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, bias))
+            except ValueError:
+                not_ints.append(key)
+        if not_ints:
+            # vLLM's words.
+            raise InvalidRequestError(
+                f"logit_bias contains key(s) that cannot be converted to integer token IDs: {not_ints!r}",
+                param="logit_bias",
+            )
+        if out_of_range := [token_id for token_id in by_id if not 0 <= token_id <= MAX_INT32]:
+            raise InvalidRequestError(f"token_id(s) {out_of_range} in logit_bias are not token ids", param="logit_bias")
+        return by_id
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -103,12 +161,47 @@ class _SamplingFields(_Strict):
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def continuous_usage_in_stream(self) -> bool:
+        """Usage on every chunk: vLLM's continuous_usage_stats, which needs include_usage too."""
+        return (
+            self.include_usage_in_stream()
+            and self.stream_options is not None
+            and self.stream_options.continuous_usage_stats
+        )
+
+
+# Keys of chat_template_kwargs that would replace Tandem's own arguments to the template
+# (vLLM refuses chat_template and tokenize the same way).
+_RESERVED_TEMPLATE_KWARGS = frozenset({"chat_template", "tokenize", "conversation", "messages"})
+
+
+def _check_template_options(
+    continue_final_message: bool, add_generation_prompt: bool, chat_template_kwargs: dict[str, Any] | None
+) -> None:
+    """The chat template's inputs as vLLM checks them, in vLLM's words."""
+    if continue_final_message and add_generation_prompt:
+        raise InvalidRequestError(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True "
+            "(add_generation_prompt defaults to true).",
+            param="continue_final_message",
+        )
+    if chat_template_kwargs and (reserved := _RESERVED_TEMPLATE_KWARGS & chat_template_kwargs.keys()):
+        raise InvalidRequestError(
+            f"Found unexpected chat template kwargs from request: {sorted(reserved)}", param="chat_template_kwargs"
+        )
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS_CHAT)] | None = None
+    # The chat template's inputs, as vLLM's server takes them.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # A rendered chat holds its special tokens already; true adds the tokenizer's (BOS) again.
+    add_special_tokens: bool = False
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
@@ -116,6 +209,9 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidRequestError("messages must not be empty", param="messages")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        # vLLM's words when both are given; left to its default, add_generation_prompt makes
+        # the chat template refuse the pair there.
+        _check_template_options(self.continue_final_message, self.add_generation_prompt, self.chat_template_kwargs)
         return self
 
     def max_output_tokens(self) -> int | None:
@@ -127,9 +223,6 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
-
-
 class CompletionRequest(_SamplingFields):
     prompt: str | Annotated[list[TokenId], Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
     # OpenAI's default for the legacy endpoint.
@@ -137,6 +230,8 @@ class CompletionRequest(_SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS_COMPLETION)] | None = None
     echo: bool = False
     suffix: str | None = None
+    # For a text prompt: the tokenizer's special tokens (BOS) around it, as vLLM's default.
+    add_special_tokens: bool = True
 
     @model_validator(mode="after")
     def _completion_checks(self) -> CompletionRequest:
@@ -166,6 +261,60 @@ class CompletionRequest(_SamplingFields):
 
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
+
+
+class TokenizeCompletionRequest(_Strict):
+    """`POST /tokenize` of a prompt: vLLM's body."""
+
+    model: str | None = Field(default=None, description="default: the one model served")
+    prompt: str
+    add_special_tokens: bool = Field(default=True, description="add the tokenizer's special tokens (BOS)")
+    return_token_strs: bool | None = Field(default=False, description="also return each token's vocabulary string")
+
+
+class TokenizeChatRequest(_Strict):
+    """`POST /tokenize` of chat messages, as the chat template renders them: vLLM's body."""
+
+    model: str | None = Field(default=None, description="default: the one model served")
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = Field(default=True, description="end with the template's assistant header")
+    continue_final_message: bool = Field(
+        default=False, description="leave the last message open, for the model to continue it"
+    )
+    add_special_tokens: bool = Field(
+        default=False, description="add special tokens on top of the template's own (it usually holds BOS)"
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="more variables for the template")
+    return_token_strs: bool | None = Field(default=False, description="also return each token's vocabulary string")
+
+    @model_validator(mode="after")
+    def _template_checks(self) -> TokenizeChatRequest:
+        _check_template_options(self.continue_final_message, self.add_generation_prompt, self.chat_template_kwargs)
+        return self
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class DetokenizeRequest(_Strict):
+    """`POST /detokenize`: vLLM's body."""
+
+    model: str | None = Field(default=None, description="default: the one model served")
+    tokens: list[TokenId]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int = Field(description="the served model's, as /v1/models reports it")
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+RequestT = TypeVar("RequestT", bound=_Strict)  # a request body of this module
 
 # Pydantic names union branches in error locations ("str", "list[TextPart]", ...);
 # clients know only their own field names.
@@ -203,8 +352,8 @@ def _request_error(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"Invalid value for '{param}': {message}", param=param)
 
 
-def parse_request(request_type: type[OpenAIRequest], body: bytes | str | dict[str, Any]) -> OpenAIRequest:
-    """Validate a raw body (or an already-decoded dict, after a hop) into a request.
+def parse_request(request_type: type[RequestT], body: bytes | str | dict[str, Any]) -> RequestT:
+    """Validate a raw body (or an already-decoded dict, after a hop) into a request of `request_type`.
 
     Raises InvalidRequestError naming the offending parameter (validators raise it directly:
     pydantic wraps only ValueErrors, so a InvalidRequestError passes through as it is).
@@ -215,3 +364,18 @@ def parse_request(request_type: type[OpenAIRequest], body: bytes | str | dict[st
         return request_type.model_validate_json(body)
     except ValidationError as exc:
         raise _request_error(exc) from None
+
+
+def parse_tokenize_request(body: bytes | dict[str, Any]) -> TokenizeRequest:
+    """A /tokenize body: of chat messages when it has `messages` (as vLLM tells them apart), else of a prompt."""
+    decoded: Any = body
+    if isinstance(body, bytes):
+        try:
+            decoded = json.loads(body)
+        except ValueError:
+            decoded = body  # parse_request says what is wrong with it
+    if not isinstance(decoded, dict):
+        return parse_request(TokenizeCompletionRequest, body)
+    if "messages" in decoded:
+        return parse_request(TokenizeChatRequest, decoded)
+    return parse_request(TokenizeCompletionRequest, decoded)

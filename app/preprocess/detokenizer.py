@@ -10,6 +10,10 @@ Replacement characters at the end of the window are held back: they are usually 
 character whose remaining bytes are in the next token. A U+FFFD that is still there
 when a real character follows (or at the end) was genuinely invalid and goes out then,
 so the concatenated deltas always equal one decode of all the tokens.
+
+Without spaces between special tokens (vLLM's spaces_between_special_tokens=false, with
+special tokens kept), an added token that follows an added token adds exactly its own
+text, as vLLM's detokenizer for fast tokenizers does (vllm/v1/engine/detokenizer.py).
 """
 
 from __future__ import annotations
@@ -29,10 +33,16 @@ class IncrementalDetokenizer:
         tokenizer: Tokenizer,
         *,
         skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
         context_ids: Sequence[int] = (),
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # Added token id -> its text, when the rule above applies (None: it does not).
+        self._added: dict[int, str] | None = None
+        if not skip_special_tokens and not spaces_between_special_tokens:
+            self._added = {token_id: t.content for token_id, t in tokenizer.get_added_tokens_decoder().items()} or None
+        self._last_added = False
         context = list(context_ids[-_CONTEXT_TOKENS:])
         # A context that ends inside a character would shift every later delta.
         if context and self._decode(context).endswith(_REPLACEMENT):
@@ -47,6 +57,34 @@ class IncrementalDetokenizer:
 
     def push(self, token_ids: Sequence[int]) -> str:
         """Add generated tokens; return the text they complete (may be empty)."""
+        if self._added is None:
+            return self._push(token_ids)
+        deltas: list[str] = []
+        run: list[int] = []
+        for token_id in token_ids:
+            added = token_id in self._added
+            if added and self._last_added:
+                deltas.append(self._push(run))
+                run = []
+                deltas.append(self._push_verbatim(token_id, self._added[token_id]))
+            else:
+                run.append(token_id)
+            self._last_added = added
+        deltas.append(self._push(run))
+        return "".join(deltas)
+
+    def _push_verbatim(self, token_id: int, text: str) -> str:
+        """The held-back tail and `text`; the window then restarts at this token."""
+        held = self.flush()
+        self._ids.append(token_id)
+        self._prefix_offset = len(self._ids) - 1
+        self._read_offset = len(self._ids)
+        self._emitted = len(self._decode(self._ids[self._prefix_offset :]))
+        return held + text
+
+    def _push(self, token_ids: Sequence[int]) -> str:
+        if not token_ids:
+            return ""
         self._ids.extend(token_ids)
         text = self._decode(self._ids[self._prefix_offset :])
         final_end = len(text.rstrip(_REPLACEMENT))

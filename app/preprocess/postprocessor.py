@@ -22,17 +22,23 @@ class StopStringMatcher:
 
     Text that could be the start of a stop string is withheld until the next delta
     shows whether it is; everything before a stop string is released, the stop string
-    itself never is.
+    itself never is. With `include_in_output` (vLLM's include_stop_str_in_output) the text
+    up to the end of the stop string is released, and nothing is ever withheld: only the
+    released text's last few characters are kept, to find a stop string that began there.
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], *, include_in_output: bool = False) -> None:
         self._stop = [s for s in stop if s]
-        self._pending = ""
+        self._include = include_in_output
+        self._pending = ""  # withheld text (stop strings left out) or released tail (kept in)
+        self._tail_length = max((len(s) for s in self._stop), default=1) - 1
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was found)."""
         if not self._stop:
             return delta, False
+        if self._include:
+            return self._feed_including(delta)
         text = self._pending + delta
         # The stop string that completes first wins, as if text arrived one character at
         # a time; so the result does not depend on how the text was split into tokens.
@@ -44,7 +50,22 @@ class StopStringMatcher:
         self._pending = text[len(text) - held :] if held else ""
         return text[: len(text) - held], False
 
+    def _feed_including(self, delta: str) -> tuple[str, bool]:
+        released = len(self._pending)
+        text = self._pending + delta
+        # A stop string wholly inside the released tail would have been found before, so
+        # the first to complete ends in the new delta.
+        ends = [i + len(s) for s in self._stop if (i := text.find(s)) >= 0]
+        if ends:
+            self._pending = ""
+            return text[released : min(ends)], True
+        self._pending = text[-self._tail_length :] if self._tail_length else ""
+        return delta, False
+
     def flush(self) -> str:
+        if self._include:
+            self._pending = ""
+            return ""
         text, self._pending = self._pending, ""
         return text
 
@@ -76,11 +97,17 @@ class Postprocessor:
         num_top_logprobs: int | None = None,
         prompt_token_ids: Sequence[int] = (),
         skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
     ) -> None:
         self._detokenizer = IncrementalDetokenizer(
-            tokenizer, skip_special_tokens=skip_special_tokens, context_ids=prompt_token_ids
+            tokenizer,
+            skip_special_tokens=skip_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
+            context_ids=prompt_token_ids,
         )
-        self._stop = StopStringMatcher(stop)
+        self._stop = StopStringMatcher(stop, include_in_output=include_stop_str_in_output)
+        self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens
         self._num_top_logprobs = num_top_logprobs
         self._token_texts = token_texts
@@ -92,8 +119,13 @@ class Postprocessor:
         if self.finished:
             raise RuntimeError("process() called after the request finished")
         self._completion_tokens += len(output.token_ids)
-        delta = self._detokenizer.push(output.token_ids)
         finish_reason = output.finish_reason
+        token_ids: Sequence[int] = output.token_ids
+        if finish_reason == "stop" and token_ids and not self._include_stop:
+            # The engine stopped at a stop token (EOS or stop_token_ids), the last one: as
+            # vLLM, its text is left out (it still counts as generated).
+            token_ids = token_ids[:-1]
+        delta = self._detokenizer.push(token_ids)
         if finish_reason is not None:
             delta += self._detokenizer.flush()
         # As vLLM: stop strings count only once min_tokens have been generated.

@@ -8,17 +8,28 @@ worker is involved.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from app.errors import InvalidRequestError
-from app.openai.schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from app.openai.backend import Tokenized
+from app.openai.schema import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIRequest,
+    TokenizeChatRequest,
+    TokenizeRequest,
+)
 from app.preprocess.postprocessor import Postprocessor
 from app.preprocess.tokenizer import TokenTexts, load_tokenizer
 from app.protocol import PreprocessedRequest, SamplingOptions, StopConditions
 
 # Sampling defaults a model may set in generation_config.json; vLLM applies them too.
-_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_WIRE_DEFAULTS = SamplingOptions()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -55,20 +66,22 @@ class Preprocessor:
         self._max_prompt_bytes = 2 * longest_token * self.max_model_len
 
     def chat(self, request: ChatCompletionRequest, request_id: str) -> PreprocessedRequest:
-        token_ids = self._encode(self._render_chat(request), prompt_param="messages")
+        text = self._render_chat(
+            request.messages,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            template_kwargs=request.chat_template_kwargs,
+        )
+        token_ids = self._encode(text, prompt_param="messages", add_special_tokens=request.add_special_tokens)
         return self._build(request, request_id, token_ids, prompt_param="messages")
 
     def completion(self, request: CompletionRequest, request_id: str) -> PreprocessedRequest:
         text = request.prompt_text()
         if text is not None:
-            token_ids = self._encode(text, prompt_param="prompt", add_special_tokens=True)
+            token_ids = self._encode(text, prompt_param="prompt", add_special_tokens=request.add_special_tokens)
         else:
             token_ids = request.prompt_token_ids() or []
-            out_of_vocab = next((t for t in token_ids if t >= self.vocab_size), None)
-            if out_of_vocab is not None:
-                raise InvalidRequestError(
-                    f"token id {out_of_vocab} is outside the vocabulary (size {self.vocab_size})", param="prompt"
-                )
+            self._check_vocabulary(token_ids, param="prompt")
         return self._build(request, request_id, token_ids, prompt_param="prompt")
 
     def preprocess(self, request: OpenAIRequest, request_id: str) -> PreprocessedRequest:
@@ -84,13 +97,51 @@ class Preprocessor:
             min_tokens=request.min_tokens,
             num_top_logprobs=request.num_top_logprobs(),
             prompt_token_ids=preprocessed.token_ids,
+            skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output,
         )
 
-    def _render_chat(self, request: ChatCompletionRequest) -> str:
+    def tokenize(self, request: TokenizeRequest) -> Tokenized:
+        """/tokenize: the ids of a prompt, or of chat messages as the template renders them, as
+        vLLM's server gives them. No length limit: clients ask to learn how long a text is."""
+        if isinstance(request, TokenizeChatRequest):
+            text = self._render_chat(
+                request.messages,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                template_kwargs=request.chat_template_kwargs,
+            )
+        else:
+            text = request.prompt
+        ids = self._backend.encode(text, add_special_tokens=request.add_special_tokens).ids
+        strs = cast(list[str], self.tokenizer.convert_ids_to_tokens(ids)) if request.return_token_strs else None
+        return Tokenized(ids, strs)
+
+    def detokenize(self, request: DetokenizeRequest) -> str:
+        """/detokenize: the text of token ids, special tokens included (as vLLM's server)."""
+        self._check_vocabulary(request.tokens, param="tokens")
+        return cast(str, self.tokenizer.decode(request.tokens))
+
+    def _check_vocabulary(self, token_ids: Sequence[int], *, param: str) -> None:
+        out_of_vocab = next((t for t in token_ids if t >= self.vocab_size), None)
+        if out_of_vocab is not None:
+            raise InvalidRequestError(
+                f"token id {out_of_vocab} is outside the vocabulary (size {self.vocab_size})", param=param
+            )
+
+    def _render_chat(
+        self,
+        chat: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
         if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         messages = []
-        for message in request.messages:
+        for message in chat:
             rendered: dict[str, Any] = {"role": message.role, "content": message.text() or ""}
             for key in ("name", "tool_call_id", "tool_calls"):
                 value = getattr(message, key)
@@ -99,7 +150,17 @@ class Preprocessor:
             messages.append(rendered)
         try:
             # tokenize=False: the rendered text (transformers types every return form at once).
-            return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            # Extra template variables first: the request's own fields win, as in vLLM.
+            rendered_chat = self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                **{
+                    **(template_kwargs or {}),
+                    "add_generation_prompt": add_generation_prompt,
+                    "continue_final_message": continue_final_message,
+                },
+            )
+            return cast(str, rendered_chat)
         except Exception as exc:
             # Templates reject some conversations on purpose (raise_exception: roles out of
             # order, say) and trip over others (a tool call missing a key): both are the request's doing.
@@ -140,7 +201,7 @@ class Preprocessor:
             sampling=self._sampling(request),
             stop=StopConditions(
                 max_tokens=max_tokens,
-                stop_token_ids=[] if request.ignore_eos else self.eos_token_ids,
+                stop_token_ids=self._stop_token_ids(request),
                 ignore_eos=request.ignore_eos,
                 min_tokens=request.min_tokens,
             ),
@@ -169,15 +230,32 @@ class Preprocessor:
             )
         return requested
 
+    def _stop_token_ids(self, request: OpenAIRequest) -> list[int]:
+        """The request's stop tokens, and the model's EOS tokens unless it ignores them."""
+        if not request.stop_token_ids:
+            return [] if request.ignore_eos else self.eos_token_ids
+        own = list(dict.fromkeys(request.stop_token_ids))
+        return own if request.ignore_eos else list(dict.fromkeys(own + self.eos_token_ids))
+
     def _sampling(self, request: OpenAIRequest) -> SamplingOptions:
-        defaults = self._sampling_defaults
-        top_k = request.top_k if request.top_k is not None else defaults.get("top_k", 0)
+        # msgspec leaves out a field whose value *is* its default (for floats, the very
+        # object): falling back to these keeps a plain request's wire form small.
+        wire, defaults = _WIRE_DEFAULTS, self._sampling_defaults
+
+        def given(value: float | None, name: str) -> Any:
+            return value if value is not None else defaults.get(name, getattr(wire, name))
+
         return SamplingOptions(
-            temperature=request.temperature if request.temperature is not None else defaults.get("temperature", 1.0),
-            top_p=request.top_p if request.top_p is not None else defaults.get("top_p", 1.0),
-            top_k=max(top_k, 0),
+            temperature=given(request.temperature, "temperature"),
+            top_p=given(request.top_p, "top_p"),
+            top_k=max(given(request.top_k, "top_k"), 0),
+            min_p=given(request.min_p, "min_p"),
             seed=request.seed,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty or wire.presence_penalty,
+            frequency_penalty=request.frequency_penalty or wire.frequency_penalty,
+            repetition_penalty=given(request.repetition_penalty, "repetition_penalty"),
             logprobs=request.num_top_logprobs(),
+            logit_bias=request.logit_bias_by_id(),
+            allowed_token_ids=request.allowed_token_ids,
+            bad_words=list(dict.fromkeys(request.bad_words)),
         )

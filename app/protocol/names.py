@@ -18,6 +18,8 @@ PREFILL_WORKER = "PrefillWorker"
 
 CHAT_COMPLETIONS = "chat_completions"  # Processor: OpenAI chat body -> StreamItems
 COMPLETIONS = "completions"  # Processor: OpenAI completion body -> StreamItems
+TOKENIZE = "tokenize"  # Processor: /tokenize body -> one dict {tokens, token_strs}
+DETOKENIZE = "detokenize"  # Processor: /detokenize body -> one str
 ROUTE = "route"  # Router: RouteRequest -> one RouteDecision
 GENERATE = "generate"  # VllmWorker: PreprocessedRequest -> EngineOutputs
 PREFILL_DONE = "prefill_done"  # VllmWorker: PrefillAnswer -> one bool

@@ -13,19 +13,30 @@ import msgspec
 
 
 class SamplingOptions(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """OpenAI sampling parameters, already validated by the Processor."""
+    """OpenAI's and vLLM's sampling parameters, already validated by the Processor as far as
+    it can without the model's vocabulary (token ids in range are the engine's to check).
+
+    Each means what vLLM's SamplingParams field of the same name means.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled (vLLM's convention)
+    min_p: float = 0.0
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top logprobs per generated token
+    logit_bias: dict[int, float] | None = None  # token id -> bias, clamped to [-100, 100]
+    allowed_token_ids: list[int] | None = None
+    # Text: the engine tokenizes them (vLLM: as `bad_words` in its own tokenizer).
+    bad_words: list[str] = []
 
 
 class StopConditions(msgspec.Struct, omit_defaults=True, kw_only=True):
     max_tokens: int
+    # The request's own, then the model's EOS tokens unless ignore_eos.
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     min_tokens: int = 0

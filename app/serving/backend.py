@@ -1,27 +1,41 @@
-"""What the HTTP layer serves from: the models the fleet's workers registered, and
-generation by a request pipeline in this process or by Processor services over NATS."""
+"""What the HTTP layer serves from: the models the fleet's workers registered, and the text
+pipeline's work (generation, /tokenize, /detokenize) by a request pipeline in this process
+or by Processor services over NATS."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import Protocol
 
-from app.openai.backend import ModelCard, RequestKind
-from app.openai.schema import OpenAIRequest
+from app.openai.backend import ModelCard, RequestKind, Tokenized
+from app.openai.schema import DetokenizeRequest, OpenAIRequest, TokenizeRequest
 from app.protocol import StreamItem
 from app.runtime import EndpointClient
 from app.runtime.discovery import ModelsWatch
 from app.serving.pipeline import RequestPipeline
 
-Generate = Callable[[RequestKind, OpenAIRequest, str], AsyncIterator[StreamItem]]
+
+class Processing(Protocol):
+    """The Processor's work for the HTTP layer. Implementations: `LocalProcessing` (the
+    pipeline in this process, `embed-processor`) and `RemoteProcessing` (the Processor
+    services' endpoints)."""
+
+    def generate(self, kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]: ...
+
+    async def tokenize(self, request: TokenizeRequest) -> Tokenized: ...
+
+    async def detokenize(self, request: DetokenizeRequest) -> str: ...
 
 
 class FleetBackend:
-    """app.openai's Backend: models from etcd's model records, generation by `generate`."""
+    """app.openai's Backend: models from etcd's model records, the rest by `processing`."""
 
-    def __init__(self, models: ModelsWatch, generate: Generate, only_model: str | None) -> None:
+    def __init__(self, models: ModelsWatch, processing: Processing, only_model: str | None) -> None:
         self._models = models
-        self.generate = generate
+        self.generate = processing.generate
+        self.tokenize = processing.tokenize
+        self.detokenize = processing.detokenize
         self._only_model = only_model
 
     def list_models(self) -> list[ModelCard]:
@@ -29,30 +43,50 @@ class FleetBackend:
         for name, records in self._models.models.items():
             if not records or (self._only_model is not None and name != self._only_model):
                 continue
-            cards.append(ModelCard(id=name, max_model_len=int(records[0].metadata.get("max_model_len", 0))))
+            # A request may go to any of the workers: it must fit the shortest of them.
+            max_model_len = min(int(record.metadata.get("max_model_len", 0)) for record in records)
+            root = records[0].metadata.get("model_path") or None
+            cards.append(ModelCard(id=name, max_model_len=max_model_len, root=root))
         return cards
 
     def is_ready(self) -> bool:
         return bool(self.list_models())
 
 
-def pipeline_generate(pipeline: RequestPipeline) -> Generate:
-    def generate(kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
-        return pipeline.generate(request, request_id)
+class LocalProcessing:
+    """The request pipeline in this process."""
 
-    return generate
+    def __init__(self, pipeline: RequestPipeline) -> None:
+        self._pipeline = pipeline
+        self.tokenize = pipeline.tokenize
+        self.detokenize = pipeline.detokenize
+
+    def generate(self, kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
+        return self._pipeline.generate(request, request_id)
 
 
-def remote_processor_generate(chat: EndpointClient, completions: EndpointClient) -> Generate:
-    """Generation by the Processor services (their chat_completions and completions endpoints)."""
-    clients = {"chat": chat, "completion": completions}
+class RemoteProcessing:
+    """The Processor services, over NATS: each of their endpoints gets the request body as it came."""
 
-    async def generate(kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
-        stream = clients[kind].stream(
+    def __init__(
+        self, chat: EndpointClient, completions: EndpointClient, tokenize: EndpointClient, detokenize: EndpointClient
+    ) -> None:
+        self._generators = {"chat": chat, "completion": completions}
+        self._tokenize = tokenize
+        self._detokenize = detokenize
+
+    async def generate(self, kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
+        stream = self._generators[kind].stream(
             request.model_dump(exclude_unset=True), response_type=StreamItem, request_id=request_id
         )
         async with contextlib.aclosing(stream) as items:
             async for item in items:
                 yield item
 
-    return generate
+    async def tokenize(self, request: TokenizeRequest) -> Tokenized:
+        reply = await self._tokenize.call(request.model_dump(exclude_unset=True))
+        return Tokenized(reply["tokens"], reply["token_strs"])
+
+    async def detokenize(self, request: DetokenizeRequest) -> str:
+        text: str = await self._detokenize.call(request.model_dump(exclude_unset=True))
+        return text

@@ -13,7 +13,14 @@ import logging
 from collections.abc import AsyncGenerator
 
 from app.errors import WorkerUnavailableError
-from app.openai.schema import ChatCompletionRequest, OpenAIRequest
+from app.openai.backend import Tokenized
+from app.openai.schema import (
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIRequest,
+    TokenizeCompletionRequest,
+    TokenizeRequest,
+)
 from app.preprocess import Preprocessor, postprocess_stream
 from app.protocol import EngineOutput, PreprocessedRequest, StreamItem
 from app.runtime import EndpointClient
@@ -23,18 +30,20 @@ log = logging.getLogger(__name__)
 
 # How many other workers a request that failed before its first token is offered to.
 MAX_REROUTES = 3
-# Prompts up to this many characters are tokenized on the event loop: that takes tens of
-# microseconds, less than handing the work to a thread and back. Longer ones (a long
-# prompt takes up to a second) go off the loop.
+# Prompts up to this many characters (or token ids, to decode) are tokenized on the event
+# loop: that takes tens of microseconds, less than handing the work to a thread and back.
+# Longer ones (a long prompt takes up to a second) go off the loop.
 INLINE_PREPROCESS_CHARS = 4096
 
 
-def _prompt_chars(request: OpenAIRequest) -> int:
+def _prompt_chars(request: OpenAIRequest | TokenizeRequest) -> int:
     """The prompt's size in characters (token ids count as one each), before templating."""
-    if isinstance(request, ChatCompletionRequest):
-        return sum(len(message.text() or "") for message in request.messages)
-    text = request.prompt_text()
-    return len(text) if text is not None else len(request.prompt_token_ids() or ())
+    if isinstance(request, TokenizeCompletionRequest):
+        return len(request.prompt)
+    if isinstance(request, CompletionRequest):
+        text = request.prompt_text()
+        return len(text) if text is not None else len(request.prompt_token_ids() or ())
+    return sum(len(message.text() or "") for message in request.messages)
 
 
 class RequestPipeline:
@@ -54,6 +63,18 @@ class RequestPipeline:
 
     async def close(self) -> None:
         await self._picker.close()
+
+    async def tokenize(self, request: TokenizeRequest) -> Tokenized:
+        assert self._preprocessor is not None, "request before start()"
+        if _prompt_chars(request) <= INLINE_PREPROCESS_CHARS:
+            return self._preprocessor.tokenize(request)
+        return await asyncio.to_thread(self._preprocessor.tokenize, request)
+
+    async def detokenize(self, request: DetokenizeRequest) -> str:
+        assert self._preprocessor is not None, "request before start()"
+        if len(request.tokens) <= INLINE_PREPROCESS_CHARS:
+            return self._preprocessor.detokenize(request)
+        return await asyncio.to_thread(self._preprocessor.detokenize, request)
 
     async def generate(self, request: OpenAIRequest, request_id: str) -> AsyncGenerator[StreamItem, None]:
         assert self._preprocessor is not None, "request before start()"

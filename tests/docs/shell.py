@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -152,7 +153,13 @@ class DocShell:
         # Its exports are read back after it, so that the next command sees them.
         script = f'{command.text}\n__status=$?\nenv -0 > "{self._env_file}"\nexit $__status\n'
         argv = ["bash", "-c", script]
-        kwargs = {"env": self.env, "cwd": self.cwd, "capture_output": True, "text": True, "timeout": timeout}
+        kwargs: dict[str, Any] = {
+            "env": self.env,
+            "cwd": self.cwd,
+            "capture_output": True,
+            "text": True,
+            "timeout": timeout,
+        }
         try:
             result = self.node.run(argv, **kwargs) if self.node else subprocess.run(argv, **kwargs)
         except subprocess.TimeoutExpired as exc:
@@ -180,12 +187,15 @@ class DocShell:
         log_path = self.log_dir / f"{len(self.background):02d}-{slug}.log"
         argv = ["bash", "-c", command.text]
         with log_path.open("ab") as log:
-            kwargs = {"env": self.env, "cwd": self.cwd, "stdout": log, "stderr": subprocess.STDOUT}
             if self.node:
-                process: subprocess.Popen[bytes] | NodeProcess = self.node.popen(argv, private=True, **kwargs)
+                process: subprocess.Popen[bytes] | NodeProcess = self.node.popen(
+                    argv, private=True, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT
+                )
             else:
                 # A session of its own: stopped by its PID (and its group, for Ctrl-C), never by name.
-                process = subprocess.Popen(argv, start_new_session=True, **kwargs)
+                process = subprocess.Popen(
+                    argv, start_new_session=True, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT
+                )
         started = Background(command, process, log_path)
         self.background.append(started)
         return started

@@ -77,7 +77,8 @@ def reference_texts_at_tensor_parallel_1(model: Path, workdir: Path) -> list[str
     prompts = [list(tokenizer(text, add_special_tokens=False).input_ids) for text in rendered]
     prompts.append(list(tokenizer(PROMPT).input_ids))
     outputs = vllm_greedy(model, ENGINE_ARGS, prompts, MAX_TOKENS, workdir)
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+    # transformers annotates decode `-> str | list[str]`; of one sequence it is a str.
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]  # type: ignore[misc]
 
 
 class LoopbackRayNode:
@@ -87,9 +88,16 @@ class LoopbackRayNode:
         self.role = role
         self.temp_dir = short_temp_dir(f"t{role[0]}")
         self.log_path = workdir / f"ray-{role}-{os.getpid()}-{time.monotonic_ns()}.log"
-        self.gcs_port = free_port() if role == "head" else None
-        self.address = f"{LOOPBACK_IP}:{self.gcs_port}" if role == "head" else head_address
-        where = ["--port", str(self.gcs_port)] if role == "head" else ["--address", str(head_address)]
+        if role == "head":
+            self.gcs_port: int | None = free_port()
+            self.address = f"{LOOPBACK_IP}:{self.gcs_port}"
+            where = ["--port", str(self.gcs_port)]
+        elif head_address is not None:
+            self.gcs_port = None
+            self.address = head_address
+            where = ["--address", head_address]
+        else:
+            raise ValueError("a Ray worker joins a head: head_address is required")
         extra = [*SMALL_NODE_ARGS, f"--temp-dir={self.temp_dir}", *free_ray_port_args()]
         if role == "head":
             extra += [*HEAD_ONLY_ARGS, f"--ray-client-server-port={free_port()}"]

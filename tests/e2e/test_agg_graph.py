@@ -16,6 +16,7 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -29,7 +30,7 @@ from app.router.tunables import ROUTER_POLICY, LivePolicy
 from app.runtime import Runtime
 from bench.harness.launch import TANDEM, ServedGraph, engine_core_of, stop_process_tree
 from tests.e2e.graph_configs import BLOCK_SIZE, MODEL, agg_router_config
-from tests.e2e.vllm_reference import vllm_greedy
+from tests.e2e.vllm_reference import ReferenceOutput, greedy, vllm_generate
 
 pytestmark = pytest.mark.e2e
 
@@ -60,11 +61,67 @@ def prompt_ids(tokenizer) -> list[list[int]]:
     return [list(ids) for ids in chats + completions]
 
 
+# vLLM's extra fields, each a greedy request whose output it changes in a way vLLM defines:
+# sent to Tandem as the request's fields, to vLLM as its SamplingParams' (FIELD_CASES).
+FIELD_CASE_NAMES = (
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "repetition_penalty",
+    "min_tokens",
+    "stop_token_ids",
+    "stop_token_ids_included",
+    "stop_string_included",
+    "special_tokens_kept",
+)
+
+
 @pytest.fixture(scope="module")
-def reference_texts(tiny_model: Path, tokenizer, prompt_ids, tmp_path_factory) -> list[str]:
+def field_cases(tokenizer) -> dict[str, dict[str, Any]]:
+    (the,) = tokenizer(" the", add_special_tokens=False).input_ids
+    header = tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+    every_third = list(range(5, len(tokenizer), 3))
+    cases: dict[str, dict[str, Any]] = {
+        "logit_bias": {"logit_bias": {str(the): 100}},
+        "allowed_token_ids": {"allowed_token_ids": [the, 10, 20, 30, 40]},
+        # The forced token is a bad word: the ban wins.
+        "bad_words": {"logit_bias": {str(the): 100}, "bad_words": ["the"]},
+        # Among five tokens, sixteen repeat: the penalty changes which.
+        "repetition_penalty": {"allowed_token_ids": [the, 10, 20, 30, 40], "repetition_penalty": 3.0},
+        # EOS forced, but not before min_tokens: then it ends the request.
+        "min_tokens": {"ignore_eos": False, "min_tokens": 5, "logit_bias": {str(tokenizer.eos_token_id): 100}},
+        "stop_token_ids": {"stop_token_ids": every_third},
+        "stop_token_ids_included": {"stop_token_ids": every_third, "include_stop_str_in_output": True},
+        "stop_string_included": {"stop": ["e", "o"], "include_stop_str_in_output": True},
+        "special_tokens_kept": {
+            "logit_bias": {str(header): 100},
+            "skip_special_tokens": False,
+            "spaces_between_special_tokens": False,
+        },
+    }
+    assert tuple(cases) == FIELD_CASE_NAMES
+    return cases
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path, prompt_ids, field_cases, tmp_path_factory) -> list[ReferenceOutput]:
+    """vLLM's own outputs, all from one engine: each prompt greedily, then each field case on
+    the first completion prompt."""
+    requests = [(ids, greedy(MAX_TOKENS)) for ids in prompt_ids]
+    field_prompt = prompt_ids[len(CHATS)]
+    requests += [(field_prompt, {**greedy(MAX_TOKENS), **fields}) for fields in field_cases.values()]
+    return vllm_generate(tiny_model, ENGINE_ARGS, requests, tmp_path_factory.mktemp("agg-reference"))
+
+
+@pytest.fixture(scope="module")
+def reference_texts(tokenizer, prompt_ids, reference) -> list[str]:
     """Greedy completions of vLLM itself, decoded as a client would read them."""
-    outputs = vllm_greedy(tiny_model, ENGINE_ARGS, prompt_ids, MAX_TOKENS, tmp_path_factory.mktemp("agg-reference"))
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+    return [tokenizer.decode(output.token_ids, skip_special_tokens=True) for output in reference[: len(prompt_ids)]]
+
+
+@pytest.fixture(scope="module")
+def field_references(prompt_ids, reference) -> dict[str, ReferenceOutput]:
+    return dict(zip(FIELD_CASE_NAMES, reference[len(prompt_ids) :], strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +198,56 @@ def test_stop_string_ends_the_text_before_it(client, reference_texts) -> None:
     whole = client.chat.completions.create(model=MODEL, messages=CHATS[0], stop=[stop], **GREEDY)
     assert whole.choices[0].message.content == expected
     assert whole.choices[0].finish_reason == "stop"
+
+
+def test_the_field_cases_do_what_vllm_says(tokenizer, field_references) -> None:
+    """Each case changes vLLM's own output as its fields say: no comparison below is vacuous."""
+    (the,) = tokenizer(" the", add_special_tokens=False).input_ids
+    assert field_references["logit_bias"].token_ids == [the] * MAX_TOKENS
+    assert set(field_references["allowed_token_ids"].token_ids) <= {the, 10, 20, 30, 40}
+    assert the not in field_references["bad_words"].token_ids
+    assert field_references["repetition_penalty"].token_ids != field_references["allowed_token_ids"].token_ids
+    min_tokens = field_references["min_tokens"]
+    assert len(min_tokens.token_ids) == 6 and min_tokens.token_ids[-1] == tokenizer.eos_token_id
+    assert min_tokens.finish_reason == "stop"
+    stopped, included = field_references["stop_token_ids"], field_references["stop_token_ids_included"]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < MAX_TOKENS
+    assert included.text.startswith(stopped.text) and len(included.text) > len(stopped.text)
+    assert field_references["stop_string_included"].text[-1:] in ("e", "o")
+    assert field_references["special_tokens_kept"].text == "<|start_header_id|>" * MAX_TOKENS
+
+
+def _sse_data(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("case", FIELD_CASE_NAMES)
+async def test_vllms_extra_fields_give_vllms_output(graph: ServedGraph, field_cases, field_references, case) -> None:
+    expected = field_references[case]
+    body = {
+        "model": MODEL,
+        "prompt": COMPLETION_PROMPTS[0],
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
+        **field_cases[case],
+    }
+    async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
+        whole = await http.post("/v1/completions", json=body)
+        assert whole.status_code == 200, whole.text
+        streamed = await http.post(
+            "/v1/completions",
+            json={**body, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+        )
+    choice, usage = whole.json()["choices"][0], whole.json()["usage"]
+    assert (choice["text"], choice["finish_reason"]) == (expected.text, expected.finish_reason)
+    assert usage["completion_tokens"] == len(expected.token_ids)
+    chunks = _sse_data(streamed.text)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected.text
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == expected.finish_reason
+    # continuous_usage_stats: every chunk counts the tokens so far, the last all of them.
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == len(expected.token_ids)
 
 
 async def test_disconnect_mid_stream_frees_the_request_in_the_engine(graph: ServedGraph) -> None:
@@ -231,6 +338,20 @@ async def test_round_robin_set_live_spreads_the_same_requests(graph: ServedGraph
         ("/v1/completions", {"model": MODEL, "prompt": "word " * 5000, "max_tokens": 4}, 400, "4096"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n"),
+        # vLLM's extra fields: refused where vLLM refuses them (the Frontend's checks) ...
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": CHATS[0], "min_p": 2}, 400, "min_p"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+        # ... and where only the engine knows the vocabulary (vLLM's own checks, in the worker).
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "allowed_token_ids": [5000]}, 400, "allowed_token_ids"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"4000": 5}}, 400, "logit_bias"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": CHATS[0], "stop_token_ids": [3500]},
+            400,
+            "stop_token_ids",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(graph: ServedGraph, route, body, status, mentions) -> None:

@@ -150,6 +150,7 @@ async def test_a_prefill_worker_killed_mid_job_loses_nothing(graph: ServedGraph)
     async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
         requests = [asyncio.create_task(complete(http, long_prompt())) for _ in range(4)]
         await asyncio.sleep(1.0)  # both PrefillWorkers are inside a ~2.4 s prefill now
+        assert graph.process is not None  # the graph is up
         victim = next(
             child
             for child in psutil.Process(graph.process.pid).children(recursive=True)

@@ -139,7 +139,8 @@ async def scenario(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sc
             second = http_response(shell.run(curl))
             yield Scenario(
                 len(prompt_ids),
-                tokenizer.decode(reference_ids, skip_special_tokens=True),
+                # transformers annotates decode `-> str | list[str]`; of one sequence it is a str.
+                tokenizer.decode(reference_ids, skip_special_tokens=True),  # type: ignore[arg-type]
                 first,
                 second,
                 pulled_before,

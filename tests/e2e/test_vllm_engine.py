@@ -15,6 +15,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vllm.sampling_params import RequestOutputKind
@@ -42,7 +43,7 @@ ENGINE_ARGS = {
     "enable_prefix_caching": True,
 }
 MAX_TOKENS = 12
-SEEDED = {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 1234}
+SEEDED: dict[str, Any] = {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 1234}
 
 
 def prompt_ids(seed: int, length: int) -> list[int]:
@@ -115,7 +116,7 @@ async def vllm(tiny_model: Path, reference_outputs: dict) -> AsyncIterator[Engin
 
 
 def make_request(
-    token_ids: list[int], max_tokens: int = MAX_TOKENS, request_id: str = "r", **sampling: object
+    token_ids: list[int], max_tokens: int = MAX_TOKENS, request_id: str = "r", **sampling: Any
 ) -> PreprocessedRequest:
     return PreprocessedRequest(
         request_id=request_id,
@@ -169,6 +170,7 @@ async def test_stream_carries_metadata_and_logprobs(vllm: EngineUnderTest) -> No
     assert all(output.finish_reason is None for output in outputs[:-1])
     assert len(generated(outputs)) == MAX_TOKENS
     for output in outputs:
+        assert output.logprobs is not None and output.top_logprobs is not None
         assert len(output.logprobs) == len(output.top_logprobs) == len(output.token_ids)
         for token, chosen, top in zip(output.token_ids, output.logprobs, output.top_logprobs, strict=True):
             assert len(top) == 3
@@ -257,7 +259,8 @@ async def test_prefix_cache_hits_on_repeated_prompt(vllm: EngineUnderTest) -> No
     hits_before = vllm.engine.stats().prefix_cache_hits
     second = await collect(vllm.engine, make_request(prompt, max_tokens=2, request_id="cache-2"))
     assert first[0].num_cached_tokens == 0
-    assert second[0].num_cached_tokens >= 4 * BLOCK_SIZE
+    cached = second[0].num_cached_tokens
+    assert cached is not None and cached >= 4 * BLOCK_SIZE
     await eventually(lambda: vllm.engine.stats().prefix_cache_hits >= hits_before + 4 * BLOCK_SIZE)
     assert vllm.engine.stats().prefix_cache_queries >= vllm.engine.stats().prefix_cache_hits
 

@@ -1,4 +1,4 @@
-"""Greedy outputs of vLLM itself (its offline `LLM`), the reference Tandem's must equal.
+"""Outputs of vLLM itself (its offline `LLM`), the reference Tandem's must equal.
 
 Runs in a subprocess that finishes before the graph under test starts: two engines at
 once on two cores would each crawl, and the reference must not share the graph's cache.
@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 _SCRIPT = textwrap.dedent(
     """
@@ -20,14 +20,43 @@ _SCRIPT = textwrap.dedent(
     from vllm.inputs import TokensPrompt
 
     if __name__ == "__main__":
-        model, engine_args, prompts, max_tokens, ignore_eos, out = json.loads(sys.argv[1])
+        model, engine_args, requests, out = json.loads(sys.argv[1])
         llm = LLM(model=model, **engine_args)
-        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
+        # from_optional: what vLLM's server builds from a request's fields (logit_bias keys
+        # arrive as JSON's strings there too).
+        params = [SamplingParams.from_optional(**fields) for _, fields in requests]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in requests], params)
         with open(out, "w") as f:
-            json.dump([list(o.outputs[0].token_ids) for o in outputs], f)
+            json.dump(
+                [[list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason] for o in outputs], f
+            )
     """
 )
+
+
+class ReferenceOutput(NamedTuple):
+    token_ids: list[int]
+    text: str  # as vLLM detokenizes it under the request's fields
+    finish_reason: str
+
+
+def vllm_generate(
+    model: Path, engine_args: dict[str, Any], requests: list[tuple[list[int], dict[str, Any]]], workdir: Path
+) -> list[ReferenceOutput]:
+    """vLLM's output for each (prompt token ids, SamplingParams fields), all from one engine."""
+    script, out = workdir / "reference.py", workdir / "outputs.json"
+    script.write_text(_SCRIPT)
+    argument = json.dumps([str(model), engine_args, requests, str(out)])
+    result = subprocess.run(
+        [sys.executable, str(script), argument], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300
+    )
+    assert result.returncode == 0, result.stdout.decode(errors="replace")[-4000:]
+    return [ReferenceOutput(*output) for output in json.loads(out.read_text())]
+
+
+def greedy(max_tokens: int, ignore_eos: bool = True) -> dict[str, Any]:
+    """The SamplingParams fields of a greedy request."""
+    return {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": ignore_eos}
 
 
 def vllm_greedy(
@@ -40,11 +69,5 @@ def vllm_greedy(
 ) -> list[list[int]]:
     """Token ids vLLM generates greedily for each prompt (past EOS unless `ignore_eos` is
     False: then as a request without `ignore_eos`, which stops there)."""
-    script, out = workdir / "reference.py", workdir / "outputs.json"
-    script.write_text(_SCRIPT)
-    argument = json.dumps([str(model), engine_args, prompt_ids, max_tokens, ignore_eos, str(out)])
-    result = subprocess.run(
-        [sys.executable, str(script), argument], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300
-    )
-    assert result.returncode == 0, result.stdout.decode(errors="replace")[-4000:]
-    return json.loads(out.read_text())
+    requests = [(ids, greedy(max_tokens, ignore_eos)) for ids in prompt_ids]
+    return [output.token_ids for output in vllm_generate(model, engine_args, requests, workdir)]

@@ -11,7 +11,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict
 
 from app import env
-from app.sdk import Service, depends, endpoint, on_shutdown, on_start, service
+from app.sdk import Service, ServiceContext, depends, endpoint, on_shutdown, on_start, service
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class EchoConfig(BaseModel):
 @service(config=EchoConfig)
 class Echo(Service):
     config: EchoConfig
+    ctx: ServiceContext
 
     @endpoint
     async def echo(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -13,17 +13,17 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from app.runtime import RequestContext, Runtime
 
 
-async def whoami(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+async def whoami(payload: Any, ctx: RequestContext) -> AsyncGenerator[int, None]:
     yield os.getpid()
 
 
-async def ticks(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+async def ticks(payload: Any, ctx: RequestContext) -> AsyncGenerator[int, None]:
     tick = 0
     while True:
         yield tick

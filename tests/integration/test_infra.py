@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import urllib.request
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
 from app.infra import EtcdServer, NatsServer, add_cli, infra_down, infra_status, infra_up
 from app.launch.ports import free_port
 from app.launch.processes import pid_alive
+
+
+class _Ports(TypedDict):
+    nats_port: int
+    nats_monitor_port: int
+    etcd_port: int
+    etcd_peer_port: int
 
 
 def _http_ok(url: str) -> bool:
@@ -31,7 +39,7 @@ def test_fixture_servers_answer(nats_server: NatsServer, etcd_server: EtcdServer
 def test_infra_up_status_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # ETCD_ENDPOINTS in the caller's environment must not reach etcd as a flag.
     monkeypatch.setenv("ETCD_ENDPOINTS", "http://127.0.0.1:1")
-    ports = dict(
+    ports = _Ports(
         nats_port=free_port(), nats_monitor_port=free_port(), etcd_port=free_port(), etcd_peer_port=free_port()
     )
     try:

@@ -10,7 +10,7 @@ and ignore one that does not validate.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -28,12 +28,14 @@ MakeRuntime = Callable[..., Awaitable[Runtime]]
 BLOCK = 4
 
 
-async def never_called(payload: Any, ctx: RequestContext) -> AsyncIterator[Any]:
+async def never_called(payload: Any, ctx: RequestContext) -> AsyncGenerator[Any, None]:
     raise AssertionError("the routers only watch the workers' instances")
     yield  # an async generator, as endpoints are
 
 
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+async def eventually(condition: Callable[..., bool], what: str, timeout: float = 10.0) -> None:
+    """`condition` is called without arguments; `...` lets it bind a loop variable as a
+    default (`lambda f=fleet: ...`), which mypy cannot match against `Callable[[], bool]`."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting until {what}"

@@ -6,7 +6,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -131,5 +131,5 @@ async def test_lost_lease_is_granted_again_with_the_records(
     assert await client.call(None) == "ok"
 
 
-async def _answer(payload: object, ctx: RequestContext) -> AsyncIterator[str]:
+async def _answer(payload: object, ctx: RequestContext) -> AsyncGenerator[str, None]:
     yield "ok"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from app.settings import RuntimeSettings
 MakeRuntime = Callable[..., Awaitable[Runtime]]
 
 
-async def _echo(payload: Any, ctx: RequestContext) -> AsyncIterator[Any]:
+async def _echo(payload: Any, ctx: RequestContext) -> AsyncGenerator[Any, None]:
     yield payload
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -38,7 +38,7 @@ class BadPromptError(InvalidRequestError):
     """A handler's own error class: the caller gets the class of its code."""
 
 
-async def count_to(request: Count, ctx: RequestContext) -> AsyncIterator[Item]:
+async def count_to(request: Count, ctx: RequestContext) -> AsyncGenerator[Item, None]:
     for i in range(request.n):
         yield Item(i, f"item {i}")
 
@@ -57,7 +57,7 @@ async def test_stream_delivers_1000_frames_in_order(make_runtime: MakeRuntime) -
 async def test_builtins_round_trip_without_types(make_runtime: MakeRuntime) -> None:
     rt = await make_runtime()
 
-    async def echo(payload: Any, ctx: RequestContext) -> AsyncIterator[Any]:
+    async def echo(payload: Any, ctx: RequestContext) -> AsyncGenerator[Any, None]:
         yield {"got": payload, "request_id": ctx.request_id}
 
     await rt.serve_endpoint("Echo", "echo", echo)
@@ -68,7 +68,7 @@ async def test_builtins_round_trip_without_types(make_runtime: MakeRuntime) -> N
 async def test_callee_errors_arrive_as_their_code_with_their_message(make_runtime: MakeRuntime) -> None:
     rt = await make_runtime()
 
-    async def failing(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+    async def failing(payload: Any, ctx: RequestContext) -> AsyncGenerator[int, None]:
         yield 1
         if payload == "bad":
             raise BadPromptError("prompt too long")
@@ -85,10 +85,10 @@ async def test_callee_errors_arrive_as_their_code_with_their_message(make_runtim
     assert (caught.value.code, caught.value.message, caught.value.status) == ("invalid_request", "prompt too long", 400)
 
     # A bug in the callee: the caller learns which endpoint failed, nothing of its internals.
-    with pytest.raises(InternalError) as caught:
+    with pytest.raises(InternalError) as internal:
         await client.call("other")
-    assert caught.value.status == 500
-    assert "Failing/go" in caught.value.message and "boom" not in caught.value.message
+    assert internal.value.status == 500
+    assert "Failing/go" in internal.value.message and "boom" not in internal.value.message
 
 
 async def test_invalid_request_is_a_400(make_runtime: MakeRuntime) -> None:
@@ -104,7 +104,7 @@ async def test_caller_cancellation_runs_the_callee_finally(make_runtime: MakeRun
     started, finished = asyncio.Event(), asyncio.Event()
     seen_cancel: list[bool] = []
 
-    async def endless(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+    async def endless(payload: Any, ctx: RequestContext) -> AsyncGenerator[int, None]:
         started.set()
         try:
             i = 0
@@ -124,7 +124,8 @@ async def test_caller_cancellation_runs_the_callee_finally(make_runtime: MakeRun
     assert seen_cancel == [True]
 
     # Cancelling the task that iterates has the same effect.
-    started.clear(), finished.clear()
+    started.clear()
+    finished.clear()
 
     async def consume() -> None:
         async for _ in caller.client("Endless", "go").stream(None):
@@ -149,11 +150,14 @@ async def test_no_instances_fails_fast(make_runtime: MakeRuntime) -> None:
 async def test_round_robin_alternates_and_direct_hits_the_named_instance(make_runtime: MakeRuntime) -> None:
     first, second, caller = await make_runtime(), await make_runtime(), await make_runtime()
 
-    async def whoami(payload: Any, ctx: RequestContext) -> AsyncIterator[str]:
-        yield payload
+    def answering(instance_id: str) -> Callable[[Any, RequestContext], AsyncGenerator[str, None]]:
+        async def whoami(payload: Any, ctx: RequestContext) -> AsyncGenerator[str, None]:
+            yield instance_id
+
+        return whoami
 
     for rt in (first, second):
-        await rt.serve_endpoint("Who", "ami", lambda p, c, rt=rt: whoami(rt.instance_id, c))
+        await rt.serve_endpoint("Who", "ami", answering(rt.instance_id))
     client = caller.client("Who", "ami")
     await asyncio.wait_for(_until(lambda: len(client.instance_ids()) == 2, client), timeout=5)
 
@@ -185,7 +189,7 @@ async def test_per_call_timeout(make_runtime: MakeRuntime) -> None:
     rt = await make_runtime()
     finished = asyncio.Event()
 
-    async def slow(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+    async def slow(payload: Any, ctx: RequestContext) -> AsyncGenerator[int, None]:
         try:
             await asyncio.sleep(30)
             yield 1
@@ -214,7 +218,7 @@ async def _reply_frames(runtime: Runtime, service: str, endpoint: str, payload: 
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         await nc.publish(record.subject, wire.encode_request("raw-call", payload), reply=inbox)
-        frames = []
+        frames: list[bytes] = []
         while not frames or frames[-1][0] not in (wire.FRAME_LAST, wire.FRAME_END, wire.FRAME_ERROR):
             frames.append((await sub.next_msg(timeout=5)).data)
         return frames
@@ -227,7 +231,7 @@ async def test_items_ready_together_travel_in_one_frame(make_runtime: MakeRuntim
     handler yields without pausing share a frame; a pause starts a new one."""
     rt = await make_runtime()
 
-    async def paused(payload: Any, ctx: RequestContext) -> AsyncIterator[int]:
+    async def paused(payload: Any, ctx: RequestContext) -> AsyncGenerator[int, None]:
         yield 1
         yield 2
         await asyncio.sleep(0.05)
@@ -250,7 +254,7 @@ async def test_a_long_burst_is_split_below_the_message_size_limit(make_runtime: 
     rt = await make_runtime()
     text = "x" * 10_000
 
-    async def burst(payload: Any, ctx: RequestContext) -> AsyncIterator[Item]:
+    async def burst(payload: Any, ctx: RequestContext) -> AsyncGenerator[Item, None]:
         for i in range(300):  # 3 MB without a pause: three times NATS's default message limit
             yield Item(i, text)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from app.runtime import InstanceGoneError, Runtime
-from app.sdk import endpoint, on_shutdown, run_service, service
+from app.sdk import ServiceContext, endpoint, on_shutdown, run_service, service
 from app.sdk.config import GraphConfig
 from app.sdk.runner import ServiceFailedError
 from app.settings import RuntimeSettings
@@ -24,6 +24,7 @@ SEEN: dict[str, bool] = {}
 @service
 class Fragile:
     runtime: Runtime
+    ctx: ServiceContext
 
     @endpoint
     async def work(self, request: dict[str, Any]) -> AsyncIterator[str]:

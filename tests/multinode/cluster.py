@@ -137,9 +137,9 @@ class SeedCluster:
                 await watch.close()
 
     def assert_running(self) -> None:
-        for shell in self.shells.values():
+        for name, shell in self.shells.items():
             for started in shell.background:
-                assert started.poll() is None, f"{started.command} on {shell.node.name} exited\n{self.log_tails()}"
+                assert started.poll() is None, f"{started.command} on {name} exited\n{self.log_tails()}"
 
     def log_tails(self, lines: int = 40) -> str:
         return "\n".join(shell.background_tails(lines) for shell in self.shells.values())

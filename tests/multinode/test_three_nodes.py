@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
@@ -78,15 +79,17 @@ SEED_PROMPT = (
     "weaknesses, and any personal connections to the ancient city or its legends. Are they driven by a quest for "
     "knowledge, a search for lost familt clue is hidden."
 )
-LONG_CHATS = [
+Chat = list[ChatCompletionMessageParam]
+
+LONG_CHATS: list[Chat] = [
     [{"role": "system", "content": "You are a guide to Eldoria."}, {"role": "user", "content": SEED_PROMPT}],
     [{"role": "system", "content": "You are the map's last keeper."}, {"role": "user", "content": SEED_PROMPT[::-1]}],
 ]
-SHORT_CHAT = [{"role": "user", "content": "Where is Aeloria?"}]
+SHORT_CHAT: Chat = [{"role": "user", "content": "Where is Aeloria?"}]
 ALL_CHATS = [*LONG_CHATS, SHORT_CHAT]
 
 
-def _key(chat: list[dict[str, str]]) -> str:
+def _key(chat: Chat) -> str:
     return json.dumps(chat)
 
 
@@ -168,7 +171,7 @@ async def _instance_hosts(cluster: SeedCluster, service: str, endpoint: str) -> 
             await watch.close()
 
 
-async def _stream_chat(cluster: SeedCluster, chat: list[dict[str, str]]) -> tuple[str, str | None]:
+async def _stream_chat(cluster: SeedCluster, chat: Chat) -> tuple[str, str | None]:
     """(text, X-Tandem-Prefill-Worker) of a streamed greedy chat completion sent to node 1."""
     client = AsyncOpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", timeout=120, max_retries=0)
     async with client.chat.completions.with_streaming_response.create(
@@ -182,6 +185,7 @@ async def _stream_chat(cluster: SeedCluster, chat: list[dict[str, str]]) -> tupl
     ) as response:
         prefill_worker = response.headers.get("x-tandem-prefill-worker")
         stream = await response.parse()
+        assert isinstance(stream, AsyncStream)  # stream=True (the streaming wrapper loses create's overloads)
         text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
     await client.close()
     return text, prefill_worker

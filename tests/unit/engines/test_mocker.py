@@ -243,7 +243,7 @@ async def test_prefill_role_answers_with_the_kv_it_holds_until_the_lease_ends() 
 async def test_decode_role_pulls_the_kv_instead_of_prefilling() -> None:
     prompt = list(range(1000, 1400))  # 400 tokens
     # Prefilling it here: 5 + 1 * 400 = 405 ms. Pulling 399 tokens of 1 MB at 2 GB/s: 200 ms.
-    timing = {
+    timing: dict[str, Any] = {
         "speedup_ratio": 1.0,
         "prefill_ms_per_token": 1.0,
         "kv_bytes_per_token": 1_000_000,
@@ -268,7 +268,7 @@ async def test_decode_role_pulls_the_kv_instead_of_prefilling() -> None:
 async def test_speedup_ratio_scales_the_transfer_time() -> None:
     prompt = list(range(2000, 2401))  # 401 tokens: 400 to pull
     params = {"do_remote_prefill": True, "num_tokens": len(prompt)}
-    timing = {"kv_bytes_per_token": 1_000_000, "kv_transfer_gb_per_s": 1.0, "max_model_len": 4096}
+    timing: dict[str, Any] = {"kv_bytes_per_token": 1_000_000, "kv_transfer_gb_per_s": 1.0, "max_model_len": 4096}
 
     async def ttft(speedup: float) -> float:
         req = request(prompt, max_tokens=2)
@@ -282,7 +282,7 @@ async def test_speedup_ratio_scales_the_transfer_time() -> None:
 
 async def test_decode_role_pulls_only_what_its_own_cache_lacks() -> None:
     prompt = list(range(3000, 3400))
-    timing = {
+    timing: dict[str, Any] = {
         "speedup_ratio": 1.0,
         "prefill_ms_per_token": 0.0,
         "kv_bytes_per_token": 1_000_000,

@@ -104,6 +104,8 @@ def test_the_core_nixl_reserves_is_one_of_the_engines_own() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     vllms_own, unbound, bound = json.loads(done.stdout.strip().splitlines()[-1])
     # vLLM's own choice: the last core of each NUMA node, this machine's last core among them.
-    assert os.cpu_count() - 1 in {max(group) for group in vllms_own}
+    cores = os.cpu_count()
+    assert cores is not None
+    assert cores - 1 in {max(group) for group in vllms_own}
     assert unbound == vllms_own  # an engine without a core binding keeps vLLM's choice
     assert bound == [[0]]  # an engine bound to core 0 reserves core 0, not the last one

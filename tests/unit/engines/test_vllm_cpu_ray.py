@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -58,10 +59,12 @@ def test_ray_v1_executor_is_refused_with_the_fix(registered: None, monkeypatch: 
 def test_shm_all_reduce_group_name_carries_the_hosts_shm_domain(
     registered: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator, _CPUSHMDistributed
 
     monkeypatch.setenv("VLLM_DIST_IDENT", "29500")
-    name = _CPUSHMDistributed.make_group_name(SimpleNamespace(unique_name="tp:0", ranks=[0, 1]))
+    # A stand-in with the two attributes make_group_name reads.
+    communicator = cast(CpuCommunicator, SimpleNamespace(unique_name="tp:0", ranks=[0, 1]))
+    name = _CPUSHMDistributed.make_group_name(communicator)
     assert name.startswith("29500-tp:0-[0-1]-cpushm")
     assert name.endswith(shm_domain())
 

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from scripted_backend import ScriptedBackend
 
 from app.openai import create_app
 from app.preprocess import Preprocessor
+from tests.unit.openai.scripted_backend import ScriptedBackend
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from app.openai import ModelCard
-from app.openai.schema import OpenAIRequest
+from app.openai.backend import Tokenized
+from app.openai.schema import DetokenizeRequest, OpenAIRequest, TokenizeRequest
 from app.preprocess import Preprocessor, postprocess_stream
 from app.protocol import EngineOutput, PreprocessedRequest, StreamItem, TokenLogprob
 
@@ -21,8 +22,9 @@ class ScriptedBackend:
         self.preprocessor = preprocessor
         self.token_delay_s = token_delay_s
         self.repeat = repeat
-        self.models = [ModelCard(id=MODEL, max_model_len=preprocessor.max_model_len, created=1)]
-        self.reply_ids = preprocessor.tokenizer.encode(REPLY, add_special_tokens=False)
+        self.models = [ModelCard(id=MODEL, max_model_len=preprocessor.max_model_len, created=1, root="/models/tiny")]
+        # As an engine ends a reply that stops: with an EOS token (its text left out).
+        self.reply_ids = preprocessor.tokenizer.encode(REPLY, add_special_tokens=False) + preprocessor.eos_token_ids[:1]
         self.generate_calls = 0
         self.engine_tokens_sent = 0
         self.engine_closed = asyncio.Event()
@@ -39,7 +41,8 @@ class ScriptedBackend:
         try:
             # The reply, cut at max_tokens; `repeat` loops it until max_tokens instead of ending with EOS.
             budget = request.stop.max_tokens
-            ids = self.reply_ids * (budget // len(self.reply_ids) + 1) if self.repeat else self.reply_ids
+            text_ids = self.reply_ids[:-1]
+            ids = text_ids * (budget // len(text_ids) + 1) if self.repeat else self.reply_ids
             ids = ids[:budget]
             for index, token_id in enumerate(ids):
                 if self.token_delay_s:
@@ -71,3 +74,9 @@ class ScriptedBackend:
         post = self.preprocessor.postprocessor(request, pre)
         async for item in postprocess_stream(post, self._engine(pre)):
             yield item
+
+    async def tokenize(self, request: TokenizeRequest) -> Tokenized:
+        return self.preprocessor.tokenize(request)
+
+    async def detokenize(self, request: DetokenizeRequest) -> str:
+        return self.preprocessor.detokenize(request)

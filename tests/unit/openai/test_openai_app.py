@@ -3,11 +3,11 @@ import json
 
 import httpx
 import pytest
-from scripted_backend import MODEL, REPLY
 
 from app.errors import OverloadedError, UnavailableError
 from app.openai import WORKER_HEADER, create_app
 from app.openai.schema import ChatCompletionRequest, parse_request
+from tests.unit.openai.scripted_backend import MODEL, REPLY
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 100}
@@ -99,7 +99,9 @@ async def test_logprobs_shapes(client, backend) -> None:
     assert len(content) == len(backend.reply_ids)
     assert set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
     assert len(content[0]["top_logprobs"]) == 2 and content[0]["logprob"] == -0.25
-    assert bytes(b for entry in content for b in entry["bytes"]).decode() == REPLY
+    # The stopping EOS token has its logprob too (as in vLLM), not its text.
+    eos_text = backend.preprocessor.tokenizer.decode(backend.reply_ids[-1:])
+    assert bytes(b for entry in content for b in entry["bytes"]).decode() == REPLY + eos_text
     completion = (await client.post("/v1/completions", json={**COMPLETION, "logprobs": 1})).json()
     logprobs = completion["choices"][0]["logprobs"]
     assert set(logprobs) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}

@@ -5,9 +5,9 @@ import json
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scripted_backend import MODEL
 
 from app.openai import create_app
+from tests.unit.openai.scripted_backend import MODEL
 
 FIELDS = [
     "model",

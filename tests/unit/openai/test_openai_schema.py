@@ -23,7 +23,7 @@ COMPLETION = {"model": "m", "prompt": "hi"}
         ({"seed": 2**70}, "seed"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"logit_bias": {}}, "logit_bias"),
+        ({"logit_bias": {"a": 1}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
         ({"messages": []}, "messages"),

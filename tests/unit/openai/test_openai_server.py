@@ -6,10 +6,10 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
-from scripted_backend import MODEL
 
 from app.launch.ports import free_port
 from app.openai import FrontendMetrics, create_app, make_server
+from tests.unit.openai.scripted_backend import MODEL
 
 
 @pytest.fixture

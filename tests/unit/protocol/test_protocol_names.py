@@ -14,7 +14,7 @@ from app.sdk.service import spec_of
 def test_service_and_endpoint_names_match_the_services() -> None:
     served = {
         names.FRONTEND: (Frontend, ()),
-        names.PROCESSOR: (Processor, (names.CHAT_COMPLETIONS, names.COMPLETIONS)),
+        names.PROCESSOR: (Processor, (names.CHAT_COMPLETIONS, names.COMPLETIONS, names.TOKENIZE, names.DETOKENIZE)),
         names.ROUTER: (Router, (names.ROUTE,)),
         names.VLLM_WORKER: (VllmWorker, (names.GENERATE, names.PREFILL_DONE)),
         names.PREFILL_WORKER: (PrefillWorker, (names.PREFILL_STATUS,)),

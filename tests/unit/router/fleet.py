@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.protocol import BlockStored, KvEventBatch, LoadReport, PlacementEvent
+from app.protocol import BlockStored, EngineBlockHash, KvEventBatch, LoadReport, PlacementEvent
 from app.router import FleetFeed, FleetListener
 from app.router.tunables import LivePolicy
 
@@ -34,7 +34,8 @@ class InMemoryFleet:
 
     def store(self, worker: str, token_ids: list[int], seq: int = 0) -> None:
         """`worker`'s engine cached these tokens' blocks (a whole number of them)."""
-        engine_hashes = list(range(len(token_ids) // self.block_size))  # only removals would use them
+        # Only removals would use them.
+        engine_hashes: list[EngineBlockHash] = list(range(len(token_ids) // self.block_size))
         batch = KvEventBatch(
             worker_id=worker,
             seq=seq,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
+from app.protocol import AllBlocksCleared, BlockRemoved, BlockStored, EngineBlockHash, KvEvent, KvEventBatch
 from app.router.hashing import block_hashes
 from app.router.index import BlockSizeMismatchError, KvIndex
 
@@ -32,9 +32,9 @@ class Model:
     """What each worker holds, as multisets of engine hashes naming token prefixes."""
 
     def __init__(self) -> None:
-        self.held: dict[str, dict[int, list]] = {w: {} for w in WORKERS}  # eh -> [prefix, copies]
+        self.held: dict[str, dict[EngineBlockHash, list]] = {w: {} for w in WORKERS}  # eh -> [prefix, copies]
 
-    def store(self, worker: str, parent: int | None, blocks: list[tuple[int, tuple]]) -> None:
+    def store(self, worker: str, parent: EngineBlockHash | None, blocks: list[tuple[EngineBlockHash, tuple]]) -> None:
         held = self.held[worker]
         if parent is not None and parent not in held:
             return
@@ -44,7 +44,7 @@ class Model:
             else:
                 held[engine_hash] = [prefix, 1]
 
-    def remove(self, worker: str, engine_hashes: list[int]) -> None:
+    def remove(self, worker: str, engine_hashes: list[EngineBlockHash]) -> None:
         held = self.held[worker]
         for engine_hash in engine_hashes:
             if engine_hash in held:
@@ -85,7 +85,7 @@ def test_index_matches_a_brute_force_model(prompts: list[list[int]], ops: list[t
     engine_hash = EngineHashes()
     seq = {w: 0 for w in WORKERS}
 
-    def send(worker: str, event: object) -> None:
+    def send(worker: str, event: KvEvent) -> None:
         index.apply_batch(KvEventBatch(worker_id=worker, seq=seq[worker], block_size=BLOCK, events=[event]))
         seq[worker] += 1
 
@@ -95,7 +95,7 @@ def test_index_matches_a_brute_force_model(prompts: list[list[int]], ops: list[t
         first = min(first, full - 1)
         last = min(first + count, full)
         prefixes = [tuple(prompt[: (i + 1) * BLOCK]) for i in range(first, last)]
-        hashes = [engine_hash(worker, prefix, variant) for prefix in prefixes]
+        hashes: list[EngineBlockHash] = [engine_hash(worker, prefix, variant) for prefix in prefixes]
         if kind == "store":
             parent = engine_hash(worker, tuple(prompt[: first * BLOCK]), variant) if first else None
             model.store(worker, parent, list(zip(hashes, prefixes, strict=True)))
@@ -122,7 +122,7 @@ def test_index_matches_a_brute_force_model(prompts: list[list[int]], ops: list[t
     assert index.seq_gaps == 0
 
 
-def _stored(tokens: list[int], hashes: list[int], parent: int | None = None) -> BlockStored:
+def _stored(tokens: list[int], hashes: list[EngineBlockHash], parent: int | None = None) -> BlockStored:
     return BlockStored(token_ids=tokens, block_hashes=hashes, parent_block_hash=parent)
 
 

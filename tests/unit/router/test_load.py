@@ -16,7 +16,8 @@ def test_placements_count_until_finished() -> None:
     )
     tracker.on_routed("q2", "w", prompt_blocks=3, overlap_blocks=0)
     assert (tracker.view("w").active_requests, tracker.view("w").pending_prefill_blocks) == (2, 9)
-    assert tracker.on_prefill_done("q1").kind == "prefill_done"
+    done = tracker.on_prefill_done("q1")
+    assert done is not None and done.kind == "prefill_done"
     assert (tracker.view("w").active_requests, tracker.view("w").pending_prefill_blocks) == (2, 3)
     tracker.on_finished("q1")
     tracker.on_finished("q2")  # finished without a prefill_done: its pending blocks go too
@@ -46,9 +47,13 @@ def test_remote_replica_events_apply_and_own_echoes_do_not() -> None:
     mine.apply_remote(wire)
     mine.apply_remote(wire)  # a redelivered placement counts once
     assert (mine.view("w").active_requests, mine.view("w").pending_prefill_blocks) == (1, 6)
-    mine.apply_remote(theirs.on_prefill_done("q1"))
+    prefilled = theirs.on_prefill_done("q1")
+    assert prefilled is not None
+    mine.apply_remote(prefilled)
     assert mine.view("w").pending_prefill_blocks == 0
-    mine.apply_remote(theirs.on_finished("q1"))
+    finished = theirs.on_finished("q1")
+    assert finished is not None
+    mine.apply_remote(finished)
     assert mine.view("w").active_requests == 0
     own = mine.on_routed("q2", "w", prompt_blocks=1, overlap_blocks=0)
     mine.apply_remote(own)

@@ -81,12 +81,13 @@ def test_random_spreads_over_all_workers() -> None:
 
 def test_least_loaded_picks_fewest_active_then_lowest_kv_usage() -> None:
     policy = create_policy("least-loaded")
-    loads = {
-        "a": WorkerLoad(active_requests=3),
-        "b": WorkerLoad(active_requests=1, kv_usage=0.5),
-        "c": WorkerLoad(active_requests=1, kv_usage=0.2),
-    }
-    assert policy.select_worker(context({"a": 10}, **loads)).worker_id == "c"
+    loads = context(
+        {"a": 10},
+        a=WorkerLoad(active_requests=3),
+        b=WorkerLoad(active_requests=1, kv_usage=0.5),
+        c=WorkerLoad(active_requests=1, kv_usage=0.2),
+    )
+    assert policy.select_worker(loads).worker_id == "c"
 
 
 def test_unknown_or_invalid_knobs_are_named() -> None:

