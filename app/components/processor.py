@@ -40,7 +40,7 @@ class Processor(Service):
     def __init__(self) -> None:
         workers = self.worker.generate
         picker = create_picker(self.runtime, workers, graph=self.ctx.graph, spread=self.config.spread)
-        self._pipeline = RequestPipeline(self.config.model, self.config.max_model_len, picker, workers)
+        self._pipeline = RequestPipeline(self.config, picker, workers)
 
     @on_start
     async def start(self) -> None:

@@ -2,7 +2,8 @@
 
 The engine lives in an `EngineHost` (app/engines/host.py). With `remote-prefill`, long
 prefills go to PrefillWorkers through the prefill work queue (app/disagg/decode.py; the
-hand-off is app/protocol/prefill.py); the answer comes back on `prefill_done`.
+hand-off is app/protocol/prefill.py); the answer comes back on `prefill_done`. A request
+with n > 1 runs as n engine requests, one per choice (app/engines/choices.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from app.disagg.decode import RemotePrefill
 from app.disagg.policy import DisaggPolicy
 from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.engines.base import EngineDeadError
+from app.engines.choices import generate_choices
 from app.engines.host import EngineHost, WorkerConfig
 from app.protocol import EngineOutput, PrefillAnswer, PreprocessedRequest, names
 from app.runtime import Runtime
@@ -68,10 +70,12 @@ class VllmWorker(Service):
             if answer is not None:
                 request = msgspec.structs.replace(request, kv_transfer_params=answer.kv_transfer_params)
                 prefill_worker_id = answer.prefill_worker_id
+        generate = self.host.engine.generate
         # aclosing: a caller that goes away closes this generator, and closing the
         # engine's stream is what aborts the request and frees its KV blocks.
         try:
-            async with contextlib.aclosing(self.host.engine.generate(request)) as outputs:
+            stream = generate(request) if request.n == 1 else generate_choices(generate, request)
+            async with contextlib.aclosing(stream) as outputs:
                 async for output in outputs:
                     if prefill_worker_id is not None:
                         output.prefill_worker_id = prefill_worker_id

@@ -41,9 +41,13 @@ def prefill_request(request: PreprocessedRequest, attempt: int) -> PreprocessedR
         request,
         # A redelivered job may come back to this engine while vLLM still knows the old id.
         request_id=f"{request.request_id}-prefill-{attempt}",
-        sampling=msgspec.structs.replace(request.sampling, logprobs=None),
+        # Its one token is thrown away (the decode engine samples the first one itself), so
+        # neither logprobs nor a grammar to compile for it.
+        sampling=msgspec.structs.replace(request.sampling, logprobs=None, structured=None),
         stop=msgspec.structs.replace(request.stop, max_tokens=1, min_tokens=0),
         kv_transfer_params={"do_remote_decode": True},
+        # One prefill serves all of the request's choices (app/engines/choices.py).
+        n=1,
     )
 
 

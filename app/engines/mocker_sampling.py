@@ -91,6 +91,14 @@ def token_choice(
     request_id: str, sampling: SamplingOptions, vocab: int, tokenizer: Tokenizer | None
 ) -> TokenChoice | None:
     """The request's constraints (None when it has none), checked as vLLM checks them."""
+    if sampling.structured is not None:
+        # Without a model there is no distribution to constrain: any answer would be a silent
+        # wrong one.
+        raise InvalidRequestError(
+            f"request {request_id}: {sampling.structured.param} is not supported by the mocker engine "
+            "(structured outputs need a model: serve with the vllm engine)",
+            param=sampling.structured.param,
+        )
     if sampling.allowed_token_ids is None and not sampling.logit_bias and not sampling.bad_words:
         return None
     for field, ids in (

@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
 from vllm import SamplingParams
 from vllm.config import KVEventsConfig, KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -21,7 +22,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import LogprobsOnePosition
 from vllm.outputs import CompletionOutput, RequestOutput
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
@@ -31,7 +32,7 @@ from app.engines.vllm_process import prepare_vllm_process
 from app.engines.vllm_ray import with_ray_backend_if_needed
 from app.engines.vllm_stats import SchedulerStatsCapture
 from app.errors import InvalidRequestError
-from app.protocol import EngineOutput, ModelInfo, PreprocessedRequest, TokenLogprob
+from app.protocol import EngineOutput, ModelInfo, PreprocessedRequest, StructuredOutputs, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,14 @@ def _nested_config(name: str, value: Any) -> Any:
     if isinstance(value, dict):
         return _NESTED_CONFIGS[name](**value)
     return value
+
+
+def _structured_outputs_params(structured: StructuredOutputs | None) -> StructuredOutputsParams | None:
+    if structured is None:
+        return None
+    fields = msgspec.structs.asdict(structured)
+    del fields["param"]
+    return StructuredOutputsParams(**fields)
 
 
 def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
@@ -77,6 +86,7 @@ def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
         logit_bias=sampling.logit_bias,
         allowed_token_ids=sampling.allowed_token_ids,
         bad_words=list(sampling.bad_words),
+        structured_outputs=_structured_outputs_params(sampling.structured),
         max_tokens=stop.max_tokens,
         min_tokens=stop.min_tokens,
         stop_token_ids=list(stop.stop_token_ids),

@@ -43,7 +43,7 @@ from app.errors import (
 from app.openai.backend import Backend, ModelCard, RequestKind
 from app.openai.errors import ClientError, ErrorResponse, to_client_error
 from app.openai.metrics import FrontendMetrics
-from app.openai.render import ChatRenderer, CompletionRenderer, Renderer, usage_dict
+from app.openai.render import ChatRenderer, ChoiceParts, CompletionRenderer, Renderer, usage_dict
 from app.openai.schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -56,7 +56,7 @@ from app.openai.schema import (
     parse_request,
     parse_tokenize_request,
 )
-from app.protocol import StreamItem, TokenLogprobs
+from app.protocol import StreamItem
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,14 @@ class _Generation:
         self._completion_tokens = 0
         self._prompt_tokens = 0
         self._cached_tokens: int | None = None
+        self._num_choices = request.num_choices()
+        # n > 1: each choice's completion tokens so far and when its last one came (the
+        # request's count is their sum). None for one choice, whose counts are the request's.
+        self._choice_tokens: list[int] | None = None
+        self._choice_token_times: list[float] = []
+        if self._num_choices > 1:
+            self._choice_tokens = [0] * self._num_choices
+            self._choice_token_times = [0.0] * self._num_choices
         created = int(time.time())
         renderer_type = ChatRenderer if kind == "chat" else CompletionRenderer
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
@@ -146,6 +154,10 @@ class _Generation:
             include_usage=request.include_usage_in_stream(),
             running_usage=self._running_usage if request.continuous_usage_in_stream() else None,
         )
+        if isinstance(self._renderer, ChatRenderer) and isinstance(request, ChatCompletionRequest):
+            self._renderer.role = "assistant" if request.add_generation_prompt else request.messages[-1].role
+            if request.effective_tool_choice() == "auto":
+                self._renderer.content_beside_calls = None
 
     async def run(self, send: Send) -> None:
         if not self._admission.try_enter():
@@ -194,6 +206,9 @@ class _Generation:
             self._prompt_tokens = item.prompt_tokens
         if item.cached_tokens is not None:
             self._cached_tokens = item.cached_tokens
+        if self._choice_tokens is not None:
+            self._observe_choice(item, self._choice_tokens)
+            return
         new_tokens = item.completion_tokens - self._completion_tokens
         if new_tokens <= 0:
             return
@@ -205,37 +220,60 @@ class _Generation:
         self._last_token_time = now
         self._completion_tokens = item.completion_tokens
 
+    def _observe_choice(self, item: StreamItem, choice_tokens: list[int]) -> None:
+        """`_observe` of one of n > 1 choices: the request's first token is its TTFT, each
+        choice's next ones its inter-token latency; the request's tokens sum the choices'."""
+        index = item.index
+        before = choice_tokens[index]
+        new_tokens = item.completion_tokens - before
+        if new_tokens <= 0:
+            return
+        now = time.perf_counter()
+        if self._completion_tokens == 0:
+            self._metrics.time_to_first_token.observe(now - self._started)
+        elif before:
+            self._metrics.inter_token_latency.observe((now - self._choice_token_times[index]) / new_tokens)
+        self._choice_token_times[index] = now
+        choice_tokens[index] = item.completion_tokens
+        self._completion_tokens += new_tokens
+
     def _usage(self) -> dict[str, Any]:
+        # As vLLM's: the prompt counted once, the completion tokens of all choices.
         return usage_dict(self._prompt_tokens, self._completion_tokens, self._cached_tokens)
 
-    def _running_usage(self) -> dict[str, Any]:
-        # As vLLM's per-chunk usage: the counts alone.
-        return usage_dict(self._prompt_tokens, self._completion_tokens, None)
+    def _running_usage(self, index: int) -> dict[str, Any]:
+        # As vLLM's per-chunk usage: the counts alone, of the chunk's choice.
+        completion_tokens = self._completion_tokens if self._choice_tokens is None else self._choice_tokens[index]
+        return usage_dict(self._prompt_tokens, completion_tokens, None)
 
     async def _unary(
         self, send: Send, items: AsyncIterator[StreamItem], first: StreamItem, headers: dict[str, str]
     ) -> None:
-        texts: list[str] = []
-        logprobs: list[TokenLogprobs] | None = None
+        """Gather each choice's items (its text, logprobs, tool calls); the body goes once all
+        choices have finished."""
+        choices = [ChoiceParts() for _ in range(self._num_choices)]
+        unfinished = len(choices)
         item: StreamItem | None = first
         try:
             while item is not None:
                 self._observe(item)
-                texts.append(item.text)
-                if item.logprobs is not None:
-                    logprobs = (logprobs or []) + item.logprobs
+                parts = choices[item.index]
+                parts.add(item.text, item.logprobs, item.tool_calls)
                 if item.finish_reason is not None:
-                    break
+                    failure = _finish_error(item.finish_reason)
+                    if failure is not None:
+                        raise failure
+                    parts.finish_reason = item.finish_reason
+                    unfinished -= 1
+                    if not unfinished:
+                        break
                 item = await anext(items, None)
-            if item is None or item.finish_reason is None:
+            if unfinished:
                 raise InternalError("the backend stream ended without a finish reason")
-            failure = _finish_error(item.finish_reason)
-            if failure is not None:
-                raise failure
         except Exception as exc:
             await self._send_error(send, exc)
             return
-        body = self._renderer.body("".join(texts), logprobs, item.finish_reason, self._usage())
+        body = self._renderer.body([self._renderer.choice(i, parts) for i, parts in enumerate(choices)], self._usage())
         await self._send_whole(send, 200, _json.encode(body), {**headers, "Content-Type": "application/json"})
 
     async def _stream(
@@ -246,26 +284,36 @@ class _Generation:
         await send({"type": "http.response.start", "status": 200, "headers": _raw_headers(headers)})
         if first.prompt_tokens is not None:
             self._prompt_tokens = first.prompt_tokens  # the role chunk's running usage counts the prompt
-        role = self._renderer.role_chunk()
         # The role chunk leaves with the first content: each send is a write system call.
-        unsent_role = b"" if role is None else _sse(role)
+        if self._num_choices == 1:
+            role = self._renderer.role_chunk()
+            unsent_role = b"" if role is None else _sse(role)
+        else:
+            # As vLLM: every choice's role chunk, in index order, before any content.
+            roles = [self._renderer.role_chunk(index) for index in range(self._num_choices)]
+            unsent_role = b"".join(_sse(role) for role in roles if role is not None)
+        # Each choice sends its own finish chunk; usage and [DONE] follow the last one.
+        unfinished = self._num_choices
         item: StreamItem | None = first
         try:
             while item is not None:
                 self._observe(item)
                 events = [unsent_role]
-                if item.text or item.logprobs:
-                    events.append(_sse(self._renderer.content_chunk(item.text, item.logprobs)))
+                if item.text or item.logprobs or item.tool_calls:
+                    chunk = self._renderer.content_chunk(item.text, item.logprobs, item.index, item.tool_calls)
+                    events.append(_sse(chunk))
                 if item.finish_reason is not None:
                     failure = _finish_error(item.finish_reason)
                     if failure is not None:
                         raise failure
-                    events.append(_sse(self._renderer.finish_chunk(item.finish_reason)))
-                    if self._request.include_usage_in_stream():
-                        events.append(_sse(self._renderer.usage_chunk(self._usage())))
-                    events.append(_SSE_DONE)
-                    await send({"type": "http.response.body", "body": b"".join(events), "more_body": False})
-                    return
+                    events.append(_sse(self._renderer.finish_chunk(item.finish_reason, item.index)))
+                    unfinished -= 1
+                    if not unfinished:
+                        if self._request.include_usage_in_stream():
+                            events.append(_sse(self._renderer.usage_chunk(self._usage())))
+                        events.append(_SSE_DONE)
+                        await send({"type": "http.response.body", "body": b"".join(events), "more_body": False})
+                        return
                 body = b"".join(events)
                 if body:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
@@ -401,7 +449,7 @@ class _OpenAIApp(FastAPI):
     """FastAPI, except that POSTs to the generation endpoints go straight to their handler.
 
     FastAPI's middleware stack and routing cost about a fifth of the Frontend's CPU per
-    streamed request (measured with py-spy, bench/request_path.py) and add nothing there:
+    streamed request (measured with py-spy, `python -m bench.scenarios request-path`) and add nothing there:
     the handler reads its own body, maps every error to an OpenAI error body itself and
     answers with a raw ASGI response. Every other method and path (405s, 404s, trailing
     slashes, /tokenize, the OpenAPI document) still goes through FastAPI, whose routes for

@@ -74,6 +74,69 @@ RepetitionPenalty = Annotated[float, Field(gt=0.0)]
 MinP = Annotated[float, Field(ge=0.0, le=1.0)]
 # vLLM clamps each bias to this range rather than refusing it.
 MAX_LOGIT_BIAS = 100.0
+# vLLM allows n up to VLLM_MAX_N_SEQUENCES (16384). Tandem runs every choice as an engine
+# request of its own on the request's one worker, each holding its own KV blocks and a
+# decode slot (max_num_seqs, 256 by default in vLLM's GPU configs, far fewer on CPU): a
+# few hundred choices would fill a worker with one request. 128 is the ceiling of what a
+# client plausibly samples at once (best-of-N, self-consistency use tens).
+MAX_CHOICES = 128
+NumChoices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
+
+
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`: OpenAI's shape (`schema` is the schema itself)."""
+
+    # OpenAI's: the name is required; it only labels the schema.
+    name: str
+    description: str | None = None
+    # pydantic reserves `schema`; the alias keeps OpenAI's key.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            # vLLM's words.
+            raise InvalidRequestError(
+                "When response_format type is 'json_schema', the 'json_schema' field must be provided.",
+                param="response_format",
+            )
+        return self
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's `structured_outputs`: one constraint the engine enforces while it samples."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json", description="a JSON schema")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = Field(default=None, description="an EBNF (GBNF) grammar")
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> StructuredOutputsRequest:
+        given = [key for key in _CONSTRAINTS if getattr(self, key) is not None]
+        if len(given) != 1:
+            # vLLM's rule (its StructuredOutputsParams), in words that name the keys.
+            raise InvalidRequestError(
+                "structured_outputs takes exactly one of 'json', 'regex', 'choice', 'grammar' and "
+                f"'json_object'; got {len(given)}",
+                param="structured_outputs",
+            )
+        return self
+
+
+_CONSTRAINTS = ("json_", "regex", "choice", "grammar", "json_object")
 
 
 class _SamplingFields(_Strict):
@@ -85,7 +148,8 @@ class _SamplingFields(_Strict):
     max_tokens: TokenCount | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: int = 1
+    # null is 1, as OpenAI's and vLLM's chat endpoint take it.
+    n: NumChoices | None = 1
     stop: StopSequences | None = None
     seed: Seed | None = None
     presence_penalty: Penalty = 0.0
@@ -112,11 +176,12 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     # Declared to be refused clearly: Tandem's engines do not hand prompt logprobs back.
     prompt_logprobs: int | None = None
+    # Constraints the engine enforces (vLLM's structured outputs); response_format wins.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @model_validator(mode="after")
     def _common_checks(self) -> _SamplingFields:
-        if self.n != 1:
-            raise InvalidRequestError("only n=1 is supported", param="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         if any(stop == "" for stop in self.stop_list()):
@@ -158,6 +223,9 @@ class _SamplingFields(_Strict):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def num_choices(self) -> int:
+        return self.n or 1
+
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -191,8 +259,39 @@ def _check_template_options(
         )
 
 
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="a JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice` naming the one function the model must call."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
+    tools: list[ChatTool] | None = None
+    # With tools and no tool_choice, "auto" (OpenAI's and vLLM's default).
+    tool_choice: ToolChoice | None = None
+    # None: OpenAI's default, true.
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS_CHAT)] | None = None
@@ -212,7 +311,30 @@ class ChatCompletionRequest(_SamplingFields):
         # vLLM's words when both are given; left to its default, add_generation_prompt makes
         # the chat template refuse the pair there.
         _check_template_options(self.continue_final_message, self.add_generation_prompt, self.chat_template_kwargs)
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        """vLLM's checks of tools and tool_choice, in vLLM's words."""
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise InvalidRequestError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tools and all(tool.function.name != self.tool_choice.function.name for tool in self.tools):
+                raise InvalidRequestError(
+                    "The tool specified in `tool_choice` does not match any of the specified `tools`",
+                    param="tool_choice",
+                )
+            if self.structured_outputs is not None:
+                raise InvalidRequestError(
+                    "You can only either use constraints for structured outputs or tools, not both.",
+                    param="structured_outputs",
+                )
+
+    def effective_tool_choice(self) -> Literal["none", "auto", "required"] | NamedToolChoice:
+        """The tool choice that applies: without tools none, with tools and no choice auto."""
+        if not self.tools:
+            return "none"
+        return self.tool_choice if self.tool_choice is not None else "auto"
 
     def max_output_tokens(self) -> int | None:
         """max_completion_tokens supersedes the deprecated max_tokens."""

@@ -8,8 +8,9 @@ O(generated text), and the window stays a few tokens long in all but garbage out
 
 Replacement characters at the end of the window are held back: they are usually a
 character whose remaining bytes are in the next token. A U+FFFD that is still there
-when a real character follows (or at the end) was genuinely invalid and goes out then,
-so the concatenated deltas always equal one decode of all the tokens.
+when a real character follows was genuinely invalid and goes out then, so the
+concatenated deltas equal one decode of all the tokens, except at the very end: there
+`finish` leaves out the bytes of a character the output stopped inside of, as vLLM does.
 
 Without spaces between special tokens (vLLM's spaces_between_special_tokens=false, with
 special tokens kept), an added token that follows an added token adds exactly its own
@@ -98,8 +99,13 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """The held-back tail, once no more tokens will come."""
+        """The held-back tail, as it decodes now."""
         text = self._decode(self._ids[self._prefix_offset :])
         delta = text[self._emitted :]
         self._emitted = len(text)
         return delta
+
+    def finish(self) -> str:
+        """The held-back tail once no more tokens will come, less a character the output
+        ended inside of: as vLLM's detokenizer, the text leaves out what never completed."""
+        return self.flush().rstrip(_REPLACEMENT)

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from app.errors import InternalError
 from app.preprocess.detokenizer import IncrementalDetokenizer
 from app.preprocess.tokenizer import TokenTexts
+from app.preprocess.tools import NamedCallReader, ToolCallReader
 from app.protocol import EngineOutput, StreamItem, TokenLogprob, TokenLogprobs, TopLogprob
 
 
@@ -81,10 +82,11 @@ class StopStringMatcher:
 
 
 class Postprocessor:
-    """Turns one request's EngineOutputs into StreamItems.
+    """Turns one request's EngineOutputs into StreamItems (one choice's, for n > 1).
 
     After an item with a finish_reason, `finished` is true and the caller must close
-    the engine stream (a stop string ends the request before the engine knows it).
+    the engine stream (a stop string ends the request before the engine knows it) once
+    every choice has finished.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class Postprocessor:
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
+        tool_calls: ToolCallReader | None = None,
     ) -> None:
         self._detokenizer = IncrementalDetokenizer(
             tokenizer,
@@ -113,6 +116,8 @@ class Postprocessor:
         self._token_texts = token_texts
         self._completion_tokens = 0
         self._prompt_tokens: int | None = len(prompt_token_ids) or None
+        # With a tool choice that makes the model call tools, its text is the calls.
+        self._tool_calls = tool_calls
         self.finished = False
 
     def process(self, output: EngineOutput) -> StreamItem:
@@ -127,7 +132,7 @@ class Postprocessor:
             token_ids = token_ids[:-1]
         delta = self._detokenizer.push(token_ids)
         if finish_reason is not None:
-            delta += self._detokenizer.flush()
+            delta += self._detokenizer.finish()
         # As vLLM: stop strings count only once min_tokens have been generated.
         if self._completion_tokens >= self._min_tokens:
             delta, hit_stop = self._stop.feed(delta)
@@ -138,8 +143,20 @@ class Postprocessor:
         if output.num_prompt_tokens is not None:
             self._prompt_tokens = output.num_prompt_tokens
         self.finished = finish_reason is not None
+        tool_calls = None
+        if self._tool_calls is not None:
+            delta, calls = self._tool_calls.feed(delta, token_ids)
+            tool_calls = calls or None
+            if (
+                finish_reason == "stop"
+                and self._tool_calls.called
+                and not isinstance(self._tool_calls, NamedCallReader)
+            ):
+                # OpenAI's: calls the model chose to make end with "tool_calls"; a named call, "stop".
+                finish_reason = "tool_calls"
         return StreamItem(
             text=delta,
+            tool_calls=tool_calls,
             completion_tokens=self._completion_tokens,
             finish_reason=finish_reason,
             prompt_tokens=self._prompt_tokens,
@@ -163,19 +180,41 @@ class Postprocessor:
 
 
 async def postprocess_stream(
-    postprocessor: Postprocessor, outputs: AsyncIterator[EngineOutput]
+    postprocessors: Postprocessor | Sequence[Postprocessor], outputs: AsyncIterator[EngineOutput]
 ) -> AsyncGenerator[StreamItem, None]:
     """Stream items until the request finishes, then close the engine stream.
+
+    One Postprocessor for a request of one choice; for n choices, one per choice, each with
+    its own detokenizer and stop strings: outputs go to the postprocessor of their `index`,
+    items carry it, and the request finishes when every choice has.
 
     Closing (not draining) is what aborts the request inside the engine when a stop
     string ended it early or the consumer went away.
     """
     try:
-        async for output in outputs:
-            item = postprocessor.process(output)
-            yield item
-            if postprocessor.finished:
-                return
+        if isinstance(postprocessors, Postprocessor):
+            async for output in outputs:
+                item = postprocessors.process(output)
+                yield item
+                if postprocessors.finished:
+                    return
+        else:
+            unfinished = len(postprocessors)
+            async for output in outputs:
+                postprocessor = postprocessors[output.index]
+                if postprocessor.finished:
+                    # A stop string ended this choice; its engine request goes on to its own
+                    # stop (EOS, max_tokens), since one choice cannot be aborted alone over
+                    # the wire. Wasted engine work, acceptable for now: the request's end
+                    # closes the stream, and that aborts whatever still runs.
+                    continue
+                item = postprocessor.process(output)
+                item.index = output.index
+                yield item
+                if postprocessor.finished:
+                    unfinished -= 1
+                    if not unfinished:
+                        return
         raise InternalError("the engine stream ended without a finish reason")
     finally:
         aclose = getattr(outputs, "aclose", None)

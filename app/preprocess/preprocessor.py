@@ -24,12 +24,17 @@ from app.openai.schema import (
     TokenizeRequest,
 )
 from app.preprocess.postprocessor import Postprocessor
+from app.preprocess.structured import structured_outputs_for
 from app.preprocess.tokenizer import TokenTexts, load_tokenizer
+from app.preprocess.tool_parsers import AutoCallReader, load_tool_parser
+from app.preprocess.tools import tool_call_reader
 from app.protocol import PreprocessedRequest, SamplingOptions, StopConditions
 
 # Sampling defaults a model may set in generation_config.json; vLLM applies them too.
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _WIRE_DEFAULTS = SamplingOptions()
+# vLLM samples greedily below this temperature (its _SAMPLING_EPS).
+_GREEDY_BELOW = 1e-5
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -48,8 +53,18 @@ def _as_id_list(value: int | list[int] | None) -> list[int]:
 class Preprocessor:
     """One model's tokenizer, chat template and limits."""
 
-    def __init__(self, model_dir: str | Path, *, max_model_len: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_model_len: int | None = None,
+        tool_call_parser: str | None = None,
+        tool_parser_plugin: str | None = None,
+    ) -> None:
+        """`tool_call_parser`: the vLLM tool parser that finds tool_choice "auto"'s calls
+        (None: such requests are refused); `tool_parser_plugin` registers more of them."""
         self.model_dir = str(model_dir)
+        self._auto_tool_parser = load_tool_parser(tool_call_parser, tool_parser_plugin) if tool_call_parser else None
         self.tokenizer = load_tokenizer(self.model_dir)
         self._backend = self.tokenizer.backend_tokenizer
         self.token_texts = TokenTexts(self._backend)
@@ -66,11 +81,14 @@ class Preprocessor:
         self._max_prompt_bytes = 2 * longest_token * self.max_model_len
 
     def chat(self, request: ChatCompletionRequest, request_id: str) -> PreprocessedRequest:
+        if request.effective_tool_choice() == "auto" and self._auto_tool_parser is None:
+            tool_call_reader(request)  # the 400 that says what is missing, before any work
         text = self._render_chat(
             request.messages,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
             template_kwargs=request.chat_template_kwargs,
+            tools=[tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None,
         )
         token_ids = self._encode(text, prompt_param="messages", add_special_tokens=request.add_special_tokens)
         return self._build(request, request_id, token_ids, prompt_param="messages")
@@ -90,6 +108,13 @@ class Preprocessor:
         return self.completion(request, request_id)
 
     def postprocessor(self, request: OpenAIRequest, preprocessed: PreprocessedRequest) -> Postprocessor:
+        tool_calls = None
+        skip_special_tokens = request.skip_special_tokens
+        if isinstance(request, ChatCompletionRequest):
+            tool_calls = tool_call_reader(request, self._auto_tool_parser, self.tokenizer)
+            if isinstance(tool_calls, AutoCallReader):
+                # The parser may need special tokens kept: they can be its tags (Hermes').
+                skip_special_tokens = tool_calls.skip_special_tokens
         return Postprocessor(
             self._backend,
             self.token_texts,
@@ -97,9 +122,10 @@ class Preprocessor:
             min_tokens=request.min_tokens,
             num_top_logprobs=request.num_top_logprobs(),
             prompt_token_ids=preprocessed.token_ids,
-            skip_special_tokens=request.skip_special_tokens,
+            skip_special_tokens=skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
+            tool_calls=tool_calls,
         )
 
     def tokenize(self, request: TokenizeRequest) -> Tokenized:
@@ -137,6 +163,7 @@ class Preprocessor:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
@@ -156,6 +183,8 @@ class Preprocessor:
                 tokenize=False,
                 **{
                     **(template_kwargs or {}),
+                    # The template renders the tools into the prompt, in the model's own format.
+                    "tools": tools,
                     "add_generation_prompt": add_generation_prompt,
                     "continue_final_message": continue_final_message,
                 },
@@ -194,41 +223,46 @@ class Preprocessor:
             raise InvalidRequestError(
                 f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
             )
+        sampling = self._sampling(request)
+        n = request.num_choices()
+        if n > 1 and sampling.temperature < _GREEDY_BELOW:
+            # vLLM's rule and words (SamplingParams._verify_greedy_sampling): n greedy
+            # choices would all be the same text.
+            raise InvalidRequestError(f"n must be 1 when using greedy sampling, got {n}.", param="n")
         return PreprocessedRequest(
             request_id=request_id,
             model=request.model,
             token_ids=token_ids,
-            sampling=self._sampling(request),
+            sampling=sampling,
             stop=StopConditions(
                 max_tokens=max_tokens,
                 stop_token_ids=self._stop_token_ids(request),
                 ignore_eos=request.ignore_eos,
                 min_tokens=request.min_tokens,
             ),
+            n=n,
         )
 
     def _max_tokens(self, request: OpenAIRequest, prompt_len: int) -> int:
+        """As vLLM's server: what the request asks for, clipped to the room the prompt leaves
+        (vLLM's get_max_tokens; clients send a model's whole context length and rely on it),
+        but a request for more than the whole context is refused."""
         room = self.max_model_len - prompt_len
         requested = request.max_output_tokens()
-        if isinstance(request, ChatCompletionRequest):
-            param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-            explicit = requested is not None
-        else:
-            param = "max_tokens"
-            # The endpoint's default of 16 is clipped to what fits, an explicit value is not.
-            explicit = "max_tokens" in request.model_fields_set and requested is not None
+        # The completions endpoint's default of 16 is no request for more than fits.
+        explicit = isinstance(request, ChatCompletionRequest) or "max_tokens" in request.model_fields_set
         if requested is None:
             return room
-        if requested > room:
-            if not explicit:
-                return room
+        if requested > self.max_model_len and explicit:
+            param = "max_tokens"
+            if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
+                param = "max_completion_tokens"
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
-                f"Please reduce the prompt or {param}.",
+                f"{requested} output tokens. Please reduce {param}.",
                 param=param,
             )
-        return requested
+        return min(requested, room)
 
     def _stop_token_ids(self, request: OpenAIRequest) -> list[int]:
         """The request's stop tokens, and the model's EOS tokens unless it ignores them."""
@@ -258,4 +292,5 @@ class Preprocessor:
             logit_bias=request.logit_bias_by_id(),
             allowed_token_ids=request.allowed_token_ids,
             bad_words=list(dict.fromkeys(request.bad_words)),
+            structured=structured_outputs_for(request),
         )

@@ -33,8 +33,10 @@ from app.protocol.requests import (
     SamplingOptions,
     StopConditions,
     StreamItem,
+    StructuredOutputs,
     TokenLogprob,
     TokenLogprobs,
+    ToolCallDelta,
     TopLogprob,
 )
 
@@ -62,7 +64,9 @@ __all__ = [
     "SamplingOptions",
     "StopConditions",
     "StreamItem",
+    "StructuredOutputs",
     "TokenLogprob",
     "TokenLogprobs",
+    "ToolCallDelta",
     "TopLogprob",
 ]

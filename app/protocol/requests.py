@@ -12,6 +12,22 @@ import msgspec
 # --- generate: Processor -> VllmWorker -------------------------------------------------
 
 
+class StructuredOutputs(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One constraint on the output the engine enforces while sampling: vLLM's
+    StructuredOutputsParams, field for field. Exactly one of json..json_object is set."""
+
+    json: str | None = None  # a JSON schema, as JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    # The request field it came from, for an engine that cannot enforce it to name.
+    param: str = "structured_outputs"
+
+
 class SamplingOptions(msgspec.Struct, omit_defaults=True, kw_only=True):
     """OpenAI's and vLLM's sampling parameters, already validated by the Processor as far as
     it can without the model's vocabulary (token ids in range are the engine's to check).
@@ -32,6 +48,7 @@ class SamplingOptions(msgspec.Struct, omit_defaults=True, kw_only=True):
     allowed_token_ids: list[int] | None = None
     # Text: the engine tokenizes them (vLLM: as `bad_words` in its own tokenizer).
     bad_words: list[str] = []
+    structured: StructuredOutputs | None = None
 
 
 class StopConditions(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -52,6 +69,9 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     stop: StopConditions
     # Set by disaggregated serving: the prefill side's KV hand-off (vLLM kv_transfer_params).
     kv_transfer_params: dict | None = None
+    # Choices to generate (OpenAI's n). The decode worker runs each as an engine request of
+    # its own (app/engines/choices.py): engines themselves generate one sequence a request.
+    n: int = 1
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
@@ -74,6 +94,8 @@ class EngineOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
     worker_id: str | None = None
     prefill_worker_id: str | None = None
     kv_transfer_params: dict | None = None
+    # Which of the request's n choices this output continues (0 for n=1).
+    index: int = 0
 
 
 # --- route: Processor -> Router ---------------------------------------------------------
@@ -110,6 +132,16 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
     top: list[TopLogprob]
 
 
+class ToolCallDelta(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A piece of one tool call, as OpenAI streams it: the first piece of a call has its id
+    and function name, later pieces add to its arguments (JSON text)."""
+
+    index: int  # which call of the response
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class StreamItem(msgspec.Struct, omit_defaults=True, kw_only=True):
     """One step of a response as the client will see it.
 
@@ -118,13 +150,20 @@ class StreamItem(msgspec.Struct, omit_defaults=True, kw_only=True):
     """
 
     text: str = ""
-    # Output tokens generated so far, cumulative (stop strings do not reduce it).
+    # Which of the request's n choices this item continues (0 for n=1); each choice's
+    # items arrive in order, the choices' items interleaved.
+    index: int = 0
+    # Output tokens of this choice (`index`) generated so far, cumulative (stop strings do
+    # not reduce it). Per choice, not per request: the request's usage is the sum over
+    # its choices' last counts (the Frontend adds them up).
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     # Known from the first engine output on.
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     logprobs: list[TokenLogprobs] | None = None
+    # The model's tool calls, read out of its text (which then is not content).
+    tool_calls: list[ToolCallDelta] | None = None
     worker_id: str | None = None
     # The PrefillWorker that computed the prompt's KV, when it was prefilled remotely.
     prefill_worker_id: str | None = None

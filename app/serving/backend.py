@@ -77,16 +77,16 @@ class RemoteProcessing:
 
     async def generate(self, kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
         stream = self._generators[kind].stream(
-            request.model_dump(exclude_unset=True), response_type=StreamItem, request_id=request_id
+            request.model_dump(exclude_unset=True, by_alias=True), response_type=StreamItem, request_id=request_id
         )
         async with contextlib.aclosing(stream) as items:
             async for item in items:
                 yield item
 
     async def tokenize(self, request: TokenizeRequest) -> Tokenized:
-        reply = await self._tokenize.call(request.model_dump(exclude_unset=True))
+        reply = await self._tokenize.call(request.model_dump(exclude_unset=True, by_alias=True))
         return Tokenized(reply["tokens"], reply["token_strs"])
 
     async def detokenize(self, request: DetokenizeRequest) -> str:
-        text: str = await self._detokenize.call(request.model_dump(exclude_unset=True))
+        text: str = await self._detokenize.call(request.model_dump(exclude_unset=True, by_alias=True))
         return text

@@ -21,9 +21,10 @@ from app.openai.schema import (
     TokenizeCompletionRequest,
     TokenizeRequest,
 )
-from app.preprocess import Preprocessor, postprocess_stream
+from app.preprocess import Postprocessor, Preprocessor, postprocess_stream
 from app.protocol import EngineOutput, PreprocessedRequest, StreamItem
 from app.runtime import EndpointClient
+from app.serving.config import PipelineConfig
 from app.serving.pickers import START_WAIT_S, Placement, WorkerPicker
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,8 @@ def _prompt_chars(request: OpenAIRequest | TokenizeRequest) -> int:
 
 
 class RequestPipeline:
-    def __init__(self, model: str, max_model_len: int | None, picker: WorkerPicker, workers: EndpointClient) -> None:
-        self._model = model
-        self._max_model_len = max_model_len
+    def __init__(self, config: PipelineConfig, picker: WorkerPicker, workers: EndpointClient) -> None:
+        self._config = config
         self._picker = picker
         self._workers = workers
         self._preprocessor: Preprocessor | None = None
@@ -57,7 +57,14 @@ class RequestPipeline:
     async def start(self) -> None:
         # Loading transformers and the tokenizer takes seconds: off the event loop, which
         # must keep the process's etcd lease alive meanwhile.
-        self._preprocessor = await asyncio.to_thread(Preprocessor, self._model, max_model_len=self._max_model_len)
+        config = self._config
+        self._preprocessor = await asyncio.to_thread(
+            Preprocessor,
+            config.model,
+            max_model_len=config.max_model_len,
+            tool_call_parser=config.auto_tool_parser(),
+            tool_parser_plugin=config.tool_parser_plugin,
+        )
         await self._workers.watch()
         await self._picker.start()
 
@@ -83,10 +90,15 @@ class RequestPipeline:
         else:
             preprocessed = await asyncio.to_thread(self._preprocessor.preprocess, request, request_id)
         placement, outputs = await self._stream_from_a_worker(preprocessed)
-        postprocessor = self._preprocessor.postprocessor(request, preprocessed)
+        postprocessors: Postprocessor | list[Postprocessor]
+        if preprocessed.n == 1:
+            postprocessors = self._preprocessor.postprocessor(request, preprocessed)
+        else:
+            # Each choice is its own text: its own detokenizer and stop-string matcher.
+            postprocessors = [self._preprocessor.postprocessor(request, preprocessed) for _ in range(preprocessed.n)]
         first = True
         try:
-            async with contextlib.aclosing(postprocess_stream(postprocessor, outputs)) as items:
+            async with contextlib.aclosing(postprocess_stream(postprocessors, outputs)) as items:
                 async for item in items:
                     if first:
                         first = False

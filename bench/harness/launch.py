@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -23,6 +20,7 @@ import yaml
 
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
+from app.launch.processes import stop_pid
 from app.protocol import InstanceRecord, names
 from app.runtime import Runtime
 from app.settings import RuntimeSettings
@@ -66,12 +64,7 @@ def stop_process_tree(
     if process.poll() is None:
         with contextlib.suppress(psutil.NoSuchProcess):
             left += psutil.Process(process.pid).children(recursive=True)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_pid(process.pid, timeout, process)
     for child in left:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()  # psutil makes sure first that the PID was not reused
@@ -83,14 +76,6 @@ async def _instances(runtime: Runtime, service: str, endpoint: str) -> dict[str,
         return dict(watch.items)
     finally:
         await watch.close()
-
-
-def engine_core_of(worker_pid: int) -> psutil.Process:
-    """The `VLLM::EngineCore` process that a worker process started (vLLM names it so)."""
-    for child in psutil.Process(worker_pid).children():
-        if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
-            return child
-    raise AssertionError(f"worker {worker_pid} has no EngineCore child")
 
 
 class ServedProcess:
@@ -143,11 +128,15 @@ class ServedProcess:
         return False
 
     async def wait_healthy(self, timeout: float) -> None:
+        await self._poll(self.healthy, timeout, lambda: "not healthy")
+
+    async def _poll(self, ready: Callable[[], Awaitable[bool]], timeout: float, state: Callable[[], str]) -> None:
+        """Until `ready()`, while the server runs; its `state()` and its log's tail in the error after `timeout`."""
         deadline = time.monotonic() + timeout
-        while not await self.healthy():
+        while not await ready():
             self.assert_running()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.argv[0]} not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+                raise TimeoutError(f"{self.argv[0]}: {state()} after {timeout:.0f} s:\n{self.log_tail()}")
             await asyncio.sleep(0.5)
         self.descendants()
 
@@ -240,20 +229,14 @@ class ServedGraph(ServedProcess):
         """Until that many instances serve (None: any number) and the Frontend's /health says it serves a model."""
         wanted = (workers, routers, processors, prefill_workers)
         expected = {service: n for service, n in zip(SERVING_ENDPOINT, wanted, strict=True) if n is not None}
-        deadline = time.monotonic() + timeout
+        counts: dict[str, int] = {}
         async with self._runtime() as runtime:
-            while True:
-                self.assert_running()
-                counts = {s: len(await _instances(runtime, s, SERVING_ENDPOINT[s])) for s in expected}
-                if counts == expected and await self.healthy():
-                    self.descendants()
-                    return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"graph not ready after {timeout:.0f} s: {counts} serve, {expected} expected:\n"
-                        f"{self.log_tail()}"
-                    )
-                await asyncio.sleep(0.5)
+
+            async def ready() -> bool:
+                counts.update({s: len(await _instances(runtime, s, SERVING_ENDPOINT[s])) for s in expected})
+                return counts == expected and await self.healthy()
+
+            await self._poll(ready, timeout, lambda: f"graph not ready: {counts} serve, {expected} expected")
 
     def service_pids(self) -> dict[str, list[int]]:
         """Live service processes by service: `Frontend` runs `... app.components.frontend:Frontend ...`."""
@@ -264,66 +247,3 @@ class ServedGraph(ServedProcess):
                 if name is not None and child.is_running():
                     by_service.setdefault(name, []).append(child.pid)
         return by_service
-
-    def prefill_decision(self, request_id: str, timeout: float = 5.0) -> str:
-        """The decode worker's logged decision for a request: local, remote or fallback.
-
-        supervisord relays the worker's output into the log a moment later (it polls the
-        pipes): a response can reach the client before its decision line reaches the file.
-        """
-        marker = f"request {request_id}: prefill "
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                if marker in line:
-                    return line.split(marker, 1)[1].split(" ", 1)[0]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no prefill decision logged for {request_id}:\n{self.log_tail()}")
-            time.sleep(0.2)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A graph as a benchmark serves it, and the instances it must show before it is measured."""
-
-    config: Path
-    workers: int
-    routers: int | None = None
-    prefill_workers: int | None = None
-    overrides: tuple[str, ...] = ()  # of `tandem serve`
-    graph: str = "graphs.agg_router:Frontend"
-
-    @contextlib.asynccontextmanager
-    async def serve(self, name: str, workdir: Path, nats: NatsServer, etcd: EtcdServer) -> AsyncIterator[ServedGraph]:
-        async with ServedGraph(
-            self.graph, self.config, workdir, nats.url, etcd.url, overrides=self.overrides, name=name
-        ) as graph:
-            await graph.wait_ready(
-                self.workers, routers=self.routers, processors=1, prefill_workers=self.prefill_workers
-            )
-            yield graph
-
-
-async def measure_layouts(
-    layouts: Mapping[str, Layout],
-    workdir: Path,
-    plane: tuple[NatsServer, EtcdServer],
-    runs: int,
-    measure: Callable[[str, ServedGraph, int], Awaitable[None]],
-    side_by_side: bool = False,
-) -> None:
-    """`measure(layout, graph, run)` for runs 1..`runs` of each layout, one layout after the other.
-
-    Side by side, all graphs are up at once (an idle one costs next to nothing) and each run
-    alternates between them, so that all see the same machine: measured minutes apart instead,
-    one layout's numbers were seen to move by 30 %.
-    """
-    for together in [list(layouts)] if side_by_side else [[name] for name in layouts]:
-        async with contextlib.AsyncExitStack() as stack:
-            graphs = {}
-            for name in together:
-                serving = layouts[name].serve("serve-" + re.sub(r"\W+", "-", name), workdir, *plane)
-                graphs[name] = await stack.enter_async_context(serving)
-            for run in range(1, runs + 1):
-                for name, graph in graphs.items():
-                    await measure(name, graph, run)

@@ -1,26 +1,29 @@
-"""The one load driver: closed-loop clients sending OpenAI requests and measuring each (TTFT, the gaps
-between text chunks, end-to-end time, usage, X-Tandem-Worker); a failure is a result, never an exception.
-Hand-written asyncio HTTP, not aiohttp: on 2 cores each client millisecond is one the servers lack."""
+"""The one load driver: a load's generated requests (LoadConfig), sent by closed-loop clients that measure
+each (TTFT, the gaps between text chunks, end-to-end time, usage, X-Tandem-Worker), and the summary of the
+phase; a failure is a result, never an exception. Hand-written asyncio HTTP, not aiohttp: on 2 cores each
+client millisecond is one the servers lack."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import math
+import logging
 import random
 import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
+from bench.harness.stats import Summary, summarize
+
+log = logging.getLogger(__name__)
+
 WORKER_HEADER = "x-tandem-worker"
 ERROR_MESSAGE_LIMIT = 200
-CHAT_PATH = "/v1/chat/completions"
-COMPLETIONS_PATH = "/v1/completions"
 
 # Short, common English words: byte-level BPE tokenizers (Llama 3, GPT-2 style) encode
 # each one, with its leading space, as a single token, so N words make about N tokens.
@@ -50,17 +53,57 @@ def prompts(
     ]
 
 
-def request_body(
-    model: str, prompt: str, max_tokens: int, chat: bool = True, stream: bool = True, ignore_eos: bool = True
-) -> dict[str, Any]:
-    """A chat (or completions) request; a streamed one asks for the usage chunk, which counts the tokens."""
-    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": stream}
-    body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    if ignore_eos:
-        body["ignore_eos"] = True  # vLLM's: every output is exactly max_tokens long
-    return body
+@dataclass(frozen=True)
+class LoadConfig:
+    """A closed-loop load: docs/benchmarks.md, "Load generator", says what each field does."""
+
+    model: str
+    url: str = "http://127.0.0.1:8000"
+    concurrency: int = 1
+    requests: int = 100
+    prompt_tokens: int = 128
+    shared_prefix_ratio: float = 0.0
+    prefix_groups: int = 1
+    long_share: float = 0.0  # of the requests, whose prompt is long_prompt_tokens long and shares nothing
+    long_prompt_tokens: int = 1024
+    max_tokens: int = 64
+    stream: bool = True
+    api: Literal["chat", "completions"] = "chat"
+    seed: int = 0
+    ignore_eos: bool = False
+    warmup: int = 0
+    timeout_s: float = 120.0
+    max_duration_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        sizes = (self.concurrency, self.prompt_tokens, self.long_prompt_tokens, self.max_tokens, self.prefix_groups)
+        ratios = (self.shared_prefix_ratio, self.long_share)
+        if min(sizes) < 1 or min(self.requests, self.warmup) < 0 or not all(0.0 <= r <= 1.0 for r in ratios):
+            raise ValueError(
+                "concurrency, prompt_tokens, long_prompt_tokens, max_tokens and prefix_groups must be >= 1, "
+                "requests and warmup >= 0, shared_prefix_ratio and long_share within [0, 1]"
+            )
+
+    def is_long(self, index: int) -> bool:
+        """Whether request `index` has a long prompt: a draw of its own, so the same for a seed and index."""
+        return self.long_share > 0 and random.Random(f"{self.seed}:long:{index}").random() < self.long_share
+
+    def bodies(self, count: int, first_index: int = 0) -> list[dict[str, Any]]:
+        """Chat (or completions) requests; a streamed one asks for the usage chunk, which counts the tokens."""
+        texts = prompts(count, self.prompt_tokens, self.seed, self.shared_prefix_ratio, self.prefix_groups, first_index)
+        if self.long_share:
+            long = prompts(count, self.long_prompt_tokens, self.seed, first_index=first_index)
+            texts = [long[i] if self.is_long(first_index + i) else text for i, text in enumerate(texts)]
+        bodies = []
+        for text in texts:
+            body: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "stream": self.stream}
+            body.update({"messages": [{"role": "user", "content": text}]} if self.api == "chat" else {"prompt": text})
+            if self.stream:
+                body["stream_options"] = {"include_usage": True}
+            if self.ignore_eos:
+                body["ignore_eos"] = True  # vLLM's: every output is exactly max_tokens long
+            bodies.append(body)
+        return bodies
 
 
 @dataclass
@@ -76,10 +119,6 @@ class RequestResult:
     worker: str | None = None  # the X-Tandem-Worker header
     error_kind: str | None = None
     error_message: str | None = None
-
-    @property
-    def first_token_at(self) -> float | None:
-        return None if self.ttft_s is None else self.sent_at + self.ttft_s
 
 
 class Connection:
@@ -205,22 +244,16 @@ async def send(connection: Connection, path: str, body: bytes, started: float) -
     )
 
 
-async def drive(
-    url: str,
-    path: str,
-    bodies: Sequence[dict[str, Any]],
-    concurrency: int,
-    max_duration_s: float = math.inf,
-    timeout_s: float = 120.0,
-) -> tuple[list[RequestResult], float]:
-    """Closed loop: `concurrency` clients take the bodies in order, each on a connection of its own; none
-    starts a request after `max_duration_s`, and `timeout_s` bounds each. Returns the results in request
-    order (those of the first requests: the ones never sent are the last) and the wall time."""
-    where = urllib.parse.urlsplit(url)
+async def drive(config: LoadConfig, bodies: Sequence[dict[str, Any]]) -> tuple[list[RequestResult], float]:
+    """Closed loop: `config.concurrency` clients take the bodies in order, each on a connection of its own;
+    none starts a request after `max_duration_s`, and `timeout_s` bounds each. Returns the results in
+    request order (those of the first requests: the ones never sent are the last) and the wall time."""
+    where, timeout_s = urllib.parse.urlsplit(config.url), config.timeout_s
+    path = "/v1/chat/completions" if config.api == "chat" else "/v1/completions"
     encoded = [msgspec.json.encode(body) for body in bodies]  # before the clock starts
     results: dict[int, RequestResult] = {}
     pending = iter(enumerate(encoded))
-    deadline = time.monotonic() + max_duration_s
+    deadline = time.monotonic() + config.max_duration_s
 
     async def client() -> None:
         connection: Connection | None = None
@@ -245,5 +278,18 @@ async def drive(
             connection.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(min(concurrency, max(len(encoded), 1)))))
+    await asyncio.gather(*(client() for _ in range(min(config.concurrency, max(len(encoded), 1)))))
     return [results[i] for i in sorted(results)], time.perf_counter() - started
+
+
+async def run_load(config: LoadConfig) -> tuple[Summary, list[RequestResult]]:
+    """Warm up (prompts of their own, on the same shared prefixes), then the measured phase:
+    its summary and per-request results."""
+    if config.warmup:
+        warmup, _ = await drive(config, config.bodies(config.warmup, first_index=config.requests))
+        log.info("warm-up: %d requests, %d failed", len(warmup), sum(not r.ok for r in warmup))
+    results, duration = await drive(config, config.bodies(config.requests))
+    summary = summarize(results, duration)
+    for kind, example in summary.error_examples.items():  # a benchmark goes on through failures
+        log.warning("%d requests failed: %s, e.g. %s", summary.errors[kind], kind, example)
+    return summary, results

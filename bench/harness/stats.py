@@ -8,9 +8,10 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from bench.harness.load import RequestResult
+if TYPE_CHECKING:
+    from bench.harness.load import RequestResult
 
 T = TypeVar("T")
 
@@ -64,22 +65,12 @@ class Summary:
     workers: dict[str, int]
 
     def as_text(self) -> str:
-        ms = 1000.0
-        lines = [
-            f"requests        {self.completed} ok / {self.failed} failed in {self.duration_s:.2f} s",
-            f"throughput      {self.request_throughput:.2f} req/s, "
-            f"{self.output_token_throughput:.1f} output tok/s ({self.total_output_tokens} tokens)",
-            f"prompt tokens   {self.mean_prompt_tokens:.1f} mean (server usage)",
-            f"TTFT            p50 {self.ttft_p50_s * ms:.1f} ms  p99 {self.ttft_p99_s * ms:.1f} ms",
-            f"TPOT            p50 {self.tpot_p50_s * ms:.2f} ms",
-            f"ITL             p50 {self.itl_p50_s * ms:.2f} ms  p99 {self.itl_p99_s * ms:.2f} ms",
-            f"end-to-end      p50 {self.e2e_p50_s * ms:.1f} ms  p99 {self.e2e_p99_s * ms:.1f} ms",
-        ]
-        lines += [
-            f"error           {kind}: {count} (e.g. {self.error_examples.get(kind, '')!r})"
-            for kind, count in sorted(self.errors.items())
-        ]
-        lines += [f"worker          {worker}: {count}" for worker, count in sorted(self.workers.items())]
+        """One line per figure, times in milliseconds."""
+        lines = []
+        for name, value in vars(self).items():
+            if isinstance(value, float):
+                value = f"{value * 1000:.2f} ms" if name.endswith("_s") else f"{value:.2f}"
+            lines.append(f"{name.removesuffix('_s'):24} {value}")
         return "\n".join(lines)
 
 

@@ -2,7 +2,9 @@
 vLLM CPU workers (pinned to separate cores), real NATS and etcd, the official openai client.
 
 One graph serves the whole module. The reference outputs come from vLLM's offline `LLM`
-on the same model, run before the graph starts (two engines at once would share cores).
+on the same model, and the conformance tier's from vLLM's own OpenAI server
+(tests/e2e/conformance.py): both run before the graph starts (two engines at once would
+share cores).
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ from app.launch.ports import free_port
 from app.protocol import LoadReport, names
 from app.router.tunables import ROUTER_POLICY, LivePolicy
 from app.runtime import Runtime
-from bench.harness.launch import TANDEM, ServedGraph, engine_core_of, stop_process_tree
+from bench.harness.launch import TANDEM, ServedGraph, stop_process_tree
+from tests.e2e.conformance import Answer, Case, assert_conforms, send
+from tests.e2e.conformance_cases import CASES, MAX_MODEL_LEN
 from tests.e2e.graph_configs import BLOCK_SIZE, MODEL, agg_router_config
-from tests.e2e.vllm_reference import ReferenceOutput, greedy, vllm_generate
+from tests.e2e.graph_helpers import engine_core_of
+from tests.e2e.vllm_reference import ReferenceOutput, greedy, vllm_generate_choices
+from tests.e2e.vllm_server import TOOL_CALL_PARSER, vllm_server_answers
 
 pytestmark = pytest.mark.e2e
 
@@ -103,14 +109,37 @@ def field_cases(tokenizer) -> dict[str, dict[str, Any]]:
     return cases
 
 
+# Requests of n > 1 choices, sampled with a seed: (the prompt's position in prompt_ids, the
+# request's fields, which are vLLM's SamplingParams' too). vLLM samples choice i with seed + i.
+CHOICE_CASES: dict[str, tuple[int, dict[str, Any]]] = {
+    "chat": (0, {"n": 2, "seed": 7, "temperature": 0.9, "max_tokens": MAX_TOKENS, "ignore_eos": True}),
+    "completion": (
+        len(CHATS),
+        {"n": 3, "seed": 11, "temperature": 1.0, "top_p": 0.9, "max_tokens": MAX_TOKENS, "ignore_eos": True},
+    ),
+}
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_model: Path, prompt_ids, field_cases, tmp_path_factory) -> list[ReferenceOutput]:
+def reference_choices(tiny_model: Path, prompt_ids, field_cases, tmp_path_factory) -> list[list[ReferenceOutput]]:
     """vLLM's own outputs, all from one engine: each prompt greedily, then each field case on
-    the first completion prompt."""
+    the first completion prompt, then each choice case (every choice)."""
     requests = [(ids, greedy(MAX_TOKENS)) for ids in prompt_ids]
     field_prompt = prompt_ids[len(CHATS)]
     requests += [(field_prompt, {**greedy(MAX_TOKENS), **fields}) for fields in field_cases.values()]
-    return vllm_generate(tiny_model, ENGINE_ARGS, requests, tmp_path_factory.mktemp("agg-reference"))
+    requests += [(prompt_ids[position], fields) for position, fields in CHOICE_CASES.values()]
+    return vllm_generate_choices(tiny_model, ENGINE_ARGS, requests, tmp_path_factory.mktemp("agg-reference"))
+
+
+@pytest.fixture(scope="module")
+def reference(prompt_ids, field_cases, reference_choices) -> list[ReferenceOutput]:
+    """The greedy prompts' and the field cases' outputs."""
+    return [choices[0] for choices in reference_choices[: len(prompt_ids) + len(field_cases)]]
+
+
+@pytest.fixture(scope="module")
+def choice_references(reference_choices) -> dict[str, list[ReferenceOutput]]:
+    return dict(zip(CHOICE_CASES, reference_choices[-len(CHOICE_CASES) :], strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +154,18 @@ def field_references(prompt_ids, reference) -> dict[str, ReferenceOutput]:
 
 
 @pytest.fixture(scope="module")
-async def graph(tiny_model, reference_texts, nats_server, etcd_server, tmp_path_factory) -> AsyncIterator[ServedGraph]:
+async def vllm_answers(tiny_model, tokenizer, tmp_path_factory) -> dict[str, Answer]:
+    """vLLM's own OpenAI server's answer to every conformance case (tests/e2e/conformance.py),
+    on this module's engine arguments: here, so the graph below serves the tier as well."""
+    assert ENGINE_ARGS["max_model_len"] == MAX_MODEL_LEN  # the cases' context-length errors
+    workdir = tmp_path_factory.mktemp("vllm-server")
+    return await vllm_server_answers(tiny_model, MODEL, ENGINE_ARGS, CASES, tokenizer, workdir)
+
+
+@pytest.fixture(scope="module")
+async def graph(
+    tiny_model, reference_texts, vllm_answers, nats_server, etcd_server, tmp_path_factory
+) -> AsyncIterator[ServedGraph]:
     worker = {
         "enable-prefix-caching": True,
         "cpu-omp-threads-bind": ["0", "1"],
@@ -133,6 +173,8 @@ async def graph(tiny_model, reference_texts, nats_server, etcd_server, tmp_path_
         "ServiceArgs": {"workers": 2},
     }
     config = agg_router_config(tiny_model, max_model_len=4096, worker=worker)
+    # tool_choice "auto" with the parser vLLM's server runs (tests/e2e/vllm_server.py).
+    config["Processor"].update({"enable-auto-tool-choice": True, "tool-call-parser": TOOL_CALL_PARSER})
     served = ServedGraph(
         "graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("agg"), nats_server.url, etcd_server.url
     )
@@ -186,6 +228,15 @@ def test_completion_greedy_equals_vllm_streamed_and_not(client, reference_texts,
     assert "".join(c.choices[0].text for c in chunks if c.choices) == reference_texts[position]
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+async def test_answers_as_vllms_own_server(graph: ServedGraph, tokenizer, vllm_answers, case: Case) -> None:
+    """The conformance tier: Tandem's answer against vLLM's own server's, beyond the
+    differences tests/e2e/conformance.py allows (each with its reason)."""
+    async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
+        answer = await send(http, case, tokenizer)
+    assert_conforms(case, vllm_answers[case.name], answer)
+
+
 def test_models_lists_the_served_model(client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -219,6 +270,47 @@ def test_the_field_cases_do_what_vllm_says(tokenizer, field_references) -> None:
 
 def _sse_data(text: str) -> list[dict[str, Any]]:
     return [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("case", CHOICE_CASES)
+async def test_n_seeded_choices_are_vllms_own(
+    graph: ServedGraph, tokenizer, prompt_ids, choice_references, case
+) -> None:
+    """n choices with a seed: each the tokens vLLM's own LLM samples for that choice."""
+    position, fields = CHOICE_CASES[case]
+    expected = choice_references[case]
+    # Not vacuous: vLLM's choices differ from each other.
+    assert len(expected) == fields["n"] and len({tuple(choice.token_ids) for choice in expected}) == fields["n"]
+    # The text of vLLM's tokens in one decode, as the greedy tests above compare: sampled
+    # tokens may end inside a UTF-8 character, whose U+FFFD vLLM's own text leaves out.
+    texts = [tokenizer.decode(choice.token_ids, skip_special_tokens=True) for choice in expected]
+    if case == "chat":
+        route, body = "/v1/chat/completions", {"model": MODEL, "messages": CHATS[position], **fields}
+    else:
+        route, body = "/v1/completions", {"model": MODEL, "prompt": COMPLETION_PROMPTS[position - len(CHATS)], **fields}
+    async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
+        whole = await http.post(route, json=body)
+        assert whole.status_code == 200, whole.text
+        streamed = await http.post(route, json={**body, "stream": True, "stream_options": {"include_usage": True}})
+
+    def text(choice: dict[str, Any]) -> str:
+        if case == "chat":
+            return choice["message"]["content"] if "message" in choice else choice["delta"].get("content", "")
+        return choice["text"]
+
+    answer = whole.json()
+    assert [(c["index"], text(c), c["finish_reason"]) for c in answer["choices"]] == [
+        (index, texts[index], choice.finish_reason) for index, choice in enumerate(expected)
+    ]
+    assert answer["usage"]["completion_tokens"] == sum(len(choice.token_ids) for choice in expected)
+    assert answer["usage"]["prompt_tokens"] == len(prompt_ids[position])
+    chunks = _sse_data(streamed.text)
+    reassembled = [
+        "".join(text(c["choices"][0]) for c in chunks if c["choices"] and c["choices"][0]["index"] == index)
+        for index in range(fields["n"])
+    ]
+    assert reassembled == texts
+    assert chunks[-1]["usage"]["completion_tokens"] == answer["usage"]["completion_tokens"]
 
 
 @pytest.mark.parametrize("case", FIELD_CASE_NAMES)
@@ -337,7 +429,9 @@ async def test_round_robin_set_live_spreads_the_same_requests(graph: ServedGraph
         ),
         ("/v1/completions", {"model": MODEL, "prompt": "word " * 5000, "max_tokens": 4}, 400, "4096"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens"),
-        ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 129}, 400, "n"),
+        # vLLM's rule, in its words.
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2, "temperature": 0}, 400, "greedy sampling"),
         # vLLM's extra fields: refused where vLLM refuses them (the Frontend's checks) ...
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
         ("/v1/chat/completions", {"model": MODEL, "messages": CHATS[0], "min_p": 2}, 400, "min_p"),

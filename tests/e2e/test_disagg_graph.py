@@ -14,7 +14,9 @@ worker as tandem_worker_external_kv_prompt_tokens on its metrics port).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +35,8 @@ from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.launch.ports import free_port
 from app.protocol import PREFILL_ACK_WAIT_S, names
 from app.runtime import Runtime
-from bench.harness.launch import ServedGraph, engine_core_of
+from bench.harness.launch import ServedGraph
+from tests.e2e.graph_helpers import engine_core_of, prefill_decision
 from tests.e2e.vllm_reference import vllm_greedy
 
 pytestmark = pytest.mark.e2e
@@ -101,7 +104,15 @@ async def graph(tiny_model, reference, nats_server, etcd_server, tmp_path_factor
     config = yaml.safe_load(CONFIG.read_text())
     config["Common"]["model"] = str(tiny_model)
     metrics_port = free_port()
-    config["VllmWorker"].update({"metrics-port": metrics_port, "remote-prefill-timeout-s": REMOTE_PREFILL_TIMEOUT_S})
+    config["VllmWorker"].update(
+        {
+            "metrics-port": metrics_port,
+            "remote-prefill-timeout-s": REMOTE_PREFILL_TIMEOUT_S,
+            # vLLM's engine option (its xgrammar backend reads no request's): JSON without
+            # free whitespace, which the random-weight model would fill max_tokens with.
+            "structured-outputs-config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        }
+    )
     config["PrefillWorker"]["ServiceArgs"]["workers"] = PREFILL_WORKERS
     workdir = tmp_path_factory.mktemp("disagg")
     served = DisaggGraph("graphs.disagg_router:Frontend", config, workdir, nats_server.url, etcd_server.url)
@@ -184,7 +195,7 @@ async def test_long_prompts_prefill_remotely_on_both_workers_with_vllms_output(
     served_by: dict[str, int] = {}
     for prompt, (request_id, response) in zip(LONG_PROMPTS, results, strict=True):
         assert _text(response) == reference[prompt]
-        assert graph.prefill_decision(request_id) == "remote"
+        assert prefill_decision(graph, request_id) == "remote"
         # The response names the prefill worker that served it.
         worker = response.headers["x-tandem-prefill-worker"]
         served_by[worker] = served_by.get(worker, 0) + 1
@@ -236,11 +247,75 @@ async def test_short_prompts_stay_local_with_vllms_output(graph: DisaggGraph, re
     for prompt in SHORT_PROMPTS:
         request_id, response = await _complete(graph, prompt)
         assert _text(response) == reference[prompt]
-        assert graph.prefill_decision(request_id) == "local"
+        assert prefill_decision(graph, request_id) == "local"
         assert "x-tandem-prefill-worker" not in response.headers
     after = await _prefill_statuses(graph)
     assert {w: _done(s) for w, s in after.items()} == {w: _done(s) for w, s in before.items()}
     assert (await _decode_counters(graph))["external_tokens"] == counters_before["external_tokens"]
+
+
+# Constrained answers stay short on the random-weight model: each alternative ends the text.
+ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Oslo"]}}}},
+}
+CONSTRAINED: dict[str, tuple[str, dict[str, Any]]] = {
+    "choice": ("/v1/completions", {"structured_outputs": {"choice": ["yes", "no"]}}),
+    "regex": ("/v1/completions", {"structured_outputs": {"regex": "[a-z]{3,8}"}}),
+    "json_schema": (
+        "/v1/chat/completions",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}},
+    ),
+    "required_tool": ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": "required"}),
+}
+
+
+def _constrained_answer(case: str, choice: dict[str, Any]) -> Any:
+    if case == "required_tool":
+        (call,) = choice["message"]["tool_calls"]
+        return call["function"]["name"], json.loads(call["function"]["arguments"])
+    return choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+@pytest.mark.parametrize("case", list(CONSTRAINED))
+async def test_structured_outputs_hold_with_remote_prefill(graph: DisaggGraph, case: str) -> None:
+    """The decode engine enforces the constraint from its first token on, over the prefill
+    engine's KV (the PrefillWorker drops the grammar: its one token is thrown away)."""
+    route, fields = CONSTRAINED[case]
+    prompt = _long(f"constrained-{case}")
+    body: dict[str, Any] = {"model": MODEL, "temperature": 0, "max_tokens": 48, **fields}
+    body.update({"messages": [{"role": "user", "content": prompt}]} if "chat" in route else {"prompt": prompt})
+    request_id = uuid.uuid4().hex
+    async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
+        response = await http.post(route, json=body, headers={"X-Request-Id": request_id})
+    assert response.status_code == 200, response.text
+    assert prefill_decision(graph, request_id) == "remote"
+    choice = response.json()["choices"][0]
+    answer = _constrained_answer(case, choice)
+    if case == "choice":
+        assert answer in ("yes", "no")
+    elif case == "regex":
+        assert re.fullmatch("[a-z]{3,8}", answer), answer
+    elif case == "json_schema":
+        assert json.loads(answer)["answer"] in ("yes", "no"), answer
+    else:
+        assert answer == ("get_weather", {"city": "Oslo"}) and choice["finish_reason"] == "tool_calls"
+
+
+async def test_n_choices_share_one_remote_prefill(graph: DisaggGraph) -> None:
+    request_id = uuid.uuid4().hex
+    body = {"model": MODEL, "prompt": _long("choices"), "n": 3, "seed": 5, "temperature": 1.0, "max_tokens": 8}
+    async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
+        response = await http.post("/v1/completions", json=body, headers={"X-Request-Id": request_id})
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2] and len({c["text"] for c in choices}) > 1
+    assert response.json()["usage"]["completion_tokens"] == 3 * 8
+    assert prefill_decision(graph, request_id) == "remote"
+    # Choices 1 and 2 are requests of their own on the decode engine, and no further prefill job.
+    log = graph.log_path.read_text(errors="replace")
+    assert f"request 1_{request_id}: prefill" not in log and f"request 2_{request_id}: prefill" not in log
 
 
 async def test_disagg_set_flips_the_decision_live(graph: DisaggGraph, reference, monkeypatch) -> None:
@@ -255,19 +330,19 @@ async def test_disagg_set_flips_the_decision_live(graph: DisaggGraph, reference,
             await asyncio.sleep(0.5)  # the worker's tunables watch applies it
             request_id, response = await _complete(graph, FLIP_PROMPT)
             assert _text(response) == reference[FLIP_PROMPT]
-            assert graph.prefill_decision(request_id) == "local"
+            assert prefill_decision(graph, request_id) == "local"
 
             await runtime.discovery.put_tunable(MAX_LOCAL_PREFILL_LENGTH.key, MAX_LOCAL_PREFILL)
             await runtime.discovery.put_tunable(MAX_PREFILL_QUEUE_SIZE.key, 0)  # "queue full": local
             await asyncio.sleep(0.5)
             request_id, _ = await _complete(graph, FLIP_PROMPT)
-            assert graph.prefill_decision(request_id) == "local"
+            assert prefill_decision(graph, request_id) == "local"
 
             await runtime.discovery.delete_tunable(MAX_PREFILL_QUEUE_SIZE.key)  # back to the config's
             await asyncio.sleep(0.5)
             request_id, response = await _complete(graph, FLIP_PROMPT)
             assert _text(response) == reference[FLIP_PROMPT]
-            assert graph.prefill_decision(request_id) == "remote"
+            assert prefill_decision(graph, request_id) == "remote"
         finally:
             for key in (MAX_LOCAL_PREFILL_LENGTH.key, MAX_PREFILL_QUEUE_SIZE.key):
                 await runtime.discovery.delete_tunable(key)
@@ -303,7 +378,7 @@ async def test_a_late_answer_is_discarded_after_the_local_fallback(graph: Disagg
         for group in groups:
             os.killpg(group, signal.SIGCONT)
     assert _text(response) == reference[LATE_PROMPT]
-    assert graph.prefill_decision(request_id) == "fallback"
+    assert prefill_decision(graph, request_id) == "fallback"
     assert "x-tandem-prefill-worker" not in response.headers
     async with asyncio.timeout(2 * PREFILL_ACK_WAIT_S):
         while True:
@@ -336,7 +411,7 @@ async def test_sigkill_of_a_prefill_worker_with_jobs_queued_loses_no_request(gra
     for prompt, (request_id, response) in zip(KILL_PROMPTS, results, strict=True):
         assert _text(response) == reference[prompt]
         # The victim's job was redelivered after the ack wait: still remote, no fallback.
-        assert graph.prefill_decision(request_id) == "remote"
+        assert prefill_decision(graph, request_id) == "remote"
         # supervisord restarts the victim under a new instance id; it may take a job late.
         assert response.headers["x-tandem-prefill-worker"] != victim
 

@@ -23,6 +23,7 @@ import pytest
 from app.protocol import PREFILL_ACK_WAIT_S
 from app.runtime import Runtime
 from bench.harness.launch import ServedGraph
+from tests.e2e.graph_helpers import prefill_decision
 
 pytestmark = pytest.mark.e2e
 
@@ -126,7 +127,7 @@ async def test_with_no_prefill_worker_long_prompts_prefill_locally_at_once(
             request_id, response = await complete(http, long_prompt())
         assert response.status_code == 200, response.text
         assert "x-tandem-prefill-worker" not in response.headers
-        assert served.prefill_decision(request_id) == "local"
+        assert prefill_decision(served, request_id) == "local"
         assert f"request {request_id}: prefill local (no PrefillWorker registered)" in served.log_path.read_text()
     finally:
         served.stop()
@@ -138,7 +139,7 @@ async def test_both_prefill_workers_take_jobs_and_name_themselves(graph: ServedG
     served_by = set()
     for request_id, response in results:
         assert response.status_code == 200, response.text
-        assert graph.prefill_decision(request_id) == "remote"
+        assert prefill_decision(graph, request_id) == "remote"
         served_by.add(response.headers["x-tandem-prefill-worker"])
     counts = await statuses(graph)
     assert served_by <= set(counts)
@@ -161,7 +162,7 @@ async def test_a_prefill_worker_killed_mid_job_loses_nothing(graph: ServedGraph)
     for request_id, response in results:
         assert response.status_code == 200, response.text
         # Redelivered to the surviving PrefillWorker: still remote, never a local fallback.
-        assert graph.prefill_decision(request_id) == "remote"
+        assert prefill_decision(graph, request_id) == "remote"
     after = await statuses(graph)
     survivors = set(after) & set(before)
     done = sum(after[w].get("done", 0) - before[w].get("done", 0) for w in survivors)

@@ -190,3 +190,43 @@ async def test_the_openapi_document_and_docs_page(frontends: dict[str, ServedGra
     assert {"/v1/models", "/version", "/health", "/metrics"} <= set(document["paths"])
     assert "ChatCompletionRequest" in document["components"]["schemas"]
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("frontend", ["embedded", "thin"])
+@pytest.mark.parametrize(
+    ("route", "fields", "field"),
+    [
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/completions", {"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs"),
+        ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+    ],
+)
+async def test_constraints_the_mocker_cannot_enforce_are_400s_naming_field_and_engine(
+    frontends: dict[str, ServedGraph], frontend: str, route: str, fields: dict[str, Any], field: str
+) -> None:
+    prompt = {"messages": CHAT} if route == "/v1/chat/completions" else {"prompt": "hi"}
+    async with httpx.AsyncClient(base_url=frontends[frontend].base_url, timeout=30) as http:
+        for stream in (False, True):
+            refused = await http.post(
+                route, json={"model": MODEL, **prompt, **fields, "max_tokens": 4, "stream": stream}
+            )
+            assert refused.status_code == 400, refused.text
+            message = refused.json()["error"]["message"]
+            assert field in message and "mocker" in message, message
+        # Refused, not broken: the same request without the constraint is served.
+        served = await http.post(route, json={"model": MODEL, **prompt, "max_tokens": 4})
+    assert served.status_code == 200, served.text
+
+
+async def test_auto_tool_choice_without_a_parser_is_a_400_that_says_what_to_configure(
+    frontends: dict[str, ServedGraph],
+) -> None:
+    async with httpx.AsyncClient(base_url=frontends["embedded"].base_url, timeout=30) as http:
+        refused = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "tools": [TOOL]})
+    assert refused.status_code == 400
+    assert (
+        "tool-call-parser" in refused.json()["error"]["message"] and refused.json()["error"]["param"] == "tool_choice"
+    )

@@ -26,10 +26,10 @@ _SCRIPT = textwrap.dedent(
         # arrive as JSON's strings there too).
         params = [SamplingParams.from_optional(**fields) for _, fields in requests]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in requests], params)
+        # Every choice of each request (SamplingParams.n), in index order.
+        choices = [sorted(o.outputs, key=lambda c: c.index) for o in outputs]
         with open(out, "w") as f:
-            json.dump(
-                [[list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason] for o in outputs], f
-            )
+            json.dump([[[list(c.token_ids), c.text, c.finish_reason] for c in cs] for cs in choices], f)
     """
 )
 
@@ -43,7 +43,16 @@ class ReferenceOutput(NamedTuple):
 def vllm_generate(
     model: Path, engine_args: dict[str, Any], requests: list[tuple[list[int], dict[str, Any]]], workdir: Path
 ) -> list[ReferenceOutput]:
-    """vLLM's output for each (prompt token ids, SamplingParams fields), all from one engine."""
+    """vLLM's output for each (prompt token ids, SamplingParams fields), all from one engine
+    (the first choice of a request whose fields ask for `n` > 1)."""
+    return [choices[0] for choices in vllm_generate_choices(model, engine_args, requests, workdir)]
+
+
+def vllm_generate_choices(
+    model: Path, engine_args: dict[str, Any], requests: list[tuple[list[int], dict[str, Any]]], workdir: Path
+) -> list[list[ReferenceOutput]]:
+    """vLLM's outputs for each (prompt token ids, SamplingParams fields), all from one engine:
+    every one of a request's `n` choices, in index order."""
     script, out = workdir / "reference.py", workdir / "outputs.json"
     script.write_text(_SCRIPT)
     argument = json.dumps([str(model), engine_args, requests, str(out)])
@@ -51,7 +60,7 @@ def vllm_generate(
         [sys.executable, str(script), argument], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300
     )
     assert result.returncode == 0, result.stdout.decode(errors="replace")[-4000:]
-    return [ReferenceOutput(*output) for output in json.loads(out.read_text())]
+    return [[ReferenceOutput(*choice) for choice in choices] for choices in json.loads(out.read_text())]
 
 
 def greedy(max_tokens: int, ignore_eos: bool = True) -> dict[str, Any]:

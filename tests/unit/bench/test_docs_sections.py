@@ -3,7 +3,7 @@ reads them, below the results, and the other sections stay as they are."""
 
 from pathlib import Path
 
-from bench.harness.report import MEASURED_END, table, write_section
+from bench.harness.cli import MEASURED_END, table, write_section
 
 DOC = f"""# Benchmarks
 

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bench.harness.load import WORKER_HEADER, Connection, RequestResult, prompts
+from bench.harness.load import WORKER_HEADER, Connection, LoadConfig, RequestResult, prompts, run_load
 from bench.harness.stats import median, percentile, summarize
-from bench.loadgen import LoadConfig, run_load
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FIRST_TOKEN_DELAY_S = 0.03

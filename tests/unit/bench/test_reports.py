@@ -7,10 +7,9 @@ import math
 
 import msgspec
 
-from bench import disagg_scenarios, vs_direct
-from bench.harness.load import RequestResult
+from bench.harness.load import LoadConfig, RequestResult
 from bench.harness.stats import Phase, summarize
-from bench.loadgen import LoadConfig
+from bench.scenarios import Disagg, VsDirect, by_kind
 
 
 def _stream(ttft: float, gaps: list[float], prompt: int = 100) -> RequestResult:
@@ -23,7 +22,7 @@ def test_vs_direct_puts_each_system_and_their_ratio_in_one_table() -> None:
         return Phase((system, "1"), summarize([_stream(ttft, [0.01] * 9) for _ in range(10)], duration_s=2.0))
 
     phases = [run("direct", 0.04), run("tandem", 0.05)]
-    lines = vs_direct.render(phases, argparse.Namespace(runs=1, concurrency=[1], requests=10))
+    lines = VsDirect().render(phases, argparse.Namespace(runs=1, concurrency=[1], requests=10))
     assert "(100 tokens by the servers' count)" in lines[0]
     assert lines[2].startswith("| system | concurrency | output tok/s | req/s | TTFT p50 ms |")
     assert lines[4] == "| direct | 1 | 50.0 | 5.00 | 40.0 | 40.0 | 10.00 | 10.00 | 1 | 0 |"
@@ -34,14 +33,14 @@ def test_vs_direct_puts_each_system_and_their_ratio_in_one_table() -> None:
 
 def test_disagg_rows_split_decode_pace_from_chunk_gaps_and_count_stalls() -> None:
     steady, stalled = _stream(0.2, [0.01] * 4), _stream(0.1, [0.01, 0.3, 0.01, 0.01])
-    load = LoadConfig(url="", model="m", long_share=1.0)  # every request is long
+    load = LoadConfig("m", long_share=1.0)  # every request is long
     whole = summarize([steady, stalled], duration_s=0.25)
-    long, short = disagg_scenarios.by_kind("aggregated", load, [steady, stalled], whole, 0.1, prefill_jobs=3)
+    long, short = by_kind("aggregated", load, [steady, stalled], whole, 0.1, prefill_jobs=3)
     assert long.extra == {"stalled": 0.5, "all_output_tokens_per_second": 40.0, "prefill_jobs": 3}
     # (e2e - TTFT) / (tokens - 1), then the median
     assert math.isclose(long.summary.tpot_p50_s, (0.01 + 0.0825) / 2)
     assert short.summary.requests == 0
-    report = disagg_scenarios.render([long], argparse.Namespace(scenario="mocker", requests=None))
+    report = Disagg().render([long], argparse.Namespace(requests=None))
     assert (
         "| layout | requests | prompt tokens | TTFT p50 | TTFT p99 | TPOT p50 | ITL p50 | ITL p99 | ITL p99.9 "
         "| requests stalled >= 100 ms | output tok/s (all) | prefilled remotely |" in report

@@ -1,4 +1,4 @@
-"""bench/request_path.py: the report judges each layout and compares them side by side."""
+"""The request-path benchmark (bench/scenarios.py): the report judges each layout and compares them side by side."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 from bench.harness.load import RequestResult
 from bench.harness.stats import Phase, summarize
-from bench.request_path import render
+from bench.scenarios import RequestPath
 
 
 def test_the_report_judges_each_layout_and_compares_them_side_by_side() -> None:
@@ -17,7 +17,7 @@ def test_the_report_judges_each_layout_and_compares_them_side_by_side() -> None:
 
     embedded = [phase("router-in-frontend", rps, 1.2) for rps in (700, 800, 900)]
     processes = [phase("router-processes", rps, 1.3, 0.7) for rps in (400, 500, 600)]
-    report = render([*embedded, *processes], argparse.Namespace())
+    report = RequestPath().render([*embedded, *processes], argparse.Namespace())
     rows = {line.split(" | ")[0].lstrip("| "): line for line in report if line.startswith("| router-")}
     assert (
         rows["router-in-frontend"]

@@ -1,7 +1,7 @@
 """The oracle behind the routing benchmark's "best possible" hit rate."""
 
 from bench.harness.load import RequestResult
-from bench.routing_scenarios import best_possible_cached
+from bench.scenarios import best_possible_cached
 
 BLOCK = 4
 

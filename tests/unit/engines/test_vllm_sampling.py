@@ -8,7 +8,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind
 
 from app.engines.vllm import sampling_params_for
-from app.protocol import PreprocessedRequest, SamplingOptions, StopConditions
+from app.protocol import PreprocessedRequest, SamplingOptions, StopConditions, StructuredOutputs
 
 
 def _request(sampling: SamplingOptions, stop: StopConditions | None = None) -> PreprocessedRequest:
@@ -53,6 +53,26 @@ def test_plain_request_leaves_vllms_defaults() -> None:
     params = sampling_params_for(_request(SamplingOptions()))
     assert (params.min_p, params.repetition_penalty, params.logit_bias) == (0.0, 1.0, None)
     assert params.allowed_token_ids is None and params.bad_words == []
+    assert params.structured_outputs is None
+
+
+@pytest.mark.parametrize(
+    "structured",
+    [
+        StructuredOutputs(json='{"type": "object"}', param="response_format", disable_any_whitespace=True),
+        StructuredOutputs(regex="[a-z]+"),
+        StructuredOutputs(choice=["yes", "no"]),
+        StructuredOutputs(grammar='root ::= "a"', whitespace_pattern=" "),
+        StructuredOutputs(json_object=True, disable_additional_properties=True),
+    ],
+)
+def test_a_structured_output_constraint_reaches_vllm_field_for_field(structured: StructuredOutputs) -> None:
+    given = sampling_params_for(_request(SamplingOptions(structured=structured))).structured_outputs
+    assert given is not None
+    for field in ("json", "regex", "choice", "grammar", "json_object"):
+        assert getattr(given, field) == getattr(structured, field)
+    for option in ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"):
+        assert getattr(given, option) == getattr(structured, option)
 
 
 @pytest.mark.parametrize(

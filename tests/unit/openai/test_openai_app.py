@@ -110,6 +110,23 @@ async def test_logprobs_shapes(client, backend) -> None:
     assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
 
 
+async def test_completion_top_logprobs_hold_the_chosen_token(client) -> None:
+    # OpenAI's (and vLLM's): up to logprobs + 1 entries, the chosen token's among them.
+    body = {**COMPLETION, "logprobs": 0}
+    logprobs = (await client.post("/v1/completions", json=body)).json()["choices"][0]["logprobs"]
+    chosen = zip(logprobs["tokens"], logprobs["token_logprobs"], strict=True)
+    assert logprobs["top_logprobs"] == [{token: logprob} for token, logprob in chosen]
+
+
+async def test_without_a_generation_prompt_the_answer_takes_the_last_messages_role(client) -> None:
+    # As vLLM's server: the model continues that turn.
+    body = {**CHAT, "add_generation_prompt": False}
+    whole = (await client.post("/v1/chat/completions", json=body)).json()
+    assert whole["choices"][0]["message"]["role"] == "user"
+    chunks = _events(await client.post("/v1/chat/completions", json={**body, "stream": True}))
+    assert chunks[0]["choices"][0]["delta"]["role"] == "user"
+
+
 @pytest.mark.parametrize(
     ("route", "body", "status", "param"),
     [
@@ -121,7 +138,10 @@ async def test_logprobs_shapes(client, backend) -> None:
             None,
         ),
         ("/v1/chat/completions", json.dumps({**CHAT, "bogus": 1}).encode(), 400, "bogus"),
-        ("/v1/chat/completions", json.dumps({**CHAT, "n": 3}).encode(), 400, "n"),
+        ("/v1/chat/completions", json.dumps({**CHAT, "n": 0}).encode(), 400, "n"),
+        ("/v1/chat/completions", json.dumps({**CHAT, "n": 1000}).encode(), 400, "n"),
+        # vLLM's rule, the Processor's to apply (the temperature may be the model's default).
+        ("/v1/completions", json.dumps({**COMPLETION, "n": 2, "temperature": 0}).encode(), 400, "n"),
         ("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 10**6}).encode(), 400, "max_tokens"),
         ("/v1/completions", json.dumps({**COMPLETION, "echo": True}).encode(), 400, "echo"),
         ("/v1/completions", json.dumps({**COMPLETION, "prompt": "x" * 1_000_000}).encode(), 400, "prompt"),

@@ -13,7 +13,11 @@ COMPLETION = {"model": "m", "prompt": "hi"}
         ({"temperature": 2.5}, "temperature"),
         ({"temperature": "hot"}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": -1}, "n"),
+        ({"n": 129}, "n"),
+        ({"n": 2.0}, "n"),
+        ({"n": "2"}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": [""]}, "stop"),
         ({"presence_penalty": -3}, "presence_penalty"),
@@ -95,3 +99,15 @@ def test_valid_requests_parse_from_bytes_and_after_a_hop() -> None:
     assert parsed.stop_list() == ["x"] and parsed.include_usage_in_stream()
     completion = parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2, 3]})
     assert completion.prompt_token_ids() == [1, 2, 3] and completion.max_tokens == 16
+
+
+@pytest.mark.parametrize("request_type", [ChatCompletionRequest, CompletionRequest])
+def test_n_is_an_int_from_1_to_128(request_type) -> None:
+    body = CHAT if request_type is ChatCompletionRequest else COMPLETION
+    assert [parse_request(request_type, {**body, "n": n}).num_choices() for n in (1, 2, 128)] == [1, 2, 128]
+    # null is 1, as OpenAI's schema has it; left out, 1.
+    assert parse_request(request_type, {**body, "n": None}).num_choices() == 1
+    assert parse_request(request_type, body).num_choices() == 1
+    with pytest.raises(InvalidRequestError) as error:
+        parse_request(request_type, {**body, "n": 129})
+    assert error.value.param == "n" and "128" in error.value.message

@@ -148,3 +148,54 @@ def test_per_token_cost_does_not_grow_with_length(preprocessor) -> None:
 
     cost(200)  # warm the token caches
     assert cost(4000) < 3 * cost(400)
+
+
+async def test_stream_of_n_choices_detokenizes_and_stops_each_on_its_own(preprocessor) -> None:
+    fields = {"model": "tiny", "prompt": "x", "stop": "o w", "max_tokens": 100, "n": 2, "temperature": 1.0}
+    request = parse_request(CompletionRequest, fields)
+    pre = preprocessor.preprocess(request, "r4")
+    assert pre.n == 2
+    # Choice 0 meets the stop string early, choice 1 never does: it runs to its end.
+    texts = {0: "hello world " * 20, 1: "a tale of two cities, told twice"}
+    ids = {index: preprocessor.tokenizer.encode(text, add_special_tokens=False) for index, text in texts.items()}
+    state = {"sent": 0, "closed": False}
+
+    async def engine():
+        try:
+            for position in range(max(map(len, ids.values()))):
+                for index, choice_ids in ids.items():
+                    if position < len(choice_ids):
+                        state["sent"] += 1
+                        last = position == len(choice_ids) - 1
+                        yield EngineOutput(
+                            token_ids=[choice_ids[position]], index=index, finish_reason="length" if last else None
+                        )
+        finally:
+            state["closed"] = True
+
+    postprocessors = [preprocessor.postprocessor(request, pre) for _ in range(2)]
+    items = [item async for item in postprocess_stream(postprocessors, engine())]
+    by_choice = {index: [item for item in items if item.index == index] for index in (0, 1)}
+    assert "".join(item.text for item in by_choice[0]) == "hell"
+    assert "".join(item.text for item in by_choice[1]) == texts[1]
+    assert [item.finish_reason for item in items if item.finish_reason] == ["stop", "length"]
+    # Nothing of choice 0 after its stop string, though its engine request went on.
+    assert by_choice[0][-1].finish_reason == "stop"
+    # Each choice counts its own tokens.
+    assert [item.completion_tokens for item in by_choice[1]] == list(range(1, len(ids[1]) + 1))
+    assert by_choice[0][-1].completion_tokens < len(ids[0])
+    # Both finished: the engine stream is closed before choice 0's engine request ended.
+    assert state["closed"] and state["sent"] < len(ids[0]) + len(ids[1])
+
+
+async def test_stream_of_n_choices_ends_only_when_every_choice_has(preprocessor) -> None:
+    request = parse_request(CompletionRequest, {"model": "tiny", "prompt": "x", "n": 3, "max_tokens": 5})
+    pre = preprocessor.preprocess(request, "r5")
+
+    async def engine():
+        yield EngineOutput(token_ids=[100], index=2, finish_reason="length")
+        yield EngineOutput(token_ids=[101], index=0, finish_reason="length")
+
+    postprocessors = [preprocessor.postprocessor(request, pre) for _ in range(3)]
+    with pytest.raises(InternalError):
+        [item async for item in postprocess_stream(postprocessors, engine())]

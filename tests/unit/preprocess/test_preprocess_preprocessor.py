@@ -1,5 +1,8 @@
+import json
+import shutil
 import time
 
+import msgspec
 import pytest
 
 from app.errors import InvalidRequestError
@@ -69,12 +72,20 @@ def test_default_max_tokens_fills_the_context(preprocessor: Preprocessor) -> Non
     assert pre.stop.max_tokens == preprocessor.max_model_len - len(pre.token_ids)
 
 
-def test_completion_default_is_16_and_clipped_only_when_implicit(tiny_model) -> None:
+def test_max_tokens_is_clipped_to_the_room_left_and_more_than_the_context_refused(tiny_model) -> None:
+    # vLLM's server: clients ask for a model's whole context and rely on the clip.
     small = Preprocessor(tiny_model, max_model_len=10)
-    assert small.completion(_completion(prompt=[5, 6]), "r").stop.max_tokens == 8
+    assert small.completion(_completion(prompt=[5, 6]), "r").stop.max_tokens == 8  # the default 16
+    assert small.completion(_completion(prompt=[5, 6], max_tokens=9), "r").stop.max_tokens == 8
+    assert small.completion(_completion(prompt=[5, 6], max_tokens=10), "r").stop.max_tokens == 8
+    assert small.completion(_completion(prompt=[5, 6], max_tokens=3), "r").stop.max_tokens == 3
     with pytest.raises(InvalidRequestError) as error:
-        small.completion(_completion(prompt=[5, 6], max_tokens=9), "r")
+        small.completion(_completion(prompt=[5, 6], max_tokens=11), "r")
     assert error.value.param == "max_tokens" and "10" in error.value.message
+    whole = Preprocessor(tiny_model)
+    with pytest.raises(InvalidRequestError) as error:
+        whole.chat(_chat(max_completion_tokens=whole.max_model_len + 1), "r")
+    assert error.value.param == "max_completion_tokens"
 
 
 def test_too_long_prompts_are_rejected_naming_the_limit(tiny_model) -> None:
@@ -113,3 +124,30 @@ def test_min_tokens_above_max_tokens_is_rejected(preprocessor: Preprocessor) -> 
     with pytest.raises(InvalidRequestError) as error:
         preprocessor.chat(_chat(min_tokens=10, max_tokens=5), "r")
     assert error.value.param == "min_tokens"
+
+
+def test_n_choices_travel_on_the_request(preprocessor: Preprocessor) -> None:
+    assert preprocessor.chat(_chat(n=3, temperature=0.7), "r").n == 3
+    assert preprocessor.completion(_completion(prompt="hi", n=None), "r").n == 1
+    # n=1 is left off the wire.
+    assert "n" not in msgspec.msgpack.decode(msgspec.msgpack.encode(preprocessor.chat(_chat(), "r")))
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(preprocessor.chat(_chat(n=2), "r")))["n"] == 2
+
+
+@pytest.mark.parametrize("fields", [{"temperature": 0.0}, {"temperature": 1e-6}])
+def test_n_greedy_choices_are_refused_as_vllm_refuses_them(preprocessor: Preprocessor, fields) -> None:
+    with pytest.raises(InvalidRequestError) as error:
+        preprocessor.chat(_chat(n=2, **fields), "r")
+    assert error.value.param == "n" and error.value.message == "n must be 1 when using greedy sampling, got 2."
+    assert preprocessor.chat(_chat(n=1, **fields), "r").n == 1
+
+
+def test_n_greedy_by_the_models_default_temperature_is_refused(tiny_model, tmp_path) -> None:
+    model = tmp_path / "greedy-model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0}))
+    greedy = Preprocessor(model)
+    with pytest.raises(InvalidRequestError):
+        greedy.chat(_chat(n=2), "r")
+    assert greedy.chat(_chat(n=2, temperature=0.5), "r").n == 2

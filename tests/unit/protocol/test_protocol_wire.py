@@ -164,3 +164,17 @@ def test_encoding_is_what_it_was_and_decodes_back(name: str) -> None:
 def test_a_lone_placement_event_is_still_a_placement_message() -> None:
     event = protocol.PlacementEvent(router_id="r", request_id="q", worker_id="w", kind="prefill_done")
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(event), type=protocol.PlacementMessage) == event
+
+
+def test_the_choice_fields_are_left_off_for_one_choice_and_travel_for_more() -> None:
+    """n and index (OpenAI's n > 1): a request of one choice is the bytes it always was."""
+    assert "n" not in msgspec.msgpack.decode(msgspec.msgpack.encode(msgspec.structs.replace(REQUEST, n=1)))
+    several = msgspec.msgpack.encode(msgspec.structs.replace(REQUEST, n=3))
+    assert msgspec.msgpack.decode(several, type=protocol.PreprocessedRequest).n == 3
+    wire_types: tuple[type[protocol.EngineOutput] | type[protocol.StreamItem], ...] = (
+        protocol.EngineOutput,
+        protocol.StreamItem,
+    )
+    for wire_type in wire_types:
+        assert "index" not in msgspec.msgpack.decode(msgspec.msgpack.encode(wire_type()))
+        assert msgspec.msgpack.decode(msgspec.msgpack.encode(wire_type(index=2)), type=wire_type).index == 2

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import msgspec
 
 from app.openai.backend import ModelCard
-from app.protocol import ModelInfo, ModelRecord
+from app.openai.schema import ChatCompletionRequest, parse_request
+from app.protocol import ModelInfo, ModelRecord, StreamItem
 from app.runtime.discovery import ModelsWatch
-from app.serving.backend import FleetBackend, Processing
+from app.serving.backend import FleetBackend, Processing, RemoteProcessing
 
 
 class _Models:
@@ -52,3 +54,28 @@ def test_served_model_name_limits_the_list() -> None:
     backend = _backend({"tiny": [_record("tiny", "a", 64)], "other": [_record("other", "b", 64)]}, only_model="other")
     assert [card.id for card in backend.list_models()] == ["other"]
     assert not _backend({}).is_ready()
+
+
+class _Endpoint:
+    """A Processor endpoint's client: records each payload as it crosses NATS (msgpack), and
+    answers with `items` decoded as the runtime decodes them (`response_type`)."""
+
+    def __init__(self, items: list[StreamItem]) -> None:
+        self.items = items
+        self.payloads: list[dict[str, Any]] = []
+
+    async def stream(self, payload: Any, *, response_type: type, **_: Any) -> AsyncIterator[Any]:
+        self.payloads.append(msgspec.msgpack.decode(msgspec.msgpack.encode(payload)))
+        for item in self.items:
+            yield msgspec.msgpack.decode(msgspec.msgpack.encode(item), type=response_type)
+
+
+async def test_a_thin_frontend_forwards_n_and_gets_each_items_choice_back() -> None:
+    chat = _Endpoint([StreamItem(text="a"), StreamItem(text="b", index=2, completion_tokens=1, finish_reason="stop")])
+    unused = _Endpoint([])
+    processing = RemoteProcessing(chat, unused, unused, unused)  # type: ignore[arg-type]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3, "temperature": 0.5}
+    items = [item async for item in processing.generate("chat", parse_request(ChatCompletionRequest, body), "r1")]
+    # The Processor service parses what arrives: the same n.
+    assert parse_request(ChatCompletionRequest, chat.payloads[0]).num_choices() == 3
+    assert [(item.index, item.text) for item in items] == [(0, "a"), (2, "b")]

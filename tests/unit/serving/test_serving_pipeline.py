@@ -15,7 +15,7 @@ from app.errors import InvalidRequestError, NoWorkerError, UnavailableError, Wor
 from app.openai.schema import CompletionRequest, parse_request
 from app.protocol import EngineOutput, PlacementEvent, PreprocessedRequest, RouteDecision, RouteRequest, names
 from app.runtime import NoInstancesError
-from app.serving import ReplicaPicker, RequestPipeline, RouterServicePicker, SpreadPicker, WorkerPicker
+from app.serving import PipelineConfig, ReplicaPicker, RequestPipeline, RouterServicePicker, SpreadPicker, WorkerPicker
 
 MODEL = "tiny-llama"
 
@@ -116,7 +116,7 @@ class FakeReplica:
 
 
 async def _pipeline(tiny_model: Path, picker: WorkerPicker, workers: FakeWorkers) -> RequestPipeline:
-    pipeline = RequestPipeline(str(tiny_model), None, picker, workers)  # type: ignore[arg-type]
+    pipeline = RequestPipeline(PipelineConfig(model=str(tiny_model)), picker, workers)  # type: ignore[arg-type]
     await pipeline.start()
     return pipeline
 
@@ -206,3 +206,36 @@ async def test_the_replica_in_process_accounts_for_each_placement(tiny_model: Pa
 async def _drain_publishes() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
+
+
+class ChoiceWorkers(FakeWorkers):
+    """Each worker answers a request's n choices as its fan-out does (app/engines/choices.py):
+    choice 0's first output first, then the choices' outputs interleaved, each tagged; choice
+    i's tokens are `tokens[i]`."""
+
+    def __init__(self, tokens: dict[str, list[int]]) -> None:
+        super().__init__(tokens)
+        self.requests: list[PreprocessedRequest] = []
+
+    async def stream(self, request: PreprocessedRequest, target: str, **_: Any) -> AsyncIterator[EngineOutput]:
+        self.calls.append(target)
+        self.requests.append(request)
+        tokens = self.tokens[target]
+        yield EngineOutput(token_ids=[tokens[0]], num_prompt_tokens=len(request.token_ids), worker_id=target)
+        for index in range(1, request.n):
+            yield EngineOutput(token_ids=[tokens[index]], index=index)
+        for index in range(request.n):
+            yield EngineOutput(token_ids=[tokens[index]], index=index, finish_reason="length")
+
+
+async def test_n_choices_come_back_per_index_from_one_worker(tiny_model: Path) -> None:
+    workers = ChoiceWorkers({"w1": [1000, 1500, 2000]})
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin"), workers)  # type: ignore[arg-type]
+    fields = {"model": MODEL, "prompt": "hello", "max_tokens": 2, "n": 3, "temperature": 0.5}
+    items = [item async for item in pipeline.generate(parse_request(CompletionRequest, fields), "r7")]
+    assert workers.calls == ["w1"] and workers.requests[0].n == 3
+    assert items[0].worker_id == "w1" and items[0].index == 0
+    # Each choice detokenized on its own: its text is its one token twice.
+    texts = {index: "".join(item.text for item in items if item.index == index) for index in range(3)}
+    assert len(set(texts.values())) == 3 and all(text[: len(text) // 2] * 2 == text for text in texts.values())
+    assert [(item.index, item.completion_tokens) for item in items if item.finish_reason] == [(0, 2), (1, 2), (2, 2)]

@@ -1,0 +1,552 @@
+"""The conformance tier's machinery: a case as data, what a server answered to it, and the
+comparison of Tandem's answer with vLLM's own server's.
+
+The comparison is strict. Both answers must have the same HTTP status and media type; the
+same keys at every level, each with the same JSON types (a key missing where the other has
+it counts); and, for a 200, the same values everywhere (floats, which are logprobs, within
+`FLOAT_TOLERANCE`). Streams are compared twice: their chunks' shape (all chunks' keys and
+types merged, header values such as `object` and `model` alike) and their content put back
+together per choice index (text, logprobs, finish_reason) with the final usage. Error
+bodies are compared by shape only: vLLM's and Tandem's words differ.
+
+Every exception is an `Allowed` entry: a JSON path, a rule, the reason. `ALLOWED` holds
+those of every case, a case's own `allowed` those of that case alone; a case where Tandem
+answers otherwise on purpose (another status) names its `Deviation`, and both servers'
+answers are asserted. Paths are dotted keys with `[]` for a list's items:
+`choices[].message.content`; a chunk's paths are the same as a body's
+(`choices[].delta.content`). Beyond those, only `normalized_chunks` puts streams alike
+(how they cut the same text into chunks), by the same rules on both sides.
+
+`tests/e2e/test_agg_graph.py` runs the tier (its graph, after vLLM's server has stopped),
+`tests/e2e/conformance_cases.py` holds the cases, `tests/e2e/test_vllm_conformance.py`
+checks this module on hand-made bodies.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+JsonPath = str
+
+
+class Rule(enum.Enum):
+    """How an allowed difference at a path is treated."""
+
+    VLLM_ONLY = "only vLLM's answer has it (and what is under it)"
+    VLLM_ONLY_NULL = "only vLLM's answer has it, and there it is always null"
+    TANDEM_NULL_FOR_ABSENT = "Tandem's is null where vLLM's leaves the key out"
+    VLLM_NULL_FOR_ABSENT = "vLLM's is null where Tandem's leaves the key out"
+    TANDEM_ONLY = "only Tandem's answer has it"
+    TYPE_MAY_DIFFER = "both have it, its JSON type may differ (and so may its value)"
+    VALUE_MAY_DIFFER = "both have it with the same type; its value may differ"
+    MAP = "an object whose keys are data (tokens), not field names"
+    JSON_TEXT = "a string of JSON: the same JSON value on both, however it is spaced"
+
+
+@dataclass(frozen=True)
+class Allowed:
+    path: JsonPath
+    rule: Rule
+    why: str
+
+
+ALLOWED: tuple[Allowed, ...] = (
+    # Different on every request by design.
+    Allowed("id", Rule.VALUE_MAY_DIFFER, "a fresh request id"),
+    Allowed("created", Rule.VALUE_MAY_DIFFER, "the time of the request"),
+    Allowed("data[].created", Rule.VALUE_MAY_DIFFER, "when the model was loaded"),
+    # vLLM's extras, not in OpenAI's API, that a vLLM server sends to every client.
+    Allowed("system_fingerprint", Rule.VLLM_ONLY, "vLLM's version and config hash; OpenAI's clients ignore it"),
+    Allowed("service_tier", Rule.VLLM_ONLY_NULL, "OpenAI's field of its paid tiers; null there when unused"),
+    Allowed("kv_transfer_params", Rule.VLLM_ONLY_NULL, "vLLM's disaggregation hand-off, null without a connector"),
+    Allowed("ec_transfer_params", Rule.VLLM_ONLY_NULL, "vLLM's encoder-cache hand-off, null without one"),
+    Allowed("metrics", Rule.VLLM_ONLY_NULL, "vLLM's per-request metrics, null unless asked for"),
+    Allowed("prompt_logprobs", Rule.VLLM_ONLY_NULL, "Tandem does not serve prompt_logprobs: a 400 (README)"),
+    Allowed("prompt_token_ids", Rule.VLLM_ONLY_NULL, "vLLM's return_token_ids, which Tandem does not serve"),
+    Allowed("prompt_text", Rule.VLLM_ONLY_NULL, "vLLM's return_token_ids, which Tandem does not serve"),
+    Allowed("choices[].token_ids", Rule.VLLM_ONLY_NULL, "vLLM's return_token_ids, which Tandem does not serve"),
+    Allowed("choices[].prompt_token_ids", Rule.VLLM_ONLY_NULL, "vLLM's return_token_ids (completions)"),
+    Allowed("choices[].prompt_logprobs", Rule.VLLM_ONLY_NULL, "vLLM's prompt_logprobs, not served by Tandem"),
+    Allowed("choices[].routed_experts", Rule.VLLM_ONLY_NULL, "vLLM's MoE routing record, null for a dense model"),
+    Allowed("choices[].stop_reason", Rule.VLLM_ONLY, "vLLM's: which stop string or token id ended the choice"),
+    Allowed("usage.completion_tokens_details", Rule.VLLM_ONLY_NULL, "OpenAI's reasoning-token counts, null here"),
+    Allowed("usage.prompt_tokens_details.multimodal_tokens", Rule.VLLM_ONLY_NULL, "image/audio tokens: none here"),
+    Allowed(
+        "usage.prompt_tokens_details.created_cache_tokens",
+        Rule.VLLM_ONLY,
+        "vLLM's count of prompt tokens its prefix cache newly stored (the Anthropic API's); Tandem does not count it",
+    ),
+    # OpenAI's message fields that vLLM always sends as null; OpenAI's clients read a
+    # missing one as null.
+    Allowed("choices[].message.refusal", Rule.VLLM_ONLY_NULL, "OpenAI's refusal text; never set by vLLM"),
+    Allowed("choices[].message.annotations", Rule.VLLM_ONLY_NULL, "OpenAI's web-search citations"),
+    Allowed("choices[].message.audio", Rule.VLLM_ONLY_NULL, "OpenAI's audio output"),
+    Allowed("choices[].message.function_call", Rule.VLLM_ONLY_NULL, "OpenAI's deprecated single function call"),
+    Allowed("choices[].message.reasoning", Rule.VLLM_ONLY_NULL, "vLLM's reasoning text, null without a parser"),
+    # The prefix cache of each server has seen different requests before this one.
+    Allowed("usage.prompt_tokens_details.cached_tokens", Rule.VALUE_MAY_DIFFER, "each server's own cache history"),
+    # Streams.
+    Allowed(
+        "usage",
+        Rule.TANDEM_NULL_FOR_ABSENT,
+        "with include_usage OpenAI's API sends usage: null on every chunk before the last, as Tandem does;"
+        " vLLM leaves the key out; OpenAI's clients read both alike",
+    ),
+    # /v1/models: who serves it, and vLLM's OpenAI-era permission objects.
+    Allowed("data[].owned_by", Rule.VALUE_MAY_DIFFER, "the server's name: vllm, tandem"),
+    Allowed("data[].permission", Rule.VLLM_ONLY, "OpenAI's retired permission list; Tandem grants nothing per model"),
+    # /version: Tandem's own version, and the vLLM its workers run beside it.
+    Allowed("version", Rule.VALUE_MAY_DIFFER, "each server's own version"),
+    Allowed("vllm_version", Rule.TANDEM_ONLY, "the vLLM that Tandem's workers run"),
+    # Error bodies: compared by shape; the words, and what each server names, differ.
+    Allowed("error.message", Rule.VALUE_MAY_DIFFER, "each server's words"),
+    Allowed(
+        "error.type",
+        Rule.VALUE_MAY_DIFFER,
+        "Tandem uses OpenAI's types (invalid_request_error, ...), which OpenAI's clients and"
+        " docs name; vLLM puts its exception's class name there (BadRequestError, NotFoundError)",
+    ),
+    Allowed(
+        "error.code",
+        Rule.TYPE_MAY_DIFFER,
+        "Tandem uses OpenAI's codes (a string such as model_not_found, or null); vLLM repeats the HTTP status",
+    ),
+    Allowed(
+        "error.param",
+        Rule.TYPE_MAY_DIFFER,
+        "Tandem names the parameter wherever it knows it; vLLM names it for some checks only"
+        " (null for others, `body.temperature` for a wrong type)",
+    ),
+    # Completions' top_logprobs: {token: logprob} per position.
+    Allowed("choices[].logprobs.top_logprobs[]", Rule.MAP, "keyed by token text"),
+)
+
+
+# Logprobs are the only floats in these bodies; the same kernels on the same model agree
+# to the last bit in practice, the tolerance is for a prefix-cache hit on one server only.
+FLOAT_TOLERANCE = 1e-3
+
+
+# --- cases -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenOf:
+    """In a case's body: the id of the single token that `text` encodes to (without BOS).
+    As a key of `logit_bias` it becomes the id's string, as JSON keys must be."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """Where Tandem answers otherwise on purpose (the case's comment says why): what each
+    server answers, both asserted (so the record stays true), and the parameter Tandem's
+    error names."""
+
+    vllm_status: int
+    tandem_status: int
+    tandem_param: str | None
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    route: str
+    body: Mapping[str, Any] | None  # None: a GET
+    stream: bool = False
+    # The finish_reason each choice must end with in vLLM's answer (and so in Tandem's):
+    # shows that the case does what its fields mean, not just what both do by default.
+    finish_reason: str | None = None
+    deviation: Deviation | None = None
+    # Differences of this case alone, each with its reason (added to ALLOWED).
+    allowed: tuple[Allowed, ...] = ()
+
+
+def both_ways(name: str, route: str, body: Mapping[str, Any], **options: Any) -> list[Case]:
+    """The case whole and streamed (`NAME` and `NAME-stream`)."""
+    return [Case(name, route, body, **options), Case(f"{name}-stream", route, body, stream=True, **options)]
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+def resolve(value: Any, tokenizer: Tokenizer) -> Any:
+    """The case's body with every TokenOf replaced by its token id."""
+    if isinstance(value, TokenOf):
+        ids = tokenizer.encode(value.text, add_special_tokens=False)
+        assert len(ids) == 1, f"{value.text!r} is {len(ids)} tokens, not one"
+        return ids[0]
+    if isinstance(value, Mapping):
+        return {
+            (str(resolve(k, tokenizer)) if isinstance(k, TokenOf) else k): resolve(v, tokenizer)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [resolve(item, tokenizer) for item in value]
+    return value
+
+
+# --- answers -----------------------------------------------------------------------------------------
+
+DONE = "[DONE]"
+
+
+@dataclass
+class Answer:
+    """What a server answered: status, media type, and the JSON body or, for a stream that
+    answered 200, its events in order (each data payload decoded; `DONE` as itself)."""
+
+    status: int
+    media_type: str
+    body: Any = None
+    events: list[Any] | None = None
+
+
+def _media_type(response: httpx.Response) -> str:
+    return response.headers.get("content-type", "").split(";")[0].strip()
+
+
+def _decode(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # not JSON: compared as a string, so it differs from any JSON body
+
+
+async def send(http: httpx.AsyncClient, case: Case, tokenizer: Tokenizer) -> Answer:
+    """Send a case to the server `http` points at."""
+    if case.body is None:
+        response = await http.get(case.route)
+        return Answer(response.status_code, _media_type(response), _decode(response.text))
+    body = resolve(case.body, tokenizer)
+    if case.stream:
+        body["stream"] = True
+    async with http.stream("POST", case.route, json=body) as response:
+        text = (await response.aread()).decode()
+    if response.status_code != 200 or not case.stream:
+        return Answer(response.status_code, _media_type(response), _decode(text))
+    events = [_decode(line[len("data:") :].strip()) for line in text.splitlines() if line.startswith("data:")]
+    return Answer(response.status_code, _media_type(response), events=events)
+
+
+# --- the comparison ----------------------------------------------------------------------------------
+
+
+def _rules(path: JsonPath, allowed: Iterable[Allowed]) -> set[Rule]:
+    """The rules for `path`: its own entries', and those of a VLLM_ONLY path above it."""
+    return {
+        entry.rule
+        for entry in allowed
+        if entry.path == path
+        or (entry.rule is Rule.VLLM_ONLY and path.startswith((f"{entry.path}.", f"{entry.path}[")))
+    }
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        return "list"
+    return "object"
+
+
+def shape(instances: list[Any], allowed: Iterable[Allowed] = ALLOWED) -> dict[JsonPath, set[str]]:
+    """Every path in the values `instances` (a body, or all chunks of a stream), with the JSON
+    types seen there; "absent" where an object lacks a key that another object there has."""
+    table: dict[JsonPath, set[str]] = {}
+    _shape(instances, "", table, tuple(allowed))
+    return table
+
+
+def _shape(instances: list[Any], path: JsonPath, table: dict[JsonPath, set[str]], allowed: tuple) -> None:
+    if path:
+        table.setdefault(path, set()).update(_type_name(value) for value in instances)
+    objects = [value for value in instances if isinstance(value, dict)]
+    if Rule.MAP in _rules(path, allowed):
+        _shape([v for obj in objects for v in obj.values()], f"{path}{{}}", table, allowed)
+    else:
+        for key in dict.fromkeys(key for obj in objects for key in obj):
+            child = f"{path}.{key}" if path else key
+            present = [obj[key] for obj in objects if key in obj]
+            if len(present) < len(objects):
+                table.setdefault(child, set()).add("absent")
+            _shape(present, child, table, allowed)
+    items = [item for value in instances if isinstance(value, list) for item in value]
+    if items:
+        _shape(items, f"{path}[]", table, allowed)
+
+
+def shape_differences(
+    vllm: dict[JsonPath, set[str]], tandem: dict[JsonPath, set[str]], allowed: Iterable[Allowed] = ALLOWED
+) -> list[str]:
+    """Paths only one answer has, or with other JSON types, beyond `allowed`."""
+    allowed = tuple(allowed)
+    found = []
+    for path in dict.fromkeys([*vllm, *tandem]):
+        theirs, ours = vllm.get(path), tandem.get(path)
+        rules = _rules(path, allowed)
+        if theirs is None:
+            if Rule.TANDEM_ONLY not in rules:
+                found.append(f"{path}: only Tandem's answer has it ({sorted(ours or ())})")
+            continue
+        if ours is None:
+            if Rule.VLLM_ONLY in rules or (Rule.VLLM_ONLY_NULL in rules and theirs <= {"null", "absent"}):
+                continue
+            found.append(f"{path}: only vLLM's answer has it ({sorted(theirs)})")
+            continue
+        if Rule.TYPE_MAY_DIFFER in rules:
+            if ("absent" in theirs) != ("absent" in ours):
+                found.append(f"{path}: present in vLLM's {sorted(theirs)}, in Tandem's {sorted(ours)}")
+            continue
+        if Rule.TANDEM_NULL_FOR_ABSENT in rules and "null" in ours and "null" not in theirs:
+            ours = (ours - {"null"}) | {"absent"}
+        if Rule.VLLM_NULL_FOR_ABSENT in rules and "null" in theirs and "null" not in ours:
+            theirs = (theirs - {"null"}) | {"absent"}
+        if theirs != ours:
+            found.append(f"{path}: vLLM's is {sorted(theirs)}, Tandem's {sorted(ours)}")
+    return found
+
+
+_NOT_COMPARED = {Rule.VALUE_MAY_DIFFER, Rule.TYPE_MAY_DIFFER, Rule.VLLM_ONLY, Rule.TANDEM_ONLY}
+
+
+def value_differences(vllm: Any, tandem: Any, path: JsonPath = "", allowed: Iterable[Allowed] = ALLOWED) -> list[str]:
+    """Values that differ where both answers have them (keys one lacks are `shape`'s)."""
+    found: list[str] = []
+    _values(vllm, tandem, path, tuple(allowed), found)
+    return found
+
+
+def _values(theirs: Any, ours: Any, path: JsonPath, allowed: tuple, found: list[str]) -> None:
+    rules = _rules(path, allowed)
+    if rules & _NOT_COMPARED:
+        return
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        is_map = Rule.MAP in rules
+        if is_map and theirs.keys() != ours.keys():
+            found.append(f"{path}: keys {sorted(theirs)} in vLLM's, {sorted(ours)} in Tandem's")
+        for key in theirs.keys() & ours.keys():
+            child = f"{path}{{}}" if is_map else (f"{path}.{key}" if path else key)
+            _values(theirs[key], ours[key], child, allowed, found)
+    elif isinstance(theirs, list) and isinstance(ours, list):
+        if len(theirs) != len(ours):
+            found.append(f"{path}: {len(theirs)} items in vLLM's, {len(ours)} in Tandem's")
+        for their_item, our_item in zip(theirs, ours, strict=False):
+            _values(their_item, our_item, f"{path}[]", allowed, found)
+    elif Rule.JSON_TEXT in rules and isinstance(theirs, str) and isinstance(ours, str):
+        if _json_value(theirs) != _json_value(ours):
+            found.append(f"{path}: {theirs!r} in vLLM's, {ours!r} in Tandem's (as JSON)")
+    elif isinstance(theirs, float) and isinstance(ours, float):
+        if not math.isclose(theirs, ours, rel_tol=FLOAT_TOLERANCE, abs_tol=FLOAT_TOLERANCE):
+            found.append(f"{path}: {theirs!r} in vLLM's, {ours!r} in Tandem's")
+    elif _type_name(theirs) == _type_name(ours) and theirs != ours:
+        found.append(f"{path}: {theirs!r} in vLLM's, {ours!r} in Tandem's")
+
+
+# --- streams -----------------------------------------------------------------------------------------
+
+
+def _is_finish_only(choice: dict[str, Any]) -> bool:
+    if choice.get("finish_reason") is None or choice.get("logprobs") is not None:
+        return False
+    return choice.get("delta") == {} if "delta" in choice else choice.get("text") == ""
+
+
+def _adds_nothing(chunk: dict[str, Any]) -> bool:
+    """A chunk of empty text: no role, no logprobs, no finish_reason."""
+    choices = chunk.get("choices") or []
+    return bool(choices) and all(
+        choice.get("finish_reason") is None
+        and choice.get("logprobs") is None
+        and not any(value for value in (choice.get("delta") or {}).values())
+        and not choice.get("text")
+        for choice in choices
+    )
+
+
+def normalized_chunks(events: list[Any]) -> list[dict[str, Any]]:
+    """A stream's chunks (its [DONE] aside) as they are compared, put alike in two ways.
+
+    1. Chunks that add nothing are left out. vLLM's completions send one for each token
+       whose text is empty (a special token skipped, the first bytes of a character);
+       vLLM's chat stream and Tandem send none.
+    2. A choice's finish-only chunk is folded into that choice's chunk before it. OpenAI's
+       API (and Tandem) ends a streamed choice with a chunk of its own: an empty delta
+       (chat) or empty text (completions) with the finish_reason; vLLM puts the
+       finish_reason on the chunk of the last token. Its finish_reason (and its usage)
+       moves onto the chunk before it.
+
+    A client that concatenates the deltas reads the same text either way; both servers'
+    streams are put alike by the same rules.
+    """
+    chunks = [event for event in events if event != DONE and not _adds_nothing(event)]
+    folded: list[dict[str, Any]] = []
+    for chunk in chunks:
+        choices = chunk.get("choices") or []
+        if len(choices) == 1 and _is_finish_only(choices[0]):
+            index = choices[0].get("index")
+            previous = next(
+                (
+                    (earlier, choice)
+                    for earlier in reversed(folded)
+                    for choice in earlier.get("choices") or []
+                    if choice.get("index") == index
+                ),
+                None,
+            )
+            if previous is not None and previous[1].get("finish_reason") is None:
+                earlier, choice = previous
+                choice.update({k: v for k, v in choices[0].items() if k not in ("delta", "text", "logprobs")})
+                if chunk.get("usage") is not None:
+                    earlier["usage"] = chunk["usage"]
+                continue
+        folded.append(json.loads(json.dumps(chunk)))  # a copy: folding edits it
+    return folded
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # not JSON (cut off by max_tokens): compared as it is
+
+
+def _merge_tool_calls(into: list[dict[str, Any]], pieces: list[dict[str, Any]]) -> None:
+    """Streamed tool calls, put together as a whole message has them: each call's pieces
+    (by the call's index) merged, its arguments concatenated."""
+    for piece in pieces:
+        call = next((c for c in into if c.get("index") == piece.get("index")), None)
+        if call is None:
+            into.append(call := {})
+        _merge(call, piece)
+
+
+def _merge(into: dict[str, Any], part: dict[str, Any]) -> None:
+    """Append one chunk's choice fields to what came before: strings and lists concatenate
+    (text, deltas, logprobs), tool calls merge by their index, anything else takes its
+    latest non-null value."""
+    for key, value in part.items():
+        if value is None:
+            into.setdefault(key, None)
+        elif key == "tool_calls" and isinstance(value, list):
+            _merge_tool_calls(into.setdefault(key, []), value)
+        elif key in ("index", "role", "finish_reason", "id", "type", "name"):
+            into[key] = value
+        elif isinstance(value, str):
+            into[key] = (into.get(key) or "") + value
+        elif isinstance(value, list):
+            into[key] = (into.get(key) or []) + value
+        elif isinstance(value, dict):
+            earlier = into.get(key)
+            merged: dict[str, Any] = earlier if isinstance(earlier, dict) else {}
+            _merge(merged, value)
+            into[key] = merged
+        else:
+            into[key] = value
+
+
+def reassemble(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stream as one body: {"choices": [each choice's chunks merged, by index], "usage": the last}."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    for chunk in chunks:
+        for choice in chunk.get("choices") or []:
+            _merge(choices.setdefault(choice.get("index", 0), {}), choice)
+        if chunk.get("usage") is not None:
+            usage = chunk["usage"]
+    return {"choices": [choices[index] for index in sorted(choices)], "usage": usage}
+
+
+def _stream_differences(vllm: list[Any], tandem: list[Any], allowed: tuple[Allowed, ...]) -> list[str]:
+    found = []
+    for name, events in (("vLLM", vllm), ("Tandem", tandem)):
+        if not events or events[-1] != DONE or events.count(DONE) != 1:
+            found.append(f"{name}'s stream does not end with one data: [DONE]")
+        if errors := [event for event in events if isinstance(event, dict) and "error" in event]:
+            found.append(f"{name}'s stream has error events: {errors}")
+        if any(not isinstance(event, dict) for event in events if event != DONE):
+            found.append(f"{name}'s stream has events that are not JSON objects")
+    if found:
+        return found
+    theirs, ours = normalized_chunks(vllm), normalized_chunks(tandem)
+    found += [f"chunks: {d}" for d in shape_differences(shape(theirs, allowed), shape(ours, allowed), allowed)]
+    # The chunks' own scalar values (object, model): the same set of each on both streams.
+    for key in dict.fromkeys(k for chunk in theirs + ours for k in chunk):
+        if _rules(key, allowed) & (_NOT_COMPARED | {Rule.VLLM_ONLY_NULL}):
+            continue
+        their_values = {json.dumps(chunk[key]) for chunk in theirs if isinstance(chunk.get(key), str | int | float)}
+        our_values = {json.dumps(chunk[key]) for chunk in ours if isinstance(chunk.get(key), str | int | float)}
+        if their_values != our_values:
+            found.append(f"chunks: {key} is {sorted(their_values)} in vLLM's, {sorted(our_values)} in Tandem's")
+    found += [f"reassembled: {d}" for d in value_differences(reassemble(theirs), reassemble(ours), "", allowed)]
+    return found
+
+
+# --- answers compared --------------------------------------------------------------------------------
+
+
+def differences(vllm: Answer, tandem: Answer, allowed: Iterable[Allowed] = ALLOWED) -> list[str]:
+    """Everything in which Tandem's answer differs from vLLM's beyond `allowed`; [] if nothing."""
+    allowed = tuple(allowed)
+    if vllm.status != tandem.status:
+        return [f"status: {vllm.status} from vLLM, {tandem.status} from Tandem ({tandem.body or tandem.events})"]
+    found = []
+    if vllm.media_type != tandem.media_type:
+        found.append(f"media type: {vllm.media_type} from vLLM, {tandem.media_type} from Tandem")
+    if vllm.events is not None or tandem.events is not None:
+        return found + _stream_differences(vllm.events or [], tandem.events or [], allowed)
+    found += shape_differences(shape([vllm.body], allowed), shape([tandem.body], allowed), allowed)
+    if vllm.status >= 400:
+        for name, answer in (("vLLM", vllm), ("Tandem", tandem)):
+            error = answer.body.get("error") if isinstance(answer.body, dict) else None
+            if not (isinstance(error, dict) and error.get("message") and error.get("type")):
+                found.append(f"{name}'s error body has no error.message and error.type: {answer.body}")
+        return found
+    return found + value_differences(vllm.body, tandem.body, "", allowed)
+
+
+def finish_reasons(answer: Answer) -> list[str | None]:
+    body = reassemble(normalized_chunks(answer.events)) if answer.events is not None else answer.body
+    return [choice.get("finish_reason") for choice in body.get("choices", [])]
+
+
+def assert_conforms(case: Case, vllm: Answer, tandem: Answer) -> None:
+    if case.deviation is not None:
+        _assert_deviation(case.deviation, vllm, tandem)
+        return
+    found = differences(vllm, tandem, ALLOWED + case.allowed)
+    assert not found, "Tandem's answer differs from vLLM's:\n  " + "\n  ".join(found) + _both(vllm, tandem)
+    if case.finish_reason is not None:
+        assert finish_reasons(vllm) == [case.finish_reason], (case.finish_reason, _both(vllm, tandem))
+
+
+def _assert_deviation(deviation: Deviation, vllm: Answer, tandem: Answer) -> None:
+    assert vllm.status == deviation.vllm_status, f"vLLM's server answers otherwise now: {_both(vllm, tandem)}"
+    assert tandem.status == deviation.tandem_status, _both(vllm, tandem)
+    if deviation.tandem_status >= 400:
+        error = tandem.body["error"]
+        assert error["message"] and error["type"] and error["param"] == deviation.tandem_param, error
+
+
+def _both(vllm: Answer, tandem: Answer) -> str:
+    def text(answer: Answer) -> str:
+        return json.dumps(answer.events if answer.events is not None else answer.body)[:3000]
+
+    return f"\nvLLM ({vllm.status}): {text(vllm)}\nTandem ({tandem.status}): {text(tandem)}"

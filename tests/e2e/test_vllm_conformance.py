@@ -1,0 +1,263 @@
+"""The conformance tier's comparison on hand-made bodies: it passes what vLLM's server and
+Tandem really answer alike, and flags each kind of difference, so it cannot pass silently.
+
+The tier itself runs in tests/e2e/test_agg_graph.py (`test_answers_as_vllms_own_server`),
+on that module's graph: one engine start fewer than a graph of its own. No engine here.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tests.e2e.conformance import (
+    DONE,
+    Allowed,
+    Answer,
+    Case,
+    Deviation,
+    Rule,
+    TokenOf,
+    assert_conforms,
+    differences,
+    normalized_chunks,
+    reassemble,
+    resolve,
+)
+
+HEAD = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "tiny-llama"}
+# As vLLM 0.32's server answers a greedy chat (its extras included).
+VLLM_CHAT: dict[str, Any] = {
+    **HEAD,
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "cal side", "refusal": None, "reasoning": None},
+            "logprobs": {
+                "content": [
+                    {"token": "cal", "logprob": -1.3973, "bytes": [99, 97, 108], "top_logprobs": []},
+                    {"token": " side", "logprob": -0.9777, "bytes": [32, 115, 105, 100, 101], "top_logprobs": []},
+                ]
+            },
+            "finish_reason": "length",
+            "stop_reason": None,
+            "token_ids": None,
+        }
+    ],
+    "system_fingerprint": "vllm-0.32.0-e617d092",
+    "usage": {"prompt_tokens": 17, "total_tokens": 19, "completion_tokens": 2, "prompt_tokens_details": None},
+    "kv_transfer_params": None,
+}
+# As Tandem answers it.
+TANDEM_CHAT: dict[str, Any] = {
+    **HEAD,
+    "id": "chatcmpl-2",
+    "created": 2,
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "cal side"},
+            "logprobs": {
+                "content": [
+                    {"token": "cal", "logprob": -1.3973001, "bytes": [99, 97, 108], "top_logprobs": []},
+                    {"token": " side", "logprob": -0.9777, "bytes": [32, 115, 105, 100, 101], "top_logprobs": []},
+                ]
+            },
+            "finish_reason": "length",
+        }
+    ],
+    "usage": {"prompt_tokens": 17, "completion_tokens": 2, "total_tokens": 19, "prompt_tokens_details": None},
+}
+
+
+def whole(body: dict[str, Any], status: int = 200) -> Answer:
+    return Answer(status, "application/json", body)
+
+
+def edited(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of `body` with the value at a dotted path (integers index lists) replaced."""
+    copied = copy.deepcopy(body)
+    *parents, last = path.split(".")
+    node: Any = copied
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    if value is KeyError:
+        del node[int(last) if last.isdigit() else last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+    return copied
+
+
+def test_the_same_answer_with_allowed_differences_conforms() -> None:
+    assert differences(whole(VLLM_CHAT), whole(TANDEM_CHAT)) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "flagged"),
+    [
+        ("choices.0.message.content", "cal sides", "choices[].message.content"),
+        ("choices.0.finish_reason", "stop", "choices[].finish_reason"),
+        ("object", "chat.completion.chunk", "object"),
+        ("usage.completion_tokens", 3, "usage.completion_tokens"),
+        ("choices.0.logprobs.content.1.token", " sid", "choices[].logprobs.content[].token"),
+        ("choices.0.logprobs.content.1.logprob", -0.95, "choices[].logprobs.content[].logprob"),
+        ("choices.0.logprobs.content.1.bytes", [32], "choices[].logprobs.content[].bytes"),
+        # Shapes: a key missing, a key added, a type changed.
+        ("choices.0.index", KeyError, "choices[].index"),
+        ("choices.0.message.tool_calls", [], "choices[].message.tool_calls"),
+        ("usage.prompt_tokens", 17.0, "usage.prompt_tokens"),
+        ("choices.0.logprobs", None, "choices[].logprobs"),
+    ],
+)
+def test_each_difference_is_flagged(path: str, value: Any, flagged: str) -> None:
+    found = differences(whole(VLLM_CHAT), whole(edited(TANDEM_CHAT, path, value)))
+    assert any(line.startswith(f"{flagged}:") for line in found), found
+
+
+def test_a_key_only_vllm_has_is_flagged_unless_allowed() -> None:
+    found = differences(whole(edited(VLLM_CHAT, "choices.0.message.tool_calls", [])), whole(TANDEM_CHAT))
+    assert any(line.startswith("choices[].message.tool_calls:") for line in found), found
+
+
+def test_a_vllm_only_null_key_with_a_value_is_flagged() -> None:
+    # vLLM's `refusal` is allow-listed as always null: a refusal text is a difference.
+    found = differences(whole(edited(VLLM_CHAT, "choices.0.message.refusal", "no")), whole(TANDEM_CHAT))
+    assert any(line.startswith("choices[].message.refusal:") for line in found), found
+
+
+def test_a_different_status_or_media_type_is_flagged() -> None:
+    assert differences(whole(VLLM_CHAT), whole(TANDEM_CHAT, 400))[0].startswith("status:")
+    html = Answer(200, "text/html", TANDEM_CHAT)
+    assert differences(whole(VLLM_CHAT), html)[0].startswith("media type:")
+
+
+def test_error_bodies_compare_by_shape() -> None:
+    vllm = {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", "param": None, "code": 404}}
+    tandem = {
+        "error": {"message": "no x", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    }
+    assert differences(whole(vllm, 404), whole(tandem, 404)) == []
+    lacking = {"error": {"message": "no x", "type": "invalid_request_error", "code": None}}
+    assert any(line.startswith("error.param:") for line in differences(whole(vllm, 404), whole(lacking, 404)))
+    empty = {"error": {"message": "", "type": "invalid_request_error", "param": None, "code": None}}
+    assert differences(whole(vllm, 404), whole(empty, 404))
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "tiny-llama"}
+    return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+
+
+# vLLM: the finish_reason on the last token's chunk; Tandem (as OpenAI): a chunk of its own.
+VLLM_STREAM: list[Any] = [
+    chunk({"role": "assistant", "content": ""}, prompt_token_ids=None),
+    chunk({"content": "cal"}),
+    chunk({"content": " side"}, "length", system_fingerprint="vllm-0.32.0"),
+    DONE,
+]
+TANDEM_STREAM: list[Any] = [
+    chunk({"role": "assistant", "content": ""}),
+    chunk({"content": "cal"}),
+    chunk({"content": " side"}),
+    chunk({}, "length"),
+    DONE,
+]
+
+
+def streamed(events: list[Any]) -> Answer:
+    return Answer(200, "text/event-stream", events=events)
+
+
+def test_streams_that_read_alike_conform() -> None:
+    assert differences(streamed(VLLM_STREAM), streamed(TANDEM_STREAM)) == []
+    folded = normalized_chunks(TANDEM_STREAM)
+    assert len(folded) == 3 and folded[-1]["choices"][0]["finish_reason"] == "length"
+    (choice,) = reassemble(folded)["choices"]
+    assert choice["delta"] == {"role": "assistant", "content": "cal side"}
+
+
+@pytest.mark.parametrize(
+    ("events", "flagged"),
+    [
+        # Different text, put together.
+        ([*TANDEM_STREAM[:2], chunk({"content": " sid"}), *TANDEM_STREAM[3:]], "reassembled: choices[].delta.content"),
+        # Another finish_reason.
+        ([*TANDEM_STREAM[:3], chunk({}, "stop"), DONE], "reassembled: choices[].finish_reason"),
+        # A key vLLM's chunks lack.
+        ([chunk({"role": "assistant", "content": ""}, extra=1), *TANDEM_STREAM[1:]], "chunks: extra"),
+        # A chunk's header value.
+        ([*TANDEM_STREAM[:1], {**TANDEM_STREAM[1], "object": "chat.completion"}, *TANDEM_STREAM[2:]], "chunks: object"),
+        # No [DONE].
+        (TANDEM_STREAM[:-1], "Tandem's stream does not end"),
+        # An error event mid-stream.
+        ([*TANDEM_STREAM[:2], {"error": {"message": "x", "type": "server_error"}}, DONE], "Tandem's stream has error"),
+    ],
+)
+def test_each_stream_difference_is_flagged(events: list[Any], flagged: str) -> None:
+    found = differences(streamed(VLLM_STREAM), streamed(events))
+    assert any(line.startswith(flagged) for line in found), found
+
+
+def test_a_deviation_asserts_both_servers_answers() -> None:
+    case = Case("x", "/v1/completions", {}, deviation=Deviation(200, 400, "max_token"))
+    refused = whole(
+        {"error": {"message": "no", "type": "invalid_request_error", "param": "max_token", "code": None}}, 400
+    )
+    assert_conforms(case, whole(VLLM_CHAT), refused)
+    with pytest.raises(AssertionError, match="vLLM's server answers otherwise"):
+        assert_conforms(case, refused, refused)
+    with pytest.raises(AssertionError):
+        assert_conforms(case, whole(VLLM_CHAT), whole(TANDEM_CHAT))
+
+
+def test_a_case_ending_otherwise_than_it_says_fails() -> None:
+    case = Case("x", "/v1/chat/completions", {}, finish_reason="stop")
+    with pytest.raises(AssertionError):
+        assert_conforms(case, whole(VLLM_CHAT), whole(TANDEM_CHAT))
+
+
+class _Tokenizer:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return {" the": [7], " two words": [8, 9]}[text]
+
+
+def test_token_placeholders_resolve_in_values_and_logit_bias_keys() -> None:
+    body = {"logit_bias": {TokenOf(" the"): 100}, "allowed_token_ids": [TokenOf(" the"), 3]}
+    assert resolve(body, _Tokenizer()) == {"logit_bias": {"7": 100}, "allowed_token_ids": [7, 3]}
+    with pytest.raises(AssertionError, match="not one"):
+        resolve([TokenOf(" two words")], _Tokenizer())
+
+
+def test_a_trailing_unfinished_character_is_a_difference() -> None:
+    # Tandem's detokenizer leaves it out at the end, as vLLM's (app/preprocess/detokenizer.py).
+    path = "choices.0.message.content"
+    assert differences(whole(VLLM_CHAT), whole(edited(TANDEM_CHAT, path, "cal side\ufffd")))
+
+
+def test_a_cases_own_allowance_applies_to_that_case_only() -> None:
+    path = "choices.0.logprobs.content.0.top_logprobs"
+    vllm = whole(edited(VLLM_CHAT, path, [{"token": "cal", "logprob": -1.3973, "bytes": [99, 97, 108]}]))
+    tandem = whole(edited(TANDEM_CHAT, path, [{"token": "x", "logprob": -1.0, "bytes": [120]}]))
+    allowance = Allowed("choices[].logprobs.content[].top_logprobs", Rule.VALUE_MAY_DIFFER, "test")
+    assert_conforms(Case("x", "/v1/chat/completions", {}, allowed=(allowance,)), vllm, tandem)
+    with pytest.raises(AssertionError, match="top_logprobs"):
+        assert_conforms(Case("x", "/v1/chat/completions", {}), vllm, tandem)
+
+
+def completion_chunk(text: str, finish: str | None = None, top: dict[str, float] | None = None) -> dict[str, Any]:
+    logprobs = None if top is None else {"tokens": [text], "token_logprobs": [-1.0], "top_logprobs": [top]}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return {"id": "c", "object": "text_completion", "created": 1, "model": "tiny-llama", "choices": [choice]}
+
+
+def test_completion_streams_compare_top_logprobs_by_token_and_skip_empty_chunks() -> None:
+    # vLLM's completions send a chunk for each token of empty text; Tandem sends none.
+    vllm = [completion_chunk("a"), completion_chunk(""), completion_chunk(""), completion_chunk("b", "length"), DONE]
+    tandem = [completion_chunk("a"), completion_chunk("b"), completion_chunk("", "length"), DONE]
+    assert differences(streamed(vllm), streamed(tandem)) == []
+    with_top = [completion_chunk("a", "length", {"a": -1.0, "b": -2.0}), DONE]
+    other_top = [completion_chunk("a", "length", {"a": -1.0, "c": -2.0}), DONE]
+    found = differences(streamed(with_top), streamed(other_top))
+    assert any(line.startswith("reassembled: choices[].logprobs.top_logprobs[]: keys") for line in found), found
