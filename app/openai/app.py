@@ -285,9 +285,13 @@ class _Generation:
         if first.prompt_tokens is not None:
             self._prompt_tokens = first.prompt_tokens  # the role chunk's running usage counts the prompt
         # The role chunk leaves with the first content: each send is a write system call.
-        # As vLLM: every choice's role chunk, in index order, before any content.
-        roles = [self._renderer.role_chunk(index) for index in range(self._num_choices)]
-        unsent_role = b"".join(_sse(role) for role in roles if role is not None)
+        if self._num_choices == 1:
+            role = self._renderer.role_chunk()
+            unsent_role = b"" if role is None else _sse(role)
+        else:
+            # As vLLM: every choice's role chunk, in index order, before any content.
+            roles = [self._renderer.role_chunk(index) for index in range(self._num_choices)]
+            unsent_role = b"".join(_sse(role) for role in roles if role is not None)
         # Each choice sends its own finish chunk; usage and [DONE] follow the last one.
         unfinished = self._num_choices
         item: StreamItem | None = first

@@ -180,34 +180,41 @@ class Postprocessor:
 
 
 async def postprocess_stream(
-    postprocessors: Sequence[Postprocessor], outputs: AsyncIterator[EngineOutput]
+    postprocessors: Postprocessor | Sequence[Postprocessor], outputs: AsyncIterator[EngineOutput]
 ) -> AsyncGenerator[StreamItem, None]:
     """Stream items until the request finishes, then close the engine stream.
 
-    One Postprocessor per choice (one for n = 1), each with its own detokenizer and stop
-    strings: outputs go to the postprocessor of their `index`, items carry it, and the
-    request finishes when every choice has.
+    One Postprocessor for a request of one choice; for n choices, one per choice, each with
+    its own detokenizer and stop strings: outputs go to the postprocessor of their `index`,
+    items carry it, and the request finishes when every choice has.
 
     Closing (not draining) is what aborts the request inside the engine when a stop
     string ended it early or the consumer went away.
     """
     try:
-        unfinished = len(postprocessors)
-        async for output in outputs:
-            postprocessor = postprocessors[output.index]
-            if postprocessor.finished:
-                # A stop string ended this choice; its engine request goes on to its own
-                # stop (EOS, max_tokens), since one choice cannot be aborted alone over
-                # the wire. Wasted engine work, acceptable for now: the request's end
-                # closes the stream, and that aborts whatever still runs.
-                continue
-            item = postprocessor.process(output)
-            item.index = output.index
-            yield item
-            if postprocessor.finished:
-                unfinished -= 1
-                if not unfinished:
+        if isinstance(postprocessors, Postprocessor):
+            async for output in outputs:
+                item = postprocessors.process(output)
+                yield item
+                if postprocessors.finished:
                     return
+        else:
+            unfinished = len(postprocessors)
+            async for output in outputs:
+                postprocessor = postprocessors[output.index]
+                if postprocessor.finished:
+                    # A stop string ended this choice; its engine request goes on to its own
+                    # stop (EOS, max_tokens), since one choice cannot be aborted alone over
+                    # the wire. Wasted engine work, acceptable for now: the request's end
+                    # closes the stream, and that aborts whatever still runs.
+                    continue
+                item = postprocessor.process(output)
+                item.index = output.index
+                yield item
+                if postprocessor.finished:
+                    unfinished -= 1
+                    if not unfinished:
+                        return
         raise InternalError("the engine stream ended without a finish reason")
     finally:
         aclose = getattr(outputs, "aclose", None)

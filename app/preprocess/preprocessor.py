@@ -27,7 +27,7 @@ from app.preprocess.postprocessor import Postprocessor
 from app.preprocess.structured import structured_outputs_for
 from app.preprocess.tokenizer import TokenTexts, load_tokenizer
 from app.preprocess.tool_parsers import AutoCallReader, load_tool_parser
-from app.preprocess.tools import check_auto_tool_choice, tool_call_reader
+from app.preprocess.tools import tool_call_reader
 from app.protocol import PreprocessedRequest, SamplingOptions, StopConditions
 
 # Sampling defaults a model may set in generation_config.json; vLLM applies them too.
@@ -81,7 +81,8 @@ class Preprocessor:
         self._max_prompt_bytes = 2 * longest_token * self.max_model_len
 
     def chat(self, request: ChatCompletionRequest, request_id: str) -> PreprocessedRequest:
-        check_auto_tool_choice(request, self._auto_tool_parser)  # before any work
+        if request.effective_tool_choice() == "auto" and self._auto_tool_parser is None:
+            tool_call_reader(request)  # the 400 that says what is missing, before any work
         text = self._render_chat(
             request.messages,
             add_generation_prompt=request.add_generation_prompt,

@@ -148,17 +148,12 @@ def tool_call_reader(
     if choice == "required":
         return RequiredCallsReader()
     if choice == "auto":
-        check_auto_tool_choice(request, auto_parser)
+        if auto_parser is None:
+            # vLLM's condition: only a parser for the model's own format finds calls in free text.
+            raise InvalidRequestError(
+                '"auto" tool choice requires enable-auto-tool-choice and tool-call-parser in the '
+                'Processor config; tool_choice "required" or a named function works on any model',
+                param="tool_choice",
+            )
         return AutoCallReader(auto_parser, tokenizer, request)
     return None
-
-
-def check_auto_tool_choice(request: ChatCompletionRequest, auto_parser: Any | None) -> None:
-    """A 400 for tool_choice "auto" where no parser is configured to find its calls."""
-    if auto_parser is None and request.effective_tool_choice() == "auto":
-        # vLLM's condition: only a parser for the model's own format finds calls in free text.
-        raise InvalidRequestError(
-            '"auto" tool choice requires enable-auto-tool-choice and tool-call-parser in the '
-            'Processor config; tool_choice "required" or a named function works on any model',
-            param="tool_choice",
-        )

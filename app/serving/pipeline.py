@@ -21,7 +21,7 @@ from app.openai.schema import (
     TokenizeCompletionRequest,
     TokenizeRequest,
 )
-from app.preprocess import Preprocessor, postprocess_stream
+from app.preprocess import Postprocessor, Preprocessor, postprocess_stream
 from app.protocol import EngineOutput, PreprocessedRequest, StreamItem
 from app.runtime import EndpointClient
 from app.serving.config import PipelineConfig
@@ -90,8 +90,12 @@ class RequestPipeline:
         else:
             preprocessed = await asyncio.to_thread(self._preprocessor.preprocess, request, request_id)
         placement, outputs = await self._stream_from_a_worker(preprocessed)
-        # Each choice is its own text: its own detokenizer and stop-string matcher.
-        postprocessors = [self._preprocessor.postprocessor(request, preprocessed) for _ in range(preprocessed.n)]
+        postprocessors: Postprocessor | list[Postprocessor]
+        if preprocessed.n == 1:
+            postprocessors = self._preprocessor.postprocessor(request, preprocessed)
+        else:
+            # Each choice is its own text: its own detokenizer and stop-string matcher.
+            postprocessors = [self._preprocessor.postprocessor(request, preprocessed) for _ in range(preprocessed.n)]
         first = True
         try:
             async with contextlib.aclosing(postprocess_stream(postprocessors, outputs)) as items:

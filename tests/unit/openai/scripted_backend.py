@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from app.openai import ModelCard
 from app.openai.backend import Tokenized
 from app.openai.schema import DetokenizeRequest, OpenAIRequest, TokenizeRequest
-from app.preprocess import Preprocessor, postprocess_stream
+from app.preprocess import Postprocessor, Preprocessor, postprocess_stream
 from app.protocol import EngineOutput, PreprocessedRequest, StreamItem, TokenLogprob
 
 REPLY = "Hello there! 日本語 🙂 and the end."
@@ -96,7 +96,9 @@ class ScriptedBackend:
         if self.fail_with is not None:
             raise self.fail_with
         pre = self.preprocessor.preprocess(request, request_id)
-        post = [self.preprocessor.postprocessor(request, pre) for _ in range(pre.n)]
+        post: Postprocessor | list[Postprocessor] = self.preprocessor.postprocessor(request, pre)
+        if pre.n > 1:
+            post = [self.preprocessor.postprocessor(request, pre) for _ in range(pre.n)]
         async for item in postprocess_stream(post, self._engine(pre)):
             yield item
 

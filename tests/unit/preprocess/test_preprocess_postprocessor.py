@@ -116,7 +116,7 @@ async def test_stream_closes_the_engine_stream_on_a_stop_string(preprocessor) ->
         finally:
             state["closed"] = True
 
-    items = [item async for item in postprocess_stream([preprocessor.postprocessor(request, pre)], engine())]
+    items = [item async for item in postprocess_stream(preprocessor.postprocessor(request, pre), engine())]
     assert "".join(item.text for item in items) == "hell"
     assert state["closed"] and state["sent"] < len(ids)
 
@@ -129,7 +129,7 @@ async def test_stream_without_finish_reason_is_an_internal_error(preprocessor) -
         yield EngineOutput(token_ids=[100])
 
     with pytest.raises(InternalError):
-        [item async for item in postprocess_stream([preprocessor.postprocessor(request, pre)], engine())]
+        [item async for item in postprocess_stream(preprocessor.postprocessor(request, pre), engine())]
 
 
 def test_per_token_cost_does_not_grow_with_length(preprocessor) -> None:
