@@ -1,6 +1,6 @@
-"""The graph benchmarks, one subcommand each: `python -m bench.scenarios NAME` (docs/benchmarks.md gives
-each one's command and how to read its table). Each is a Benchmark subclass: its layouts and load as
-data, and the methods that measure one run and render the table."""
+"""The graph benchmarks, one subcommand each: `python -m bench.scenarios NAME`. Each is a Benchmark subclass:
+its layouts and load as data, and the methods that measure one run and render the table; docs/benchmarks.md
+gives each one's command, what its layouts run and how to read its table."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ import functools
 import logging
 import math
 import os
-import shlex
 import statistics
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import psutil
 import yaml
@@ -28,16 +27,17 @@ from app.preprocess import Preprocessor
 from app.router.hashing import block_hashes
 from bench.harness import cli
 from bench.harness.cli import Benchmark, Layout, Plane, Run, Servable, cells, met, table, with_requests
-from bench.harness.launch import REPO, SERVED_MODEL, ServedGraph, ServedProcess
+from bench.harness.launch import REPO, ServedProcess
 from bench.harness.load import LoadConfig, RequestResult, run_load
 from bench.harness.stats import Phase, Summary, median_rows, median_run, summarize
 
 log = logging.getLogger(__name__)
 
 CONFIGS = REPO / "configs"
-MOCKERS = CONFIGS / "mocker-8.yaml"
+MOCKERS, CPU_TINY, CPU_DISAGG = CONFIGS / "mocker-8.yaml", CONFIGS / "cpu-tiny.yaml", CONFIGS / "cpu-tiny-disagg.yaml"
 MOCKER_COMMON = yaml.safe_load(MOCKERS.read_text())["Common"]
-MOCKER_LOAD = LoadConfig(SERVED_MODEL, ignore_eos=True, timeout_s=60.0, max_duration_s=60.0)
+SERVED_MODEL = MOCKER_COMMON["served-model-name"]
+MOCKER_LOAD = LoadConfig(SERVED_MODEL, concurrency=16, ignore_eos=True, timeout_s=60.0, max_duration_s=60.0)
 
 
 # -- KV routing (mockers): prefix-cache hits and TTFT against round-robin, and the load spread.
@@ -45,18 +45,11 @@ MOCKER_LOAD = LoadConfig(SERVED_MODEL, ignore_eos=True, timeout_s=60.0, max_dura
 # Shared prefixes: about 1.8k tokens with the tiny model's tokenizer. 20 groups, not a multiple
 # of the worker count: a blind rotation must not line groups up with workers.
 SHARED = dataclasses.replace(
-    MOCKER_LOAD,
-    concurrency=16,
-    requests=160,
-    prompt_tokens=1000,
-    shared_prefix_ratio=0.9,
-    prefix_groups=20,
-    max_tokens=16,
+    MOCKER_LOAD, requests=160, prompt_tokens=1000, shared_prefix_ratio=0.9, prefix_groups=20, max_tokens=16
 )
 SPREAD = dataclasses.replace(SHARED, prompt_tokens=256, shared_prefix_ratio=0.0, prefix_groups=1)  # no sharing
-# The routings SHARED compares: label -> `tandem serve` overrides. kv's default overlap weight (2)
-# weighs a cached block twice a block to compute: it keeps a group on the worker that holds it even
-# while that worker prefills another group's first prompt; weight 1 shows what happens without that.
+# The routings SHARED compares: label -> `tandem serve` overrides (docs/benchmarks.md, "KV routing",
+# says what overlap weight 1 shows against the default 2).
 ROUTINGS: dict[str, tuple[str, ...]] = {
     "kv (default knobs)": ("--Router.policy=kv",),
     "kv, overlap-weight 1": ("--Router.policy=kv", "--Router.knobs={overlap-weight: 1}"),
@@ -93,14 +86,12 @@ def oracle_preprocessor() -> Preprocessor:
     return Preprocessor(REPO / MOCKER_COMMON["model"], max_model_len=MOCKER_COMMON["max-model-len"])
 
 
-async def hit_rates(load: LoadConfig, outcomes: list[RequestResult]) -> dict[str, float]:
+def hit_rates(load: LoadConfig, outcomes: list[RequestResult]) -> dict[str, float]:
     """The share of prompt tokens the workers served from cache, the oracle's, and how close the first came."""
-    # Off the event loop: loading transformers takes seconds, longer than a lease might wait.
-    preprocessor = await asyncio.to_thread(oracle_preprocessor)
     # The oracle sees exactly the token ids the Processor sent to the workers.
     requests = [parse_request(ChatCompletionRequest, body) for body in load.bodies(len(outcomes))]
-    token_ids = await asyncio.to_thread(lambda: [preprocessor.preprocess(r, "oracle").token_ids for r in requests])
-    best = await asyncio.to_thread(best_possible_cached, token_ids, outcomes, MOCKER_COMMON["block-size"])
+    token_ids = [oracle_preprocessor().preprocess(request, "oracle").token_ids for request in requests]
+    best = best_possible_cached(token_ids, outcomes, MOCKER_COMMON["block-size"])
     ok = [(o, b) for o, b in zip(outcomes, best, strict=True) if o.ok]
     prompt_total = sum(o.prompt_tokens for o, _ in ok) or 1
     hit, best_hit = sum(o.cached_tokens for o, _ in ok) / prompt_total, sum(b for _, b in ok) / prompt_total
@@ -124,7 +115,8 @@ class Routing(Benchmark):
         # as an older workload's would.
         load = run.load(seed=run.number)
         summary, outcomes = await run_load(load)
-        phases = [Phase((run.layout,), summary, await hit_rates(load, outcomes))]
+        # Off the event loop: loading transformers takes seconds, longer than a lease might wait.
+        phases = [Phase((run.layout,), summary, await asyncio.to_thread(hit_rates, load, outcomes))]
         log.info("shared, %s, run %d: %s", run.layout, run.number, phases[-1].extra)
         if run.layout == DEFAULT_ROUTING:
             spread, _ = await run_load(run.load(SPREAD, seed=100 + run.number))
@@ -135,8 +127,7 @@ class Routing(Benchmark):
         return phases
 
     def render(self, phases: list[Phase], args: argparse.Namespace) -> list[str]:
-        shared, spread, rows = with_requests(SHARED, args), with_requests(SPREAD, args), []
-        figures = median_rows(p for p in phases if p.row != SPREAD_ROW)
+        figures, rows = median_rows(p for p in phases if p.row != SPREAD_ROW), []
         for (routing,), m in figures.items():
             speedup = figures[BASELINE,]["ttft_p50_s"] / m["ttft_p50_s"]
             judged = routing != BASELINE  # the targets are the kv policy's
@@ -152,15 +143,12 @@ class Routing(Benchmark):
         per_worker = median_run(spreads, max_over_mean)
         ratio = max_over_mean(per_worker)
         return [
-            f"Shared prefixes: {shared.requests} chat requests of about {shared.prompt_tokens} words (~1.8k tokens), "
-            f"the first {shared.shared_prefix_ratio:.0%} one of {shared.prefix_groups} prefixes, {shared.max_tokens} "
-            f"output tokens, concurrency {shared.concurrency}.",
+            f"Shared prefixes: {with_requests(SHARED, args).describe()}.",
             "",
             *table(headings, rows),
             "",
-            f"No sharing (kv): {spread.requests} requests of about {spread.prompt_tokens} unrelated words, "
-            f"concurrency {spread.concurrency}; requests per worker {' / '.join(map(str, per_worker))}: max / mean = "
-            f"{ratio:.2f} (target <= 1.5: {met(ratio <= 1.5)}).",
+            f"No sharing (kv): {with_requests(SPREAD, args).describe()}; requests per worker "
+            f"{' / '.join(map(str, per_worker))}: max / mean = {ratio:.2f} (target <= 1.5: {met(ratio <= 1.5)}).",
         ]
 
 
@@ -184,32 +172,20 @@ DISAGG_COLUMNS = {
 }
 
 
-async def prefill_jobs_done(graph: ServedGraph) -> int:
-    """Jobs the graph's PrefillWorkers answered so far, summed over them."""
-    assert graph.runtime is not None
-    client, done = graph.runtime.client("PrefillWorker", "status"), 0
-    for instance in await graph.instances("PrefillWorker"):
-        done += int((await client.call({}, target=instance, timeout=5.0)).get("done", 0))
-    return done
-
-
 def by_kind(
     layout: str, load: LoadConfig, results: list[RequestResult], whole: Summary, stall_s: float, prefill_jobs: int
 ) -> list[Phase]:
     """A row for the long requests of a run, one for the short: their Summary, and the share of them that
     saw a gap >= stall_s between two tokens; the whole load's output tokens/s and remote prefills."""
-    phases, whole_load = (
-        [],
-        {"all_output_tokens_per_second": whole.output_token_throughput, "prefill_jobs": prefill_jobs},
-    )
+    whole_load = {"all_output_tokens_per_second": whole.output_token_throughput, "prefill_jobs": prefill_jobs}
+    phases = []
     for kind in ("long", "short"):
         # Fewer results than requests when max_duration_s ran out: those never sent are the last.
         kept = [r for i, r in enumerate(results) if load.is_long(i) == (kind == "long")]
         ok = [r for r in kept if r.ok]
         stalled = sum(max(r.itl_s, default=0.0) >= stall_s for r in ok) / len(ok) if ok else 0.0
-        phases.append(
-            Phase((f"{layout}, {kind}",), summarize(kept, whole.duration_s), {"stalled": stalled, **whole_load})
-        )
+        extra = {"stalled": stalled, **whole_load}
+        phases.append(Phase((f"{layout}, {kind}",), summarize(kept, whole.duration_s), extra))
     return phases
 
 
@@ -222,13 +198,7 @@ class Disagg(Benchmark):
     # Streamed chat requests, unrelated prompts, 30% of them long. The tiny model's tokenizer makes
     # about 1.8 tokens of a loadgen word: ~2k and ~100 tokens.
     load = dataclasses.replace(
-        MOCKER_LOAD,
-        timeout_s=120.0,
-        concurrency=16,
-        requests=200,
-        prompt_tokens=50,
-        long_share=0.3,
-        long_prompt_tokens=1100,
+        MOCKER_LOAD, timeout_s=120.0, requests=200, prompt_tokens=50, long_share=0.3, long_prompt_tokens=1100
     )
     # A gap between tokens this long is a long prefill stalling the batch: a decode step is ~10 ms and
     # a short prompt's prefill ~25 ms, a 2k-token one's ~0.4 s.
@@ -238,37 +208,32 @@ class Disagg(Benchmark):
         load = run.load(seed=run.number)
         if run.number == 1:
             await run_load(dataclasses.replace(load, requests=2 * load.concurrency, seed=0))  # a warm-up
-        jobs_before = await prefill_jobs_done(run.graph)
+        jobs_before = await run.graph.prefill_jobs_done()
         whole, results = await run_load(load)
         log.info("%s, run %d: %d ok, %d failed", run.layout, run.number, whole.completed, whole.failed)
-        jobs = await prefill_jobs_done(run.graph) - jobs_before
+        jobs = await run.graph.prefill_jobs_done() - jobs_before
         return by_kind(run.layout, load, results, whole, self.stall_s, prefill_jobs=jobs)
 
     def render(self, phases: list[Phase], args: argparse.Namespace) -> list[str]:
-        load = with_requests(self.load, args)
         headings = [f"{h} >= {self.stall_s * 1000:.0f} ms" if h == "requests stalled" else h for h in DISAGG_COLUMNS]
         rows = [[*row, *cells(figures, DISAGG_COLUMNS.values())] for row, figures in median_rows(phases).items()]
         return [
-            f"Load: {load.requests} streamed chat requests per run, concurrency {load.concurrency}, "
-            f"{load.long_share:.0%} long (~{load.long_prompt_tokens} words) and the rest short (~{load.prompt_tokens} "
-            f"words), prompts sharing nothing, {load.max_tokens} output tokens (ignore_eos).",
+            f"Load: {with_requests(self.load, args).describe()}.",
             "",
             *table(" | ".join(["layout", *headings]), rows),
         ]
 
 
+# The shipped max-local-prefill-length (64) sends nearly every chat prompt remote; here only long ones go.
+LONG_REMOTE = ("--VllmWorker.max-local-prefill-length=512",)
+
+
 class DisaggVllm(Disagg):
     section = "## Aggregated vs disaggregated (vLLM CPU, tiny model)"
     layouts: ClassVar[Mapping[str, Servable]] = {
-        "aggregated": Layout(CONFIGS / "cpu-tiny.yaml", 2, routers=1),
+        "aggregated": Layout(CPU_TINY, 2, routers=1),
         "disaggregated": Layout(
-            CONFIGS / "cpu-tiny-disagg.yaml",
-            1,
-            routers=1,
-            prefill_workers=1,
-            # The shipped 64 sends nearly every chat prompt remote; here only long ones go.
-            overrides=("--VllmWorker.max-local-prefill-length=512",),
-            graph=DISAGG_ROUTER,
+            CPU_DISAGG, 1, routers=1, prefill_workers=1, overrides=LONG_REMOTE, graph=DISAGG_ROUTER
         ),
     }
     # ~900 and ~100 prompt tokens (the configs' max-model-len is 2048).
@@ -278,11 +243,12 @@ class DisaggVllm(Disagg):
 
 # -- Tandem against the same vLLM engine served directly, one at a time, alternating, on this machine.
 
-# Both systems' engine arguments. float32: the tiny model's own dtype (CPUs without AVX-512 BF16 run
-# bfloat16 slower); prefix caching on, as configs/cpu-tiny.yaml ships; both engines on core 0.
-MODEL, BLOCK_SIZE, MAX_MODEL_LEN, DTYPE = REPO / "models" / "tiny-llama", 32, 2048, "float32"
-CPU_BIND, KVCACHE_GIB = "0", 1  # VLLM_CPU_OMP_THREADS_BIND and VLLM_CPU_KVCACHE_SPACE of both engines
-ENGINE_ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(KVCACHE_GIB), "VLLM_CPU_OMP_THREADS_BIND": CPU_BIND}
+# Both systems run configs/cpu-tiny.yaml's engine arguments (Common: model, block size, max model length;
+# VllmWorker: eager, prefix caching) with one engine, on core 0, in float32: the tiny model's own dtype
+# (CPUs without AVX-512 BF16 run bfloat16 slower).
+ENGINE = yaml.safe_load(CPU_TINY.read_text())["Common"]
+ENGINE_ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+ONE_ENGINE = ("--VllmWorker.ServiceArgs.workers=1", '--VllmWorker.cpu-omp-threads-bind=["0"]')
 TARGET = 0.9  # Tandem's output tokens/s at least this share of direct's
 # The table's columns after the system's: heading -> (figure, format); times in ms.
 DIRECT_COLUMNS = {
@@ -297,33 +263,23 @@ DIRECT_COLUMNS = {
 }
 
 
-def tandem_config() -> dict[str, Any]:
-    """The shipped CPU config (configs/cpu-tiny.yaml) with one worker and the direct server's engine arguments."""
-    config = yaml.safe_load((CONFIGS / "cpu-tiny.yaml").read_text())
-    config.pop("PrefillWorker", None)
-    names = {"served-model-name": MODEL.name}
-    config["Common"].update({"model": str(MODEL), "block-size": BLOCK_SIZE, "max-model-len": MAX_MODEL_LEN, **names})
-    config["Frontend"].update(names)
-    engine = {"enforce-eager": True, "enable-prefix-caching": True, "dtype": DTYPE, "cpu-omp-threads-bind": [CPU_BIND]}
-    config["VllmWorker"].update(engine, ServiceArgs={"workers": 1})
-    return config
-
-
 class DirectVllm:
     """vLLM's own OpenAI server on the same engine arguments as the Tandem graph."""
 
     @contextlib.asynccontextmanager
     async def serve(self, name: str, workdir: Path, plane: Plane) -> AsyncIterator[ServedProcess]:
-        if not (MODEL / "config.json").is_file():
-            raise SystemExit(f"no model at {MODEL} (make it: .venv/bin/tandem model make-tiny models/tiny-llama)")
+        model = REPO / ENGINE["model"]
+        if not (model / "config.json").is_file():
+            raise SystemExit(f"no model at {model} (make it: .venv/bin/tandem model make-tiny {ENGINE['model']})")
         port = free_port()
         # Tandem's Frontend writes no access log; a line per request would be work only one side does.
         arguments = (
-            f"-m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port {port} --model {MODEL} --served-model-name "
-            f"{MODEL.name} --enforce-eager --enable-prefix-caching --block-size {BLOCK_SIZE} --max-model-len "
-            f"{MAX_MODEL_LEN} --dtype {DTYPE} --disable-uvicorn-access-log"
+            f"-m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port {port} --model {model} "
+            f"--served-model-name {ENGINE['served-model-name']} --block-size {ENGINE['block-size']} "
+            f"--max-model-len {ENGINE['max-model-len']} --enforce-eager --enable-prefix-caching --dtype float32 "
+            "--disable-uvicorn-access-log"
         )
-        server = ServedProcess([sys.executable, *shlex.split(arguments)], ENGINE_ENV, workdir / f"{name}.log", port)
+        server = ServedProcess([sys.executable, *arguments.split()], ENGINE_ENV, workdir / f"{name}.log", port)
         server.start()
         try:
             await server.wait_healthy(timeout=300.0)
@@ -332,19 +288,18 @@ class DirectVllm:
             server.stop()
 
 
-def requests_for(args: argparse.Namespace, concurrency: int) -> int:
-    # Enough requests that the concurrency is held for many rounds, not just ramped up and down.
-    return args.requests or max(100, 20 * concurrency)
+def load_at(load: LoadConfig, args: argparse.Namespace, concurrency: int) -> LoadConfig:
+    # --requests, or enough requests that the concurrency is held for many rounds, not just ramped up and down.
+    return dataclasses.replace(load, concurrency=concurrency, requests=args.requests or max(100, 20 * concurrency))
 
 
 class VsDirect(Benchmark):
     section = "## Tandem vs direct vLLM (CPU, tiny model)"
     layouts: ClassVar[Mapping[str, Servable]] = {
         "direct": DirectVllm(),
-        "tandem": Layout(tandem_config(), 1, env=ENGINE_ENV),
+        "tandem": Layout(CPU_TINY, 1, overrides=(*ONE_ENGINE, "--VllmWorker.dtype=float32"), env=ENGINE_ENV),
     }
-    # Each run: streamed chat requests of 128-word prompts, exactly 64 output tokens each.
-    load = LoadConfig(MODEL.name, prompt_tokens=128, max_tokens=64, ignore_eos=True)
+    load = LoadConfig(ENGINE["served-model-name"], prompt_tokens=128, max_tokens=64, ignore_eos=True)
     order = "alternating"
     concurrency = (1, 32)
 
@@ -353,8 +308,8 @@ class VsDirect(Benchmark):
         for c in run.args.concurrency:
             # Both systems get the same prompts in a run; no two runs share one, so the prefix cache
             # never turns one system's prefill into a cache hit.
-            load = run.load(concurrency=c, seed=run.number * 1000 + c, requests=requests_for(run.args, c))
-            summary, _ = await run_load(dataclasses.replace(load, warmup=max(8, 2 * c)))
+            load = run.load(load_at(self.load, run.args, c), seed=run.number * 1000 + c, warmup=max(8, 2 * c))
+            summary, _ = await run_load(load)
             log.info("%s c=%d run %d: %.1f output tok/s", run.layout, c, run.number, summary.output_token_throughput)
             phases.append(Phase((run.layout, str(c)), summary))
         return phases
@@ -362,12 +317,8 @@ class VsDirect(Benchmark):
     def render(self, phases: list[Phase], args: argparse.Namespace) -> list[str]:
         figures, rows, verdicts = median_rows(phases), [], []
         for c in map(str, args.concurrency):
-            systems = [system for system in self.layouts if (system, c) in figures]
-            rows += [[system, c, *cells(figures[system, c], DIRECT_COLUMNS.values())] for system in systems]
-            if len(systems) < 2:
-                verdicts.append(f"concurrency {c}: incomplete")
-                continue
             direct, tandem = figures["direct", c], figures["tandem", c]
+            rows += [[system, c, *cells(figures[system, c], DIRECT_COLUMNS.values())] for system in self.layouts]
             ratios = [
                 f"{tandem[f] / direct[f]:.2f}" if direct[f] else "n/a" for f, _ in list(DIRECT_COLUMNS.values())[:-2]
             ]
@@ -377,18 +328,9 @@ class VsDirect(Benchmark):
             verdicts.append(f"concurrency {c}: Tandem at {ratio:.0%} of direct ({verdict} the {TARGET:.0%} target)")
         # Prompt length as the servers counted it (the same prompts for both).
         prompt_tokens = statistics.fmean(p.summary.mean_prompt_tokens for p in phases if p.summary.completed)
-        requests = ", ".join(f"{requests_for(args, c)} at c={c}" for c in args.concurrency)
+        loads = "; ".join(load_at(self.load, args, c).describe() for c in args.concurrency)
         return [
-            f"Both systems serve `{MODEL.name}` with the same engine: `enforce_eager`, block size {BLOCK_SIZE}, max "
-            f"model length {MAX_MODEL_LEN}, dtype {DTYPE}, prefix caching on, `VLLM_CPU_KVCACHE_SPACE={KVCACHE_GIB}`, "
-            f"engine threads `VLLM_CPU_OMP_THREADS_BIND={CPU_BIND}` for both. Direct is `python -m "
-            "vllm.entrypoints.openai.api_server`; Tandem is the agg_router graph (Frontend → Processor → KV Router → "
-            f"one VllmWorker) on its own NATS and etcd. One system runs at a time; the pair runs {args.runs} time(s), "
-            f"in alternating order. Each run: bench.loadgen, chat API, streaming, {self.load.prompt_tokens}-word "
-            f"prompts ({prompt_tokens:.0f} tokens by the servers' count), exactly {self.load.max_tokens} output tokens "
-            f"(`ignore_eos`), requests per run: {requests}, after a warm-up; no two runs send the same prompt. Numbers "
-            "are medians over the repeats; ITL is the gap between streamed chunks as the client sees them, so a "
-            "server that sends several tokens in one chunk shows a lower ITL p50 and a higher p99.",
+            f"Each run, after a warm-up: {loads}; {prompt_tokens:.0f} prompt tokens by the servers' count.",
             "",
             *table(" | ".join(["system", "concurrency", *DIRECT_COLUMNS]), rows),
             "",
@@ -451,16 +393,10 @@ class RequestPath(Benchmark):
             "layout | concurrency | requests/s | Frontend | Router processes | Processor (idle)"
             f" | path total (target <= {TARGET_CPU_MS:g} at 16) | mocker workers | nats-server"
         )
-        lines = [
-            f"{PATH_WORKERS} mocker workers (speedup-ratio {SPEEDUP:g}), chat requests of {self.load.prompt_tokens} "
-            f"words, {self.load.max_tokens}-token streams, the Processor pipeline in the Frontend (the default). Two "
-            "layouts of the routing: `router-in-frontend` (`embed-router: true`: the Frontend is the router replica, "
-            "no Router process) and `router-processes` (the config's 2 Router replicas, called over NATS). "
-            "CPU milliseconds per request by process:",
-            "",
-            *table(headings, rows),
-            "",
-        ]
+        loads = "; ".join(
+            dataclasses.replace(with_requests(self.load, args), concurrency=c).describe() for c in args.concurrency
+        )
+        lines = [f"Load: {loads}. CPU milliseconds per request by process:", "", *table(headings, rows), ""]
         for (layout, concurrency), embedded in figures.items():  # the two layouts side by side
             if layout == "router-in-frontend" and (processes := figures.get(("router-processes", concurrency))):
                 lines.append(

@@ -52,11 +52,9 @@ def write_section(path: Path, section: str) -> None:
     title = section.splitlines()[0].rstrip()
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     lines = text.splitlines(keepends=True)
-    results = section.rstrip("\n") + "\n\n"
     start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + results + MEASURED_END + "\n")
-        return
+    if start is None:  # a new section, after the others
+        lines, start = [text.rstrip("\n") + "\n\n"], 1
     end, in_fence = len(lines), False
     for i in range(start + 1, len(lines)):
         if lines[i].lstrip().startswith("```"):
@@ -67,7 +65,7 @@ def write_section(path: Path, section: str) -> None:
     marker = next((i for i in range(start, end) if lines[i].rstrip() == MEASURED_END), None)
     prose = "".join(lines[marker:end]).rstrip("\n") + "\n" if marker is not None else MEASURED_END + "\n"
     rest = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + results + prose + ("\n" + rest if rest else ""))
+    path.write_text("".join(lines[:start]) + section.rstrip("\n") + "\n\n" + prose + ("\n" + rest if rest else ""))
 
 
 def met(ok: bool) -> str:
@@ -128,7 +126,7 @@ class Servable(Protocol):
 class Layout:
     """A graph as a benchmark serves it, and the instances it must show before it is measured."""
 
-    config: Path | Mapping[str, Any]
+    config: Path
     workers: int
     routers: int | None = None
     prefill_workers: int | None = None
@@ -149,10 +147,9 @@ class Layout:
             yield graph
 
 
-# Each layout on a graph of its own, all runs of one before the next; all graphs up at once and each
-# run alternating between them (an idle graph costs next to nothing, and all see the same machine:
-# measured minutes apart instead, one layout's numbers were seen to move by 30 %); or each run of
-# each layout on a fresh server, one at a time, in alternating order (A B, B A, ...).
+# Each layout on a graph of its own, all runs of one before the next; all graphs up at once, their runs
+# alternating (an idle graph costs next to nothing; docs/benchmarks.md, "Request path", says why); or
+# each run of each layout on a fresh server, one at a time, in alternating order (A B, B A, ...).
 Order = Literal["one after the other", "side by side", "alternating"]
 
 

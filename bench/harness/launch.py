@@ -28,7 +28,6 @@ from bench.harness.load import Connection
 
 REPO = Path(__file__).resolve().parents[2]
 TANDEM = str(Path(sys.executable).with_name("tandem"))
-SERVED_MODEL = "tiny-llama"  # the served-model-name of the shipped configs
 # The endpoint whose instances show that a service serves (in wait_ready's order).
 SERVING_ENDPOINT = {
     names.VLLM_WORKER: names.GENERATE,
@@ -237,6 +236,13 @@ class ServedGraph(ServedProcess):
                 return counts == expected and await self.healthy()
 
             await self._poll(ready, timeout, lambda: f"graph not ready: {counts} serve, {expected} expected")
+
+    async def prefill_jobs_done(self) -> int:
+        """Jobs the graph's PrefillWorkers answered so far, summed over them (inside `async with`)."""
+        assert self.runtime is not None
+        client = self.runtime.client(names.PREFILL_WORKER, names.PREFILL_STATUS)
+        done = [await client.call({}, target=instance, timeout=10.0) for instance in await client.watch()]
+        return sum(int(status.get("done", 0)) for status in done)
 
     def service_pids(self) -> dict[str, list[int]]:
         """Live service processes by service: `Frontend` runs `... app.components.frontend:Frontend ...`."""

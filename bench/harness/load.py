@@ -84,6 +84,17 @@ class LoadConfig:
                 "requests and warmup >= 0, shared_prefix_ratio and long_share within [0, 1]"
             )
 
+    def describe(self) -> str:
+        """The load as a report states it: "160 streamed chat requests at concurrency 16, prompts of ..."."""
+        prompts = f"prompts of ~{self.prompt_tokens} words"
+        if self.shared_prefix_ratio:
+            prompts += f" (the first {self.shared_prefix_ratio:.0%} one of {self.prefix_groups} shared prefixes)"
+        if self.long_share:
+            prompts += f", {self.long_share:.0%} of them ~{self.long_prompt_tokens} words"
+        kind = f"{'streamed ' if self.stream else ''}{self.api} requests at concurrency {self.concurrency}"
+        output = f"{self.max_tokens} output tokens{' (ignore_eos)' if self.ignore_eos else ''}"
+        return f"{self.requests} {kind}, {prompts}, {output}"
+
     def is_long(self, index: int) -> bool:
         """Whether request `index` has a long prompt: a draw of its own, so the same for a seed and index."""
         return self.long_share > 0 and random.Random(f"{self.seed}:long:{index}").random() < self.long_share
@@ -94,16 +105,14 @@ class LoadConfig:
         if self.long_share:
             long = prompts(count, self.long_prompt_tokens, self.seed, first_index=first_index)
             texts = [long[i] if self.is_long(first_index + i) else text for i, text in enumerate(texts)]
-        bodies = []
-        for text in texts:
-            body: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "stream": self.stream}
-            body.update({"messages": [{"role": "user", "content": text}]} if self.api == "chat" else {"prompt": text})
-            if self.stream:
-                body["stream_options"] = {"include_usage": True}
-            if self.ignore_eos:
-                body["ignore_eos"] = True  # vLLM's: every output is exactly max_tokens long
-            bodies.append(body)
-        return bodies
+        common: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "stream": self.stream}
+        if self.stream:
+            common["stream_options"] = {"include_usage": True}
+        if self.ignore_eos:
+            common["ignore_eos"] = True  # vLLM's: every output is exactly max_tokens long
+        if self.api == "chat":
+            return [{**common, "messages": [{"role": "user", "content": text}]} for text in texts]
+        return [{**common, "prompt": text} for text in texts]
 
 
 @dataclass

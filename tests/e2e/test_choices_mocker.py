@@ -267,24 +267,17 @@ async def test_the_choices_share_the_prompts_kv_on_the_worker_the_router_picked(
     assert again_usage.completion_tokens == 2 * MAX_TOKENS
 
 
-async def _prefill_jobs_done(graph: ServedGraph) -> int:
-    """Prefill jobs the PrefillWorkers have done, in all."""
-    assert graph.runtime is not None
-    client = graph.runtime.client("PrefillWorker", "status")
-    return sum([(await client.call({}, target=i, timeout=10)).get("done", 0) for i in await client.watch()])
-
-
 async def test_a_long_prompt_is_prefilled_remotely_once_for_all_its_choices(
     frontends: dict[str, ServedGraph],
 ) -> None:
     graph = frontends["embedded"]
     messages = _chat("long-prompt", words=400)
-    jobs_before = await _prefill_jobs_done(graph)
+    jobs_before = await graph.prefill_jobs_done()
     async with _client(graph) as client:
         raw = await client.chat.completions.with_raw_response.create(
             model=MODEL, messages=messages, n=N, seed=SEED, **SAMPLING
         )
-        jobs = await _prefill_jobs_done(graph) - jobs_before
+        jobs = await graph.prefill_jobs_done() - jobs_before
         # Each choice alone (its prompt now cached where the router sends it: prefilled there).
         alone = await _one_choice_texts(client, messages, range(SEED, SEED + N))
     completion = raw.parse()

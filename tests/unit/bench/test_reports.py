@@ -23,7 +23,10 @@ def test_vs_direct_puts_each_system_and_their_ratio_in_one_table() -> None:
 
     phases = [run("direct", 0.04), run("tandem", 0.05)]
     lines = VsDirect().render(phases, argparse.Namespace(runs=1, concurrency=[1], requests=10))
-    assert "(100 tokens by the servers' count)" in lines[0]
+    assert lines[0] == (
+        "Each run, after a warm-up: 10 streamed chat requests at concurrency 1, prompts of ~128 words, "
+        "64 output tokens (ignore_eos); 100 prompt tokens by the servers' count."
+    )
     assert lines[2].startswith("| system | concurrency | output tok/s | req/s | TTFT p50 ms |")
     assert lines[4] == "| direct | 1 | 50.0 | 5.00 | 40.0 | 40.0 | 10.00 | 10.00 | 1 | 0 |"
     assert lines[6] == "| **Tandem / direct** | 1 | 1.00 | 1.00 | 1.25 | 1.25 | 1.00 | 1.00 | | |"
@@ -41,6 +44,10 @@ def test_disagg_rows_split_decode_pace_from_chunk_gaps_and_count_stalls() -> Non
     assert math.isclose(long.summary.tpot_p50_s, (0.01 + 0.0825) / 2)
     assert short.summary.requests == 0
     report = Disagg().render([long], argparse.Namespace(requests=None))
+    assert report[0] == (
+        "Load: 200 streamed chat requests at concurrency 16, prompts of ~50 words, 30% of them ~1100 words, "
+        "64 output tokens (ignore_eos)."
+    )
     assert (
         "| layout | requests | prompt tokens | TTFT p50 | TTFT p99 | TPOT p50 | ITL p50 | ITL p99 | ITL p99.9 "
         "| requests stalled >= 100 ms | output tok/s (all) | prefilled remotely |" in report
