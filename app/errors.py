@@ -2,7 +2,7 @@
 
 An error a user can cause, or that says the fleet cannot take a request now, is a
 `TandemError`: a stable `code`, the HTTP `status` it maps to, and a message written for
-the client. The runtime's error frame carries (code, message) across NATS and
+the client. The runtime's error frame carries (code, message, param) across NATS and
 `error_for_code` rebuilds the same class on the caller's side, so a worker's 400 reaches
 the client as that 400 through any number of hops, and a caller can `except` the class it
 means. Any other exception is a failure inside Tandem: logged where it happened, with the
@@ -32,8 +32,8 @@ class ErrorCode(StrEnum):
 class TandemError(Exception):
     """Base of every error with a code; `message` is what the client may read.
 
-    Only `code` and `message` cross a hop. `param` (the request field at fault) and
-    `retry_after_s` serve the HTTP answer of the process that raised it, and `status`
+    `code`, `message` and `param` (the request field at fault) cross a hop;
+    `retry_after_s` serves the HTTP answer of the process that raised it, and `status`
     overrides the code's status only for errors of the HTTP layer itself (a 405).
     """
 
@@ -116,6 +116,6 @@ _BY_CODE: dict[str, type[TandemError]] = {
 }
 
 
-def error_for_code(code: str, message: str) -> TandemError:
+def error_for_code(code: str, message: str, param: str | None = None) -> TandemError:
     """The error a callee raised, rebuilt from what crossed the wire (an unknown code: internal)."""
-    return _BY_CODE.get(code, InternalError)(message)
+    return _BY_CODE.get(code, InternalError)(message, param=param)

@@ -1,7 +1,7 @@
 """Hypothesis strategies for the JSON bodies an OpenAPI document's schemas describe.
 
 A small generator over the keywords pydantic writes into Tandem's /openapi.json ($ref,
-anyOf, type, enum, const, bounds, items, properties, required, additionalProperties):
+anyOf, oneOf, type, enum, const, bounds, items, properties, required, additionalProperties):
 hypothesis-jsonschema, the usual tool, does not run with this project's Hypothesis.
 Optional properties come and go, a few at a time, so each example exercises a different
 mix of fields.
@@ -45,8 +45,8 @@ class SchemaBodies:
             return st.just(schema["const"])
         if "enum" in schema:
             return st.sampled_from(schema["enum"])
-        if "anyOf" in schema:
-            return st.one_of([self._strategy(branch, depth) for branch in schema["anyOf"]])
+        if "anyOf" in schema or "oneOf" in schema:  # oneOf: a discriminated union's
+            return st.one_of([self._strategy(branch, depth) for branch in schema.get("anyOf") or schema["oneOf"]])
         kind = schema.get("type")
         if kind == "null":
             return st.none()

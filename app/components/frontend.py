@@ -117,7 +117,7 @@ class Frontend(Service):
             router_config = self.ctx.config.section_config(names.ROUTER, RouterConfig)
             replica = router_replica(self.runtime, router_config, workers, self.ctx.replica, registry=metrics.registry)
         picker = create_picker(self.runtime, workers, graph=self.ctx.graph, spread=config.spread, replica=replica)
-        return RequestPipeline(config, picker, workers)
+        return RequestPipeline(config, picker, workers, registry=metrics.registry)
 
     @on_shutdown
     async def stop(self) -> None:

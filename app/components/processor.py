@@ -13,8 +13,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from app.components.kv_router import Router
 from app.components.worker import VllmWorker
+from app.metrics import replica_port, serve_metrics
 from app.openai.schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -40,14 +43,19 @@ class Processor(Service):
     def __init__(self) -> None:
         workers = self.worker.generate
         picker = create_picker(self.runtime, workers, graph=self.ctx.graph, spread=self.config.spread)
-        self._pipeline = RequestPipeline(self.config, picker, workers)
+        self._registry = CollectorRegistry()
+        self._pipeline = RequestPipeline(self.config, picker, workers, registry=self._registry)
+        self._metrics_server: Any = None
 
     @on_start
     async def start(self) -> None:
         await self._pipeline.start()
+        self._metrics_server = serve_metrics(self._registry, replica_port(self.config.metrics_port, self.ctx.replica))
 
     @on_shutdown
     async def stop(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         await self._pipeline.close()
 
     @endpoint

@@ -78,6 +78,11 @@ class RemotePrefill:
         if not self._prefill_fleet.instance_ids():
             policy.count("local", request.request_id, "no PrefillWorker registered")
             return None
+        if request.sampling.prompt_logprobs is not None:
+            # The prompt's logprobs come from the engine that computes the prompt, and a
+            # PrefillWorker's output is thrown away: the decode worker must compute it.
+            policy.count("local", request.request_id, "prompt_logprobs asked for")
+            return None
         try:
             remote = await policy.prefill_remotely(request, queue.depth)
         except Exception as exc:

@@ -14,7 +14,7 @@ prefill the prompt (n times the prefill work, and n remote prefills where one wa
 
 The merged stream tags every output with its choice's `index` and ends after all n
 finished. Only choice 0's first output carries the prompt's counts (`num_prompt_tokens`,
-`num_cached_tokens`): the others' cache hits are choice 0's own prompt. Closing the merged
+`num_cached_tokens`) and its logprobs: the others' cache hits are choice 0's own prompt. Closing the merged
 stream closes every child stream (each aborts its engine request); a child that fails
 fails the request, and the others are closed.
 """
@@ -34,8 +34,12 @@ Generate = Callable[[PreprocessedRequest], AsyncGenerator[EngineOutput, None]]
 
 def child_request(request: PreprocessedRequest, index: int) -> PreprocessedRequest:
     """Choice `index` of `request` as an engine request of its own (n=1)."""
-    seed = request.sampling.seed
-    sampling = request.sampling if seed is None else msgspec.structs.replace(request.sampling, seed=seed + index)
+    sampling = request.sampling
+    if sampling.seed is not None:
+        sampling = msgspec.structs.replace(sampling, seed=sampling.seed + index)
+    if index and sampling.prompt_logprobs is not None:
+        # The prompt is every choice's: choice 0 computes its logprobs once.
+        sampling = msgspec.structs.replace(sampling, prompt_logprobs=None)
     return msgspec.structs.replace(
         request,
         request_id=f"{index}_{request.request_id}",

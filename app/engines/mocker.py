@@ -10,8 +10,9 @@ millisecond (a large `speedup_ratio`) are slept in bulk: their tokens then reach
 caller several to an output, as they would from an engine that steps faster than its
 caller reads.
 
-Tokens come from a deterministic generator (prompt hash, position, request seed), so
-the same prompt always yields the same text. Sampling fields that shape a distribution
+Tokens come from a deterministic generator (a hash of the whole context so far, and the
+request's seed), so the same prompt always yields the same text, and a request continued
+from any point of its output (request migration) yields the rest of it. Sampling fields that shape a distribution
 change nothing (there is none); `logit_bias`, `allowed_token_ids` and `bad_words` steer
 the generator as they steer vLLM (`app.engines.mocker_sampling`), and stop tokens,
 `min_tokens`, `ignore_eos` and `max_tokens` end a request as in vLLM. KV events match
@@ -140,6 +141,7 @@ class _Request:
         "remote_tokens",
         "kv_transfer_params",
         "choice",
+        "context",
     )
 
     def __init__(self, request: PreprocessedRequest, seed: int, choice: TokenChoice | None) -> None:
@@ -163,6 +165,10 @@ class _Request:
         self.remote_tokens = 0  # decode role: prompt tokens whose KV comes from a prefill engine
         self.kv_transfer_params: dict[str, Any] | None = None  # prefill role: the answer
         self.choice = choice  # the request's constraints on its tokens, if any
+        # The "model" reads its whole context: a hash over every token so far, fed as they
+        # come. A request continued elsewhere (the prompt plus the tokens already made, as
+        # request migration sends it) so goes on exactly as it would have.
+        self.context = blake2b(array("i", self.tokens).tobytes(), digest_size=8)
 
 
 class MockerEngine(Engine):
@@ -520,14 +526,14 @@ class MockerEngine(Engine):
         req.hashes.extend(block_hashes(req.tokens[have * block_size : num_blocks * block_size], block_size, parent))
 
     def _emit_token(self, req: _Request) -> None:
-        position = len(req.tokens)
-        mixed = _splitmix64(req.seed + position)
+        mixed = _splitmix64(int.from_bytes(req.context.copy().digest(), "little") ^ req.seed)
         token = mixed % self.config.vocab_size
         if req.choice is not None:
             token = req.choice.pick(
                 token, req.tokens, req.num_prompt, lambda rank: _splitmix64(mixed + rank), self.config.vocab_size
             )
         req.tokens.append(token)
+        req.context.update(array("i", (token,)).tobytes())
         req.num_output += 1
         req.pending.append(token)
         if req.want_logprobs is not None:
@@ -599,9 +605,8 @@ class MockerEngine(Engine):
     # --- the token generator ---------------------------------------------------------
 
     def _generation_seed(self, request: PreprocessedRequest) -> int:
-        prompt = array("i", request.token_ids).tobytes()
-        prompt_hash = int.from_bytes(blake2b(prompt, digest_size=8).digest(), "little")
-        return (prompt_hash ^ (request.sampling.seed or 0) * 0x9E3779B97F4A7C15 ^ self.config.seed) & _MASK64
+        """What the request's sampling adds to its context's hash (the engine's seed, its own)."""
+        return ((request.sampling.seed or 0) * 0x9E3779B97F4A7C15 ^ self.config.seed) & _MASK64
 
     def _top_logprobs(self, req: _Request, token: int, logprob: float) -> list[TokenLogprob]:
         count = req.want_logprobs or 0

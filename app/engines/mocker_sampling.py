@@ -1,7 +1,7 @@
 """How the mocker honours the sampling fields that constrain which tokens come out.
 
 The mocker has no model, so it has no distribution to sample from; its "model" is one
-pick per position (a hash of the prompt, the position and the seed). Sampling fields that
+pick per position (a hash of the tokens so far and the seed). Sampling fields that
 reshape a distribution (temperature, top_p, top_k, min_p, the penalties) therefore change
 nothing, while those that say which tokens may or must come out are honoured as vLLM
 honours them, on a simple model of the logits: the mocker's own pick scores
@@ -98,6 +98,12 @@ def token_choice(
             f"request {request_id}: {sampling.structured.param} is not supported by the mocker engine "
             "(structured outputs need a model: serve with the vllm engine)",
             param=sampling.structured.param,
+        )
+    if sampling.prompt_logprobs is not None:
+        raise InvalidRequestError(
+            f"request {request_id}: prompt_logprobs (asked for directly, or by echo with logprobs) is not "
+            "supported by the mocker engine (it does not score prompts: serve with the vllm engine)",
+            param="prompt_logprobs",
         )
     if sampling.allowed_token_ids is None and not sampling.logit_bias and not sampling.bad_words:
         return None

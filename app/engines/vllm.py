@@ -22,6 +22,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import LogprobsOnePosition
 from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.reasoning import ReasoningParserManager
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
@@ -32,7 +33,14 @@ from app.engines.vllm_process import prepare_vllm_process
 from app.engines.vllm_ray import with_ray_backend_if_needed
 from app.engines.vllm_stats import SchedulerStatsCapture
 from app.errors import InvalidRequestError
-from app.protocol import EngineOutput, ModelInfo, PreprocessedRequest, StructuredOutputs, TokenLogprob
+from app.protocol import (
+    EngineOutput,
+    ModelInfo,
+    PreprocessedRequest,
+    RankedLogprob,
+    StructuredOutputs,
+    TokenLogprob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +91,7 @@ def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
         frequency_penalty=sampling.frequency_penalty,
         repetition_penalty=sampling.repetition_penalty,
         logprobs=sampling.logprobs,
+        prompt_logprobs=sampling.prompt_logprobs,
         logit_bias=sampling.logit_bias,
         allowed_token_ids=sampling.allowed_token_ids,
         bad_words=list(sampling.bad_words),
@@ -111,6 +120,16 @@ def _logprobs(completion: CompletionOutput, num_top: int) -> tuple[list[float], 
         best = sorted(position.items(), key=lambda item: item[1].logprob, reverse=True)[:num_top]
         top.append([TokenLogprob(token, logprob.logprob) for token, logprob in best])
     return chosen, top
+
+
+def _prompt_logprobs(output: RequestOutput) -> list[list[RankedLogprob]]:
+    """vLLM's prompt logprobs, position by position: the prompt token first (vLLM's order),
+    then its alternatives; the first position, which nothing predicts, empty."""
+    positions = cast("Iterable[LogprobsOnePosition | None]", output.prompt_logprobs or ())
+    return [
+        [RankedLogprob(token, logprob.logprob, logprob.rank or 0) for token, logprob in (position or {}).items()]
+        for position in positions
+    ]
 
 
 class VllmEngine(Engine):
@@ -164,6 +183,9 @@ class VllmEngine(Engine):
         except TypeError as exc:
             await self._stop_relay()
             raise ValueError(f"vllm engine: bad engine arguments: {exc}") from None
+        if args.get("reasoning_parser_plugin"):
+            # As vLLM's server does first: the engine's config looks its reasoning parser up by name.
+            ReasoningParserManager.import_reasoning_parser(args["reasoning_parser_plugin"])
         logger.info("starting vLLM engine for %s (worker %s)", args["model"], worker_id)
         try:
             # Building the engine blocks until its core process has loaded the model
@@ -205,10 +227,17 @@ class VllmEngine(Engine):
             # Rendering checks the prompt against max_model_len with a clear error; raw
             # prompts handed to generate() are a deprecated path in vLLM.
             (engine_input,) = self._llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=request.token_ids)])
-            stream = self._llm.generate(engine_input, params, request.request_id)
+            stream = self._llm.generate(
+                engine_input,
+                params,
+                request.request_id,
+                reasoning_ended=request.reasoning_ended,
+                reasoning_parser_kwargs=request.reasoning_parser_kwargs,
+            )
         except VLLMClientError as exc:
             # The caller's mistake (a prompt past max_model_len, ...): a 400 with vLLM's words.
-            raise InvalidRequestError(f"request {request.request_id}: {exc}") from exc
+            param = getattr(exc, "parameter", None)
+            raise InvalidRequestError(f"request {request.request_id}: {exc}", param=param) from exc
         except VllmEngineDeadError:
             raise EngineDeadError(f"request {request.request_id}: the vLLM engine core is dead") from None
         first = True
@@ -233,6 +262,8 @@ class VllmEngine(Engine):
         if first:
             result.num_prompt_tokens = len(output.prompt_token_ids or ())
             result.num_cached_tokens = output.num_cached_tokens or 0
+            if output.prompt_logprobs is not None:
+                result.prompt_logprobs = _prompt_logprobs(output)
         if output.finished:
             reason = str(completion.finish_reason) if completion.finish_reason is not None else "stop"
             result.finish_reason = _FINISH_REASONS.get(reason, "error")

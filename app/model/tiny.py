@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,13 @@ EOT_TOKEN = "<|eot_id|>"
 START_HEADER_TOKEN = "<|start_header_id|>"
 END_HEADER_TOKEN = "<|end_header_id|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, START_HEADER_TOKEN, END_HEADER_TOKEN)
+# A reasoning model's markers, as DeepSeek-R1 has them: added tokens that are not special,
+# so they stay in the text vLLM's reasoning parsers split. They come after the trained
+# vocabulary with weights of their own, so every other token's id and weights are as they
+# would be without them; their lm_head rows are zero, a logit of 0 that is below the
+# largest of the random logits at every position. Greedy output never holds them unless a
+# request biases them (the reasoning case of tests/e2e/conformance_cases.py).
+THINK_TOKENS = ("<think>", "</think>")
 
 VOCAB_SIZE = 3000
 HIDDEN_SIZE = 128
@@ -98,6 +105,7 @@ def _train_tokenizer() -> Tokenizer:
         pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
         special_tokens=[(BOS_TOKEN, bos_id)],
     )
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in THINK_TOKENS])
     return tokenizer
 
 
@@ -127,6 +135,19 @@ def _random_weights(vocab_size: int, seed: int) -> dict[str, np.ndarray]:
     weights["model.norm.weight"] = ones(HIDDEN_SIZE)
     weights["lm_head.weight"] = normal(vocab_size, HIDDEN_SIZE)
     return weights
+
+
+def _with_think_tokens(weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """THINK_TOKENS' rows after the trained vocabulary's: embeddings from a stream of their
+    own (the other weights' draws stay as they were), zero lm_head rows."""
+    generator = np.random.default_rng([seed, len(THINK_TOKENS)])
+    embeddings = (generator.standard_normal((len(THINK_TOKENS), HIDDEN_SIZE)) * INIT_STD).astype(np.float32)
+    zeros = np.zeros((len(THINK_TOKENS), HIDDEN_SIZE), dtype=np.float32)
+    return {
+        **weights,
+        "model.embed_tokens.weight": np.concatenate([weights["model.embed_tokens.weight"], embeddings]),
+        "lm_head.weight": np.concatenate([weights["lm_head.weight"], zeros]),
+    }
 
 
 def _model_config(vocab_size: int, bos_id: int, eos_ids: list[int]) -> dict[str, Any]:
@@ -201,7 +222,8 @@ def make_tiny(out_dir: Path, *, seed: int = 0) -> Path:
     eos_ids = [_token_id(tokenizer, EOT_TOKEN), _token_id(tokenizer, EOS_TOKEN)]
 
     weights = out_dir / "model.safetensors"
-    save_file(_random_weights(vocab_size, seed), str(weights), metadata={"format": "pt"})
+    trained = _random_weights(vocab_size - len(THINK_TOKENS), seed)
+    save_file(_with_think_tokens(trained, seed), str(weights), metadata={"format": "pt"})
     # safetensors writes its file owner-only (0600); the other files follow the umask. The
     # weights must be readable like them: the appliance's containers run as another user
     # (uid 10001, docs/appliance.md) and read the model from a mounted folder.

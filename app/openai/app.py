@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front door: routes, SSE streaming, errors and metrics.
 
-Routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize,
+Routes: /v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /tokenize, /detokenize,
 /version, /health, /live, /metrics, and the OpenAPI document (/openapi.json, /docs).
 
 Generation responses are raw ASGI callables rather than Starlette's StreamingResponse
@@ -40,10 +40,22 @@ from app.errors import (
     UnavailableError,
     WorkerUnavailableError,
 )
+from app.openai import batch
 from app.openai.backend import Backend, ModelCard, RequestKind
 from app.openai.errors import ClientError, ErrorResponse, to_client_error
 from app.openai.metrics import FrontendMetrics
-from app.openai.render import ChatRenderer, ChoiceParts, CompletionRenderer, Renderer, usage_dict
+from app.openai.render import (
+    ChatRenderer,
+    ChoiceParts,
+    CompletionRenderer,
+    PromptLogprobs,
+    Renderer,
+    prompt_logprobs_list,
+    usage_dict,
+)
+from app.openai.responses import ResponseRenderer, chat_request, response_not_found
+from app.openai.responses import usage as responses_usage
+from app.openai.responses_schema import ResponsesRequest
 from app.openai.schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -134,9 +146,14 @@ class _Generation:
         self._status_recorded = False
         self._last_token_time = 0.0
         self._completion_tokens = 0
-        self._prompt_tokens = 0
-        self._cached_tokens: int | None = None
-        self._num_choices = request.num_choices()
+        # A completions request may hold several prompts: each has n choices (numbered
+        # prompt * n + choice) and its own prompt counts.
+        self._n = request.num_choices()
+        num_prompts = len(request.prompts()) if isinstance(request, CompletionRequest) else 1
+        self._prompt_tokens_of = [0] * num_prompts
+        self._cached_tokens_of: list[int | None] = [None] * num_prompts
+        self._prompt_logprobs_of: list[PromptLogprobs | None] = [None] * num_prompts
+        self._num_choices = num_prompts * self._n
         # n > 1: each choice's completion tokens so far and when its last one came (the
         # request's count is their sum). None for one choice, whose counts are the request's.
         self._choice_tokens: list[int] | None = None
@@ -144,6 +161,8 @@ class _Generation:
         if self._num_choices > 1:
             self._choice_tokens = [0] * self._num_choices
             self._choice_token_times = [0.0] * self._num_choices
+        # Each choice's reasoning tokens, where a reasoning parser counts them (None: none does).
+        self._reasoning_tokens_of: list[int] | None = None
         created = int(time.time())
         renderer_type = ChatRenderer if kind == "chat" else CompletionRenderer
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
@@ -154,10 +173,18 @@ class _Generation:
             include_usage=request.include_usage_in_stream(),
             running_usage=self._running_usage if request.continuous_usage_in_stream() else None,
         )
+        # chat's echo: the last message, where the answer continues it.
+        self._chat_echo: str | None = None
         if isinstance(self._renderer, ChatRenderer) and isinstance(request, ChatCompletionRequest):
             self._renderer.role = "assistant" if request.add_generation_prompt else request.messages[-1].role
             if request.effective_tool_choice() == "auto":
                 self._renderer.content_beside_calls = None
+            self._renderer.include_reasoning = request.include_reasoning
+            last = request.messages[-1]
+            if request.echo and last.role == self._renderer.role:
+                self._chat_echo = last.text() or None
+        elif isinstance(self._renderer, CompletionRenderer) and isinstance(request, CompletionRequest):
+            self._renderer.echo_only = request.echo and request.generates_nothing()
 
     async def run(self, send: Send) -> None:
         if not self._admission.try_enter():
@@ -168,7 +195,7 @@ class _Generation:
         items: AsyncIterator[StreamItem] | None = None
         try:
             try:
-                items = aiter(self._backend.generate(self._kind, self._request, self._request_id))
+                items = aiter(batch.generate(self._backend, self._kind, self._request, self._request_id))
                 first = await anext(items, None)
                 if first is None:
                     raise InternalError("the backend returned no output")
@@ -201,11 +228,27 @@ class _Generation:
             self._status_recorded = True
             self._metrics.requests.labels(self._route, str(status)).inc()
 
+    @property
+    def _prompt_tokens(self) -> int:
+        return sum(self._prompt_tokens_of)
+
     def _observe(self, item: StreamItem) -> None:
+        prompt = item.index // self._n
         if item.prompt_tokens is not None:
-            self._prompt_tokens = item.prompt_tokens
+            self._prompt_tokens_of[prompt] = item.prompt_tokens
         if item.cached_tokens is not None:
-            self._cached_tokens = item.cached_tokens
+            self._cached_tokens_of[prompt] = item.cached_tokens
+        if item.prompt_logprobs is not None:
+            self._prompt_logprobs_of[prompt] = item.prompt_logprobs
+        if item.reasoning_tokens is not None:
+            if self._reasoning_tokens_of is None:
+                self._reasoning_tokens_of = [0] * self._num_choices
+            self._reasoning_tokens_of[item.index] = item.reasoning_tokens
+        if item.echo is not None and isinstance(self._renderer, CompletionRenderer):
+            # Every choice of the prompt begins with it.
+            num_top = self._request.num_top_logprobs()
+            for index in range(prompt * self._n, (prompt + 1) * self._n):
+                self._renderer.echo(index, item.echo, item.prompt_logprobs, num_top)
         if self._choice_tokens is not None:
             self._observe_choice(item, self._choice_tokens)
             return
@@ -238,18 +281,39 @@ class _Generation:
         self._completion_tokens += new_tokens
 
     def _usage(self) -> dict[str, Any]:
-        # As vLLM's: the prompt counted once, the completion tokens of all choices.
-        return usage_dict(self._prompt_tokens, self._completion_tokens, self._cached_tokens)
+        # As vLLM's: each prompt counted once, the completion tokens of all choices.
+        cached = [tokens for tokens in self._cached_tokens_of if tokens is not None]
+        reasoning = sum(self._reasoning_tokens_of) if self._reasoning_tokens_of is not None else None
+        return usage_dict(self._prompt_tokens, self._completion_tokens, sum(cached) if cached else None, reasoning)
 
     def _running_usage(self, index: int) -> dict[str, Any]:
-        # As vLLM's per-chunk usage: the counts alone, of the chunk's choice.
+        # As vLLM's per-chunk usage: the counts alone, of the chunk's prompt and choice.
         completion_tokens = self._completion_tokens if self._choice_tokens is None else self._choice_tokens[index]
-        return usage_dict(self._prompt_tokens, completion_tokens, None)
+        reasoning = self._reasoning_tokens_of[index] if self._reasoning_tokens_of is not None else None
+        return usage_dict(self._prompt_tokens_of[index // self._n], completion_tokens, None, reasoning)
+
+    def _body(self, choices: list[ChoiceParts]) -> dict[str, Any]:
+        """The whole response, with the prompt's logprobs where the request asked for them."""
+        renderer = self._renderer
+        if self._chat_echo is not None:
+            for parts in choices:
+                parts.texts.insert(0, self._chat_echo)
+        rendered = [renderer.choice(i, parts) for i, parts in enumerate(choices)]
+        body = renderer.body(rendered, self._usage())
+        if any(positions is not None for positions in self._prompt_logprobs_of):
+            positions = [prompt_logprobs_list(p) if p is not None else None for p in self._prompt_logprobs_of]
+            if isinstance(renderer, ChatRenderer):
+                body["prompt_logprobs"] = positions[0]
+            else:
+                # As vLLM's: each choice, its prompt's.
+                for choice in rendered:
+                    choice["prompt_logprobs"] = positions[choice["index"] // self._n]
+        return body
 
     async def _unary(
         self, send: Send, items: AsyncIterator[StreamItem], first: StreamItem, headers: dict[str, str]
     ) -> None:
-        """Gather each choice's items (its text, logprobs, tool calls); the body goes once all
+        """Gather each choice's items (its text, logprobs, tool calls, reasoning); the body goes once all
         choices have finished."""
         choices = [ChoiceParts() for _ in range(self._num_choices)]
         unfinished = len(choices)
@@ -258,7 +322,7 @@ class _Generation:
             while item is not None:
                 self._observe(item)
                 parts = choices[item.index]
-                parts.add(item.text, item.logprobs, item.tool_calls)
+                parts.add(item.text, item.logprobs, item.tool_calls, item.reasoning)
                 if item.finish_reason is not None:
                     failure = _finish_error(item.finish_reason)
                     if failure is not None:
@@ -273,17 +337,17 @@ class _Generation:
         except Exception as exc:
             await self._send_error(send, exc)
             return
-        body = self._renderer.body([self._renderer.choice(i, parts) for i, parts in enumerate(choices)], self._usage())
+        body = self._body(choices)
         await self._send_whole(send, 200, _json.encode(body), {**headers, "Content-Type": "application/json"})
 
     async def _stream(
         self, send: Send, items: AsyncIterator[StreamItem], first: StreamItem, headers: dict[str, str]
     ) -> None:
-        headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        self._record_status(200)
-        await send({"type": "http.response.start", "status": 200, "headers": _raw_headers(headers)})
+        await self._start_events(send, headers)
         if first.prompt_tokens is not None:
-            self._prompt_tokens = first.prompt_tokens  # the role chunk's running usage counts the prompt
+            self._prompt_tokens_of[0] = first.prompt_tokens  # the role chunk's running usage counts the prompt
+        if first.reasoning_tokens is not None:
+            self._reasoning_tokens_of = [0] * self._num_choices  # and no reasoning yet, as vLLM's
         # The role chunk leaves with the first content: each send is a write system call.
         if self._num_choices == 1:
             role = self._renderer.role_chunk()
@@ -292,6 +356,10 @@ class _Generation:
             # As vLLM: every choice's role chunk, in index order, before any content.
             roles = [self._renderer.role_chunk(index) for index in range(self._num_choices)]
             unsent_role = b"".join(_sse(role) for role in roles if role is not None)
+        if self._chat_echo is not None:
+            # As vLLM: then the echoed message, a chunk for each choice.
+            echoes = [self._renderer.content_chunk(self._chat_echo, None, i) for i in range(self._num_choices)]
+            unsent_role += b"".join(_sse(echo) for echo in echoes)
         # Each choice sends its own finish chunk; usage and [DONE] follow the last one.
         unfinished = self._num_choices
         item: StreamItem | None = first
@@ -299,8 +367,10 @@ class _Generation:
             while item is not None:
                 self._observe(item)
                 events = [unsent_role]
-                if item.text or item.logprobs or item.tool_calls:
-                    chunk = self._renderer.content_chunk(item.text, item.logprobs, item.index, item.tool_calls)
+                if item.text or item.logprobs or item.tool_calls or item.reasoning:
+                    chunk = self._renderer.content_chunk(
+                        item.text, item.logprobs, item.index, item.tool_calls, item.reasoning
+                    )
                     events.append(_sse(chunk))
                 if item.finish_reason is not None:
                     failure = _finish_error(item.finish_reason)
@@ -326,6 +396,12 @@ class _Generation:
             body = unsent_role + _sse(error.body()) + _SSE_DONE
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
+    async def _start_events(self, send: Send, headers: dict[str, str]) -> None:
+        """A 200 whose body is a stream of server-sent events."""
+        headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        self._record_status(200)
+        await send({"type": "http.response.start", "status": 200, "headers": _raw_headers(headers)})
+
     def _log_error(self, exc: BaseException) -> ClientError:
         error = to_client_error(exc)
         if error.is_internal:
@@ -344,6 +420,79 @@ class _Generation:
         self._record_status(status)
         await send({"type": "http.response.start", "status": status, "headers": _raw_headers(headers)})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _ResponsesGeneration(_Generation):
+    """A /v1/responses request: the chat request it became, its items rendered as a Response
+    (app.openai.responses) instead of chat chunks; admission, metrics and errors as the chat route's."""
+
+    def __init__(self, response: ResponseRenderer, **generation: Any) -> None:
+        super().__init__(kind="chat", **generation)
+        self._response = response
+        self._input_tokens = 0
+        self._cached_input_tokens: int | None = None
+
+    def _counted(self, item: StreamItem) -> None:
+        self._observe(item)
+        if item.prompt_tokens is not None:
+            self._input_tokens = item.prompt_tokens
+        if item.cached_tokens is not None:
+            self._cached_input_tokens = item.cached_tokens
+
+    def _response_usage(self) -> dict[str, Any]:
+        return responses_usage(self._input_tokens, self._completion_tokens, self._cached_input_tokens)
+
+    async def _unary(
+        self, send: Send, items: AsyncIterator[StreamItem], first: StreamItem, headers: dict[str, str]
+    ) -> None:
+        parts = ChoiceParts()
+        item: StreamItem | None = first
+        try:
+            while item is not None:
+                self._counted(item)
+                parts.add(item.text, item.logprobs, item.tool_calls)
+                if item.finish_reason is not None:
+                    if (failure := _finish_error(item.finish_reason)) is not None:
+                        raise failure
+                    parts.finish_reason = item.finish_reason
+                    break
+                item = await anext(items, None)
+            else:
+                raise InternalError("the backend stream ended without a finish reason")
+        except Exception as exc:
+            await self._send_error(send, exc)
+            return
+        body = self._response.body(parts, self._input_tokens, self._response_usage())
+        await self._send_whole(send, 200, _json.encode(body), {**headers, "Content-Type": "application/json"})
+
+    async def _stream(
+        self, send: Send, items: AsyncIterator[StreamItem], first: StreamItem, headers: dict[str, str]
+    ) -> None:
+        await self._start_events(send, headers)
+        self._counted(first)
+        # response.created and response.in_progress leave with the first output's events.
+        unsent = self._response.start(self._input_tokens)
+        item: StreamItem | None = first
+        try:
+            while item is not None:
+                if item is not first:
+                    self._counted(item)
+                body = unsent + self._response.events(item)
+                if item.finish_reason is not None:
+                    if (failure := _finish_error(item.finish_reason)) is not None:
+                        raise failure
+                    body += self._response.finish(item.finish_reason, self._input_tokens, self._response_usage())
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return
+                if body:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    unsent = b""
+                item = await anext(items, None)
+            raise InternalError("the backend stream ended without a finish reason")
+        except Exception as exc:
+            # Headers are gone: the error travels as OpenAI's error event.
+            body = unsent + self._response.error(self._log_error(exc))
+            await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -498,7 +647,12 @@ def create_app(
     )
     app.state.metrics = metrics
     bodies = app.request_bodies = _RequestBodies(
-        ChatCompletionRequest, CompletionRequest, TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest
+        ChatCompletionRequest,
+        CompletionRequest,
+        ResponsesRequest,
+        TokenizeCompletionRequest,
+        TokenizeChatRequest,
+        DetokenizeRequest,
     )
 
     @app.exception_handler(StarletteHTTPException)
@@ -561,7 +715,48 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await handle(request, "completion", "/v1/completions")
 
-    app.generation_routes = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
+    @app.post("/v1/responses", openapi_extra=bodies.body(ResponsesRequest), responses=_GENERATION_ERRORS)
+    async def responses(request: Request) -> Response:
+        """OpenAI's Responses API as vLLM's server serves it for a text model, on the chat path
+        (app/openai/responses.py); no response is stored."""
+        started, route = time.perf_counter(), "/v1/responses"
+        request_id = _request_id(request)
+        try:
+            parsed = parse_request(ResponsesRequest, await _read_body(request, max_body_bytes))
+            card = served_model(parsed.model)
+            chat = chat_request(parsed, card.id, card.max_model_len)
+        except Exception as exc:
+            return failed(exc, route)
+        renderer = ResponseRenderer(
+            parsed, request_id=request_id, model=card.id, created_at=int(time.time()), max_model_len=card.max_model_len
+        )
+        generation = _ResponsesGeneration(
+            renderer,
+            backend=backend,
+            metrics=metrics,
+            admission=admission,
+            request=chat,
+            request_id=request_id,
+            route=route,
+            started=started,
+        )
+        return _GenerationResponse(generation)
+
+    app.generation_routes = {
+        "/v1/chat/completions": chat_completions,
+        "/v1/completions": completions,
+        "/v1/responses": responses,
+    }
+
+    @app.get("/v1/responses/{response_id}", responses=_error_responses(404))
+    async def retrieve_response(response_id: str) -> Response:
+        """A stored response: none is stored (vLLM's server's default), so always vLLM's 404."""
+        return failed(response_not_found(response_id), "/v1/responses/{response_id}")
+
+    @app.post("/v1/responses/{response_id}/cancel", responses=_error_responses(404))
+    async def cancel_response(response_id: str) -> Response:
+        """Cancels a background response: none runs (background needs the store), so vLLM's 404."""
+        return failed(response_not_found(response_id), "/v1/responses/{response_id}/cancel")
 
     @app.post(
         "/tokenize",

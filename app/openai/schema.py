@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -38,6 +38,10 @@ class ChatMessage(_Strict):
     # Passed through to the chat template, which alone knows how to render tool turns.
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    # An earlier answer's reasoning, as a reasoning model's answers carry it (`reasoning_content`:
+    # DeepSeek's and older vLLM's name); the template may render it, as vLLM's server passes it.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -174,8 +178,12 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # Declared to be refused clearly: Tandem's engines do not hand prompt logprobs back.
+    # The logprobs of the prompt's tokens, with this many alternatives each (-1: all), in
+    # the whole body (not streamed).
     prompt_logprobs: int | None = None
+    # Completions: the prompt before the completion; chat: the last message before the
+    # answer, where the answer continues it (same role).
+    echo: bool = False
     # Constraints the engine enforces (vLLM's structured outputs); response_format wins.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
@@ -192,7 +200,13 @@ class _SamplingFields(_Strict):
                 f"bad_words cannot contain an empty string. Got bad_words={self.bad_words}", param="bad_words"
             )
         if self.prompt_logprobs is not None:
-            raise InvalidRequestError("prompt_logprobs is not supported", param="prompt_logprobs")
+            # vLLM's rules and words.
+            if self.stream and (self.prompt_logprobs > 0 or self.prompt_logprobs == -1):
+                raise InvalidRequestError(
+                    "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
+                )
+            if self.prompt_logprobs < -1:
+                raise InvalidRequestError("`prompt_logprobs` must be a positive value or -1.", param="prompt_logprobs")
         if self.logit_bias:
             self.logit_bias_by_id()
         return self
@@ -301,6 +315,9 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     # A rendered chat holds its special tokens already; true adds the tokenizer's (BOS) again.
     add_special_tokens: bool = False
+    # vLLM's: false leaves a reasoning model's reasoning out of the answer (with the
+    # Processor's reasoning-parser; the answer's logprobs then too).
+    include_reasoning: bool = True
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
@@ -344,42 +361,78 @@ class ChatCompletionRequest(_SamplingFields):
         """None when logprobs are off, else how many alternatives per token."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def num_prompt_logprobs(self) -> int | None:
+        """How many alternatives per prompt token the engine computes (None: none). As
+        vLLM's: echo asks for top_logprobs of them (its default there is 0: the token's own)."""
+        if self.prompt_logprobs is not None or not self.echo:
+            return self.prompt_logprobs
+        return self.top_logprobs or 0
+
+
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+# One prompt, as the completions endpoint takes it: text or token ids.
+Prompt = str | TokenIds
+
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | Annotated[list[TokenId], Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
-    # OpenAI's default for the legacy endpoint.
-    max_tokens: TokenCount | None = 16
+    # One prompt, or several (text or token ids): each is a completion of its own, its
+    # choices numbered after the previous prompt's (vLLM's and OpenAI's batch form).
+    prompt: Prompt | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
+    # OpenAI's default for the legacy endpoint; 0 only with echo (the prompt alone).
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS_COMPLETION)] | None = None
-    echo: bool = False
     suffix: str | None = None
     # For a text prompt: the tokenizer's special tokens (BOS) around it, as vLLM's default.
     add_special_tokens: bool = True
 
     @model_validator(mode="after")
     def _completion_checks(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
-            raise InvalidRequestError("a list of prompts is not supported; send one prompt per request", param="prompt")
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", param="echo")
+        # vLLM's rules and words: Tandem's models have no fill-in-the-middle rendering.
         if self.suffix is not None:
-            raise InvalidRequestError("suffix is not supported", param="suffix")
+            if self.echo:
+                raise InvalidRequestError("Echo is unsupported with suffix.", param="suffix")
+            raise InvalidRequestError(
+                "suffix is only supported for models with FIM completion rendering", param="suffix"
+            )
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens must be at least 1, got 0.", param="max_tokens")
         return self
 
+    def prompts(self) -> list[Prompt]:
+        """Each prompt of the request, one for a single prompt."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]
+        return list(cast(list[Prompt], prompt))
+
+    def for_prompt(self, prompt: Prompt) -> CompletionRequest:
+        """This request with `prompt` alone: one of a batch's completions."""
+        return self.model_copy(update={"prompt": prompt})
+
     def prompt_text(self) -> str | None:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if self.prompt and isinstance(self.prompt[0], str):
-            return self.prompt[0]
-        return None
+        """The prompt's text; None for token ids. A request of one prompt only."""
+        (prompt,) = self.prompts()
+        return prompt if isinstance(prompt, str) else None
 
     def prompt_token_ids(self) -> list[int] | None:
-        return None if self.prompt_text() is not None else list(self.prompt)  # type: ignore[arg-type]
+        (prompt,) = self.prompts()
+        return None if isinstance(prompt, str) else list(prompt)
+
+    def generates_nothing(self) -> bool:
+        """echo with max_tokens 0: the prompt is the whole answer (the engine still makes a
+        token, as vLLM's does, which is left out)."""
+        return self.max_tokens == 0
 
     def max_output_tokens(self) -> int | None:
         return self.max_tokens
 
     def num_top_logprobs(self) -> int | None:
         return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        """How many alternatives per prompt token the engine computes (None: none). As
+        vLLM's: echo asks for as many as the completion's logprobs."""
+        return self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else self.logprobs
 
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest

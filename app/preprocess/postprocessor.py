@@ -13,9 +13,18 @@ from tokenizers import Tokenizer
 
 from app.errors import InternalError
 from app.preprocess.detokenizer import IncrementalDetokenizer
+from app.preprocess.reasoning import ReasoningReader
 from app.preprocess.tokenizer import TokenTexts
 from app.preprocess.tools import NamedCallReader, ToolCallReader
-from app.protocol import EngineOutput, StreamItem, TokenLogprob, TokenLogprobs, TopLogprob
+from app.protocol import (
+    EngineOutput,
+    PromptLogprob,
+    RankedLogprob,
+    StreamItem,
+    TokenLogprob,
+    TokenLogprobs,
+    TopLogprob,
+)
 
 
 class StopStringMatcher:
@@ -102,6 +111,7 @@ class Postprocessor:
         spaces_between_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
         tool_calls: ToolCallReader | None = None,
+        reasoning: ReasoningReader | None = None,
     ) -> None:
         self._detokenizer = IncrementalDetokenizer(
             tokenizer,
@@ -118,6 +128,8 @@ class Postprocessor:
         self._prompt_tokens: int | None = len(prompt_token_ids) or None
         # With a tool choice that makes the model call tools, its text is the calls.
         self._tool_calls = tool_calls
+        # A reasoning model's text: the reasoning first, the rest (content, tool calls) after it.
+        self._reasoning = reasoning
         self.finished = False
 
     def process(self, output: EngineOutput) -> StreamItem:
@@ -143,9 +155,16 @@ class Postprocessor:
         if output.num_prompt_tokens is not None:
             self._prompt_tokens = output.num_prompt_tokens
         self.finished = finish_reason is not None
+        reasoning = reasoning_tokens = None
+        content_ids: Sequence[int] = token_ids
+        if self._reasoning is not None:
+            reasoning, delta, content_ids = self._reasoning.feed(
+                delta, token_ids, output.token_ids, finished=self.finished
+            )
+            reasoning_tokens = self._reasoning.reasoning_tokens(self.finished)
         tool_calls = None
         if self._tool_calls is not None:
-            delta, calls = self._tool_calls.feed(delta, token_ids)
+            delta, calls = self._tool_calls.feed(delta, content_ids)
             tool_calls = calls or None
             if (
                 finish_reason == "stop"
@@ -157,6 +176,8 @@ class Postprocessor:
         return StreamItem(
             text=delta,
             tool_calls=tool_calls,
+            reasoning=reasoning,
+            reasoning_tokens=reasoning_tokens,
             completion_tokens=self._completion_tokens,
             finish_reason=finish_reason,
             prompt_tokens=self._prompt_tokens,
@@ -164,7 +185,20 @@ class Postprocessor:
             logprobs=self._logprobs(output),
             worker_id=output.worker_id,
             prefill_worker_id=output.prefill_worker_id,
+            prompt_logprobs=self._prompt_logprobs(output.prompt_logprobs),
         )
+
+    def _prompt_logprobs(self, positions: list[list[RankedLogprob]] | None) -> list[list[PromptLogprob] | None] | None:
+        if positions is None:
+            return None
+        text = self._token_texts.get
+        # As vLLM's: -inf (a token the model rules out) as OpenAI's -9999.0, which JSON can hold.
+        return [
+            [PromptLogprob(c.token_id, max(c.logprob, -9999.0), c.rank, text(c.token_id)[0]) for c in position]
+            if position
+            else None
+            for position in positions
+        ]
 
     def _logprobs(self, output: EngineOutput) -> list[TokenLogprobs] | None:
         if self._num_top_logprobs is None or output.logprobs is None:

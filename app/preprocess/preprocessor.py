@@ -24,11 +24,12 @@ from app.openai.schema import (
     TokenizeRequest,
 )
 from app.preprocess.postprocessor import Postprocessor
+from app.preprocess.reasoning import ReasoningReader, engine_reasoning, load_reasoning_parser
 from app.preprocess.structured import structured_outputs_for
 from app.preprocess.tokenizer import TokenTexts, load_tokenizer
-from app.preprocess.tool_parsers import AutoCallReader, load_tool_parser
+from app.preprocess.tool_parsers import AutoCallReader, load_tool_parser, vllm_tokenizer
 from app.preprocess.tools import tool_call_reader
-from app.protocol import PreprocessedRequest, SamplingOptions, StopConditions
+from app.protocol import EchoedPrompt, PreprocessedRequest, SamplingOptions, StopConditions
 
 # Sampling defaults a model may set in generation_config.json; vLLM applies them too.
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -60,12 +61,22 @@ class Preprocessor:
         max_model_len: int | None = None,
         tool_call_parser: str | None = None,
         tool_parser_plugin: str | None = None,
+        reasoning_parser: str | None = None,
+        reasoning_parser_plugin: str | None = None,
     ) -> None:
         """`tool_call_parser`: the vLLM tool parser that finds tool_choice "auto"'s calls
-        (None: such requests are refused); `tool_parser_plugin` registers more of them."""
+        (None: such requests are refused); `tool_parser_plugin` registers more of them.
+        `reasoning_parser`: the vLLM reasoning parser that splits a chat answer's reasoning
+        off its content (None: all is content); `reasoning_parser_plugin` registers more."""
         self.model_dir = str(model_dir)
         self._auto_tool_parser = load_tool_parser(tool_call_parser, tool_parser_plugin) if tool_call_parser else None
         self.tokenizer = load_tokenizer(self.model_dir)
+        self._parser_tokenizer = vllm_tokenizer(self.tokenizer) if tool_call_parser or reasoning_parser else None
+        self._reasoning_parser = (
+            load_reasoning_parser(reasoning_parser, reasoning_parser_plugin, self._parser_tokenizer)
+            if reasoning_parser
+            else None
+        )
         self._backend = self.tokenizer.backend_tokenizer
         self.token_texts = TokenTexts(self._backend)
         config = _read_json(Path(model_dir) / "config.json")
@@ -91,7 +102,12 @@ class Preprocessor:
             tools=[tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None,
         )
         token_ids = self._encode(text, prompt_param="messages", add_special_tokens=request.add_special_tokens)
-        return self._build(request, request_id, token_ids, prompt_param="messages")
+        preprocessed = self._build(request, request_id, token_ids, prompt_param="messages")
+        if self._reasoning_parser is not None:
+            preprocessed.reasoning_ended, preprocessed.reasoning_parser_kwargs = engine_reasoning(
+                self._reasoning_parser, self._parser_tokenizer, request, token_ids
+            )
+        return preprocessed
 
     def completion(self, request: CompletionRequest, request_id: str) -> PreprocessedRequest:
         text = request.prompt_text()
@@ -108,25 +124,53 @@ class Preprocessor:
         return self.completion(request, request_id)
 
     def postprocessor(self, request: OpenAIRequest, preprocessed: PreprocessedRequest) -> Postprocessor:
-        tool_calls = None
+        tool_calls = reasoning = None
         skip_special_tokens = request.skip_special_tokens
+        spaces_between_special_tokens = request.spaces_between_special_tokens
+        num_top_logprobs = request.num_top_logprobs()
         if isinstance(request, ChatCompletionRequest):
-            tool_calls = tool_call_reader(request, self._auto_tool_parser, self.tokenizer)
+            tool_calls = tool_call_reader(request, self._auto_tool_parser, self._parser_tokenizer)
             if isinstance(tool_calls, AutoCallReader):
                 # The parser may need special tokens kept: they can be its tags (Hermes').
                 skip_special_tokens = tool_calls.skip_special_tokens
+            if self._reasoning_parser is not None:
+                reasoning = ReasoningReader(
+                    self._reasoning_parser,
+                    self._parser_tokenizer,
+                    request,
+                    preprocessed.token_ids,
+                    count_every_step=request.continuous_usage_in_stream(),
+                )
+                skip_special_tokens = skip_special_tokens and reasoning.skip_special_tokens
+                spaces_between_special_tokens &= reasoning.spaces_between_special_tokens
+            if not request.include_reasoning and (reasoning is not None or self._auto_tool_parser is not None):
+                # vLLM's: with a parser, a hidden reasoning hides the logprobs too, whose
+                # tokens would spell it.
+                num_top_logprobs = None
         return Postprocessor(
             self._backend,
             self.token_texts,
             stop=request.stop_list(),
             min_tokens=request.min_tokens,
-            num_top_logprobs=request.num_top_logprobs(),
+            num_top_logprobs=num_top_logprobs,
             prompt_token_ids=preprocessed.token_ids,
             skip_special_tokens=skip_special_tokens,
-            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
             tool_calls=tool_calls,
+            reasoning=reasoning,
         )
+
+    def echoed_prompt(self, request: CompletionRequest, token_ids: Sequence[int]) -> EchoedPrompt:
+        """The prompt as `echo` shows it: its own text, or that of its token ids (special
+        tokens included, as vLLM's server decodes them)."""
+        text = request.prompt_text()
+        if text is None:
+            text = cast(str, self.tokenizer.decode(list(token_ids)))
+        token_texts = None
+        if request.logprobs is not None:
+            token_texts = [self.token_texts.get(token_id)[0] for token_id in token_ids]
+        return EchoedPrompt(text=text, token_ids=list(token_ids), token_texts=token_texts)
 
     def tokenize(self, request: TokenizeRequest) -> Tokenized:
         """/tokenize: the ids of a prompt, or of chat messages as the template renders them, as
@@ -174,6 +218,10 @@ class Preprocessor:
                 value = getattr(message, key)
                 if value is not None:
                     rendered[key] = value
+            reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
+            if message.role == "assistant" and reasoning is not None:
+                # vLLM's server: both names, for templates that read either.
+                rendered["reasoning"] = rendered["reasoning_content"] = reasoning
             messages.append(rendered)
         try:
             # tokenize=False: the rendered text (transformers types every return form at once).
@@ -248,6 +296,8 @@ class Preprocessor:
         (vLLM's get_max_tokens; clients send a model's whole context length and rely on it),
         but a request for more than the whole context is refused."""
         room = self.max_model_len - prompt_len
+        if isinstance(request, CompletionRequest) and request.generates_nothing():
+            return 1  # echo alone: the engine makes a token all the same, left out of the answer
         requested = request.max_output_tokens()
         # The completions endpoint's default of 16 is no request for more than fits.
         explicit = isinstance(request, ChatCompletionRequest) or "max_tokens" in request.model_fields_set
@@ -293,4 +343,5 @@ class Preprocessor:
             allowed_token_ids=request.allowed_token_ids,
             bad_words=list(dict.fromkeys(request.bad_words)),
             structured=structured_outputs_for(request),
+            prompt_logprobs=request.num_prompt_logprobs(),
         )

@@ -26,8 +26,11 @@ from app.protocol.events import (
 )
 from app.protocol.prefill import PREFILL_ACK_WAIT_S, PrefillAnswer, PrefillJob
 from app.protocol.requests import (
+    EchoedPrompt,
     EngineOutput,
     PreprocessedRequest,
+    PromptLogprob,
+    RankedLogprob,
     RouteDecision,
     RouteRequest,
     SamplingOptions,
@@ -45,6 +48,7 @@ __all__ = [
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
+    "EchoedPrompt",
     "EngineBlockHash",
     "EngineOutput",
     "InstanceRecord",
@@ -59,6 +63,8 @@ __all__ = [
     "PrefillAnswer",
     "PrefillJob",
     "PreprocessedRequest",
+    "PromptLogprob",
+    "RankedLogprob",
     "RouteDecision",
     "RouteRequest",
     "SamplingOptions",

@@ -49,6 +49,9 @@ class SamplingOptions(msgspec.Struct, omit_defaults=True, kw_only=True):
     # Text: the engine tokenizes them (vLLM: as `bad_words` in its own tokenizer).
     bad_words: list[str] = []
     structured: StructuredOutputs | None = None
+    # Logprobs of the prompt's own tokens, with this many top alternatives each (vLLM's
+    # prompt_logprobs; -1: the whole vocabulary). The engine must compute the prompt itself.
+    prompt_logprobs: int | None = None
 
 
 class StopConditions(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -72,11 +75,23 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     # Choices to generate (OpenAI's n). The decode worker runs each as an engine request of
     # its own (app/engines/choices.py): engines themselves generate one sequence a request.
     n: int = 1
+    # A reasoning model's chat (the Processor's reasoning-parser): whether the prompt already
+    # ended the reasoning, and the parser's kwargs (the chat template's). An engine with a
+    # reasoning parser of its own (vLLM's reasoning-parser engine argument) enforces
+    # `structured` only after the reasoning, as vLLM's server has it; None: it decides alone.
+    reasoning_ended: bool | None = None
+    reasoning_parser_kwargs: dict | None = None
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
     token_id: int
     logprob: float
+
+
+class RankedLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+    rank: int  # 1 for the most likely token
 
 
 class EngineOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -96,6 +111,10 @@ class EngineOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
     kv_transfer_params: dict | None = None
     # Which of the request's n choices this output continues (0 for n=1).
     index: int = 0
+    # With the first output, when asked for (SamplingOptions.prompt_logprobs): one entry per
+    # prompt token, the token itself first, then its alternatives; the first token's is
+    # empty (nothing precedes it).
+    prompt_logprobs: list[list[RankedLogprob]] | None = None
 
 
 # --- route: Processor -> Router ---------------------------------------------------------
@@ -132,6 +151,25 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
     top: list[TopLogprob]
 
 
+class PromptLogprob(msgspec.Struct, array_like=True):
+    """One candidate at one prompt position, as vLLM's prompt_logprobs report it."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+class EchoedPrompt(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A completion's prompt as `echo` shows it before the completion."""
+
+    text: str
+    # vLLM's server streams them with the echo.
+    token_ids: list[int] = []
+    # Each prompt token's text, for the echoed logprobs (None: the request has no logprobs).
+    token_texts: list[str] | None = None
+
+
 class ToolCallDelta(msgspec.Struct, omit_defaults=True, kw_only=True):
     """A piece of one tool call, as OpenAI streams it: the first piece of a call has its id
     and function name, later pieces add to its arguments (JSON text)."""
@@ -164,6 +202,17 @@ class StreamItem(msgspec.Struct, omit_defaults=True, kw_only=True):
     logprobs: list[TokenLogprobs] | None = None
     # The model's tool calls, read out of its text (which then is not content).
     tool_calls: list[ToolCallDelta] | None = None
+    # A reasoning model's reasoning (the Processor's reasoning-parser), kept out of `text`;
+    # "" on the first item of a choice whose text the parser splits, if no reasoning came.
+    reasoning: str | None = None
+    # The choice's reasoning tokens so far (vLLM's count), where a reasoning parser reads
+    # the chat: on its last item, and on every item for continuous usage stats.
+    reasoning_tokens: int | None = None
     worker_id: str | None = None
     # The PrefillWorker that computed the prompt's KV, when it was prefilled remotely.
     prefill_worker_id: str | None = None
+    # With the first item, when the request asked for them: EngineOutput.prompt_logprobs
+    # with each token's text (the first position None).
+    prompt_logprobs: list[list[PromptLogprob] | None] | None = None
+    # With the first item of a completion that echoes its prompt.
+    echo: EchoedPrompt | None = None

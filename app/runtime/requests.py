@@ -166,7 +166,7 @@ class ServedEndpoint:
                 error = InternalError(f"{self.record.service}/{self.record.endpoint} failed ({type(exc).__name__})")
                 log.error("request %s: handler of %s failed", ctx.request_id, self.record.subject, exc_info=exc)
             with contextlib.suppress(NatsError):
-                await frames.fail(wire.encode_error(error.code, error.message))
+                await frames.fail(wire.encode_error(error.code, error.message, error.param))
 
 
 class _ReplyFrames:
@@ -483,7 +483,7 @@ class EndpointClient:
                         elif kind == wire.FRAME_ERROR:
                             finished = True
                             error = wire.error_decoder.decode(memoryview(frame)[1:])
-                            raise error_for_code(error.code, error.message)
+                            raise error_for_code(error.code, error.message, error.param)
                     frame = await call.queue.get()
             finally:
                 for timer in timers:

@@ -41,10 +41,12 @@ class RequestEnvelope(msgspec.Struct, array_like=True):
 
 
 class ErrorBody(msgspec.Struct, array_like=True):
-    """What crosses for an error: its stable code (app.errors.ErrorCode) and message."""
+    """What crosses for an error: its stable code (app.errors.ErrorCode), message and the
+    request field at fault (a worker's 400 names it to the client as the worker's own)."""
 
     code: str
     message: str
+    param: str | None = None
 
 
 encoder = msgspec.msgpack.Encoder()
@@ -81,5 +83,5 @@ def encode_batch(kind: int, items: list[bytes]) -> bytes:
     return header + b"".join(items)
 
 
-def encode_error(code: str, message: str) -> bytes:
-    return ERROR_PREFIX + encoder.encode(ErrorBody(code, message))
+def encode_error(code: str, message: str, param: str | None = None) -> bytes:
+    return ERROR_PREFIX + encoder.encode(ErrorBody(code, message, param))

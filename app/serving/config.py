@@ -20,6 +20,19 @@ class PipelineConfig(BaseModel):
         default="round-robin",
         description="how a graph without a Router (graphs.agg, graphs.disagg) spreads requests over the workers",
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="the Processor service's /metrics (plus its replica index); a Frontend that runs the "
+        "pipeline itself serves them on its own /metrics",
+    )
+    migration_limit: int = Field(
+        default=3,
+        ge=0,
+        description="how many times a request whose worker fails mid-stream may move to another worker "
+        "(0: never; the client then gets the failure)",
+    )
     # vLLM's server options of the same names: the Processor reads the model's text, so it
     # runs the parsers (the workers see token ids only).
     enable_auto_tool_choice: bool = Field(
@@ -29,6 +42,15 @@ class PipelineConfig(BaseModel):
         default=None, description="vLLM's tool parser for the model's own tool-call format (hermes, llama3_json, ...)"
     )
     tool_parser_plugin: str | None = Field(default=None, description="a Python file that registers more tool parsers")
+    reasoning_parser: str | None = Field(
+        default=None,
+        description="vLLM's reasoning parser for the model's reasoning (deepseek_r1, qwen3, ...): chat answers "
+        "carry it as `reasoning`, out of `content`; give the VllmWorker the same reasoning-parser, which makes "
+        "its engine constrain structured outputs only after the reasoning",
+    )
+    reasoning_parser_plugin: str | None = Field(
+        default=None, description="a Python file that registers more reasoning parsers"
+    )
 
     @model_validator(mode="after")
     def _parser_for_auto(self) -> PipelineConfig:

@@ -10,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections import Counter
+from collections.abc import AsyncGenerator, Sequence
+
+from prometheus_client import CollectorRegistry
 
 from app.errors import WorkerUnavailableError
+from app.metrics import CounterView
 from app.openai.backend import Tokenized
 from app.openai.schema import (
     CompletionRequest,
@@ -24,6 +28,7 @@ from app.openai.schema import (
 from app.preprocess import Postprocessor, Preprocessor, postprocess_stream
 from app.protocol import EngineOutput, PreprocessedRequest, StreamItem
 from app.runtime import EndpointClient
+from app.serving import migration
 from app.serving.config import PipelineConfig
 from app.serving.pickers import START_WAIT_S, Placement, WorkerPicker
 
@@ -48,11 +53,26 @@ def _prompt_chars(request: OpenAIRequest | TokenizeRequest) -> int:
 
 
 class RequestPipeline:
-    def __init__(self, config: PipelineConfig, picker: WorkerPicker, workers: EndpointClient) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        picker: WorkerPicker,
+        workers: EndpointClient,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """`registry`: where the migration counter is exported (the Frontend's /metrics)."""
         self._config = config
         self._picker = picker
         self._workers = workers
         self._preprocessor: Preprocessor | None = None
+        # Requests moved to another worker mid-stream, by what ended the first one's stream.
+        self.migrations: Counter[str] = Counter()
+        if registry is not None:
+            registry.register(
+                CounterView(
+                    "tandem_request_migrations", "requests continued on another worker", "cause", self.migrations
+                )
+            )
 
     async def start(self) -> None:
         # Loading transformers and the tokenizer takes seconds: off the event loop, which
@@ -64,6 +84,8 @@ class RequestPipeline:
             max_model_len=config.max_model_len,
             tool_call_parser=config.auto_tool_parser(),
             tool_parser_plugin=config.tool_parser_plugin,
+            reasoning_parser=config.reasoning_parser,
+            reasoning_parser_plugin=config.reasoning_parser_plugin,
         )
         await self._workers.watch()
         await self._picker.start()
@@ -89,7 +111,6 @@ class RequestPipeline:
             preprocessed = self._preprocessor.preprocess(request, request_id)
         else:
             preprocessed = await asyncio.to_thread(self._preprocessor.preprocess, request, request_id)
-        placement, outputs = await self._stream_from_a_worker(preprocessed)
         postprocessors: Postprocessor | list[Postprocessor]
         if preprocessed.n == 1:
             postprocessors = self._preprocessor.postprocessor(request, preprocessed)
@@ -97,22 +118,81 @@ class RequestPipeline:
             # Each choice is its own text: its own detokenizer and stop-string matcher.
             postprocessors = [self._preprocessor.postprocessor(request, preprocessed) for _ in range(preprocessed.n)]
         first = True
+        async with contextlib.aclosing(postprocess_stream(postprocessors, self._outputs(preprocessed))) as items:
+            async for item in items:
+                if first:
+                    first = False
+                    if isinstance(request, CompletionRequest) and request.echo:
+                        item.echo = self._preprocessor.echoed_prompt(request, preprocessed.token_ids)
+                yield item
+
+    async def _outputs(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
+        """The request's engine outputs from the worker picked for it and, should that one
+        fail mid-stream, from the next one (app.serving.migration)."""
+        placement: Placement | None
+        placement, outputs = await self._stream_from_a_worker(request)
+        generated: list[int] = []
+        failed: list[str] = []
+        first = True  # of the current worker's outputs
         try:
-            async with contextlib.aclosing(postprocess_stream(postprocessors, outputs)) as items:
-                async for item in items:
-                    if first:
-                        first = False
-                        placement.prefill_done()
-                        # The Frontend's response headers name the workers from the first item.
-                        item.worker_id = item.worker_id or placement.worker_id
-                    yield item
+            while True:
+                try:
+                    async for output in outputs:
+                        if first:
+                            first = False
+                            placement.prefill_done()
+                            if failed:
+                                migration.as_continued(output)
+                            else:
+                                # The Frontend's response headers name the worker from the first item.
+                                output.worker_id = output.worker_id or placement.worker_id
+                        if output.finish_reason == "abort":
+                            output.finish_reason = None
+                            generated.extend(output.token_ids)
+                            yield output
+                            raise migration.WorkerAbortedError(f"worker {placement.worker_id} aborted the request")
+                        generated.extend(output.token_ids)
+                        yield output
+                    return
+                except WorkerUnavailableError as exc:
+                    self._may_migrate(request, failed, exc)
+                    failed.append(placement.worker_id)
+                    placement.finished()
+                    placement = None
+                    await outputs.aclose()
+                    self.migrations[type(exc).__name__] += 1
+                    log.warning(
+                        "%s: worker %s failed after %d tokens (%s); migrating it (%d of at most %d)",
+                        request.request_id,
+                        failed[-1],
+                        len(generated),
+                        exc,
+                        len(failed),
+                        self._config.migration_limit,
+                    )
+                    rest = migration.continuation(request, generated, len(failed))
+                    if rest is None:
+                        yield EngineOutput(finish_reason="length")
+                        return
+                    placement, outputs = await self._stream_from_a_worker(rest, exclude=failed)
+                    first = True
         finally:
-            placement.finished()
+            await outputs.aclose()
+            if placement is not None:
+                placement.finished()
+
+    def _may_migrate(self, request: PreprocessedRequest, failed: list[str], error: WorkerUnavailableError) -> None:
+        """Re-raises `error` unless the request may move to another worker once more."""
+        if len(failed) >= self._config.migration_limit:
+            raise error
+        if (reason := migration.not_migratable(request)) is not None:
+            log.info("%s: not migrated (%s)", request.request_id, reason)
+            raise error
 
     async def _stream_from_a_worker(
-        self, request: PreprocessedRequest
+        self, request: PreprocessedRequest, exclude: Sequence[str] = ()
     ) -> tuple[Placement, AsyncGenerator[EngineOutput, None]]:
-        """A worker's output stream that has produced its first output.
+        """A worker's output stream (none of `exclude`) that has produced its first output.
 
         A worker that fails the request before that (its engine died, it left discovery
         between the pick and the call) is replaced by another: nothing reached the client
@@ -120,7 +200,7 @@ class RequestPipeline:
         """
         if not self._workers.instance_ids():
             await self._workers.wait_for_instances(timeout=START_WAIT_S)
-        failed: list[str] = []
+        failed: list[str] = list(exclude)
         while True:
             placement = await self._picker.pick(request, failed)
             outputs = self._workers.stream(
@@ -133,7 +213,7 @@ class RequestPipeline:
             except Exception as exc:
                 await outputs.aclose()
                 placement.finished()
-                if not isinstance(exc, WorkerUnavailableError) or len(failed) >= MAX_REROUTES:
+                if not isinstance(exc, WorkerUnavailableError) or len(failed) >= len(exclude) + MAX_REROUTES:
                     raise
                 log.warning(
                     "%s: worker %s failed before the first token (%s); re-routing",

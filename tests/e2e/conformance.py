@@ -6,7 +6,9 @@ same keys at every level, each with the same JSON types (a key missing where the
 it counts); and, for a 200, the same values everywhere (floats, which are logprobs, within
 `FLOAT_TOLERANCE`). Streams are compared twice: their chunks' shape (all chunks' keys and
 types merged, header values such as `object` and `model` alike) and their content put back
-together per choice index (text, logprobs, finish_reason) with the final usage. Error
+together per choice index (text, logprobs, finish_reason) with the final usage. A
+/v1/responses stream is typed events instead: compared event by event once each item's
+deltas are merged (`merged_deltas`), the last one holding the whole Response. Error
 bodies are compared by shape only: vLLM's and Tandem's words differ.
 
 Every exception is an `Allowed` entry: a JSON path, a rule, the reason. `ALLOWED` holds
@@ -44,6 +46,7 @@ class Rule(enum.Enum):
     TANDEM_NULL_FOR_ABSENT = "Tandem's is null where vLLM's leaves the key out"
     VLLM_NULL_FOR_ABSENT = "vLLM's is null where Tandem's leaves the key out"
     TANDEM_ONLY = "only Tandem's answer has it"
+    TANDEM_ALIAS = "only Tandem's answer has it, another name for the key `of` beside it: the same value"
     TYPE_MAY_DIFFER = "both have it, its JSON type may differ (and so may its value)"
     VALUE_MAY_DIFFER = "both have it with the same type; its value may differ"
     MAP = "an object whose keys are data (tokens), not field names"
@@ -55,6 +58,16 @@ class Allowed:
     path: JsonPath
     rule: Rule
     why: str
+    of: str | None = None  # TANDEM_ALIAS: the key beside it whose value it repeats
+
+
+def _in_responses(path: JsonPath, rule: Rule, why: str) -> tuple[Allowed, ...]:
+    """An allowed difference of a Response body at `path`, and at the same place in its
+    stream's events: the Response under `response.`, an output item (`output[].x`) as `item.x`."""
+    paths = [path, f"response.{path}"]
+    if path.startswith("output[]."):
+        paths.append("item." + path.removeprefix("output[]."))
+    return tuple(Allowed(each, rule, why) for each in paths)
 
 
 ALLOWED: tuple[Allowed, ...] = (
@@ -68,15 +81,30 @@ ALLOWED: tuple[Allowed, ...] = (
     Allowed("kv_transfer_params", Rule.VLLM_ONLY_NULL, "vLLM's disaggregation hand-off, null without a connector"),
     Allowed("ec_transfer_params", Rule.VLLM_ONLY_NULL, "vLLM's encoder-cache hand-off, null without one"),
     Allowed("metrics", Rule.VLLM_ONLY_NULL, "vLLM's per-request metrics, null unless asked for"),
-    Allowed("prompt_logprobs", Rule.VLLM_ONLY_NULL, "Tandem does not serve prompt_logprobs: a 400 (README)"),
+    # prompt_logprobs: null unless asked for (or computed for echo's logprobs); Tandem
+    # leaves the key out then.
+    Allowed("prompt_logprobs", Rule.VLLM_ONLY_NULL, "null unless asked for"),
+    Allowed("prompt_logprobs", Rule.VLLM_NULL_FOR_ABSENT, "null unless asked for"),
+    Allowed("prompt_logprobs[]", Rule.MAP, "keyed by token id"),
+    Allowed("choices[].prompt_logprobs", Rule.VLLM_ONLY_NULL, "null unless asked for"),
+    Allowed("choices[].prompt_logprobs", Rule.VLLM_NULL_FOR_ABSENT, "null unless asked for"),
+    Allowed("choices[].prompt_logprobs[]", Rule.MAP, "keyed by token id"),
     Allowed("prompt_token_ids", Rule.VLLM_ONLY_NULL, "vLLM's return_token_ids, which Tandem does not serve"),
     Allowed("prompt_text", Rule.VLLM_ONLY_NULL, "vLLM's return_token_ids, which Tandem does not serve"),
     Allowed("choices[].token_ids", Rule.VLLM_ONLY_NULL, "vLLM's return_token_ids, which Tandem does not serve"),
     Allowed("choices[].prompt_token_ids", Rule.VLLM_ONLY_NULL, "vLLM's return_token_ids (completions)"),
-    Allowed("choices[].prompt_logprobs", Rule.VLLM_ONLY_NULL, "vLLM's prompt_logprobs, not served by Tandem"),
+    Allowed(
+        "choices[].prompt_token_ids",
+        Rule.VLLM_NULL_FOR_ABSENT,
+        "vLLM's return_token_ids; a stream's echo carries them (as Tandem's does), other chunks null",
+    ),
     Allowed("choices[].routed_experts", Rule.VLLM_ONLY_NULL, "vLLM's MoE routing record, null for a dense model"),
     Allowed("choices[].stop_reason", Rule.VLLM_ONLY, "vLLM's: which stop string or token id ended the choice"),
-    Allowed("usage.completion_tokens_details", Rule.VLLM_ONLY_NULL, "OpenAI's reasoning-token counts, null here"),
+    Allowed(
+        "usage.completion_tokens_details",
+        Rule.VLLM_ONLY_NULL,
+        "OpenAI's reasoning-token counts: null but for chat with a reasoning parser (then both count)",
+    ),
     Allowed("usage.prompt_tokens_details.multimodal_tokens", Rule.VLLM_ONLY_NULL, "image/audio tokens: none here"),
     Allowed(
         "usage.prompt_tokens_details.created_cache_tokens",
@@ -90,6 +118,13 @@ ALLOWED: tuple[Allowed, ...] = (
     Allowed("choices[].message.audio", Rule.VLLM_ONLY_NULL, "OpenAI's audio output"),
     Allowed("choices[].message.function_call", Rule.VLLM_ONLY_NULL, "OpenAI's deprecated single function call"),
     Allowed("choices[].message.reasoning", Rule.VLLM_ONLY_NULL, "vLLM's reasoning text, null without a parser"),
+    # A reasoning parser's text (both servers run one: tests/e2e/vllm_server.py), which vLLM
+    # 0.32 calls `reasoning`; Tandem sends it as `reasoning_content` as well, the name of
+    # DeepSeek's API and of older vLLM releases, which clients of reasoning models read.
+    *(
+        Allowed(f"choices[].{where}.reasoning_content", Rule.TANDEM_ALIAS, "DeepSeek's name", of="reasoning")
+        for where in ("message", "delta")
+    ),
     # The prefix cache of each server has seen different requests before this one.
     Allowed("usage.prompt_tokens_details.cached_tokens", Rule.VALUE_MAY_DIFFER, "each server's own cache history"),
     # Streams.
@@ -126,6 +161,56 @@ ALLOWED: tuple[Allowed, ...] = (
     ),
     # Completions' top_logprobs: {token: logprob} per position.
     Allowed("choices[].logprobs.top_logprobs[]", Rule.MAP, "keyed by token text"),
+    # /v1/responses: its bodies, and the same paths in its stream's events (under
+    # `response.`, and an output item's under `item.`).
+    *_in_responses("created_at", Rule.VALUE_MAY_DIFFER, "the time of the request"),
+    *_in_responses("id", Rule.VALUE_MAY_DIFFER, "a fresh response id"),
+    *_in_responses("output[].id", Rule.VALUE_MAY_DIFFER, "a fresh item id"),
+    *_in_responses("output[].call_id", Rule.VALUE_MAY_DIFFER, "a fresh tool call id, random on both"),
+    Allowed("item_id", Rule.VALUE_MAY_DIFFER, "a fresh item id"),
+    Allowed("sequence_number", Rule.VALUE_MAY_DIFFER, "counts the events, which each server cuts its own way"),
+    *_in_responses("usage.input_tokens_details.cached_tokens", Rule.VALUE_MAY_DIFFER, "each server's cache history"),
+    *_in_responses(
+        "usage.input_tokens_details.cache_write_tokens",
+        Rule.VLLM_ONLY,
+        "prompt tokens newly written to the prefix cache: Tandem does not count them (README)",
+    ),
+    *(
+        entry
+        for path in (
+            "usage.input_tokens_details.input_tokens_per_turn",
+            "usage.input_tokens_details.cached_tokens_per_turn",
+            "usage.output_tokens_details.tool_output_tokens",
+            "usage.output_tokens_details.output_tokens_per_turn",
+            "usage.output_tokens_details.tool_output_tokens_per_turn",
+        )
+        for entry in _in_responses(path, Rule.VLLM_ONLY, "vLLM's counts of its built-in tools' turns: none here")
+    ),
+    *(
+        entry
+        for path in ("input_messages", "output_messages")
+        for entry in _in_responses(path, Rule.VLLM_ONLY_NULL, "vLLM's enable_response_messages, not served")
+    ),
+    *_in_responses("kv_transfer_params", Rule.VLLM_ONLY_NULL, "vLLM's disaggregation hand-off, null without one"),
+    *_in_responses("ec_transfer_params", Rule.VLLM_ONLY_NULL, "vLLM's encoder-cache hand-off, null without one"),
+    # Fields of newer OpenAI objects that vLLM's models (the openai package's) add as null;
+    # OpenAI's clients read a missing one as null.
+    *(
+        entry
+        for path in (
+            "output[].phase",
+            "output[].async",
+            "output[].caller",
+            "output[].namespace",
+            "tools[].allowed_callers",
+            "tools[].async",
+            "tools[].defer_loading",
+            "tools[].output_schema",
+            "reasoning.context",
+            "reasoning.mode",
+        )
+        for entry in _in_responses(path, Rule.VLLM_ONLY_NULL, "a newer OpenAI field, null in vLLM's answer")
+    ),
 )
 
 
@@ -168,6 +253,9 @@ class Case:
     deviation: Deviation | None = None
     # Differences of this case alone, each with its reason (added to ALLOWED).
     allowed: tuple[Allowed, ...] = ()
+    # Message keys that must hold something in each choice of vLLM's answer (a stream's put
+    # together), where a case tests what a default answer leaves empty (reasoning, say).
+    nonempty: tuple[str, ...] = ()
 
 
 def both_ways(name: str, route: str, body: Mapping[str, Any], **options: Any) -> list[Case]:
@@ -303,7 +391,7 @@ def shape_differences(
         theirs, ours = vllm.get(path), tandem.get(path)
         rules = _rules(path, allowed)
         if theirs is None:
-            if Rule.TANDEM_ONLY not in rules:
+            if not rules & {Rule.TANDEM_ONLY, Rule.TANDEM_ALIAS}:
                 found.append(f"{path}: only Tandem's answer has it ({sorted(ours or ())})")
             continue
         if ours is None:
@@ -345,6 +433,11 @@ def _values(theirs: Any, ours: Any, path: JsonPath, allowed: tuple, found: list[
         for key in theirs.keys() & ours.keys():
             child = f"{path}{{}}" if is_map else (f"{path}.{key}" if path else key)
             _values(theirs[key], ours[key], child, allowed, found)
+        for key in ours.keys() - theirs.keys():
+            child = f"{path}.{key}" if path else key
+            for entry in allowed:
+                if entry.path == child and entry.rule is Rule.TANDEM_ALIAS and ours[key] != ours.get(entry.of):
+                    found.append(f"{child}: {ours[key]!r} in Tandem's, its {entry.of} {ours.get(entry.of)!r}")
     elif isinstance(theirs, list) and isinstance(ours, list):
         if len(theirs) != len(ours):
             found.append(f"{path}: {len(theirs)} items in vLLM's, {len(ours)} in Tandem's")
@@ -499,6 +592,74 @@ def _stream_differences(vllm: list[Any], tandem: list[Any], allowed: tuple[Allow
     return found
 
 
+# --- Responses streams -------------------------------------------------------------------------------
+
+# A Responses stream's delta events: each adds its `delta` to its item's text or arguments.
+_RESPONSE_DELTAS = frozenset({"response.output_text.delta", "response.function_call_arguments.delta"})
+
+
+def is_response_stream(events: list[Any] | None) -> bool:
+    """A /v1/responses stream: typed events from response.created on, no [DONE]."""
+    if not events:
+        return False
+    return isinstance(events[0], dict) and events[0].get("type") == "response.created"
+
+
+def merged_deltas(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Responses stream's events as they are compared: each run of one item's deltas merged
+    into one event (their text and logprobs concatenated, the first one's other fields).
+    Both servers cut a text into deltas their own way (vLLM an engine step each, Tandem a
+    detokenized piece each); a client that concatenates them reads the same text."""
+    merged: list[dict[str, Any]] = []
+    for event in events:
+        kind = event.get("type")
+        previous = merged[-1] if merged else None
+        if (
+            kind in _RESPONSE_DELTAS
+            and previous is not None
+            and previous.get("type") == kind
+            and (previous.get("item_id"), previous.get("content_index"))
+            == (event.get("item_id"), event.get("content_index"))
+        ):
+            previous["delta"] = (previous.get("delta") or "") + (event.get("delta") or "")
+            if event.get("logprobs") is not None:
+                previous["logprobs"] = (previous.get("logprobs") or []) + event["logprobs"]
+            continue
+        merged.append(json.loads(json.dumps(event)))  # a copy: merging edits it
+    return merged
+
+
+def _response_stream_differences(vllm: list[Any], tandem: list[Any], allowed: tuple[Allowed, ...]) -> list[str]:
+    """Both streams: events numbered 0, 1, 2, ... in order, ending with response.completed
+    and holding no error event; then, deltas merged, the same event types in the same order,
+    each type's events of the same shape, and each event's values alike (the final
+    response.completed holds the whole Response, compared as a body is)."""
+    found = []
+    for name, events in (("vLLM", vllm), ("Tandem", tandem)):
+        if any(not isinstance(event, dict) for event in events):
+            found.append(f"{name}'s stream has events that are not JSON objects")
+            continue
+        if [event.get("sequence_number") for event in events] != list(range(len(events))):
+            found.append(f"{name}'s events are not numbered 0, 1, 2, ... in order")
+        if errors := [event for event in events if event.get("type") == "error" or "error" in event]:
+            found.append(f"{name}'s stream has error events: {errors}")
+        if not events or events[-1].get("type") != "response.completed":
+            found.append(f"{name}'s stream does not end with response.completed")
+    if found:
+        return found
+    theirs, ours = merged_deltas(vllm), merged_deltas(tandem)
+    their_types, our_types = [event["type"] for event in theirs], [event["type"] for event in ours]
+    if their_types != our_types:
+        return [f"event types: vLLM's {their_types}, Tandem's {our_types}"]
+    for kind in dict.fromkeys(their_types):
+        their_shape = shape([event for event in theirs if event["type"] == kind], allowed)
+        our_shape = shape([event for event in ours if event["type"] == kind], allowed)
+        found += [f"{kind}: {d}" for d in shape_differences(their_shape, our_shape, allowed)]
+    for their_event, our_event in zip(theirs, ours, strict=True):
+        found += [f"{their_event['type']}: {d}" for d in value_differences(their_event, our_event, "", allowed)]
+    return found
+
+
 # --- answers compared --------------------------------------------------------------------------------
 
 
@@ -511,7 +672,8 @@ def differences(vllm: Answer, tandem: Answer, allowed: Iterable[Allowed] = ALLOW
     if vllm.media_type != tandem.media_type:
         found.append(f"media type: {vllm.media_type} from vLLM, {tandem.media_type} from Tandem")
     if vllm.events is not None or tandem.events is not None:
-        return found + _stream_differences(vllm.events or [], tandem.events or [], allowed)
+        compare = _response_stream_differences if is_response_stream(vllm.events) else _stream_differences
+        return found + compare(vllm.events or [], tandem.events or [], allowed)
     found += shape_differences(shape([vllm.body], allowed), shape([tandem.body], allowed), allowed)
     if vllm.status >= 400:
         for name, answer in (("vLLM", vllm), ("Tandem", tandem)):
@@ -520,6 +682,13 @@ def differences(vllm: Answer, tandem: Answer, allowed: Iterable[Allowed] = ALLOW
                 found.append(f"{name}'s error body has no error.message and error.type: {answer.body}")
         return found
     return found + value_differences(vllm.body, tandem.body, "", allowed)
+
+
+def messages(answer: Answer) -> list[dict[str, Any]]:
+    """Each choice's message: a body's, or a stream's deltas put together."""
+    if answer.events is not None:
+        return [choice.get("delta") or {} for choice in reassemble(normalized_chunks(answer.events))["choices"]]
+    return [choice.get("message") or {} for choice in (answer.body or {}).get("choices", [])]
 
 
 def finish_reasons(answer: Answer) -> list[str | None]:
@@ -535,6 +704,9 @@ def assert_conforms(case: Case, vllm: Answer, tandem: Answer) -> None:
     assert not found, "Tandem's answer differs from vLLM's:\n  " + "\n  ".join(found) + _both(vllm, tandem)
     if case.finish_reason is not None:
         assert finish_reasons(vllm) == [case.finish_reason], (case.finish_reason, _both(vllm, tandem))
+    choices = messages(vllm)
+    for key in case.nonempty:
+        assert choices and all(message.get(key) for message in choices), (f"no {key} from vLLM", _both(vllm, tandem))
 
 
 def _assert_deviation(deviation: Deviation, vllm: Answer, tandem: Answer) -> None:

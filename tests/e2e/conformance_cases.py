@@ -153,6 +153,35 @@ TOOLS: dict[str, dict[str, Any]] = {
 # n > 1, sampled with a seed: choice i is sampled with seed + i by both.
 CHOICES: dict[str, dict[str, Any]] = {"n-2": {"n": 2}, "n-3-top_k": {"n": 3, "top_k": 5}}
 
+# A reasoning model's answer: with the template variable `tiny_thinking`, both servers' parser
+# splits as DeepSeek-R1's (tests/e2e/reasoning_plugin.py). The tiny model writes the think
+# tokens only where biased (app/model/tiny.py): <think> first, then kept from coming again by
+# the penalties, and </think> once a token's logit falls below its bias, 8 tokens on here
+# (vLLM's server answers alike for biases of 7.1 to 7.35). The engine constrains what follows
+# the reasoning (its reasoning parser holds the constraint back until then).
+THINKING: dict[str, Any] = {
+    "chat_template_kwargs": {"tiny_thinking": True},
+    "logit_bias": {TokenOf("<think>"): 9.5, TokenOf("</think>"): 7.25},
+    "presence_penalty": 2.0,
+    "frequency_penalty": 2.0,
+    "max_tokens": CONSTRAINED_TOKENS,
+}
+REASONING: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    # (the case's fields, what each choice of vLLM's answer must have)
+    "reasoning": ({"structured_outputs": {"choice": ["sunny", "rainy", "cloudy"]}}, ("reasoning", "content")),
+    # The call is read from the content after the reasoning.
+    "reasoning-tool-call": (
+        {"tools": [WEATHER], "structured_outputs": {"regex": PYTHONIC_CALL}},
+        ("reasoning", "tool_calls"),
+    ),
+    # Hidden: vLLM constrains from the first token then, which its parser takes for reasoning
+    # (no </think> follows): no content, no reasoning, and no logprobs either.
+    "reasoning-hidden": (
+        {"include_reasoning": False, "logprobs": True, "structured_outputs": {"choice": ["sunny", "rainy"]}},
+        (),
+    ),
+}
+
 # Per-case differences (each case that has one says so).
 TOOL_CALL_IDS = (
     # A call's id is random on both (vLLM's make_tool_call_id: "chatcmpl-tool-" and a uuid).
@@ -183,7 +212,14 @@ TOKENS_OF_PART_OF_A_CHARACTER = tuple(
     # (app/preprocess/tokenizer.py, TokenTexts). text_offset follows the names. The text,
     # every logprob and the counts are still compared.
     Allowed(path, Rule.VALUE_MAY_DIFFER, "the name of a token that holds part of a character")
-    for path in ("choices[].logprobs.tokens", "choices[].logprobs.top_logprobs", "choices[].logprobs.text_offset")
+    for path in (
+        "choices[].logprobs.tokens",
+        "choices[].logprobs.top_logprobs",
+        "choices[].logprobs.text_offset",
+        # The same naming in prompt_logprobs (chat's at the top, completions' per choice).
+        "prompt_logprobs[]{}.decoded_token",
+        "choices[].prompt_logprobs[]{}.decoded_token",
+    )
 )
 
 
@@ -216,6 +252,44 @@ def _generation_cases() -> list[Case]:
         *both_ways("completion-token-ids", COMPLETIONS, completion(prompt=[0, 12, 345, 678, 910, 11])),
         *both_ways("completion-no-bos", COMPLETIONS, completion(add_special_tokens=False)),
         *both_ways("completion-default-max_tokens", COMPLETIONS, without("max_tokens", completion())),
+        # echo, prompt_logprobs (whole answers only, or 0 streamed: vLLM's rule), several prompts.
+        *both_ways("completion-echo", COMPLETIONS, completion(echo=True)),
+        *both_ways("completion-echo-logprobs", COMPLETIONS, completion(echo=True, logprobs=2)),
+        *both_ways(
+            "completion-echo-token-ids",
+            COMPLETIONS,
+            completion(prompt=[0, 12, 345, 678], echo=True, logprobs=1),
+            allowed=TOKENS_OF_PART_OF_A_CHARACTER,
+        ),
+        *both_ways("completion-echo-alone", COMPLETIONS, completion(echo=True, max_tokens=0, logprobs=1)),
+        Case("completion-prompt_logprobs", COMPLETIONS, completion(prompt_logprobs=2)),
+        Case("completion-prompt_logprobs-0-stream", COMPLETIONS, completion(prompt_logprobs=0), stream=True),
+        # The chat's prompt has characters of several bytes (MESSAGES).
+        Case("chat-prompt_logprobs", CHAT, chat(prompt_logprobs=1), allowed=TOKENS_OF_PART_OF_A_CHARACTER),
+        *both_ways(
+            "chat-echo-continued",
+            CHAT,
+            chat(
+                messages=[*MESSAGES, {"role": "assistant", "content": "Once upon a"}],
+                add_generation_prompt=False,
+                continue_final_message=True,
+                echo=True,
+            ),
+            # echo computes the prompt's logprobs (vLLM's rule), of characters of several bytes.
+            allowed=TOKENS_OF_PART_OF_A_CHARACTER,
+        ),
+        *both_ways("completion-prompts", COMPLETIONS, completion(prompt=[PROMPT, "Once upon a time"])),
+        *both_ways("completion-prompt-token-lists", COMPLETIONS, completion(prompt=[[0, 12, 345], [0, 678, 910, 11]])),
+        *both_ways("completion-prompts-n", COMPLETIONS, {**SAMPLED, "prompt": [PROMPT, "Once upon a time"], "n": 2}),
+        Case(
+            "completion-prompts-continuous-usage-stream",
+            COMPLETIONS,
+            completion(
+                prompt=[PROMPT, "Once upon a time"],
+                stream_options={"include_usage": True, "continuous_usage_stats": True},
+            ),
+            stream=True,
+        ),
         # Accepted and ignored, by both.
         *both_ways("chat-user-metadata", CHAT, chat(user="someone", metadata={"team": "a"})),
         # The chat template's inputs.
@@ -258,6 +332,16 @@ def _generation_cases() -> list[Case]:
         cases += both_ways(f"completion-{name}", COMPLETIONS, completion(max_tokens=CONSTRAINED_TOKENS, **fields))
     for name, fields in TOOLS.items():
         cases += both_ways(f"chat-{name}", CHAT, chat(max_tokens=CONSTRAINED_TOKENS, **fields), allowed=TOOL_CALL_IDS)
+    for name, (fields, nonempty) in REASONING.items():
+        body = chat(**THINKING, **fields)
+        cases += both_ways(f"chat-{name}", CHAT, body, nonempty=nonempty, allowed=TOOL_CALL_IDS)
+    # An earlier answer's reasoning in the history, under either name: accepted, and passed to
+    # the template (the tiny model's ignores it).
+    history = [
+        {"role": "assistant", "content": "Sunny.", "reasoning_content": "It is July."},
+        {"role": "user", "content": "And?"},
+    ]
+    cases += both_ways("chat-reasoning-in-history", CHAT, chat(messages=[*MESSAGES, *history]))
     for name, fields in CHOICES.items():
         cases += both_ways(f"chat-{name}", CHAT, {**SAMPLED, "messages": MESSAGES, **fields})
         cases += both_ways(f"completion-{name}", COMPLETIONS, {**SAMPLED, "prompt": PROMPT, **fields})
@@ -311,6 +395,13 @@ ERRORS = [
     Case("completion-max_tokens-past-max_model_len", COMPLETIONS, completion(max_tokens=MAX_MODEL_LEN + 1)),
     Case("completion-prompt-past-max_model_len", COMPLETIONS, completion(prompt=LONG_PROMPT)),
     Case("chat-template-and-continue", CHAT, chat(continue_final_message=True)),
+    Case("completion-suffix", COMPLETIONS, completion(suffix="x")),
+    Case("completion-suffix-echo", COMPLETIONS, completion(suffix="x", echo=True)),
+    Case("completion-max_tokens-0", COMPLETIONS, completion(max_tokens=0)),
+    Case("completion-prompt_logprobs-negative", COMPLETIONS, completion(prompt_logprobs=-2)),
+    Case("completion-prompt_logprobs-streamed", COMPLETIONS, completion(prompt_logprobs=1, stream=True)),
+    # The engine's limit (max_logprobs, 20 by default): its refusal, a 400 with its words.
+    Case("chat-prompt_logprobs-past-the-engine-limit", CHAT, chat(prompt_logprobs=50)),
     Case("chat-tool_choice-without-tools", CHAT, chat(tool_choice="required")),
     Case(
         "chat-tool_choice-names-no-tool",
@@ -349,5 +440,219 @@ ERRORS = [
     ),
 ]
 
-CASES: list[Case] = _generation_cases() + ROUTES + ERRORS
+# --- /v1/responses: its cases, on the chat cases' conversation ------------------------------------
+
+RESPONSES = "/v1/responses"
+
+
+def response(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "temperature": 0, "max_output_tokens": MAX_TOKENS, "input": MESSAGES, **fields}
+
+
+def _flat(tool: dict[str, Any]) -> dict[str, Any]:
+    """A chat tool in the Responses API's flat form."""
+    return {"type": "function", **tool["function"]}
+
+
+RESPONSE_TOOLS = [_flat(WEATHER), _flat(CLOCK)]
+RESPONSE_TOOL_HISTORY = [
+    *MESSAGES,
+    {"type": "function_call", "call_id": "call-1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    {"type": "function_call_output", "call_id": "call-1", "output": "Sunny, 21 C"},
+]
+RESPONSE_TOOL_CALLS = (
+    # The arguments are JSON text (see TOOL_CALL_IDS): compared as JSON values, merged deltas too.
+    *(
+        Allowed(path, Rule.JSON_TEXT, "compared as JSON")
+        for path in ("output[].arguments", "response.output[].arguments", "item.arguments", "arguments", "delta")
+    ),
+)
+VLLM_ECHOES_ITS_TOOL_GRAMMAR = (
+    # For a named or required call vLLM's tool parser puts the JSON schema it constrains the
+    # call to into the request's `text.format` (vllm/parser/abstract_parser.py,
+    # _apply_structural_tag), which the Response then echoes; Tandem echoes the request.
+    *(
+        Allowed(f"{prefix}{path}", rule, "vLLM's own constraint, echoed as the request's")
+        for prefix in ("", "response.")
+        for path, rule in (
+            ("text", Rule.TYPE_MAY_DIFFER),
+            ("text.format", Rule.VLLM_ONLY),
+            ("text.verbosity", Rule.VLLM_ONLY),
+        )
+    ),
+)
+
+RESPONSES_CASES = [
+    *both_ways("responses-greedy", RESPONSES, response()),
+    *both_ways("responses-string-input", RESPONSES, response(input=PROMPT, instructions="Answer in one line.")),
+    *both_ways(
+        "responses-items",
+        RESPONSES,
+        response(
+            input=[
+                # vLLM renders a developer message as a system one for a template without the role.
+                {"role": "developer", "content": "Be terse."},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "In the heart"}]},
+                # A previous response's output item, handed back.
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "id": "msg_1",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": "lies Aeloria.", "annotations": []}],
+                },
+                {"role": "user", "content": "Go on."},
+            ]
+        ),
+    ),
+    # A last message "incomplete": continued.
+    *both_ways(
+        "responses-continue",
+        RESPONSES,
+        response(
+            input=[
+                *MESSAGES,
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "id": "msg_1",
+                    "status": "incomplete",
+                    "content": [{"type": "output_text", "text": "Once upon a", "annotations": []}],
+                },
+            ]
+        ),
+    ),
+    # No max_output_tokens: all the room left; EOS forced: no output item at all.
+    *both_ways("responses-empty-answer", RESPONSES, without("max_output_tokens", response(logit_bias={EOS: 100}))),
+    *both_ways("responses-logprobs", RESPONSES, response(include=["message.output_text.logprobs"], top_logprobs=3)),
+    *both_ways("responses-sampled", RESPONSES, response(temperature=1.0, seed=1234, top_p=0.9, top_k=5)),
+    # Echoed, not acted on, by both.
+    *both_ways(
+        "responses-echoed-fields",
+        RESPONSES,
+        response(user="someone", metadata={"team": "a"}, store=False, service_tier="default", max_tool_calls=2),
+    ),
+    *both_ways(
+        "responses-vllm-fields",
+        RESPONSES,
+        response(logit_bias={THE: 100}, stop=["e", "o"], include_stop_str_in_output=True, presence_penalty=0.5),
+    ),
+    *both_ways("responses-reasoning-effort", RESPONSES, response(reasoning={"effort": "low"})),
+    *both_ways(
+        "responses-text-json_schema",
+        RESPONSES,
+        response(
+            max_output_tokens=CONSTRAINED_TOKENS,
+            text={"format": {"type": "json_schema", "name": "answer", "schema": ANSWER}},
+        ),
+    ),
+    *both_ways(
+        "responses-text-json_object",
+        RESPONSES,
+        response(max_output_tokens=CONSTRAINED_TOKENS, text={"format": {"type": "json_object"}}),
+    ),
+    *both_ways(
+        "responses-tool-call",
+        RESPONSES,
+        response(
+            max_output_tokens=CONSTRAINED_TOKENS,
+            tools=RESPONSE_TOOLS[:1],
+            structured_outputs={"regex": PYTHONIC_CALL},
+        ),
+        allowed=RESPONSE_TOOL_CALLS,
+    ),
+    *both_ways(
+        "responses-tool_choice-named",
+        RESPONSES,
+        response(
+            max_output_tokens=CONSTRAINED_TOKENS,
+            tools=RESPONSE_TOOLS,
+            tool_choice={"type": "function", "name": "get_weather"},
+        ),
+        allowed=RESPONSE_TOOL_CALLS + VLLM_ECHOES_ITS_TOOL_GRAMMAR,
+    ),
+    *both_ways(
+        "responses-tool_choice-required",
+        RESPONSES,
+        response(max_output_tokens=CONSTRAINED_TOKENS, tools=RESPONSE_TOOLS, tool_choice="required"),
+        allowed=RESPONSE_TOOL_CALLS + VLLM_ECHOES_ITS_TOOL_GRAMMAR,
+    ),
+    *both_ways(
+        "responses-tool-history",
+        RESPONSES,
+        response(input=RESPONSE_TOOL_HISTORY, tools=RESPONSE_TOOLS, tool_choice="none"),
+    ),
+    # Bad input: both refuse it alike.
+    Case("responses-unknown-model", RESPONSES, response(model="no-such-model")),
+    Case("responses-unknown-model-stream", RESPONSES, response(model="no-such-model"), stream=True),
+    Case("responses-temperature-not-a-number", RESPONSES, response(temperature="hot")),
+    Case("responses-temperature-negative", RESPONSES, response(temperature=-1)),
+    Case("responses-top_p-zero", RESPONSES, response(top_p=0)),
+    Case("responses-no-input", RESPONSES, without("input", response())),
+    Case("responses-empty-input", RESPONSES, response(input=[])),
+    Case("responses-max_output_tokens-zero", RESPONSES, response(max_output_tokens=0)),
+    Case("responses-max_output_tokens-past-max_model_len", RESPONSES, response(max_output_tokens=MAX_MODEL_LEN + 1)),
+    Case("responses-input-past-max_model_len", RESPONSES, response(input=LONG_PROMPT)),
+    Case("responses-tool_choice-without-tools", RESPONSES, response(tool_choice="required")),
+    Case(
+        "responses-tool_choice-names-no-tool",
+        RESPONSES,
+        response(tools=RESPONSE_TOOLS, tool_choice={"type": "function", "name": "nope"}),
+    ),
+    Case(
+        "responses-text-format-and-structured_outputs",
+        RESPONSES,
+        response(text={"format": {"type": "json_object"}}, structured_outputs={"regex": "a"}),
+    ),
+    Case("responses-prompt-template", RESPONSES, response(prompt={"id": "pmpt_1"})),
+    Case(
+        "responses-image",
+        RESPONSES,
+        response(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]),
+    ),
+    # Neither stores responses (vLLM's default, VLLM_ENABLE_RESPONSES_API_STORE off).
+    Case("responses-previous_response_id", RESPONSES, response(previous_response_id="resp_nope")),
+    Case("responses-previous_response_id-stream", RESPONSES, response(previous_response_id="resp_nope"), stream=True),
+    Case("responses-background", RESPONSES, response(background=True)),
+    Case("responses-background-not-stored", RESPONSES, response(background=True, store=False)),
+    Case("responses-retrieve", f"{RESPONSES}/resp_nope", None),
+    # Where vLLM serves what it does not act on, Tandem refuses it, naming the field (as
+    # completion-unknown-field, for the same reason: nothing is ignored silently).
+    Case(
+        "responses-unknown-field",
+        RESPONSES,
+        response(max_token=5),
+        deviation=Deviation(vllm_status=200, tandem_status=400, tandem_param="max_token"),
+    ),
+    # vLLM ignores a built-in tool it has no server for; Tandem runs none.
+    Case(
+        "responses-built-in-tool",
+        RESPONSES,
+        response(tools=[{"type": "web_search_preview"}]),
+        deviation=Deviation(vllm_status=200, tandem_status=400, tandem_param="tools[0].type"),
+    ),
+    # vLLM hands a reasoning item to the chat template as the assistant's `reasoning`, which
+    # Tandem's chat messages do not carry (README).
+    Case(
+        "responses-reasoning-item",
+        RESPONSES,
+        response(
+            input=[
+                {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+                *MESSAGES,
+            ]
+        ),
+        deviation=Deviation(vllm_status=200, tandem_status=400, tandem_param="input[0]"),
+    ),
+    # vLLM cuts an overlong prompt to fit (from its end: the generation prompt goes first);
+    # Tandem refuses it, as it refuses it without truncation.
+    Case(
+        "responses-truncation-auto",
+        RESPONSES,
+        response(truncation="auto"),
+        deviation=Deviation(vllm_status=200, tandem_status=400, tandem_param="truncation"),
+    ),
+]
+
+CASES: list[Case] = _generation_cases() + ROUTES + ERRORS + RESPONSES_CASES
 assert len({case.name for case in CASES}) == len(CASES), "case names are test ids: each once"

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from dataclasses import dataclass, field
 
+import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
+from app.openai import WORKER_HEADER
 from bench.harness.launch import ServedGraph
 
 
@@ -32,3 +38,47 @@ def prefill_decision(graph: ServedGraph, request_id: str, timeout: float = 5.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"no prefill decision logged for {request_id}:\n{graph.log_tail()}")
         time.sleep(0.2)
+
+
+@dataclass
+class Stream:
+    """A streamed completion as a client saw it: who served it, its text, any in-stream errors."""
+
+    worker: str = ""
+    text: str = ""
+    errors: list[dict] = field(default_factory=list)
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # set at its first text
+
+
+async def read_stream(http: httpx.AsyncClient, body: dict, stream: Stream) -> None:
+    """POST a streamed /v1/completions, filling `stream` as events come."""
+    async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, await response.aread()
+        stream.worker = response.headers[WORKER_HEADER]
+        # SSE events by their blank-line separator (the text itself may hold any line break).
+        buffer = b""
+        async for chunk in response.aiter_bytes():
+            buffer += chunk
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if not event.startswith(b"data: {"):
+                    continue
+                payload = json.loads(event.removeprefix(b"data: "))
+                if "error" in payload:
+                    stream.errors.append(payload["error"])
+                    continue
+                stream.text += "".join(choice["text"] for choice in payload["choices"])
+                if stream.text:
+                    stream.started.set()
+
+
+async def migrations(http: httpx.AsyncClient) -> float:
+    """Requests the Frontend's pipeline moved to another worker so far (its /metrics)."""
+    text = (await http.get("/metrics")).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "tandem_request_migrations"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )

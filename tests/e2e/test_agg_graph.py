@@ -35,9 +35,9 @@ from bench.harness.launch import TANDEM, ServedGraph, stop_process_tree
 from tests.e2e.conformance import Answer, Case, assert_conforms, send
 from tests.e2e.conformance_cases import CASES, MAX_MODEL_LEN
 from tests.e2e.graph_configs import BLOCK_SIZE, MODEL, agg_router_config
-from tests.e2e.graph_helpers import engine_core_of
+from tests.e2e.graph_helpers import Stream, engine_core_of, migrations, read_stream
 from tests.e2e.vllm_reference import ReferenceOutput, greedy, vllm_generate_choices
-from tests.e2e.vllm_server import TOOL_CALL_PARSER, vllm_server_answers
+from tests.e2e.vllm_server import REASONING_PARSER, REASONING_PARSER_PLUGIN, TOOL_CALL_PARSER, vllm_server_answers
 from tests.schema_bodies import SchemaBodies
 
 pytestmark = pytest.mark.e2e
@@ -172,11 +172,21 @@ async def graph(
         "enable-prefix-caching": True,
         "cpu-omp-threads-bind": ["0", "1"],
         "load-report-interval-s": 0.2,
+        # vLLM's engine arguments: structured outputs constrain the answer after the reasoning.
+        "reasoning-parser": REASONING_PARSER,
+        "reasoning-parser-plugin": REASONING_PARSER_PLUGIN,
         "ServiceArgs": {"workers": 2},
     }
     config = agg_router_config(tiny_model, max_model_len=4096, worker=worker)
-    # tool_choice "auto" with the parser vLLM's server runs (tests/e2e/vllm_server.py).
-    config["Processor"].update({"enable-auto-tool-choice": True, "tool-call-parser": TOOL_CALL_PARSER})
+    # tool_choice "auto" and reasoning with the parsers vLLM's server runs (tests/e2e/vllm_server.py).
+    config["Processor"].update(
+        {
+            "enable-auto-tool-choice": True,
+            "tool-call-parser": TOOL_CALL_PARSER,
+            "reasoning-parser": REASONING_PARSER,
+            "reasoning-parser-plugin": REASONING_PARSER_PLUGIN,
+        }
+    )
     served = ServedGraph(
         "graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("agg"), nats_server.url, etcd_server.url
     )
@@ -361,7 +371,7 @@ async def test_disconnect_mid_stream_frees_the_request_in_the_engine(graph: Serv
                 chunks = response.aiter_lines()
                 for _ in range(5):
                     await anext(chunks)
-                busy = await _next_report(reports, worker, lambda r: r.running >= 1, timeout=10)
+                busy = await _next_report(reports, worker, lambda r: r.running >= 1, timeout=30)
                 assert busy.running == 1
             disconnected = time.monotonic()
         # 3000 tokens take the engine many seconds; freed at once means the abort got through.
@@ -438,7 +448,7 @@ async def test_round_robin_set_live_spreads_the_same_requests(graph: ServedGraph
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
         ("/v1/chat/completions", {"model": MODEL, "messages": CHATS[0], "min_p": 2}, 400, "min_p"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
-        ("/v1/completions", {"model": MODEL, "prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "prompt_logprobs": -2}, 400, "prompt_logprobs"),
         # ... and where only the engine knows the vocabulary (vLLM's own checks, in the worker).
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "allowed_token_ids": [5000]}, 400, "allowed_token_ids"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"4000": 5}}, 400, "logit_bias"),
@@ -678,3 +688,48 @@ async def test_a_dead_engine_takes_its_worker_out_of_routing_until_supervisord_r
     assert after_kill, "no request was sent after the kill"
     assert all(status == 200 for status, _ in after_kill), [s for s in after_kill if s[0] != 200][:5]
     assert not psutil.pid_exists(victim.pid) or psutil.Process(victim.pid).status() == psutil.STATUS_ZOMBIE
+
+
+MIGRATED_STREAMS = 8
+MIGRATED_TOKENS = 200
+
+
+async def test_streams_of_a_killed_worker_go_on_on_the_other_as_an_unbroken_run(graph: ServedGraph) -> None:
+    """SIGKILL of the VllmWorker process holding most of 8 greedy streams, mid-stream: each
+    stream ends with the text the same request gets unbroken (migration: the other worker is
+    asked for the rest), no error reaches a client, and the Frontend counts the migrations.
+    After the dead-engine test, last in the module: the killed worker's orphaned engine core
+    is stopped here by its PID (ending orphans is the migration issue's other half)."""
+    bodies = [
+        {"model": MODEL, "prompt": f"Stream {i} of the migration test:", "max_tokens": MIGRATED_TOKENS}
+        for i in range(MIGRATED_STREAMS)
+    ]
+    for body in bodies:
+        body.update(temperature=0, ignore_eos=True)
+    async with httpx.AsyncClient(base_url=graph.base_url, timeout=300) as http:
+        unbroken = [(await http.post("/v1/completions", json=body)).json()["choices"][0]["text"] for body in bodies]
+        assert len(set(unbroken)) == MIGRATED_STREAMS
+        before = await migrations(http)
+        streams = [Stream() for _ in bodies]
+        tasks = [asyncio.create_task(read_stream(http, body, s)) for body, s in zip(bodies, streams, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*(s.started.wait() for s in streams)), 120)
+        by_worker: dict[str, int] = {}
+        for s in streams:
+            by_worker[s.worker] = by_worker.get(s.worker, 0) + 1
+        victim = max(by_worker, key=lambda worker: by_worker[worker])
+        records = await graph.instances(names.VLLM_WORKER, names.GENERATE)
+        worker = psutil.Process(records[victim].pid)
+        engine_core = engine_core_of(worker.pid)
+        sent_before_the_kill = [len(s.text) for s in streams]
+        worker.kill()
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), 240)
+        finally:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                engine_core.kill()
+        moved = await migrations(http) - before
+    on_victim = [i for i, s in enumerate(streams) if s.worker == victim]
+    assert all(0 < sent_before_the_kill[i] < len(unbroken[i]) for i in on_victim), "the kill was not mid-stream"
+    assert [s.errors for s in streams] == [[] for _ in streams]
+    assert [s.text for s in streams] == unbroken
+    assert moved == len(on_victim)

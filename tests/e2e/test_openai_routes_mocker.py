@@ -12,6 +12,7 @@ requests: vLLM's GPU-less render server (`vllm launch render`: its /tokenize and
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from transformers import AutoTokenizer
 
@@ -230,3 +232,72 @@ async def test_auto_tool_choice_without_a_parser_is_a_400_that_says_what_to_conf
     assert (
         "tool-call-parser" in refused.json()["error"]["message"] and refused.json()["error"]["param"] == "tool_choice"
     )
+
+
+@pytest.mark.parametrize("frontend", ["embedded", "thin"])
+async def test_a_list_of_prompts_and_echo_over_the_wire(frontends: dict[str, ServedGraph], frontend: str) -> None:
+    """Each prompt is a request of its own (the thin Frontend's go through the Processor
+    service); each choice begins with its prompt where the request echoes."""
+    prompts = ["The first prompt", "and a second one"]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 4, "echo": True, "n": 2, "seed": 7}
+    async with httpx.AsyncClient(base_url=frontends[frontend].base_url, timeout=30) as http:
+        whole = await http.post("/v1/completions", json=body)
+        streamed = await http.post("/v1/completions", json={**body, "stream": True})
+        alone = [await http.post("/v1/completions", json={**body, "prompt": p}) for p in prompts]
+        refused = await http.post("/v1/completions", json={**body, "logprobs": 1})
+    assert whole.status_code == 200, whole.text
+    choices = whole.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    # The mocker's tokens are a function of the prompt and seed: each prompt's choices are
+    # those of the prompt sent alone.
+    assert [c["text"] for c in choices] == [c["text"] for a in alone for c in a.json()["choices"]]
+    assert all(c["text"].startswith(prompts[c["index"] // 2]) for c in choices)
+    assert whole.json()["usage"]["prompt_tokens"] == sum(a.json()["usage"]["prompt_tokens"] for a in alone)
+    texts = ["", "", "", ""]
+    for line in streamed.text.split("\n\n"):
+        if line.startswith("data: {"):
+            for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in choices]
+    # echo with logprobs needs the prompt's logprobs, which the mocker does not compute.
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs", refused.text
+
+
+@pytest.mark.parametrize("frontend", ["embedded", "thin"])
+async def test_responses_whole_and_streamed_through_the_official_client(
+    frontends: dict[str, ServedGraph], frontend: str
+) -> None:
+    """/v1/responses on the chat path (the thin Frontend's chat request goes to the Processor
+    service), read by the official client's own models and stream reader."""
+    request: dict[str, Any] = {"model": MODEL, "input": CHAT, "instructions": "Be brief.", "max_output_tokens": 6}
+    request.update(temperature=0, extra_body={"seed": 7})  # seed: vLLM's extra field
+    base_url = f"{frontends[frontend].base_url}/v1"
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30) as client:
+        response = await client.responses.create(**request)
+        types = []
+        async with client.responses.stream(**request) as stream:
+            async for event in stream:
+                types.append(event.type)
+            final = await stream.get_final_response()
+        with pytest.raises(openai.NotFoundError, match="not found"):
+            await client.responses.create(**request, previous_response_id="resp_nope")
+    assert response.id.startswith("resp_") and response.model == MODEL and response.instructions == "Be brief."
+    # The mocker writes until max_output_tokens: an incomplete response, as vLLM says it.
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage is not None and response.usage.output_tokens == 6 and response.output_text
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert types[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    # The mocker's tokens are a function of the prompt and the seed: the same text both ways.
+    assert final.output_text == response.output_text and final.usage is not None
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (response.usage.input_tokens, 6)

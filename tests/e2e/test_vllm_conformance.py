@@ -22,6 +22,7 @@ from tests.e2e.conformance import (
     TokenOf,
     assert_conforms,
     differences,
+    merged_deltas,
     normalized_chunks,
     reassemble,
     resolve,
@@ -218,6 +219,34 @@ def test_a_case_ending_otherwise_than_it_says_fails() -> None:
         assert_conforms(case, whole(VLLM_CHAT), whole(TANDEM_CHAT))
 
 
+def test_reasoning_content_must_repeat_reasoning_which_vllm_calls_it() -> None:
+    """Tandem's `reasoning_content` (DeepSeek's name), beside vLLM 0.32's `reasoning`."""
+    vllm = whole(edited(VLLM_CHAT, "choices.0.message.reasoning", "hm"))
+    tandem = edited(TANDEM_CHAT, "choices.0.message.reasoning", "hm")
+    assert differences(vllm, whole(edited(tandem, "choices.0.message.reasoning_content", "hm"))) == []
+    found = differences(vllm, whole(edited(tandem, "choices.0.message.reasoning_content", "other")))
+    assert any(line.startswith("choices[].message.reasoning_content:") for line in found), found
+    # In a stream, the deltas put together.
+    vllm_stream = [VLLM_STREAM[0], chunk({"reasoning": "h"}), chunk({"reasoning": "m"}), *VLLM_STREAM[1:]]
+    pieces = [chunk({"reasoning": "h", "reasoning_content": "h"}), chunk({"reasoning": "m", "reasoning_content": "x"})]
+    assert differences(streamed(vllm_stream), streamed([TANDEM_STREAM[0], pieces[0], *TANDEM_STREAM[1:]])) != []
+    assert differences(streamed(vllm_stream), streamed([TANDEM_STREAM[0], *pieces, *TANDEM_STREAM[1:]])) != []
+    pieces[1]["choices"][0]["delta"]["reasoning_content"] = "m"
+    assert differences(streamed(vllm_stream), streamed([TANDEM_STREAM[0], *pieces, *TANDEM_STREAM[1:]])) == []
+
+
+def test_a_case_that_needs_a_key_fails_where_vllm_leaves_it_empty() -> None:
+    case = Case("x", "/v1/chat/completions", {}, nonempty=("content",))
+    assert_conforms(case, whole(VLLM_CHAT), whole(TANDEM_CHAT))
+    with pytest.raises(AssertionError, match="no reasoning from vLLM"):
+        assert_conforms(
+            Case("x", "/v1/chat/completions", {}, nonempty=("reasoning",)), whole(VLLM_CHAT), whole(TANDEM_CHAT)
+        )
+    with pytest.raises(AssertionError, match="no content from vLLM"):
+        assert_conforms(case, whole({**VLLM_CHAT, "choices": []}), whole({**TANDEM_CHAT, "choices": []}))
+    assert_conforms(case, streamed(VLLM_STREAM), streamed(TANDEM_STREAM))
+
+
 class _Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return {" the": [7], " two words": [8, 9]}[text]
@@ -261,3 +290,103 @@ def test_completion_streams_compare_top_logprobs_by_token_and_skip_empty_chunks(
     other_top = [completion_chunk("a", "length", {"a": -1.0, "c": -2.0}), DONE]
     found = differences(streamed(with_top), streamed(other_top))
     assert any(line.startswith("reassembled: choices[].logprobs.top_logprobs[]: keys") for line in found), found
+
+
+# --- /v1/responses ---------------------------------------------------------------------------------
+
+
+def response_body(text: str, *, vllm: bool, status: str = "incomplete") -> dict[str, Any]:
+    """A Response as each server shapes it (vLLM's extras on its side; ids and times its own)."""
+    item: dict[str, Any] = {
+        "id": "msg_a" if vllm else "msg_b",
+        "content": [{"annotations": [], "text": text, "type": "output_text", "logprobs": None}],
+        "role": "assistant",
+        "status": "completed",
+        "type": "message",
+    }
+    details: dict[str, Any] = {"cached_tokens": 0}
+    if vllm:
+        item["phase"] = None
+        details.update(cache_write_tokens=0, input_tokens_per_turn=[], cached_tokens_per_turn=[])
+    body: dict[str, Any] = {
+        "id": "resp_a" if vllm else "resp_b",
+        "created_at": 1 if vllm else 2,
+        "object": "response",
+        "model": "tiny-llama",
+        "output": [item] if text else [],
+        "status": status,
+        "usage": {"input_tokens": 17, "input_tokens_details": details, "output_tokens": 2, "total_tokens": 19},
+    }
+    if vllm:
+        body.update(kv_transfer_params=None, input_messages=None, output_messages=None)
+    return body
+
+
+def response_events(deltas: list[str], *, vllm: bool) -> list[dict[str, Any]]:
+    """A Responses stream as each server sends it: its text cut into `deltas`."""
+    text, done = "".join(deltas), response_body("".join(deltas), vllm=vllm)
+    started = {**done, "output": [], "status": "in_progress", "usage": None}
+    item, item_id = done["output"][0], done["output"][0]["id"]
+    part, where = item["content"][0], {"output_index": 0, "item_id": item_id, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**item, "content": [], "status": "in_progress"},
+        },
+        {"type": "response.content_part.added", **where, "part": {**part, "text": "", "logprobs": []}},
+        *({"type": "response.output_text.delta", **where, "delta": delta, "logprobs": []} for delta in deltas),
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": done},
+    ]
+    return numbered(events)
+
+
+def numbered(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**event, "sequence_number": number} for number, event in enumerate(events)]
+
+
+def test_responses_that_read_alike_conform() -> None:
+    assert differences(whole(response_body("cal side", vllm=True)), whole(response_body("cal side", vllm=False))) == []
+    # Cut into other deltas (so numbered otherwise), with other ids: the same stream.
+    vllm, tandem = response_events(["cal", " side"], vllm=True), response_events(["c", "al", " side"], vllm=False)
+    assert differences(streamed(vllm), streamed(tandem)) == []
+    (delta,) = [event for event in merged_deltas(tandem) if event["type"] == "response.output_text.delta"]
+    assert delta["delta"] == "cal side"
+
+
+TANDEM_EVENTS = response_events(["c", "al", " side"], vllm=False)
+
+
+@pytest.mark.parametrize(
+    ("events", "flagged"),
+    [
+        # Different text, in the deltas and everything after them.
+        (response_events(["cal", " sid"], vllm=False), "response.output_text.delta: delta"),
+        # An event missing.
+        (numbered([e for e in TANDEM_EVENTS if e["type"] != "response.content_part.added"]), "event types"),
+        # Numbered otherwise.
+        ([{**TANDEM_EVENTS[0], "sequence_number": 1}, *TANDEM_EVENTS[1:]], "Tandem's events are not numbered"),
+        # A key vLLM's events lack.
+        ([{**TANDEM_EVENTS[0], "extra": 1}, *TANDEM_EVENTS[1:]], "response.created: extra"),
+        # Another status at the end.
+        (
+            [
+                *TANDEM_EVENTS[:-1],
+                {**TANDEM_EVENTS[-1], "response": response_body("cal side", vllm=False, status="completed")},
+            ],
+            "response.completed: response.status",
+        ),
+        # No response.completed.
+        (TANDEM_EVENTS[:-1], "Tandem's stream does not end with response.completed"),
+        # An error event.
+        (numbered([*TANDEM_EVENTS[:4], {"type": "error", "message": "x", "code": None}]), "Tandem's stream has error"),
+    ],
+)
+def test_each_responses_stream_difference_is_flagged(events: list[Any], flagged: str) -> None:
+    found = differences(streamed(response_events(["cal", " side"], vllm=True)), streamed(events))
+    assert any(line.startswith(flagged) for line in found), found

@@ -25,6 +25,12 @@ from tests.e2e.conformance import Answer, Case, Tokenizer, send
 # constrained to plain JSON, as Tandem constrains them with any parser (Hermes' tag would
 # make vLLM constrain them in its own format instead).
 TOOL_CALL_PARSER = "pythonic"
+# A reasoning parser on both servers (the graph's Processor and VllmWorker run it too):
+# DeepSeek-R1's where a request asks for it, else all is content as without a parser
+# (tests/e2e/reasoning_plugin.py), so only the cases that think have reasoning. Its one trace
+# elsewhere: chat usage counts completion_tokens_details.reasoning_tokens (0), in both answers.
+REASONING_PARSER = "tiny_thinking"
+REASONING_PARSER_PLUGIN = str(Path(__file__).with_name("reasoning_plugin.py"))
 
 # Engine start about 17 s eager, and the server's own start-up around it (FACTS.md).
 START_TIMEOUT_S = 240
@@ -40,13 +46,18 @@ def server_argv(model: Path, served_model_name: str, engine_args: Mapping[str, A
             argv.append(flag)
         elif value is not False:
             argv += [flag, str(value)]
-    # Tool calling on, for cases with tools; usage's prompt_tokens_details, which Tandem
-    # always reports (vLLM sends null in its place without the flag).
+    # Tool calling on, for cases with tools; the reasoning parser, for the cases that think;
+    # usage's prompt_tokens_details, which Tandem always reports (vLLM sends null in its
+    # place without the flag).
     return [
         *argv,
         "--enable-auto-tool-choice",
         "--tool-call-parser",
         TOOL_CALL_PARSER,
+        "--reasoning-parser",
+        REASONING_PARSER,
+        "--reasoning-parser-plugin",
+        REASONING_PARSER_PLUGIN,
         "--enable-prompt-tokens-details",
     ]
 

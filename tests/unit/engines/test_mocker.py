@@ -62,6 +62,20 @@ async def test_tokens_are_deterministic_per_prompt_and_seed() -> None:
     assert first != other and first != reseeded
 
 
+async def test_a_request_continued_from_its_output_yields_the_rest_of_it() -> None:
+    """What request migration relies on: the prompt plus the first k tokens, asked for the
+    remaining ones, gives the unbroken run's remaining tokens (seeded or not)."""
+    for seed in (None, 11):
+        async with Mocker() as m:
+            whole = request([5, 6, 7, 8], max_tokens=20, ignore_eos=True)
+            whole.sampling = SamplingOptions(seed=seed)
+            unbroken = tokens_of(await m.run(whole))
+            rest = request([5, 6, 7, 8, *unbroken[:7]], max_tokens=13, ignore_eos=True)
+            rest.sampling = SamplingOptions(seed=seed)
+            continued = tokens_of(await m.run(rest))
+        assert continued == unbroken[7:]
+
+
 async def test_stop_conditions() -> None:
     prompt = [5, 6, 7, 8]
     async with Mocker(eos_token_id=-1) as m:

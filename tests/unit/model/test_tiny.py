@@ -6,7 +6,7 @@ import pytest
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from app.model.tiny import add_cli, make_tiny
+from app.model.tiny import THINK_TOKENS, add_cli, make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,22 @@ def test_chat_template_renders_llama3_layout(tokenizer) -> None:
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     assert ids.count(tokenizer.convert_tokens_to_ids("<|eot_id|>")) == 2
     assert ids[0] == tokenizer.bos_token_id
+
+
+def test_think_tokens_are_text_that_greedy_output_never_holds(tiny_dir: Path, tokenizer) -> None:
+    """DeepSeek-R1's markers, for vLLM's reasoning parsers: single tokens after the trained
+    vocabulary, kept in decoded text (not special), with a zero logit (their lm_head rows)."""
+    ids = tokenizer.convert_tokens_to_ids(list(THINK_TOKENS))
+    assert ids == list(range(len(tokenizer) - len(THINK_TOKENS), len(tokenizer)))
+    text = "<think>a plan</think>the answer"
+    encoded = tokenizer.encode(text, add_special_tokens=False)
+    assert encoded[0] == ids[0] and ids[1] in encoded
+    assert tokenizer.decode(encoded, skip_special_tokens=True) == text
+    with safe_open(str(tiny_dir / "model.safetensors"), framework="np") as weights:
+        head = weights.get_tensor("lm_head.weight")
+        embeddings = weights.get_tensor("model.embed_tokens.weight")
+    assert not head[ids].any() and head[: ids[0]].any(axis=1).all()
+    assert embeddings[ids].any(axis=1).all()
 
 
 def test_cli_make_tiny(tiny_dir: Path, tmp_path: Path) -> None:

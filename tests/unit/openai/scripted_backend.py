@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Iterator
 
 from app.openai import ModelCard
 from app.openai.backend import Tokenized
-from app.openai.schema import DetokenizeRequest, OpenAIRequest, TokenizeRequest
+from app.openai.schema import CompletionRequest, DetokenizeRequest, OpenAIRequest, TokenizeRequest
 from app.preprocess import Postprocessor, Preprocessor, postprocess_stream
-from app.protocol import EngineOutput, PreprocessedRequest, StreamItem, TokenLogprob
+from app.protocol import EngineOutput, PreprocessedRequest, RankedLogprob, StreamItem, TokenLogprob
 
 REPLY = "Hello there! 日本語 🙂 and the end."
 MODEL = "tiny"
@@ -34,6 +34,7 @@ class ScriptedBackend:
         # As an engine ends a reply that stops: with an EOS token (its text left out).
         self.reply_ids = preprocessor.tokenizer.encode(reply, add_special_tokens=False) + preprocessor.eos_token_ids[:1]
         self.generate_calls = 0
+        self.request_ids: list[str] = []
         self.engine_tokens_sent = 0
         self.engine_closed = asyncio.Event()
         self.fail_with: BaseException | None = None
@@ -84,6 +85,8 @@ class ScriptedBackend:
                 output.num_prompt_tokens = len(request.token_ids)
                 output.num_cached_tokens = 0
                 output.worker_id = "worker-1"
+                if request.sampling.prompt_logprobs is not None:
+                    output.prompt_logprobs = self.prompt_logprobs_of(request.token_ids)
             if request.sampling.logprobs is not None:
                 output.logprobs = [-0.25]
                 output.top_logprobs = [[TokenLogprob(token_id, -0.25), TokenLogprob(5, -1.5), TokenLogprob(6, -2.5)]]
@@ -91,15 +94,25 @@ class ScriptedBackend:
                 output.finish_reason = "length" if len(ids) == budget else "stop"
             yield output
 
+    @staticmethod
+    def prompt_logprobs_of(token_ids: list[int]) -> list[list[RankedLogprob]]:
+        """An engine's prompt logprobs: each token -1.0 at rank 3, token 7 the best at -0.5."""
+        return [[]] + [[RankedLogprob(token_id, -1.0, 3), RankedLogprob(7, -0.5, 1)] for token_id in token_ids[1:]]
+
     async def generate(self, kind: str, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
         self.generate_calls += 1
+        self.request_ids.append(request_id)
         if self.fail_with is not None:
             raise self.fail_with
         pre = self.preprocessor.preprocess(request, request_id)
         post: Postprocessor | list[Postprocessor] = self.preprocessor.postprocessor(request, pre)
         if pre.n > 1:
             post = [self.preprocessor.postprocessor(request, pre) for _ in range(pre.n)]
+        first = True
         async for item in postprocess_stream(post, self._engine(pre)):
+            if first and isinstance(request, CompletionRequest) and request.echo:
+                item.echo = self.preprocessor.echoed_prompt(request, pre.token_ids)  # as the pipeline does
+            first = False
             yield item
 
     async def tokenize(self, request: TokenizeRequest) -> Tokenized:

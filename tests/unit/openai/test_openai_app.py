@@ -143,7 +143,7 @@ async def test_without_a_generation_prompt_the_answer_takes_the_last_messages_ro
         # vLLM's rule, the Processor's to apply (the temperature may be the model's default).
         ("/v1/completions", json.dumps({**COMPLETION, "n": 2, "temperature": 0}).encode(), 400, "n"),
         ("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 10**6}).encode(), 400, "max_tokens"),
-        ("/v1/completions", json.dumps({**COMPLETION, "echo": True}).encode(), 400, "echo"),
+        ("/v1/completions", json.dumps({**COMPLETION, "suffix": "x"}).encode(), 400, "suffix"),
         ("/v1/completions", json.dumps({**COMPLETION, "prompt": "x" * 1_000_000}).encode(), 400, "prompt"),
         ("/v1/completions", json.dumps({**COMPLETION, "model": "gpt-9"}).encode(), 404, "model"),
     ],

@@ -52,11 +52,12 @@ def test_chat_errors_name_the_parameter(extra, param) -> None:
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"echo": True}, "echo"),
         ({"suffix": "x"}, "suffix"),
+        ({"suffix": "x", "echo": True}, "suffix"),
+        ({"max_tokens": 0}, "max_tokens"),
         ({"logprobs": 6}, "logprobs"),
-        ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": []}, "prompt"),
+        ({"prompt": [[1], []]}, "prompt[1]"),
         ({"prompt": [1, -2]}, "prompt[1]"),
         ({"prompt": [1, 2**40]}, "prompt[1]"),
         ({"best_of": 2}, "best_of"),

@@ -84,7 +84,8 @@ def test_defaults_are_vllms() -> None:
         ({"bad_words": None}, "bad_words", ""),
         ({"seed": 2**63}, "seed", ""),
         ({"length_penalty": "long"}, "length_penalty", ""),
-        ({"prompt_logprobs": 1}, "prompt_logprobs", "not supported"),
+        ({"prompt_logprobs": -2}, "prompt_logprobs", "must be a positive value or -1"),
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not available when `stream=True`"),
         (
             {"stream": True, "stream_options": {"continuous_usage_stats": 1}},
             "stream_options.continuous_usage_stats",

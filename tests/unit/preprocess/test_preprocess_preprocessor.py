@@ -108,9 +108,10 @@ def test_a_megabyte_prompt_is_rejected_without_tokenizing_it(preprocessor: Prepr
 
 
 def test_completion_token_ids_are_checked_against_the_vocabulary(preprocessor: Preprocessor) -> None:
-    assert preprocessor.completion(_completion(prompt=[1, 2, 2999]), "r").token_ids == [1, 2, 2999]
+    last = preprocessor.vocab_size - 1
+    assert preprocessor.completion(_completion(prompt=[1, 2, last]), "r").token_ids == [1, 2, last]
     with pytest.raises(InvalidRequestError) as error:
-        preprocessor.completion(_completion(prompt=[1, 3000]), "r")
+        preprocessor.completion(_completion(prompt=[1, last + 1]), "r")
     assert error.value.param == "prompt"
 
 

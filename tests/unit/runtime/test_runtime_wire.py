@@ -19,13 +19,17 @@ def test_a_batch_of_any_size_decodes_to_its_items_in_order(count: int) -> None:
     assert [output.token_ids for output in decoded] == [[i] for i in range(count)]
 
 
-def test_an_error_frame_carries_the_code_and_the_message_and_nothing_else() -> None:
-    frame = wire.encode_error(ErrorCode.INVALID_REQUEST, "prompt too long")
+def test_an_error_frame_carries_the_code_the_message_and_the_field_at_fault() -> None:
+    frame = wire.encode_error(ErrorCode.INVALID_REQUEST, "prompt too long", "prompt")
     assert frame[0] == wire.FRAME_ERROR
     body = wire.error_decoder.decode(frame[1:])
-    rebuilt = error_for_code(body.code, body.message)
+    rebuilt = error_for_code(body.code, body.message, body.param)
     assert isinstance(rebuilt, InvalidRequestError) and rebuilt.message == "prompt too long"
-    assert msgspec.msgpack.decode(frame[1:]) == ["invalid_request", "prompt too long"]
+    assert rebuilt.param == "prompt"
+    assert msgspec.msgpack.decode(frame[1:]) == ["invalid_request", "prompt too long", "prompt"]
+    # A frame of a peer from before the field: no param.
+    old = wire.ERROR_PREFIX + msgspec.msgpack.encode(["invalid_request", "prompt too long"])
+    assert wire.error_decoder.decode(old[1:]).param is None
 
 
 def test_a_request_envelope_keeps_the_payload_bytes_for_the_callee_to_decode() -> None:
