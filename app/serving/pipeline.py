@@ -128,31 +128,30 @@ class RequestPipeline:
 
     async def _outputs(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         """The request's engine outputs from the worker picked for it and, should that one
-        fail mid-stream, from the next one (app.serving.migration)."""
+        fail mid-stream, from the next one (app.serving.migration).
+
+        The one generator between the worker's stream and the Postprocessor: each output
+        passes through it on the way to the client, so it does no more per output than it must.
+        """
         placement: Placement | None
-        placement, outputs = await self._stream_from_a_worker(request)
+        placement, output, outputs = await self._stream_from_a_worker(request)
+        placement.prefill_done()
+        if output is not None:
+            # The Frontend's response headers name the worker from the first item.
+            output.worker_id = output.worker_id or placement.worker_id
         generated: list[int] = []
         failed: list[str] = []
-        first = True  # of the current worker's outputs
         try:
             while True:
                 try:
-                    async for output in outputs:
-                        if first:
-                            first = False
-                            placement.prefill_done()
-                            if failed:
-                                migration.as_continued(output)
-                            else:
-                                # The Frontend's response headers name the worker from the first item.
-                                output.worker_id = output.worker_id or placement.worker_id
+                    while output is not None:
+                        generated += output.token_ids
                         if output.finish_reason == "abort":
                             output.finish_reason = None
-                            generated.extend(output.token_ids)
                             yield output
                             raise migration.WorkerAbortedError(f"worker {placement.worker_id} aborted the request")
-                        generated.extend(output.token_ids)
                         yield output
+                        output = await anext(outputs, None)
                     return
                 except WorkerUnavailableError as exc:
                     self._may_migrate(request, failed, exc)
@@ -174,8 +173,10 @@ class RequestPipeline:
                     if rest is None:
                         yield EngineOutput(finish_reason="length")
                         return
-                    placement, outputs = await self._stream_from_a_worker(rest, exclude=failed)
-                    first = True
+                    placement, output, outputs = await self._stream_from_a_worker(rest, exclude=failed)
+                    placement.prefill_done()
+                    if output is not None:
+                        migration.as_continued(output)
         finally:
             await outputs.aclose()
             if placement is not None:
@@ -191,8 +192,9 @@ class RequestPipeline:
 
     async def _stream_from_a_worker(
         self, request: PreprocessedRequest, exclude: Sequence[str] = ()
-    ) -> tuple[Placement, AsyncGenerator[EngineOutput, None]]:
-        """A worker's output stream (none of `exclude`) that has produced its first output.
+    ) -> tuple[Placement, EngineOutput | None, AsyncGenerator[EngineOutput, None]]:
+        """A worker (none of `exclude`), its first output (None: its stream ended without
+        one), and the rest of its stream.
 
         A worker that fails the request before that (its engine died, it left discovery
         between the pick and the call) is replaced by another: nothing reached the client
@@ -209,7 +211,7 @@ class RequestPipeline:
             try:
                 first = await anext(outputs)
             except StopAsyncIteration:
-                return placement, outputs
+                return placement, None, outputs
             except Exception as exc:
                 await outputs.aclose()
                 placement.finished()
@@ -223,13 +225,4 @@ class RequestPipeline:
                 )
                 failed.append(placement.worker_id)
                 continue
-            return placement, _starting_with(first, outputs)
-
-
-async def _starting_with(
-    first: EngineOutput, rest: AsyncGenerator[EngineOutput, None]
-) -> AsyncGenerator[EngineOutput, None]:
-    async with contextlib.aclosing(rest):
-        yield first
-        async for output in rest:
-            yield output
+            return placement, first, outputs
