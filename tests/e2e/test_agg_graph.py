@@ -35,7 +35,7 @@ from bench.harness.launch import TANDEM, ServedGraph, stop_process_tree
 from tests.e2e.conformance import Answer, Case, assert_conforms, send
 from tests.e2e.conformance_cases import CASES, MAX_MODEL_LEN
 from tests.e2e.graph_configs import BLOCK_SIZE, MODEL, agg_router_config
-from tests.e2e.graph_helpers import Stream, engine_core_of, migrations, read_stream
+from tests.e2e.graph_helpers import engine_core_of
 from tests.e2e.vllm_reference import ReferenceOutput, greedy, vllm_generate_choices
 from tests.e2e.vllm_server import REASONING_PARSER, REASONING_PARSER_PLUGIN, TOOL_CALL_PARSER, vllm_server_answers
 from tests.schema_bodies import SchemaBodies
@@ -688,48 +688,3 @@ async def test_a_dead_engine_takes_its_worker_out_of_routing_until_supervisord_r
     assert after_kill, "no request was sent after the kill"
     assert all(status == 200 for status, _ in after_kill), [s for s in after_kill if s[0] != 200][:5]
     assert not psutil.pid_exists(victim.pid) or psutil.Process(victim.pid).status() == psutil.STATUS_ZOMBIE
-
-
-MIGRATED_STREAMS = 8
-MIGRATED_TOKENS = 200
-
-
-async def test_streams_of_a_killed_worker_go_on_on_the_other_as_an_unbroken_run(graph: ServedGraph) -> None:
-    """SIGKILL of the VllmWorker process holding most of 8 greedy streams, mid-stream: each
-    stream ends with the text the same request gets unbroken (migration: the other worker is
-    asked for the rest), no error reaches a client, and the Frontend counts the migrations.
-    After the dead-engine test, last in the module: the killed worker's orphaned engine core
-    is stopped here by its PID (ending orphans is the migration issue's other half)."""
-    bodies = [
-        {"model": MODEL, "prompt": f"Stream {i} of the migration test:", "max_tokens": MIGRATED_TOKENS}
-        for i in range(MIGRATED_STREAMS)
-    ]
-    for body in bodies:
-        body.update(temperature=0, ignore_eos=True)
-    async with httpx.AsyncClient(base_url=graph.base_url, timeout=300) as http:
-        unbroken = [(await http.post("/v1/completions", json=body)).json()["choices"][0]["text"] for body in bodies]
-        assert len(set(unbroken)) == MIGRATED_STREAMS
-        before = await migrations(http)
-        streams = [Stream() for _ in bodies]
-        tasks = [asyncio.create_task(read_stream(http, body, s)) for body, s in zip(bodies, streams, strict=True)]
-        await asyncio.wait_for(asyncio.gather(*(s.started.wait() for s in streams)), 120)
-        by_worker: dict[str, int] = {}
-        for s in streams:
-            by_worker[s.worker] = by_worker.get(s.worker, 0) + 1
-        victim = max(by_worker, key=lambda worker: by_worker[worker])
-        records = await graph.instances(names.VLLM_WORKER, names.GENERATE)
-        worker = psutil.Process(records[victim].pid)
-        engine_core = engine_core_of(worker.pid)
-        sent_before_the_kill = [len(s.text) for s in streams]
-        worker.kill()
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks), 240)
-        finally:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                engine_core.kill()
-        moved = await migrations(http) - before
-    on_victim = [i for i, s in enumerate(streams) if s.worker == victim]
-    assert all(0 < sent_before_the_kill[i] < len(unbroken[i]) for i in on_victim), "the kill was not mid-stream"
-    assert [s.errors for s in streams] == [[] for _ in streams]
-    assert [s.text for s in streams] == unbroken
-    assert moved == len(on_victim)
