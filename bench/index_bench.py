@@ -11,7 +11,7 @@ import time
 from app.protocol import BlockRemoved, BlockStored, KvEvent, KvEventBatch
 from app.router.hashing import block_hashes
 from app.router.index import KvIndex
-from bench.harness.stats import percentile
+from bench.harness.load import percentile
 
 WORKERS, PROMPT_TOKENS, BLOCKS_PER_EVENT, QUERIES = 64, 4096, 16, 2000
 SHARED_PREFIXES = 16  # system prompts: the first half of every prompt is one of them

@@ -27,8 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--long-prompt-tokens", type=int, default=1024, help="its length in words")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--ignore-eos", action="store_true", help="every output exactly max_tokens long")
-    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--api", choices=("chat", "completions"), default="chat")
     parser.add_argument("--seed", type=int, default=0, help="prompt generation seed")
     parser.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first")
     parser.add_argument("--timeout", dest="timeout_s", type=float, default=120.0, help="per-request limit, seconds")

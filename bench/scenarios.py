@@ -25,11 +25,9 @@ from app.launch.ports import free_port
 from app.openai.schema import ChatCompletionRequest, parse_request
 from app.preprocess import Preprocessor
 from app.router.hashing import block_hashes
-from bench.harness import cli
-from bench.harness.cli import Benchmark, Layout, Plane, Run, Servable, cells, met, table, with_requests
-from bench.harness.launch import REPO, ServedProcess
-from bench.harness.load import LoadConfig, RequestResult, run_load
-from bench.harness.stats import Phase, Summary, median_rows, median_run, summarize
+from bench.harness.cli import Benchmark, Layout, Plane, Run, Servable, cells, main, met, table, with_requests
+from bench.harness.load import LoadConfig, Phase, RequestResult, Summary, median_rows, run_load, summarize
+from testbed.graphs import REPO, ServedProcess
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +138,7 @@ class Routing(Benchmark):
             f" | {BASELINE} TTFT p50 / this (target >= 2) | requests/s"
         )
         spreads = [sorted(p.summary.workers.values(), reverse=True) for p in phases if p.row == SPREAD_ROW]
-        per_worker = median_run(spreads, max_over_mean)
+        per_worker = sorted(spreads, key=max_over_mean)[(len(spreads) - 1) // 2]  # the median run's (the lower)
         ratio = max_over_mean(per_worker)
         return [
             f"Shared prefixes: {with_requests(SHARED, args).describe()}.",
@@ -305,7 +303,7 @@ class VsDirect(Benchmark):
 
     async def measure(self, run: Run) -> list[Phase]:
         phases = []
-        for c in run.args.concurrency:
+        for c in self.concurrency:
             # Both systems get the same prompts in a run; no two runs share one, so the prefix cache
             # never turns one system's prefill into a cache hit.
             load = run.load(load_at(self.load, run.args, c), seed=run.number * 1000 + c, warmup=max(8, 2 * c))
@@ -316,7 +314,8 @@ class VsDirect(Benchmark):
 
     def render(self, phases: list[Phase], args: argparse.Namespace) -> list[str]:
         figures, rows, verdicts = median_rows(phases), [], []
-        for c in map(str, args.concurrency):
+        concurrencies = dict.fromkeys(c for _, c in figures)  # those measured, in order
+        for c in concurrencies:
             direct, tandem = figures["direct", c], figures["tandem", c]
             rows += [[system, c, *cells(figures[system, c], DIRECT_COLUMNS.values())] for system in self.layouts]
             ratios = [
@@ -328,7 +327,7 @@ class VsDirect(Benchmark):
             verdicts.append(f"concurrency {c}: Tandem at {ratio:.0%} of direct ({verdict} the {TARGET:.0%} target)")
         # Prompt length as the servers counted it (the same prompts for both).
         prompt_tokens = statistics.fmean(p.summary.mean_prompt_tokens for p in phases if p.summary.completed)
-        loads = "; ".join(load_at(self.load, args, c).describe() for c in args.concurrency)
+        loads = "; ".join(load_at(self.load, args, int(c)).describe() for c in concurrencies)
         return [
             f"Each run, after a warm-up: {loads}; {prompt_tokens:.0f} prompt tokens by the servers' count.",
             "",
@@ -369,7 +368,7 @@ class RequestPath(Benchmark):
         if run.number == 1:  # a warm-up: caches, lazy imports
             await run_load(dataclasses.replace(run.load(), concurrency=16, requests=200))
         phases = []
-        for concurrency in run.args.concurrency:
+        for concurrency in self.concurrency:
             before = cpu()
             summary, _ = await run_load(run.load(concurrency=concurrency, seed=100 + run.number))
             after = cpu()
@@ -393,9 +392,7 @@ class RequestPath(Benchmark):
             "layout | concurrency | requests/s | Frontend | Router processes | Processor (idle)"
             f" | path total (target <= {TARGET_CPU_MS:g} at 16) | mocker workers | nats-server"
         )
-        loads = "; ".join(
-            dataclasses.replace(with_requests(self.load, args), concurrency=c).describe() for c in args.concurrency
-        )
+        loads = "; ".join(with_requests(self.load, args, concurrency=c).describe() for c in self.concurrency)
         lines = [f"Load: {loads}. CPU milliseconds per request by process:", "", *table(headings, rows), ""]
         for (layout, concurrency), embedded in figures.items():  # the two layouts side by side
             if layout == "router-in-frontend" and (processes := figures.get(("router-processes", concurrency))):
@@ -416,4 +413,4 @@ BENCHMARKS = {
 }
 
 if __name__ == "__main__":
-    sys.exit(cli.main("python -m bench.scenarios", BENCHMARKS))
+    sys.exit(main("python -m bench.scenarios", BENCHMARKS))

@@ -26,9 +26,8 @@ import psutil
 import uvloop
 
 from app.infra import EtcdServer, NatsServer
-from bench.harness.launch import ServedGraph, ServedProcess, control_plane
-from bench.harness.load import LoadConfig
-from bench.harness.stats import Phase
+from bench.harness.load import LoadConfig, Phase
+from testbed.graphs import ServedGraph, ServedProcess, control_plane
 
 T = TypeVar("T")
 Plane = tuple[NatsServer, EtcdServer]
@@ -98,21 +97,16 @@ def run(measurement: Coroutine[Any, Any, T]) -> T:
         raise SystemExit(128 + signal.SIGTERM) from None
 
 
-class RunNote:
+def run_note(started: float, load_before: tuple[float, float, float]) -> str:
     """When and on what a run took place, and how busy the machine was: how far to trust the numbers."""
-
-    def __init__(self) -> None:
-        self.started, self.load_before = time.time(), os.getloadavg()
-
-    def __str__(self) -> str:
-        cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        load = [" ".join(f"{v:.2f}" for v in values) for values in (self.load_before, os.getloadavg())]
-        return (
-            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(self.started))}, "
-            f"{(time.time() - self.started) / 60:.0f} min, on {os.cpu_count()} CPUs (nproc "
-            f"{len(os.sched_getaffinity(0))}), {cpu.group(1).strip() if cpu else 'unknown CPU'}, "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; load average {load[0]} before, {load[1]} after."
-        )
+    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    load = [" ".join(f"{v:.2f}" for v in values) for values in (load_before, os.getloadavg())]
+    return (
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {(time.time() - started) / 60:.0f} min, "
+        f"on {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), "
+        f"{cpu.group(1).strip() if cpu else 'unknown CPU'}, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
+        f"load average {load[0]} before, {load[1]} after."
+    )
 
 
 class Servable(Protocol):
@@ -171,12 +165,11 @@ class Run:
 
     def load(self, base: LoadConfig | None = None, **changes: Any) -> LoadConfig:
         """The benchmark's load (or `base`) on this server, changed, with --requests where given."""
-        load = dataclasses.replace(base or self.benchmark.load, url=self.server.base_url, **changes)
-        return with_requests(load, self.args)
+        return with_requests(base or self.benchmark.load, self.args, url=self.server.base_url, **changes)
 
 
-def with_requests(load: LoadConfig, args: argparse.Namespace) -> LoadConfig:
-    return dataclasses.replace(load, requests=args.requests or load.requests)
+def with_requests(load: LoadConfig, args: argparse.Namespace, **changes: Any) -> LoadConfig:
+    return dataclasses.replace(load, requests=args.requests or load.requests, **changes)
 
 
 class Benchmark:
@@ -187,7 +180,6 @@ class Benchmark:
     layouts: ClassVar[Mapping[str, Servable]]
     load: ClassVar[LoadConfig]
     order: ClassVar[Order] = "one after the other"
-    concurrency: ClassVar[tuple[int, ...]] = ()  # the default of --concurrency, for a benchmark that takes it
 
     async def measure(self, run: Run) -> list[Phase]:
         raise NotImplementedError
@@ -222,32 +214,26 @@ class Benchmark:
 
 def main(prog: str, benchmarks: Mapping[str, Benchmark], argv: Sequence[str] | None = None) -> int:
     """`python -m MODULE NAME`: measure (in a folder for the servers), then the report: "Command: ...",
-    the RunNote, the benchmark's table, the failed requests."""
-    shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--runs", type=int, default=3, help="repetitions; the report gives medians")
-    shared.add_argument("--requests", type=int, help="requests per run (default: the benchmark's)")
-    shared.add_argument("--write-docs", type=Path, help="put the results in this markdown file's section")
-    shared.add_argument("--json-out", type=Path, help="also write every run's results here (JSON)")
+    the run note, the benchmark's table, the failed requests."""
     parser = argparse.ArgumentParser(prog=prog, description="docs/benchmarks.md has what each measures.")
-    commands = parser.add_subparsers(dest="benchmark", required=True)
-    for name, benchmark in benchmarks.items():
-        subcommand = commands.add_parser(name, parents=[shared], help=benchmark.section.removeprefix("## "))
-        if benchmark.concurrency:
-            subcommand.add_argument(
-                "--concurrency", type=int, nargs="+", default=list(benchmark.concurrency), help="requests in flight"
-            )
+    sections = "; ".join(f"{name}: {b.section.removeprefix('## ')}" for name, b in benchmarks.items())
+    parser.add_argument("benchmark", choices=benchmarks, help=sections)
+    parser.add_argument("--runs", type=int, default=3, help="repetitions; the report gives medians")
+    parser.add_argument("--requests", type=int, help="requests per run (default: the benchmark's)")
+    parser.add_argument("--write-docs", type=Path, help="put the results in this markdown file's section")
+    parser.add_argument("--json-out", type=Path, help="also write every run's results here (JSON)")
     args = parser.parse_args(argv)
     if args.runs < 1 or (args.requests is not None and args.requests < 1):
         parser.error("--runs and --requests must be >= 1")
     benchmark = benchmarks[args.benchmark]
     setup_logging()
-    note = RunNote()
+    started, load_before = time.time(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as folder:  # the servers' data and logs
         phases = run(benchmark.measure_all(args, Path(folder)))
     if args.json_out is not None:
         args.json_out.write_bytes(msgspec.json.format(msgspec.json.encode(phases)) + b"\n")
     command = " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    lines = [f"Command: `{command}` (medians of {args.runs} run(s))", "", str(note), ""]
+    lines = [f"Command: `{command}` (medians of {args.runs} run(s))", "", run_note(started, load_before), ""]
     lines += [*benchmark.render(phases, args), "", f"Failed requests: {sum(p.summary.failed for p in phases)}."]
     report = "\n".join(lines) + "\n"
     sys.stdout.write(report)

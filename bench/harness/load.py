@@ -1,24 +1,25 @@
-"""The one load driver: a load's generated requests (LoadConfig), sent by closed-loop clients that measure
-each (TTFT, the gaps between text chunks, end-to-end time, usage, X-Tandem-Worker), and the summary of the
-phase; a failure is a result, never an exception. Hand-written asyncio HTTP, not aiohttp: on 2 cores each
-client millisecond is one the servers lack."""
+"""The one load driver: a load's generated requests (LoadConfig), streamed chat requests sent by closed-loop
+clients that measure each (TTFT, the gaps between text chunks, end-to-end time, usage, X-Tandem-Worker); the
+summary of the phase, and the medians over runs. A failure is a result, never an exception. Hand-written
+asyncio HTTP, not aiohttp: on 2 cores each client millisecond is one the servers lack."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import math
 import random
 import socket
+import statistics
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import msgspec
-
-from bench.harness.stats import Summary, summarize
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ class LoadConfig:
     long_share: float = 0.0  # of the requests, whose prompt is long_prompt_tokens long and shares nothing
     long_prompt_tokens: int = 1024
     max_tokens: int = 64
-    stream: bool = True
-    api: Literal["chat", "completions"] = "chat"
     seed: int = 0
     ignore_eos: bool = False
     warmup: int = 0
@@ -91,34 +90,30 @@ class LoadConfig:
             prompts += f" (the first {self.shared_prefix_ratio:.0%} one of {self.prefix_groups} shared prefixes)"
         if self.long_share:
             prompts += f", {self.long_share:.0%} of them ~{self.long_prompt_tokens} words"
-        kind = f"{'streamed ' if self.stream else ''}{self.api} requests at concurrency {self.concurrency}"
         output = f"{self.max_tokens} output tokens{' (ignore_eos)' if self.ignore_eos else ''}"
-        return f"{self.requests} {kind}, {prompts}, {output}"
+        return f"{self.requests} streamed chat requests at concurrency {self.concurrency}, {prompts}, {output}"
 
     def is_long(self, index: int) -> bool:
         """Whether request `index` has a long prompt: a draw of its own, so the same for a seed and index."""
         return self.long_share > 0 and random.Random(f"{self.seed}:long:{index}").random() < self.long_share
 
     def bodies(self, count: int, first_index: int = 0) -> list[dict[str, Any]]:
-        """Chat (or completions) requests; a streamed one asks for the usage chunk, which counts the tokens."""
+        """Streamed chat requests, each asking for the usage chunk, which counts the tokens."""
         texts = prompts(count, self.prompt_tokens, self.seed, self.shared_prefix_ratio, self.prefix_groups, first_index)
         if self.long_share:
             long = prompts(count, self.long_prompt_tokens, self.seed, first_index=first_index)
             texts = [long[i] if self.is_long(first_index + i) else text for i, text in enumerate(texts)]
-        common: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "stream": self.stream}
-        if self.stream:
-            common["stream_options"] = {"include_usage": True}
+        common: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "stream": True}
+        common["stream_options"] = {"include_usage": True}
         if self.ignore_eos:
             common["ignore_eos"] = True  # vLLM's: every output is exactly max_tokens long
-        if self.api == "chat":
-            return [{**common, "messages": [{"role": "user", "content": text}]} for text in texts]
-        return [{**common, "prompt": text} for text in texts]
+        return [{**common, "messages": [{"role": "user", "content": text}]} for text in texts]
 
 
 @dataclass
 class RequestResult:
     ok: bool
-    e2e_s: float  # sending to [DONE] (the whole body when not streamed)
+    e2e_s: float  # sending to [DONE]
     sent_at: float = 0.0  # time.perf_counter() when sent
     ttft_s: float | None = None  # to the first chunk with text (OpenAI's role-only opening chunk has none)
     itl_s: list[float] = field(default_factory=list)  # the gaps between text chunks
@@ -128,6 +123,119 @@ class RequestResult:
     worker: str | None = None  # the X-Tandem-Worker header
     error_kind: str | None = None
     error_message: str | None = None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), interpolating between the closest ranks (numpy's default)."""
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile must be within [0, 100], got {q}")
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class Summary:
+    """A load phase's figures over its successful requests (docs/benchmarks.md, "Load generator")."""
+
+    requests: int
+    completed: int
+    failed: int
+    duration_s: float
+    request_throughput: float  # successful requests over the wall time of the phase
+    output_token_throughput: float  # and their output tokens
+    total_output_tokens: int
+    mean_prompt_tokens: float  # the server's count
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float
+    itl_p50_s: float
+    itl_p99_s: float
+    itl_p999_s: float  # a long prefill stalling a batch is a few gaps in a thousand: p99.9 sees it
+    e2e_p50_s: float
+    e2e_p99_s: float
+    errors: dict[str, int]
+    error_examples: dict[str, str]
+    workers: dict[str, int]
+
+    def as_text(self) -> str:
+        """One line per figure, times in milliseconds."""
+        lines = []
+        for name, value in vars(self).items():
+            if isinstance(value, float):
+                value = f"{value * 1000:.2f} ms" if name.endswith("_s") else f"{value:.2f}"
+            lines.append(f"{name.removesuffix('_s'):24} {value}")
+        return "\n".join(lines)
+
+
+def summarize(results: Sequence[RequestResult], duration_s: float) -> Summary:
+    ok, failed = [r for r in results if r.ok], [r for r in results if not r.ok]
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    # A request's decode pace, however its tokens were bunched into streamed chunks.
+    tpots = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.ttft_s is not None and r.output_tokens > 1]
+    itls = [gap for r in ok for gap in r.itl_s]
+    e2es = [r.e2e_s for r in ok]
+    tokens = sum(r.output_tokens for r in ok)
+    examples: dict[str, str] = {}
+    for r in failed:
+        examples.setdefault(r.error_kind or "unknown", r.error_message or "")
+    return Summary(
+        requests=len(results),
+        completed=len(ok),
+        failed=len(failed),
+        duration_s=duration_s,
+        request_throughput=len(ok) / duration_s if duration_s > 0 else 0.0,
+        output_token_throughput=tokens / duration_s if duration_s > 0 else 0.0,
+        total_output_tokens=tokens,
+        mean_prompt_tokens=statistics.fmean(r.prompt_tokens for r in ok) if ok else math.nan,
+        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p99_s=percentile(ttfts, 99),
+        tpot_p50_s=percentile(tpots, 50),
+        itl_p50_s=percentile(itls, 50),
+        itl_p99_s=percentile(itls, 99),
+        itl_p999_s=percentile(itls, 99.9),
+        e2e_p50_s=percentile(e2es, 50),
+        e2e_p99_s=percentile(e2es, 99),
+        errors=dict(Counter(r.error_kind or "unknown" for r in failed)),
+        error_examples=examples,
+        workers=dict(Counter(r.worker for r in ok if r.worker is not None)),
+    )
+
+
+def median(values: Iterable[float]) -> float:
+    """The median of the values that are numbers (a run without samples gives NaN: it is left out)."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return statistics.median(numbers) if numbers else math.nan
+
+
+@dataclass
+class Phase:
+    """One load phase on one system, measured: a row of a benchmark's table in one run."""
+
+    row: tuple[str, ...]  # the row's label cells, e.g. ("tandem", "32")
+    summary: Summary
+    extra: dict[str, float] = field(default_factory=dict)  # figures a benchmark adds to the Summary's
+
+    def figure(self, name: str) -> float:
+        return self.extra[name] if name in self.extra else float(getattr(self.summary, name))
+
+
+def median_rows(phases: Iterable[Phase]) -> dict[tuple[str, ...], dict[str, float]]:
+    """Per row (in the order of their first runs), each figure's median over its runs, but "failed": the
+    sum of the runs' failed requests; "runs" counts them."""
+    by_row: dict[tuple[str, ...], list[Phase]] = {}
+    for phase in phases:
+        by_row.setdefault(phase.row, []).append(phase)
+    names = [f.name for f in fields(Summary) if f.type in ("int", "float")]
+    rows = {}
+    for row, runs in by_row.items():
+        rows[row] = {name: median(r.figure(name) for r in runs) for name in [*names, *runs[0].extra]}
+        rows[row].update(runs=len(runs), failed=sum(r.summary.failed for r in runs))
+    return rows
 
 
 class Connection:
@@ -183,7 +291,7 @@ class _Response:
 
     def __init__(self, streamed: bool) -> None:
         self.streamed = streamed
-        self.body = b""  # the whole body; when streamed, only what is not yet a whole line
+        self.body = b""  # the whole body (an error's); when streamed, only what is not yet a whole line
         self.text_at: list[float] = []
         self.usage: dict[str, Any] | None = None
         self.done_at: float | None = None
@@ -204,7 +312,7 @@ class _Response:
             chunk = _decode(payload)
             if (error := chunk.get("error")) is not None and self.error is None:
                 self.error = str(error.get("message", error) if isinstance(error, dict) else error)
-            if any((c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or ()):
+            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or ()):
                 self.text_at.append(now)
             self.usage = chunk.get("usage") or self.usage
 
@@ -226,23 +334,18 @@ async def send(connection: Connection, path: str, body: bytes, started: float) -
     worker = headers.get(WORKER_HEADER)
     response = _Response(streamed=status == 200 and headers.get("content-type", "").startswith("text/event-stream"))
     await connection.read_body(headers, response.feed)
-    finished = time.perf_counter()
     if status != 200:
         return _failure(started, f"http_{status}", response.body.decode(errors="replace"), worker)
-    if not response.streamed:
-        usage = _decode(response.body).get("usage") or {}
-    elif response.error is not None:
+    if response.error is not None:
         return _failure(started, "stream_error", response.error, worker)
-    elif response.done_at is None:
+    if response.done_at is None:
         return _failure(started, "truncated_stream", "stream ended without [DONE]", worker)
-    elif (usage := response.usage) is None:
+    if (usage := response.usage) is None:
         return _failure(started, "missing_usage", "no usage chunk (stream_options.include_usage)", worker)
-    else:
-        finished = response.done_at
     times = response.text_at
     return RequestResult(
         ok=True,
-        e2e_s=finished - started,
+        e2e_s=response.done_at - started,
         sent_at=started,
         ttft_s=times[0] - started if times else None,
         itl_s=[later - earlier for earlier, later in itertools.pairwise(times)],
@@ -258,7 +361,6 @@ async def drive(config: LoadConfig, bodies: Sequence[dict[str, Any]]) -> tuple[l
     none starts a request after `max_duration_s`, and `timeout_s` bounds each. Returns the results in
     request order (those of the first requests: the ones never sent are the last) and the wall time."""
     where, timeout_s = urllib.parse.urlsplit(config.url), config.timeout_s
-    path = "/v1/chat/completions" if config.api == "chat" else "/v1/completions"
     encoded = [msgspec.json.encode(body) for body in bodies]  # before the clock starts
     results: dict[int, RequestResult] = {}
     pending = iter(enumerate(encoded))
@@ -273,7 +375,7 @@ async def drive(config: LoadConfig, bodies: Sequence[dict[str, Any]]) -> tuple[l
             try:
                 async with asyncio.timeout(timeout_s):
                     connection = connection or await Connection.open(where.hostname or "127.0.0.1", where.port or 80)
-                    results[index] = await send(connection, path, body, started)
+                    results[index] = await send(connection, "/v1/chat/completions", body, started)
             except TimeoutError:
                 results[index] = _failure(started, "timeout", f"no complete response within {timeout_s} s")
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness.launch import stop_process_tree
+from testbed.graphs import stop_process_tree
 
 # Debian's docker.io CLI. /usr/local/bin/docker on these machines is a newer CLI without
 # the buildx plugin, which has no BuildKit at all; Debian's 20.10 CLI has it built in.

@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from bench.harness.launch import stop_process_tree
+from testbed.graphs import stop_process_tree
 from tests.docs.blocks import REPO, Command
 from tests.netns import Node, NodeProcess
 

@@ -1,4 +1,4 @@
-"""What the end-to-end tests read off a graph that bench/harness/launch.py's ServedGraph serves."""
+"""What the end-to-end tests read off a graph that testbed/graphs.py's ServedGraph serves."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.openai import WORKER_HEADER
-from bench.harness.launch import ServedGraph
+from testbed.graphs import ServedGraph
 
 
 def engine_core_of(worker_pid: int) -> psutil.Process:

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from app.engines.vllm_ray import RayDevices
 from app.launch.ports import free_port
-from bench.harness.launch import stop_process_tree
+from testbed.graphs import stop_process_tree
 from tests.e2e.graph_configs import MODEL
 from tests.e2e.vllm_reference import vllm_greedy
 

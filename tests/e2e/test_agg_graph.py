@@ -31,7 +31,7 @@ from app.launch.ports import free_port
 from app.protocol import LoadReport, names
 from app.router.tunables import ROUTER_POLICY, LivePolicy
 from app.runtime import Runtime
-from bench.harness.launch import TANDEM, ServedGraph, stop_process_tree
+from testbed.graphs import TANDEM, ServedGraph, stop_process_tree
 from tests.e2e.conformance import Answer, Case, assert_conforms, send
 from tests.e2e.conformance_cases import CASES, MAX_MODEL_LEN
 from tests.e2e.graph_configs import BLOCK_SIZE, MODEL, agg_router_config

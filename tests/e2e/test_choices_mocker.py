@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
-from bench.harness.launch import ServedGraph
 from bench.harness.load import WORDS
+from testbed.graphs import ServedGraph
 
 pytestmark = pytest.mark.e2e
 

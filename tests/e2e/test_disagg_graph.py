@@ -35,7 +35,7 @@ from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.launch.ports import free_port
 from app.protocol import PREFILL_ACK_WAIT_S, names
 from app.runtime import Runtime
-from bench.harness.launch import ServedGraph
+from testbed.graphs import ServedGraph
 from tests.e2e.graph_helpers import engine_core_of, prefill_decision
 from tests.e2e.vllm_reference import vllm_greedy
 

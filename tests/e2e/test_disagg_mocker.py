@@ -22,7 +22,7 @@ import pytest
 
 from app.protocol import PREFILL_ACK_WAIT_S
 from app.runtime import Runtime
-from bench.harness.launch import ServedGraph
+from testbed.graphs import ServedGraph
 from tests.e2e.graph_helpers import prefill_decision
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from app.infra import EtcdServer, NatsServer
-from bench.harness.launch import ServedGraph
+from testbed.graphs import ServedGraph
 
 pytestmark = pytest.mark.e2e
 

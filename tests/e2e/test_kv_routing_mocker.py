@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
-from bench.harness.launch import TANDEM, ServedGraph
 from bench.harness.load import WORDS
+from testbed.graphs import TANDEM, ServedGraph
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ import pytest
 
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
-from bench.harness.launch import ServedGraph
+from testbed.graphs import ServedGraph
 from tests.e2e.graph_helpers import Stream, migrations, read_stream
 
 pytestmark = pytest.mark.e2e

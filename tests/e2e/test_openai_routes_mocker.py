@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
-from bench.harness.launch import ServedGraph, ServedProcess
+from testbed.graphs import ServedGraph, ServedProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ import pytest
 from app.engines.vllm_cpu_ray import CPU_DEVICE_RESOURCE
 from app.engines.vllm_ray import RayDevices
 from app.launch.ports import free_port
-from bench.harness.launch import ServedGraph
+from testbed.graphs import ServedGraph
 from tests.e2e.graph_configs import agg_router_config, ray_tensor_parallel_2
 from tests.e2e.ray_harness import (
     CHATS,

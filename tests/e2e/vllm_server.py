@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from app.launch.ports import free_port
-from bench.harness.launch import ServedProcess
+from testbed.graphs import ServedProcess
 from tests.e2e.conformance import Answer, Case, Tokenizer, send
 
 # vLLM's tool parser on both servers (the graph's Processor runs the same one). Pythonic

@@ -15,8 +15,17 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bench.harness.load import WORKER_HEADER, Connection, LoadConfig, RequestResult, prompts, run_load
-from bench.harness.stats import median, percentile, summarize
+from bench.harness.load import (
+    WORKER_HEADER,
+    Connection,
+    LoadConfig,
+    RequestResult,
+    median,
+    percentile,
+    prompts,
+    run_load,
+    summarize,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FIRST_TOKEN_DELAY_S = 0.03
@@ -46,24 +55,11 @@ class FakeOpenAI:
                 await asyncio.sleep(30)
             if index % 4 == 0:
                 return web.json_response({"error": {"message": "overloaded"}}, status=503)
-            headers = {WORKER_HEADER: f"w{index % 2}"}
-            chat = request.path.endswith("/chat/completions")
-            if not body.get("stream"):
-                return await self._unary(body, headers, chat)
-            return await self._stream(request, body, headers, chat)
+            return await self._stream(request, body, {WORKER_HEADER: f"w{index % 2}"})
         finally:
             self.in_flight -= 1
 
-    async def _unary(self, body: dict[str, Any], headers: dict[str, str], chat: bool) -> web.Response:
-        await asyncio.sleep(FIRST_TOKEN_DELAY_S)
-        text = " tok" * body["max_tokens"]
-        choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        usage = {"prompt_tokens": 7, "completion_tokens": body["max_tokens"]}
-        return web.json_response({"choices": [choice], "usage": usage}, headers=headers)
-
-    async def _stream(
-        self, request: web.Request, body: dict[str, Any], headers: dict[str, str], chat: bool
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, body: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
         response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await response.prepare(request)
 
@@ -72,11 +68,11 @@ class FakeOpenAI:
             await response.write(f"data: {data}\n\n".encode())
 
         def choice(text: str) -> dict[str, Any]:
-            return {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+            return {"index": 0, "delta": {"content": text}}
 
         await asyncio.sleep(FIRST_TOKEN_DELAY_S)
-        if chat:  # OpenAI opens a chat stream with a role-only chunk that carries no text
-            await send({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+        # OpenAI opens a chat stream with a role-only chunk that carries no text.
+        await send({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
         for position in range(body["max_tokens"]):
             if position:
                 await asyncio.sleep(TOKEN_GAP_S)
@@ -99,7 +95,6 @@ async def fake_server() -> AsyncIterator[FakeOpenAI]:
     fake = FakeOpenAI()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.handle)
-    app.router.add_post("/v1/completions", fake.handle)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     try:
@@ -206,24 +201,14 @@ async def test_streaming_run_counts_tokens_errors_and_workers(fake_server: FakeO
     assert all(p[:25] == prompts[0][:25] for p in prompts)
 
 
-async def test_unary_completions_and_warmup_are_not_measured(fake_server: FakeOpenAI) -> None:
-    config = LoadConfig(
-        url=fake_server.url + "/v1",
-        model="tiny",
-        api="completions",
-        stream=False,
-        requests=3,
-        warmup=2,
-        max_tokens=4,
-    )
+async def test_warmup_is_not_measured(fake_server: FakeOpenAI) -> None:
+    config = LoadConfig(url=fake_server.url + "/v1", model="tiny", requests=3, warmup=2, max_tokens=4)
     summary, _ = await run_load(config)
 
     assert len(fake_server.bodies) == 5
-    assert all("prompt" in b and "stream_options" not in b for b in fake_server.bodies)
     # Requests 1-2 are the warm-up, 3 and 5 succeed, 4 fails with 503.
     assert (summary.requests, summary.completed, summary.failed) == (3, 2, 1)
     assert summary.total_output_tokens == 8
-    assert math.isnan(summary.ttft_p50_s)
     assert summary.e2e_p50_s >= FIRST_TOKEN_DELAY_S
 
 

@@ -7,8 +7,7 @@ import math
 
 import msgspec
 
-from bench.harness.load import LoadConfig, RequestResult
-from bench.harness.stats import Phase, summarize
+from bench.harness.load import LoadConfig, Phase, RequestResult, summarize
 from bench.scenarios import Disagg, VsDirect, by_kind
 
 
@@ -22,7 +21,7 @@ def test_vs_direct_puts_each_system_and_their_ratio_in_one_table() -> None:
         return Phase((system, "1"), summarize([_stream(ttft, [0.01] * 9) for _ in range(10)], duration_s=2.0))
 
     phases = [run("direct", 0.04), run("tandem", 0.05)]
-    lines = VsDirect().render(phases, argparse.Namespace(runs=1, concurrency=[1], requests=10))
+    lines = VsDirect().render(phases, argparse.Namespace(runs=1, requests=10))
     assert lines[0] == (
         "Each run, after a warm-up: 10 streamed chat requests at concurrency 1, prompts of ~128 words, "
         "64 output tokens (ignore_eos); 100 prompt tokens by the servers' count."

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.harness.load import RequestResult
-from bench.harness.stats import Phase, summarize
+from bench.harness.load import Phase, RequestResult, summarize
 from bench.scenarios import RequestPath
 
 
@@ -17,7 +16,7 @@ def test_the_report_judges_each_layout_and_compares_them_side_by_side() -> None:
 
     embedded = [phase("router-in-frontend", rps, 1.2) for rps in (700, 800, 900)]
     processes = [phase("router-processes", rps, 1.3, 0.7) for rps in (400, 500, 600)]
-    report = RequestPath().render([*embedded, *processes], argparse.Namespace(requests=None, concurrency=[16]))
+    report = RequestPath().render([*embedded, *processes], argparse.Namespace(requests=None))
     rows = {line.split(" | ")[0].lstrip("| "): line for line in report if line.startswith("| router-")}
     assert (
         rows["router-in-frontend"]

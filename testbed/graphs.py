@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from pathlib import Path
 from typing import Any, Self
 
+import httpx
 import psutil
 import yaml
 
@@ -24,9 +25,8 @@ from app.launch.processes import stop_pid
 from app.protocol import InstanceRecord, names
 from app.runtime import Runtime
 from app.settings import RuntimeSettings
-from bench.harness.load import Connection
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TANDEM = str(Path(sys.executable).with_name("tandem"))
 # The endpoint whose instances show that a service serves (in wait_ready's order).
 SERVING_ENDPOINT = {
@@ -116,14 +116,9 @@ class ServedProcess:
 
     async def healthy(self) -> bool:
         """GET /health answers 200: Tandem's Frontend serves a model, vLLM's server has its engine."""
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            connection = await Connection.open("127.0.0.1", self.port)
-            try:
-                status, headers = await connection.request("GET", "/health")
-                await connection.read_body(headers, lambda _: None)
-                return status == 200
-            finally:
-                connection.close()
+        with contextlib.suppress(httpx.HTTPError):
+            async with httpx.AsyncClient(timeout=5) as http:
+                return (await http.get(f"http://127.0.0.1:{self.port}/health")).status_code == 200
         return False
 
     async def wait_healthy(self, timeout: float) -> None:
