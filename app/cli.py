@@ -9,6 +9,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import uvloop
+
 import app.infra
 import app.model.tiny
 import app.ray_cluster
@@ -17,9 +19,12 @@ from app import env
 from app.disagg.tunables import DISAGG_TUNABLES
 from app.launch.devices import node_devices
 from app.router.tunables import ROUTER_TUNABLES
+from app.runtime.connect import check_reachable
+from app.runtime.errors import ConnectError
 from app.sdk import graph, supervisor
 from app.sdk.config import ConfigError, load_config
 from app.sdk.process import add_graph_argument, add_service_arguments, run_one, split_overrides
+from app.settings import RuntimeSettings
 
 log = logging.getLogger("tandem")
 
@@ -58,7 +63,16 @@ def _serve(args: argparse.Namespace) -> int:
     if shortfall is not None:
         print(f"error: {shortfall}; nothing started", file=sys.stderr)
         return 1
-    return 0 if args.dry_run else supervisor.run_supervisord(processes)
+    if args.dry_run:
+        return 0
+    try:
+        # Before any process starts: services that cannot connect would only be restarted
+        # by supervisord, again and again, for as long as the server is away.
+        uvloop.run(check_reachable(RuntimeSettings()))
+    except ConnectError as exc:
+        print(f"error: {exc}; nothing started", file=sys.stderr)
+        return 1
+    return supervisor.run_supervisord(processes)
 
 
 def _run_service(args: argparse.Namespace) -> int:

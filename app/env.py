@@ -170,6 +170,13 @@ TANDEM_STOP_WAIT_S = _declare(
     "this long for each of its services",
     SERVE,
 )
+SUPERVISOR_ENABLED: Variable[str | None] = _declare(
+    "SUPERVISOR_ENABLED",
+    _text,
+    None,
+    "supervisord's own, set in its programs: a service process then stops when its supervisord dies",
+    SERVE,
+)
 CUDA_VISIBLE_DEVICES: Variable[str | None] = _declare(
     "CUDA_VISIBLE_DEVICES",
     _text,
@@ -237,7 +244,11 @@ UCX_NET_DEVICES: Variable[str | None] = _declare(
 
 # --- tandem infra -----------------------------------------------------------------------------
 TANDEM_STATE_DIR = _declare(
-    "TANDEM_STATE_DIR", _text, ".state", "where tandem infra keeps its servers' data, logs and PIDs", INFRA
+    "TANDEM_STATE_DIR",
+    _text,
+    ".state",
+    "where tandem infra keeps its servers' data, logs and PIDs, and workers their engines' PIDs",
+    INFRA,
 )
 TANDEM_NATS_SERVER_BIN: Variable[str | None] = _declare(
     "TANDEM_NATS_SERVER_BIN", _text, None, "the nats-server binary (default: the venv's, else PATH's)", INFRA

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.errors import WorkerUnavailableError
 from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequest
@@ -65,6 +66,9 @@ class EngineProcess:
     nixl_side_channel_port: int = 0  # replica 0's; 0 picks a free port
     ray_address: str | None = None  # the Ray head, where the engine is larger than its node
     ray_wait_timeout_s: float = 600.0
+    # Where an engine that runs processes of its own notes them, so that they never outlive
+    # this one (app.launch.leftovers); one file per service replica and host.
+    leftovers_record: Path | None = None
 
 
 class Engine(abc.ABC):

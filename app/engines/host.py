@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry
 from pydantic import Field
 
+from app import env
 from app.aio import cancel_and_wait
 from app.engines import Engine, create_engine
 from app.engines.base import EngineProcess
@@ -108,6 +110,7 @@ class EngineHost:
                 nixl_side_channel_port=config.nixl_side_channel_port,
                 ray_address=config.ray_address,
                 ray_wait_timeout_s=config.ray_wait_timeout_s,
+                leftovers_record=self._leftovers_record(),
             )
         )
         self.info = await self.engine.start(worker_id, on_kv_events=self._publish_kv if self._advertise else None)
@@ -126,6 +129,12 @@ class EngineHost:
         await self._runtime.discovery.register_model(self._model_record)
         self._load_task = asyncio.create_task(self._report_load(worker_id))
         return self.info
+
+    def _leftovers_record(self) -> Path:
+        # The same file for a replica's successor (supervisord restarts it with the same
+        # name); the host keeps nodes apart that share a file system (network namespaces).
+        name = f"{self._runtime.namespace}.{self._service}.{self._replica}@{self._runtime.host}.json"
+        return Path(env.TANDEM_STATE_DIR.get()) / "engines" / name
 
     def check_engine(self) -> None:
         """Leave if the engine died: called every ENGINE_CHECK_INTERVAL_S, and at once by an

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 from typing import Any, cast
@@ -156,6 +157,9 @@ class VllmEngine(Engine):
         self._stats = SchedulerStatsCapture()
         self._worker_id = ""
         self._total_blocks = 0
+        # Ends the engine's processes should this one die (app.launch.leftovers); it exits
+        # with this process.
+        self._leftovers_guard: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> VllmEngine:
@@ -168,7 +172,7 @@ class VllmEngine(Engine):
         return name[0] if isinstance(name, list) else str(name)
 
     async def prepare(self, process: EngineProcess) -> None:
-        await prepare_vllm_process(self._args, process)
+        self._leftovers_guard = await prepare_vllm_process(self._args, process)
 
     async def start(self, worker_id: str, on_kv_events: KvEventSink | None = None) -> ModelInfo:
         if self._llm is not None:

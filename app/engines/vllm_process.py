@@ -17,11 +17,13 @@ import asyncio
 import faulthandler
 import logging
 import os
+import subprocess
 from typing import Any
 
 from app import env
 from app.engines.base import EngineProcess
 from app.engines.vllm_ray import ray_devices_needed, wait_for_ray_devices
+from app.launch.leftovers import guard_descendants
 from app.launch.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,13 @@ log = logging.getLogger(__name__)
 _DEFAULT_CPU_KVCACHE_SPACE_GIB = "1"
 
 
-async def prepare_vllm_process(engine_args: dict[str, Any], process: EngineProcess) -> None:
-    """`engine_args` as the engine will pass them to vLLM (nested configs parsed)."""
+async def prepare_vllm_process(engine_args: dict[str, Any], process: EngineProcess) -> subprocess.Popen[bytes] | None:
+    """`engine_args` as the engine will pass them to vLLM (nested configs parsed). Returns
+    the guard that ends the engine's processes if this one dies (None without a record)."""
+    guard = None
+    if process.leftovers_record is not None:
+        # Before anything else: a predecessor's engine still holding the device ends first.
+        guard = await asyncio.to_thread(guard_descendants, process.leftovers_record)
     binds = process.cpu_omp_threads_bind
     if binds:
         # Each replica on its own cores: two CPU engines sharing one decoded at ~35 ms per
@@ -54,6 +61,7 @@ async def prepare_vllm_process(engine_args: dict[str, Any], process: EngineProce
         address = await asyncio.to_thread(wait_for_ray_devices, need, process.ray_address, process.ray_wait_timeout_s)
         # vLLM's engine then connects to this very cluster instead of starting a private one.
         os.environ["RAY_ADDRESS"] = address
+    return guard
 
 
 def uses_nixl(kv_transfer_config: Any) -> bool:

@@ -1,13 +1,15 @@
-"""Whether a process runs, and stopping one by its PID (never by name)."""
+"""Whether a process runs, stopping one by its PID (never by name), and dying with a parent."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import time
 
 STOP_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def pid_alive(pid: int) -> bool:
@@ -48,3 +50,15 @@ def stop_pid(pid: int, timeout: float = STOP_TIMEOUT_S, proc: subprocess.Popen[b
             if gone():
                 return
             time.sleep(0.05)
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> None:
+    """Have the kernel send `sig` to this process when its parent dies, by SIGKILL too
+    (Linux's PR_SET_PDEATHSIG; it holds across exec). Call it in the child, from a process
+    whose parent forked it from its main thread: the signal comes when that thread ends."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)  # the parent died before the call: no signal would come

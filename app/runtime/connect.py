@@ -20,7 +20,9 @@ from app.settings import RuntimeSettings
 log = logging.getLogger(__name__)
 
 _FIRST_BACKOFF_S = 0.1
-_MAX_BACKOFF_S = 2.0
+_MAX_BACKOFF_S = 5.0
+# An unreachable server is logged at the first failure, then at most this often.
+RETRY_LOG_INTERVAL_S = 10.0
 
 S = TypeVar("S")
 
@@ -32,13 +34,51 @@ def etcd_service(service: S | None) -> S:
     return service
 
 
+class RetryLog:
+    """'Cannot reach X at ADDRESS' once, then at most every RETRY_LOG_INTERVAL_S with the
+    number of attempts: a service waiting for a server must not flood its log."""
+
+    def __init__(self, server: str, address: str) -> None:
+        self._server, self._address = server, address
+        self._attempts = 0
+        self._logged_at: float | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        self._attempts += 1
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= RETRY_LOG_INTERVAL_S:
+            self._logged_at = now
+            log.warning(
+                "cannot reach %s at %s (%s; %d attempt(s) so far): retrying",
+                self._server,
+                self._address,
+                _reason(exc),
+                self._attempts,
+            )
+
+    def reset(self) -> None:
+        self._attempts, self._logged_at = 0, None
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 async def connect_nats(settings: RuntimeSettings) -> NatsClient:
-    """Connect and keep reconnecting forever afterwards (subscriptions are restored by nats-py)."""
+    """Connect, retrying with exponential backoff until `connect_timeout_s`; once connected,
+    nats-py reconnects by itself forever (subscriptions are restored)."""
     servers = settings.nats_urls()
     connected: list[NatsClient] = []
+    retry_log = RetryLog("NATS", settings.nats_server)
+
+    # The first connect's errors reach on_error before it raises NoServersError.
+    attempt_errors: list[Exception] = []
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s: %s", type(exc).__name__, exc)
+        if connected:
+            retry_log.failed(exc)
+        else:  # logged where the first connect is retried
+            attempt_errors.append(exc)
 
     async def on_disconnected() -> None:
         if connected and (connected[0].is_draining or connected[0].is_closed):
@@ -46,28 +86,46 @@ async def connect_nats(settings: RuntimeSettings) -> NatsClient:
         log.warning("nats: disconnected from %s", ",".join(servers))
 
     async def on_reconnected() -> None:
+        retry_log.reset()
         log.info("nats: reconnected")
 
-    try:
-        # With max_reconnect_attempts=-1 nats-py retries the first connect too, every
-        # reconnect_time_wait; the overall deadline is ours.
-        nc = await asyncio.wait_for(
-            nats.connect(
+    deadline = time.monotonic() + settings.connect_timeout_s
+    backoff = _FIRST_BACKOFF_S
+    while True:
+        try:
+            # The first connect is ours to retry (nats-py's own retries come at a fixed
+            # pace and report every attempt); reconnects after it are nats-py's.
+            nc = NatsClient()
+            await nc.connect(
                 servers=servers,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
+                # One attempt at each server, then NoServersError (its own retries
+                # would wait reconnect_time_wait between them, 60 times by default).
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
                 connect_timeout=2,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
-            ),
-            timeout=settings.connect_timeout_s,
-        )
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
-        raise ConnectError(
-            f"cannot reach NATS at {settings.nats_server} within {settings.connect_timeout_s:g}s "
-            f"(set NATS_SERVER): {type(exc).__name__}"
-        ) from exc
+            )
+            break
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            # NoServersError says only that every server failed: say why.
+            last_error: BaseException = attempt_errors[-1] if attempt_errors else exc
+            attempt_errors.clear()
+            retry_log.failed(last_error)
+        if time.monotonic() >= deadline:
+            raise ConnectError(
+                f"cannot reach NATS at {settings.nats_server} within {settings.connect_timeout_s:g}s "
+                f"(set NATS_SERVER): {_reason(last_error)}"
+            ) from last_error
+        await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0)))
+        backoff = min(backoff * 2, _MAX_BACKOFF_S)
+    # nats-py reads these when the connection drops: from now on it reconnects forever.
+    nc.options["allow_reconnect"] = True
+    nc.options["max_reconnect_attempts"] = -1
+    nc.options["reconnect_time_wait"] = 0.25
+    retry_log.reset()
     connected.append(nc)
     return nc
 
@@ -94,14 +152,9 @@ async def connect_etcd(settings: RuntimeSettings) -> etcd3aio.Etcd3Client:
     """Connect and prove it with a read, retrying with exponential backoff until the deadline."""
     deadline = time.monotonic() + settings.connect_timeout_s
     backoff = _FIRST_BACKOFF_S
-    last_error: BaseException | None = None
+    retry_log = RetryLog("etcd", settings.etcd_endpoints)
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ConnectError(
-                f"cannot reach etcd at {settings.etcd_endpoints} within {settings.connect_timeout_s:g}s "
-                f"(set ETCD_ENDPOINTS): {last_error!r}"
-            ) from last_error
         client: etcd3aio.Etcd3Client | None = None
         try:
             endpoints = [await _resolve_ipv4(url) for url in settings.etcd_urls()]
@@ -110,8 +163,22 @@ async def connect_etcd(settings: RuntimeSettings) -> etcd3aio.Etcd3Client:
             await etcd_service(client.kv).get(ETCD_ROOT.encode(), timeout=min(2.0, max(remaining, 0.1)), max_attempts=1)
             return client
         except (TimeoutError, OSError, etcd3aio.EtcdError, grpc.aio.AioRpcError) as exc:
-            last_error = exc
+            last_error: BaseException = exc
+            retry_log.failed(exc)
             if client is not None:
                 await client.close()
+        if time.monotonic() >= deadline:
+            raise ConnectError(
+                f"cannot reach etcd at {settings.etcd_endpoints} within {settings.connect_timeout_s:g}s "
+                f"(set ETCD_ENDPOINTS): {_reason(last_error)}"
+            ) from last_error
         await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0)))
         backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+
+async def check_reachable(settings: RuntimeSettings) -> None:
+    """Connect to NATS and etcd as a service would (the same retries and deadline), then
+    close: ConnectError naming the server that cannot be reached."""
+    nc, etcd = await asyncio.gather(connect_nats(settings), connect_etcd(settings))
+    await nc.close()
+    await etcd.close()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import uvloop
 
 from app import env
+from app.launch.processes import die_with_parent
 from app.sdk.config import ConfigError, is_override, load_config
 from app.sdk.graph import GraphError, graph_service_names, resolve
 from app.sdk.runner import ServiceFailedError, configure_logging, run_service
@@ -53,6 +54,11 @@ def run_one(address: str, config_file: str | None, overrides: Sequence[str], gra
         print(f"error: {exc}", file=sys.stderr)
         return 1
     configure_logging(spec.name, env.TANDEM_REPLICA.get())
+    if env.SUPERVISOR_ENABLED.get():
+        # A program of a supervisord that dies by SIGKILL stops as if it had stopped it;
+        # a VllmWorker's engine then stops with it (and app.launch.leftovers catches what
+        # a worker killed outright leaves).
+        die_with_parent()
     try:
         config = load_config(config_file, overrides)
         uvloop.run(run_service(spec.cls, config, RuntimeSettings(), graph=graph_names))

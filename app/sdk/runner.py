@@ -6,17 +6,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from app import env
+from app.aio import cancel_and_wait
 from app.sdk.config import GraphConfig
 from app.sdk.graph import dependency_names
 from app.sdk.service import EndpointSpec, spec_of
 from app.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,21 @@ def _endpoint_handler(instance: Any, ep: EndpointSpec) -> Callable[[Any, Any], A
     return handle
 
 
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None (`work` cancelled) if `stop` is set first: a SIGTERM while
+    NATS or etcd cannot be reached yet ends the process at once."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task.done():
+        return task.result()
+    await cancel_and_wait(task)
+    return None
+
+
 async def run_service(
     cls: type[Any],
     config: GraphConfig,
@@ -97,7 +114,13 @@ async def run_service(
         graph = dependency_names(spec)
     ctx = ServiceContext(spec.name, replica, config.path, config, fail, graph)
 
-    runtime = await Runtime.connect(settings)
+    connected = await _unless_stopped(Runtime.connect(settings), stop)
+    if connected is None:
+        for sig in handled_signals:
+            loop.remove_signal_handler(sig)
+        log.info("stopped while connecting")
+        return
+    runtime = connected
     log.info("connected: instance %s, namespace %s", runtime.instance_id, runtime.namespace)
     try:
         # Injected before __init__ so that a service may use its config there already.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from app import env
 from app.launch.devices import DeviceAssignment, DeviceRequest, NodeDevices, assign_devices
+from app.launch.processes import die_with_parent
 from app.launch.supervisord import Program, config_text, supervisord_binary
 from app.sdk.config import GraphConfig
 from app.sdk.service import ServiceSpec
@@ -114,7 +115,9 @@ def run_supervisord(services: Sequence[ServiceProcesses]) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         _append_to_regular_stdout()
-        child = subprocess.Popen([supervisord_binary(), "-n", "-c", str(conf)])
+        # If this process dies by SIGKILL, supervisord gets the SIGTERM it would have
+        # forwarded and stops every program; never a fleet of orphans.
+        child = subprocess.Popen([supervisord_binary(), "-n", "-c", str(conf)], preexec_fn=die_with_parent)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
         return child.wait()

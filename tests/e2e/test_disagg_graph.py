@@ -404,9 +404,14 @@ async def test_sigkill_of_a_prefill_worker_with_jobs_queued_loses_no_request(gra
     try:
         await _wait_queued(graph, len(KILL_PROMPTS))
     finally:
-        # A dead node takes its engine core with it: the whole group.
-        os.killpg(groups[victim], signal.SIGKILL)
+        # The worker alone (its engine core stays frozen): the worker's guard must end the
+        # engine (app.launch.leftovers), or it would keep its memory and cores for good.
+        engine = engine_core_of(before[victim]["pid"])
+        engine_tree = [engine, *engine.children(recursive=True)]
+        os.kill(before[victim]["pid"], signal.SIGKILL)
         os.killpg(groups[survivor], signal.SIGCONT)
+    _, outlived = await asyncio.to_thread(psutil.wait_procs, engine_tree, 5)
+    assert outlived == [], f"the killed PrefillWorker's engine processes outlived it by 5 s: {outlived}"
     results = await asyncio.gather(*requests)
     for prompt, (request_id, response) in zip(KILL_PROMPTS, results, strict=True):
         assert _text(response) == reference[prompt]

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from app.errors import InvalidRequestError
@@ -184,3 +185,22 @@ async def test_run_service_in_process_serves_typed_requests_and_closes_abandoned
         stop.set()
         await asyncio.wait_for(task, 30)
     assert count.instance_ids() == []
+
+
+@pytest.mark.parametrize("victim", ["tandem serve", "supervisord"])
+async def test_no_process_outlives_a_sigkilled_serve_or_its_supervisord(
+    served: Served, runtime: Runtime, victim: str
+) -> None:
+    """SIGKILL can't be handled: the kernel's parent-death signal stops what was below."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while len(await live_pids(runtime, "Echo", "echo") | await live_pids(runtime, "Greeter", "greet")) < 3:
+        assert time.monotonic() < deadline, f"the graph never came up\n{served.log()}"
+        await asyncio.sleep(0.2)
+    tree = psutil.Process(served.proc.pid).children(recursive=True)
+    (supervisord,) = [p for p in tree if p.ppid() == served.proc.pid]
+    served.service_pids |= {p.pid for p in tree}
+    assert len(tree) == 4, tree  # supervisord, two Echo replicas, a Greeter
+
+    (served.proc if victim == "tandem serve" else supervisord).kill()
+    _, left = await asyncio.to_thread(psutil.wait_procs, tree, 5)
+    assert left == [], f"still running 5 s after the SIGKILL of {victim}: {left}\n{served.log()}"
