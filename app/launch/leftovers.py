@@ -31,6 +31,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -168,16 +169,30 @@ def end_predecessor(record: Path) -> None:
 def guard_descendants(record: Path) -> subprocess.Popen[bytes]:
     """Start the guard for this process (see the module's doc), first ending what a
     predecessor with the same record left. Call before starting the engine."""
-    record.parent.mkdir(parents=True, exist_ok=True)
-    end_predecessor(record)
-    return subprocess.Popen(
-        [sys.executable, "-m", __name__, "--pid", str(os.getpid()), "--record", str(record)],
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-    )
+    writable = _writable(record)
+    command = [sys.executable, "-m", __name__, "--pid", str(os.getpid())]
+    if writable is None:
+        log.warning("no folder for %s can be written: a dead predecessor's engine cannot be found", record.name)
+    else:
+        end_predecessor(writable)
+        command += ["--record", str(writable)]
+    return subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL)
 
 
-def watch(pid: int, record: Path) -> None:
+def _writable(record: Path) -> Path | None:
+    """`record`, or the same name in a folder of the temporary directory where its own
+    folder cannot be made (a container's read-only working directory); None if neither."""
+    for folder in (record.parent, Path(tempfile.gettempdir()) / f"tandem-engines-{os.getuid()}"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder / record.name
+    return None
+
+
+def watch(pid: int, record: Path | None) -> None:
     """The guard's loop: note `pid`'s descendants until it exits, then end them."""
     try:
         exited = os.pidfd_open(pid)
@@ -195,18 +210,20 @@ def watch(pid: int, record: Path) -> None:
         if now.keys() - processes.keys() or now_files - files:
             processes.update(now)
             files |= now_files
-            _write_record(record, processes, files)
+            if record is not None:
+                _write_record(record, processes, files)
     killed = end_processes(processes)
     if killed:
         log.warning("worker %d exited with %d descendant(s) running: killed %s", pid, len(killed), killed)
     remove_unused_files(files)
-    record.unlink(missing_ok=True)
+    if record is not None:
+        record.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m {__name__}", description=__doc__)
     parser.add_argument("--pid", type=int, required=True, help="the worker to guard")
-    parser.add_argument("--record", type=Path, required=True, help="where to note its descendants")
+    parser.add_argument("--record", type=Path, help="where to note its descendants (default: nowhere)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s leftovers: %(message)s")
     watch(args.pid, args.record)

@@ -8,8 +8,10 @@ build's all-reduce) and has a child of its own, as vLLM's engine core has its wo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from app.launch import leftovers
 
 REPO = Path(__file__).resolve().parents[2]
 GONE_WITHIN_S = 5.0
@@ -149,3 +153,14 @@ def test_a_worker_ends_what_a_predecessor_whose_guard_died_too_left(start_worker
     assert [p for p in orphans if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     assert [s for s in first.segments if s.exists()] == []
     assert second.engine.is_running() and all(s.exists() for s in second.segments)
+
+
+def test_a_record_that_cannot_be_written_where_asked_goes_to_the_temporary_directory(tmp_path: Path) -> None:
+    """A container's working directory is read-only for its user: the worker must still
+    start (and its guard still find a predecessor's leftovers) rather than crash-loop."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    record = blocked / "engines" / f"ns.VllmWorker.0@{uuid.uuid4().hex[:8]}.json"
+    written = leftovers._writable(record)
+    assert written is not None and written.name == record.name
+    assert written.parent == Path(tempfile.gettempdir()) / f"tandem-engines-{os.getuid()}"
