@@ -166,8 +166,8 @@ TANDEM_STOP_WAIT_S = _declare(
     "TANDEM_STOP_WAIT_S",
     _positive,
     60,
-    "seconds each service process gets to drain on SIGTERM before SIGKILL; supervisors above tandem serve wait "
-    "this long for each of its services",
+    "seconds each service process gets to stop on SIGTERM before SIGKILL: it drains its in-flight calls, out of "
+    "routing, for all but the last 10 of them; supervisors above tandem serve wait this long for each of its services",
     SERVE,
 )
 SUPERVISOR_ENABLED: Variable[str | None] = _declare(

@@ -27,7 +27,7 @@ from app.openai.server import make_server
 from app.protocol import names
 from app.router.config import RouterConfig, router_replica
 from app.runtime import Runtime
-from app.sdk import Service, ServiceContext, depends, on_shutdown, on_start, service
+from app.sdk import Service, ServiceContext, depends, drain_budget_s, on_shutdown, on_start, service
 from app.serving import PipelineConfig, RequestPipeline, create_picker
 from app.serving.backend import FleetBackend, LocalProcessing, Processing, RemoteProcessing
 
@@ -96,7 +96,8 @@ class Frontend(Service):
             )
         backend = FleetBackend(models, processing, self.config.served_model_name)
         app = create_app(backend, metrics=metrics, max_inflight=self.config.max_inflight_requests)
-        self._server = make_server(app, self.config.host, self.config.port)
+        # On SIGTERM the streams in flight finish within every service's drain budget.
+        self._server = make_server(app, self.config.host, self.config.port, graceful_shutdown_s=drain_budget_s())
         # The service runner owns SIGTERM/SIGINT (it drains, then stops us); uvicorn must
         # not install its own handlers over the runner's.
         self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]

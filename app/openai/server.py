@@ -26,8 +26,12 @@ class NoDelayHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
 
 
-def make_server(app: FastAPI, host: str, port: int, *, log_level: str = "warning") -> uvicorn.Server:
+def make_server(
+    app: FastAPI, host: str, port: int, *, log_level: str = "warning", graceful_shutdown_s: int | None = None
+) -> uvicorn.Server:
     """A uvicorn server to run inside an existing event loop (`await server.serve()`).
+    Once told to exit it stops accepting and lets the requests it has finish, for at most
+    `graceful_shutdown_s` (None: as long as they take).
 
     `loop="uvloop"` takes effect only through `server.run()`; a caller that awaits
     `serve()` has already chosen its loop (Tandem processes install uvloop at start).
@@ -42,5 +46,6 @@ def make_server(app: FastAPI, host: str, port: int, *, log_level: str = "warning
         log_level=log_level,
         # Streams can be long; a slow client must not be cut off by a keep-alive timer.
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=graceful_shutdown_s,
     )
     return uvicorn.Server(config)

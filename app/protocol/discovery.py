@@ -11,7 +11,11 @@ import msgspec
 
 
 class InstanceRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """One served endpoint of one process: `/tandem/<ns>/instances/<service>/<endpoint>/<id>`."""
+    """One served endpoint of one process: `/tandem/<ns>/instances/<service>/<endpoint>/<id>`.
+
+    `draining`: the process is stopping; it finishes the calls it has and takes no new
+    ones (callers pick other instances; calls in flight go on, as the record stays).
+    """
 
     namespace: str
     service: str
@@ -21,6 +25,7 @@ class InstanceRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     host: str
     pid: int
     metadata: dict[str, Any] = {}
+    draining: bool = False
 
 
 class ModelRecord(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -78,6 +78,8 @@ class ServedEndpoint:
         self._control_sub: Subscription | None = None
         # Keyed by the caller's reply subject: unique per call, unlike request ids.
         self._inflight: dict[str, tuple[asyncio.Task[None], RequestContext]] = {}
+        # Calls the end of a drain cancelled (not their callers): they get an error frame.
+        self._cut_off: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._control_sub = await self._nc.subscribe(names.control_subject(self.record.subject), cb=self._on_control)
@@ -94,8 +96,24 @@ class ServedEndpoint:
         """
         await self._discovery.deregister(self._key)
 
+    async def drain(self, timeout_s: float) -> None:
+        """Out of routing, still answering: the record says `draining`, so callers pick
+        other instances while the calls in flight go on; then wait (at most `timeout_s`)
+        for them to finish. `stop()` follows."""
+        self.record = msgspec.structs.replace(self.record, draining=True)
+        await self._discovery.register(self._key, self.record)
+        if self._inflight:
+            log.info("%s/%s draining %d call(s)", self.record.service, self.record.endpoint, len(self._inflight))
+        deadline = time.monotonic() + timeout_s
+        # Until none is left: a caller that picked this instance before it saw the record
+        # change may still send one.
+        while self._inflight and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait([task for task, _ in self._inflight.values()], timeout=left)
+
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
-        """New calls get no-responders (callers pick another instance); in-flight ones finish."""
+        """New calls get no-responders (callers pick another instance); in-flight ones
+        finish within `drain_timeout_s`, the rest end with a worker_unavailable error
+        (a caller's pipeline moves such a stream to another worker)."""
         if self._requests_sub is None:
             return
         await self._requests_sub.unsubscribe()
@@ -103,7 +121,15 @@ class ServedEndpoint:
         tasks = [task for task, _ in self._inflight.values()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=drain_timeout_s)
+            if pending:
+                log.warning(
+                    "%s/%s: %d call(s) still running at the end of the drain: ending them",
+                    self.record.service,
+                    self.record.endpoint,
+                    len(pending),
+                )
             for task in pending:
+                self._cut_off.add(task)
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
@@ -153,7 +179,14 @@ class ServedEndpoint:
                         await frames.flush()  # a full batch leaves at once
             await frames.finish()
         except asyncio.CancelledError:
-            log.info("request %s cancelled by its caller", ctx.request_id)
+            task = asyncio.current_task()
+            if task not in self._cut_off:
+                log.info("request %s cancelled by its caller", ctx.request_id)
+                return
+            self._cut_off.discard(task)
+            with contextlib.suppress(NatsError):
+                message = f"{self.record.service} instance {self.record.instance_id} stopped before the call ended"
+                await frames.fail(wire.encode_error(ErrorCode.WORKER_UNAVAILABLE, message))
         except NatsError as exc:
             log.warning("request %s: reply lost (%s)", ctx.request_id, exc)
         except Exception as exc:
@@ -297,6 +330,11 @@ class ReplyRouter:
             call.queue.put_nowait(msg.data)
 
 
+def _pickable(records: dict[str, InstanceRecord]) -> list[str]:
+    """The instances a caller may pick: not those draining (a named target may still be)."""
+    return sorted(instance_id for instance_id, record in records.items() if not record.draining)
+
+
 class EndpointClient:
     """Calls one endpoint of one service; the instance list is watch-fed and started lazily."""
 
@@ -335,20 +373,21 @@ class EndpointClient:
                 if self._watch is None:
                     watch = await self._watch_instances()
                     watch.add_listener(self._on_instance_change)
-                    self._ids = sorted(watch.items)
+                    self._ids = _pickable(watch.items)
                     self._watch = watch
         return self._watch
 
     def _on_instance_change(self, instance_id: str, record: InstanceRecord | None) -> None:
         assert self._watch is not None
-        self._ids = sorted(self._watch.items)
+        self._ids = _pickable(self._watch.items)
         if record is None:
             self._suspects.pop(instance_id, None)
             for call in self._calls_by_instance.pop(instance_id, ()):
                 call.queue.put_nowait(_INSTANCE_GONE)
 
     def instance_ids(self) -> list[str]:
-        """Live instance ids (empty until the first call, `watch` or `wait_for_instances`)."""
+        """Live instance ids, not draining ones (empty until the first call, `watch` or
+        `wait_for_instances`)."""
         return list(self._ids)
 
     async def watch(self, on_change: Callable[[str, InstanceRecord | None], None] | None = None) -> list[str]:

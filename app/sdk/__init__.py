@@ -1,7 +1,7 @@
 """The service SDK: declare services and their graph; run them (see docs/internals.md §2)."""
 
 from app.sdk.config import ConfigError, EngineConfig, GraphConfig, ServiceArgs, load_config
-from app.sdk.runner import ServiceContext, run_service
+from app.sdk.runner import ServiceContext, drain_budget_s, run_service
 from app.sdk.service import Service, depends, endpoint, on_shutdown, on_start, service
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "ServiceArgs",
     "ServiceContext",
     "depends",
+    "drain_budget_s",
     "endpoint",
     "load_config",
     "on_shutdown",

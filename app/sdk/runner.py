@@ -38,6 +38,17 @@ class ServiceContext:
     graph: frozenset[str] = frozenset()
 
 
+# Of supervisord's stop wait (TANDEM_STOP_WAIT_S), what a service keeps to stop its engine
+# and leave once its drain has ended.
+STOP_AFTER_DRAIN_S = 10
+
+
+def drain_budget_s() -> int:
+    """How long a service on SIGTERM goes on serving its in-flight calls, out of routing:
+    the one budget the layers above it (supervisord, the container's stop) are sized by."""
+    return max(env.TANDEM_STOP_WAIT_S.get() - STOP_AFTER_DRAIN_S, 1)
+
+
 class ServiceFailedError(Exception):
     """The service called `ctx.fail(reason)`: the process stopped and must exit non-zero."""
 
@@ -152,9 +163,13 @@ async def run_service(
                 # now on instead of this one while it stops.
                 await asyncio.gather(*(s.withdraw() for s in served))
             else:
-                log.info("stopping: draining in-flight requests")
+                budget_s = drain_budget_s()
+                log.info("stopping: out of routing, draining in-flight requests (at most %ds)", budget_s)
+                await asyncio.gather(*(s.drain(budget_s) for s in served))
         finally:
-            await asyncio.gather(*(s.stop() for s in served))
+            # What a drain left (or a failure's calls) ends now, with an error its callers
+            # can act on (another worker takes the stream).
+            await asyncio.gather(*(s.stop(drain_timeout_s=0) for s in served))
             for hook in spec.on_shutdown:
                 try:
                     await getattr(instance, hook)()

@@ -23,6 +23,11 @@ class CountRequest(msgspec.Struct):
     upto: int
 
 
+class TickRequest(msgspec.Struct):
+    times: int
+    every_s: float
+
+
 class EchoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +56,13 @@ class Echo(Service):
                 await asyncio.sleep(0)
         finally:
             FINISHED_COUNTS.append(ctx.request_id)
+
+    @endpoint(request=TickRequest)
+    async def tick(self, request: TickRequest) -> AsyncIterator[int]:
+        """A slow stream, for drain tests: `times` items, `every_s` apart."""
+        for n in range(request.times):
+            await asyncio.sleep(request.every_s)
+            yield n
 
     @on_shutdown
     async def say_goodbye(self) -> None:
