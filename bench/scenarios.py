@@ -278,12 +278,9 @@ class DirectVllm:
             "--disable-uvicorn-access-log"
         )
         server = ServedProcess([sys.executable, *arguments.split()], ENGINE_ENV, workdir / f"{name}.log", port)
-        server.start()
-        try:
+        with server.running():
             await server.wait_healthy(timeout=300.0)
             yield server
-        finally:
-            server.stop()
 
 
 def load_at(load: LoadConfig, args: argparse.Namespace, concurrency: int) -> LoadConfig:

@@ -98,6 +98,15 @@ class ServedProcess:
                 start_new_session=True,
             )
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Self]:
+        """Started, and stopped on leaving the block however it ends."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
     def descendants(self) -> list[psutil.Process]:
         """The process tree as seen now and before, remembered for the stop."""
         assert self.process is not None

@@ -6,14 +6,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from app.infra import EtcdServer, NatsServer
+from app.infra import EtcdServer, NatsServer, ServerProcess
 from app.launch.ports import free_port
 from app.model.tiny import make_tiny
 from app.runtime import Runtime
 from app.settings import RuntimeSettings
+
+Server = TypeVar("Server", bound=ServerProcess)
 
 
 @pytest.fixture(scope="session")
@@ -22,26 +25,25 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 
 
-@pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """nats-server with JetStream; `.url`, `.port`, `.restart()` (same port and store)."""
-    server = NatsServer("127.0.0.1", free_port(), free_port(), Path(tmp_path_factory.mktemp("nats")))
+def _running(server: Server) -> Iterator[Server]:
+    """The server, started, until the fixture's teardown stops it."""
     try:
         server.start()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """nats-server with JetStream; `.url`, `.port`, `.restart()` (same port and store)."""
+    yield from _running(NatsServer("127.0.0.1", free_port(), free_port(), Path(tmp_path_factory.mktemp("nats"))))
 
 
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
     """Single-member etcd; `.url`, `.port`, `.restart()` (same port and data dir)."""
-    server = EtcdServer("127.0.0.1", free_port(), free_port(), Path(tmp_path_factory.mktemp("etcd")))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _running(EtcdServer("127.0.0.1", free_port(), free_port(), Path(tmp_path_factory.mktemp("etcd"))))
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Waiting for what a test started to serve: an instance in discovery, a health endpoint.
-Each gives up with an AssertionError that carries the logs of what was started."""
+Each wait gives up with an AssertionError that carries the logs of what was started."""
 
 from __future__ import annotations
 
@@ -26,16 +26,21 @@ async def wait_for_an_instance(
             await watch.close()
 
 
+def answers_200(url: str, timeout: float = 1.0) -> bool:
+    """A GET of `url` answers 200 (False where nothing answers, or something else does)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 async def wait_healthy(url: str, timeout: float, assert_running: Callable[[], None], logs: Callable[[], str]) -> None:
     """Until `url` answers 200, while `assert_running` finds what serves it still running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert_running()
-        try:
-            with await asyncio.to_thread(urllib.request.urlopen, url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        if await asyncio.to_thread(answers_200, url, 2):
+            return
         await asyncio.sleep(0.5)
     raise AssertionError(f"{url} not healthy after {timeout}s\n{logs()}")

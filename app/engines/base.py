@@ -17,41 +17,20 @@ from app.protocol import EngineOutput, KvEventBatch, ModelInfo, PreprocessedRequ
 KvEventSink = Callable[[KvEventBatch], None]
 
 
+@dataclass(slots=True, eq=False)
 class EngineStats:
     """A snapshot of the engine's scheduler, for load reports and metrics."""
 
-    __slots__ = (
-        "running",
-        "waiting",
-        "kv_used_blocks",
-        "kv_total_blocks",
-        "prefix_cache_hits",
-        "prefix_cache_queries",
-        "external_kv_prompt_tokens",
-        "kv_transfer_bytes",
-    )
-
-    def __init__(
-        self,
-        running: int = 0,
-        waiting: int = 0,
-        kv_used_blocks: int = 0,
-        kv_total_blocks: int = 0,
-        prefix_cache_hits: int = 0,
-        prefix_cache_queries: int = 0,
-        external_kv_prompt_tokens: int = 0,
-        kv_transfer_bytes: int = 0,
-    ) -> None:
-        self.running = running
-        self.waiting = waiting
-        self.kv_used_blocks = kv_used_blocks
-        self.kv_total_blocks = kv_total_blocks
-        self.prefix_cache_hits = prefix_cache_hits
-        self.prefix_cache_queries = prefix_cache_queries
-        # Disaggregated decode: prompt tokens whose KV a KV connector pulled from another
-        # engine instead of computing it, and the bytes it moved (counters since start).
-        self.external_kv_prompt_tokens = external_kv_prompt_tokens
-        self.kv_transfer_bytes = kv_transfer_bytes
+    running: int = 0
+    waiting: int = 0
+    kv_used_blocks: int = 0
+    kv_total_blocks: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_queries: int = 0
+    # Disaggregated decode: prompt tokens whose KV a KV connector pulled from another
+    # engine instead of computing it, and the bytes it moved (counters since start).
+    external_kv_prompt_tokens: int = 0
+    kv_transfer_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,36 @@ from prometheus_client.registry import Collector
 
 from app.engines.base import Engine
 
+# Each EngineStats field's metric: its kind, name and help.
+_METRICS: dict[str, tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str]] = {
+    "running": (GaugeMetricFamily, "tandem_worker_running_requests", "Requests the engine is running"),
+    "waiting": (GaugeMetricFamily, "tandem_worker_waiting_requests", "Requests waiting in the engine"),
+    "kv_used_blocks": (GaugeMetricFamily, "tandem_worker_kv_used_blocks", "KV cache blocks in use"),
+    "kv_total_blocks": (GaugeMetricFamily, "tandem_worker_kv_total_blocks", "KV cache blocks in all"),
+    "prefix_cache_hits": (
+        CounterMetricFamily,
+        "tandem_worker_prefix_cache_hits",
+        "Prompt tokens served from the prefix cache",
+    ),
+    "prefix_cache_queries": (
+        CounterMetricFamily,
+        "tandem_worker_prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache",
+    ),
+    # Rises on a decode worker whose prompts were prefilled remotely (vLLM's
+    # external_kv_transfer prompt-token source); stays 0 on an aggregated worker.
+    "external_kv_prompt_tokens": (
+        CounterMetricFamily,
+        "tandem_worker_external_kv_prompt_tokens",
+        "Prompt tokens whose KV a KV connector pulled from another engine instead of computing it",
+    ),
+    "kv_transfer_bytes": (
+        CounterMetricFamily,
+        "tandem_worker_kv_transfer_bytes",
+        "Bytes of KV cache the KV connector transferred (NIXL telemetry)",
+    ),
+}
+
 
 class EngineStatsView(Collector):
     """The engine's scheduler state, as its workers' load reports carry it."""
@@ -19,29 +49,5 @@ class EngineStatsView(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._engine.stats()
-        yield GaugeMetricFamily("tandem_worker_running_requests", "Requests the engine is running", value=stats.running)
-        yield GaugeMetricFamily("tandem_worker_waiting_requests", "Requests waiting in the engine", value=stats.waiting)
-        yield GaugeMetricFamily("tandem_worker_kv_used_blocks", "KV cache blocks in use", value=stats.kv_used_blocks)
-        yield GaugeMetricFamily("tandem_worker_kv_total_blocks", "KV cache blocks in all", value=stats.kv_total_blocks)
-        yield CounterMetricFamily(
-            "tandem_worker_prefix_cache_hits",
-            "Prompt tokens served from the prefix cache",
-            value=stats.prefix_cache_hits,
-        )
-        yield CounterMetricFamily(
-            "tandem_worker_prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache",
-            value=stats.prefix_cache_queries,
-        )
-        # Rises on a decode worker whose prompts were prefilled remotely (vLLM's
-        # external_kv_transfer prompt-token source); stays 0 on an aggregated worker.
-        yield CounterMetricFamily(
-            "tandem_worker_external_kv_prompt_tokens",
-            "Prompt tokens whose KV a KV connector pulled from another engine instead of computing it",
-            value=stats.external_kv_prompt_tokens,
-        )
-        yield CounterMetricFamily(
-            "tandem_worker_kv_transfer_bytes",
-            "Bytes of KV cache the KV connector transferred (NIXL telemetry)",
-            value=stats.kv_transfer_bytes,
-        )
+        for field, (family, name, documentation) in _METRICS.items():
+            yield family(name, documentation, value=getattr(stats, field))

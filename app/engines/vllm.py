@@ -72,6 +72,23 @@ def _structured_outputs_params(structured: StructuredOutputs | None) -> Structur
     return StructuredOutputsParams(**fields)
 
 
+# The wire's sampling fields that vLLM's SamplingParams takes as they are, by the same name.
+_SAMPLING_AS_IS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "prompt_logprobs",
+    "logit_bias",
+    "allowed_token_ids",
+)
+
+
 def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
     """vLLM sampling parameters for a request the Processor validated as far as it can.
 
@@ -83,18 +100,7 @@ def sampling_params_for(request: PreprocessedRequest) -> SamplingParams:
     sampling, stop = request.sampling, request.stop
     extra_args = {"kv_transfer_params": request.kv_transfer_params} if request.kv_transfer_params else None
     return SamplingParams(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        min_p=sampling.min_p,
-        seed=sampling.seed,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        repetition_penalty=sampling.repetition_penalty,
-        logprobs=sampling.logprobs,
-        prompt_logprobs=sampling.prompt_logprobs,
-        logit_bias=sampling.logit_bias,
-        allowed_token_ids=sampling.allowed_token_ids,
+        **{name: getattr(sampling, name) for name in _SAMPLING_AS_IS},
         bad_words=list(sampling.bad_words),
         structured_outputs=_structured_outputs_params(sampling.structured),
         max_tokens=stop.max_tokens,

@@ -12,6 +12,7 @@ metrics carry them under its own names.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from vllm.config import VllmConfig
@@ -26,10 +27,8 @@ class SchedulerStatsCapture:
 
     def __init__(self) -> None:
         self._latest: dict[int, SchedulerStats] = {}
-        self._prefix_cache_hits = 0
-        self._prefix_cache_queries = 0
-        self._external_kv_prompt_tokens = 0
-        self._kv_transfer_bytes = 0
+        # The counters: each step's deltas summed since start (a snapshot adds the latest state).
+        self._counters = EngineStats()
 
     def factory(self, vllm_config: VllmConfig, engine_index: int = 0) -> StatLoggerBase:
         """A per-engine stat logger factory, as AsyncLLM(stat_loggers=[...]) expects."""
@@ -37,15 +36,15 @@ class SchedulerStatsCapture:
 
     def record(self, engine_index: int, stats: SchedulerStats) -> None:
         self._latest[engine_index] = stats
-        self._prefix_cache_hits += stats.prefix_cache_stats.hits
-        self._prefix_cache_queries += stats.prefix_cache_stats.queries
+        self._counters.prefix_cache_hits += stats.prefix_cache_stats.hits
+        self._counters.prefix_cache_queries += stats.prefix_cache_stats.queries
         if stats.kv_connector_stats:
-            self._kv_transfer_bytes += transferred_bytes(stats.kv_connector_stats)
+            self._counters.kv_transfer_bytes += transferred_bytes(stats.kv_connector_stats)
 
     def record_iteration(self, stats: IterationStats) -> None:
         # Prompt tokens of requests that started this step whose KV a connector loaded
         # (a decode engine pulling a remote prefill) rather than the engine computing it.
-        self._external_kv_prompt_tokens += stats.prompt_token_stats.external_kv_transfer
+        self._counters.external_kv_prompt_tokens += stats.prompt_token_stats.external_kv_transfer
 
     def snapshot(self, in_flight: int, total_blocks: int) -> EngineStats:
         """`in_flight`: requests the engine front end still tracks.
@@ -62,15 +61,8 @@ class SchedulerStatsCapture:
             waiting = sum(s.num_waiting_reqs + s.num_skipped_waiting_reqs for s in latest)
             usage = sum(s.kv_cache_usage for s in latest) / max(len(self._latest), 1)
             used_blocks = round(usage * total_blocks)
-        return EngineStats(
-            running=running,
-            waiting=waiting,
-            kv_used_blocks=used_blocks,
-            kv_total_blocks=total_blocks,
-            prefix_cache_hits=self._prefix_cache_hits,
-            prefix_cache_queries=self._prefix_cache_queries,
-            external_kv_prompt_tokens=self._external_kv_prompt_tokens,
-            kv_transfer_bytes=self._kv_transfer_bytes,
+        return dataclasses.replace(
+            self._counters, running=running, waiting=waiting, kv_used_blocks=used_blocks, kv_total_blocks=total_blocks
         )
 
 

@@ -14,7 +14,6 @@ server by default: `previous_response_id` names none (404), `background` needs t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
@@ -69,27 +68,24 @@ class Refusal(_Strict):
     refusal: str
 
 
-def _by_type(default: str | None = None) -> Callable[[Any], str | None]:
+def _by_type(error_type: str, error_message: str, default: str | None = None) -> Discriminator:
     """A union's discriminator: the value's `type` (`default` where it has none), as a tag
     with a `[`, which error locations leave out as they do other union branches' names
-    (app/openai/schema.py): a client reads `input[0].content`, not `input[0].type[message].content`."""
+    (app/openai/schema.py): a client reads `input[0].content`, not `input[0].type[message].content`.
+    A value of no branch's type is the error `error_type`, saying `error_message`."""
 
     def tag(value: Any) -> str | None:
         kind = value.get("type", default) if isinstance(value, dict) else getattr(value, "type", default)
         return f"type[{kind}]" if isinstance(kind, str) else None
 
-    return tag
+    return Discriminator(tag, custom_error_type=error_type, custom_error_message=error_message)
 
 
 ContentPart = Annotated[
     Annotated[InputText, Tag("type[input_text]")]
     | Annotated[OutputText, Tag("type[output_text]")]
     | Annotated[Refusal, Tag("type[refusal]")],
-    Discriminator(
-        _by_type(),
-        custom_error_type="content_part",
-        custom_error_message="a content part is input_text, output_text or refusal text (Tandem serves text models)",
-    ),
+    _by_type("content_part", "a content part is input_text, output_text or refusal text (Tandem serves text models)"),
 ]
 
 
@@ -143,13 +139,11 @@ InputItem = Annotated[
     Annotated[MessageItem, Tag("type[message]")]
     | Annotated[FunctionCallItem, Tag("type[function_call]")]
     | Annotated[FunctionCallOutputItem, Tag("type[function_call_output]")],
-    Discriminator(
-        _by_type("message"),
-        custom_error_type="input_item",
-        custom_error_message=(
-            "an input item is a message, a function_call or a function_call_output (reasoning items and"
-            " built-in tools' items are not served)"
-        ),
+    _by_type(
+        "input_item",
+        "an input item is a message, a function_call or a function_call_output (reasoning items and"
+        " built-in tools' items are not served)",
+        default="message",
     ),
 ]
 
@@ -193,11 +187,7 @@ TextFormat = Annotated[
     Annotated[TextFormatText, Tag("type[text]")]
     | Annotated[TextFormatJsonObject, Tag("type[json_object]")]
     | Annotated[TextFormatJsonSchema, Tag("type[json_schema]")],
-    Discriminator(
-        _by_type(),
-        custom_error_type="text_format",
-        custom_error_message="text.format is text, json_object or json_schema",
-    ),
+    _by_type("text_format", "text.format is text, json_object or json_schema"),
 ]
 
 

@@ -64,6 +64,25 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+class _Backoff:
+    """Attempts at reaching a server until `connect_timeout_s` from now, waiting twice as
+    long after each failed one (at most _MAX_BACKOFF_S)."""
+
+    def __init__(self, settings: RuntimeSettings, server: str, address: str, variable: str) -> None:
+        self.deadline = time.monotonic() + settings.connect_timeout_s
+        self._delay = _FIRST_BACKOFF_S
+        self._unreachable = (
+            f"cannot reach {server} at {address} within {settings.connect_timeout_s:g}s (set {variable})"
+        )
+
+    async def wait(self, last_error: BaseException) -> None:
+        """Until the next attempt; past the deadline, ConnectError saying why the last one failed."""
+        if time.monotonic() >= self.deadline:
+            raise ConnectError(f"{self._unreachable}: {_reason(last_error)}") from last_error
+        await asyncio.sleep(min(self._delay, max(self.deadline - time.monotonic(), 0)))
+        self._delay = min(self._delay * 2, _MAX_BACKOFF_S)
+
+
 async def connect_nats(settings: RuntimeSettings) -> NatsClient:
     """Connect, retrying with exponential backoff until `connect_timeout_s`; once connected,
     nats-py reconnects by itself forever (subscriptions are restored)."""
@@ -89,8 +108,7 @@ async def connect_nats(settings: RuntimeSettings) -> NatsClient:
         retry_log.reset()
         log.info("nats: reconnected")
 
-    deadline = time.monotonic() + settings.connect_timeout_s
-    backoff = _FIRST_BACKOFF_S
+    backoff = _Backoff(settings, "NATS", settings.nats_server, "NATS_SERVER")
     while True:
         try:
             # The first connect is ours to retry (nats-py's own retries come at a fixed
@@ -114,13 +132,7 @@ async def connect_nats(settings: RuntimeSettings) -> NatsClient:
             last_error: BaseException = attempt_errors[-1] if attempt_errors else exc
             attempt_errors.clear()
             retry_log.failed(last_error)
-        if time.monotonic() >= deadline:
-            raise ConnectError(
-                f"cannot reach NATS at {settings.nats_server} within {settings.connect_timeout_s:g}s "
-                f"(set NATS_SERVER): {_reason(last_error)}"
-            ) from last_error
-        await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0)))
-        backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        await backoff.wait(last_error)
     # nats-py reads these when the connection drops: from now on it reconnects forever.
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
@@ -150,11 +162,10 @@ async def _resolve_ipv4(host_port: str) -> str:
 
 async def connect_etcd(settings: RuntimeSettings) -> etcd3aio.Etcd3Client:
     """Connect and prove it with a read, retrying with exponential backoff until the deadline."""
-    deadline = time.monotonic() + settings.connect_timeout_s
-    backoff = _FIRST_BACKOFF_S
+    backoff = _Backoff(settings, "etcd", settings.etcd_endpoints, "ETCD_ENDPOINTS")
     retry_log = RetryLog("etcd", settings.etcd_endpoints)
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = backoff.deadline - time.monotonic()
         client: etcd3aio.Etcd3Client | None = None
         try:
             endpoints = [await _resolve_ipv4(url) for url in settings.etcd_urls()]
@@ -167,13 +178,7 @@ async def connect_etcd(settings: RuntimeSettings) -> etcd3aio.Etcd3Client:
             retry_log.failed(exc)
             if client is not None:
                 await client.close()
-        if time.monotonic() >= deadline:
-            raise ConnectError(
-                f"cannot reach etcd at {settings.etcd_endpoints} within {settings.connect_timeout_s:g}s "
-                f"(set ETCD_ENDPOINTS): {_reason(last_error)}"
-            ) from last_error
-        await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0)))
-        backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        await backoff.wait(last_error)
 
 
 async def check_reachable(settings: RuntimeSettings) -> None:

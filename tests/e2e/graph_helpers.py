@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -38,6 +42,27 @@ def prefill_decision(graph: ServedGraph, request_id: str, timeout: float = 5.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"no prefill decision logged for {request_id}:\n{graph.log_tail()}")
         time.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def thin_frontend(
+    graph: str, config: Mapping[str, Any], workdir: Path, beside: ServedGraph
+) -> AsyncIterator[ServedGraph]:
+    """A second Frontend of `graph` with `embed-processor: false`, in the namespace of the graph
+    served `beside` it (whose Processor service it asks over NATS), once healthy."""
+    thin = ServedGraph(
+        graph,
+        config,
+        workdir,
+        beside.env["NATS_SERVER"],
+        beside.env["ETCD_ENDPOINTS"],
+        overrides=["--service-name", "Frontend", "--Frontend.embed-processor=false"],
+        name="thin",
+    )
+    thin.settings, thin.env["TANDEM_NAMESPACE"] = beside.settings, beside.settings.namespace
+    async with thin:
+        await thin.wait_healthy(timeout=120)
+        yield thin
 
 
 @dataclass

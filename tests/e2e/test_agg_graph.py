@@ -190,12 +190,9 @@ async def graph(
     served = ServedGraph(
         "graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("agg"), nats_server.url, etcd_server.url
     )
-    served.start()
-    try:
+    with served.running():
         await served.wait_ready(workers=2)
         yield served
-    finally:
-        served.stop()
 
 
 @pytest.fixture(scope="module")

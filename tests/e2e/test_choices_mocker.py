@@ -26,6 +26,7 @@ from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
 from bench.harness.load import WORDS
 from testbed.graphs import ServedGraph
+from tests.e2e.graph_helpers import thin_frontend
 
 pytestmark = pytest.mark.e2e
 
@@ -79,18 +80,7 @@ async def frontends(
     graph = "graphs.disagg_router:Frontend"
     async with ServedGraph(graph, config, workdir, nats_server.url, etcd_server.url) as served:
         await served.wait_ready(WORKERS, routers=1, processors=1, prefill_workers=1, timeout=180)
-        thin = ServedGraph(
-            graph,
-            config,
-            workdir,
-            nats_server.url,
-            etcd_server.url,
-            overrides=["--service-name", "Frontend", "--Frontend.embed-processor=false"],
-            name="thin",
-        )
-        thin.settings, thin.env["TANDEM_NAMESPACE"] = served.settings, served.settings.namespace
-        async with thin:
-            await thin.wait_healthy(timeout=120)
+        async with thin_frontend(graph, config, workdir, served) as thin:
             yield {"embedded": served, "thin": thin}
 
 

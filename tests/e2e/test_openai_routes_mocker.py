@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
 from testbed.graphs import ServedGraph, ServedProcess
+from tests.e2e.graph_helpers import thin_frontend
 
 pytestmark = pytest.mark.e2e
 
@@ -131,18 +132,7 @@ async def frontends(
     config = _config(tiny_model)
     async with ServedGraph("graphs.agg:Frontend", config, workdir, nats_server.url, etcd_server.url) as graph:
         await graph.wait_ready(1, processors=1, timeout=120)
-        thin = ServedGraph(
-            "graphs.agg:Frontend",
-            config,
-            workdir,
-            nats_server.url,
-            etcd_server.url,
-            overrides=["--service-name", "Frontend", "--Frontend.embed-processor=false"],
-            name="thin",
-        )
-        thin.settings, thin.env["TANDEM_NAMESPACE"] = graph.settings, graph.settings.namespace
-        async with thin:
-            await thin.wait_healthy(timeout=120)
+        async with thin_frontend("graphs.agg:Frontend", config, workdir, graph) as thin:
             yield {"embedded": graph, "thin": thin}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import urllib.request
 from pathlib import Path
 from typing import TypedDict
 
@@ -12,6 +11,7 @@ import pytest
 from app.infra import EtcdServer, NatsServer, add_cli, infra_down, infra_status, infra_up
 from app.launch.ports import free_port
 from app.launch.processes import pid_alive
+from tests.waiting import answers_200
 
 
 class _Ports(TypedDict):
@@ -19,14 +19,6 @@ class _Ports(TypedDict):
     nats_monitor_port: int
     etcd_port: int
     etcd_peer_port: int
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def test_fixture_servers_answer(nats_server: NatsServer, etcd_server: EtcdServer) -> None:
@@ -51,7 +43,7 @@ def test_infra_up_status_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         status = infra_status(root=tmp_path)
         assert status["nats"]["running"] and status["etcd"]["running"]
         pids = {name: entry["pid"] for name, entry in status.items()}
-        assert _http_ok(f"http://127.0.0.1:{ports['etcd_port']}/health")
+        assert answers_200(f"http://127.0.0.1:{ports['etcd_port']}/health")
 
         # Idempotent: a second `up` finds them running and starts nothing new.
         assert infra_up(root=tmp_path, **ports) == urls
@@ -60,7 +52,7 @@ def test_infra_up_status_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         stopped = infra_down(root=tmp_path)
     assert sorted(stopped) == ["etcd", "nats"]
     assert not any(pid_alive(pid) for pid in pids.values())
-    assert not _http_ok(f"http://127.0.0.1:{ports['etcd_port']}/health")
+    assert not answers_200(f"http://127.0.0.1:{ports['etcd_port']}/health")
     assert infra_status(root=tmp_path) == {}
 
 

@@ -86,6 +86,15 @@ class RoutingPolicy(abc.ABC):
         """A request this policy placed has finished (optional hook)."""
 
 
+class SeededPolicy(RoutingPolicy):
+    """A policy with a random source of its own (tie-breaks, sampling), fixed by the `seed`
+    knob: its Knobs are SeededKnobs or a subclass."""
+
+    def __init__(self, knobs: SeededKnobs) -> None:
+        super().__init__(knobs)
+        self._rng = random.Random(knobs.seed)
+
+
 def pick_lowest(costs: Mapping[str, float], rng: random.Random) -> str:
     """The key with the lowest cost; ties broken at random so equal workers share load."""
     best = min(costs.values())

@@ -37,12 +37,11 @@ Example (graph config):
 from __future__ import annotations
 
 import math
-import random
 
 import pydantic
 
 from app.protocol import RouteDecision
-from app.router.policies.base import RoutingContext, RoutingPolicy, SeededKnobs, pick_lowest
+from app.router.policies.base import RoutingContext, SeededKnobs, SeededPolicy, pick_lowest
 
 
 class KvKnobs(SeededKnobs):
@@ -53,15 +52,11 @@ class KvKnobs(SeededKnobs):
     temperature: float = pydantic.Field(default=0.0, ge=0)
 
 
-class KvPolicy(RoutingPolicy):
+class KvPolicy(SeededPolicy):
     name = "kv"
     needs_kv_index = True
     Knobs = KvKnobs
-
-    def __init__(self, knobs: KvKnobs) -> None:
-        super().__init__(knobs)
-        self.knobs: KvKnobs = knobs
-        self._rng = random.Random(knobs.seed)
+    knobs: KvKnobs
 
     def costs(self, ctx: RoutingContext) -> dict[str, float]:
         k = self.knobs

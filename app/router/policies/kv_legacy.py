@@ -23,27 +23,21 @@ Example (graph config):
 
 from __future__ import annotations
 
-import random
-
 import pydantic
 
 from app.protocol import RouteDecision
-from app.router.policies.base import RoutingContext, RoutingPolicy, SeededKnobs, pick_lowest
+from app.router.policies.base import RoutingContext, SeededKnobs, SeededPolicy, pick_lowest
 
 
 class KvLegacyKnobs(SeededKnobs):
     hit_weight: float = pydantic.Field(default=2.0, ge=0)
 
 
-class KvLegacyPolicy(RoutingPolicy):
+class KvLegacyPolicy(SeededPolicy):
     name = "kv-legacy"
     needs_kv_index = True
     Knobs = KvLegacyKnobs
-
-    def __init__(self, knobs: KvLegacyKnobs) -> None:
-        super().__init__(knobs)
-        self.knobs: KvLegacyKnobs = knobs
-        self._rng = random.Random(knobs.seed)
+    knobs: KvLegacyKnobs
 
     def select_worker(self, ctx: RoutingContext) -> RouteDecision:
         max_waiting = max((ctx.load[w].waiting for w in ctx.workers), default=0) or 1

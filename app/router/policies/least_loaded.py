@@ -17,19 +17,13 @@ Example (graph config):
 
 from __future__ import annotations
 
-import random
-
 from app.protocol import RouteDecision
-from app.router.policies.base import RoutingContext, RoutingPolicy, SeededKnobs
+from app.router.policies.base import RoutingContext, SeededKnobs, SeededPolicy
 
 
-class LeastLoadedPolicy(RoutingPolicy):
+class LeastLoadedPolicy(SeededPolicy):
     name = "least-loaded"
     Knobs = SeededKnobs
-
-    def __init__(self, knobs: SeededKnobs) -> None:
-        super().__init__(knobs)
-        self._rng = random.Random(knobs.seed)
 
     def select_worker(self, ctx: RoutingContext) -> RouteDecision:
         def load_key(worker_id: str) -> tuple[int, float]:

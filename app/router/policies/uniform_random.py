@@ -17,19 +17,13 @@ Example (graph config):
 
 from __future__ import annotations
 
-import random
-
 from app.protocol import RouteDecision
-from app.router.policies.base import RoutingContext, RoutingPolicy, SeededKnobs
+from app.router.policies.base import RoutingContext, SeededKnobs, SeededPolicy
 
 
-class RandomPolicy(RoutingPolicy):
+class RandomPolicy(SeededPolicy):
     name = "random"
     Knobs = SeededKnobs
-
-    def __init__(self, knobs: SeededKnobs) -> None:
-        super().__init__(knobs)
-        self._rng = random.Random(knobs.seed)
 
     def select_worker(self, ctx: RoutingContext) -> RouteDecision:
         return ctx.decision(self._rng.choice(ctx.workers))

@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from app.launch.ports import free_port
+from tests.waiting import answers_200
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ENTRYPOINT = REPO_ROOT / "entrypoints" / "entrypoint.sh"
@@ -253,14 +253,6 @@ def test_other_arguments_run_as_a_command() -> None:
     assert (result.returncode, result.stdout) == (0, "hello\n")
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def test_nats_and_etcd_run_under_supervisord_and_stop_on_sigterm(tmp_path: Path) -> None:
     nats_monitor, etcd_port = free_port(), free_port()
     env = _env(
@@ -278,7 +270,8 @@ def test_nats_and_etcd_run_under_supervisord_and_stop_on_sigterm(tmp_path: Path)
     try:
         deadline = time.monotonic() + 30
         while not (
-            _healthy(f"http://127.0.0.1:{nats_monitor}/healthz") and _healthy(f"http://127.0.0.1:{etcd_port}/health")
+            answers_200(f"http://127.0.0.1:{nats_monitor}/healthz")
+            and answers_200(f"http://127.0.0.1:{etcd_port}/health")
         ):
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             assert time.monotonic() < deadline, "nats and etcd not healthy under supervisord"
@@ -299,7 +292,7 @@ def test_nats_and_etcd_run_under_supervisord_and_stop_on_sigterm(tmp_path: Path)
     assert "stopped: etcd" in text and "stopped: nats" in text
     assert '"name":"tandem"' in text.replace(" ", "")  # etcd's own log reached the container's stdout
     assert "unrecognized environment variable" not in text
-    assert not _healthy(f"http://127.0.0.1:{etcd_port}/health")
+    assert not answers_200(f"http://127.0.0.1:{etcd_port}/health")
 
 
 def test_compose_files_give_each_profile_its_env_files_and_gpus_only_on_gpu_nodes() -> None:

@@ -58,32 +58,24 @@ def _serve_or_refuse(preprocessor: Preprocessor, request_type: type[OpenAIReques
 _SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def test_chat_bodies_from_the_openapi_document(preprocessor: Preprocessor, schemas: SchemaBodies) -> None:
-    @_SETTINGS
-    @given(body=schemas.of("ChatCompletionRequest"))
-    def check(body: dict[str, Any]) -> None:
-        _serve_or_refuse(preprocessor, ChatCompletionRequest, body)
-
-    check()
-
-
 # The fields that reach deepest (the chat template, grammars, vLLM's parameter checks).
 CONSTRAINTS = ["response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls", "n", "seed"]
 
 
-def test_chat_constraints_from_the_openapi_document(preprocessor: Preprocessor, schemas: SchemaBodies) -> None:
+@pytest.mark.parametrize(
+    ("request_type", "fields"),
+    [(ChatCompletionRequest, None), (ChatCompletionRequest, CONSTRAINTS), (CompletionRequest, None)],
+    ids=["chat", "chat-constraints", "completion"],
+)
+def test_bodies_from_the_openapi_document(
+    preprocessor: Preprocessor,
+    schemas: SchemaBodies,
+    request_type: type[OpenAIRequest],
+    fields: list[str] | None,
+) -> None:
     @_SETTINGS
-    @given(body=schemas.of("ChatCompletionRequest", CONSTRAINTS))
+    @given(body=schemas.of(request_type.__name__, fields))
     def check(body: dict[str, Any]) -> None:
-        _serve_or_refuse(preprocessor, ChatCompletionRequest, body)
-
-    check()
-
-
-def test_completion_bodies_from_the_openapi_document(preprocessor: Preprocessor, schemas: SchemaBodies) -> None:
-    @_SETTINGS
-    @given(body=schemas.of("CompletionRequest"))
-    def check(body: dict[str, Any]) -> None:
-        _serve_or_refuse(preprocessor, CompletionRequest, body)
+        _serve_or_refuse(preprocessor, request_type, body)
 
     check()

@@ -1,4 +1,5 @@
 import random
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -33,27 +34,54 @@ def _run(preprocessor: Preprocessor, request, outputs: list[EngineOutput]):
     return items
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    text=st.text(alphabet="ab😀 ", max_size=40),
-    stops=st.lists(st.text(alphabet="ab😀 ", min_size=1, max_size=4), min_size=1, max_size=4),
-    cuts=st.lists(st.integers(0, 40), max_size=10),
-)
+def _stop_cases(test: Callable[[str, list[str], list[int]], None]) -> Callable[..., None]:
+    """`test(text, stops, cuts)` on many cases: a text, the stop strings to look for in it, and
+    where to cut it into the pieces fed."""
+    return settings(max_examples=300, deadline=None)(
+        given(
+            text=st.text(alphabet="ab😀 ", max_size=40),
+            stops=st.lists(st.text(alphabet="ab😀 ", min_size=1, max_size=4), min_size=1, max_size=4),
+            cuts=st.lists(st.integers(0, 40), max_size=10),
+        )(test)
+    )
+
+
+def _fed(matcher: StopStringMatcher, text: str, cuts: list[int]) -> Iterator[tuple[str, str, bool]]:
+    """Feeds `text` cut at `cuts`, a piece at a time, until a stop: after each piece, the piece,
+    all the text emitted so far and whether it stopped."""
+    emitted = ""
+    for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(text)], strict=True):
+        out, stopped = matcher.feed(text[a:b])
+        emitted += out
+        yield text[a:b], emitted, stopped
+        if stopped:
+            return
+
+
+@_stop_cases
 def test_stop_matcher_emits_exactly_the_text_before_the_first_stop(text, stops, cuts) -> None:
     matcher = StopStringMatcher(stops)
-    pieces = [text[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(text)], strict=True)]
-    emitted, stopped = "", False
-    for piece in pieces:
-        out, stopped = matcher.feed(piece)
-        emitted += out
-        if stopped:
-            break
+    *_, (_, emitted, stopped) = _fed(matcher, text, cuts)
     if not stopped:
         emitted += matcher.flush()
     # Reading one character at a time, the first stop string to complete ends the text.
     first = min(((i + len(s), i) for s in stops if (i := text.find(s)) >= 0), default=(None, None))[1]
     assert stopped == (first is not None)
     assert emitted == (text if first is None else text[:first])
+
+
+@_stop_cases
+def test_stop_matcher_including_the_stop_emits_through_it_and_withholds_nothing(text, stops, cuts) -> None:
+    matcher = StopStringMatcher(stops, include_in_output=True)
+    for piece, emitted, stopped in _fed(matcher, text, cuts):
+        if not stopped:
+            assert emitted == text[: len(emitted)] and text[: len(emitted)].endswith(piece)
+    if not stopped:
+        assert matcher.flush() == ""
+    # vLLM's rule: the stop string that completes first ends the text, which keeps it.
+    first_end = min((i + len(s) for s in stops if (i := text.find(s)) >= 0), default=None)
+    assert stopped == (first_end is not None)
+    assert emitted == (text if first_end is None else text[:first_end])
 
 
 def test_stop_string_split_across_tokens_ends_the_request(preprocessor) -> None:
