@@ -61,17 +61,19 @@ def start_time(pid: int) -> int | None:
     return None if fields is None else int(fields[19])
 
 
+def _pids() -> list[int]:
+    """Every process of this PID namespace, as /proc lists them now."""
+    return [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]
+
+
 def descendants(root: int, exclude: int | None = None) -> Processes:
     """Every live process below `root` (not `root` itself), from one pass over /proc."""
     children: dict[int, list[int]] = {}
     started: Processes = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
+    for pid in _pids():
+        fields = _stat_fields(pid)
         if fields is None:
             continue
-        pid = int(entry.name)
         children.setdefault(int(fields[1]), []).append(pid)
         started[pid] = int(fields[19])
     found: Processes = {}
@@ -133,7 +135,7 @@ def _running(pid: int, started: int) -> bool:
 def remove_unused_files(paths: Iterable[str]) -> None:
     """Remove those of `paths` (under /dev/shm) that no live process holds: a segment the
     dead engine shared with a process outside its tree keeps its name."""
-    in_use = shm_files(int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit())
+    in_use = shm_files(_pids())
     for path in set(paths) - in_use:
         if path.startswith(SHM):
             with contextlib.suppress(OSError):
