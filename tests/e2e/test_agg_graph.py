@@ -591,12 +591,14 @@ async def _request_while_one_streams(http: httpx.AsyncClient, body: dict) -> tup
     ended if it did before its max_tokens (its last event), else None."""
     async with http.stream("POST", "/v1/completions", json=body) as holding:
         assert holding.status_code == 200
-        await anext(holding.aiter_lines())
+        # One iterator for the whole stream: httpx refuses a second pass over a body.
+        lines = holding.aiter_lines()
+        await anext(lines)
         second = await http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
         if second.status_code == 429:
             return second, None
         async with asyncio.timeout(60):
-            events = [line async for line in holding.aiter_lines() if line.startswith("data: {")]
+            events = [line async for line in lines if line.startswith("data: {")]
     last = events[-1] if events else "no event"
     return second, None if '"finish_reason":"length"' in last else last
 
