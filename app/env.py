@@ -137,6 +137,13 @@ TANDEM_CONNECT_TIMEOUT_S = _declare(
 TANDEM_REQUEST_ACK_TIMEOUT_S = _declare(
     "TANDEM_REQUEST_ACK_TIMEOUT_S", _seconds, 5.0, "how long a caller waits for a callee to accept a call", EVERY
 )
+TANDEM_OUTAGE_WAIT_S = _declare(
+    "TANDEM_OUTAGE_WAIT_S",
+    _seconds,
+    10.0,
+    "how long a call waits for a lost NATS connection to return (and its callee to be back) before it fails",
+    EVERY,
+)
 TANDEM_ADVERTISE_HOST: Variable[str | None] = _declare(
     "TANDEM_ADVERTISE_HOST",
     _text,

@@ -96,6 +96,8 @@ class WorkerUnavailableError(TandemError):
     code = ErrorCode.WORKER_UNAVAILABLE
     status = 503
     retry_after_s = 1
+    # False where the link to the worker failed, not the worker: it may serve the rest.
+    worker_at_fault = True
 
 
 class InternalError(TandemError):

@@ -29,6 +29,7 @@ class RuntimeSettings(BaseSettings):
     lease_ttl_s: int = _from_registry(env.TANDEM_LEASE_TTL_S, ge=2)
     connect_timeout_s: float = _from_registry(env.TANDEM_CONNECT_TIMEOUT_S, gt=0)
     request_ack_timeout_s: float = _from_registry(env.TANDEM_REQUEST_ACK_TIMEOUT_S, gt=0)
+    outage_wait_s: float = _from_registry(env.TANDEM_OUTAGE_WAIT_S, gt=0)
 
     @field_validator("nats_server")
     @classmethod

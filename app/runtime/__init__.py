@@ -1,7 +1,14 @@
 """The runtime planes (discovery on etcd, requests and events on NATS, work queue on
 JetStream) behind one small API: the only package that imports `nats` and `etcd3aio`."""
 
-from app.runtime.errors import CallTimeoutError, ConnectError, InstanceGoneError, NoInstancesError
+from app.runtime.errors import (
+    CallTimeoutError,
+    ConnectError,
+    ConnectionLostError,
+    InstanceGoneError,
+    NatsUnavailableError,
+    NoInstancesError,
+)
 from app.runtime.events import EventSubscription
 from app.runtime.requests import EndpointClient, RequestContext, ServedEndpoint
 from app.runtime.runtime import Runtime
@@ -10,10 +17,12 @@ from app.runtime.workqueue import Job, WorkQueue
 __all__ = [
     "CallTimeoutError",
     "ConnectError",
+    "ConnectionLostError",
     "EndpointClient",
     "EventSubscription",
     "InstanceGoneError",
     "Job",
+    "NatsUnavailableError",
     "NoInstancesError",
     "RequestContext",
     "Runtime",

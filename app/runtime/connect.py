@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 import etcd3aio
@@ -83,9 +85,52 @@ class _Backoff:
         self._delay = min(self._delay * 2, _MAX_BACKOFF_S)
 
 
-async def connect_nats(settings: RuntimeSettings) -> NatsClient:
+class NatsLink:
+    """The NATS connection's state, for callers that ride out an outage: whether it is up,
+    when it last came back, and whom to tell the moment it drops (a call waiting for reply
+    frames that the callee may publish while this side is away: those are lost)."""
+
+    def __init__(self) -> None:
+        self._up = asyncio.Event()
+        self._up.set()
+        self.restored_at = -math.inf
+        self._on_lost: list[Callable[[], None]] = []
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        self._on_lost.append(callback)
+
+    def lost(self) -> None:
+        self._up.clear()
+        for callback in self._on_lost:
+            callback()
+
+    def restored(self) -> None:
+        self.restored_at = time.monotonic()
+        self._up.set()
+
+    async def wait_up(self, timeout: float) -> bool:
+        """True once the connection is up (at once if it is), False after `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def restored_within(self, seconds: float) -> bool:
+        """Whether the connection came back less than `seconds` ago: the other processes may
+        not have subscribed again yet (nats-py restores subscriptions as each reconnects)."""
+        return time.monotonic() - self.restored_at < seconds
+
+
+async def connect_nats(settings: RuntimeSettings, link: NatsLink | None = None) -> NatsClient:
     """Connect, retrying with exponential backoff until `connect_timeout_s`; once connected,
-    nats-py reconnects by itself forever (subscriptions are restored)."""
+    nats-py reconnects by itself forever (subscriptions are restored), and `link` follows
+    the connection's state."""
     servers = settings.nats_urls()
     connected: list[NatsClient] = []
     retry_log = RetryLog("NATS", settings.nats_server)
@@ -103,10 +148,14 @@ async def connect_nats(settings: RuntimeSettings) -> NatsClient:
         if connected and (connected[0].is_draining or connected[0].is_closed):
             return  # our own close
         log.warning("nats: disconnected from %s", ",".join(servers))
+        if link is not None:
+            link.lost()
 
     async def on_reconnected() -> None:
         retry_log.reset()
         log.info("nats: reconnected")
+        if link is not None:
+            link.restored()
 
     backoff = _Backoff(settings, "NATS", settings.nats_server, "NATS_SERVER")
     while True:
@@ -160,6 +209,16 @@ async def _resolve_ipv4(host_port: str) -> str:
     return f"{infos[0][4][0]}:{port}"
 
 
+# gRPC backs off up to 120 s between attempts at a server that went away, so after an
+# etcd outage of a minute the channel could stay down half a minute longer, past every
+# lease. etcd3aio has no parameter for it: its channel options are extended in place.
+_ETCD_RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 async def connect_etcd(settings: RuntimeSettings) -> etcd3aio.Etcd3Client:
     """Connect and prove it with a read, retrying with exponential backoff until the deadline."""
     backoff = _Backoff(settings, "etcd", settings.etcd_endpoints, "ETCD_ENDPOINTS")
@@ -170,6 +229,7 @@ async def connect_etcd(settings: RuntimeSettings) -> etcd3aio.Etcd3Client:
         try:
             endpoints = [await _resolve_ipv4(url) for url in settings.etcd_urls()]
             client = etcd3aio.Etcd3Client(endpoints)
+            client._manager.grpc_options += _ETCD_RECONNECT_OPTIONS
             await client.connect()
             await etcd_service(client.kv).get(ETCD_ROOT.encode(), timeout=min(2.0, max(remaining, 0.1)), max_attempts=1)
             return client

@@ -21,5 +21,16 @@ class InstanceGoneError(WorkerUnavailableError):
     """The chosen instance is not (or no longer) live: it left discovery or stopped answering."""
 
 
+class ConnectionLostError(WorkerUnavailableError):
+    """The NATS connection dropped during a call that had already streamed items: the rest
+    of its frames may be lost. Not the callee's fault: a caller may go on with the same one."""
+
+    worker_at_fault = False
+
+
+class NatsUnavailableError(UnavailableError):
+    """NATS did not come back within `outage_wait_s`: the call was not sent."""
+
+
 class CallTimeoutError(UnavailableError, TimeoutError):
     """A call did not finish within the timeout the caller gave."""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import random
 import time
@@ -30,9 +31,15 @@ from nats.errors import Error as NatsError
 from app.errors import ErrorCode, InternalError, InvalidRequestError, PayloadTooLargeError, TandemError, error_for_code
 from app.protocol import InstanceRecord, names
 from app.runtime import wire
-from app.runtime.connect import confirm_subscriptions
+from app.runtime.connect import NatsLink, confirm_subscriptions
 from app.runtime.discovery import Discovery, PrefixWatch
-from app.runtime.errors import CallTimeoutError, InstanceGoneError, NoInstancesError
+from app.runtime.errors import (
+    CallTimeoutError,
+    ConnectionLostError,
+    InstanceGoneError,
+    NatsUnavailableError,
+    NoInstancesError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,14 @@ _NO_RESPONDERS = object()
 _ACK_TIMEOUT = object()
 _DEADLINE = object()
 _INSTANCE_GONE = object()
+_CONNECTION_LOST = object()
+# A no-responders answer within this of a reconnect is retried (this often): the callee
+# may not have subscribed again yet (each process reconnects at its own pace, every 0.25 s).
+_RESUBSCRIBE_WINDOW_S = 3.0
+_RESUBSCRIBE_POLL_S = 0.1
+# A callee whose record left discovery runs the call still if it is heard from within
+# this (it sends a heartbeat every HEARTBEAT_S while the call runs).
+_PROOF_OF_LIFE_S = 1.5 * wire.HEARTBEAT_S
 _NATS_STATUS = "Status"
 _NO_RESPONDERS_STATUS = "503"
 
@@ -76,6 +91,7 @@ class ServedEndpoint:
         self._key = discovery.instance_key(record.service, record.endpoint, record.instance_id)
         self._requests_sub: Subscription | None = None
         self._control_sub: Subscription | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
         # Keyed by the caller's reply subject: unique per call, unlike request ids.
         self._inflight: dict[str, tuple[asyncio.Task[None], RequestContext]] = {}
         # Calls the end of a drain cancelled (not their callers): they get an error frame.
@@ -86,13 +102,21 @@ class ServedEndpoint:
         self._requests_sub = await self._nc.subscribe(self.record.subject, cb=self._on_request)
         await confirm_subscriptions(self._nc)
         await self._discovery.register(self._key, self.record)
+        self._heartbeats = asyncio.create_task(self._send_heartbeats(), name=f"heartbeats {self.record.subject}")
         log.info("serving %s/%s as %s", self.record.service, self.record.endpoint, self.record.subject)
+
+    async def _send_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(wire.HEARTBEAT_S)
+            for reply in list(self._inflight):
+                with contextlib.suppress(NatsError):
+                    await self._nc.publish(reply, wire.HEARTBEAT)
 
     async def withdraw(self) -> None:
         """Leave discovery now, still answering: callers stop picking this instance at once.
 
-        For an instance that can serve nothing more; its callers' in-flight calls end as
-        its record goes. `stop()` follows.
+        For an instance that can serve nothing more. `stop()` follows, which ends the calls
+        in flight (their callers still hear this instance's heartbeats until then).
         """
         await self._discovery.deregister(self._key)
 
@@ -133,6 +157,9 @@ class ServedEndpoint:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            self._heartbeats = None
         with contextlib.suppress(NatsError):
             await self._nc.flush()  # the last frames leave before the record does
         await self._discovery.deregister(self._key)
@@ -281,21 +308,27 @@ class _ReplyFrames:
 
 
 class _Call:
-    """One outstanding call of this process: the queue its reply frames land in."""
+    """One outstanding call of this process: the queue its reply frames land in, and when
+    the callee was last heard from (any frame, heartbeats included)."""
 
-    __slots__ = ("token", "reply", "queue")
+    __slots__ = ("token", "reply", "queue", "heard_at")
 
     def __init__(self, token: str, reply: str) -> None:
         self.token = token
         self.reply = reply
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.heard_at = -math.inf
 
 
 class ReplyRouter:
-    """One wildcard inbox subscription for every call of the process (no subscribe per call)."""
+    """One wildcard inbox subscription for every call of the process (no subscribe per call).
 
-    def __init__(self, nc: NatsClient) -> None:
+    When the connection drops, every open call is told at once: frames its callee publishes
+    until this side has subscribed again are lost, so none of them may wait for more."""
+
+    def __init__(self, nc: NatsClient, link: NatsLink) -> None:
         self._nc = nc
+        link.on_lost(self._connection_lost)
         self._prefix = names.inbox_prefix(uuid.uuid4().hex)
         self._calls: dict[str, _Call] = {}
         self._tokens = itertools.count()
@@ -320,10 +353,17 @@ class ReplyRouter:
     def close_call(self, call: _Call) -> None:
         self._calls.pop(call.token, None)
 
+    def _connection_lost(self) -> None:
+        for call in self._calls.values():
+            call.queue.put_nowait(_CONNECTION_LOST)
+
     async def _on_reply(self, msg: Msg) -> None:
         call = self._calls.get(msg.subject[len(self._prefix) :])
         if call is None:
             return  # a late frame of a call already given up
+        call.heard_at = time.monotonic()
+        if msg.data == wire.HEARTBEAT:
+            return
         if not msg.data and msg.headers and msg.headers.get(_NATS_STATUS) == _NO_RESPONDERS_STATUS:
             call.queue.put_nowait(_NO_RESPONDERS)
         else:
@@ -341,16 +381,20 @@ class EndpointClient:
     def __init__(
         self,
         nc: NatsClient,
+        link: NatsLink,
         replies: ReplyRouter,
         watch_instances: Callable[[], Awaitable[PrefixWatch[InstanceRecord]]],
         service: str,
         endpoint: str,
         ack_timeout_s: float,
         suspect_for_s: float,
+        outage_wait_s: float,
     ) -> None:
         self.service = service
         self.endpoint = endpoint
         self._nc = nc
+        self._link = link
+        self._outage_wait_s = outage_wait_s
         self._replies = replies
         self._watch_instances = watch_instances
         self._ack_timeout_s = ack_timeout_s
@@ -384,6 +428,17 @@ class EndpointClient:
             self._suspects.pop(instance_id, None)
             for call in self._calls_by_instance.pop(instance_id, ()):
                 call.queue.put_nowait(_INSTANCE_GONE)
+
+    def _look_again(self, instance_id: str, call: _Call) -> asyncio.TimerHandle:
+        """Tell `call` again if `instance_id` still has no record after _PROOF_OF_LIFE_S,
+        or when its record next goes (it came back, then went)."""
+        self._calls_by_instance.setdefault(instance_id, set()).add(call)
+
+        def look() -> None:
+            if self._watch is not None and instance_id not in self._watch.items:
+                call.queue.put_nowait(_INSTANCE_GONE)
+
+        return asyncio.get_running_loop().call_later(_PROOF_OF_LIFE_S, look)
 
     def instance_ids(self) -> list[str]:
         """Live instance ids, not draining ones (empty until the first call, `watch` or
@@ -471,7 +526,10 @@ class EndpointClient:
                 f"request of {len(body)} bytes exceeds the {self._nc.max_payload}-byte message limit of the NATS server"
             )
         excluded: set[str] = set()
+        outage = _Outage(self._link, self._outage_wait_s, f"request {request_id} to {self._name}")
+        yielded = False
         while True:
+            await outage.wait()
             record = self._pick(watch, target, excluded)
             call = self._replies.open()
             self._calls_by_instance.setdefault(record.instance_id, set()).add(call)
@@ -479,12 +537,16 @@ class EndpointClient:
             if timeout is not None:
                 timers.append(loop.call_later(timeout, call.queue.put_nowait, _DEADLINE))
             finished = False
+            gone_at: float | None = None  # when the callee's record last went
             try:
                 await self._nc.publish(record.subject, body, reply=call.reply)
                 first = await call.queue.get()
                 if first is _NO_RESPONDERS:
-                    # The record outlived its process (crash, lease not yet expired): try another.
                     finished = True
+                    if outage.settling():
+                        await asyncio.sleep(_RESUBSCRIBE_POLL_S)
+                        continue
+                    # The record outlived its process (crash, lease not yet expired): try another.
                     self._suspects[record.instance_id] = time.monotonic() + self._suspect_for_s
                     excluded.add(record.instance_id)
                     continue
@@ -497,18 +559,33 @@ class EndpointClient:
                 timers[0].cancel()
                 frame = first
                 while True:
+                    if frame is _CONNECTION_LOST:
+                        if yielded:
+                            raise ConnectionLostError(
+                                f"the NATS connection dropped during request {request_id} to "
+                                f"{record.instance_id} of {self._name}"
+                            )
+                        break  # nothing reached our caller yet: send the call again once NATS is back
                     if frame is _DEADLINE:
                         raise CallTimeoutError(f"request {request_id} to {self._name} exceeded {timeout:g}s")
                     if frame is _INSTANCE_GONE:
-                        raise InstanceGoneError(
-                            f"instance {record.instance_id} of {self._name} left during request {request_id}"
-                        )
+                        if gone_at is not None and call.heard_at < gone_at:
+                            raise InstanceGoneError(
+                                f"instance {record.instance_id} of {self._name} left during request {request_id}"
+                            )
+                        # Its record went: it died, or etcd lost its lease (an outage, a
+                        # partition) while it runs on. A heartbeat before the next look
+                        # tells which.
+                        gone_at = time.monotonic()
+                        timers.append(self._look_again(record.instance_id, call))
                     if isinstance(frame, bytes):
                         kind = frame[0]
                         if kind == wire.FRAME_DATA:
+                            yielded = True
                             yield decoder.decode(memoryview(frame)[1:])
                         elif kind == wire.FRAME_BATCH or kind == wire.FRAME_LAST:
                             items = batch_decoder.decode(memoryview(frame)[1:])
+                            yielded = yielded or bool(items)
                             if kind == wire.FRAME_LAST:
                                 finished = True  # the callee is done: nothing to cancel
                                 for item in items:
@@ -534,6 +611,32 @@ class EndpointClient:
                 if not finished:
                     with contextlib.suppress(NatsError):
                         await self._nc.publish(names.control_subject(record.subject), call.reply.encode())
+
+
+class _Outage:
+    """One call's view of NATS outages: it waits for a lost connection to return, for at
+    most `wait_s` from the first loss, and takes no-responders answers just after a
+    reconnect as a callee not subscribed again yet, not as a dead one."""
+
+    def __init__(self, link: NatsLink, wait_s: float, what: str) -> None:
+        self._link = link
+        self._wait_s = wait_s
+        self._what = what
+        self._since: float | None = None
+
+    def _left(self) -> float:
+        now = time.monotonic()
+        self._since = now if self._since is None else self._since
+        return self._since + self._wait_s - now
+
+    async def wait(self) -> None:
+        if self._link.up:
+            return
+        if not await self._link.wait_up(max(self._left(), 0.0)):
+            raise NatsUnavailableError(f"NATS unreachable for {self._wait_s:g}s: {self._what} not sent")
+
+    def settling(self) -> bool:
+        return self._link.restored_within(_RESUBSCRIBE_WINDOW_S) and self._left() > 0
 
 
 def instance_record(

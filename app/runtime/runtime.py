@@ -15,7 +15,7 @@ from nats.errors import Error as NatsError
 
 from app.node import node_address
 from app.protocol.names import event_subject
-from app.runtime.connect import connect_etcd, connect_nats
+from app.runtime.connect import NatsLink, connect_etcd, connect_nats
 from app.runtime.discovery import Discovery
 from app.runtime.events import EventSubscription
 from app.runtime.requests import EndpointClient, Handler, ReplyRouter, ServedEndpoint, instance_record
@@ -37,7 +37,12 @@ def _check_name(kind: str, name: str) -> None:
 
 class Runtime:
     def __init__(
-        self, settings: RuntimeSettings, nc: NatsClient, etcd: etcd3aio.Etcd3Client, discovery: Discovery
+        self,
+        settings: RuntimeSettings,
+        nc: NatsClient,
+        etcd: etcd3aio.Etcd3Client,
+        discovery: Discovery,
+        link: NatsLink | None = None,
     ) -> None:
         self.settings = settings
         self.namespace = settings.namespace
@@ -45,7 +50,8 @@ class Runtime:
         self.discovery = discovery
         self._nc = nc
         self._etcd = etcd
-        self._replies = ReplyRouter(nc)
+        self._link = link or NatsLink()
+        self._replies = ReplyRouter(nc, self._link)
         self._served: list[ServedEndpoint] = []
         self._clients: dict[tuple[str, str], EndpointClient] = {}
         self._subscriptions: list[EventSubscription[Any]] = []
@@ -56,7 +62,8 @@ class Runtime:
     async def connect(cls, settings: RuntimeSettings | None = None) -> Runtime:
         """Connect to NATS and etcd (retrying up to `connect_timeout_s`), take a lease."""
         settings = settings or RuntimeSettings()
-        nats_task = asyncio.create_task(connect_nats(settings))
+        link = NatsLink()
+        nats_task = asyncio.create_task(connect_nats(settings, link))
         etcd_task = asyncio.create_task(connect_etcd(settings))
         try:
             nc, etcd = await asyncio.gather(nats_task, etcd_task)
@@ -66,7 +73,7 @@ class Runtime:
         discovery = Discovery(etcd, settings.namespace, settings.lease_ttl_s)
         try:
             await discovery.start()
-            runtime = cls(settings, nc, etcd, discovery)
+            runtime = cls(settings, nc, etcd, discovery, link)
             await runtime._replies.start()
         except BaseException:
             await _close_connected(nats_task, etcd_task)
@@ -105,12 +112,14 @@ class Runtime:
             _check_name("endpoint", endpoint)
             client = EndpointClient(
                 self._nc,
+                self._link,
                 self._replies,
                 lambda: self.discovery.watch_instances(service, endpoint),
                 service,
                 endpoint,
                 ack_timeout_s=self.settings.request_ack_timeout_s,
                 suspect_for_s=float(self.settings.lease_ttl_s),
+                outage_wait_s=self.settings.outage_wait_s,
             )
             self._clients[key] = client
         return client

@@ -24,12 +24,19 @@ FRAME_BATCH = 0x42  # "B": a msgpack array of streamed items
 FRAME_LAST = 0x4C  # "L": a msgpack array of streamed items, then the handler finished
 FRAME_END = 0x45  # "E": the handler finished
 FRAME_ERROR = 0x58  # "X": the handler raised; body is an ErrorBody (code, message)
+FRAME_HEARTBEAT = 0x48  # "H": the handler still runs (every HEARTBEAT_S while it does)
+
+# How often a callee tells each of its callers that their calls still run: a caller whose
+# callee's record left discovery goes on with a call it still hears from (etcd lost the
+# lease, not the process).
+HEARTBEAT_S = 1.0
 
 # A batch this large leaves at once, whether or not the handler pauses: frames stay far
 # below NATS's message size limit (1 MiB by default) and the caller gets going.
 MAX_BATCH_BYTES = 64 * 1024
 
 ACCEPTED = bytes([FRAME_ACCEPTED])
+HEARTBEAT = bytes([FRAME_HEARTBEAT])
 END = bytes([FRAME_END])
 DATA_PREFIX = bytes([FRAME_DATA])
 ERROR_PREFIX = bytes([FRAME_ERROR])

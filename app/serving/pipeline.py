@@ -140,7 +140,8 @@ class RequestPipeline:
             # The Frontend's response headers name the worker from the first item.
             output.worker_id = output.worker_id or placement.worker_id
         generated: list[int] = []
-        failed: list[str] = []
+        moves = 0
+        failed: list[str] = []  # the workers not to move to: those that failed it
         try:
             while True:
                 try:
@@ -154,8 +155,11 @@ class RequestPipeline:
                         output = await anext(outputs, None)
                     return
                 except WorkerUnavailableError as exc:
-                    self._may_migrate(request, failed, exc)
-                    failed.append(placement.worker_id)
+                    self._may_migrate(request, moves, exc)
+                    moves += 1
+                    left = placement.worker_id
+                    if exc.worker_at_fault:
+                        failed.append(left)
                     placement.finished()
                     placement = None
                     await outputs.aclose()
@@ -163,13 +167,13 @@ class RequestPipeline:
                     log.warning(
                         "%s: worker %s failed after %d tokens (%s); migrating it (%d of at most %d)",
                         request.request_id,
-                        failed[-1],
+                        left,
                         len(generated),
                         exc,
-                        len(failed),
+                        moves,
                         self._config.migration_limit,
                     )
-                    rest = migration.continuation(request, generated, len(failed))
+                    rest = migration.continuation(request, generated, moves)
                     if rest is None:
                         yield EngineOutput(finish_reason="length")
                         return
@@ -182,9 +186,9 @@ class RequestPipeline:
             if placement is not None:
                 placement.finished()
 
-    def _may_migrate(self, request: PreprocessedRequest, failed: list[str], error: WorkerUnavailableError) -> None:
+    def _may_migrate(self, request: PreprocessedRequest, moves: int, error: WorkerUnavailableError) -> None:
         """Re-raises `error` unless the request may move to another worker once more."""
-        if len(failed) >= self._config.migration_limit:
+        if moves >= self._config.migration_limit:
             raise error
         if (reason := migration.not_migratable(request)) is not None:
             log.info("%s: not migrated (%s)", request.request_id, reason)

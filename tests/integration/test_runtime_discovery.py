@@ -44,9 +44,10 @@ async def test_killed_instance_leaves_within_ttl(make_runtime: MakeRuntime, runt
         child.proc.kill()
         await child.proc.wait()
         assert await _wait_for(lambda: client.instance_ids() == [], timeout=ttl + 2) <= ttl + 2
-        # A stream from the dead instance ends with InstanceGoneError, not a hang.
+        # A stream from the dead instance ends with InstanceGoneError, not a hang: once
+        # no heartbeat came within the proof-of-life window after its record went.
         with pytest.raises(InstanceGoneError):
-            async with asyncio.timeout(1):
+            async with asyncio.timeout(3):
                 async for _ in ticks:
                     pass
     finally:
@@ -133,3 +134,31 @@ async def test_lost_lease_is_granted_again_with_the_records(
 
 async def _answer(payload: object, ctx: RequestContext) -> AsyncGenerator[str, None]:
     yield "ok"
+
+
+async def _pause_between(payload: float, ctx: RequestContext) -> AsyncGenerator[str, None]:
+    yield "before"
+    await asyncio.sleep(payload)  # nothing to send: only heartbeats show that it runs
+    yield "after"
+
+
+async def test_a_stream_goes_on_while_its_live_callee_has_lost_its_record(
+    make_runtime: MakeRuntime, runtime_settings: RuntimeSettings
+) -> None:
+    """etcd drops a live callee's lease (an outage past the TTL, a partition): its record
+    leaves discovery while it runs the call, with nothing to send for a while. The caller,
+    which still hears its heartbeats, waits for the rest instead of giving the call up."""
+    # A long TTL: the callee's keep-alive (every TTL/3) grants the lease again only after
+    # the call has ended, so the record stays away for all of it.
+    server, caller = await make_runtime(lease_ttl_s=30), await make_runtime()
+    await server.serve_endpoint("Phoenix", "pause", _pause_between)
+    client = caller.client("Phoenix", "pause")
+    await client.wait_for_instances(timeout=5)
+    stream = client.stream(4.0)
+    assert await anext(stream) == "before"
+    revoke = [str(ETCDCTL), f"--endpoints={runtime_settings.etcd_endpoints}", "lease", "revoke", server.instance_id]
+    await asyncio.to_thread(subprocess.run, revoke, check=True, capture_output=True, env={"PATH": "/usr/bin:/bin"})
+    await _wait_for(lambda: client.instance_ids() == [], timeout=2)
+    async with asyncio.timeout(10):
+        assert [item async for item in stream] == ["after"]
+    assert client.instance_ids() == []  # the record was away all along

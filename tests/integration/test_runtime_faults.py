@@ -12,7 +12,7 @@ import pytest
 from app.errors import UnavailableError, WorkerUnavailableError
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
-from app.runtime import ConnectError, RequestContext, Runtime
+from app.runtime import ConnectError, NatsUnavailableError, RequestContext, Runtime
 from app.settings import RuntimeSettings
 
 MakeRuntime = Callable[..., Awaitable[Runtime]]
@@ -50,6 +50,29 @@ async def test_survives_nats_restart(make_runtime: MakeRuntime, nats_server: Nat
     job = await queue.pull(timeout=5)  # the JetStream file store kept the job
     assert job is not None and job.data == {"job": 1}
     await job.ack()
+
+
+async def test_a_call_made_while_nats_is_down_waits_for_it_within_the_outage_wait(
+    make_runtime: MakeRuntime, nats_server: NatsServer
+) -> None:
+    server = await make_runtime()
+    patient, hasty = await make_runtime(outage_wait_s=20), await make_runtime(outage_wait_s=1)
+    await server.serve_endpoint("Echo", "echo", _echo)
+    assert await patient.client("Echo", "echo").call("before") == "before"
+    assert await hasty.client("Echo", "echo").call("before") == "before"
+
+    await asyncio.to_thread(nats_server.stop)
+    try:
+        waiting = asyncio.create_task(patient.client("Echo", "echo").call("during"))
+        start = time.monotonic()
+        with pytest.raises(NatsUnavailableError, match="not sent"):
+            await hasty.client("Echo", "echo").call("during")
+        assert 0.9 < time.monotonic() - start < 3
+        assert not waiting.done()
+    finally:
+        await asyncio.to_thread(nats_server.start)
+    # Sent once the connection is back, answered once the callee has subscribed again.
+    assert await asyncio.wait_for(waiting, 15) == "during"
 
 
 async def test_survives_etcd_restart(make_runtime: MakeRuntime, etcd_server: EtcdServer) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from app.runtime import InstanceGoneError, Runtime
+from app.errors import WorkerUnavailableError
+from app.runtime import Runtime
 from app.sdk import ServiceContext, endpoint, on_shutdown, run_service, service
 from app.sdk.config import GraphConfig
 from app.sdk.runner import ServiceFailedError
@@ -28,16 +29,10 @@ class Fragile:
 
     @endpoint
     async def work(self, request: dict[str, Any]) -> AsyncIterator[str]:
-        """Breaks the service, then keeps the call open for as long as its record is listed."""
+        """Breaks the service, then keeps the call open for 5 s."""
         self.ctx.fail("asked to break")
-        records = await self.runtime.discovery.watch_instances("Fragile", "work")
-        try:
-            await records.wait_until(lambda items: not items, timeout=5)
-        except TimeoutError:
-            pass
-        finally:
-            await records.close()
-        yield "done"
+        await asyncio.sleep(5)
+        yield "too late"
 
     @on_shutdown
     async def record(self) -> None:
@@ -52,10 +47,14 @@ async def test_a_failing_service_leaves_discovery_before_it_stops_and_its_runner
     client = caller.client("Fragile", "work")
     await client.wait_for_instances(timeout=10)
 
-    # Out of discovery at once, while its handler still ran: the caller hears of it then
-    # (an in-flight call to an instance that left fails), not after the handler's 5 s.
-    with pytest.raises(InstanceGoneError):
+    # Out of discovery at once, while its handler still ran, and then stopped: the call in
+    # flight ends with worker_unavailable then (its caller's pipeline would move it to
+    # another worker), not after the handler's 5 s.
+    start = asyncio.get_running_loop().time()
+    with pytest.raises(WorkerUnavailableError, match="stopped before the call ended"):
         await client.call({})
+    assert asyncio.get_running_loop().time() - start < 4
+    assert client.instance_ids() == []
 
     with pytest.raises(ServiceFailedError, match="asked to break"):
         await asyncio.wait_for(served, timeout=30)
