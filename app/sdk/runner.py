@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
+import threading
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -91,6 +94,25 @@ async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> 
     return None
 
 
+async def _start(instance: Any, hooks: list[str]) -> bool:
+    for hook in hooks:
+        await getattr(instance, hook)()
+    return True
+
+
+def _leave_without_threads(status: int) -> None:
+    """Exit now if a thread still runs: an engine load (`asyncio.to_thread`) that a SIGTERM
+    during start-up left behind cannot be cancelled, and the interpreter would wait for
+    it at exit, minutes for a large model. The engine processes it started are ended by
+    app.launch.leftovers' guard when this process is gone."""
+    if any(thread.is_alive() for thread in threading.enumerate() if thread is not threading.main_thread()):
+        log.info("leaving without waiting for %d thread(s)", threading.active_count() - 1)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
 async def run_service(
     cls: type[Any],
     config: GraphConfig,
@@ -133,6 +155,7 @@ async def run_service(
         return
     runtime = connected
     log.info("connected: instance %s, namespace %s", runtime.instance_id, runtime.namespace)
+    interrupted = False  # by a stop during the start hooks
     try:
         # Injected before __init__ so that a service may use its config there already.
         # Any: the attributes below are the runner's to set on whatever class the service is.
@@ -141,8 +164,10 @@ async def run_service(
         instance.runtime = runtime
         instance.ctx = ctx
         instance.__init__()
-        for hook in spec.on_start:
-            await getattr(instance, hook)()
+        if await _unless_stopped(_start(instance, spec.on_start), stop) is None:
+            log.info("stopped during start-up")
+            interrupted = True
+            return
         served = []
         try:
             for ep in spec.endpoints.values():
@@ -180,5 +205,7 @@ async def run_service(
         for sig in handled_signals:
             loop.remove_signal_handler(sig)
         log.info("stopped")
+        if interrupted and handled_signals:
+            _leave_without_threads(1 if failures else 0)
     if failures:
         raise ServiceFailedError(failures[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -91,3 +92,17 @@ class Greeter(Service):
 
 
 Greeter.link(Echo)
+
+
+@service
+class SlowStart(Service):
+    """Starts as a large model's engine loads: a minute in a thread nothing can cancel."""
+
+    @on_start
+    async def load(self) -> None:
+        log.info("loading")
+        await asyncio.to_thread(time.sleep, 60)
+
+    @endpoint
+    async def never(self, request: dict[str, Any]) -> AsyncIterator[str]:
+        yield "loaded"

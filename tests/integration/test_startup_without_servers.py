@@ -1,5 +1,6 @@
 """Start-up while NATS or etcd cannot be reached: one clear line, SIGTERM obeyed at once,
-and `tandem serve` giving up with the server's name instead of restarting services forever."""
+and `tandem serve` giving up with the server's name instead of restarting services forever;
+SIGTERM obeyed at once during a long engine load too."""
 
 from __future__ import annotations
 
@@ -80,3 +81,30 @@ def test_tandem_serve_without_nats_exits_non_zero_naming_it_and_starts_nothing(e
     assert f"error: cannot reach NATS at {closed} within 3s" in result.stderr
     assert "nothing started" in result.stderr
     assert "supervisord" not in result.stdout + result.stderr  # no service was ever spawned
+
+
+def test_sigterm_during_a_load_in_a_thread_ends_the_service_at_once(nats_server, etcd_server, tmp_path: Path) -> None:
+    log_path = tmp_path / "service.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.sdk.process", "tests.integration.echo_graph:SlowStart"],
+            cwd=REPO,
+            env=_environment(etcd_server.url, nats_server.url),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "loading" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - sent < 2, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert "stopped during start-up" in log and "leaving without waiting for" in log, log
