@@ -539,7 +539,12 @@ class EndpointClient:
             finished = False
             gone_at: float | None = None  # when the callee's record last went
             try:
-                await self._nc.publish(record.subject, body, reply=call.reply)
+                try:
+                    await self._nc.publish(record.subject, body, reply=call.reply)
+                except NatsError as exc:
+                    # Closed, or the reconnect buffer is full: a 503 that says so, not a 500.
+                    finished = True
+                    raise NatsUnavailableError(f"{self._name}: request {request_id} not sent ({exc!r})") from exc
                 first = await call.queue.get()
                 if first is _NO_RESPONDERS:
                     finished = True

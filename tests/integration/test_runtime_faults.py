@@ -124,3 +124,14 @@ async def test_connect_gives_up_after_the_timeout_naming_the_address(
         elapsed = time.monotonic() - start
         assert 0.9 <= elapsed < 4, elapsed
         assert address in str(caught.value)
+
+
+async def test_a_call_on_a_closed_nats_connection_is_a_503_not_a_500(make_runtime: MakeRuntime) -> None:
+    server, caller = await make_runtime(), await make_runtime()
+    await server.serve_endpoint("Echo", "echo", _echo)
+    client = caller.client("Echo", "echo")
+    assert await client.call("before") == "before"
+    await caller._nc.close()
+    with pytest.raises(NatsUnavailableError, match="not sent") as caught:
+        await client.call("after")
+    assert caught.value.status == 503
