@@ -20,7 +20,7 @@ from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.engines.base import EngineDeadError
 from app.engines.choices import generate_choices
 from app.engines.host import EngineHost, WorkerConfig
-from app.protocol import EngineOutput, PrefillAnswer, PreprocessedRequest, names
+from app.protocol import EngineOutput, PrefillAnswer, PrefillWanted, PreprocessedRequest, names
 from app.runtime import Runtime
 from app.sdk import Service, ServiceContext, endpoint, on_shutdown, on_start, service
 
@@ -89,6 +89,11 @@ class VllmWorker(Service):
     async def prefill_done(self, answer: PrefillAnswer) -> AsyncIterator[bool]:
         """A PrefillWorker's answer; True if a request still waited for it."""
         yield self._remote_prefill is not None and self._remote_prefill.deliver(answer)
+
+    @endpoint(request=PrefillWanted)
+    async def prefill_wanted(self, question: PrefillWanted) -> AsyncIterator[float]:
+        """Seconds this worker still waits for the job's answer; 0 when it does not."""
+        yield 0.0 if self._remote_prefill is None else self._remote_prefill.time_left(question.job_id)
 
     @on_shutdown
     async def stop(self) -> None:

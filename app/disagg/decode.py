@@ -22,25 +22,33 @@ from app.runtime.workqueue import WorkQueue
 
 
 class PendingPrefills:
-    """One-shot slots for answers the decode worker awaits, by job id."""
+    """One-shot slots for answers the decode worker awaits, by job id, each with the
+    moment (this process's monotonic clock) it gives up."""
 
     def __init__(self) -> None:
-        self._slots: dict[str, asyncio.Future[PrefillAnswer]] = {}
+        self._slots: dict[str, tuple[asyncio.Future[PrefillAnswer], float]] = {}
 
-    def open(self, job_id: str) -> asyncio.Future[PrefillAnswer]:
+    def open(self, job_id: str, timeout_s: float) -> asyncio.Future[PrefillAnswer]:
         slot: asyncio.Future[PrefillAnswer] = asyncio.get_running_loop().create_future()
-        self._slots[job_id] = slot
+        self._slots[job_id] = (slot, time.monotonic() + timeout_s)
         return slot
 
     def close(self, job_id: str) -> None:
         self._slots.pop(job_id, None)
 
+    def time_left(self, job_id: str) -> float:
+        """Seconds the job's answer is still awaited; 0 when it is not (any more)."""
+        entry = self._slots.get(job_id)
+        if entry is None or entry[0].done():
+            return 0.0
+        return max(entry[1] - time.monotonic(), 0.0)
+
     def deliver(self, answer: PrefillAnswer) -> bool:
         """Hand the answer to its waiter; False if nobody waits for it any more (late, or twice)."""
-        slot = self._slots.pop(answer.job_id, None)
-        if slot is None or slot.done():
+        entry = self._slots.pop(answer.job_id, None)
+        if entry is None or entry[0].done():
             return False
-        slot.set_result(answer)
+        entry[0].set_result(answer)
         return True
 
 
@@ -93,7 +101,7 @@ class RemotePrefill:
             return None
         job_id = uuid.uuid4().hex
         timeout = self._timeout_s
-        answer = self._pending.open(job_id)
+        answer = self._pending.open(job_id, timeout)
         try:
             job = PrefillJob(
                 job_id=job_id,
@@ -120,3 +128,7 @@ class RemotePrefill:
     def deliver(self, answer: PrefillAnswer) -> bool:
         """A PrefillWorker's answer; True if a request still waited for it."""
         return self._pending.deliver(answer)
+
+    def time_left(self, job_id: str) -> float:
+        """Seconds a job's answer is still awaited (0: not any more), on this node's clock."""
+        return self._pending.time_left(job_id)

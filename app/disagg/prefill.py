@@ -4,8 +4,8 @@ Each job is a decode worker's request (app/protocol/prefill.py has the whole han
 The engine prefills it with `max_tokens=1` and `kv_transfer_params={"do_remote_decode":
 true}`, keeps the KV, and returns where to fetch it; the job's answer goes to the decode
 worker's `prefill_done` with those params and this worker's instance id, then the job is
-acked. A failed prefill is nak'ed for redelivery; a job past its deadline is acked and
-skipped (its decode worker already prefilled locally).
+acked. A failed prefill is nak'ed for redelivery; a job its decode worker no longer waits
+for (it prefilled locally, or is gone) is acked and skipped.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from prometheus_client import CollectorRegistry
 
 from app.aio import cancel_and_wait
 from app.metrics import CounterView
-from app.protocol import PREFILL_ACK_WAIT_S, EngineOutput, PrefillAnswer, PrefillJob, PreprocessedRequest, names
+from app.protocol import (
+    PREFILL_ACK_WAIT_S,
+    EngineOutput,
+    PrefillAnswer,
+    PrefillJob,
+    PrefillWanted,
+    PreprocessedRequest,
+    names,
+)
 from app.runtime import Runtime
 from app.runtime.workqueue import Job, WorkQueue
 
@@ -54,7 +62,7 @@ def prefill_request(request: PreprocessedRequest, attempt: int) -> PreprocessedR
 class PrefillJobs:
     def __init__(self, runtime: Runtime, generate: Generate, concurrency: int, registry: CollectorRegistry) -> None:
         """`generate`: the engine's stream (its host's); `concurrency`: jobs in the engine at once.
-        `counts` (done, failed, expired, undelivered) also go to `registry`."""
+        `counts` (done, failed, expired, undelivered, errors) also go to `registry`."""
         self._runtime = runtime
         self._generate = generate
         self._concurrency = concurrency
@@ -81,17 +89,26 @@ class PrefillJobs:
                 log.exception("pulling from the prefill queue failed")
                 await asyncio.sleep(1.0)
                 continue
-            if job is not None:
+            if job is None:
+                continue
+            try:
                 await self._handle(job)
+            except Exception:
+                # An ack, nak or answer that failed (NATS slow or away) costs this job a
+                # redelivery at most, never the puller: it goes on with the next one.
+                self.counts["errors"] += 1
+                log.exception("request %s: prefill job failed; JetStream redelivers it", job.data.request.request_id)
 
     async def _handle(self, job: Job) -> None:
         data: PrefillJob = job.data
         request_id = data.request.request_id
-        if time.time() > data.deadline:
+        left_s = await self._time_left(data)
+        if left_s <= 0:
             self.counts["expired"] += 1
-            log.info("request %s: prefill job past its deadline, skipped", request_id)
+            log.info("request %s: its decode worker waits no more; prefill job skipped", request_id)
             await job.ack()
             return
+        answer_by = time.monotonic() + left_s
         heartbeat = asyncio.create_task(self._keep_in_progress(job))
         try:
             params = await self._prefill(prefill_request(data.request, job.redeliveries))
@@ -108,7 +125,7 @@ class PrefillJobs:
         # The decode worker waits for this answer until the job's deadline: until then a slow
         # accept (its process busy) is no reason to give up on it. A decode process that is
         # gone answers at once (NATS: no responders).
-        answer_within = max(data.deadline - time.time(), _ANSWER_TIMEOUT_S)
+        answer_within = max(answer_by - time.monotonic(), _ANSWER_TIMEOUT_S)
         try:
             taken = await self._runtime.client(names.VLLM_WORKER, names.PREFILL_DONE).call(
                 answer, target=data.decode_worker_id, timeout=answer_within, accept_timeout=answer_within
@@ -127,6 +144,23 @@ class PrefillJobs:
         )
         await job.ack()
 
+    async def _time_left(self, job: PrefillJob) -> float:
+        """How long the job's decode worker still waits, by its own clock: no clocks of two
+        nodes are compared. 0 when it waits no more or cannot be asked (gone)."""
+        try:
+            left = await self._runtime.client(names.VLLM_WORKER, names.PREFILL_WANTED).call(
+                PrefillWanted(job_id=job.job_id),
+                target=job.decode_worker_id,
+                timeout=_ANSWER_TIMEOUT_S,
+                response_type=float,
+            )
+        except Exception as exc:
+            log.info(
+                "request %s: decode worker %s cannot be asked (%s)", job.request.request_id, job.decode_worker_id, exc
+            )
+            return 0.0
+        return float(left or 0.0)
+
     async def _prefill(self, request: PreprocessedRequest) -> dict[str, Any]:
         params = None
         async with contextlib.aclosing(self._generate(request)) as outputs:
@@ -141,4 +175,7 @@ class PrefillJobs:
     async def _keep_in_progress(job: Job) -> None:
         while True:
             await asyncio.sleep(PREFILL_ACK_WAIT_S / 2)
-            await job.in_progress()
+            try:
+                await job.in_progress()
+            except Exception as exc:  # the next beat may pass; if none does, a redelivery
+                log.warning("request %s: prefill job heartbeat failed (%s)", job.data.request.request_id, exc)

@@ -24,7 +24,7 @@ from app.protocol.events import (
     PlacementKind,
     PlacementMessage,
 )
-from app.protocol.prefill import PREFILL_ACK_WAIT_S, PrefillAnswer, PrefillJob
+from app.protocol.prefill import PREFILL_ACK_WAIT_S, PrefillAnswer, PrefillJob, PrefillWanted
 from app.protocol.requests import (
     EchoedPrompt,
     EngineOutput,
@@ -62,6 +62,7 @@ __all__ = [
     "PlacementMessage",
     "PrefillAnswer",
     "PrefillJob",
+    "PrefillWanted",
     "PreprocessedRequest",
     "PromptLogprob",
     "RankedLogprob",

@@ -15,10 +15,14 @@ The hand-off, one request at a time:
 3. The decode worker waits for the answer until the job's deadline. With the answer, its
    engine pulls the KV over NIXL and decodes; without it (timeout, error), it prefills
    locally. An answer that arrives after that is discarded: each slot is used at most
-   once, and a PrefillWorker skips jobs past their deadline. The KV a discarded answer
-   points at is freed by the prefill engine when its lease runs out (vLLM, about 30 s).
+   once. Before it prefills, a PrefillWorker asks the decode worker (`prefill_wanted`)
+   how long it will still wait, and skips a job nobody waits for any more (the decode
+   worker gave up, or is gone). The KV a discarded answer points at is freed by the
+   prefill engine when its lease runs out (vLLM, about 30 s).
 
-Deadlines are wall-clock times, so decode and prefill nodes need roughly synced clocks.
+No clock is compared across nodes: the time left is measured on the decode worker's
+clock and taken by the PrefillWorker as a span on its own (a prefill node whose clock is
+a minute ahead takes its jobs all the same).
 """
 
 from __future__ import annotations
@@ -40,7 +44,15 @@ class PrefillJob(msgspec.Struct, kw_only=True):
     request: PreprocessedRequest
     # The VllmWorker instance waiting for the answer (its `prefill_done` endpoint).
     decode_worker_id: str
-    deadline: float  # wall clock (time.time()); the decode worker gives up after it
+    # Wall clock (time.time()) when the decode worker gives up: for logs and older
+    # PrefillWorkers only, as clocks differ across nodes (`prefill_wanted` is what counts).
+    deadline: float
+
+
+class PrefillWanted(msgspec.Struct, kw_only=True):
+    """A PrefillWorker's question to a job's decode worker before it prefills the job."""
+
+    job_id: str
 
 
 class PrefillAnswer(msgspec.Struct, kw_only=True):

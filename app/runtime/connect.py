@@ -171,6 +171,11 @@ async def connect_nats(settings: RuntimeSettings, link: NatsLink | None = None) 
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0,
                 connect_timeout=2,
+                # A link that went dead (a node cut off) is noticed within ~10 s, and the
+                # connection made anew as soon as it is back, not after TCP's retransmission
+                # backoff (12-16 s after a 15 s cut, measured; nats-py pings every 120 s).
+                ping_interval=3,
+                max_outstanding_pings=3,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,

@@ -37,7 +37,9 @@ class Job:
         self._msg = msg
 
     async def ack(self) -> None:
-        await self._msg.ack_sync()
+        # Confirmed (nats-py's default wait is 1 s, short on a loaded node): a job acked
+        # without it may be redelivered, which costs a prefill, not a request.
+        await self._msg.ack_sync(timeout=_ACK_CONFIRM_S)
 
     async def nak(self, delay: float = 0) -> None:
         await self._msg.nak(delay=delay or None)
@@ -45,6 +47,9 @@ class Job:
     async def in_progress(self) -> None:
         """Restart the ack_wait clock for a long job."""
         await self._msg.in_progress()
+
+
+_ACK_CONFIRM_S = 5.0
 
 
 class WorkQueue:

@@ -63,13 +63,16 @@ async def test_policy_follows_the_live_thresholds_and_ignores_invalid_ones() -> 
 
 async def test_an_answer_is_taken_once_and_a_late_one_is_discarded() -> None:
     pending = PendingPrefills()
-    slot = pending.open("job")
+    slot = pending.open("job", timeout_s=30)
+    assert 29 < pending.time_left("job") <= 30
     answer = PrefillAnswer(job_id="job", prefill_worker_id="p1", kv_transfer_params={"remote_engine_id": "e"})
     assert pending.deliver(answer) is True
     assert (await asyncio.wait_for(slot, 1)).prefill_worker_id == "p1"
     assert pending.deliver(answer) is False  # redelivered job answered twice
-    pending.open("gone")
+    assert pending.time_left("job") == 0  # answered: a redelivery of it is skipped
+    pending.open("gone", timeout_s=30)
     pending.close("gone")  # the decode worker gave up and prefilled locally
+    assert pending.time_left("gone") == 0
     assert pending.deliver(PrefillAnswer(job_id="gone", prefill_worker_id="p1", kv_transfer_params={})) is False
 
 

@@ -73,6 +73,7 @@ SAMPLES: dict[str, Any] = {
     ],
     "PrefillJob": protocol.PrefillJob(job_id="j", request=REQUEST, decode_worker_id="d", deadline=1.25),
     "PrefillAnswer": protocol.PrefillAnswer(job_id="j", prefill_worker_id="p", kv_transfer_params={"x": [1]}),
+    "PrefillWanted": protocol.PrefillWanted(job_id="j"),
     "InstanceRecord": protocol.InstanceRecord(
         namespace="ns",
         service="S",
@@ -140,6 +141,7 @@ GOLDEN = {
     "PrefillAnswer": (
         "83a66a6f625f6964a16ab170726566696c6c5f776f726b65725f6964a170b26b765f7472616e736665725f706172616d7381a1789101"
     ),
+    "PrefillWanted": "81a66a6f625f6964a16a",
     "InstanceRecord": (
         "88a96e616d657370616365a26e73a773657276696365a153a8656e64706f696e74a165ab696e7374616e63655f6964a1"
         "31a77375626a656374af74616e64656d2e6e732e532e652e31a4686f7374a168a370696409a86d6574616461746181a1"
