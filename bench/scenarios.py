@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
+import signal
 import statistics
 import sys
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,10 +30,11 @@ import yaml
 from app.launch.ports import free_port
 from app.openai.schema import ChatCompletionRequest, parse_request
 from app.preprocess import Preprocessor
+from app.protocol import names
 from app.router.hashing import block_hashes
 from bench.harness.cli import Benchmark, Layout, Plane, Run, Servable, cells, main, met, table, with_requests
-from bench.harness.load import LoadConfig, Phase, RequestResult, Summary, median_rows, run_load, summarize
-from testbed.graphs import REPO, ServedProcess
+from bench.harness.load import LoadConfig, Phase, RequestResult, Summary, drive, median_rows, run_load, summarize
+from testbed.graphs import REPO, ServedGraph, ServedProcess
 
 log = logging.getLogger(__name__)
 
@@ -401,12 +408,283 @@ class RequestPath(Benchmark):
         return lines
 
 
+# -- Soak: the shipped mocker config under a steady load, one worker SIGKILLed every --kill-every.
+
+SOAK_LAYOUT = Layout(MOCKERS, 8, routers=2)  # the shipped config as it is
+SOAK_COLUMNS = (
+    ("request_throughput", "{:.1f}"),
+    ("ttft_p50_s", "{:.0f} ms"),
+    ("ttft_p99_s", "{:.0f} ms"),
+    ("e2e_p50_s", "{:.0f} ms"),
+    ("e2e_p99_s", "{:.0f} ms"),
+)
+RSS_TARGET = 0.05  # the most a process's RSS may grow after the warm-up (issue 15)
+# RSS is sampled this often, and each end's figure is a process's median over this long: one sample is one
+# moment of a garbage collector's cycle (Go's, in etcd and nats-server, lets the heap double between two).
+RSS_EVERY_S, RSS_WINDOW_S = 5.0, 30.0
+RssSample = dict[tuple[str, int], int]  # bytes by (service or program, pid)
+# Throughput is back from the first window of this length after a kill whose completions per second reach
+# this share of those in the half minute before the kill.
+BACK_WINDOW_S, BACK_BASELINE_S, BACK_SHARE = 5.0, 30.0, 0.9
+
+
+@dataclass(frozen=True)
+class Kill:
+    """A worker SIGKILLed and what followed it: times in seconds after the kill (NaN: not before the next)."""
+
+    at_s: float  # after the warm-up
+    worker: str  # its instance id
+    pid: int
+    streams: int  # of the load's requests, those the worker was streaming at the kill
+    failed: int  # of them
+    longest_stall_s: float  # the longest gap between two text chunks of any of them
+    replaced_s: float  # until supervisord's new process registered its instance
+    replacement_first_token_s: float  # until a request the replacement took got its first text
+    throughput_back_s: float
+
+
+@dataclass(frozen=True)
+class ProcessRss:
+    """A process's resident memory after the warm-up and at the end (bytes; None: it was not there then)."""
+
+    process: str  # its service, or its program (tandem, supervisord, nats-server, etcd)
+    pid: int
+    after_warmup: int | None  # None: started since, a killed worker's replacement
+    at_end: int | None  # None: killed
+    # at_end / after_warmup - 1; a replacement's over the median of its service's processes after the warm-up.
+    growth: float
+
+
+@dataclass
+class SoakRun(Phase):
+    kills: list[Kill] = field(default_factory=list)
+    processes: list[ProcessRss] = field(default_factory=list)
+
+
+def rss_rows(after_warmup: RssSample, at_end: RssSample) -> list[ProcessRss]:
+    """One row per (process, pid) sampled in either, by process then pid."""
+    by_process: dict[str, list[int]] = {}
+    for (name, _), rss in after_warmup.items():
+        by_process.setdefault(name, []).append(rss)
+    rows = []
+    for name, pid in sorted({*after_warmup, *at_end}):
+        before, end = after_warmup.get((name, pid)), at_end.get((name, pid))
+        baseline = before if before is not None else statistics.median(by_process.get(name) or [math.nan])
+        rows.append(ProcessRss(name, pid, before, end, end / baseline - 1 if end is not None else math.nan))
+    return rows
+
+
+def throughput_back_s(finished_at: Sequence[float], kill_at: float, until: float) -> float:
+    """Seconds from the kill to the first BACK_WINDOW_S window (in steps of a tenth of it) whose completions
+    per second reach BACK_SHARE of those in the BACK_BASELINE_S before the kill; 0 if the first one does.
+    `finished_at` sorted; NaN if no window ending by `until` does."""
+    baseline = bisect.bisect_left(finished_at, kill_at) - bisect.bisect_left(finished_at, kill_at - BACK_BASELINE_S)
+    wanted = BACK_SHARE * baseline / BACK_BASELINE_S * BACK_WINDOW_S
+    for step in itertools.count():
+        start = kill_at + step * BACK_WINDOW_S / 10
+        if start + BACK_WINDOW_S > until:
+            return math.nan
+        done = bisect.bisect_left(finished_at, start + BACK_WINDOW_S) - bisect.bisect_left(finished_at, start)
+        if done >= wanted:
+            return start - kill_at
+    raise AssertionError("unreachable")
+
+
+def kill_report(
+    results: Sequence[RequestResult],
+    started: float,
+    killed: tuple[str, int, float],
+    replacement: tuple[str | None, float],
+    until: float,
+) -> Kill:
+    """A kill's row: `killed` is (worker, pid, when), `replacement` (its instance, when it registered),
+    `until` when the next kill or the end came; times are time.perf_counter()'s, as the results' are."""
+    worker, pid, at = killed
+    new_worker, registered_at = replacement
+    streams = [r for r in results if r.worker == worker and r.sent_at <= at < r.sent_at + r.e2e_s]
+    first_tokens = [r.sent_at + r.ttft_s for r in results if r.worker == new_worker and r.ttft_s is not None]
+    finished = sorted(r.sent_at + r.e2e_s for r in results if r.ok)
+    return Kill(
+        at_s=at - started,
+        worker=worker,
+        pid=pid,
+        streams=len(streams),
+        failed=sum(not r.ok for r in streams),
+        longest_stall_s=max((gap for r in streams for gap in r.itl_s), default=math.nan),
+        replaced_s=registered_at - at,
+        replacement_first_token_s=min(first_tokens, default=math.nan) - at,
+        throughput_back_s=throughput_back_s(finished, at, until),
+    )
+
+
+def window_medians(samples: Sequence[tuple[float, RssSample]], start: float, stop: float) -> RssSample:
+    """Each process's median over the samples taken (the float: when) within [start, stop]."""
+    within: dict[tuple[str, int], list[int]] = {}
+    for at, sample in samples:
+        if start <= at <= stop:
+            for key, rss in sample.items():
+                within.setdefault(key, []).append(rss)
+    return {key: int(statistics.median(values)) for key, values in within.items()}
+
+
+def graph_rss(run: Run) -> RssSample:
+    """The RSS of every live process of the graph (`tandem serve`, its supervisord, the services) and of
+    NATS and etcd, by (service or program, pid)."""
+    graph = run.graph
+    services = {pid: service for service, pids in graph.service_pids().items() for pid in pids}
+    assert graph.process is not None and run.nats.pid is not None and run.etcd.pid is not None
+    others = [psutil.Process(pid) for pid in (graph.process.pid, run.nats.pid, run.etcd.pid)]
+    rss = {}
+    for process in [*others, *graph.descendants()]:  # seen since the start: the killed too
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running():  # and its PID not taken by another since
+                rss[services.get(process.pid) or process.name(), process.pid] = process.memory_info().rss
+    return rss
+
+
+async def replacement(graph: ServedGraph, known: set[str], until: float) -> tuple[str | None, float]:
+    """The first worker instance not in `known` and when it was seen; (None, NaN) if none by `until`."""
+    while time.perf_counter() < until:
+        if new := set(await graph.instances(names.VLLM_WORKER)) - known:
+            return min(new), time.perf_counter()
+        await asyncio.sleep(0.5)
+    return None, math.nan
+
+
+class Soak(Benchmark):
+    section = "## Soak (mockers, a worker SIGKILLed every few minutes)"
+    layouts: ClassVar[Mapping[str, Servable]] = {"soak": SOAK_LAYOUT}
+    load = dataclasses.replace(MOCKER_LOAD, concurrency=32)
+    runs = 1
+
+    @staticmethod
+    def add_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--duration", type=float, default=1200.0, help="soak: seconds measured, after the warm-up")
+        parser.add_argument("--kill-every", type=float, default=300.0, help="soak: seconds between worker kills")
+        parser.add_argument("--warmup", type=float, default=60.0, help="soak: seconds of load before the RSS baseline")
+
+    async def measure(self, run: Run) -> list[Phase]:
+        args, graph = run.args, run.graph
+        load = run.load(max_duration_s=args.warmup + args.duration)
+        # The streams each worker serves now, as the client sees them. (Not the workers' load reports, sent
+        # once a second: in a trial the worker whose report said 7 was streaming none of the load's requests.)
+        streaming: Counter[str] = Counter()
+        driving = asyncio.create_task(drive(load, load.endless_bodies(), streaming))
+        await asyncio.sleep(args.warmup)
+        started = time.perf_counter()
+        samples: list[tuple[float, RssSample]] = []  # when, what
+
+        async def sample_rss() -> None:
+            while True:
+                samples.append((time.perf_counter(), graph_rss(run)))
+                await asyncio.sleep(RSS_EVERY_S)
+
+        sampling = asyncio.create_task(sample_rss())
+        end, known = started + args.duration, set(await graph.instances(names.VLLM_WORKER))
+        killed: set[str] = set()
+        kills: list[tuple[tuple[str, int, float], tuple[str | None, float], float]] = []  # kill_report's arguments
+        kill_at = [started + args.kill_every * k for k in range(1, math.ceil(args.duration / args.kill_every))]
+        for at, until in zip(kill_at, [*kill_at[1:], end], strict=True):
+            await asyncio.sleep(at - time.perf_counter())
+            # The worker streaming the most requests (a killed one's record stays for up to a lease TTL);
+            # its record in etcd names its PID.
+            records = await graph.instances(names.VLLM_WORKER)
+            worker = max(records.keys() - killed, key=lambda w: streaming[w])
+            os.kill(records[worker].pid, signal.SIGKILL)
+            victim = (worker, records[worker].pid, time.perf_counter())
+            killed.add(worker)
+            log.info("kill %d: SIGKILLed worker %s (pid %d)", len(killed), worker, victim[1])
+            new = await replacement(graph, known, until)
+            known |= set(await graph.instances(names.VLLM_WORKER))
+            kills.append((victim, new, until))
+        await asyncio.sleep(end - time.perf_counter())
+        sampling.cancel()
+        samples.append((time.perf_counter(), last := graph_rss(run)))
+        after_warmup = window_medians(samples, started, started + RSS_WINDOW_S)
+        at_end = {key: rss for key, rss in window_medians(samples, end - RSS_WINDOW_S, math.inf).items() if key in last}
+        results, wall_s = await driving
+        summary = summarize(results, wall_s)
+        log.info("soak: %d requests, %d failed", summary.requests, summary.failed)
+        rows = [kill_report(results, started, *kill) for kill in kills]
+        return [SoakRun((run.layout,), summary, kills=rows, processes=rss_rows(after_warmup, at_end))]
+
+    def render(self, phases: list[Phase], args: argparse.Namespace) -> list[str]:
+        lines = []
+        for soak in phases:
+            assert isinstance(soak, SoakRun)
+            s, kills, processes = soak.summary, soak.kills, soak.processes
+            load = dataclasses.replace(self.load, requests=s.requests).describe()
+            most = max((p for p in processes if not math.isnan(p.growth)), key=lambda p: p.growth)
+            lines += [
+                f"Load: {load}, a closed loop for {args.warmup:g} s of warm-up and {args.duration:g} s measured; "
+                f"one of the {SOAK_LAYOUT.workers} workers SIGKILLed every {args.kill_every:g} s.",
+                "",
+                *table(
+                    "requests | failed (target 0) | kills | requests/s | TTFT p50 | TTFT p99 | e2e p50 | e2e p99",
+                    [
+                        [
+                            f"{s.requests}",
+                            f"{s.failed} {met(s.failed == 0)}",
+                            f"{len(kills)}",
+                            *cells({name: soak.figure(name) for name, _ in SOAK_COLUMNS}, SOAK_COLUMNS),
+                        ]
+                    ],
+                ),
+                "",
+                "Each kill, and in seconds after it: when the killed worker's replacement registered and streamed "
+                f"its first token, and when the completions of a {BACK_WINDOW_S:g} s window were back to "
+                f"{BACK_SHARE:.0%} of those in the {BACK_BASELINE_S:g} s before the kill:",
+                "",
+                *table(
+                    "kill | at (s) | worker (pid) | its streams | of them failed | longest stall | replacement "
+                    "registered | its first token | throughput back",
+                    [
+                        [
+                            str(i),
+                            f"{k.at_s:.0f}",
+                            f"{k.worker} ({k.pid})",
+                            str(k.streams),
+                            str(k.failed),
+                            f"{k.longest_stall_s:.2f} s",
+                            f"{k.replaced_s:.1f}",
+                            f"{k.replacement_first_token_s:.1f}",
+                            f"{k.throughput_back_s:.1f}",
+                        ]
+                        for i, k in enumerate(kills, 1)
+                    ],
+                ),
+                "",
+                f"RSS of every process (MiB), after the warm-up and at the end: medians of samples every "
+                f"{RSS_EVERY_S:g} s over the first and the last {RSS_WINDOW_S:g} s measured; a replacement's growth "
+                "is over the median of its service's processes after the warm-up:",
+                "",
+                *table(
+                    f"process | pid | after warm-up | at the end | growth (target < {RSS_TARGET:.0%})",
+                    [
+                        [
+                            p.process,
+                            str(p.pid),
+                            f"{p.after_warmup / 2**20:.1f}" if p.after_warmup is not None else "(replacement)",
+                            f"{p.at_end / 2**20:.1f}" if p.at_end is not None else "(killed)",
+                            f"{p.growth:+.1%} {met(p.growth < RSS_TARGET)}" if not math.isnan(p.growth) else "",
+                        ]
+                        for p in processes
+                    ],
+                ),
+                "",
+                f"Largest growth: {most.growth:+.1%} ({most.process}, pid {most.pid}); "
+                f"target < {RSS_TARGET:.0%}: {met(most.growth < RSS_TARGET)}.",
+            ]
+        return lines
+
+
 BENCHMARKS = {
     "routing": Routing(),
     "disagg": Disagg(),
     "disagg-vllm": DisaggVllm(),
     "vs-direct": VsDirect(),
     "request-path": RequestPath(),
+    "soak": Soak(),
 }
 
 if __name__ == "__main__":

@@ -157,6 +157,7 @@ class Run:
     server: ServedProcess
     number: int  # 1 .. --runs
     nats: NatsServer
+    etcd: EtcdServer
 
     @property
     def graph(self) -> ServedGraph:
@@ -180,6 +181,11 @@ class Benchmark:
     layouts: ClassVar[Mapping[str, Servable]]
     load: ClassVar[LoadConfig]
     order: ClassVar[Order] = "one after the other"
+    runs: ClassVar[int] = 3  # --runs by default
+
+    @staticmethod
+    def add_options(parser: argparse.ArgumentParser) -> None:
+        """Options of this benchmark alone, on the one command line (their help names the benchmark)."""
 
     async def measure(self, run: Run) -> list[Phase]:
         raise NotImplementedError
@@ -208,7 +214,7 @@ class Benchmark:
                             self.layouts[name].serve(log_name, workdir, plane)
                         )
                     for number, name in turns:
-                        phases += await self.measure(Run(args, self, name, servers[name], number, plane[0]))
+                        phases += await self.measure(Run(args, self, name, servers[name], number, *plane))
         return phases
 
 
@@ -218,14 +224,17 @@ def main(prog: str, benchmarks: Mapping[str, Benchmark], argv: Sequence[str] | N
     parser = argparse.ArgumentParser(prog=prog, description="docs/benchmarks.md has what each measures.")
     sections = "; ".join(f"{name}: {b.section.removeprefix('## ')}" for name, b in benchmarks.items())
     parser.add_argument("benchmark", choices=benchmarks, help=sections)
-    parser.add_argument("--runs", type=int, default=3, help="repetitions; the report gives medians")
+    parser.add_argument("--runs", type=int, help="repetitions, the report gives medians (default: the benchmark's)")
     parser.add_argument("--requests", type=int, help="requests per run (default: the benchmark's)")
     parser.add_argument("--write-docs", type=Path, help="put the results in this markdown file's section")
     parser.add_argument("--json-out", type=Path, help="also write every run's results here (JSON)")
+    for add_options in dict.fromkeys(b.add_options for b in benchmarks.values()):  # each once
+        add_options(parser)
     args = parser.parse_args(argv)
+    benchmark = benchmarks[args.benchmark]
+    args.runs = args.runs or benchmark.runs
     if args.runs < 1 or (args.requests is not None and args.requests < 1):
         parser.error("--runs and --requests must be >= 1")
-    benchmark = benchmarks[args.benchmark]
     setup_logging()
     started, load_before = time.time(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as folder:  # the servers' data and logs

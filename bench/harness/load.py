@@ -15,7 +15,7 @@ import statistics
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -96,6 +96,11 @@ class LoadConfig:
     def is_long(self, index: int) -> bool:
         """Whether request `index` has a long prompt: a draw of its own, so the same for a seed and index."""
         return self.long_share > 0 and random.Random(f"{self.seed}:long:{index}").random() < self.long_share
+
+    def endless_bodies(self, batch: int = 100) -> Iterator[dict[str, Any]]:
+        """`bodies` without end, a batch at a time (a load that stops by time): 100 cost the loop ~4 ms."""
+        for first_index in itertools.count(0, batch):
+            yield from self.bodies(batch, first_index)
 
     def bodies(self, count: int, first_index: int = 0) -> list[dict[str, Any]]:
         """Streamed chat requests, each asking for the usage chunk, which counts the tokens."""
@@ -328,12 +333,21 @@ def _failure(started: float, kind: str, message: str, worker: str | None = None)
     )
 
 
-async def send(connection: Connection, path: str, body: bytes, started: float) -> RequestResult:
-    """One request on an open connection, measured from `started` (time.perf_counter())."""
+async def send(
+    connection: Connection, path: str, body: bytes, started: float, reading: Counter[str] | None = None
+) -> RequestResult:
+    """One request on an open connection, measured from `started` (time.perf_counter()); `reading`, where
+    given, counts the responses being read by the worker (X-Tandem-Worker) that serves them."""
     status, headers = await connection.request("POST", path, body)
     worker = headers.get(WORKER_HEADER)
     response = _Response(streamed=status == 200 and headers.get("content-type", "").startswith("text/event-stream"))
-    await connection.read_body(headers, response.feed)
+    if reading is not None and worker is not None:
+        reading[worker] += 1
+    try:
+        await connection.read_body(headers, response.feed)
+    finally:
+        if reading is not None and worker is not None:
+            reading[worker] -= 1
     if status != 200:
         return _failure(started, f"http_{status}", response.body.decode(errors="replace"), worker)
     if response.error is not None:
@@ -356,14 +370,23 @@ async def send(connection: Connection, path: str, body: bytes, started: float) -
     )
 
 
-async def drive(config: LoadConfig, bodies: Sequence[dict[str, Any]]) -> tuple[list[RequestResult], float]:
+async def drive(
+    config: LoadConfig, bodies: Iterable[dict[str, Any]], reading: Counter[str] | None = None
+) -> tuple[list[RequestResult], float]:
     """Closed loop: `config.concurrency` clients take the bodies in order, each on a connection of its own;
     none starts a request after `max_duration_s`, and `timeout_s` bounds each. Returns the results in
-    request order (those of the first requests: the ones never sent are the last) and the wall time."""
+    request order (those of the first requests: the ones never sent are the last) and the wall time.
+    A sequence of bodies is encoded before the clock starts; an endless iterator (a soak's), as it goes.
+    `reading`: the responses being read now, by worker (`send`)."""
     where, timeout_s = urllib.parse.urlsplit(config.url), config.timeout_s
-    encoded = [msgspec.json.encode(body) for body in bodies]  # before the clock starts
+    clients = config.concurrency
+    if isinstance(bodies, Sequence):
+        encoded: Iterable[bytes] = [msgspec.json.encode(body) for body in bodies]
+        clients = min(clients, max(len(bodies), 1))
+    else:
+        encoded = map(msgspec.json.encode, bodies)
     results: dict[int, RequestResult] = {}
-    pending = iter(enumerate(encoded))
+    pending = enumerate(encoded)
     deadline = time.monotonic() + config.max_duration_s
 
     async def client() -> None:
@@ -375,7 +398,7 @@ async def drive(config: LoadConfig, bodies: Sequence[dict[str, Any]]) -> tuple[l
             try:
                 async with asyncio.timeout(timeout_s):
                     connection = connection or await Connection.open(where.hostname or "127.0.0.1", where.port or 80)
-                    results[index] = await send(connection, "/v1/chat/completions", body, started)
+                    results[index] = await send(connection, "/v1/chat/completions", body, started, reading)
             except TimeoutError:
                 results[index] = _failure(started, "timeout", f"no complete response within {timeout_s} s")
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
@@ -389,7 +412,7 @@ async def drive(config: LoadConfig, bodies: Sequence[dict[str, Any]]) -> tuple[l
             connection.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(min(config.concurrency, max(len(encoded), 1)))))
+    await asyncio.gather(*(client() for _ in range(clients)))
     return [results[i] for i in sorted(results)], time.perf_counter() - started
 
 

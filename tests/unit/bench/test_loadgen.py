@@ -7,6 +7,7 @@ import json
 import math
 import socket
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from bench.harness.load import (
     Connection,
     LoadConfig,
     RequestResult,
+    drive,
     median,
     percentile,
     prompts,
@@ -263,3 +265,31 @@ async def test_command_line_prints_json_summary(fake_server: FakeOpenAI) -> None
     assert (summary["completed"], summary["failed"], summary["total_output_tokens"]) == (3, 1, 9)
     assert summary["errors"] == {"http_503": 1}
     assert summary["ttft_p50_s"] >= FIRST_TOKEN_DELAY_S
+
+
+async def test_an_endless_load_stops_by_time_with_every_prompt_its_own(fake_server: FakeOpenAI) -> None:
+    config = LoadConfig(url=fake_server.url, model="m", concurrency=4, max_tokens=2, max_duration_s=0.5)
+    results, wall_s = await drive(config, config.endless_bodies(batch=3))
+    assert 0.5 <= wall_s < 2.0
+    assert len(results) == len(fake_server.bodies) > 12  # past a few batches
+    prompts = [b["messages"][0]["content"] for b in fake_server.bodies]
+    assert len(set(prompts)) == len(prompts)
+    assert prompts[:5] == [b["messages"][0]["content"] for b in config.bodies(5)]
+
+
+async def test_the_responses_being_read_are_counted_by_worker(fake_server: FakeOpenAI) -> None:
+    config = LoadConfig(url=fake_server.url, model="m", concurrency=3, requests=6, max_tokens=5)
+    reading: Counter[str] = Counter()
+    seen: list[int] = []
+
+    async def sample() -> None:
+        while True:
+            seen.append(reading.total())
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    results, _ = await drive(config, config.bodies(6), reading)
+    sampler.cancel()
+    assert max(seen) == 3  # the 503 of every fourth request names no worker and is never counted
+    assert set(reading) == {"w0", "w1"} and reading.total() == 0
+    assert sum(r.ok for r in results) == 5
