@@ -45,12 +45,18 @@ class PrefillWorker(Service):
 
     @endpoint
     async def status(self, request: Any) -> AsyncIterator[dict[str, Any]]:
-        """This worker's id, process id and job counts (done, failed, expired, undelivered).
+        """This worker's id, process id, live job pullers and job counts (done, failed,
+        expired, undelivered, errors).
 
         The process id tells an operator (or a test) which process on the node this
         instance is, e.g. to stop one PrefillWorker of several.
         """
-        yield {"worker_id": self.runtime.instance_id, "pid": os.getpid(), **self._jobs.counts}
+        yield {
+            "worker_id": self.runtime.instance_id,
+            "pid": os.getpid(),
+            "pullers": self._jobs.live_pullers(),
+            **self._jobs.counts,
+        }
 
     @on_shutdown
     async def stop(self) -> None:

@@ -81,6 +81,10 @@ class PrefillJobs:
         for puller in self._pullers:
             await cancel_and_wait(puller)
 
+    def live_pullers(self) -> int:
+        """Pullers still pulling (each contains its jobs' errors: fewer than configured is a bug)."""
+        return sum(not puller.done() for puller in self._pullers)
+
     async def _pull_jobs(self, queue: WorkQueue) -> None:
         while True:
             try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from app.infra import EtcdServer, NatsServer
+from tests.capabilities import require_fabric
 from tests.docs.blocks import doc_block
 from tests.docs.shell import DocShell, user_environment
 from tests.netns import Fabric
@@ -72,11 +73,11 @@ def test_disagg_thresholds_change_and_reset(shell: DocShell) -> None:
     assert shows_values(shell.check(".venv/bin/tandem disagg show")) == [False, False]
 
 
-@pytest.mark.skipif(not Fabric.available(), reason="a head node's own address needs a network namespace (root)")
 def test_head_node_infra_binds_the_address_it_is_given(tmp_path: Path) -> None:
     """`<head-node-ip>` is a network namespace's address: the block binds NATS and etcd's
     default ports there without meeting anything of this machine's. TANDEM_STATE_DIR keeps
     `infra`'s record of what it started in the test's directory, not the repository's .state."""
+    require_fabric()
     up, status, down = HEAD_NODE_INFRA.expect("tandem infra up", "tandem infra status", "tandem infra down")
     with Fabric(1) as fabric:
         (head,) = fabric.nodes

@@ -8,13 +8,18 @@ on the same model (no KV transfer), run before the graph starts. Where a prompt 
 prefilled is read three ways: the decode worker's logged decision, the response's
 X-Tandem-Prefill-Worker header, and the decode engine's own count of prompt tokens whose
 KV it pulled from another engine (vLLM's external_kv_transfer source, served by the
-worker as tandem_worker_external_kv_prompt_tokens on its metrics port).
+worker as tandem_worker_external_kv_prompt_tokens on its metrics port). That the pull
+succeeded is read off the bytes NIXL moved (tandem_worker_kv_transfer_bytes): the
+config's `kv_load_failure_policy: recompute` would otherwise hide a failed pull behind a
+correct text. Every prompt's reference output differs from every other's, so KV handed
+to the wrong one of two concurrent requests shows in its text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import signal
@@ -37,6 +42,7 @@ from app.protocol import PREFILL_ACK_WAIT_S, names
 from app.runtime import Runtime
 from testbed.graphs import ServedGraph
 from tests.e2e.graph_helpers import engine_core_of, prefill_decision
+from tests.e2e.prefill_queue import PrefillQueueSpy
 from tests.e2e.vllm_reference import vllm_greedy
 
 pytestmark = pytest.mark.e2e
@@ -45,9 +51,10 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cpu-tiny-disagg.yaml
 MODEL = "tiny-llama"
 MAX_TOKENS = 12
 PREFILL_WORKERS = 2
-# Past the queue's ack wait: a job held by a killed PrefillWorker is redelivered to the
-# other one before its decode worker gives up and prefills locally.
-REMOTE_PREFILL_TIMEOUT_S = 2 * PREFILL_ACK_WAIT_S
+# A job held by a killed PrefillWorker is redelivered one ack wait after the worker last
+# marked it in progress (at most half an ack wait before the kill), and must be prefilled
+# by the other one before its decode worker gives up and prefills locally.
+REMOTE_PREFILL_TIMEOUT_S = 3 * PREFILL_ACK_WAIT_S
 SHIPPED = yaml.safe_load(CONFIG.read_text())
 BLOCK_SIZE = SHIPPED["Common"]["block-size"]
 MAX_LOCAL_PREFILL = SHIPPED["VllmWorker"]["max-local-prefill-length"]
@@ -58,6 +65,7 @@ ENGINE_ARGS = {
     "enforce_eager": True,
     "dtype": SHIPPED["Common"]["dtype"],
 }
+KV_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}[SHIPPED["Common"]["dtype"]]
 
 
 def _long(topic: str) -> str:
@@ -92,6 +100,8 @@ def reference(tiny_model: Path, tokenizer, prompt_lengths, tmp_path_factory) -> 
     prompt_ids = [list(tokenizer(prompt).input_ids) for prompt in ALL_PROMPTS]
     outputs = vllm_greedy(tiny_model, ENGINE_ARGS, prompt_ids, MAX_TOKENS, tmp_path_factory.mktemp("disagg-reference"))
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+    # Else a request decoded from another prompt's KV could still show the right text.
+    assert len(set(texts)) == len(texts), f"prompts with one reference output: {texts}"
     return dict(zip(ALL_PROMPTS, texts, strict=True))
 
 
@@ -179,12 +189,37 @@ async def _decode_counters(graph: DisaggGraph) -> dict[str, float]:
     }
 
 
+def _assert_kv_pulled(
+    before: dict[str, float], after: dict[str, float], prompt_tokens: list[int], tiny_model: Path
+) -> None:
+    """Between two `_decode_counters`, the decode engine pulled the KV of prompts of these
+    lengths whole, each once, and computed none of it.
+
+    vLLM counts a pulled prompt's tokens as external (all but, at most, a partial last
+    block); NIXL reads each prompt's blocks, the partial last one as a whole block, and
+    counts the bytes of a transfer only once it is done: a failed pull (recomputed under
+    `kv_load_failure_policy: recompute`) misses a whole prompt's blocks.
+    """
+    pulled = after["external_tokens"] - before["external_tokens"]
+    assert sum(prompt_tokens) - len(prompt_tokens) * BLOCK_SIZE <= pulled <= sum(prompt_tokens), pulled
+    config = json.loads((tiny_model / "config.json").read_text())
+    # K and V, of every layer.
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * KV_DTYPE_BYTES
+    block_bytes = BLOCK_SIZE * per_token
+    full_blocks = sum(n // BLOCK_SIZE for n in prompt_tokens) * block_bytes
+    all_blocks = sum(math.ceil(n / BLOCK_SIZE) for n in prompt_tokens) * block_bytes
+    moved = after["transfer_bytes"] - before["transfer_bytes"]
+    assert full_blocks <= moved <= all_blocks, (
+        f"NIXL moved {moved} bytes for prompts of {prompt_tokens} tokens: {full_blocks} to {all_blocks} expected"
+    )
+
+
 def _done(status: dict[str, Any]) -> int:
     return status.get("done", 0)
 
 
 async def test_long_prompts_prefill_remotely_on_both_workers_with_vllms_output(
-    graph: DisaggGraph, reference, prompt_lengths
+    graph: DisaggGraph, reference, prompt_lengths, tiny_model: Path
 ) -> None:
     before, counters_before = await _prefill_statuses(graph), await _decode_counters(graph)
     assert len(before) == PREFILL_WORKERS
@@ -203,12 +238,8 @@ async def test_long_prompts_prefill_remotely_on_both_workers_with_vllms_output(
     for worker, jobs in served_by.items():
         assert _done(after[worker]) - _done(before[worker]) == jobs
 
-    # The decode engine did not compute these prompts: vLLM counts their KV as pulled
-    # from another engine (all of it but, at most, a partial last block), over NIXL.
-    pulled = counters_after["external_tokens"] - counters_before["external_tokens"]
-    prompt_tokens = sum(prompt_lengths[p] for p in LONG_PROMPTS)
-    assert prompt_tokens - len(LONG_PROMPTS) * BLOCK_SIZE <= pulled <= prompt_tokens
-    assert counters_after["transfer_bytes"] > counters_before["transfer_bytes"]
+    # The decode engine did not compute these prompts: it pulled their KV over NIXL.
+    _assert_kv_pulled(counters_before, counters_after, [prompt_lengths[p] for p in LONG_PROMPTS], tiny_model)
 
 
 def test_each_engine_keeps_to_the_core_its_config_binds(graph: DisaggGraph) -> None:
@@ -318,28 +349,55 @@ async def test_n_choices_share_one_remote_prefill(graph: DisaggGraph) -> None:
     assert f"request 1_{request_id}: prefill" not in log and f"request 2_{request_id}: prefill" not in log
 
 
+class _AppliedTunables:
+    """Waits for the decode worker to log that it applied a live tunable (app/tunables/live.py
+    logs each change it applies), counting from when it was made."""
+
+    def __init__(self, graph: ServedGraph) -> None:
+        self._graph = graph
+        self._seen = self._lines()
+
+    def _lines(self) -> list[str]:
+        log = self._graph.log_path.read_text(errors="replace")
+        return [line for line in log.splitlines() if "live tunable disagg/" in line]
+
+    async def wait(self, *changes: str, timeout: float = 30.0) -> None:
+        """Until each of `changes` ("KEY: VALUE") shows in a line logged since the last wait."""
+        async with asyncio.timeout(timeout):
+            while True:
+                new = self._lines()[len(self._seen) :]
+                if all(any(f"live tunable {change}" in line for line in new) for change in changes):
+                    self._seen += new
+                    return
+                await asyncio.sleep(0.1)
+
+
 async def test_disagg_set_flips_the_decision_live(graph: DisaggGraph, reference, monkeypatch) -> None:
     # One call of the operator's command (in-process: with three vLLM engines on two
     # cores, a fresh Python process can take minutes to import); the rest through the API.
     for name in ("NATS_SERVER", "ETCD_ENDPOINTS", "TANDEM_NAMESPACE"):
         monkeypatch.setenv(name, graph.env[name])
+    applied = _AppliedTunables(graph)
+    queue_size = SHIPPED["VllmWorker"]["max-prefill-queue-size"]
     assert await asyncio.to_thread(tandem_cli, ["disagg", "set", "--max-local-prefill-length", "100000"]) == 0
     async with await Runtime.connect(graph.settings) as runtime:
         try:
             assert await runtime.discovery.get_tunable(MAX_LOCAL_PREFILL_LENGTH.key) == 100000
-            await asyncio.sleep(0.5)  # the worker's tunables watch applies it
+            await applied.wait(f"{MAX_LOCAL_PREFILL_LENGTH.key}: 100000")
             request_id, response = await _complete(graph, FLIP_PROMPT)
             assert _text(response) == reference[FLIP_PROMPT]
             assert prefill_decision(graph, request_id) == "local"
 
             await runtime.discovery.put_tunable(MAX_LOCAL_PREFILL_LENGTH.key, MAX_LOCAL_PREFILL)
             await runtime.discovery.put_tunable(MAX_PREFILL_QUEUE_SIZE.key, 0)  # "queue full": local
-            await asyncio.sleep(0.5)
+            await applied.wait(
+                f"{MAX_LOCAL_PREFILL_LENGTH.key}: {MAX_LOCAL_PREFILL}", f"{MAX_PREFILL_QUEUE_SIZE.key}: 0"
+            )
             request_id, _ = await _complete(graph, FLIP_PROMPT)
             assert prefill_decision(graph, request_id) == "local"
 
             await runtime.discovery.delete_tunable(MAX_PREFILL_QUEUE_SIZE.key)  # back to the config's
-            await asyncio.sleep(0.5)
+            await applied.wait(f"{MAX_PREFILL_QUEUE_SIZE.key}: {queue_size} (as configured)")
             request_id, response = await _complete(graph, FLIP_PROMPT)
             assert _text(response) == reference[FLIP_PROMPT]
             assert prefill_decision(graph, request_id) == "remote"
@@ -355,14 +413,6 @@ def _process_group(graph: ServedGraph, pid: int) -> int:
     assert group not in {os.getpgid(graph.process.pid), os.getpgrp()}
     assert any("prefill_worker:PrefillWorker" in part for part in psutil.Process(pid).cmdline())
     return group
-
-
-async def _wait_queued(graph: ServedGraph, jobs: int) -> None:
-    async with await Runtime.connect(graph.settings) as runtime:
-        queue = await runtime.work_queue(names.PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
-        async with asyncio.timeout(30):
-            while await queue.depth() < jobs:
-                await asyncio.sleep(0.1)
 
 
 async def test_a_late_answer_is_discarded_after_the_local_fallback(graph: DisaggGraph, reference) -> None:
@@ -393,32 +443,67 @@ async def test_a_late_answer_is_discarded_after_the_local_fallback(graph: Disagg
     assert {w: _done(s) for w, s in after.items()} == {w: _done(s) for w, s in before.items()}
 
 
-async def test_sigkill_of_a_prefill_worker_with_jobs_queued_loses_no_request(graph: DisaggGraph, reference) -> None:
-    before = await _prefill_statuses(graph)
+async def test_sigkill_of_a_prefill_worker_holding_a_job_loses_no_request(
+    graph: DisaggGraph, reference, prompt_lengths, tiny_model: Path
+) -> None:
+    """Both PrefillWorkers' engines frozen, so that each worker holds the job it took (and
+    marks it in progress) while the third waits in the queue; the victim is SIGKILLed with
+    its job in hand. Its job is delivered again, to the survivor (or the victim's
+    successor), and every request ends with vLLM's text, its KV pulled from a prefill engine."""
+    assert SHIPPED["PrefillWorker"]["max-concurrent-jobs"] == 1  # what "one in each worker's hands" rests on
+    before, counters_before = await _prefill_statuses(graph), await _decode_counters(graph)
     victim, survivor = sorted(before)
-    groups = {worker: _process_group(graph, status["pid"]) for worker, status in before.items()}
-    # Both frozen, so that the jobs wait in the queue (or in a frozen worker's hands).
-    for group in groups.values():
-        os.killpg(group, signal.SIGSTOP)
-    requests = [asyncio.create_task(_complete(graph, prompt)) for prompt in KILL_PROMPTS]
-    try:
-        await _wait_queued(graph, len(KILL_PROMPTS))
-    finally:
-        # The worker alone (its engine core stays frozen): the worker's guard must end the
-        # engine (app.launch.leftovers), or it would keep its memory and cores for good.
-        engine = engine_core_of(before[victim]["pid"])
-        engine_tree = [engine, *engine.children(recursive=True)]
-        os.kill(before[victim]["pid"], signal.SIGKILL)
-        os.killpg(groups[survivor], signal.SIGCONT)
-    _, outlived = await asyncio.to_thread(psutil.wait_procs, engine_tree, 5)
-    assert outlived == [], f"the killed PrefillWorker's engine processes outlived it by 5 s: {outlived}"
-    results = await asyncio.gather(*requests)
+    engines = {}
+    for worker, status in before.items():
+        _process_group(graph, status["pid"])  # a PrefillWorker of this graph
+        engine = engine_core_of(status["pid"])
+        engines[worker] = [engine, *engine.children(recursive=True)]
+    requests: list[asyncio.Task[tuple[str, httpx.Response]]] = []
+    async with PrefillQueueSpy(graph.settings) as queue:
+        try:
+            for process in engines[victim] + engines[survivor]:
+                process.suspend()
+            requests = [asyncio.create_task(_complete(graph, prompt)) for prompt in KILL_PROMPTS]
+            # Each PrefillWorker takes one job at a time: two held, one in each worker's hands.
+            await queue.wait_for(held=PREFILL_WORKERS, waiting=len(KILL_PROMPTS) - PREFILL_WORKERS)
+            at_kill = await queue.jobs()
+        finally:
+            # The worker alone (its engine stays frozen): the worker's guard must end the
+            # engine (app.launch.leftovers), or it would keep its memory and cores for good.
+            os.kill(before[victim]["pid"], signal.SIGKILL)
+            for process in engines[survivor]:
+                process.resume()
+        _, outlived = await asyncio.to_thread(psutil.wait_procs, engines[victim], 5)
+        assert outlived == [], f"the killed PrefillWorker's engine processes outlived it by 5 s: {outlived}"
+        results = await asyncio.gather(*requests)
+        await queue.wait_drained()
+        await queue.wait_acked(at_kill)
+    counters_after = await _decode_counters(graph)
+
+    # The job in the victim's hands, and only that one, was delivered again: the survivor
+    # went on marking its own in progress while its engine was frozen.
+    assert len(at_kill) == len(KILL_PROMPTS), at_kill
+    assert len(queue.redelivered()) == 1, f"not one job redelivered: {queue.acks}"
+    ((seq, deliveries),) = queue.redelivered().items()
+    assert deliveries == 2 and seq in at_kill
+    request_ids = [request_id for request_id, _ in results]
+    assert sorted(at_kill.values()) == sorted(request_ids)
+    prefilled_by: dict[str, int] = {}
     for prompt, (request_id, response) in zip(KILL_PROMPTS, results, strict=True):
         assert _text(response) == reference[prompt]
-        # The victim's job was redelivered after the ack wait: still remote, no fallback.
+        # Redelivered after the ack wait: still remote, no fallback.
         assert prefill_decision(graph, request_id) == "remote"
-        # supervisord restarts the victim under a new instance id; it may take a job late.
-        assert response.headers["x-tandem-prefill-worker"] != victim
+        worker = response.headers["x-tandem-prefill-worker"]
+        prefilled_by[worker] = prefilled_by.get(worker, 0) + 1
+    # The survivor's jobs, counted by the survivor; any other was the victim's successor
+    # under supervisord (a new instance id).
+    after = await _prefill_statuses(graph, count=1)
+    assert _done(after[survivor]) - _done(before[survivor]) == prefilled_by.get(survivor, 0)
+    for outcome in ("failed", "errors"):  # a nak, or a failed ack: redeliveries of the survivor's own
+        assert after[survivor].get(outcome, 0) == before[survivor].get(outcome, 0), outcome
+    assert not (set(prefilled_by) - {survivor}) & set(before), prefilled_by
+    # Each prompt's KV was pulled, none recomputed (the one the victim held included).
+    _assert_kv_pulled(counters_before, counters_after, [prompt_lengths[p] for p in KILL_PROMPTS], tiny_model)
 
 
 async def test_with_its_only_decode_engine_dead_the_frontend_is_unhealthy_until_the_restart(

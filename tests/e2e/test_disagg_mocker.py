@@ -24,6 +24,7 @@ from app.protocol import PREFILL_ACK_WAIT_S
 from app.runtime import Runtime
 from testbed.graphs import ServedGraph
 from tests.e2e.graph_helpers import prefill_decision
+from tests.e2e.prefill_queue import PrefillQueueSpy
 
 pytestmark = pytest.mark.e2e
 
@@ -144,30 +145,56 @@ async def test_both_prefill_workers_take_jobs_and_name_themselves(graph: ServedG
     counts = await statuses(graph)
     assert served_by <= set(counts)
     assert len(served_by) == PREFILL_WORKERS, "the queue's consumers did not share the jobs"
+    assert all(status["pullers"] >= 1 for status in counts.values()), counts
 
 
 async def test_a_prefill_worker_killed_mid_job_loses_nothing(graph: ServedGraph) -> None:
     before = await statuses(graph)
-    async with httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
-        requests = [asyncio.create_task(complete(http, long_prompt())) for _ in range(4)]
-        await asyncio.sleep(1.0)  # both PrefillWorkers are inside a ~2.4 s prefill now
-        assert graph.process is not None  # the graph is up
-        victim = next(
-            child
-            for child in psutil.Process(graph.process.pid).children(recursive=True)
-            if any("prefill_worker:PrefillWorker" in part for part in child.cmdline())
-        )
+    assert len(before) == PREFILL_WORKERS, before
+    victim_id, survivor_id = sorted(before)
+    prompts = [long_prompt() for _ in range(4)]
+    async with (
+        PrefillQueueSpy(graph.settings) as queue,
+        httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http,
+    ):
+        requests = [asyncio.create_task(complete(http, prompt)) for prompt in prompts]
+        # Each PrefillWorker takes one job at a time: with two held, the victim is inside
+        # a ~2.4 s prefill of one of them.
+        await queue.wait_for(held=PREFILL_WORKERS)
+        at_kill = await queue.jobs()
+        victim = psutil.Process(before[victim_id]["pid"])
+        assert any("prefill_worker:PrefillWorker" in part for part in victim.cmdline())
         os.killpg(os.getpgid(victim.pid), signal.SIGKILL)
         results = await asyncio.gather(*requests)
-    for request_id, response in results:
+        await queue.wait_drained()
+        await queue.wait_acked(at_kill)
+        async with await Runtime.connect(graph.settings) as runtime:
+            survivor = await runtime.client("PrefillWorker", "status").call({}, target=survivor_id, timeout=10)
+        # The unbroken run of each prompt, once the queue is quiet again: the mocker's text
+        # is a function of the prompt alone (app/engines/mocker.py).
+        references = await asyncio.gather(*(complete(http, prompt) for prompt in prompts))
+
+    # The victim's job, and only that one, was delivered again: a survivor acks its own
+    # jobs within the ack wait, and naks none (its failed and errors counts below stay).
+    assert len(queue.redelivered()) == 1, f"not one job redelivered: {queue.acks}"
+    ((seq, deliveries),) = queue.redelivered().items()
+    assert deliveries == 2 and seq in at_kill
+    request_ids = [request_id for request_id, _ in results]
+    assert at_kill[seq] in request_ids, "the redelivered job is none of this test's requests"
+
+    prefilled_by: dict[str, int] = {}
+    for (request_id, response), (_, reference) in zip(results, references, strict=True):
         assert response.status_code == 200, response.text
-        # Redelivered to the surviving PrefillWorker: still remote, never a local fallback.
+        assert reference.status_code == 200, reference.text
+        assert response.json()["choices"][0]["text"] == reference.json()["choices"][0]["text"]
+        # Redelivered to a live PrefillWorker: still remote, never a local fallback.
         assert prefill_decision(graph, request_id) == "remote"
-    after = await statuses(graph)
-    survivors = set(after) & set(before)
-    done = sum(after[w].get("done", 0) - before[w].get("done", 0) for w in survivors)
-    # The survivor's own jobs plus the redelivered one(s); supervisord's restarted
-    # PrefillWorker may have taken some after it came back.
-    restarted = set(after) - set(before)
-    done += sum(after[w].get("done", 0) for w in restarted)
-    assert done == len(results)
+        worker = response.headers["x-tandem-prefill-worker"]
+        prefilled_by[worker] = prefilled_by.get(worker, 0) + 1
+    # Each job was answered by the survivor or by the PrefillWorker supervisord started in
+    # the victim's place (a new instance id), never by the victim.
+    assert set(prefilled_by) - {survivor_id} <= set(prefilled_by) - set(before), prefilled_by
+    for outcome in ("failed", "errors"):  # a nak, or a failed ack: redeliveries of the survivor's own
+        assert survivor.get(outcome, 0) == before[survivor_id].get(outcome, 0), outcome
+    assert survivor.get("done", 0) - before[survivor_id].get("done", 0) == prefilled_by.get(survivor_id, 0)
+    assert survivor["pullers"] == before[survivor_id]["pullers"]

@@ -31,6 +31,7 @@ import yaml
 from app.engines.vllm_cpu_ray import CPU_DEVICE_RESOURCE
 from app.runtime import Runtime
 from app.settings import RuntimeSettings
+from tests.capabilities import require_fabric
 from tests.e2e.graph_configs import agg_router_config, ray_tensor_parallel_2
 from tests.e2e.ray_harness import (
     CHATS,
@@ -45,10 +46,14 @@ from tests.e2e.ray_harness import (
 from tests.netns import Fabric, Node, NodeProcess
 from tests.waiting import wait_healthy
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not Fabric.available(), reason="network namespaces need root, ip and unshare"),
-]
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _network_namespaces() -> None:
+    # Module-scoped and autouse: before the vLLM reference and the fabric.
+    require_fabric()
+
 
 REPO = Path(__file__).resolve().parents[2]
 GCS_PORT = 6379  # each node has its own port space: the documented default

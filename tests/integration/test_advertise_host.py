@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from app.node import node_address
+from tests.capabilities import require_fabric
 from tests.netns import Fabric
 
 PRINT_ADVERTISED = "from app.node import node_address; print(node_address())"
@@ -37,8 +38,8 @@ def test_nats_on_loopback_falls_back_to_the_hostname(monkeypatch: pytest.MonkeyP
     assert node_address("nats://127.0.0.1:4222") == socket.gethostbyname(socket.gethostname())
 
 
-@pytest.mark.skipif(not Fabric.available(), reason="needs root, ip and unshare")
 def test_a_node_joining_by_nats_server_advertises_its_own_address() -> None:
+    require_fabric()
     with Fabric(2) as fabric:
         head, joiner = fabric.nodes
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TANDEM_", "NATS_", "ETCD_", "VLLM_HOST_IP"))}

@@ -15,9 +15,13 @@ import urllib.request
 import psutil
 import pytest
 
+from tests.capabilities import require_fabric
 from tests.netns import Fabric
 
-pytestmark = pytest.mark.skipif(not Fabric.available(), reason="needs root, ip and unshare")
+
+@pytest.fixture(autouse=True, scope="module")
+def _network_namespaces() -> None:
+    require_fabric()
 
 
 def _wait_http(url: str, timeout: float = 10.0) -> int:

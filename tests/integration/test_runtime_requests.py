@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from app.errors import InternalError, InvalidRequestError
 from app.runtime import (
@@ -21,6 +24,8 @@ from app.runtime import (
     Runtime,
     wire,
 )
+from app.settings import RuntimeSettings
+from tests.integration.child_process import Child
 
 MakeRuntime = Callable[..., Awaitable[Runtime]]
 
@@ -169,6 +174,67 @@ async def test_round_robin_alternates_and_direct_hits_the_named_instance(make_ru
         assert [await client.call(None, target=rt.instance_id) for _ in range(3)] == [rt.instance_id] * 3
     with pytest.raises(InstanceGoneError):
         await client.call(None, target="123abc")
+
+
+async def _pid(payload: Any, ctx: RequestContext) -> AsyncGenerator[int, None]:
+    yield os.getpid()
+
+
+async def _until_nobody_subscribes(nats_url: str, subject: str, timeout: float = 10.0) -> None:
+    """Until NATS answers a request to `subject` with no-responders: it dropped the
+    subscriptions of the process that held them (a request to a dead one times out)."""
+    nc = await nats.connect(nats_url)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    await nc.request(subject, b"", timeout=0.5)
+                except NoRespondersError:
+                    return
+                except NatsTimeoutError:
+                    continue
+    finally:
+        await nc.close()
+
+
+async def test_a_record_that_outlived_its_process_gets_no_responders_and_the_call_goes_to_another(
+    make_runtime: MakeRuntime, runtime_settings: RuntimeSettings
+) -> None:
+    """SIGKILL ends a process's NATS subscriptions at once, while its etcd record lives on
+    until its lease expires: a call that picks it hears NATS's no-responders at once and
+    is sent again to another instance, and the dead one is not picked again meanwhile."""
+    # Far past the test's time bound: a call that waited for the dead instance to accept
+    # (instead of hearing no-responders) would fail that bound, or fail with
+    # InstanceGoneError after it.
+    caller, live = await make_runtime(request_ack_timeout_s=30), await make_runtime()
+    await live.serve_endpoint("Child", "whoami", _pid)
+    child = await Child.start(runtime_settings, "serve", lease_ttl_s=30)
+    try:
+        dead_id = (await child.read_line()).split()[1]
+        client = caller.client("Child", "whoami")
+        await asyncio.wait_for(_until(lambda: len(client.instance_ids()) == 2, client), timeout=5)
+        pid_of = {dead_id: child.proc.pid, live.instance_id: os.getpid()}
+        # Round robin takes the instances in their listed order, one per call from its
+        # first: the answers show it, and line the child up as the next pick.
+        order = client.instance_ids()
+        assert [await client.call(None, target="round_robin") for _ in order] == [pid_of[i] for i in order]
+        if order[0] != dead_id:
+            assert await client.call(None, target="round_robin") == os.getpid()
+        (record,) = [r for r in await client.wait_for_instances() if r.instance_id == dead_id]
+
+        child.proc.kill()
+        await child.proc.wait()
+        await _until_nobody_subscribes(runtime_settings.nats_server, record.subject)
+        assert dead_id in client.instance_ids(), "the record should outlive the process (lease 30 s)"
+
+        start = time.monotonic()
+        assert await client.call(None, target="round_robin") == os.getpid()
+        assert time.monotonic() - start < 5
+        # Taken for dead though its record lives: the next calls go to the live instance.
+        assert [await client.call(None, target="round_robin") for _ in range(3)] == [os.getpid()] * 3
+        assert dead_id in client.instance_ids()
+    finally:
+        await child.kill()
 
 
 async def test_clean_stop_leaves_the_list_at_once(make_runtime: MakeRuntime) -> None:

@@ -150,8 +150,35 @@ async def test_sigterm_stops_every_process_after_draining(served: Served, runtim
         assert time.monotonic() < deadline, f"the graph never came up\n{served.log()}"
         await asyncio.sleep(0.2)
     served.service_pids |= pids
+    # A stream in flight on one Echo (5 s long) when SIGTERM comes: the drain lets it finish.
+    tick = runtime.client("Echo", "tick")
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while len(records := await tick.wait_for_instances(timeout=STARTUP_TIMEOUT_S)) < 2:
+        assert time.monotonic() < deadline, f"the second Echo never served tick\n{served.log()}"
+        await asyncio.sleep(0.2)
+    stopping = records[0].instance_id
+    received: list[int] = []
+    first = asyncio.Event()
+
+    async def read() -> None:
+        async for n in tick.stream({"times": 50, "every_s": 0.1}, target=stopping):
+            received.append(n)
+            first.set()
+
+    reading = asyncio.create_task(read())
+    await asyncio.wait([reading, asyncio.create_task(first.wait())], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    assert received and not reading.done(), reading
 
     served.proc.send_signal(signal.SIGTERM)
+    # Draining: out of routing at once, its record kept, its stream with items still to go.
+    deadline = time.monotonic() + 10
+    while stopping in tick.instance_ids():
+        assert time.monotonic() < deadline, f"the Echo with a stream in flight never began to drain\n{served.log()}"
+        await asyncio.sleep(0.02)
+    assert stopping in {r.instance_id for r in await tick.wait_for_instances(timeout=1)}
+    assert len(received) < 50, "the stream had ended before the drain began"
+    await asyncio.wait_for(reading, 30)
+    assert received == list(range(50)), "the stream in flight did not finish whole"
     assert await asyncio.to_thread(served.proc.wait, 30) == 0
     assert [pid for pid in pids if alive(pid)] == []
     log = served.log()

@@ -20,8 +20,11 @@ own, so that no node writes another's files, nor the repository's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,6 +51,7 @@ class SeedCluster:
     """Head node `fabric.nodes[0]` and prefill nodes `fabric.nodes[1:]`."""
 
     def __init__(self, fabric: Fabric, workdir: Path) -> None:
+        self.fabric = fabric
         self.head, *self.prefill_nodes = fabric.nodes
         self.host_ip = fabric.host_ip  # where the test itself reaches the nodes from
         self.workdir = workdir
@@ -110,6 +114,21 @@ class SeedCluster:
             list(pool.map(DocShell.stop_all, self.shells.values()))
         if self._infra_started:
             self.shells[self.head.name].check(".venv/bin/tandem infra down", timeout=120)
+
+    @contextlib.contextmanager
+    def cut_off(self, node: Node) -> Iterator[None]:
+        """`node`'s cable unplugged at the switch: the bridge's end of its veth down, then up.
+
+        Nothing on the node is told: its sockets stay open and its packets are dropped, as
+        when a link fails between hosts (its own eth0 just loses carrier).
+        """
+        # tests/netns.py names the bridge's end of node i's veth `<tag>h<i>`.
+        port = f"{self.fabric.tag}h{self.fabric.nodes.index(node) + 1}"
+        subprocess.run(["ip", "link", "set", port, "down"], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["ip", "link", "set", port, "up"], check=True)
 
     # --- waiting, with the logs of whatever died ----------------------------------------
 

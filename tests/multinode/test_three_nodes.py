@@ -20,12 +20,16 @@ Three vLLM engines on two cores: decode on core 0, both prefill engines on core 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import math
 import sys
+import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,16 +39,15 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
+from app.protocol import PREFILL_ACK_WAIT_S
 from app.runtime import Runtime
 from tests.docs.shell import DocShell, http_response, sse_data
 from tests.e2e.vllm_reference import vllm_greedy
 from tests.multinode.cluster import CLIENT_BLOCK, CONFIG, SeedCluster
 from tests.netns import Fabric, Node
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not Fabric.available(), reason="network namespaces need root, ip and unshare"),
-]
+# Root for the network namespaces: tests/multinode/conftest.py skips the tier without it, or fails it under CI.
+pytestmark = pytest.mark.e2e
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,18 @@ LONG_CHATS: list[Chat] = [
     [{"role": "system", "content": "You are the map's last keeper."}, {"role": "user", "content": SEED_PROMPT[::-1]}],
 ]
 SHORT_CHAT: Chat = [{"role": "user", "content": "Where is Aeloria?"}]
-ALL_CHATS = [*LONG_CHATS, SHORT_CHAT]
+# Two more long chats for the partition test's request loop: the seed prompt's sentences in
+# other orders.
+_SENTENCES = SEED_PROMPT.split(". ")
+PARTITION_CHATS: list[Chat] = [
+    *LONG_CHATS,
+    [
+        {"role": "system", "content": "You chart its deserts."},
+        {"role": "user", "content": ". ".join(_SENTENCES[3:] + _SENTENCES[:3])},
+    ],
+    [{"role": "system", "content": "You read old maps."}, {"role": "user", "content": ". ".join(_SENTENCES[::-1])}],
+]
+ALL_CHATS = [*PARTITION_CHATS, SHORT_CHAT]
 
 
 def _key(chat: Chat) -> str:
@@ -105,7 +119,7 @@ def prompt_ids(tokenizer) -> dict[str, list[int]]:
         _key(c): tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in ALL_CHATS
     }
     ids = {key: list(tokenizer(text, add_special_tokens=False).input_ids) for key, text in rendered.items()}
-    assert all(len(ids[_key(c)]) > 2 * MAX_LOCAL_PREFILL for c in LONG_CHATS)
+    assert all(len(ids[_key(c)]) > 2 * MAX_LOCAL_PREFILL for c in PARTITION_CHATS)
     assert len(ids[_key(SHORT_CHAT)]) <= MAX_LOCAL_PREFILL
     return ids
 
@@ -171,7 +185,7 @@ async def _instance_hosts(cluster: SeedCluster, service: str, endpoint: str) -> 
             await watch.close()
 
 
-async def _stream_chat(cluster: SeedCluster, chat: Chat) -> tuple[str, str | None]:
+async def _stream_chat(cluster: SeedCluster, chat: Chat, request_id: str | None = None) -> tuple[str, str | None]:
     """(text, X-Tandem-Prefill-Worker) of a streamed greedy chat completion sent to node 1."""
     client = AsyncOpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", timeout=120, max_retries=0)
     async with client.chat.completions.with_streaming_response.create(
@@ -181,7 +195,7 @@ async def _stream_chat(cluster: SeedCluster, chat: Chat) -> tuple[str, str | Non
         temperature=0,
         max_tokens=MAX_TOKENS,
         extra_body={"ignore_eos": True},
-        extra_headers={"X-Request-Id": uuid.uuid4().hex},
+        extra_headers={"X-Request-Id": request_id or uuid.uuid4().hex},
     ) as response:
         prefill_worker = response.headers.get("x-tandem-prefill-worker")
         stream = await response.parse()
@@ -292,3 +306,166 @@ async def test_the_quickstarts_client_request_is_prefilled_on_a_prefill_node(clu
     assert "".join(
         chunk["choices"][0]["delta"].get("content") or "" for chunk in map(json.loads, events[:-1]) if chunk["choices"]
     ).strip()
+
+
+# --- a node cut off (last: it takes node 2 off the network for a while) ---------------------
+
+CUT_S = 15.0  # issue 15, item 5
+# From the link's return until node 2 prefills again: its NATS connection, which pings
+# every 3 s, dropped during the cut and is made anew at once (measured: 1.4 s; 12-16 s
+# when nothing pinged and it waited for TCP's retransmission backoff); its etcd lease,
+# expired during the cut, is granted again under the same id within about 1 s.
+REJOIN_WITHIN_S = 30.0
+
+
+@dataclass
+class Sent:
+    """One request of the loop, as its client saw it."""
+
+    request_id: str
+    chat: str
+    sent_at: float  # time.monotonic()
+    done_at: float
+    text: str | None = None
+    prefill_worker: str | None = None
+    error: str | None = None
+
+
+async def _request_loop(
+    cluster: SeedCluster, chats: list[Chat], stop: asyncio.Event, on_result: Callable[[Sent], None]
+) -> None:
+    """One client sending `chats` in turn, each after the last one's end, until `stop`."""
+    for chat in itertools.cycle(chats):
+        if stop.is_set():
+            return
+        sent = Sent(uuid.uuid4().hex, _key(chat), time.monotonic(), math.inf)
+        try:
+            sent.text, sent.prefill_worker = await _stream_chat(cluster, chat, sent.request_id)
+        except Exception as exc:  # a failed request is what the test counts
+            sent.error = f"{type(exc).__name__}: {exc}"
+        sent.done_at = time.monotonic()
+        on_result(sent)
+
+
+def _reaches_head(node: Node, head: Node) -> bool:
+    """Whether `node` gets an answer from node 1's NATS monitoring port within 2 s."""
+    probe = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)"
+    return node.run([sys.executable, "-c", probe, f"http://{head.ip}:8222/healthz"]).returncode == 0
+
+
+def _prefill_redeliveries(head: Node) -> int:
+    """Prefill jobs delivered more than once so far (deliveries less jobs delivered), as node
+    1's NATS monitoring port shows the queue's one JetStream consumer."""
+    with urllib.request.urlopen(f"http://{head.ip}:8222/jsz?consumers=true", timeout=5) as response:
+        (account,) = json.load(response)["account_details"]
+    (stream,) = account["stream_detail"]
+    (consumer,) = stream["consumer_detail"]
+    return consumer["delivered"]["consumer_seq"] - consumer["delivered"]["stream_seq"]
+
+
+async def test_node_2_cut_off_for_15_s_fails_no_request_and_takes_jobs_again_when_back(
+    cluster: SeedCluster, reference
+) -> None:
+    """Node 2's link down for 15 s under a steady loop of long and short requests: none fails,
+    every text is vLLM's own, none sent and answered while it was away was prefilled there,
+    and it takes prefill jobs again once the link is back, and still does one ack-wait later."""
+    head, (node2, node3) = cluster.head, cluster.prefill_nodes
+    # Each prompt's reference differs from every other's: KV handed to the wrong request shows.
+    assert len({reference[_key(chat)] for chat in ALL_CHATS}) == len(ALL_CHATS)
+    decisions_before = {
+        decision: _counter(head, DECODE_METRICS_PORT, "tandem_worker_prefill_decisions", decision=decision)
+        for decision in ("remote", "fallback", "local")
+    }
+    redeliveries_before = _prefill_redeliveries(head)
+    results: list[Sent] = []
+    stop = asyncio.Event()
+    # A request sent after since[node] and prefilled there sets prefilled_on[node].
+    since = {node2.ip: -math.inf, node3.ip: -math.inf}
+    prefilled_on = {node2.ip: asyncio.Event(), node3.ip: asyncio.Event()}
+    async with await Runtime.connect(cluster.settings) as runtime:
+        watch = await runtime.discovery.watch_instances("PrefillWorker", "status")
+
+        def ids_on(node: Node) -> set[str]:
+            return {instance for instance, record in watch.items.items() if record.host == node.ip}
+
+        worker_ids = {node2.ip: ids_on(node2), node3.ip: ids_on(node3)}
+        assert all(worker_ids.values()), watch.items
+
+        def on_result(sent: Sent) -> None:
+            results.append(sent)
+            for ip, ids in worker_ids.items():
+                if sent.prefill_worker in ids and sent.sent_at > since[ip]:
+                    prefilled_on[ip].set()
+
+        async def node_2_prefills(after: float, what: str) -> None:
+            since[node2.ip] = after
+            prefilled_on[node2.ip].clear()
+            try:
+                await asyncio.wait_for(prefilled_on[node2.ip].wait(), after + REJOIN_WITHIN_S - time.monotonic())
+            except TimeoutError:
+                raise AssertionError(
+                    f"node 2 prefilled no request sent {what} (registered as {sorted(ids_on(node2))})\n"
+                    f"{cluster.log_tails()}"
+                ) from None
+
+        loops = [
+            asyncio.create_task(_request_loop(cluster, PARTITION_CHATS[0::2], stop, on_result)),
+            asyncio.create_task(_request_loop(cluster, PARTITION_CHATS[1::2], stop, on_result)),
+            asyncio.create_task(_request_loop(cluster, [SHORT_CHAT], stop, on_result)),
+        ]
+        try:
+            # Both prefill nodes take jobs before the cut.
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in prefilled_on.values())), 60)
+            since[node2.ip] = math.inf
+            cut_at = time.monotonic()
+            with cluster.cut_off(node2):
+                assert not await asyncio.to_thread(_reaches_head, node2, head), "node 2 still reaches node 1"
+                # The fault as etcd sees it: node 2's lease runs out (TTL 10 s) while it is away.
+                try:
+                    await watch.wait_until(lambda _: not ids_on(node2), cut_at + CUT_S - time.monotonic())
+                except TimeoutError:
+                    raise AssertionError(f"node 2's PrefillWorker still registered {CUT_S:g}s into the cut") from None
+                await asyncio.sleep(cut_at + CUT_S - time.monotonic())
+            link_up_at = time.monotonic()
+            await node_2_prefills(link_up_at, f"within {REJOIN_WITHIN_S:g}s of its link's return")
+            rejoined_at = time.monotonic()
+            worker_ids[node2.ip] |= ids_on(node2)
+            # Still so once every job it held during the cut was redelivered or acked: a
+            # worker that takes one job and then stops pulling has not rejoined.
+            await node_2_prefills(rejoined_at + PREFILL_ACK_WAIT_S, f"{PREFILL_ACK_WAIT_S:g}s after it prefilled again")
+        finally:
+            stop.set()
+            await asyncio.gather(*loops)
+            await watch.close()
+
+    during = [sent for sent in results if cut_at <= sent.sent_at and sent.done_at <= link_up_at]
+    decisions = {
+        decision: _counter(head, DECODE_METRICS_PORT, "tandem_worker_prefill_decisions", decision=decision) - before
+        for decision, before in decisions_before.items()
+    }
+    slowest = max(results, key=lambda sent: sent.done_at - sent.sent_at)
+    log.info(
+        "%d requests, %d of them sent and done during the cut; prefill decisions %s; %d jobs redelivered; "
+        "slowest request %.1f s (%s, prefilled by %s); node 2 prefilled again %.1f s after its link returned",
+        len(results),
+        len(during),
+        decisions,
+        _prefill_redeliveries(head) - redeliveries_before,
+        slowest.done_at - slowest.sent_at,
+        slowest.request_id,
+        slowest.prefill_worker,
+        rejoined_at - link_up_at,
+    )
+    failed = [sent for sent in results if sent.error is not None]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed}\n{cluster.log_tails()}"
+    wrong = [sent for sent in results if sent.text != reference[sent.chat]]
+    assert not wrong, f"{len(wrong)} of {len(results)} texts differ from vLLM's: {wrong}"
+    assert not [sent for sent in during if sent.prefill_worker in worker_ids[node2.ip]], during
+    # Long prompts kept going remote during the cut, to node 3.
+    assert [sent for sent in during if sent.prefill_worker in worker_ids[node3.ip]], during
+    # Neither node's PrefillWorker stopped pulling on the way (its puller task ended, say):
+    # two long prompts at once go one to each, as before the cut.
+    pair = await asyncio.gather(*(_stream_chat(cluster, chat) for chat in LONG_CHATS))
+    assert [text for text, _ in pair] == [reference[_key(chat)] for chat in LONG_CHATS]
+    served_by = {ip for ip, ids in worker_ids.items() for _, prefill_worker in pair if prefill_worker in ids}
+    assert served_by == {node2.ip, node3.ip}, f"two long prompts at once were prefilled by {pair}"

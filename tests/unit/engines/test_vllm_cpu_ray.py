@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -14,6 +12,7 @@ import pytest
 
 from app.engines import vllm_cpu_ray
 from app.engines.vllm_cpu_ray import CPU_DEVICE_RESOURCE, shm_domain
+from tests.capabilities import require_root_unshare
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +68,8 @@ def test_shm_all_reduce_group_name_carries_the_hosts_shm_domain(
     assert name.endswith(shm_domain())
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
 def test_a_node_with_its_own_dev_shm_has_another_shm_domain() -> None:
+    require_root_unshare()
     # What a second host (or a container, or a test's network-namespace node) looks like.
     probe = (
         f"mount -t tmpfs tmpfs /dev/shm && "
