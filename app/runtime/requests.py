@@ -526,7 +526,7 @@ class EndpointClient:
                 f"request of {len(body)} bytes exceeds the {self._nc.max_payload}-byte message limit of the NATS server"
             )
         excluded: set[str] = set()
-        outage = _Outage(self._link, self._outage_wait_s, f"request {request_id} to {self._name}")
+        outage = _Outage(self._link, self._outage_wait_s, request_id, self._name)
         yielded = False
         while True:
             await outage.wait()
@@ -623,10 +623,14 @@ class _Outage:
     most `wait_s` from the first loss, and takes no-responders answers just after a
     reconnect as a callee not subscribed again yet, not as a dead one."""
 
-    def __init__(self, link: NatsLink, wait_s: float, what: str) -> None:
+    __slots__ = ("_link", "_wait_s", "_request_id", "_endpoint", "_since")
+
+    def __init__(self, link: NatsLink, wait_s: float, request_id: str, endpoint: str) -> None:
+        # Named only in the error: nothing is formatted on the way of a call that meets no outage.
         self._link = link
         self._wait_s = wait_s
-        self._what = what
+        self._request_id = request_id
+        self._endpoint = endpoint
         self._since: float | None = None
 
     def _left(self) -> float:
@@ -638,7 +642,9 @@ class _Outage:
         if self._link.up:
             return
         if not await self._link.wait_up(max(self._left(), 0.0)):
-            raise NatsUnavailableError(f"NATS unreachable for {self._wait_s:g}s: {self._what} not sent")
+            raise NatsUnavailableError(
+                f"NATS unreachable for {self._wait_s:g}s: request {self._request_id} to {self._endpoint} not sent"
+            )
 
     def settling(self) -> bool:
         return self._link.restored_within(_RESUBSCRIBE_WINDOW_S) and self._left() > 0
