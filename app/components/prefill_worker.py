@@ -35,7 +35,7 @@ class PrefillWorker(Service):
             names.PREFILL_WORKER, names.PREFILL_STATUS, self.config, self.ctx, self.runtime, advertise=False
         )
         self._jobs = PrefillJobs(
-            self.runtime, self.host.engine.generate, self.config.max_concurrent_jobs, self.host.metrics
+            self.runtime, self.host.engine.generate, self.config.max_concurrent_jobs, self.host.metrics, self.ctx.fail
         )
 
     @on_start

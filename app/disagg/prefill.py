@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry
 
-from app.aio import cancel_and_wait
+from app.aio import cancel_and_wait, end_on_exit
 from app.metrics import CounterView
 from app.protocol import (
     PREFILL_ACK_WAIT_S,
@@ -60,10 +60,20 @@ def prefill_request(request: PreprocessedRequest, attempt: int) -> PreprocessedR
 
 
 class PrefillJobs:
-    def __init__(self, runtime: Runtime, generate: Generate, concurrency: int, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        generate: Generate,
+        concurrency: int,
+        registry: CollectorRegistry,
+        fail: Callable[[str], None],
+    ) -> None:
         """`generate`: the engine's stream (its host's); `concurrency`: jobs in the engine at once.
-        `counts` (done, failed, expired, undelivered, errors) also go to `registry`."""
+        `counts` (done, failed, expired, undelivered, errors) also go to `registry`. `fail`
+        ends the process: a puller that ended (a bug: each contains its jobs' errors) would
+        leave a registered PrefillWorker that pulls less, or nothing."""
         self._runtime = runtime
+        self._fail = fail
         self._generate = generate
         self._concurrency = concurrency
         self._pullers: list[asyncio.Task[None]] = []
@@ -73,13 +83,15 @@ class PrefillJobs:
     async def start(self) -> None:
         queue = await self._runtime.work_queue(names.PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
         self._pullers = [
-            asyncio.create_task(self._pull_jobs(queue), name=f"prefill-puller-{i}") for i in range(self._concurrency)
+            end_on_exit(asyncio.create_task(self._pull_jobs(queue), name=f"prefill-puller-{i}"), self._fail)
+            for i in range(self._concurrency)
         ]
         log.info("pulling prefill jobs from %s", queue.stream)
 
     async def close(self) -> None:
         for puller in self._pullers:
-            await cancel_and_wait(puller)
+            if not puller.done():  # one that ended was reported (end_on_exit): nothing to wait for
+                await cancel_and_wait(puller)
 
     def live_pullers(self) -> int:
         """Pullers still pulling (each contains its jobs' errors: fewer than configured is a bug)."""

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import Field
 
 from app import env
-from app.aio import cancel_and_wait
+from app.aio import cancel_and_wait, end_on_exit
 from app.engines import Engine, create_engine
 from app.engines.base import EngineProcess
 from app.engines.metrics import EngineStatsView
@@ -116,7 +116,7 @@ class EngineHost:
         self.info = await self.engine.start(worker_id, on_kv_events=self._publish_kv if self._advertise else None)
         log.info("engine %s ready: model %s, block size %d", config.engine, self.info.name, self.info.block_size)
         self._metrics_server = serve_metrics(self.metrics, replica_port(config.metrics_port, self._replica))
-        self._watchdog = asyncio.create_task(self._watch_engine(), name="engine-watchdog")
+        self._watchdog = end_on_exit(asyncio.create_task(self._watch_engine(), name="engine-watchdog"), self._fail)
         if not self._advertise:
             return self.info
         self._model_record = ModelRecord(
@@ -127,7 +127,8 @@ class EngineHost:
             metadata=msgspec.to_builtins(self.info),
         )
         await self._runtime.discovery.register_model(self._model_record)
-        self._load_task = asyncio.create_task(self._report_load(worker_id))
+        reports = asyncio.create_task(self._report_load(worker_id), name="load-reports")
+        self._load_task = end_on_exit(reports, self._fail)
         return self.info
 
     def _leftovers_record(self) -> Path:
@@ -144,7 +145,8 @@ class EngineHost:
             self._leaving = asyncio.get_running_loop().create_task(self._leave(reason))
 
     async def _watch_engine(self) -> None:
-        while self._leaving is None:
+        # Until stop() cancels it: a watchdog that ended on its own would leave the process.
+        while True:
             await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
             self.check_engine()
 
@@ -192,6 +194,9 @@ class EngineHost:
     async def stop(self) -> None:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        await cancel_and_wait(self._watchdog)
-        await cancel_and_wait(self._load_task)
+        for loop in (self._watchdog, self._load_task):
+            # One that ended has failed the process (end_on_exit) and would raise here,
+            # before the engine is stopped.
+            if loop is not None and not loop.done():
+                await cancel_and_wait(loop)
         await self.engine.stop()
