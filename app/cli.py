@@ -14,6 +14,7 @@ import uvloop
 import app.infra
 import app.model.tiny
 import app.ray_cluster
+import app.status.cli
 import app.tunables.cli
 from app import env
 from app.disagg.tunables import DISAGG_TUNABLES
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.model.tiny.add_cli(commands)
     app.ray_cluster.add_cli(commands)
     app.tunables.cli.add_cli(commands, (ROUTER_TUNABLES, DISAGG_TUNABLES))
+    app.status.cli.add_cli(commands, (ROUTER_TUNABLES, DISAGG_TUNABLES))
     return parser
 
 

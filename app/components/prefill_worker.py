@@ -45,8 +45,8 @@ class PrefillWorker(Service):
 
     @endpoint
     async def status(self, request: Any) -> AsyncIterator[dict[str, Any]]:
-        """This worker's id, process id, live job pullers and job counts (done, failed,
-        expired, undelivered, errors).
+        """This worker's id, process id, model, live job pullers and job counts (done,
+        failed, expired, undelivered, errors).
 
         The process id tells an operator (or a test) which process on the node this
         instance is, e.g. to stop one PrefillWorker of several.
@@ -54,6 +54,7 @@ class PrefillWorker(Service):
         yield {
             "worker_id": self.runtime.instance_id,
             "pid": os.getpid(),
+            "model": self.host.info.name if self.host.info is not None else "",
             "pullers": self._jobs.live_pullers(),
             **self._jobs.counts,
         }

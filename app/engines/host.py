@@ -184,6 +184,8 @@ class EngineHost:
                 kv_used_blocks=stats.kv_used_blocks,
                 kv_total_blocks=stats.kv_total_blocks,
                 timestamp=time.time(),
+                prefix_cache_hits=stats.prefix_cache_hits,
+                prefix_cache_queries=stats.prefix_cache_queries,
             )
             try:
                 await self._runtime.publish(names.LOAD_TOPIC, report)

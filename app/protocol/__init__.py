@@ -11,7 +11,7 @@ the rest of Tandem, so every layer (the runtime included) can import it.
 - `discovery`: the records kept in etcd
 """
 
-from app.protocol.discovery import InstanceRecord, ModelInfo, ModelRecord
+from app.protocol.discovery import InstanceRecord, ModelInfo, ModelRecord, ProcessRecord
 from app.protocol.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -23,6 +23,7 @@ from app.protocol.events import (
     PlacementEvent,
     PlacementKind,
     PlacementMessage,
+    RouterReport,
 )
 from app.protocol.prefill import PREFILL_ACK_WAIT_S, PrefillAnswer, PrefillJob, PrefillWanted
 from app.protocol.requests import (
@@ -64,10 +65,12 @@ __all__ = [
     "PrefillJob",
     "PrefillWanted",
     "PreprocessedRequest",
+    "ProcessRecord",
     "PromptLogprob",
     "RankedLogprob",
     "RouteDecision",
     "RouteRequest",
+    "RouterReport",
     "SamplingOptions",
     "StopConditions",
     "StreamItem",

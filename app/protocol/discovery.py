@@ -28,6 +28,22 @@ class InstanceRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     draining: bool = False
 
 
+class ProcessRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One service process, endpoints or none (a Frontend serves only HTTP):
+    `/tandem/<ns>/processes/<instance_id>`, on the process lease.
+
+    What `tandem status` lists; `started_at` is wall-clock seconds (the uptime it shows).
+    """
+
+    instance_id: str
+    service: str
+    replica: int
+    host: str
+    pid: int
+    started_at: float
+    endpoints: list[str] = []
+
+
 class ModelRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     """A model some instance serves: `/tandem/<ns>/models/<name>/<instance_id>`.
 

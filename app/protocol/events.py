@@ -2,12 +2,13 @@
 
 Every VllmWorker publishes `KvEventBatch`es (topic `kv`) and `LoadReport`s (topic `load`);
 router replicas (Routers, Frontends that embed the router) and Processors share
-`PlacementEvent`s (topic `placement`).
+`PlacementEvent`s (topic `placement`); router replicas publish `RouterReport`s (topic
+`router`) for `tandem status`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -61,6 +62,30 @@ class LoadReport(msgspec.Struct, omit_defaults=True, kw_only=True):
     waiting: int
     kv_used_blocks: int
     kv_total_blocks: int
+    timestamp: float = 0.0
+    # Prompt tokens served from / looked up in the prefix cache, since the engine started.
+    prefix_cache_hits: int = 0
+    prefix_cache_queries: int = 0
+
+
+# --- router reports: router replicas -> `tandem status` ---------------------------------
+
+
+class RouterReport(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Published periodically by every router replica (a Router, or a Frontend with
+    `embed-router`): its policy and counters since it started, and the workers whose KV
+    events it cannot use (app/router/kv_health.py)."""
+
+    router_id: str
+    policy: str
+    knobs: dict[str, Any] = {}
+    decisions: int = 0
+    prompt_blocks: int = 0
+    hit_blocks: int = 0
+    rejected_kv_batches: int = 0
+    indexed_blocks: int = 0
+    kv_silent_workers: list[str] = []  # serving, yet no KV events for longer than the limit
+    kv_rejected_workers: list[str] = []  # their KV events rejected (block size mismatch)
     timestamp: float = 0.0
 
 

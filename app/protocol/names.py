@@ -31,6 +31,7 @@ PREFILL_STATUS = "status"  # PrefillWorker: anything -> one dict of job counters
 KV_EVENTS_TOPIC = "kv"  # KvEventBatch, from every VllmWorker
 LOAD_TOPIC = "load"  # LoadReport, from every VllmWorker
 PLACEMENT_TOPIC = "placement"  # PlacementMessage, among router replicas and Processors
+ROUTER_REPORT_TOPIC = "router"  # RouterReport, from every router replica
 PREFILL_QUEUE = "prefill_queue"  # PrefillJob, VllmWorkers -> PrefillWorkers (JetStream)
 
 # --- NATS subjects ----------------------------------------------------------------------
@@ -74,11 +75,25 @@ def namespace_root(namespace: str) -> str:
 
 def instances_prefix(namespace: str, service: str, endpoint: str) -> str:
     """InstanceRecords of one endpoint, one key per instance id."""
-    return f"{namespace_root(namespace)}/instances/{service}/{endpoint}/"
+    return f"{all_instances_prefix(namespace)}{service}/{endpoint}/"
 
 
 def instance_key(namespace: str, service: str, endpoint: str, instance_id: str) -> str:
     return instances_prefix(namespace, service, endpoint) + instance_id
+
+
+def all_instances_prefix(namespace: str) -> str:
+    """InstanceRecords of every service and endpoint."""
+    return f"{namespace_root(namespace)}/instances/"
+
+
+def processes_prefix(namespace: str) -> str:
+    """ProcessRecords, one key per service process (its instance id)."""
+    return f"{namespace_root(namespace)}/processes/"
+
+
+def process_key(namespace: str, instance_id: str) -> str:
+    return processes_prefix(namespace) + instance_id
 
 
 def models_prefix(namespace: str) -> str:

@@ -34,6 +34,14 @@ class RouterConfig(BaseModel):
         le=65535,
         description="serve Prometheus /metrics here (replica i on metrics-port + i): hit rate, decision time",
     )
+    report_interval_s: float = Field(
+        default=2.0, gt=0, description="how often each replica publishes its RouterReport (for `tandem status`)"
+    )
+    kv_silence_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="warn when a worker runs requests this long without publishing KV events",
+    )
 
 
 def router_replica(
@@ -54,4 +62,6 @@ def router_replica(
         replica_id=runtime.instance_id,
         registry=registry,
         metrics_port=replica_port(config.metrics_port, replica),
+        report_interval_s=config.report_interval_s,
+        kv_silence_s=config.kv_silence_s,
     )

@@ -19,6 +19,7 @@ from app.errors import NoWorkerError
 from app.protocol import KvEventBatch, LoadReport, PlacementEvent, RouteDecision
 from app.router.hashing import block_hashes
 from app.router.index import BlockSizeMismatchError, KvIndex
+from app.router.kv_health import KvFeedHealth
 from app.router.load import LoadTracker
 from app.router.policies import RoutingContext, RoutingPolicy, create_policy
 
@@ -48,7 +49,10 @@ class RoutingCore:
         on_placement: Callable[[PlacementEvent], None] | None = None,
         observe_decision_seconds: Callable[[float], None] | None = None,
         request_ttl_s: float = 600.0,
+        kv_silence_s: float = 60.0,
     ) -> None:
+        """`kv_silence_s`: a worker running requests this long without KV events is reported
+        (app/router/kv_health.py)."""
         self.block_size = block_size
         # The index is kept up to date whatever the policy, so that switching to a
         # KV-aware policy at run time starts warm.
@@ -59,7 +63,7 @@ class RoutingCore:
         self.last_decision_seconds = 0.0
         self._on_placement = on_placement
         self._observe_decision_seconds = observe_decision_seconds
-        self._mismatched_workers: set[str] = set()
+        self.kv_health = KvFeedHealth(kv_silence_s)
 
     def set_policy(self, policy: str, knobs: Mapping[str, Any] | None = None) -> None:
         """Switch policy (e.g. a live tunable changed); raises PolicyConfigError."""
@@ -127,14 +131,14 @@ class RoutingCore:
             self.index.apply_batch(batch)
         except BlockSizeMismatchError as exc:
             self.counters.rejected_batches += 1
-            if batch.worker_id not in self._mismatched_workers:
-                self._mismatched_workers.add(batch.worker_id)
-                log.error("%s", exc)
+            self.kv_health.on_batch(batch.worker_id, rejected_because=str(exc))
             return False
+        self.kv_health.on_batch(batch.worker_id)
         return True
 
     def apply_load_report(self, report: LoadReport) -> None:
         self.load.apply_report(report)
+        self.kv_health.on_load(report.worker_id, report.running)
 
     def apply_placement(self, event: PlacementEvent) -> None:
         """Another router replica's placement (our own echoes are ignored)."""
@@ -143,7 +147,7 @@ class RoutingCore:
     def remove_worker(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)
         self.load.remove_worker(worker_id)
-        self._mismatched_workers.discard(worker_id)
+        self.kv_health.remove_worker(worker_id)
 
     @property
     def seq_gaps(self) -> int:

@@ -1,10 +1,11 @@
 """The narrow interface between a router replica and the fleet it routes for.
 
-A replica needs six things from the fleet and gives it one: it hears the workers' KV
+A replica needs six things from the fleet and gives it two: it hears the workers' KV
 events and load reports, the other replicas' placements, which workers are live (and
 when one goes), the live routing policy, and the block size the workers' engines use;
-it publishes its own placements. `FleetFeed` is that interface, so that the replica
-(app/router/replica.py) knows nothing of NATS, etcd or the runtime.
+it publishes its own placements, and now and then a report of itself for operators.
+`FleetFeed` is that interface, so that the replica (app/router/replica.py) knows nothing
+of NATS, etcd or the runtime.
 
 Implementations:
 - `RuntimeFleetFeed` (app/router/runtime_feed.py): topics and discovery watches through
@@ -18,7 +19,7 @@ import abc
 from collections.abc import Sequence
 from typing import Protocol
 
-from app.protocol import KvEventBatch, LoadReport, PlacementEvent
+from app.protocol import KvEventBatch, LoadReport, PlacementEvent, RouterReport
 from app.router.tunables import LivePolicy
 
 
@@ -59,6 +60,10 @@ class FleetFeed(abc.ABC):
     @abc.abstractmethod
     async def publish_placements(self, events: list[PlacementEvent]) -> None:
         """Tell every replica (this one too) of these placements, as one message."""
+
+    @abc.abstractmethod
+    async def publish_report(self, report: RouterReport) -> None:
+        """Tell whoever listens (`tandem status`) how this replica routes."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -49,6 +49,21 @@ class RouterMetrics(Collector):
             "KV event batches rejected (block size mismatch)",
             value=counters.rejected_batches,
         )
+        yield GaugeMetricFamily(
+            "tandem_router_kv_silent_workers",
+            "Workers running requests without publishing KV events for longer than kv-silence-s",
+            value=len(core.kv_health.silent),
+        )
+        yield CounterMetricFamily(
+            "tandem_router_kv_silences",
+            "Times a worker was found running requests without publishing KV events",
+            value=core.kv_health.silences,
+        )
+        yield GaugeMetricFamily(
+            "tandem_router_kv_rejected_workers",
+            "Workers whose latest KV event batch was rejected (block size mismatch)",
+            value=len(core.kv_health.rejected),
+        )
         yield CounterMetricFamily(
             "tandem_router_kv_seq_gaps", "Gaps seen in workers' KV event sequences", value=core.seq_gaps
         )

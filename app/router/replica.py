@@ -9,15 +9,18 @@ and says goes through a `FleetFeed` (app/router/feed.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from app.aio import cancel_and_wait
 from app.errors import NoWorkerError
 from app.metrics import serve_metrics
-from app.protocol import KvEventBatch, LoadReport, PlacementEvent, RouteDecision, names
+from app.protocol import KvEventBatch, LoadReport, PlacementEvent, RouteDecision, RouterReport, names
 from app.router.core import RoutingCore
 from app.router.feed import FleetFeed
 from app.router.metrics import RouterMetrics
@@ -40,18 +43,26 @@ class RouterReplica:
         replica_id: str,
         registry: CollectorRegistry | None = None,
         metrics_port: int | None = None,
+        report_interval_s: float = 2.0,
+        kv_silence_s: float = 60.0,
     ) -> None:
         """`block_size`: None takes the workers' (from the feed). `replica_id`: the source
         its placement events name (the process's instance id). `registry`: where its metrics
-        go (the Frontend's, when embedded); they are also served on `metrics_port` if set."""
+        go (the Frontend's, when embedded); they are also served on `metrics_port` if set.
+        `report_interval_s`: how often it publishes its `RouterReport`. `kv_silence_s`: a
+        worker running requests this long without KV events is reported (kv_health.py)."""
         self._feed = feed
         self._configured = LivePolicy(policy=policy, knobs=dict(knobs or {}))
+        self._live_knobs = self._configured.knobs
         self._block_size = block_size
         self._replica_id = replica_id
         self._metrics = RouterMetrics(registry)
         self._metrics_port = metrics_port
         self._metrics_server: Any = None
         self._core: RoutingCore | None = None
+        self._report_interval_s = report_interval_s
+        self._kv_silence_s = kv_silence_s
+        self._reporting: asyncio.Task[None] | None = None
 
     @property
     def core(self) -> RoutingCore:
@@ -68,13 +79,42 @@ class RouterReplica:
             router_id=self._replica_id,
             on_placement=PlacementPublisher(self._feed.publish_placements).publish,
             observe_decision_seconds=self._metrics.observe_decision,
+            kv_silence_s=self._kv_silence_s,
         )
         self._metrics.core = self._core
         self._metrics_server = serve_metrics(self._metrics.registry, self._metrics_port)
         await self._feed.follow(self, self._configured)
+        self._reporting = asyncio.create_task(self._report_periodically(), name="router-report")
         log.info("routing with policy %s, block size %d", self._core.policy.name, block_size)
 
+    def report(self) -> RouterReport:
+        """How this replica routes now: its policy, counters and the workers it cannot see."""
+        core = self.core
+        counters = core.counters
+        return RouterReport(
+            router_id=self._replica_id,
+            policy=core.policy.name,
+            knobs=dict(self._live_knobs),
+            decisions=counters.decisions,
+            prompt_blocks=counters.prompt_blocks,
+            hit_blocks=counters.hit_blocks,
+            rejected_kv_batches=counters.rejected_batches,
+            indexed_blocks=core.index.num_blocks(),
+            kv_silent_workers=sorted(core.kv_health.silent),
+            kv_rejected_workers=sorted(core.kv_health.rejected),
+            timestamp=time.time(),
+        )
+
+    async def _report_periodically(self) -> None:
+        while True:
+            try:
+                await self._feed.publish_report(self.report())
+            except Exception:
+                log.exception("publishing the router report failed")
+            await asyncio.sleep(self._report_interval_s)
+
     async def close(self) -> None:
+        await cancel_and_wait(self._reporting)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         await self._feed.close()
@@ -119,3 +159,4 @@ class RouterReplica:
 
     def on_policy(self, policy: LivePolicy) -> None:
         self.core.set_policy(policy.policy, policy.knobs)
+        self._live_knobs = dict(policy.knobs)

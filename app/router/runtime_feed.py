@@ -11,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from app.protocol import InstanceRecord, KvEventBatch, LoadReport, ModelRecord, PlacementEvent, PlacementMessage, names
+from app.protocol import (
+    InstanceRecord,
+    KvEventBatch,
+    LoadReport,
+    ModelRecord,
+    PlacementEvent,
+    PlacementMessage,
+    RouterReport,
+    names,
+)
 from app.router.feed import FleetFeed, FleetListener
 from app.router.tunables import ROUTER_POLICY, LivePolicy
 from app.runtime import EndpointClient, EventSubscription, Runtime
@@ -66,6 +75,9 @@ class RuntimeFleetFeed(FleetFeed):
 
     async def publish_placements(self, events: list[PlacementEvent]) -> None:
         await self._runtime.publish(names.PLACEMENT_TOPIC, events)
+
+    async def publish_report(self, report: RouterReport) -> None:
+        await self._runtime.publish(names.ROUTER_REPORT_TOPIC, report)
 
     async def close(self) -> None:
         # The workers' client (and its watch) outlives this feed; its listener stays, idle.

@@ -12,18 +12,20 @@ from app.runtime.errors import (
 from app.runtime.events import EventSubscription
 from app.runtime.requests import EndpointClient, RequestContext, ServedEndpoint
 from app.runtime.runtime import Runtime
-from app.runtime.workqueue import Job, WorkQueue
+from app.runtime.workqueue import ConsumerState, Job, QueueState, WorkQueue
 
 __all__ = [
     "CallTimeoutError",
     "ConnectError",
     "ConnectionLostError",
+    "ConsumerState",
     "EndpointClient",
     "EventSubscription",
     "InstanceGoneError",
     "Job",
     "NatsUnavailableError",
     "NoInstancesError",
+    "QueueState",
     "RequestContext",
     "Runtime",
     "ServedEndpoint",

@@ -20,7 +20,7 @@ import etcd3aio
 import grpc.aio
 import msgspec
 
-from app.protocol import InstanceRecord, ModelRecord, names
+from app.protocol import InstanceRecord, ModelRecord, ProcessRecord, names
 from app.runtime.connect import etcd_service
 from app.runtime.wire import decoder_for, encoder
 
@@ -281,6 +281,30 @@ class Discovery:
     async def watch_instances(self, service: str, endpoint: str) -> PrefixWatch[InstanceRecord]:
         """Live instance records of one endpoint, keyed by instance id."""
         return await self._start_watch(names.instances_prefix(self._namespace, service, endpoint), InstanceRecord)
+
+    async def _list(self, prefix: str, value_type: Any) -> list[Any]:
+        raw = prefix.encode()
+        resp = await etcd_service(self._client.kv).get(raw, _prefix_end(raw), timeout=_RPC_TIMEOUT_S)
+        decoder = decoder_for(value_type)
+        values = []
+        for kv in resp.kvs:
+            try:
+                values.append(decoder.decode(kv.value))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("etcd: undecodable value at %s ignored", kv.key.decode(errors="replace"))
+        return values
+
+    async def list_instances(self) -> list[InstanceRecord]:
+        """Every instance record of the namespace, all services and endpoints (one read)."""
+        return await self._list(names.all_instances_prefix(self._namespace), InstanceRecord)
+
+    # --- processes (what `tandem status` lists) ------------------------------------------
+
+    async def register_process(self, record: ProcessRecord) -> None:
+        await self.register(names.process_key(self._namespace, record.instance_id), record)
+
+    async def list_processes(self) -> list[ProcessRecord]:
+        return await self._list(names.processes_prefix(self._namespace), ProcessRecord)
 
     # --- models -------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from app.runtime.discovery import Discovery
 from app.runtime.events import EventSubscription
 from app.runtime.requests import EndpointClient, Handler, ReplyRouter, ServedEndpoint, instance_record
 from app.runtime.wire import encoder
-from app.runtime.workqueue import WorkQueue
+from app.runtime.workqueue import QueueState, WorkQueue, queue_state
 from app.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,10 @@ class Runtime:
         await queue.start()
         self._queues.append(queue)
         return queue
+
+    async def queue_state(self, name: str) -> QueueState | None:
+        """A work queue's stream and consumers, read without opening it (None: nobody has)."""
+        return await queue_state(self._nc, self.namespace, name)
 
     # --- lifecycle ----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -15,7 +16,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from app.protocol.names import queue_subject
 from app.runtime.wire import decoder_for, encoder
@@ -52,10 +53,58 @@ class Job:
 _ACK_CONFIRM_S = 5.0
 
 
+def stream_name(namespace: str, name: str) -> str:
+    """The JetStream stream that holds the queue `name` of `namespace`."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{namespace}_{name}")
+
+
+@dataclass(frozen=True)
+class ConsumerState:
+    """One consumer of a queue's stream, as JetStream reports it."""
+
+    name: str
+    num_pending: int  # jobs not delivered yet
+    num_ack_pending: int  # delivered, not acked yet
+    num_waiting: int  # pull requests waiting for a job (idle pullers)
+    num_redelivered: int
+
+
+@dataclass(frozen=True)
+class QueueState:
+    stream: str
+    messages: int  # jobs the stream holds (a work queue deletes a job when it is acked)
+    consumers: list[ConsumerState]
+
+
+async def queue_state(nc: NatsClient, namespace: str, name: str) -> QueueState | None:
+    """The queue's stream and consumers, read-only (None if no process opened it yet)."""
+    js = nc.jetstream()
+    stream = stream_name(namespace, name)
+    try:
+        info = await js.stream_info(stream)
+        consumers = await js.consumers_info(stream)
+    except NotFoundError:
+        return None
+    return QueueState(
+        stream=stream,
+        messages=info.state.messages,
+        consumers=[
+            ConsumerState(
+                name=consumer.name,
+                num_pending=consumer.num_pending or 0,
+                num_ack_pending=consumer.num_ack_pending or 0,
+                num_waiting=consumer.num_waiting or 0,
+                num_redelivered=consumer.num_redelivered or 0,
+            )
+            for consumer in consumers
+        ],
+    )
+
+
 class WorkQueue:
     def __init__(self, nc: NatsClient, namespace: str, name: str, ack_wait_s: float) -> None:
         self._js = nc.jetstream()
-        self.stream = re.sub(r"[^A-Za-z0-9_-]", "_", f"{namespace}_{name}")
+        self.stream = stream_name(namespace, name)
         self.subject = queue_subject(namespace, name)
         self._ack_wait_s = ack_wait_s
         self._psub: Any = None

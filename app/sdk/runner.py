@@ -9,12 +9,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from app import env
 from app.aio import cancel_and_wait
+from app.protocol import ProcessRecord
 from app.sdk.config import GraphConfig
 from app.sdk.graph import dependency_names
 from app.sdk.service import EndpointSpec, spec_of
@@ -125,6 +127,7 @@ async def run_service(
     """Serve `cls` until SIGTERM/SIGINT (or until `stop` is set, when given)."""
     from app.runtime import Runtime
 
+    started_at = time.time()
     spec = spec_of(cls)
     service_config = config.service_config(spec, check_engine_args=True)
     loop = asyncio.get_running_loop()
@@ -180,6 +183,18 @@ async def run_service(
                         request_type=ep.request_type,
                     )
                 )
+            # What `tandem status` lists: every service process, with or without endpoints.
+            await runtime.discovery.register_process(
+                ProcessRecord(
+                    instance_id=runtime.instance_id,
+                    service=spec.name,
+                    replica=ctx.replica,
+                    host=runtime.host,
+                    pid=os.getpid(),
+                    started_at=started_at,
+                    endpoints=list(spec.endpoints),
+                )
+            )
             log.info("serving %s", ", ".join(spec.endpoints) or "no endpoints")
             await stop.wait()
             if failures:

@@ -8,10 +8,11 @@ import subprocess
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from app.protocol import ModelRecord
+from app.protocol import ModelRecord, ProcessRecord
 from app.runtime import InstanceGoneError, RequestContext, Runtime
 from app.settings import RuntimeSettings
 from tests.integration.child_process import Child
@@ -96,6 +97,24 @@ async def test_models_register_list_and_watch(make_runtime: MakeRuntime) -> None
     await worker.close()  # revokes the lease: the model record goes with it
     await watch.wait_until(lambda models: not models, timeout=5)
     assert await frontend.discovery.list_models() == {}
+
+
+async def test_process_and_instance_records_list_and_leave_with_the_lease(make_runtime: MakeRuntime) -> None:
+    worker, reader = await make_runtime(), await make_runtime()
+
+    async def handler(payload: Any, ctx: Any) -> AsyncGenerator[Any, None]:
+        yield payload
+
+    await worker.serve_endpoint("Echo", "echo", handler)
+    record = ProcessRecord(
+        instance_id=worker.instance_id, service="Echo", replica=1, host="10.0.0.9", pid=42, started_at=5.0
+    )
+    await worker.discovery.register_process(record)
+    assert await reader.discovery.list_processes() == [record]
+    (instance,) = await reader.discovery.list_instances()
+    assert (instance.service, instance.endpoint, instance.instance_id) == ("Echo", "echo", worker.instance_id)
+    await worker.close()
+    assert await reader.discovery.list_processes() == [] and await reader.discovery.list_instances() == []
 
 
 async def test_tunables_put_get_watch(make_runtime: MakeRuntime) -> None:

@@ -120,3 +120,21 @@ async def test_job_of_a_killed_consumer_is_redelivered(
     assert job is not None and job.data == PrefillJob("lost", [7]) and job.redeliveries >= 1
     await job.ack()
     assert await queue.depth() == 0
+
+
+async def test_queue_state_reads_the_stream_and_its_consumer_without_taking_jobs(make_runtime: MakeRuntime) -> None:
+    producer, observer = await make_runtime(), await make_runtime()
+    assert await observer.queue_state("prefill") is None  # nobody opened it yet
+    queue = await producer.work_queue("prefill", ack_wait_s=30)
+    for i in range(3):
+        await queue.push(PrefillJob(f"r{i}", [i]))
+    job = await queue.pull(timeout=2, job_type=PrefillJob)
+    assert job is not None
+    for _ in range(2):  # reading twice takes nothing and changes nothing
+        state = await observer.queue_state("prefill")
+        assert state is not None and state.stream == queue.stream and state.messages == 3
+        (consumer,) = state.consumers
+        assert (consumer.num_pending, consumer.num_ack_pending) == (2, 1)
+    await job.ack()
+    state = await observer.queue_state("prefill")
+    assert state is not None and state.messages == 2 and state.consumers[0].num_ack_pending == 0

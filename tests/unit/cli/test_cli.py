@@ -20,6 +20,8 @@ README_COMMANDS = [
     ["ray", "head", "--port", "6379"],
     ["ray", "worker", "--address", "10.0.0.1:6379"],
     ["model", "make-tiny", "models/tiny-llama"],
+    ["status"],
+    ["status", "--json", "--watch", "5"],
 ]
 
 
@@ -40,3 +42,10 @@ def test_config_env_lists_the_seeds_variables(capsys: pytest.CaptureFixture[str]
     assert main(["config", "env"]) == 0
     listed = capsys.readouterr().out
     assert "NATS_SERVER" in listed and "ETCD_ENDPOINTS" in listed
+
+
+def test_status_watch_takes_an_optional_interval() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["status"]).watch is None
+    assert parser.parse_args(["status", "--watch"]).watch == 2.0
+    assert parser.parse_args(["status", "--watch", "0.5", "--namespace", "prod"]).watch == 0.5

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.protocol import BlockStored, EngineBlockHash, KvEventBatch, LoadReport, PlacementEvent
+from app.protocol import BlockStored, EngineBlockHash, KvEventBatch, LoadReport, PlacementEvent, RouterReport
 from app.router import FleetFeed, FleetListener
 from app.router.tunables import LivePolicy
 
@@ -71,6 +71,7 @@ class InMemoryFeed(FleetFeed):
         self._fleet = fleet
         self.listener: FleetListener | None = None
         self.configured_policy = LivePolicy(policy="kv")
+        self.reports: list[RouterReport] = []
         self.closed = False
 
     async def block_size(self) -> int:
@@ -85,6 +86,9 @@ class InMemoryFeed(FleetFeed):
 
     async def publish_placements(self, events: list[PlacementEvent]) -> None:
         self._fleet._deliver(events)
+
+    async def publish_report(self, report: RouterReport) -> None:
+        self.reports.append(report)
 
     async def close(self) -> None:
         self.listener = None

@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from app.errors import NoWorkerError
-from app.protocol import LoadReport
+from app.protocol import BlockStored, KvEventBatch, LoadReport
 from app.router import RouterReplica
 from app.router.tunables import LivePolicy
 from tests.unit.router.fleet import InMemoryFleet
@@ -111,3 +111,36 @@ async def test_a_closed_replica_hears_nothing_more() -> None:
     assert fleet.feeds[0].closed
     fleet.store("w1", PREFIX)
     assert replica.core.index.num_blocks() == 0
+
+
+async def test_the_replica_reports_its_policy_counters_and_the_workers_it_cannot_see() -> None:
+    fleet = InMemoryFleet(["w1", "w2", "w3"], BLOCK)
+    replica = RouterReplica(
+        fleet.feed(), policy="kv", block_size=BLOCK, replica_id="r1", report_interval_s=0.01, kv_silence_s=0.05
+    )
+    await replica.start()
+    feed = fleet.feeds[0]
+    fleet.store("w1", PREFIX)
+    replica.route("q1", PREFIX)
+    # w2 runs requests and publishes no KV events; w3's events have another block size.
+    busy = LoadReport(worker_id="w2", running=1, waiting=0, kv_used_blocks=1, kv_total_blocks=10)
+    fleet.report_load(busy)
+    await asyncio.sleep(0.1)
+    fleet.report_load(busy)
+    assert feed.listener is not None
+    feed.listener.on_kv_events(
+        KvEventBatch(worker_id="w3", seq=0, block_size=2 * BLOCK, events=[BlockStored(token_ids=[], block_hashes=[])])
+    )
+    fleet.set_policy(LivePolicy(policy="round-robin", knobs={}))
+    reports_before = len(feed.reports)
+    await asyncio.sleep(0.05)
+    assert len(feed.reports) > reports_before, "no report published since"
+    report = feed.reports[-1]
+    assert (report.router_id, report.policy, report.decisions) == ("r1", "round-robin", 1)
+    assert (report.prompt_blocks, report.hit_blocks, report.indexed_blocks) == (8, 8, 8)
+    assert report.kv_silent_workers == ["w2"] and report.kv_rejected_workers == ["w3"]
+    assert report.rejected_kv_batches == 1
+    await replica.close()
+    published = len(feed.reports)
+    await asyncio.sleep(0.05)
+    assert len(feed.reports) == published, "a closed replica still reports"
