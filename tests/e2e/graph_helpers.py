@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.openai import WORKER_HEADER
-from testbed.graphs import ServedGraph
+from testbed.graphs import TANDEM, ServedGraph
 
 
 def engine_core_of(worker_pid: int) -> psutil.Process:
@@ -107,3 +108,19 @@ async def migrations(http: httpx.AsyncClient) -> float:
         for sample in family.samples
         if sample.name.endswith("_total")
     )
+
+
+async def tandem_status(graph: ServedGraph, *args: str, listen_s: float = 1.5) -> dict[str, Any]:
+    """`tandem status --json ARGS`, run as an operator runs it, with the graph's NATS_SERVER,
+    ETCD_ENDPOINTS and namespace; `listen_s`: how long it waits for the fleet's reports."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [TANDEM, "status", "--json", "--listen", str(listen_s), *args],
+        env=graph.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    status: dict[str, Any] = json.loads(done.stdout)
+    return status

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
-from testbed.graphs import TANDEM, ServedGraph
-from tests.e2e.graph_helpers import Stream, read_stream
+from testbed.graphs import ServedGraph
+from tests.e2e.graph_helpers import Stream, read_stream, tandem_status
 
 pytestmark = pytest.mark.e2e
 
@@ -64,20 +62,6 @@ async def graph(
         yield served, metrics_port
 
 
-async def status(graph: ServedGraph) -> dict[str, Any]:
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [TANDEM, "status", "--json", "--listen", "1"],
-        env=graph.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
-
-
 async def test_a_busy_worker_without_kv_events_is_warned_of_once_counted_and_shown(
     graph: tuple[ServedGraph, int],
 ) -> None:
@@ -91,7 +75,7 @@ async def test_a_busy_worker_without_kv_events_is_warned_of_once_counted_and_sho
         try:
             deadline = time.monotonic() + 30
             while True:
-                shown = await status(served)
+                shown = await tandem_status(served, listen_s=1)
                 (router,) = [i for i in shown["instances"] if i["service"] == "Router"]
                 if router["router"] and router["router"]["kv_silent_workers"] == [worker]:
                     break

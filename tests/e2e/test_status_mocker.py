@@ -30,7 +30,7 @@ from app.protocol import names
 from app.runtime import Runtime
 from app.status.model import SCHEMA_VERSION
 from testbed.graphs import TANDEM, ServedGraph
-from tests.e2e.graph_helpers import Stream, read_stream
+from tests.e2e.graph_helpers import Stream, read_stream, tandem_status
 
 pytestmark = pytest.mark.e2e
 
@@ -84,21 +84,6 @@ async def graph(
     async with served:
         await served.wait_ready(WORKERS, routers=ROUTERS, processors=1, timeout=120)
         yield served
-
-
-async def tandem_status(graph: ServedGraph, *args: str) -> dict[str, Any]:
-    """`tandem status --json ARGS` with the graph's NATS_SERVER, ETCD_ENDPOINTS and namespace."""
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [TANDEM, "status", "--json", "--listen", "1.5", *args],
-        env=graph.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    status: dict[str, Any] = json.loads(done.stdout)
-    return status
 
 
 async def status_until(
