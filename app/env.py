@@ -233,6 +233,22 @@ RAY_ADDRESS: Variable[str | None] = _declare(
     SERVE,
 )
 
+# The Frontend's API keys (docs/security.md): added to its section's `api-keys` and `api-keys-file`.
+TANDEM_API_KEYS: Variable[str | None] = _declare(
+    "TANDEM_API_KEYS",
+    _text,
+    None,
+    "API keys the Frontend accepts as `Authorization: Bearer KEY`, comma-separated; unset: no key needed",
+    SERVE,
+)
+TANDEM_API_KEYS_FILE: Variable[str | None] = _declare(
+    "TANDEM_API_KEYS_FILE",
+    _text,
+    None,
+    "a file of API keys the Frontend accepts, one a line (# comments), e.g. a mounted secret",
+    SERVE,
+)
+
 # The interfaces of the collective and transfer libraries: `tandem ray` passes them on to
 # Ray's workers unchanged and logs them.
 GLOO_SOCKET_IFNAME: Variable[str | None] = _declare(

@@ -19,6 +19,8 @@ from typing import ClassVar
 
 class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
+    # No API key, or not one of the Frontend's (only the Frontend raises it: it never crosses a hop).
+    UNAUTHORIZED = "unauthorized"
     MODEL_NOT_FOUND = "model_not_found"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     OVERLOADED = "overloaded"
@@ -58,6 +60,13 @@ class InvalidRequestError(TandemError):
 
     code = ErrorCode.INVALID_REQUEST
     status = 400
+
+
+class UnauthorizedError(TandemError):
+    """The request bears no API key, or one the Frontend does not know; the message says which, never more."""
+
+    code = ErrorCode.UNAUTHORIZED
+    status = 401
 
 
 class ModelNotFoundError(TandemError):
@@ -108,6 +117,7 @@ _BY_CODE: dict[str, type[TandemError]] = {
     cls.code: cls
     for cls in (
         InvalidRequestError,
+        UnauthorizedError,
         ModelNotFoundError,
         PayloadTooLargeError,
         OverloadedError,

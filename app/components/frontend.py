@@ -10,6 +10,10 @@ With `embed-router: true` the Frontend is also a router replica (configured by t
 section): it builds the KV index from the fleet's events and routes each request in
 process, as Dynamo's frontend does, and `tandem serve` starts no Router processes. Several
 Frontends then share their placements like Router replicas do.
+
+With API keys (`api-keys`, `api-keys-file`, TANDEM_API_KEYS, TANDEM_API_KEYS_FILE; read
+once at start) every route but /health and /live needs one, and a key's own limits admit
+its generation requests (app/openai/auth.py, app/openai/limits.py, docs/security.md).
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.components.processor import Processor
 from app.openai import create_app
+from app.openai.auth import ApiKey, ApiKeyError, ApiKeyItem, ApiKeys, KeyLimits, load_api_keys
 from app.openai.metrics import FrontendMetrics
 from app.openai.server import make_server
 from app.protocol import names
 from app.router.config import RouterConfig, router_replica
 from app.runtime import Runtime
-from app.sdk import Service, ServiceContext, depends, drain_budget_s, on_shutdown, on_start, service
+from app.sdk import ConfigError, Service, ServiceContext, depends, drain_budget_s, on_shutdown, on_start, service
 from app.serving import PipelineConfig, RequestPipeline, create_picker
 from app.serving.backend import FleetBackend, LocalProcessing, Processing, RemoteProcessing
 
@@ -53,6 +58,19 @@ class FrontendConfig(BaseModel):
     max_inflight_requests: int | None = Field(
         default=None, ge=1, description="past this many requests in flight, answer 429 with Retry-After"
     )
+    # API keys (docs/security.md); TANDEM_API_KEYS and TANDEM_API_KEYS_FILE add to these.
+    api_keys: list[ApiKeyItem] | None = Field(
+        default=None,
+        min_length=1,
+        description="keys clients send as `Authorization: Bearer KEY`: strings, or {key, max-inflight, "
+        "requests-per-minute} mappings; unset (and no key from the environment): no key needed",
+    )
+    api_keys_file: str | None = Field(default=None, description="a file of more API keys, one a line (# comments)")
+    api_key_limits: KeyLimits = Field(
+        default_factory=KeyLimits,
+        description="{max-inflight, requests-per-minute}: the limits of each API key that does not set its own",
+    )
+    metrics_auth: bool = Field(default=False, description="/metrics needs an API key too")
 
     @model_validator(mode="after")
     def _router_needs_pipeline(self) -> FrontendConfig:
@@ -70,6 +88,11 @@ class FrontendConfig(BaseModel):
         return {names.ROUTER} if self.embed_router else set()
 
 
+def _described(key: ApiKey) -> str:
+    limits = key.limits
+    return f"{key.key_id} (max-inflight {limits.max_inflight}, requests-per-minute {limits.requests_per_minute})"
+
+
 @service(config=FrontendConfig)
 class Frontend(Service):
     config: FrontendConfig
@@ -82,6 +105,7 @@ class Frontend(Service):
 
     @on_start
     async def start(self) -> None:
+        api_keys = self._api_keys()  # first: a bad key source stops the start before anything runs
         models = await self.runtime.discovery.watch_models()
         metrics = FrontendMetrics()
         processing: Processing
@@ -95,7 +119,13 @@ class Frontend(Service):
                 processor.chat_completions, processor.completions, processor.tokenize, processor.detokenize
             )
         backend = FleetBackend(models, processing, self.config.served_model_name)
-        app = create_app(backend, metrics=metrics, max_inflight=self.config.max_inflight_requests)
+        app = create_app(
+            backend,
+            metrics=metrics,
+            max_inflight=self.config.max_inflight_requests,
+            api_keys=api_keys,
+            metrics_auth=self.config.metrics_auth,
+        )
         # On SIGTERM the streams in flight finish within every service's drain budget.
         self._server = make_server(app, self.config.host, self.config.port, graceful_shutdown_s=drain_budget_s())
         # The service runner owns SIGTERM/SIGINT (it drains, then stops us); uvicorn must
@@ -108,6 +138,23 @@ class Frontend(Service):
                 raise RuntimeError(f"the HTTP server on port {self.config.port} stopped at start")
             await asyncio.sleep(0.05)
         log.info("OpenAI API on http://%s:%d/v1", self.config.host, self.config.port)
+
+    def _api_keys(self) -> ApiKeys | None:
+        """The keys of every source; a ConfigError (one line in the log, no traceback) for one
+        that cannot be used."""
+        config = self.config
+        try:
+            keys = load_api_keys(config.api_keys, config.api_keys_file, config.api_key_limits)
+        except ApiKeyError as exc:
+            raise ConfigError([f"{names.FRONTEND}: {exc}"]) from None
+        if keys is None:
+            if config.metrics_auth:
+                raise ConfigError([f"{names.FRONTEND}: metrics-auth: no API key is configured for /metrics to need"])
+            log.info("no API keys: every route is open")
+            return None
+        # By key id only (docs/security.md): the keys themselves are never logged.
+        log.info("%d API keys: %s", len(keys), ", ".join(_described(key) for key in keys))
+        return keys
 
     def _embedded_pipeline(self, metrics: FrontendMetrics) -> RequestPipeline:
         """The Processor section's pipeline, picking workers as this deployment does."""

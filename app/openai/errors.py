@@ -18,6 +18,7 @@ from app.errors import ErrorCode, InternalError, TandemError
 # code -> (OpenAI's error `type`, its `code` field)
 _OPENAI_NAMES: dict[ErrorCode, tuple[str, str | None]] = {
     ErrorCode.INVALID_REQUEST: ("invalid_request_error", None),
+    ErrorCode.UNAUTHORIZED: ("invalid_request_error", "invalid_api_key"),
     ErrorCode.MODEL_NOT_FOUND: ("invalid_request_error", "model_not_found"),
     ErrorCode.PAYLOAD_TOO_LARGE: ("invalid_request_error", "payload_too_large"),
     ErrorCode.OVERLOADED: ("rate_limit_error", "rate_limit_exceeded"),

@@ -37,6 +37,19 @@ class FrontendMetrics:
         )
         self.output_tokens = Counter(f"{prefix}_output_tokens", "Generated tokens", registry=self.registry)
         self.inflight = Gauge(f"{prefix}_inflight_requests", "Requests being served now", registry=self.registry)
+        # Keys are named by their key id (SHA-256 prefix, app/openai/auth.py), never by themselves.
+        self.api_key_requests = Counter(
+            f"{prefix}_api_key_requests",
+            "Generation requests admitted, by API key id",
+            ["key"],
+            registry=self.registry,
+        )
+        self.api_key_limited = Counter(
+            f"{prefix}_api_key_rate_limited",
+            "Generation requests refused with 429 by their API key's own limit, by key id and limit",
+            ["key", "limit"],
+            registry=self.registry,
+        )
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

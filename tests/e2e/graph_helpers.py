@@ -20,6 +20,30 @@ from app.openai import WORKER_HEADER
 from testbed.graphs import TANDEM, ServedGraph
 
 
+def mocker_agg_config(
+    model: Path,
+    served_model_name: str,
+    max_model_len: int = 2048,
+    frontend: Mapping[str, Any] | None = None,
+    worker: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """graphs.agg's config on a mocker VllmWorker (the tiny model's tokenizer, 3000 tokens,
+    blocks of 16), with `frontend` and `worker` keys added to those sections."""
+    return {
+        "Common": {"model": str(model), "served-model-name": served_model_name, "max-model-len": max_model_len},
+        "Frontend": {"served-model-name": served_model_name, **(frontend or {})},
+        "Processor": {"common-configs": ["model", "max-model-len"]},
+        "VllmWorker": {
+            "engine": "mocker",
+            "vocab-size": 3000,
+            "eos-token-id": 2,
+            "block-size": 16,
+            "common-configs": ["model", "served-model-name", "max-model-len"],
+            **(worker or {}),
+        },
+    }
+
+
 def engine_core_of(worker_pid: int) -> psutil.Process:
     """The `VLLM::EngineCore` process that a worker process started (vLLM names it so)."""
     for child in psutil.Process(worker_pid).children():

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
 from testbed.graphs import ServedGraph, ServedProcess
-from tests.e2e.graph_helpers import thin_frontend
+from tests.e2e.graph_helpers import mocker_agg_config, thin_frontend
 
 pytestmark = pytest.mark.e2e
 
@@ -105,18 +105,7 @@ async def vllm_answers(tiny_model: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def _config(tiny_model: Path) -> dict[str, Any]:
-    return {
-        "Common": {"model": str(tiny_model), "served-model-name": MODEL, "max-model-len": MAX_MODEL_LEN},
-        "Frontend": {"served-model-name": MODEL},
-        "Processor": {"common-configs": ["model", "max-model-len"]},
-        "VllmWorker": {
-            "engine": "mocker",
-            "vocab-size": 3000,
-            "eos-token-id": 2,
-            "block-size": 16,
-            "common-configs": ["model", "served-model-name", "max-model-len"],
-        },
-    }
+    return mocker_agg_config(tiny_model, MODEL, MAX_MODEL_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from app.errors import (
     OverloadedError,
     PayloadTooLargeError,
     TandemError,
+    UnauthorizedError,
     UnavailableError,
     WorkerUnavailableError,
     error_for_code,
@@ -29,6 +30,7 @@ def _over_the_wire(error: TandemError) -> TandemError:
     ("error", "status", "error_type", "code"),
     [
         (InvalidRequestError("prompt too long"), 400, "invalid_request_error", None),
+        (UnauthorizedError("no key"), 401, "invalid_request_error", "invalid_api_key"),
         (ModelNotFoundError("no such model"), 404, "invalid_request_error", "model_not_found"),
         (PayloadTooLargeError("too big"), 413, "invalid_request_error", "payload_too_large"),
         (OverloadedError("busy"), 429, "rate_limit_error", "rate_limit_exceeded"),
