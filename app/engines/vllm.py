@@ -289,6 +289,8 @@ class VllmEngine(Engine):
         # (or its output handler) end; from then on every request fails with EngineDeadError.
         if self._llm is not None and self._llm.errored:
             return "the vLLM engine core process is gone"
+        if self._relay is not None:
+            return self._relay.failure()
         return None
 
     async def stop(self) -> None:

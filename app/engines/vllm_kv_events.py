@@ -75,8 +75,21 @@ class VllmKvEventRelay:
         self._block_size = block_size
         self._task = asyncio.create_task(self._run(), name=f"kv-events-{self._worker_id}")
 
+    def failure(self) -> str | None:
+        """Why the relay stopped relaying (its task ended on an error), or None while it runs.
+
+        A worker whose relay died would keep serving while the routers' index of it goes
+        stale: the engine counts as dead then (`VllmEngine.dead_reason`), so the worker
+        leaves and supervisord restarts it with a fresh engine and relay.
+        """
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return f"its KV event relay ended: {task.exception()!r}"
+
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
+        if self._task is not None and not self._task.done():  # one that ended: `failure` said why
+            await cancel_and_wait(self._task)
         self._task = None
         self._socket.close(linger=0)
         self._context.term()

@@ -5,12 +5,16 @@ process registers hangs on that lease, so a crashed process's records vanish wit
 TTL and a clean `revoke()` removes them at once. If etcd loses the lease (an outage
 longer than the TTL), the keep-alive task grants it again under the same ID and puts the
 records back, so the process keeps its instance id.
+
+The keep-alive and every watch are essential: a process whose lease is not kept, or whose
+view of the fleet stopped changing, would stay registered while it misroutes or vanishes.
+Each task that ends on an unexpected error calls the failure handler (`on_failure`; the
+service runner's `ServiceContext.fail`), which takes the process out and ends it non-zero.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import weakref
 from collections.abc import Callable
@@ -20,6 +24,7 @@ import etcd3aio
 import grpc.aio
 import msgspec
 
+from app.aio import cancel_and_wait, end_on_exit
 from app.protocol import InstanceRecord, ModelRecord, ProcessRecord, names
 from app.runtime.connect import etcd_service
 from app.runtime.wire import decoder_for, encoder
@@ -34,6 +39,10 @@ _ETCD_ERRORS = (etcd3aio.EtcdError, grpc.aio.AioRpcError, asyncio.TimeoutError, 
 T = TypeVar("T")
 
 
+def _no_failure_handler(reason: str) -> None:
+    pass
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     return etcd3aio.prefix_range_end(prefix)
 
@@ -45,8 +54,15 @@ class PrefixWatch(Generic[T]):
     compactions (a full reload).
     """
 
-    def __init__(self, client: etcd3aio.Etcd3Client, prefix: str, value_type: Any = None) -> None:
+    def __init__(
+        self,
+        client: etcd3aio.Etcd3Client,
+        prefix: str,
+        value_type: Any = None,
+        fail: Callable[[str], None] = _no_failure_handler,
+    ) -> None:
         self._client = client
+        self._fail = fail
         self._prefix = prefix.encode()
         self._decoder = decoder_for(value_type)
         self.items: dict[str, T] = {}
@@ -60,14 +76,13 @@ class PrefixWatch(Generic[T]):
 
     async def start(self) -> None:
         revision = await self._load()
-        self._task = asyncio.create_task(self._run(revision), name=f"etcd-watch:{self._prefix.decode()}")
+        task = asyncio.create_task(self._run(revision), name=f"etcd-watch:{self._prefix.decode()}")
+        self._task = end_on_exit(task, self._fail)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._task is not None and not self._task.done():  # one that ended was reported
+            await cancel_and_wait(self._task)
+        self._task = None
 
     async def wait_until(self, predicate: Callable[[dict[str, T]], bool], timeout: float | None) -> bool:
         """Wait until `predicate(self.items)` holds; False if it still does not after `timeout`
@@ -106,7 +121,13 @@ class PrefixWatch(Generic[T]):
         else:
             self.items[key] = value
         for listener in self._listeners:
-            listener(key, value)
+            try:
+                listener(key, value)
+            except Exception:
+                # One listener's bug must not stop the watch for the others (nor end every
+                # process of the fleet that reads the same record): logged, and the next
+                # change is delivered as usual.
+                log.exception("etcd: a listener of %s failed on %s", self._prefix.decode(), key)
         self._changed.set()
 
     async def _run(self, revision: int) -> None:
@@ -194,6 +215,7 @@ class Discovery:
         self.lease_id = 0
         self._owned: dict[bytes, bytes] = {}
         self._keepalive_task: asyncio.Task[None] | None = None
+        self._fail: Callable[[str], None] = _no_failure_handler
         self._watches: weakref.WeakSet[PrefixWatch[Any]] = weakref.WeakSet()
 
     # --- lease --------------------------------------------------------------------------
@@ -201,16 +223,20 @@ class Discovery:
     async def start(self) -> None:
         grant = await etcd_service(self._client.lease).grant(self._ttl, timeout=_RPC_TIMEOUT_S)
         self.lease_id = grant.ID
-        self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="etcd-lease-keepalive")
+        keepalive = asyncio.create_task(self._keepalive_loop(), name="etcd-lease-keepalive")
+        self._keepalive_task = end_on_exit(keepalive, lambda reason: self._fail(reason))
+
+    def on_failure(self, fail: Callable[[str], None]) -> None:
+        """`fail(reason)` runs when the keep-alive or a watch ends on an unexpected error
+        (unset: end_on_exit's CRITICAL log line is all there is)."""
+        self._fail = fail
 
     async def close(self) -> None:
         """Stop watches and keep-alive, then revoke the lease: every record of ours vanishes at once."""
         for watch in list(self._watches):
             await watch.close()
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive_task
+        if self._keepalive_task is not None and not self._keepalive_task.done():
+            await cancel_and_wait(self._keepalive_task)
         try:
             await etcd_service(self._client.lease).revoke(self.lease_id, timeout=_RPC_TIMEOUT_S)
         except _ETCD_ERRORS as exc:
@@ -273,7 +299,7 @@ class Discovery:
         return names.instance_key(self._namespace, service, endpoint, instance_id)
 
     async def _start_watch(self, prefix: str, value_type: Any) -> PrefixWatch[Any]:
-        watch: PrefixWatch[Any] = PrefixWatch(self._client, prefix, value_type)
+        watch: PrefixWatch[Any] = PrefixWatch(self._client, prefix, value_type, lambda reason: self._fail(reason))
         await watch.start()
         self._watches.add(watch)
         return watch

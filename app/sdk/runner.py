@@ -157,6 +157,8 @@ async def run_service(
         log.info("stopped while connecting")
         return
     runtime = connected
+    # A lost etcd keep-alive or watch ends this process as a failed service does.
+    runtime.discovery.on_failure(fail)
     log.info("connected: instance %s, namespace %s", runtime.instance_id, runtime.namespace)
     interrupted = False  # by a stop during the start hooks
     try:

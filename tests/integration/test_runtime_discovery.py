@@ -14,6 +14,7 @@ import pytest
 
 from app.protocol import ModelRecord, ProcessRecord
 from app.runtime import InstanceGoneError, RequestContext, Runtime
+from app.runtime import discovery as discovery_module
 from app.settings import RuntimeSettings
 from tests.integration.child_process import Child
 
@@ -181,3 +182,55 @@ async def test_a_stream_goes_on_while_its_live_callee_has_lost_its_record(
     async with asyncio.timeout(10):
         assert [item async for item in stream] == ["after"]
     assert client.instance_ids() == []  # the record was away all along
+
+
+async def test_a_listener_that_raises_leaves_the_watch_and_the_process_running(make_runtime: MakeRuntime) -> None:
+    writer, reader = await make_runtime(), await make_runtime()
+    failures: list[str] = []
+    reader.discovery.on_failure(failures.append)
+    watch = await reader.discovery.watch_tunables()
+    seen: list[str] = []
+
+    def listener(key: str, value: Any) -> None:
+        seen.append(key)
+        if key == "router/mode":
+            raise ValueError("a listener's bug")
+
+    watch.add_listener(listener)
+    await writer.discovery.put_tunable("router/mode", "kv")
+    await writer.discovery.put_tunable("disagg/max_local_prefill_length", 512)
+    await watch.wait_until(lambda v: v.get("disagg/max_local_prefill_length") == 512, timeout=5)
+    assert seen == ["router/mode", "disagg/max_local_prefill_length"]
+    assert failures == []
+
+
+async def test_a_watch_or_keep_alive_that_ends_on_an_unexpected_error_fails_the_process(
+    make_runtime: MakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing reports a watch that stopped (the view freezes) or a keep-alive that stopped
+    (the records vanish a TTL later): the failure handler (the runner's ctx.fail) must."""
+    writer, reader = await make_runtime(), await make_runtime(lease_ttl_s=3)
+    failures: list[str] = []
+    reader.discovery.on_failure(failures.append)
+    await reader.discovery.watch_tunables()
+
+    def unforeseen(self: Any, value: bytes) -> None:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(discovery_module.PrefixWatch, "_decode", unforeseen)
+    await writer.discovery.put_tunable("router/mode", "kv")
+    async with asyncio.timeout(5):
+        while not failures:
+            await asyncio.sleep(0.02)
+    assert failures == [
+        f"background task etcd-watch:/tandem/{reader.namespace}/tunables/ ended: RuntimeError('unforeseen')"
+    ]
+
+    async def keep_alive_fails(self: Any) -> int:
+        raise RuntimeError("keep-alive bug")
+
+    monkeypatch.setattr(discovery_module.Discovery, "_keepalive_once", keep_alive_fails)
+    async with asyncio.timeout(5):  # its next beat is a third of the TTL away
+        while len(failures) < 2:
+            await asyncio.sleep(0.02)
+    assert failures[1] == "background task etcd-lease-keepalive ended: RuntimeError('keep-alive bug')"
