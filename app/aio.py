@@ -20,7 +20,9 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         await task
 
 
-def end_on_exit(task: asyncio.Task[Any], fail: Callable[[str], None]) -> asyncio.Task[Any]:
+def end_on_exit(
+    task: asyncio.Task[Any], fail: Callable[[str], None], unless: Callable[[], bool] = lambda: False
+) -> asyncio.Task[Any]:
     """Make `task` essential: if it ends by anything but a cancel, `fail` says why.
 
     For the loops a process is worthless without (a PrefillWorker's job pullers, a worker's
@@ -28,10 +30,13 @@ def end_on_exit(task: asyncio.Task[Any], fail: Callable[[str], None]) -> asyncio
     process registered and answering while it silently does none of that work. `fail`
     (ServiceContext.fail) takes the process out of routing and ends it non-zero, so that
     supervisord starts a fresh one.
+
+    `unless()`: true when the end is expected, for a task that ends normally when asked to
+    (uvicorn's `serve()` returns at shutdown).
     """
 
     def check(done: asyncio.Task[Any]) -> None:
-        if done.cancelled():
+        if done.cancelled() or unless():
             return
         exc = done.exception()
         reason = f"background task {done.get_name()} ended" + (f": {exc!r}" if exc is not None else "")

@@ -24,6 +24,7 @@ import logging
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.aio import end_on_exit
 from app.components.processor import Processor
 from app.openai import create_app
 from app.openai.auth import ApiKey, ApiKeyError, ApiKeyItem, ApiKeys, KeyLimits, load_api_keys
@@ -102,6 +103,7 @@ class Frontend(Service):
 
     def __init__(self) -> None:
         self._pipeline: RequestPipeline | None = None
+        self._stopping = False  # set by our shutdown: uvicorn's serve() may end now
 
     @on_start
     async def start(self) -> None:
@@ -137,6 +139,9 @@ class Frontend(Service):
                 self._serving.result()  # re-raises why uvicorn could not start (port in use, ...)
                 raise RuntimeError(f"the HTTP server on port {self.config.port} stopped at start")
             await asyncio.sleep(0.05)
+        # Once up, an HTTP server that stops before our shutdown asked it to would leave a
+        # registered Frontend that answers nothing: the process leaves and is restarted.
+        end_on_exit(self._serving, self.ctx.fail, unless=lambda: self._stopping)
         log.info("OpenAI API on http://%s:%d/v1", self.config.host, self.config.port)
 
     def _api_keys(self) -> ApiKeys | None:
@@ -169,6 +174,7 @@ class Frontend(Service):
 
     @on_shutdown
     async def stop(self) -> None:
+        self._stopping = True
         self._server.should_exit = True
         await self._serving
         if self._pipeline is not None:

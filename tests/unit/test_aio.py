@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from prometheus_client import CollectorRegistry
 
@@ -84,3 +85,12 @@ async def test_a_prefill_worker_whose_pullers_die_leaves_instead_of_idling_regis
     assert jobs.live_pullers() == 0
     assert len(reasons) == 2 and all("prefill-puller" in reason for reason in reasons)
     await jobs.close()
+
+
+async def test_an_end_the_owner_expects_is_not_a_failure_and_any_other_is() -> None:
+    reasons: list[str] = []
+    for stop_asked in (True, False):
+        task = asyncio.create_task(asyncio.sleep(0), name="uvicorn")
+        await end_on_exit(task, reasons.append, unless=functools.partial(bool, stop_asked))
+        await _settle()
+    assert reasons == ["background task uvicorn ended"]
