@@ -31,6 +31,10 @@ class EngineStats:
     # engine instead of computing it, and the bytes it moved (counters since start).
     external_kv_prompt_tokens: int = 0
     kv_transfer_bytes: int = 0
+    # KV pulls that failed (transfer or handshake; the request was recomputed under
+    # vLLM's "recompute" policy), and prefilled KV that expired before a decode pulled it.
+    kv_transfer_failures: int = 0
+    kv_expired_requests: int = 0
 
 
 @dataclass(frozen=True)

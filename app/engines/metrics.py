@@ -38,6 +38,18 @@ _METRICS: dict[str, tuple[type[GaugeMetricFamily | CounterMetricFamily], str, st
         "tandem_worker_kv_transfer_bytes",
         "Bytes of KV cache the KV connector transferred (NIXL telemetry)",
     ),
+    # vLLM's NIXL failure counters (vllm:nixl_num_failed_transfers and _handshakes, summed),
+    # and on a prefill worker vllm:nixl_num_kv_expired_reqs: a decode that never pulled.
+    "kv_transfer_failures": (
+        CounterMetricFamily,
+        "tandem_worker_kv_transfer_failures",
+        "KV pulls that failed (a transfer or its handshake); the request recomputed its prompt",
+    ),
+    "kv_expired_requests": (
+        CounterMetricFamily,
+        "tandem_worker_kv_expired_requests",
+        "Prefilled requests whose held KV expired before a decode engine pulled it",
+    ),
 }
 
 

@@ -44,7 +44,10 @@ Disaggregated serving, the two roles vLLM's NixlConnector gives an engine:
   the bytes of the prompt tokens not already in its own prefix cache,
   `kv_bytes_per_token` each, over `kv_transfer_gb_per_s`, divided by `speedup_ratio`.
   Transfers run beside the batch; they take KV blocks but no step time. A decode
-  request preempted later recomputes its prompt locally.
+  request preempted later recomputes its prompt locally. With
+  `kv_transfer_failure_rate` (a fault knob) that share of pulls fails after its transfer
+  time and the request recomputes its prompt locally, as vLLM does under the
+  `kv_load_failure_policy: recompute` Tandem sets by default (app/engines/vllm.py).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from array import array
 from collections import deque
@@ -107,6 +111,8 @@ class MockerConfig(pydantic.BaseModel):
     # Prefill role: how long handed-off KV is held. vLLM frees it when the decode engine
     # says it has read it, a transfer time and a round trip after the answer.
     kv_lease_s: float = pydantic.Field(default=0.5, gt=0)
+    # Decode role, a fault to test with: the share of KV pulls that fail (then recomputed).
+    kv_transfer_failure_rate: float = pydantic.Field(default=0.0, ge=0, le=1)
 
     @pydantic.model_validator(mode="after")
     def _fits(self) -> MockerConfig:
@@ -192,6 +198,11 @@ class MockerEngine(Engine):
         self._hash_root = int.from_bytes(blake2b(f"mocker-{config.seed}".encode(), digest_size=8).digest(), "little")
         self._prefix_hits = 0
         self._prefix_queries = 0
+        # Decode role: prompt tokens pulled, their bytes, and the pulls that failed.
+        self._pulled_tokens = 0
+        self._pulled_bytes = 0
+        self._failed_pulls = 0
+        self._faults = random.Random(config.seed)
         # For bad_words alone: loaded at the first request that has some.
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_loaded = False
@@ -242,6 +253,9 @@ class MockerEngine(Engine):
             kv_total_blocks=self._pool.num_blocks,
             prefix_cache_hits=self._prefix_hits,
             prefix_cache_queries=self._prefix_queries,
+            external_kv_prompt_tokens=self._pulled_tokens,
+            kv_transfer_bytes=self._pulled_bytes,
+            kv_transfer_failures=self._failed_pulls,
         )
 
     async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
@@ -338,7 +352,16 @@ class MockerEngine(Engine):
 
     def _transfer_done(self, req: _Request) -> None:
         del self._transfers[req.id]
-        req.num_computed = req.remote_tokens
+        if self._faults.random() < self.config.kv_transfer_failure_rate:
+            # Recompute: the request keeps its reserved blocks and its own prefix-cache hit,
+            # and the scheduler computes the rest of its prompt as a (chunked) prefill.
+            self._failed_pulls += 1
+            log.warning("request %s: KV pull failed (fault knob); recomputing its prompt", req.id)
+        else:
+            pulled = req.remote_tokens - req.num_computed
+            self._pulled_tokens += pulled
+            self._pulled_bytes += pulled * self.config.kv_bytes_per_token
+            req.num_computed = req.remote_tokens
         req.remote_tokens = 0  # were it preempted later, it recomputes locally
         self._cache_full_blocks(req)
         self._running.append(req)

@@ -11,8 +11,9 @@ import asyncio
 import json
 import logging
 import subprocess
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, cast
 
 import msgspec
@@ -60,8 +61,18 @@ def _nested_config(name: str, value: Any) -> Any:
         except json.JSONDecodeError as exc:
             raise ValueError(f"vllm engine argument {name}: not valid JSON: {exc}") from None
     if isinstance(value, dict):
+        if name == "kv_transfer_config":
+            value = _recompute_failed_loads(value)
         return _NESTED_CONFIGS[name](**value)
     return value
+
+
+def _recompute_failed_loads(kv_transfer_config: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's default `kv_load_failure_policy` is "fail": a KV pull that fails (a prefill
+    node gone, a NIXL timeout) ends the request with an error. Tandem's is "recompute":
+    the decode engine computes the prompt itself, slower but answered. A config that sets
+    the policy keeps it."""
+    return {"kv_load_failure_policy": "recompute", **kv_transfer_config}
 
 
 def _structured_outputs_params(structured: StructuredOutputs | None) -> StructuredOutputsParams | None:
@@ -171,6 +182,11 @@ class VllmEngine(Engine):
     def from_config(cls, section: dict[str, Any]) -> VllmEngine:
         """Build from a worker's config section (engine arguments, snake_case or kebab-case keys)."""
         return cls({key.replace("-", "_"): value for key, value in section.items()})
+
+    @property
+    def engine_args(self) -> Mapping[str, Any]:
+        """What AsyncEngineArgs gets at start: the section's arguments, parsed and defaulted."""
+        return MappingProxyType(self._args)
 
     @property
     def served_model_name(self) -> str:

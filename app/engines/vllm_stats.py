@@ -6,8 +6,9 @@ cheap read instead of a round trip to the engine core.
 
 The KV-transfer counters are the ones vLLM's own Prometheus logger exports as
 `vllm:prompt_tokens_by_source{source="external_kv_transfer"}` and
-`vllm:nixl_bytes_transferred`: the same per-step deltas, summed here so that the worker's
-metrics carry them under its own names.
+`vllm:nixl_bytes_transferred`, and NIXL's failure and expiry counters
+(`vllm:nixl_num_failed_transfers`, `_failed_handshakes`, `_kv_expired_reqs`): the same
+per-step deltas, summed here so that the worker's metrics carry them under its own names.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ class SchedulerStatsCapture:
         self._counters.prefix_cache_hits += stats.prefix_cache_stats.hits
         self._counters.prefix_cache_queries += stats.prefix_cache_stats.queries
         if stats.kv_connector_stats:
-            self._counters.kv_transfer_bytes += transferred_bytes(stats.kv_connector_stats)
+            connector = stats.kv_connector_stats
+            self._counters.kv_transfer_bytes += transferred_bytes(connector)
+            self._counters.kv_transfer_failures += _count(connector, "num_failed_transfers", "num_failed_handshakes")
+            self._counters.kv_expired_requests += _count(connector, "num_kv_expired_reqs")
 
     def record_iteration(self, stats: IterationStats) -> None:
         # Prompt tokens of requests that started this step whose KV a connector loaded
@@ -74,6 +78,12 @@ def transferred_bytes(connector_stats: dict[str, Any]) -> int:
     """
     moved = connector_stats.get("bytes_transferred")
     return int(sum(moved)) if isinstance(moved, list) else 0
+
+
+def _count(connector_stats: dict[str, Any], *names: str) -> int:
+    """Events of the named kinds in one step's connector stats: NixlConnector records one
+    entry (1) in a list per event; a connector without them counts 0."""
+    return sum(int(sum(entries)) for name in names if isinstance(entries := connector_stats.get(name), list))
 
 
 class _CapturingStatLogger(StatLoggerBase):

@@ -322,3 +322,27 @@ async def test_kv_transfer_params_it_cannot_serve_are_refused() -> None:
         wrong_length.kv_transfer_params = {"do_remote_prefill": True, "num_tokens": 7}
         with pytest.raises(ValueError, match="hold 7 tokens"):
             await m.run(wrong_length)
+
+
+async def test_a_failed_kv_pull_is_recomputed_locally_and_counted() -> None:
+    prompt = list(range(5000, 5300))
+    params = {"do_remote_prefill": True, "num_tokens": len(prompt)}
+    timing: dict[str, Any] = {"kv_bytes_per_token": 1000, "max_model_len": 4096}
+
+    async def decode(failure_rate: float) -> tuple[list[int], Any]:
+        req = request(prompt, max_tokens=8, ignore_eos=True)
+        req.kv_transfer_params = params
+        async with Mocker(**timing, kv_transfer_failure_rate=failure_rate) as m:
+            tokens = tokens_of(await m.run(req))
+            return tokens, m.engine.stats()
+
+    pulled, pulled_stats = await decode(0.0)
+    recomputed, failed_stats = await decode(1.0)
+    # The client sees the same answer; only the engine's counters tell the pull failed.
+    assert recomputed == pulled and len(pulled) == 8
+    assert (pulled_stats.kv_transfer_failures, pulled_stats.external_kv_prompt_tokens) == (0, len(prompt) - 1)
+    assert pulled_stats.kv_transfer_bytes == (len(prompt) - 1) * 1000
+    assert (failed_stats.kv_transfer_failures, failed_stats.external_kv_prompt_tokens) == (1, 0)
+    # The prompt was computed here instead: every prompt token was looked up in the cache
+    # once and prefilled.
+    assert failed_stats.kv_transfer_bytes == 0

@@ -3,6 +3,7 @@ the engine's own parsed arguments and the process it is about to start in."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -104,6 +105,15 @@ def test_nixl_is_found_in_the_parsed_kv_transfer_config(config: dict | None, nix
     from vllm.config import KVTransferConfig
 
     assert vllm_process.uses_nixl(None if config is None else KVTransferConfig(**config)) is nixl
+
+
+@pytest.mark.parametrize(("set_in_config", "policy"), [({}, "recompute"), ({"kv_load_failure_policy": "fail"}, "fail")])
+def test_a_failed_kv_pull_is_recomputed_unless_the_config_says_otherwise(set_in_config: dict, policy: str) -> None:
+    # vLLM's own default is "fail": the request would end with an error on a lost pull.
+    config = {"kv_connector": "NixlConnector", "kv_role": "kv_both", **set_in_config}
+    for spelled in (config, json.dumps(config)):  # a mapping in YAML, or JSON as on vLLM's command line
+        engine = VllmEngine.from_config({"model": "m", "kv-transfer-config": spelled})
+        assert engine.engine_args["kv_transfer_config"].kv_load_failure_policy == policy
 
 
 async def test_the_mocker_prepares_nothing(environ: os._Environ[str]) -> None:

@@ -49,3 +49,16 @@ def test_a_connector_without_byte_counts_reports_no_bytes() -> None:
     logger.record(*_step(external=32, computed=0, connector_stats={"num_descriptors": [3]}))
     stats = capture.snapshot(in_flight=0, total_blocks=100)
     assert (stats.external_kv_prompt_tokens, stats.kv_transfer_bytes) == (32, 0)
+
+
+def test_nixl_failures_and_expiries_add_up_across_steps() -> None:
+    capture = SchedulerStatsCapture()
+    logger = capture.factory(vllm_config=None)  # type: ignore[arg-type]
+    # NixlConnector's serialized stats: one entry (1) per event in its list.
+    logger.record(
+        *_step(external=0, computed=8, connector_stats={"num_failed_transfers": [1, 1], "num_failed_handshakes": [1]})
+    )
+    logger.record(*_step(external=0, computed=8, connector_stats={"num_kv_expired_reqs": [1], "bytes_transferred": []}))
+    logger.record(*_step(external=0, computed=8, connector_stats={"num_failed_transfers": [1]}))
+    stats = capture.snapshot(in_flight=0, total_blocks=100)
+    assert (stats.kv_transfer_failures, stats.kv_expired_requests) == (4, 1)
