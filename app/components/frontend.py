@@ -29,7 +29,7 @@ from app.components.processor import Processor
 from app.openai import create_app
 from app.openai.auth import ApiKey, ApiKeyError, ApiKeyItem, ApiKeys, KeyLimits, load_api_keys
 from app.openai.metrics import FrontendMetrics
-from app.openai.server import make_server
+from app.openai.server import ConnectionLimits, make_server
 from app.protocol import names
 from app.router.config import RouterConfig, router_replica
 from app.runtime import Runtime
@@ -72,6 +72,21 @@ class FrontendConfig(BaseModel):
         description="{max-inflight, requests-per-minute}: the limits of each API key that does not set its own",
     )
     metrics_auth: bool = Field(default=False, description="/metrics needs an API key too")
+    # What one client connection may hold (app/openai/server.py ConnectionLimits).
+    max_connections: int | None = Field(
+        default=ConnectionLimits.max_connections, ge=1, description="past this many open connections, answer 503"
+    )
+    header_timeout_s: float = Field(
+        default=ConnectionLimits.header_timeout_s, gt=0, description="a request's headers must arrive within this"
+    )
+    body_timeout_s: float = Field(
+        default=ConnectionLimits.body_timeout_s, gt=0, description="a request's body must arrive within this"
+    )
+    write_stall_timeout_s: float = Field(
+        default=ConnectionLimits.write_stall_timeout_s,
+        gt=0,
+        description="a client that reads none of its response for this long is dropped and its request cancelled",
+    )
 
     @model_validator(mode="after")
     def _router_needs_pipeline(self) -> FrontendConfig:
@@ -129,7 +144,15 @@ class Frontend(Service):
             metrics_auth=self.config.metrics_auth,
         )
         # On SIGTERM the streams in flight finish within every service's drain budget.
-        self._server = make_server(app, self.config.host, self.config.port, graceful_shutdown_s=drain_budget_s())
+        limits = ConnectionLimits(
+            max_connections=self.config.max_connections,
+            header_timeout_s=self.config.header_timeout_s,
+            body_timeout_s=self.config.body_timeout_s,
+            write_stall_timeout_s=self.config.write_stall_timeout_s,
+        )
+        self._server = make_server(
+            app, self.config.host, self.config.port, graceful_shutdown_s=drain_budget_s(), limits=limits
+        )
         # The service runner owns SIGTERM/SIGINT (it drains, then stops us); uvicorn must
         # not install its own handlers over the runner's.
         self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
