@@ -139,18 +139,6 @@ def _response_format(request: ResponsesRequest) -> ResponseFormat | None:
     return None  # "text", or no format: no constraint
 
 
-def _template_kwargs(request: ResponsesRequest) -> dict[str, Any] | None:
-    """The request's chat template variables, with vLLM's `reasoning_effort` (and its
-    `enable_thinking`, for templates that need thinking switched on) when reasoning asks for an effort."""
-    effort = request.reasoning.effort if request.reasoning is not None else None
-    if effort is None:
-        return request.chat_template_kwargs
-    kwargs = dict(request.chat_template_kwargs or {})
-    kwargs.setdefault("enable_thinking", effort != "none")
-    kwargs["reasoning_effort"] = effort
-    return kwargs
-
-
 def chat_request(request: ResponsesRequest, model: str, max_model_len: int) -> ChatCompletionRequest:
     """The chat request that serves `request`; `model` is the served model it names."""
     if request.previous_response_id is not None:
@@ -197,7 +185,8 @@ def chat_request(request: ResponsesRequest, model: str, max_model_len: int) -> C
         "add_special_tokens": True,
         "add_generation_prompt": not continues,
         "continue_final_message": continues,
-        "chat_template_kwargs": _template_kwargs(request),
+        "chat_template_kwargs": request.chat_template_kwargs,
+        "reasoning_effort": request.reasoning.effort if request.reasoning is not None else None,
         "user": request.user,
         "metadata": request.metadata,
     }

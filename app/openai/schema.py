@@ -318,6 +318,20 @@ class ChatCompletionRequest(_SamplingFields):
     # vLLM's: false leaves a reasoning model's reasoning out of the answer (with the
     # Processor's reasoning-parser; the answer's logprobs then too).
     include_reasoning: bool = True
+    # OpenAI's and vLLM's: reaches the chat template as `reasoning_effort` (`template_variables`).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+
+    def template_variables(self) -> dict[str, Any] | None:
+        """The chat template's variables beyond the messages, as vLLM's server merges them:
+        `chat_template_kwargs`, with `reasoning_effort` where the request sets one, and
+        `enable_thinking` for templates that need thinking switched on (unless
+        chat_template_kwargs sets it)."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        variables = dict(self.chat_template_kwargs or {})
+        variables.setdefault("enable_thinking", self.reasoning_effort != "none")
+        variables["reasoning_effort"] = self.reasoning_effort
+        return variables
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:

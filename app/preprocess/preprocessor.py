@@ -98,7 +98,7 @@ class Preprocessor:
             request.messages,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
-            template_kwargs=request.chat_template_kwargs,
+            template_kwargs=request.template_variables(),
             tools=[tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None,
         )
         token_ids = self._encode(text, prompt_param="messages", add_special_tokens=request.add_special_tokens)

@@ -49,7 +49,7 @@ def template_kwargs(request: ChatCompletionRequest) -> dict[str, Any]:
     """The chat template's variables as vLLM hands them to its parsers: some choose by them
     (deepseek_v3 reasons only with `thinking`)."""
     return {
-        **(request.chat_template_kwargs or {}),
+        **(request.template_variables() or {}),
         "add_generation_prompt": request.add_generation_prompt,
         "continue_final_message": request.continue_final_message,
     }

@@ -342,6 +342,8 @@ def _generation_cases() -> list[Case]:
         {"role": "user", "content": "And?"},
     ]
     cases += both_ways("chat-reasoning-in-history", CHAT, chat(messages=[*MESSAGES, *history]))
+    # The effort reaches the template (the tiny model's ignores it) and changes nothing else.
+    cases += both_ways("chat-reasoning-effort", CHAT, chat(reasoning_effort="low"))
     for name, fields in CHOICES.items():
         cases += both_ways(f"chat-{name}", CHAT, {**SAMPLED, "messages": MESSAGES, **fields})
         cases += both_ways(f"completion-{name}", COMPLETIONS, {**SAMPLED, "prompt": PROMPT, **fields})

@@ -165,10 +165,10 @@ def test_logprobs_are_asked_for_through_include() -> None:
 
 
 def test_a_reasoning_effort_reaches_the_chat_template() -> None:
-    kwargs = _translate(input="hi", reasoning={"effort": "low"}).chat_template_kwargs
+    kwargs = _translate(input="hi", reasoning={"effort": "low"}).template_variables()
     assert kwargs == {"reasoning_effort": "low", "enable_thinking": True}
     own = _translate(input="hi", reasoning={"effort": "none"}, chat_template_kwargs={"enable_thinking": True})
-    assert own.chat_template_kwargs == {"reasoning_effort": "none", "enable_thinking": True}
+    assert own.template_variables() == {"reasoning_effort": "none", "enable_thinking": True}
 
 
 def test_a_previous_response_is_never_found() -> None:

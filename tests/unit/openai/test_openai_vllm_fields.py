@@ -56,6 +56,22 @@ def test_every_field_is_accepted_and_survives_a_hop() -> None:
     assert not completion.add_special_tokens
 
 
+def test_a_reasoning_effort_reaches_the_chat_template_as_vllm_merges_it() -> None:
+    def variables(**fields: object) -> dict | None:
+        return parse_request(ChatCompletionRequest, {**CHAT, **fields}).template_variables()
+
+    assert variables() is None
+    assert variables(chat_template_kwargs={"x": 1}) == {"x": 1}
+    assert variables(reasoning_effort="low") == {"reasoning_effort": "low", "enable_thinking": True}
+    # The request's effort wins over the kwargs'; the kwargs' enable_thinking over the effort's.
+    both = {"reasoning_effort": "high", "enable_thinking": True}
+    assert variables(reasoning_effort="none", chat_template_kwargs=both) == {
+        "reasoning_effort": "none",
+        "enable_thinking": True,
+    }
+    assert variables(reasoning_effort="none") == {"reasoning_effort": "none", "enable_thinking": False}
+
+
 def test_defaults_are_vllms() -> None:
     chat = parse_request(ChatCompletionRequest, CHAT)
     completion = parse_request(CompletionRequest, COMPLETION)
