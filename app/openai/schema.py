@@ -98,11 +98,25 @@ class JsonSchemaFormat(_Strict):
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
-    """OpenAI's `response_format`: plain text, any JSON object, or JSON matching a schema."""
+class StructuralTag(_Strict):
+    """One structure of a `structural_tag` response format in vLLM's first form: text that
+    starts with `begin`, then JSON matching `schema`, then `end`."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    begin: str
+    tag_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    end: str
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON matching a schema;
+    and vLLM's `structural_tag`, in either of its forms: `structures` entered when the
+    output reaches one of `triggers`, or an xgrammar structural-tag `format`."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    structures: list[StructuralTag] | None = None
+    triggers: list[str] | None = None
+    format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
@@ -112,7 +126,17 @@ class ResponseFormat(_Strict):
                 "When response_format type is 'json_schema', the 'json_schema' field must be provided.",
                 param="response_format",
             )
+        if self.type == "structural_tag" and (self.format is None) == (self.structures is None or self.triggers is None):
+            # vLLM's words; whether the tag itself is sound the engine says (xgrammar compiles it).
+            raise InvalidRequestError("Invalid response_format structural_tag specification.", param="response_format")
         return self
+
+    def structural_tag(self) -> str:
+        """The tag as vLLM's server hands it to the engine (its JSON, `schema` spelled so)."""
+        if self.format is not None:
+            return json.dumps({"type": "structural_tag", "format": self.format})
+        structures = [structure.model_dump(by_alias=True) for structure in self.structures or ()]
+        return json.dumps({"type": "structural_tag", "structures": structures, "triggers": self.triggers})
 
 
 class StructuredOutputsRequest(_Strict):
@@ -123,6 +147,7 @@ class StructuredOutputsRequest(_Strict):
     choice: Annotated[list[str], Field(min_length=1)] | None = None
     grammar: str | None = Field(default=None, description="an EBNF (GBNF) grammar")
     json_object: bool | None = None
+    structural_tag: str | None = Field(default=None, description="an xgrammar structural tag, as JSON text")
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
@@ -133,14 +158,14 @@ class StructuredOutputsRequest(_Strict):
         if len(given) != 1:
             # vLLM's rule (its StructuredOutputsParams), in words that name the keys.
             raise InvalidRequestError(
-                "structured_outputs takes exactly one of 'json', 'regex', 'choice', 'grammar' and "
-                f"'json_object'; got {len(given)}",
+                "structured_outputs takes exactly one of 'json', 'regex', 'choice', 'grammar', "
+                f"'json_object' and 'structural_tag'; got {len(given)}",
                 param="structured_outputs",
             )
         return self
 
 
-_CONSTRAINTS = ("json_", "regex", "choice", "grammar", "json_object")
+_CONSTRAINTS = ("json_", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 class _SamplingFields(_Strict):

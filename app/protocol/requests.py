@@ -14,13 +14,14 @@ import msgspec
 
 class StructuredOutputs(msgspec.Struct, omit_defaults=True, kw_only=True):
     """One constraint on the output the engine enforces while sampling: vLLM's
-    StructuredOutputsParams, field for field. Exactly one of json..json_object is set."""
+    StructuredOutputsParams, field for field. Exactly one of json..structural_tag is set."""
 
     json: str | None = None  # a JSON schema, as JSON text
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None  # xgrammar's structural tag, as JSON text
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None

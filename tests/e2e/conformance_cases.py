@@ -6,6 +6,7 @@ feature joins the list with its implementation.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tests.e2e.conformance import Allowed, Case, Deviation, Rule, TokenOf, both_ways
@@ -98,6 +99,23 @@ CONSTRAINED: dict[str, dict[str, Any]] = {
     "response_format-text": {"response_format": {"type": "text"}},
     "structured_outputs-json": {"structured_outputs": {"json": ANSWER}},
     "structured_outputs-choice": {"structured_outputs": {"choice": ["sunny", "rainy", "cloudy"]}},
+    # vLLM's structural tags, both forms: an xgrammar format holds the whole answer; the
+    # first form only what follows a trigger (the tiny model writes none: free text).
+    "response_format-structural_tag": {
+        "response_format": {"type": "structural_tag", "format": {"type": "regex", "pattern": "(sunny|rainy|cloudy)"}}
+    },
+    "response_format-structural_tag-triggers": {
+        "response_format": {
+            "type": "structural_tag",
+            "structures": [{"begin": "<answer>", "schema": ANSWER, "end": "</answer>"}],
+            "triggers": ["<answer>"],
+        }
+    },
+    "structured_outputs-structural_tag": {
+        "structured_outputs": {
+            "structural_tag": json.dumps({"type": "structural_tag", "format": {"type": "const_string", "value": "yes"}})
+        }
+    },
 }
 COMPLETION_CONSTRAINED: dict[str, dict[str, Any]] = {
     "structured_outputs-regex": {"structured_outputs": {"regex": "[a-z]{2,6}( [a-z]{2,6}){1,3}"}},

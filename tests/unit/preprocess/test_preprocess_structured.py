@@ -22,6 +22,12 @@ WEATHER: dict[str, Any] = {
     },
 }
 TIME = {"type": "function", "function": {"name": "get_time"}}
+# vLLM's two structural-tag forms: structures entered at a trigger, and an xgrammar format.
+LEGACY_TAG: dict[str, Any] = {
+    "structures": [{"begin": "<f>", "schema": {"type": "object"}, "end": "</f>"}],
+    "triggers": ["<f>"],
+}
+TAG_FORMAT = json.dumps({"type": "structural_tag", "format": {"type": "regex", "pattern": "(sunny|rainy)"}})
 
 
 def _chat(**fields: Any) -> ChatCompletionRequest:
@@ -62,10 +68,25 @@ def test_response_format_replaces_structured_outputs_and_keeps_its_options(prepr
         ({"grammar": 'root ::= "a"'}, StructuredOutputs(grammar='root ::= "a"')),
         ({"json": {"type": "string"}}, StructuredOutputs(json='{"type": "string"}')),
         ({"json": '{"type": "string"}'}, StructuredOutputs(json='{"type": "string"}')),
+        ({"structural_tag": TAG_FORMAT}, StructuredOutputs(structural_tag=TAG_FORMAT)),
     ],
 )
 def test_each_structured_outputs_constraint_goes_on_the_wire(preprocessor: Preprocessor, given, expected) -> None:
     assert _structured(preprocessor, _chat(structured_outputs=given)) == expected
+
+
+def test_a_structural_tag_response_format_reaches_the_engine_as_vllms_server_sends_it(
+    preprocessor: Preprocessor,
+) -> None:
+    # The JSON vLLM's server hands its engine (structured_outputs_from_response_format):
+    # `type` kept, a structure's schema under `schema`; xgrammar compiles and checks it there.
+    legacy = _structured(preprocessor, _chat(response_format={"type": "structural_tag", **LEGACY_TAG}))
+    assert legacy == StructuredOutputs(
+        structural_tag=json.dumps({"type": "structural_tag", **LEGACY_TAG}), param="response_format"
+    )
+    tag_format = json.loads(TAG_FORMAT)["format"]
+    current = _structured(preprocessor, _chat(response_format={"type": "structural_tag", "format": tag_format}))
+    assert current == StructuredOutputs(structural_tag=TAG_FORMAT, param="response_format")
 
 
 def test_text_response_format_and_no_constraint_leave_the_wire_unconstrained(preprocessor: Preprocessor) -> None:
@@ -80,6 +101,10 @@ def test_text_response_format_and_no_constraint_leave_the_wire_unconstrained(pre
         ({"structured_outputs": {}}, "structured_outputs"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "structural_tag"}}, "response_format"),
+        ({"response_format": {"type": "structural_tag", "triggers": ["<f>"]}}, "response_format"),
+        ({"response_format": {"type": "structural_tag", "format": {}, **LEGACY_TAG}}, "response_format"),
+        ({"structured_outputs": {"structural_tag": TAG_FORMAT, "regex": "a"}}, "structured_outputs"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
