@@ -160,6 +160,43 @@ VLLM_HOST_IP: Variable[str | None] = _declare(
     EVERY,
 )
 
+# --- every process: credentials and TLS for NATS and etcd (docs/security.md) ------------------
+# Secrets come from files (a mounted secret), never from a command line; a password in
+# NATS_SERVER's URL works too and is never logged.
+NATS_PASSWORD_FILE: Variable[str | None] = _declare(
+    "NATS_PASSWORD_FILE",
+    _text,
+    None,
+    "a file holding the NATS password of the user named in NATS_SERVER (tls://USER@HOST:PORT)",
+    EVERY,
+)
+NATS_TOKEN_FILE: Variable[str | None] = _declare(
+    "NATS_TOKEN_FILE", _text, None, "a file holding the NATS authentication token", EVERY
+)
+NATS_CREDS_FILE: Variable[str | None] = _declare(
+    "NATS_CREDS_FILE", _text, None, "a NATS .creds file (user JWT and NKey seed) for decentralized auth", EVERY
+)
+NATS_TLS_CA: Variable[str | None] = _declare(
+    "NATS_TLS_CA", _text, None, "the CA (PEM) that signed the NATS server's certificate; set: TLS to NATS", EVERY
+)
+NATS_TLS_CERT: Variable[str | None] = _declare(
+    "NATS_TLS_CERT", _text, None, "a client certificate (PEM) for a NATS server that asks for one", EVERY
+)
+NATS_TLS_KEY: Variable[str | None] = _declare("NATS_TLS_KEY", _text, None, "the key (PEM) of NATS_TLS_CERT", EVERY)
+ETCD_USER: Variable[str | None] = _declare(
+    "ETCD_USER", _text, None, "the etcd user Tandem authenticates as (its password: ETCD_PASSWORD_FILE)", EVERY
+)
+ETCD_PASSWORD_FILE: Variable[str | None] = _declare(
+    "ETCD_PASSWORD_FILE", _text, None, "a file holding the password of ETCD_USER", EVERY
+)
+ETCD_TLS_CA: Variable[str | None] = _declare(
+    "ETCD_TLS_CA", _text, None, "the CA (PEM) that signed etcd's certificate: needed for https:// endpoints", EVERY
+)
+ETCD_TLS_CERT: Variable[str | None] = _declare(
+    "ETCD_TLS_CERT", _text, None, "a client certificate (PEM) for an etcd that asks for one", EVERY
+)
+ETCD_TLS_KEY: Variable[str | None] = _declare("ETCD_TLS_KEY", _text, None, "the key (PEM) of ETCD_TLS_CERT", EVERY)
+
 # --- tandem serve: its processes --------------------------------------------------------------
 TANDEM_REPLICA = _declare(
     "TANDEM_REPLICA",

@@ -9,20 +9,32 @@ Every server is stopped by the PID recorded when it started.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app import env
 from app.launch.processes import STOP_TIMEOUT_S, pid_alive, stop_pid
-from app.launch.servers import dial_address, etcd_command, find_binary, nats_command
+from app.launch.servers import (
+    dial_address,
+    etcd_command,
+    etcd_tls_flags,
+    find_binary,
+    nats_command,
+    nats_secure_config,
+)
 from app.node import configured_node_address
+from app.protocol.names import ETCD_ROOT
+from app.runtime.etcd_auth import enable_etcd_auth
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +50,80 @@ def default_host() -> str:
     return configured_node_address() or "127.0.0.1"
 
 
-def _http_ok(url: str, expect: str | None = None) -> bool:
+def _http_ok(url: str, expect: str | None = None, context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1.0) as resp:
+        with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
             body = resp.read().decode(errors="replace")
             return resp.status == 200 and (expect is None or expect in body)
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+# The user every Tandem process of a fleet connects as, to NATS and to etcd.
+FLEET_USER = "tandem"
+
+
+@dataclass(frozen=True)
+class SecureFiles:
+    """What `infra up --secure` keeps in one owner-only folder: a CA, the servers'
+    certificates, the passwords (each in a file of its own, to be mounted as a secret) and
+    etcd's token-signing key. Made once; server certificates are issued at every start."""
+
+    folder: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.folder / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.folder / "ca-key.pem"
+
+    @property
+    def nats_password_file(self) -> Path:
+        return self.folder / "nats-password"
+
+    @property
+    def etcd_password_file(self) -> Path:
+        return self.folder / "etcd-password"
+
+    @property
+    def etcd_root_password_file(self) -> Path:
+        return self.folder / "etcd-root-password"
+
+    def cert(self, server: str) -> tuple[Path, Path]:
+        """The certificate and key files of `server` ("nats", "etcd")."""
+        return self.folder / f"{server}.pem", self.folder / f"{server}-key.pem"
+
+    def token_keys(self) -> tuple[Path, Path]:
+        """etcd's JWT signing key pair (private, public)."""
+        return self.folder / "etcd-token-key.pem", self.folder / "etcd-token-key.pub.pem"
+
+    @classmethod
+    def ensure(cls, folder: Path) -> SecureFiles:
+        from app.launch import pki  # here: only --secure needs `cryptography`
+
+        files = cls(Path(folder).resolve())
+        pki.ensure_ca(files.ca_cert, files.ca_key)
+        for password in (files.nats_password_file, files.etcd_password_file, files.etcd_root_password_file):
+            pki.ensure_password(password)
+        pki.ensure_signing_key(*files.token_keys())
+        return files
+
+    def issue(self, server: str, host: str) -> tuple[Path, Path]:
+        """A fresh certificate of `server` for the address clients dial (`host`'s) and loopback."""
+        from app.launch import pki
+
+        cert, key = self.cert(server)
+        pki.issue_server_cert(self.ca_cert, self.ca_key, cert, key, [dial_address(host), "127.0.0.1", "localhost"])
+        return cert, key
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_cert))
+
+    @staticmethod
+    def password(path: Path) -> str:
+        return path.read_text().strip()
 
 
 class ServerProcess:
@@ -75,9 +154,13 @@ class ServerProcess:
     def healthy(self) -> bool:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Write what the command line names (config, certificates) before each start."""
+
     def start(self, timeout: float = HEALTH_TIMEOUT_S) -> None:
         """Start detached (own session, so a terminal's Ctrl-C does not reach it) and wait for health."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         with open(self.log_path, "ab") as log_file:
             self._proc = subprocess.Popen(
                 self.command(),
@@ -117,43 +200,120 @@ class ServerProcess:
 
 
 class NatsServer(ServerProcess):
-    """nats-server with JetStream on, file store in the data dir, HTTP monitor for health."""
+    """nats-server with JetStream on, file store in the data dir, HTTP monitor for health.
+
+    With `secure`: TLS required and the fleet user's password (a config file, see
+    `nats_secure_config`), the monitor on loopback only.
+    """
 
     name = "nats"
 
-    def __init__(self, host: str, port: int, monitor_port: int, state_dir: Path) -> None:
+    def __init__(
+        self, host: str, port: int, monitor_port: int, state_dir: Path, secure: SecureFiles | None = None
+    ) -> None:
         super().__init__(host, port, state_dir)
         self.monitor_port = monitor_port
+        self.secure = secure
+        self.config_path = self.state_dir / "nats.conf"
 
     @property
     def url(self) -> str:
+        if self.secure is not None:
+            return f"tls://{FLEET_USER}@{dial_address(self.host)}:{self.port}"
         return f"nats://{dial_address(self.host)}:{self.port}"
 
+    def prepare(self) -> None:
+        if self.secure is None:
+            return
+        from app.launch import pki
+
+        cert, key = self.secure.issue(self.name, self.host)
+        password = self.secure.password(self.secure.nats_password_file)
+        config = nats_secure_config(
+            self.data_dir, self.host, self.port, self.monitor_port, cert, key, FLEET_USER, password
+        )
+        pki.write_private(self.config_path, config.encode())
+
     def command(self) -> list[str]:
+        if self.secure is not None:
+            return [find_binary("nats-server"), "-c", str(self.config_path)]
         return nats_command(find_binary("nats-server"), self.data_dir, self.port, self.monitor_port, self.host)
 
     def healthy(self) -> bool:
-        return _http_ok(f"http://{dial_address(self.host)}:{self.monitor_port}/healthz?js-enabled-only=true")
+        monitor_host = "127.0.0.1" if self.secure is not None else dial_address(self.host)
+        return _http_ok(f"http://{monitor_host}:{self.monitor_port}/healthz?js-enabled-only=true")
 
 
 class EtcdServer(ServerProcess):
-    """A single-member etcd cluster."""
+    """A single-member etcd cluster.
+
+    With `secure`: https client URLs and authentication on, a root user and the fleet user,
+    whose role may read and write Tandem's keys (ETCD_ROOT) and nothing else.
+    """
 
     name = "etcd"
 
-    def __init__(self, host: str, port: int, peer_port: int, state_dir: Path) -> None:
+    def __init__(
+        self, host: str, port: int, peer_port: int, state_dir: Path, secure: SecureFiles | None = None
+    ) -> None:
         super().__init__(host, port, state_dir)
         self.peer_port = peer_port
+        self.secure = secure
 
     @property
     def url(self) -> str:
-        return f"http://{dial_address(self.host)}:{self.port}"
+        scheme = "https" if self.secure is not None else "http"
+        return f"{scheme}://{dial_address(self.host)}:{self.port}"
+
+    def prepare(self) -> None:
+        if self.secure is not None:
+            self.secure.issue(self.name, self.host)
 
     def command(self) -> list[str]:
-        return etcd_command(find_binary("etcd"), self.data_dir, self.host, self.port, self.peer_port)
+        tls_flags = None
+        if self.secure is not None:
+            tls_flags = etcd_tls_flags(*self.secure.cert(self.name), *self.secure.token_keys())
+        return etcd_command(
+            find_binary("etcd"), self.data_dir, self.host, self.port, self.peer_port, tls_flags=tls_flags
+        )
 
     def healthy(self) -> bool:
-        return _http_ok(f"{self.url}/health", expect='"health":"true"')
+        context = self.secure.ssl_context() if self.secure is not None else None
+        return _http_ok(f"{self.url}/health", expect='"health":"true"', context=context)
+
+    def start(self, timeout: float = HEALTH_TIMEOUT_S) -> None:
+        """Start, wait for health and, with `secure`, turn auth on where it is not yet (an
+        event loop of its own: from async code, call it in a thread, like every blocking start)."""
+        super().start(timeout)
+        if self.secure is not None:
+            secure = self.secure
+            asyncio.run(
+                enable_etcd_auth(
+                    f"{dial_address(self.host)}:{self.port}",
+                    secure.ca_cert.read_bytes(),
+                    root_password=secure.password(secure.etcd_root_password_file),
+                    user=FLEET_USER,
+                    password=secure.password(secure.etcd_password_file),
+                    prefix=ETCD_ROOT,
+                )
+            )
+
+
+def secure_exports(nats_url: str, etcd_url: str, secure: SecureFiles) -> dict[str, str]:
+    """What every node exports to join a secure fleet: the URLs, the CA, the password files.
+
+    The password files must reach each node (a mounted secret); their paths here are this
+    node's.
+    """
+    return {
+        env.NATS_SERVER.name: nats_url,
+        env.NATS_PASSWORD_FILE.name: str(secure.nats_password_file),
+        env.NATS_TLS_CA.name: str(secure.ca_cert),
+        env.ETCD_ENDPOINTS.name: etcd_url,
+        env.ETCD_USER.name: FLEET_USER,
+        env.ETCD_PASSWORD_FILE.name: str(secure.etcd_password_file),
+        env.ETCD_TLS_CA.name: str(secure.ca_cert),
+    }
 
 
 # --- `tandem infra` ----------------------------------------------------------------------
@@ -190,26 +350,54 @@ def infra_up(
     etcd_port: int = env.ETCD_PORT.default,
     etcd_peer_port: int = env.ETCD_PEER_PORT.default,
     root: Path | None = None,
+    secure: bool = False,
 ) -> dict[str, str]:
-    """Start NATS and etcd detached unless they already run; return their client URLs.
+    """Start NATS and etcd detached unless they already run; return what every node exports.
 
     `host` (default: `default_host()`) is the address both bind and advertise; a wildcard
     binds everywhere and advertises this node's address (app.node). Returns
-    `{"NATS_SERVER": ..., "ETCD_ENDPOINTS": ...}`, the values every node exports.
+    `{"NATS_SERVER": ..., "ETCD_ENDPOINTS": ...}`; with `secure`, both servers require TLS
+    and the fleet user's password (`SecureFiles` under `root`/secure), and the exports
+    name the CA and the password files too (`secure_exports`).
     """
     host = host or default_host()
     root = root or state_dir()
     state = _load_state(root)
-    if not _running(state.get("nats")):
-        nats = NatsServer(host, nats_port, nats_monitor_port, root / "nats")
+    running = [name for name in ("nats", "etcd") if _running(state.get(name))]
+    if any(state[name].get("secure", False) != secure for name in running):
+        raise RuntimeError(
+            f"{', '.join(running)} already run{'s' if len(running) == 1 else ''} "
+            f"{'with' if not secure else 'without'} --secure: `tandem infra down` first"
+        )
+    files = SecureFiles.ensure(root / "secure") if secure else None
+    if "nats" not in running:
+        nats = NatsServer(host, nats_port, nats_monitor_port, root / "nats", secure=files)
         nats.start()
-        state["nats"] = {"pid": nats.pid, "url": nats.url, "monitor_port": nats_monitor_port, "log": str(nats.log_path)}
+        state["nats"] = {
+            "pid": nats.pid,
+            "url": nats.url,
+            "monitor_port": nats_monitor_port,
+            "log": str(nats.log_path),
+            "secure": secure,
+        }
         _save_state(root, state)
-    if not _running(state.get("etcd")):
-        etcd = EtcdServer(host, etcd_port, etcd_peer_port, root / "etcd")
-        etcd.start()
-        state["etcd"] = {"pid": etcd.pid, "url": etcd.url, "peer_port": etcd_peer_port, "log": str(etcd.log_path)}
+    if "etcd" not in running:
+        etcd = EtcdServer(host, etcd_port, etcd_peer_port, root / "etcd", secure=files)
+        try:
+            etcd.start()
+        except BaseException:
+            etcd.stop()  # started but never made secure: not left running
+            raise
+        state["etcd"] = {
+            "pid": etcd.pid,
+            "url": etcd.url,
+            "peer_port": etcd_peer_port,
+            "log": str(etcd.log_path),
+            "secure": secure,
+        }
         _save_state(root, state)
+    if files is not None:
+        return secure_exports(state["nats"]["url"], state["etcd"]["url"], files)
     return {"NATS_SERVER": state["nats"]["url"], "ETCD_ENDPOINTS": state["etcd"]["url"]}
 
 
@@ -241,10 +429,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
         nats_monitor_port=args.nats_monitor_port,
         etcd_port=args.etcd_port,
         etcd_peer_port=args.etcd_peer_port,
+        secure=args.secure,
     )
     prefix = "export " if args.export else ""
     for key, value in urls.items():
         sys.stdout.write(f"{prefix}{key}={value}\n")
+    if args.secure:
+        files = sorted(
+            {urls[env.NATS_TLS_CA.name], urls[env.NATS_PASSWORD_FILE.name], urls[env.ETCD_PASSWORD_FILE.name]}
+        )
+        sys.stderr.write(
+            f"other nodes: copy {', '.join(files)} there (a read-only secret), and export the same "
+            "with their paths there (docs/security.md)\n"
+        )
     return 0
 
 
@@ -280,6 +477,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         help="address to bind and advertise: this node's own address for a multi-node fleet "
         "(default: $TANDEM_ADVERTISE_HOST, else $VLLM_HOST_IP, else 127.0.0.1); 0.0.0.0 binds everywhere "
         "and advertises this node's address",
+    )
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS and a fleet password on both: writes a CA, certificates and passwords under the state "
+        "dir's secure/ (0600) and prints the exports every node needs (docs/security.md)",
     )
     up.add_argument("--nats-port", type=int, default=env.NATS_PORT.default)
     up.add_argument("--nats-monitor-port", type=int, default=env.NATS_MONITOR_PORT.default)
