@@ -349,12 +349,23 @@ TARGET_RPS, TARGET_CPU_MS = 600.0, 1.5  # the issue's, at concurrency 16
 NO_DELAYS = (f"--VllmWorker.ServiceArgs.workers={PATH_WORKERS}", f"--VllmWorker.speedup-ratio={SPEEDUP:g}")
 
 
+WITH_API_KEY = "router-in-frontend, API key"
+BENCH_API_KEY = "sk-bench-request-path"
+
+
 class RequestPath(Benchmark):
     section = "## Request path (mockers at infinite speed)"
     # Where the routing runs: inside the Frontend (embed-router), or in the config's 2 Router replicas.
     layouts: ClassVar[Mapping[str, Servable]] = {
         "router-in-frontend": Layout(MOCKERS, PATH_WORKERS, 0, overrides=(*NO_DELAYS, "--Frontend.embed-router=true")),
         "router-processes": Layout(MOCKERS, PATH_WORKERS, 2, overrides=(*NO_DELAYS, "--Frontend.embed-router=false")),
+        # What API keys cost (docs/security.md): the first layout with one key, which every request bears.
+        WITH_API_KEY: Layout(
+            MOCKERS,
+            PATH_WORKERS,
+            0,
+            overrides=(*NO_DELAYS, "--Frontend.embed-router=true", f'--Frontend.api-keys=["{BENCH_API_KEY}"]'),
+        ),
     }
     load = LoadConfig(SERVED_MODEL, requests=1000, prompt_tokens=32, max_tokens=16, ignore_eos=True)
     order = "side by side"
@@ -369,12 +380,13 @@ class RequestPath(Benchmark):
         def cpu() -> dict[str, float]:  # user + system CPU seconds of each service's processes, all threads
             return {service: sum(sum(p.cpu_times()[:2]) for p in ps) for service, ps in processes.items()}
 
+        api_key = BENCH_API_KEY if run.layout == WITH_API_KEY else None
         if run.number == 1:  # a warm-up: caches, lazy imports
-            await run_load(dataclasses.replace(run.load(), concurrency=16, requests=200))
+            await run_load(dataclasses.replace(run.load(api_key=api_key), concurrency=16, requests=200))
         phases = []
         for concurrency in self.concurrency:
             before = cpu()
-            summary, _ = await run_load(run.load(concurrency=concurrency, seed=100 + run.number))
+            summary, _ = await run_load(run.load(concurrency=concurrency, seed=100 + run.number, api_key=api_key))
             after = cpu()
             cpu_ms = {s: (after[s] - before[s]) * 1000.0 / max(summary.completed, 1) for s in processes}
             path = sum(cpu_ms.get(service, 0.0) for service in PATH_SERVICES)
@@ -389,7 +401,7 @@ class RequestPath(Benchmark):
             if concurrency == "16":  # the targets are the at 16 in flight
                 rps += f" (target >= {TARGET_RPS:g}: {met(m['request_throughput'] >= TARGET_RPS)})"
                 path += f" {met(m['path'] <= TARGET_CPU_MS)}"
-            routers = "none" if layout == "router-in-frontend" else f"{m.get('Router', 0.0):.2f}"
+            routers = f"{m.get('Router', 0.0):.2f}" if layout == "router-processes" else "none"
             cpu = [f"{m.get(s, 0.0):.2f}" for s in ("Frontend", "Processor", "VllmWorker", "nats-server")]
             rows.append([layout, concurrency, rps, cpu[0], routers, cpu[1], path, cpu[2], cpu[3]])
         headings = (
@@ -404,6 +416,12 @@ class RequestPath(Benchmark):
                     f"- At concurrency {concurrency}, routing in the Frontend instead of in Router processes: "
                     f"{embedded['request_throughput'] / processes['request_throughput']:.2f}x the requests/s, "
                     f"path CPU per request {processes['path'] / embedded['path']:.2f}x lower."
+                )
+            if layout == "router-in-frontend" and (keyed := figures.get((WITH_API_KEY, concurrency))):
+                lines.append(
+                    f"- At concurrency {concurrency}, with an API key on every request: "
+                    f"{keyed['request_throughput'] / embedded['request_throughput']:.2f}x the requests/s, "
+                    f"{keyed['path'] / embedded['path']:.2f}x the path CPU per request."
                 )
         return lines
 

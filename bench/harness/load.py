@@ -73,6 +73,7 @@ class LoadConfig:
     warmup: int = 0
     timeout_s: float = 120.0
     max_duration_s: float = 600.0
+    api_key: str | None = None  # sent as `Authorization: Bearer KEY` (a Frontend with API keys)
 
     def __post_init__(self) -> None:
         sizes = (self.concurrency, self.prompt_tokens, self.long_prompt_tokens, self.max_tokens, self.prefix_groups)
@@ -246,22 +247,25 @@ def median_rows(phases: Iterable[Phase]) -> dict[tuple[str, ...], dict[str, floa
 class Connection:
     """One keep-alive HTTP/1.1 connection; `reusable` says whether the next request may use it."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, api_key: str | None = None
+    ) -> None:
         self._reader, self._writer, self._host = reader, writer, host
+        self._auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self.reusable = True
 
     @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
+    async def open(cls, host: str, port: int, api_key: str | None = None) -> Connection:
         reader, writer = await asyncio.open_connection(host, port)
         # Without it a small write can wait ~40 ms for a delayed ACK and distort TTFT.
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(reader, writer, host)
+        return cls(reader, writer, host, api_key)
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str]]:
         """Sends a request; returns the response's status and headers (names in lower case)."""
         self.reusable = False  # until its whole body has been read
         self._writer.write(
-            f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\nContent-Type: application/json\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\nContent-Type: application/json\r\n{self._auth}"
             f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
@@ -397,7 +401,9 @@ async def drive(
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(timeout_s):
-                    connection = connection or await Connection.open(where.hostname or "127.0.0.1", where.port or 80)
+                    connection = connection or await Connection.open(
+                        where.hostname or "127.0.0.1", where.port or 80, config.api_key
+                    )
                     results[index] = await send(connection, "/v1/chat/completions", body, started, reading)
             except TimeoutError:
                 results[index] = _failure(started, "timeout", f"no complete response within {timeout_s} s")

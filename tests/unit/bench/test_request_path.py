@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bench.harness.load import Phase, RequestResult, summarize
-from bench.scenarios import RequestPath
+from bench.scenarios import WITH_API_KEY, RequestPath
 
 
 def test_the_report_judges_each_layout_and_compares_them_side_by_side() -> None:
@@ -26,4 +26,21 @@ def test_the_report_judges_each_layout_and_compares_them_side_by_side() -> None:
     assert (
         "- At concurrency 16, routing in the Frontend instead of in Router processes: 1.60x the requests/s, "
         "path CPU per request 1.67x lower." in report
+    )
+
+
+def test_the_report_gives_what_an_api_key_costs_beside_the_same_layout_without() -> None:
+    def phase(layout: str, rps: float, frontend: float) -> Phase:
+        summary = summarize([RequestResult(ok=True, e2e_s=0.01)] * int(rps), duration_s=1.0)
+        cpu = {"Frontend": frontend, "Processor": 0.0, "VllmWorker": 0.5, "nats-server": 0.2, "path": frontend}
+        return Phase((layout, "16"), summary, cpu)
+
+    plain = [phase("router-in-frontend", 800, 1.20)]
+    keyed = [phase(WITH_API_KEY, 780, 1.26)]
+    report = RequestPath().render([*plain, *keyed], argparse.Namespace(requests=None))
+    row = next(line for line in report if line.startswith(f"| {WITH_API_KEY} |"))
+    assert row.split(" | ")[4] == "none"  # it routes in the Frontend: no Router processes
+    assert (
+        "- At concurrency 16, with an API key on every request: 0.97x the requests/s, 1.05x the path CPU per request."
+        in report
     )
