@@ -126,7 +126,9 @@ class ResponseFormat(_Strict):
                 "When response_format type is 'json_schema', the 'json_schema' field must be provided.",
                 param="response_format",
             )
-        if self.type == "structural_tag" and (self.format is None) == (self.structures is None or self.triggers is None):
+        if self.type == "structural_tag" and (self.format is None) == (
+            self.structures is None or self.triggers is None
+        ):
             # vLLM's words; whether the tag itself is sound the engine says (xgrammar compiles it).
             raise InvalidRequestError("Invalid response_format structural_tag specification.", param="response_format")
         return self

@@ -43,7 +43,9 @@ def structured_outputs_for(request: OpenAIRequest) -> StructuredOutputs | None:
         if response_format.type == "json_object":
             return StructuredOutputs(json_object=True, param="response_format", **options)
         if response_format.type == "structural_tag":
-            return StructuredOutputs(structural_tag=response_format.structural_tag(), param="response_format", **options)
+            return StructuredOutputs(
+                structural_tag=response_format.structural_tag(), param="response_format", **options
+            )
         assert response_format.json_schema is not None, "checked by ResponseFormat"
         schema = response_format.json_schema.json_schema
         if schema is None:
