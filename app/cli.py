@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import uvloop
 
+import app.doctor.cli
 import app.infra
 import app.model.tiny
 import app.ray_cluster
@@ -22,7 +23,7 @@ from app.launch.devices import node_devices
 from app.router.tunables import ROUTER_TUNABLES
 from app.runtime.connect import check_reachable
 from app.runtime.errors import ConnectError
-from app.sdk import graph, supervisor
+from app.sdk import graph, graph_watch, supervisor
 from app.sdk.config import ConfigError, load_config
 from app.sdk.process import add_graph_argument, add_service_arguments, run_one, split_overrides
 from app.settings import RuntimeSettings
@@ -73,7 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConnectError as exc:
         print(f"error: {exc}; nothing started", file=sys.stderr)
         return 1
-    return supervisor.run_supervisord(processes)
+    planned = {p.name: p.processes for p in processes}
+    watch = graph_watch.GraphWatch(graph_watch.expected_services(services, planned, config), RuntimeSettings())
+    return supervisor.run_supervisord(processes, watch)
 
 
 def _run_service(args: argparse.Namespace) -> int:
@@ -144,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.ray_cluster.add_cli(commands)
     app.tunables.cli.add_cli(commands, (ROUTER_TUNABLES, DISAGG_TUNABLES))
     app.status.cli.add_cli(commands, (ROUTER_TUNABLES, DISAGG_TUNABLES))
+    app.doctor.cli.add_cli(commands)
     return parser
 
 

@@ -109,6 +109,12 @@ class WorkerUnavailableError(TandemError):
     worker_at_fault = True
 
 
+class WrongModelError(WorkerUnavailableError):
+    """The request reached a worker of another model (its caller's view of the models was
+    stale, or it predates routing by model). It travels as `worker_unavailable`, which every
+    caller, an older one too, answers by routing the request to another worker."""
+
+
 class InternalError(TandemError):
     """A bug or an unexpected failure inside Tandem; never the client's fault."""
 

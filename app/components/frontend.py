@@ -44,7 +44,9 @@ class FrontendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     served_model_name: str | None = Field(
-        default=None, description="model name clients send; default: every model discovered"
+        default=None,
+        description="the model this Frontend serves (the name its workers registered); default: every model "
+        "whose workers read the Processor section's model (their model path or name)",
     )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -135,7 +137,7 @@ class Frontend(Service):
             processing = RemoteProcessing(
                 processor.chat_completions, processor.completions, processor.tokenize, processor.detokenize
             )
-        backend = FleetBackend(models, processing, self.config.served_model_name)
+        backend = FleetBackend(models, processing, self.config.served_model_name, self._pipeline_model())
         app = create_app(
             backend,
             metrics=metrics,
@@ -183,6 +185,13 @@ class Frontend(Service):
         # By key id only (docs/security.md): the keys themselves are never logged.
         log.info("%d API keys: %s", len(keys), ", ".join(_described(key) for key in keys))
         return keys
+
+    def _pipeline_model(self) -> str | None:
+        """One pipeline (tokenizer, chat template) per Frontend: it serves the model of its
+        Processor section (docs/internals.md), which served-model-name names where set."""
+        if self.config.served_model_name is not None:
+            return None
+        return self.ctx.config.section_config(names.PROCESSOR, PipelineConfig).model
 
     def _embedded_pipeline(self, metrics: FrontendMetrics) -> RequestPipeline:
         """The Processor section's pipeline, picking workers as this deployment does."""

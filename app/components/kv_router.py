@@ -33,7 +33,7 @@ class Router(Service):
 
     @endpoint(request=RouteRequest)
     async def route(self, request: RouteRequest) -> AsyncIterator[RouteDecision]:
-        yield self._replica.route(request.request_id, request.token_ids, request.exclude)
+        yield self._replica.route(request.request_id, request.token_ids, request.exclude, model=request.model)
 
     @on_shutdown
     async def stop(self) -> None:

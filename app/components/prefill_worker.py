@@ -8,6 +8,7 @@ is app/protocol/prefill.py).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,14 +47,17 @@ class PrefillWorker(Service):
     @endpoint
     async def status(self, request: Any) -> AsyncIterator[dict[str, Any]]:
         """This worker's id, process id, model, live job pullers and job counts (done,
-        failed, expired, undelivered, errors).
+        failed, expired, undelivered, errors), and its wall clock when it answered.
 
         The process id tells an operator (or a test) which process on the node this
-        instance is, e.g. to stop one PrefillWorker of several.
+        instance is, e.g. to stop one PrefillWorker of several. The clock is how `tandem
+        doctor` measures this node's clock offset (over the call's round trip): a PrefillWorker
+        publishes no reports.
         """
         yield {
             "worker_id": self.runtime.instance_id,
             "pid": os.getpid(),
+            "time": time.time(),
             "model": self.host.info.name if self.host.info is not None else "",
             "pullers": self._jobs.live_pullers(),
             **self._jobs.counts,

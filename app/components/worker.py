@@ -20,6 +20,7 @@ from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.engines.base import EngineDeadError
 from app.engines.choices import generate_choices
 from app.engines.host import EngineHost, WorkerConfig
+from app.errors import WrongModelError
 from app.protocol import EngineOutput, PrefillAnswer, PrefillWanted, PreprocessedRequest, names
 from app.runtime import Runtime
 from app.sdk import Service, ServiceContext, endpoint, on_shutdown, on_start, service
@@ -64,6 +65,7 @@ class VllmWorker(Service):
 
     @endpoint(request=PreprocessedRequest)
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        self._check_model(request)
         prefill_worker_id = None
         if self._remote_prefill is not None and request.kv_transfer_params is None:
             answer = await self._remote_prefill.prefill(request)
@@ -84,6 +86,18 @@ class VllmWorker(Service):
         except EngineDeadError:
             self.host.check_engine()  # leave now, not at the next check
             raise
+
+    def _check_model(self, request: PreprocessedRequest) -> None:
+        """Refuse a request for a model this worker does not serve: before any work, so the
+        caller's pipeline routes it to a worker of that model. "" names no model (a caller
+        from before routing by model): any worker serves it."""
+        assert self.host.info is not None, "request before start()"
+        served = self.host.info.name
+        if request.model and request.model != served:
+            raise WrongModelError(
+                f"{names.VLLM_WORKER} {self.runtime.instance_id} serves model `{served}`, "
+                f"not `{request.model}` (request {request.request_id})"
+            )
 
     @endpoint(request=PrefillAnswer)
     async def prefill_done(self, answer: PrefillAnswer) -> AsyncIterator[bool]:

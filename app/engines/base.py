@@ -90,6 +90,11 @@ class Engine(abc.ABC):
         """
         return None
 
+    def nixl_side_channel(self) -> str:
+        """HOST:PORT where this engine listens for NIXL handshakes, once prepared ("": it
+        uses no NIXL connector): what a decode engine dials to pull a prefill's KV."""
+        return ""
+
     @abc.abstractmethod
     async def stop(self) -> None:
         """Release the engine. Callers drain in-flight requests before calling it."""

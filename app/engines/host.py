@@ -24,9 +24,9 @@ from app.engines import Engine, create_engine
 from app.engines.base import EngineProcess
 from app.engines.metrics import EngineStatsView
 from app.metrics import replica_port, serve_metrics
-from app.protocol import KvEventBatch, LoadReport, ModelInfo, ModelRecord, names
+from app.protocol import KV_HASH_SCHEME, KvEventBatch, LoadReport, ModelInfo, ModelRecord, names
 from app.runtime import Runtime
-from app.sdk import EngineConfig, ServiceContext
+from app.sdk import EngineConfig, ServiceContext, startup
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class EngineHost:
         self.engine: Engine = create_engine(config.engine, config.engine_args)
         self._replica = ctx.replica
         self._fail = ctx.fail
+        self._process = ctx.process
         # The service adds its own views (prefill decisions, jobs) before start().
         self.metrics = CollectorRegistry()
         self.metrics.register(EngineStatsView(self.engine))
@@ -102,6 +103,7 @@ class EngineHost:
     async def start(self) -> ModelInfo:
         worker_id = self._runtime.instance_id
         config = self._config
+        startup.phase(startup.ENGINE_STARTING, config.engine)
         await self.engine.prepare(
             EngineProcess(
                 replica=self._replica,
@@ -113,8 +115,20 @@ class EngineHost:
                 leftovers_record=self._leftovers_record(),
             )
         )
-        self.info = await self.engine.start(worker_id, on_kv_events=self._publish_kv if self._advertise else None)
-        log.info("engine %s ready: model %s, block size %d", config.engine, self.info.name, self.info.block_size)
+        self._process.nixl_side_channel = self.engine.nixl_side_channel()
+        # One phase for loading the weights and allocating the KV cache: vLLM's AsyncLLM does
+        # both (and its warm-up) inside its EngineCore process, whose start-up handshake tells
+        # this process only "HELLO" before and "READY" after (vllm/v1/engine/utils.py,
+        # wait_for_engine_startup). The core's own lines in the same log ("Loading weights
+        # took", "Available KV cache memory", "init engine ... took") give the split.
+        info = await self.engine.start(worker_id, on_kv_events=self._publish_kv if self._advertise else None)
+        # The scheme is this host's: it publishes the KV events, in the protocol's format.
+        self.info = msgspec.structs.replace(info, kv_hash_scheme=KV_HASH_SCHEME)
+        startup.phase(
+            startup.ENGINE_READY,
+            f"{config.engine}: model {self.info.name}, block size {self.info.block_size}, "
+            f"{self.engine.stats().kv_total_blocks} KV blocks",
+        )
         self._metrics_server = serve_metrics(self.metrics, replica_port(config.metrics_port, self._replica))
         self._watchdog = end_on_exit(asyncio.create_task(self._watch_engine(), name="engine-watchdog"), self._fail)
         if not self._advertise:

@@ -177,6 +177,7 @@ class VllmEngine(Engine):
         # Ends the engine's processes should this one die (app.launch.leftovers); it exits
         # with this process.
         self._leftovers_guard: subprocess.Popen[bytes] | None = None
+        self._nixl_side_channel = ""
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> VllmEngine:
@@ -194,7 +195,12 @@ class VllmEngine(Engine):
         return name[0] if isinstance(name, list) else str(name)
 
     async def prepare(self, process: EngineProcess) -> None:
-        self._leftovers_guard = await prepare_vllm_process(self._args, process)
+        prepared = await prepare_vllm_process(self._args, process)
+        self._leftovers_guard = prepared.guard
+        self._nixl_side_channel = prepared.nixl_side_channel
+
+    def nixl_side_channel(self) -> str:
+        return self._nixl_side_channel
 
     async def start(self, worker_id: str, on_kv_events: KvEventSink | None = None) -> ModelInfo:
         if self._llm is not None:

@@ -18,6 +18,7 @@ import faulthandler
 import logging
 import os
 import subprocess
+from dataclasses import dataclass
 from typing import Any
 
 from app import env
@@ -25,6 +26,7 @@ from app.engines.base import EngineProcess
 from app.engines.vllm_ray import ray_devices_needed, wait_for_ray_devices
 from app.launch.leftovers import guard_descendants
 from app.launch.ports import free_port
+from app.sdk import startup
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,19 @@ log = logging.getLogger(__name__)
 _DEFAULT_CPU_KVCACHE_SPACE_GIB = "1"
 
 
-async def prepare_vllm_process(engine_args: dict[str, Any], process: EngineProcess) -> subprocess.Popen[bytes] | None:
-    """`engine_args` as the engine will pass them to vLLM (nested configs parsed). Returns
-    the guard that ends the engine's processes if this one dies (None without a record)."""
+@dataclass(frozen=True)
+class PreparedProcess:
+    # Ends the engine's processes if this one dies (None without a leftovers record).
+    guard: subprocess.Popen[bytes] | None
+    # HOST:PORT of the engine's NIXL side channel ("": it uses no NIXL); vLLM adds the
+    # data-parallel index to the port.
+    nixl_side_channel: str = ""
+
+
+async def prepare_vllm_process(engine_args: dict[str, Any], process: EngineProcess) -> PreparedProcess:
+    """`engine_args` as the engine will pass them to vLLM (nested configs parsed)."""
     guard = None
+    side_channel = ""
     if process.leftovers_record is not None:
         # Before anything else: a predecessor's engine still holding the device ends first.
         guard = await asyncio.to_thread(guard_descendants, process.leftovers_record)
@@ -47,7 +58,7 @@ async def prepare_vllm_process(engine_args: dict[str, Any], process: EngineProce
         # (vLLM CPU, tiny model)").
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binds[process.replica % len(binds)]
     if uses_nixl(engine_args.get("kv_transfer_config")):
-        _set_nixl_side_channel(process)
+        side_channel = _set_nixl_side_channel(process)
     _size_cpu_kv_cache(engine_args)
     # The engine core and its worker processes inherit it: a native crash there (a
     # signal, no Python exception) then prints every thread's Python stack to the log
@@ -59,9 +70,10 @@ async def prepare_vllm_process(engine_args: dict[str, Any], process: EngineProce
     if need is not None:
         # In a thread: the wait may take minutes, and the process must keep its etcd lease.
         address = await asyncio.to_thread(wait_for_ray_devices, need, process.ray_address, process.ray_wait_timeout_s)
+        startup.phase(startup.RAY_DEVICES, f"{need.count} {need.resource} at {address}")
         # vLLM's engine then connects to this very cluster instead of starting a private one.
         os.environ["RAY_ADDRESS"] = address
-    return guard
+    return PreparedProcess(guard, side_channel)
 
 
 def uses_nixl(kv_transfer_config: Any) -> bool:
@@ -74,7 +86,7 @@ def uses_nixl(kv_transfer_config: Any) -> bool:
     return "NixlConnector" in connectors
 
 
-def _set_nixl_side_channel(process: EngineProcess) -> None:
+def _set_nixl_side_channel(process: EngineProcess) -> str:
     """Give this engine its own NIXL side channel (engines on one host must not share a port).
 
     The host is where the prefill side listens and what it tells decode engines to dial:
@@ -86,7 +98,9 @@ def _set_nixl_side_channel(process: EngineProcess) -> None:
     os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port)
     if not env.VLLM_NIXL_SIDE_CHANNEL_HOST.get():
         os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = process.advertised_host
-    log.info("NIXL side channel on %s:%d", env.VLLM_NIXL_SIDE_CHANNEL_HOST.get(), port)
+    channel = f"{env.VLLM_NIXL_SIDE_CHANNEL_HOST.get()}:{port}"
+    log.info("NIXL side channel on %s", channel)
+    return channel
 
 
 def _size_cpu_kv_cache(engine_args: dict[str, Any]) -> None:

@@ -61,6 +61,12 @@ def start_time(pid: int) -> int | None:
     return None if fields is None else int(fields[19])
 
 
+def parent_pid(pid: int) -> int | None:
+    """The process's parent in this PID namespace; None if it is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[1])
+
+
 def _pids() -> list[int]:
     """Every process of this PID namespace, as /proc lists them now."""
     return [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]

@@ -13,6 +13,7 @@ the rest of Tandem, so every layer (the runtime included) can import it.
 
 from app.protocol.discovery import InstanceRecord, ModelInfo, ModelRecord, ProcessRecord
 from app.protocol.events import (
+    KV_HASH_SCHEME,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -45,6 +46,7 @@ from app.protocol.requests import (
 )
 
 __all__ = [
+    "KV_HASH_SCHEME",
     "PREFILL_ACK_WAIT_S",
     "AllBlocksCleared",
     "BlockRemoved",

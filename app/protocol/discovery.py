@@ -33,6 +33,8 @@ class ProcessRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     `/tandem/<ns>/processes/<instance_id>`, on the process lease.
 
     What `tandem status` lists; `started_at` is wall-clock seconds (the uptime it shows).
+    The versions and the side channel are what `tandem doctor` checks ("": not said, a
+    process of an older Tandem, or none).
     """
 
     instance_id: str
@@ -42,6 +44,11 @@ class ProcessRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     pid: int
     started_at: float
     endpoints: list[str] = []
+    tandem_version: str = ""
+    vllm_version: str = ""  # the vLLM installed where the process runs, engine or none
+    # HOST:PORT where this process's engine listens for NIXL handshakes (vLLM's
+    # VLLM_NIXL_SIDE_CHANNEL_HOST/PORT): what a decode engine dials to pull a prefill's KV.
+    nixl_side_channel: str = ""
 
 
 class ModelRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -64,3 +71,6 @@ class ModelInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
     max_model_len: int
     block_size: int
     model_path: str = ""  # where the tokenizer and chat template are read from
+    # How router replicas key the blocks of this worker's KV events (events.KV_HASH_SCHEME
+    # of the worker's build; "": a worker of an older Tandem).
+    kv_hash_scheme: str = ""

@@ -16,6 +16,13 @@ import msgspec
 
 EngineBlockHash = int | bytes
 
+# How a router replica keys the blocks of a worker's KV events: its own chained hash of
+# each block's token ids, which every BlockStored carries (app/router/hashing.py); the
+# engine's hashes only match removals. Workers (ModelInfo) and router replicas
+# (RouterReport) publish it, and `tandem doctor` fails where they differ: a build that keys
+# blocks otherwise names another scheme here.
+KV_HASH_SCHEME = "token-ids/cpython-tuple-hash"
+
 
 class BlockStored(msgspec.Struct, tag="stored", omit_defaults=True, kw_only=True):
     """Blocks the engine cached, as vLLM reports them.
@@ -87,6 +94,11 @@ class RouterReport(msgspec.Struct, omit_defaults=True, kw_only=True):
     kv_silent_workers: list[str] = []  # serving, yet no KV events for longer than the limit
     kv_rejected_workers: list[str] = []  # their KV events rejected (block size mismatch)
     timestamp: float = 0.0
+    # What its index takes (0 / "": a replica of an older Tandem): KV events of this block
+    # size and hash scheme, from workers of this model ("": whichever model it routes).
+    block_size: int = 0
+    hash_scheme: str = ""
+    model: str = ""
 
 
 # --- placements: among router replicas and Processors (app/router/load.py) --------------

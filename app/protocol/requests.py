@@ -126,6 +126,8 @@ class RouteRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     token_ids: list[int]
     # Workers that already failed this request before its first token (it is re-routed).
     exclude: list[str] = []
+    # Route among the workers of this model only ("": any worker, from an older Processor).
+    model: str = ""
 
 
 class RouteDecision(msgspec.Struct, omit_defaults=True, kw_only=True):

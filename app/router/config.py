@@ -59,6 +59,7 @@ def router_replica(
         policy=config.policy,
         knobs=config.knobs,
         block_size=config.block_size,
+        model=config.model,
         replica_id=runtime.instance_id,
         registry=registry,
         metrics_port=replica_port(config.metrics_port, replica),

@@ -1,8 +1,9 @@
 """The narrow interface between a router replica and the fleet it routes for.
 
 A replica needs six things from the fleet and gives it two: it hears the workers' KV
-events and load reports, the other replicas' placements, which workers are live (and
-when one goes), the live routing policy, and the block size the workers' engines use;
+events and load reports, the other replicas' placements, which workers are live (of
+which model, and when one goes), the live routing policy, and the block size the
+workers' engines use;
 it publishes its own placements, and now and then a report of itself for operators.
 `FleetFeed` is that interface, so that the replica (app/router/replica.py) knows nothing
 of NATS, etcd or the runtime.
@@ -54,8 +55,9 @@ class FleetFeed(abc.ABC):
         """
 
     @abc.abstractmethod
-    def live_workers(self) -> Sequence[str]:
-        """The workers a request may go to now."""
+    def live_workers(self, model: str = "") -> Sequence[str]:
+        """The workers a request for `model` may go to now: those whose model record names
+        it ("": every live worker)."""
 
     @abc.abstractmethod
     async def publish_placements(self, events: list[PlacementEvent]) -> None:

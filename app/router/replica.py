@@ -20,7 +20,15 @@ from prometheus_client import CollectorRegistry
 from app.aio import cancel_and_wait
 from app.errors import NoWorkerError
 from app.metrics import serve_metrics
-from app.protocol import KvEventBatch, LoadReport, PlacementEvent, RouteDecision, RouterReport, names
+from app.protocol import (
+    KV_HASH_SCHEME,
+    KvEventBatch,
+    LoadReport,
+    PlacementEvent,
+    RouteDecision,
+    RouterReport,
+    names,
+)
 from app.router.core import RoutingCore
 from app.router.feed import FleetFeed
 from app.router.metrics import RouterMetrics
@@ -40,13 +48,15 @@ class RouterReplica:
         policy: str,
         knobs: Mapping[str, Any] | None = None,
         block_size: int | None = None,
+        model: str = "",
         replica_id: str,
         registry: CollectorRegistry | None = None,
         metrics_port: int | None = None,
         report_interval_s: float = 2.0,
         kv_silence_s: float = 60.0,
     ) -> None:
-        """`block_size`: None takes the workers' (from the feed). `replica_id`: the source
+        """`block_size`: None takes the workers' (from the feed). `model`: the model whose
+        workers' block size it takes ("": any's), said in its reports. `replica_id`: the source
         its placement events name (the process's instance id). `registry`: where its metrics
         go (the Frontend's, when embedded); they are also served on `metrics_port` if set.
         `report_interval_s`: how often it publishes its `RouterReport`. `kv_silence_s`: a
@@ -55,6 +65,7 @@ class RouterReplica:
         self._configured = LivePolicy(policy=policy, knobs=dict(knobs or {}))
         self._live_knobs = self._configured.knobs
         self._block_size = block_size
+        self._model = model
         self._replica_id = replica_id
         self._metrics = RouterMetrics(registry)
         self._metrics_port = metrics_port
@@ -103,6 +114,9 @@ class RouterReplica:
             kv_silent_workers=sorted(core.kv_health.silent),
             kv_rejected_workers=sorted(core.kv_health.rejected),
             timestamp=time.time(),
+            block_size=core.block_size,
+            hash_scheme=KV_HASH_SCHEME,
+            model=self._model,
         )
 
     async def _report_periodically(self) -> None:
@@ -121,18 +135,22 @@ class RouterReplica:
 
     # --- requests -------------------------------------------------------------------------
 
-    def live_workers(self) -> Sequence[str]:
-        return self._feed.live_workers()
+    def live_workers(self, model: str = "") -> Sequence[str]:
+        return self._feed.live_workers(model)
 
-    def route(self, request_id: str, token_ids: Sequence[int], exclude: Sequence[str] = ()) -> RouteDecision:
+    def route(
+        self, request_id: str, token_ids: Sequence[int], exclude: Sequence[str] = (), model: str = ""
+    ) -> RouteDecision:
         """The worker for a request, accounted as placed; NoWorkerError if none is live.
 
-        `exclude`: workers that failed this request before its first token.
+        `exclude`: workers that failed this request before its first token. `model`: the
+        request's; only its workers are candidates ("": any worker).
         """
-        live = [worker for worker in self._feed.live_workers() if worker not in exclude]
+        live = [worker for worker in self._feed.live_workers(model) if worker not in exclude]
         if not live:
+            of_model = f" model `{model}`" if model else ""
             but = " but the ones that failed this request" if exclude else ""
-            raise NoWorkerError(f"no {names.VLLM_WORKER} is serving{but}")
+            raise NoWorkerError(f"no {names.VLLM_WORKER} is serving{of_model}{but}")
         return self.core.route(request_id, token_ids, live)
 
     def on_prefill_done(self, request_id: str) -> None:

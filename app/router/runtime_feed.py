@@ -2,8 +2,10 @@
 
 KV events, load reports and placements arrive on their topics (app/protocol/names.py);
 which workers are live comes from the workers' endpoint client, whose one etcd watch
-also tells when a worker goes; the live policy is the `router/policy` tunable; the block
-size is the workers' model records'.
+also tells when a worker goes; which model each serves, from one watch of the model
+records (kept for the feed's life: a request's candidates are a set lookup, not an etcd
+read); the live policy is the `router/policy` tunable; the block size is the workers'
+model records'.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from app.protocol import (
 from app.router.feed import FleetFeed, FleetListener
 from app.router.tunables import ROUTER_POLICY, LivePolicy
 from app.runtime import EndpointClient, EventSubscription, Runtime
+from app.runtime.discovery import ModelsWatch
 from app.tunables import LiveTunables
 
 
@@ -38,16 +41,19 @@ class RuntimeFleetFeed(FleetFeed):
         self._listener: FleetListener | None = None
         self._subscriptions: list[EventSubscription[Any]] = []
         self._live_policy: LiveTunables | None = None
+        self._models: ModelsWatch | None = None
+
+    async def _models_watch(self) -> ModelsWatch:
+        if self._models is None:
+            self._models = await self._runtime.discovery.watch_models()
+        return self._models
 
     async def block_size(self) -> int:
-        watch = await self._runtime.discovery.watch_models()
-        try:
-            await watch.wait_until(lambda models: self._record(models) is not None, timeout=None)
-            record = self._record(watch.models)
-            assert record is not None
-            return int(record.metadata["block_size"])
-        finally:
-            await watch.close()
+        watch = await self._models_watch()
+        await watch.wait_until(lambda models: self._record(models) is not None, timeout=None)
+        record = self._record(watch.models)
+        assert record is not None
+        return int(record.metadata["block_size"])
 
     def _record(self, models: dict[str, list[ModelRecord]]) -> ModelRecord | None:
         for name, records in models.items():
@@ -64,14 +70,16 @@ class RuntimeFleetFeed(FleetFeed):
             await self._runtime.subscribe(names.LOAD_TOPIC, LoadReport, on_event=listener.on_load_report),
             await self._runtime.subscribe(names.PLACEMENT_TOPIC, PlacementMessage, on_event=self._on_placements),
         ]
+        await self._models_watch()
         await self._workers.watch(on_change=self._on_worker_change)
         self._live_policy = LiveTunables(
             {ROUTER_POLICY: configured_policy}, on_change=lambda _tunable, value: listener.on_policy(value)
         )
         await self._live_policy.start(self._runtime.discovery)
 
-    def live_workers(self) -> Sequence[str]:
-        return self._workers.instance_ids()
+    def live_workers(self, model: str = "") -> Sequence[str]:
+        assert self._models is not None, "live_workers before follow()"
+        return self._models.serving(model, self._workers.instance_ids())
 
     async def publish_placements(self, events: list[PlacementEvent]) -> None:
         await self._runtime.publish(names.PLACEMENT_TOPIC, events)
@@ -86,6 +94,8 @@ class RuntimeFleetFeed(FleetFeed):
             await self._live_policy.close()
         for subscription in self._subscriptions:
             await subscription.close()
+        if self._models is not None:
+            await self._models.close()
 
     def _on_placements(self, message: PlacementEvent | list[PlacementEvent]) -> None:
         if self._listener is not None:

@@ -12,7 +12,7 @@ from app.runtime.errors import (
 from app.runtime.events import EventSubscription
 from app.runtime.requests import EndpointClient, RequestContext, ServedEndpoint
 from app.runtime.runtime import Runtime
-from app.runtime.workqueue import ConsumerState, Job, QueueState, WorkQueue
+from app.runtime.workqueue import ConsumerState, Job, QueueSettings, QueueState, WorkQueue, queue_settings
 
 __all__ = [
     "CallTimeoutError",
@@ -25,9 +25,11 @@ __all__ = [
     "Job",
     "NatsUnavailableError",
     "NoInstancesError",
+    "QueueSettings",
     "QueueState",
     "RequestContext",
     "Runtime",
     "ServedEndpoint",
     "WorkQueue",
+    "queue_settings",
 ]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any, Generic, TypeVar
 
 import etcd3aio
@@ -37,6 +38,7 @@ _RETRY_S = 0.5
 _ETCD_ERRORS = (etcd3aio.EtcdError, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
 
 T = TypeVar("T")
+_NONE: frozenset[str] = frozenset()
 
 
 def _no_failure_handler(reason: str) -> None:
@@ -159,14 +161,45 @@ class PrefixWatch(Generic[T]):
 
 
 class ModelsWatch:
-    """Live `.models`: model name -> the records of the instances serving it."""
+    """Live `.models`: model name -> the records of the instances serving it; and
+    `instances(name)`, the ids of those instances, kept as the records come and go so that
+    whoever picks a worker filters by model at the cost of a set lookup."""
 
     def __init__(self, watch: PrefixWatch[ModelRecord]) -> None:
         self._watch = watch
+        self._instances: dict[str, set[str]] = {}
+        self._indexed: dict[str, ModelRecord] = {}  # by the watch's key, to unindex a deleted one
+        for key, record in watch.items.items():
+            self._index(key, record)
+        # No await since the watch loaded: no change can have slipped between the two.
+        watch.add_listener(self._index)
 
     @property
     def models(self) -> dict[str, list[ModelRecord]]:
         return _group_models(self._watch.items.values())
+
+    def instances(self, model: str) -> AbstractSet[str]:
+        """The instances that registered `model` (live: do not keep it, copy it)."""
+        return self._instances.get(model, _NONE)
+
+    def serving(self, model: str, instance_ids: Iterable[str]) -> list[str]:
+        """Those of `instance_ids` that serve `model`; all of them for "" (a request that
+        names no model, from a caller older than routing by model)."""
+        if not model:
+            return list(instance_ids)
+        serving = self.instances(model)
+        return [instance for instance in instance_ids if instance in serving]
+
+    def _index(self, key: str, record: ModelRecord | None) -> None:
+        old = self._indexed.pop(key, None)
+        if old is not None:
+            serving = self._instances[old.name]
+            serving.discard(old.instance_id)
+            if not serving:
+                del self._instances[old.name]
+        if record is not None:
+            self._indexed[key] = record
+            self._instances.setdefault(record.name, set()).add(record.instance_id)
 
     async def wait_until(
         self, predicate: Callable[[dict[str, list[ModelRecord]]], bool], timeout: float | None

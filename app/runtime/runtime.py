@@ -150,6 +150,12 @@ class Runtime:
         self._queues.append(queue)
         return queue
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message the NATS server takes, as its INFO told this connection: a
+        request, a job or an event larger than it is refused."""
+        return int(self._nc.max_payload)
+
     async def queue_state(self, name: str) -> QueueState | None:
         """A work queue's stream and consumers, read without opening it (None: nobody has)."""
         return await queue_state(self._nc, self.namespace, name)

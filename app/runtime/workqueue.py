@@ -23,7 +23,6 @@ from app.runtime.wire import decoder_for, encoder
 
 log = logging.getLogger(__name__)
 
-_CONSUMER = "workers"
 _STREAM_NAME_IN_USE = 10058
 
 
@@ -59,6 +58,34 @@ def stream_name(namespace: str, name: str) -> str:
 
 
 @dataclass(frozen=True)
+class QueueSettings:
+    """What a queue's contract rests on (each job to one consumer, redelivered when not
+    acked within `ack_wait_s`, however often): what `WorkQueue.start` asks JetStream for,
+    and what `tandem doctor` expects `queue_state` to read back. JetStream keeps the
+    settings of whoever created the stream and consumer first (an older build, a hand)."""
+
+    stream: str
+    subjects: tuple[str, ...]
+    retention: str  # JetStream's word: "workqueue"
+    consumer: str  # the durable pull consumer every process shares
+    ack_policy: str  # "explicit"
+    ack_wait_s: float
+    max_deliver: int  # -1: no limit
+
+
+def queue_settings(namespace: str, name: str, ack_wait_s: float) -> QueueSettings:
+    return QueueSettings(
+        stream=stream_name(namespace, name),
+        subjects=(queue_subject(namespace, name),),
+        retention=api.RetentionPolicy.WORK_QUEUE.value,
+        consumer="workers",
+        ack_policy=api.AckPolicy.EXPLICIT.value,
+        ack_wait_s=ack_wait_s,
+        max_deliver=-1,
+    )
+
+
+@dataclass(frozen=True)
 class ConsumerState:
     """One consumer of a queue's stream, as JetStream reports it."""
 
@@ -67,6 +94,10 @@ class ConsumerState:
     num_ack_pending: int  # delivered, not acked yet
     num_waiting: int  # pull requests waiting for a job (idle pullers)
     num_redelivered: int
+    # Its settings (None: JetStream did not say).
+    ack_policy: str | None = None
+    ack_wait_s: float | None = None
+    max_deliver: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +105,10 @@ class QueueState:
     stream: str
     messages: int  # jobs the stream holds (a work queue deletes a job when it is acked)
     consumers: list[ConsumerState]
+    # The stream's settings.
+    subjects: tuple[str, ...] = ()
+    retention: str | None = None
+    max_msg_size: int | None = None  # the largest job it stores (-1: the server's max_payload)
 
 
 async def queue_state(nc: NatsClient, namespace: str, name: str) -> QueueState | None:
@@ -95,25 +130,37 @@ async def queue_state(nc: NatsClient, namespace: str, name: str) -> QueueState |
                 num_ack_pending=consumer.num_ack_pending or 0,
                 num_waiting=consumer.num_waiting or 0,
                 num_redelivered=consumer.num_redelivered or 0,
+                ack_policy=_word(consumer.config.ack_policy),
+                ack_wait_s=consumer.config.ack_wait,
+                max_deliver=consumer.config.max_deliver,
             )
             for consumer in consumers
         ],
+        subjects=tuple(info.config.subjects or ()),
+        retention=_word(info.config.retention),
+        max_msg_size=info.config.max_msg_size,
     )
+
+
+def _word(value: Any) -> str | None:
+    """A JetStream enum setting as its word on the wire."""
+    return None if value is None else str(getattr(value, "value", value))
 
 
 class WorkQueue:
     def __init__(self, nc: NatsClient, namespace: str, name: str, ack_wait_s: float) -> None:
         self._js = nc.jetstream()
-        self.stream = stream_name(namespace, name)
-        self.subject = queue_subject(namespace, name)
-        self._ack_wait_s = ack_wait_s
+        self._settings = queue_settings(namespace, name, ack_wait_s)
+        self.stream = self._settings.stream
+        (self.subject,) = self._settings.subjects
         self._psub: Any = None
 
     async def start(self) -> None:
+        settings = self._settings
         config = api.StreamConfig(
             name=self.stream,
-            subjects=[self.subject],
-            retention=api.RetentionPolicy.WORK_QUEUE,
+            subjects=list(settings.subjects),
+            retention=api.RetentionPolicy(settings.retention),
             storage=api.StorageType.FILE,
         )
         try:
@@ -124,12 +171,12 @@ class WorkQueue:
                 raise
         self._psub = await self._js.pull_subscribe(
             self.subject,
-            durable=_CONSUMER,
+            durable=settings.consumer,
             stream=self.stream,
             config=api.ConsumerConfig(
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=self._ack_wait_s,
-                max_deliver=-1,
+                ack_policy=api.AckPolicy(settings.ack_policy),
+                ack_wait=settings.ack_wait_s,
+                max_deliver=settings.max_deliver,
             ),
         )
 
@@ -155,7 +202,7 @@ class WorkQueue:
 
     async def depth(self) -> int:
         """Jobs not yet acked: waiting for a consumer plus delivered but unacknowledged."""
-        info = await self._js.consumer_info(self.stream, _CONSUMER)
+        info = await self._js.consumer_info(self.stream, self._settings.consumer)
         return info.num_pending + info.num_ack_pending
 
     async def close(self) -> None:

@@ -11,19 +11,29 @@ import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from app import env
 from app.aio import cancel_and_wait
 from app.protocol import ProcessRecord
+from app.sdk import startup
 from app.sdk.config import GraphConfig
 from app.sdk.graph import dependency_names
 from app.sdk.service import EndpointSpec, spec_of
 from app.settings import RuntimeSettings
+from app.versions import tandem_version, vllm_version
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass
+class ProcessFacts:
+    """What a service tells the fleet about its process, set during its start hooks: the
+    runner puts it in the process record it writes once they are done."""
+
+    nixl_side_channel: str = ""  # HOST:PORT where its engine listens for NIXL handshakes
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class ServiceContext:
     # The names of the services of the graph this one runs in: a depends() target outside
     # it is not deployed (graphs.agg's Processor has no Router to ask).
     graph: frozenset[str] = frozenset()
+    process: ProcessFacts = field(default_factory=ProcessFacts)
 
 
 # Of supervisord's stop wait (TANDEM_STOP_WAIT_S), what a service keeps to stop its engine
@@ -159,7 +170,7 @@ async def run_service(
     runtime = connected
     # A lost etcd keep-alive or watch ends this process as a failed service does.
     runtime.discovery.on_failure(fail)
-    log.info("connected: instance %s, namespace %s", runtime.instance_id, runtime.namespace)
+    startup.phase(startup.CONNECTED, f"instance {runtime.instance_id}, namespace {runtime.namespace}")
     interrupted = False  # by a stop during the start hooks
     try:
         # Injected before __init__ so that a service may use its config there already.
@@ -195,9 +206,15 @@ async def run_service(
                     pid=os.getpid(),
                     started_at=started_at,
                     endpoints=list(spec.endpoints),
+                    tandem_version=tandem_version(),
+                    vllm_version=vllm_version(),
+                    nixl_side_channel=ctx.process.nixl_side_channel,
                 )
             )
-            log.info("serving %s", ", ".join(spec.endpoints) or "no endpoints")
+            if spec.endpoints:
+                startup.phase(startup.ROUTABLE, ", ".join(spec.endpoints))
+            else:
+                startup.phase(startup.REGISTERED, "no endpoints")
             await stop.wait()
             if failures:
                 log.error("leaving: %s", failures[0])

@@ -20,6 +20,7 @@ from app.launch.devices import DeviceAssignment, DeviceRequest, NodeDevices, ass
 from app.launch.processes import die_with_parent
 from app.launch.supervisord import Program, config_text, supervisord_binary
 from app.sdk.config import GraphConfig
+from app.sdk.graph_watch import GraphWatch
 from app.sdk.service import ServiceSpec
 
 
@@ -101,12 +102,13 @@ def _append_to_regular_stdout() -> None:
         fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) | os.O_APPEND)
 
 
-def run_supervisord(services: Sequence[ServiceProcesses]) -> int:
+def run_supervisord(services: Sequence[ServiceProcesses], watch: GraphWatch | None = None) -> int:
     """Run supervisord in the foreground until it exits; its exit status.
 
     SIGTERM, SIGINT and SIGHUP sent to this process go on to supervisord, which stops every
     program. supervisord is a child rather than an exec so that its config folder (and
-    control socket) is removed afterwards.
+    control socket) is removed afterwards. `watch` reports the graph's start-up meanwhile,
+    from a thread of its own: it has no say in how or when this ends.
     """
     workdir = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
     try:
@@ -120,6 +122,13 @@ def run_supervisord(services: Sequence[ServiceProcesses]) -> int:
         child = subprocess.Popen([supervisord_binary(), "-n", "-c", str(conf)], preexec_fn=die_with_parent)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
-        return child.wait()
+        # Only now: a thread running while Popen forks would make its preexec_fn unsafe.
+        if watch is not None:
+            watch.start(child.pid)
+        try:
+            return child.wait()
+        finally:
+            if watch is not None:
+                watch.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from app.openai.backend import ModelCard, RequestKind, Tokenized
 from app.openai.schema import DetokenizeRequest, OpenAIRequest, TokenizeRequest
-from app.protocol import StreamItem
+from app.protocol import ModelRecord, StreamItem
 from app.runtime import EndpointClient
 from app.runtime.discovery import ModelsWatch
 from app.serving.pipeline import RequestPipeline
@@ -29,19 +29,43 @@ class Processing(Protocol):
 
 
 class FleetBackend:
-    """app.openai's Backend: models from etcd's model records, the rest by `processing`."""
+    """app.openai's Backend: models from etcd's model records, the rest by `processing`.
 
-    def __init__(self, models: ModelsWatch, processing: Processing, only_model: str | None) -> None:
+    It serves (lists, and admits requests for) the models its one pipeline can preprocess:
+    `served_model_name` where set, else those whose workers read their tokenizer and chat
+    template where the pipeline does (`pipeline_model`, the Processor section's `model`,
+    equal to the model record's `model_path` or to its name; None: every model). A request
+    for another model of the namespace is a 404 that names these (app/openai/app.py): its
+    text would be tokenized for a model it is not.
+    """
+
+    def __init__(
+        self,
+        models: ModelsWatch,
+        processing: Processing,
+        served_model_name: str | None,
+        pipeline_model: str | None = None,
+    ) -> None:
         self._models = models
         self.generate = processing.generate
         self.tokenize = processing.tokenize
         self.detokenize = processing.detokenize
-        self._only_model = only_model
+        self._served_model_name = served_model_name
+        self._pipeline_model = pipeline_model
+
+    def _serves(self, name: str, records: list[ModelRecord]) -> bool:
+        if self._served_model_name is not None:
+            return name == self._served_model_name
+        if self._pipeline_model is None:
+            return True
+        return name == self._pipeline_model or any(
+            record.metadata.get("model_path") == self._pipeline_model for record in records
+        )
 
     def list_models(self) -> list[ModelCard]:
         cards = []
         for name, records in self._models.models.items():
-            if not records or (self._only_model is not None and name != self._only_model):
+            if not records or not self._serves(name, records):
                 continue
             # A request may go to any of the workers: it must fit the shortest of them.
             max_model_len = min(int(record.metadata.get("max_model_len", 0)) for record in records)

@@ -6,6 +6,9 @@ Chosen once, when the pipeline is built, from the deployment (`create_picker`):
 - `RouterServicePicker`: the graph's Router service, over NATS;
 - `SpreadPicker`: a graph without a router (graphs.agg, graphs.disagg): round-robin or random.
 
+Every picker chooses among the workers of the request's model (`PreprocessedRequest.model`)
+only: a namespace may hold workers of several models (two graphs, a rolling upgrade).
+
 A picker never falls back to another: a graph whose Router has no live instance answers
 503 naming the Router, rather than spreading requests blind and publishing no placements.
 Each pick returns a `Placement`, on which the pipeline reports the request's first token
@@ -19,7 +22,7 @@ import asyncio
 import itertools
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol
 
 from app.errors import NoWorkerError
@@ -70,20 +73,51 @@ class WorkerPicker(abc.ABC):
         pass
 
 
-class SpreadPicker(WorkerPicker):
-    """No router: spread over the live workers, round-robin or at random."""
+class ModelInstances(Protocol):
+    """Which instances serve which model: the runtime's `ModelsWatch` (app/runtime/discovery.py)."""
 
-    def __init__(self, workers: EndpointClient, spread: Spread) -> None:
+    def serving(self, model: str, instance_ids: Iterable[str]) -> list[str]: ...
+    async def close(self) -> None: ...
+
+
+class ModelsSource(Protocol):
+    """Where a picker gets its `ModelInstances`: the runtime's `Discovery`."""
+
+    async def watch_models(self) -> ModelInstances: ...
+
+
+def _no_worker_of(model: str, exclude: Sequence[str]) -> NoWorkerError:
+    """The 503 for a request that no live worker of its model can take."""
+    of_model = f" model `{model}`" if model else ""
+    but = " but those that failed it" if exclude else ""
+    return NoWorkerError(f"no {names.VLLM_WORKER} is serving{of_model}{but}")
+
+
+class SpreadPicker(WorkerPicker):
+    """No router: spread over the live workers of the request's model, round-robin or at random."""
+
+    def __init__(self, workers: EndpointClient, spread: Spread, discovery: ModelsSource) -> None:
         self._workers = workers
         self._spread = spread
+        self._discovery = discovery
+        self._models: ModelInstances | None = None
         self._turn = itertools.count()
 
+    async def start(self) -> None:
+        self._models = await self._discovery.watch_models()
+
     async def pick(self, request: PreprocessedRequest, exclude: Sequence[str]) -> Placement:
-        workers = [worker for worker in self._workers.instance_ids() if worker not in exclude]
+        assert self._models is not None, "pick before start()"
+        serving = self._models.serving(request.model, self._workers.instance_ids())
+        workers = [worker for worker in serving if worker not in exclude]
         if not workers:
-            raise NoWorkerError(f"no {names.VLLM_WORKER} is serving" + (" but those that failed it" if exclude else ""))
+            raise _no_worker_of(request.model, exclude)
         chosen = random.choice(workers) if self._spread == "random" else workers[next(self._turn) % len(workers)]
         return Placement(RouteDecision(worker_id=chosen))  # spread: nobody accounts for load
+
+    async def close(self) -> None:
+        if self._models is not None:
+            await self._models.close()
 
 
 class _Published(Placement):
@@ -122,7 +156,9 @@ class RouterServicePicker(WorkerPicker):
             # NoInstancesError naming the Router after the wait: a 503 that says what is missing.
             await self._router.wait_for_instances(timeout=START_WAIT_S)
         decision: RouteDecision = await self._router.call(
-            RouteRequest(request_id=request.request_id, token_ids=request.token_ids, exclude=list(exclude)),
+            RouteRequest(
+                request_id=request.request_id, token_ids=request.token_ids, exclude=list(exclude), model=request.model
+            ),
             response_type=RouteDecision,
             target="round_robin",
         )
@@ -141,7 +177,9 @@ class RouterReplica(Protocol):
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
-    def route(self, request_id: str, token_ids: list[int], exclude: Sequence[str] = ()) -> RouteDecision: ...
+    def route(
+        self, request_id: str, token_ids: list[int], exclude: Sequence[str] = (), model: str = ""
+    ) -> RouteDecision: ...
     def on_prefill_done(self, request_id: str) -> None: ...
     def on_finished(self, request_id: str) -> None: ...
 
@@ -181,7 +219,7 @@ class ReplicaPicker(WorkerPicker):
             except TimeoutError:
                 raise NoWorkerError("the router has not started yet (no worker's model record)") from None
         self._started.result()  # re-raises why it could not start
-        decision = self._replica.route(request.request_id, request.token_ids, exclude)
+        decision = self._replica.route(request.request_id, request.token_ids, exclude, model=request.model)
         return _ReplicaAccounted(decision, request.request_id, self._replica)
 
     async def close(self) -> None:
@@ -209,4 +247,4 @@ def create_picker(
         return ReplicaPicker(replica)
     if names.ROUTER in graph:
         return RouterServicePicker(runtime, runtime.client(names.ROUTER, names.ROUTE))
-    return SpreadPicker(workers, spread)
+    return SpreadPicker(workers, spread, runtime.discovery)

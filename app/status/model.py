@@ -165,8 +165,12 @@ def router_state(report: RouterReport, now: float) -> RouterState:
     )
 
 
+# What a PrefillWorker's `status` answers besides its job counts.
+_NOT_JOB_COUNTS = ("worker_id", "pid", "model", "pullers", "time")
+
+
 def prefill_jobs(answer: Mapping[str, Any]) -> PrefillJobs:
-    counts = {key: int(value) for key, value in answer.items() if key not in ("worker_id", "pid", "model", "pullers")}
+    counts = {key: int(value) for key, value in answer.items() if key not in _NOT_JOB_COUNTS}
     return PrefillJobs(pullers=int(answer.get("pullers", 0)), jobs=counts)
 
 

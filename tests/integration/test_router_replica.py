@@ -17,7 +17,7 @@ import pytest
 
 from app.cli import main as tandem
 from app.errors import NoWorkerError
-from app.protocol import BlockStored, KvEventBatch, names
+from app.protocol import BlockStored, KvEventBatch, ModelRecord, names
 from app.router import RouterReplica
 from app.router.config import RouterConfig, router_replica
 from app.router.tunables import ROUTER_POLICY
@@ -123,3 +123,32 @@ async def test_replicas_follow_the_live_policy_and_ignore_an_invalid_one(
         await eventually(lambda f=fleet: f.core.policy.name == "kv", "the configured policy applies again")
     for fleet in replicas:
         await fleet.close()
+
+
+async def test_a_replica_routes_a_request_among_the_workers_of_its_model_only(make_runtime: MakeRuntime) -> None:
+    workers = [await make_runtime() for _ in range(3)]
+    for worker, model in zip(workers, ("model-a", "model-a", "model-b"), strict=True):
+        await worker.serve_endpoint(names.VLLM_WORKER, names.GENERATE, never_called)
+        await worker.discovery.register_model(
+            ModelRecord(name=model, instance_id=worker.instance_id, service=names.VLLM_WORKER, endpoint=names.GENERATE)
+        )
+    of_a = {workers[0].instance_id, workers[1].instance_id}
+    of_b = workers[2].instance_id
+    router = await replica(make_runtime)
+    await eventually(lambda: len(router.live_workers()) == 3, "every worker is seen")
+    await eventually(lambda: len(router.live_workers("model-a")) == 2, "model-a's records are seen")
+    # model-b's worker holds the prompt's blocks: KV overlap must not draw model-a's requests there.
+    cached = list(range(4 * BLOCK))
+    batch = KvEventBatch(
+        worker_id=of_b, seq=0, block_size=BLOCK, events=[BlockStored(token_ids=cached, block_hashes=[1, 2, 3, 4])]
+    )
+    await workers[2].publish(names.KV_EVENTS_TOPIC, batch)
+    await eventually(lambda: router.core.index.num_blocks() == 4, "the KV events are indexed")
+    assert {router.route(f"a{i}", cached, model="model-a").worker_id for i in range(6)} <= of_a
+    assert router.route("b", cached, model="model-b").worker_id == of_b
+
+    await workers[2].close()  # model-b's only worker leaves
+    await eventually(lambda: not router.live_workers("model-b"), "model-b has no worker left")
+    with pytest.raises(NoWorkerError, match="model `model-b`"):
+        router.route("b2", cached, model="model-b")
+    await router.close()

@@ -100,6 +100,30 @@ async def test_models_register_list_and_watch(make_runtime: MakeRuntime) -> None
     assert await frontend.discovery.list_models() == {}
 
 
+async def test_the_models_watch_keeps_each_models_instances(make_runtime: MakeRuntime) -> None:
+    a1, a2, b1, frontend = [await make_runtime() for _ in range(4)]
+    for worker, name in ((a1, "org/model-a"), (a2, "org/model-a"), (b1, "model-b")):
+        await worker.discovery.register_model(
+            ModelRecord(name=name, instance_id=worker.instance_id, service="VllmWorker", endpoint="generate")
+        )
+    watch = await frontend.discovery.watch_models()  # loads what is there already
+    assert watch.instances("org/model-a") == {a1.instance_id, a2.instance_id}
+    everyone = [a1.instance_id, b1.instance_id, a2.instance_id, "no-record"]
+    assert watch.serving("model-b", everyone) == [b1.instance_id]
+    assert watch.serving("", everyone) == everyone  # a request that names no model
+    assert watch.serving("model-c", everyone) == []
+
+    await a1.close()  # its lease, and its model record with it
+    await _wait_for(lambda: a1.instance_id not in watch.instances("org/model-a"), timeout=5)
+    assert watch.serving("org/model-a", everyone) == [a2.instance_id]
+    late = await make_runtime()  # a worker that registers after the watch started
+    await late.discovery.register_model(
+        ModelRecord(name="model-b", instance_id=late.instance_id, service="VllmWorker", endpoint="generate")
+    )
+    await _wait_for(lambda: late.instance_id in watch.instances("model-b"), timeout=5)
+    await watch.close()
+
+
 async def test_process_and_instance_records_list_and_leave_with_the_lease(make_runtime: MakeRuntime) -> None:
     worker, reader = await make_runtime(), await make_runtime()
 

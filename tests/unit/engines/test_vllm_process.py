@@ -50,13 +50,16 @@ async def test_a_nixl_engine_gets_its_replicas_cores_and_side_channel(environ: o
     await engine.prepare(replica(1, cpu_omp_threads_bind=["0", "1"], nixl_side_channel_port=5600))
     assert environ["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     assert (environ["VLLM_NIXL_SIDE_CHANNEL_HOST"], environ["VLLM_NIXL_SIDE_CHANNEL_PORT"]) == ("10.0.0.7", "5601")
+    assert engine.nixl_side_channel() == "10.0.0.7:5601"  # what its process record advertises
     assert environ["VLLM_CPU_KVCACHE_SPACE"] == "1" and environ["PYTHONFAULTHANDLER"] == "1"
     assert "RAY_ADDRESS" not in environ
 
 
 async def test_an_engine_without_nixl_or_binding_gets_neither(environ: os._Environ[str], on_cpu: None) -> None:
     environ["VLLM_CPU_KVCACHE_SPACE"] = "4"  # the operator's size stands
-    await VllmEngine.from_config({"model": "m"}).prepare(replica(0))
+    engine = VllmEngine.from_config({"model": "m"})
+    await engine.prepare(replica(0))
+    assert engine.nixl_side_channel() == ""
     assert not {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_NIXL_SIDE_CHANNEL_PORT", "VLLM_NIXL_SIDE_CHANNEL_HOST"} & set(
         environ
     )

@@ -1,6 +1,6 @@
 """An in-memory fleet for router replicas: the `FleetFeed` interface without NATS or etcd.
 
-One `InMemoryFleet` is what the planes would carry: its live workers, their KV events and
+One `InMemoryFleet` is what the planes would carry: its live workers (and their models), their KV events and
 load reports, the live policy. Each replica gets its own feed from `fleet.feed()`; what one
 replica publishes reaches every feed of the fleet, its own too, as the placement topic
 would deliver it (at once here, where NATS takes a round trip).
@@ -8,7 +8,7 @@ would deliver it (at once here, where NATS takes a round trip).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from app.protocol import BlockStored, EngineBlockHash, KvEventBatch, LoadReport, PlacementEvent, RouterReport
 from app.router import FleetFeed, FleetListener
@@ -16,8 +16,10 @@ from app.router.tunables import LivePolicy
 
 
 class InMemoryFleet:
-    def __init__(self, workers: Sequence[str], block_size: int) -> None:
+    def __init__(self, workers: Sequence[str], block_size: int, models: Mapping[str, str] | None = None) -> None:
+        """`models`: each worker's model, as its model record names it (unnamed: "tiny-llama")."""
         self.workers = list(workers)
+        self.models = dict(models or {})
         self.block_size = block_size
         self.feeds: list[InMemoryFeed] = []
         self.published: list[PlacementEvent] = []
@@ -81,8 +83,9 @@ class InMemoryFeed(FleetFeed):
         self.listener = listener
         self.configured_policy = configured_policy
 
-    def live_workers(self) -> Sequence[str]:
-        return list(self._fleet.workers)
+    def live_workers(self, model: str = "") -> Sequence[str]:
+        models = self._fleet.models
+        return [w for w in self._fleet.workers if not model or models.get(w, "tiny-llama") == model]
 
     async def publish_placements(self, events: list[PlacementEvent]) -> None:
         self._fleet._deliver(events)

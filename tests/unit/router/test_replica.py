@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from app.errors import NoWorkerError
-from app.protocol import BlockStored, KvEventBatch, LoadReport
+from app.protocol import KV_HASH_SCHEME, BlockStored, KvEventBatch, LoadReport
 from app.router import RouterReplica
 from app.router.tunables import LivePolicy
 from tests.unit.router.fleet import InMemoryFleet
@@ -93,6 +93,18 @@ async def test_workers_that_failed_a_request_are_not_offered_it_again() -> None:
         replica.route("q2", PREFIX, exclude=["w1", "w2"])
 
 
+async def test_a_request_goes_only_to_workers_of_its_model_even_where_another_holds_its_prefix() -> None:
+    fleet = InMemoryFleet(["a1", "a2", "b1"], BLOCK, models={"a1": "model-a", "a2": "model-a", "b1": "model-b"})
+    replica = await started(fleet, "r1")
+    fleet.store("b1", PREFIX)  # model-b's worker cached the same tokens
+    assert {replica.route(f"q{i}", PREFIX, model="model-a").worker_id for i in range(6)} <= {"a1", "a2"}
+    assert replica.route("q-b", PREFIX, model="model-b").worker_id == "b1"
+    with pytest.raises(NoWorkerError, match="no VllmWorker is serving model `model-c`"):
+        replica.route("q-c", PREFIX, model="model-c")
+    with pytest.raises(NoWorkerError, match="model `model-b` but the ones that failed"):
+        replica.route("q-b2", PREFIX, exclude=["b1"], model="model-b")
+
+
 async def test_a_live_policy_change_applies_and_a_reset_restores_the_configured_one() -> None:
     fleet = InMemoryFleet(["w1", "w2"], BLOCK)
     replica = await started(fleet, "r1")
@@ -116,7 +128,13 @@ async def test_a_closed_replica_hears_nothing_more() -> None:
 async def test_the_replica_reports_its_policy_counters_and_the_workers_it_cannot_see() -> None:
     fleet = InMemoryFleet(["w1", "w2", "w3"], BLOCK)
     replica = RouterReplica(
-        fleet.feed(), policy="kv", block_size=BLOCK, replica_id="r1", report_interval_s=0.01, kv_silence_s=0.05
+        fleet.feed(),
+        policy="kv",
+        block_size=BLOCK,
+        model="m",
+        replica_id="r1",
+        report_interval_s=0.01,
+        kv_silence_s=0.05,
     )
     await replica.start()
     feed = fleet.feeds[0]
@@ -140,6 +158,8 @@ async def test_the_replica_reports_its_policy_counters_and_the_workers_it_cannot
     assert (report.prompt_blocks, report.hit_blocks, report.indexed_blocks) == (8, 8, 8)
     assert report.kv_silent_workers == ["w2"] and report.kv_rejected_workers == ["w3"]
     assert report.rejected_kv_batches == 1
+    # What its index takes, for `tandem doctor` to hold the workers' model records against.
+    assert (report.block_size, report.hash_scheme, report.model) == (BLOCK, KV_HASH_SCHEME, "m")
     await replica.close()
     published = len(feed.reports)
     await asyncio.sleep(0.05)

@@ -39,9 +39,11 @@ class _NoProcessing:
         raise NotImplementedError
 
 
-def _backend(models: dict[str, list[ModelRecord]], only_model: str | None = None) -> FleetBackend:
+def _backend(
+    models: dict[str, list[ModelRecord]], only_model: str | None = None, pipeline_model: str | None = None
+) -> FleetBackend:
     processing: Processing = _NoProcessing()
-    return FleetBackend(cast(ModelsWatch, _Models(models)), processing, only_model)
+    return FleetBackend(cast(ModelsWatch, _Models(models)), processing, only_model, pipeline_model)
 
 
 def test_a_models_length_is_its_shortest_workers() -> None:
@@ -54,6 +56,19 @@ def test_served_model_name_limits_the_list() -> None:
     backend = _backend({"tiny": [_record("tiny", "a", 64)], "other": [_record("other", "b", 64)]}, only_model="other")
     assert [card.id for card in backend.list_models()] == ["other"]
     assert not _backend({}).is_ready()
+
+
+def test_without_a_served_model_name_it_serves_the_models_its_pipeline_reads() -> None:
+    # Two models of the namespace from one tokenizer, a third from another: this Frontend's
+    # pipeline (its Processor section's model) can preprocess the first two only.
+    tiny, again = _record("tiny", "a", 64), _record("tiny-v2", "b", 64)
+    again.metadata["model_path"] = tiny.metadata["model_path"]
+    models = {"tiny": [tiny], "tiny-v2": [again], "other": [_record("other", "c", 64)]}
+    backend = _backend(models, pipeline_model="/models/tiny")
+    assert [card.id for card in backend.list_models()] == ["tiny", "tiny-v2"]
+    # A Processor section that names the model as its workers registered it (a hub id).
+    assert [card.id for card in _backend(models, pipeline_model="other").list_models()] == ["other"]
+    assert not _backend(models, pipeline_model="/models/elsewhere").is_ready()
 
 
 class _Endpoint:

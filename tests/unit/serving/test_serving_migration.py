@@ -21,6 +21,7 @@ from app.openai.schema import CompletionRequest, parse_request
 from app.protocol import EngineOutput, PreprocessedRequest, names
 from app.runtime import InstanceGoneError
 from app.serving import PipelineConfig, RequestPipeline, SpreadPicker
+from tests.unit.serving.fleet_models import FakeModels
 
 MODEL = "tiny-llama"
 FIRST_TOKEN = 1000
@@ -67,7 +68,7 @@ class CountingWorkers:
 
 async def _pipeline(tiny_model: Path, workers: CountingWorkers, **config: Any) -> RequestPipeline:
     registry = CollectorRegistry()
-    picker = SpreadPicker(workers, "round-robin")  # type: ignore[arg-type]
+    picker = SpreadPicker(workers, "round-robin", FakeModels())  # type: ignore[arg-type]
     pipeline = RequestPipeline(PipelineConfig(model=str(tiny_model), **config), picker, workers, registry)  # type: ignore[arg-type]
     pipeline.registry = registry  # type: ignore[attr-defined]  # for the test to read
     await pipeline.start()

@@ -11,11 +11,19 @@ from typing import Any
 
 import pytest
 
-from app.errors import InvalidRequestError, NoWorkerError, UnavailableError, WorkerUnavailableError
+from app.errors import (
+    InvalidRequestError,
+    NoWorkerError,
+    UnavailableError,
+    WorkerUnavailableError,
+    WrongModelError,
+    error_for_code,
+)
 from app.openai.schema import CompletionRequest, parse_request
 from app.protocol import EngineOutput, PlacementEvent, PreprocessedRequest, RouteDecision, RouteRequest, names
 from app.runtime import NoInstancesError
 from app.serving import PipelineConfig, ReplicaPicker, RequestPipeline, RouterServicePicker, SpreadPicker, WorkerPicker
+from tests.unit.serving.fleet_models import FakeModels
 
 MODEL = "tiny-llama"
 
@@ -94,6 +102,7 @@ class FakeReplica:
     def __init__(self, workers: FakeWorkers) -> None:
         self.workers = workers
         self.accounting: list[tuple[str, str]] = []
+        self.models: list[str] = []  # the model each route asked for
 
     async def start(self) -> None:
         pass
@@ -101,7 +110,10 @@ class FakeReplica:
     async def close(self) -> None:
         pass
 
-    def route(self, request_id: str, token_ids: list[int], exclude: Sequence[str] = ()) -> RouteDecision:
+    def route(
+        self, request_id: str, token_ids: list[int], exclude: Sequence[str] = (), model: str = ""
+    ) -> RouteDecision:
+        self.models.append(model)
         live = [w for w in self.workers.instance_ids() if w not in exclude]
         if not live:
             raise NoWorkerError("no worker")
@@ -130,14 +142,14 @@ async def _complete(pipeline: RequestPipeline, request_id: str = "r1") -> tuple[
 
 async def test_spreading_takes_the_workers_in_turn_and_accounts_nothing(tiny_model: Path) -> None:
     workers = FakeWorkers({"w1": [100, 101], "w2": [200, 201]})
-    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin"), workers)  # type: ignore[arg-type]
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin", FakeModels()), workers)  # type: ignore[arg-type]
     seen = [(await _complete(pipeline, f"r{i}"))[1] for i in range(4)]
     assert seen == ["w1", "w2", "w1", "w2"]
 
 
 async def test_a_worker_that_fails_before_its_first_token_is_replaced(tiny_model: Path) -> None:
     workers = FakeWorkers({"w1": [100, 101], "w2": [200, 201]}, failing={"w1": WorkerUnavailableError("engine died")})
-    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin"), workers)  # type: ignore[arg-type]
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin", FakeModels()), workers)  # type: ignore[arg-type]
     text, worker = await _complete(pipeline)
     assert worker == "w2" and workers.calls == ["w1", "w2"]
     assert text  # w2's tokens, detokenized
@@ -145,7 +157,7 @@ async def test_a_worker_that_fails_before_its_first_token_is_replaced(tiny_model
 
 async def test_a_bad_request_is_not_retried_elsewhere(tiny_model: Path) -> None:
     workers = FakeWorkers({"w1": [1], "w2": [2]}, failing={"w1": InvalidRequestError("prompt too long")})
-    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin"), workers)  # type: ignore[arg-type]
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin", FakeModels()), workers)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="prompt too long"):
         await _complete(pipeline)
     assert workers.calls == ["w1"]
@@ -154,7 +166,7 @@ async def test_a_bad_request_is_not_retried_elsewhere(tiny_model: Path) -> None:
 async def test_when_every_worker_failed_the_request_gets_no_worker(tiny_model: Path) -> None:
     dead = WorkerUnavailableError("engine died")
     workers = FakeWorkers({"w1": [1], "w2": [2]}, failing={"w1": dead, "w2": dead})
-    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "random"), workers)  # type: ignore[arg-type]
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "random", FakeModels()), workers)  # type: ignore[arg-type]
     with pytest.raises(NoWorkerError):
         await _complete(pipeline)
     assert sorted(workers.calls) == ["w1", "w2"]
@@ -169,6 +181,7 @@ async def test_the_router_service_decides_hears_of_failures_and_gets_the_placeme
     _, worker = await _complete(pipeline, "r9")
     assert worker == "w1"
     assert [r.exclude for r in router.requests] == [[], ["w2"]]
+    assert [r.model for r in router.requests] == [MODEL, MODEL]  # the Router routes among its workers
     await _drain_publishes()
     events = [
         (e.worker_id, e.kind) for topic, batch in runtime.published for e in batch if topic == names.PLACEMENT_TOPIC
@@ -194,6 +207,7 @@ async def test_the_replica_in_process_accounts_for_each_placement(tiny_model: Pa
     pipeline = await _pipeline(tiny_model, ReplicaPicker(replica), workers)
     _, worker = await _complete(pipeline, "r5")
     assert worker == "w2"
+    assert replica.models == [MODEL, MODEL]
     assert replica.accounting == [
         ("routed", "w1"),
         ("finished", "r5"),
@@ -201,6 +215,37 @@ async def test_the_replica_in_process_accounts_for_each_placement(tiny_model: Pa
         ("prefill_done", "r5"),
         ("finished", "r5"),
     ]
+
+
+async def test_spreading_takes_only_the_workers_of_the_requests_model(tiny_model: Path) -> None:
+    workers = FakeWorkers({"a1": [1], "b1": [2], "a2": [3], "b2": [4]})
+    models = FakeModels({"b1": "model-b", "b2": "model-b"})
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin", models), workers)  # type: ignore[arg-type]
+    seen = [(await _complete(pipeline, f"r{i}"))[1] for i in range(4)]
+    assert seen == ["a1", "a2", "a1", "a2"]
+    assert workers.calls == seen  # no worker of model-b was even asked
+
+
+async def test_a_model_without_a_live_worker_gets_503_naming_it(tiny_model: Path) -> None:
+    workers = FakeWorkers({"b1": [2]})
+    models = FakeModels({"b1": "model-b"})
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "random", models), workers)  # type: ignore[arg-type]
+    with pytest.raises(NoWorkerError, match=f"no VllmWorker is serving model `{MODEL}`"):
+        await _complete(pipeline)
+    assert workers.calls == []
+
+
+async def test_a_worker_of_another_model_refuses_and_the_request_goes_to_one_of_its_model(tiny_model: Path) -> None:
+    # The picker's view is stale (w1 was just redeployed with model-b): w1's refusal, as it
+    # comes back over NATS (code and message only), re-routes the request before any token.
+    refusal = WrongModelError("VllmWorker w1 serves model `model-b`, not `tiny-llama`")
+    crossed = error_for_code(refusal.code, refusal.message)
+    assert isinstance(crossed, WorkerUnavailableError)
+    workers = FakeWorkers({"w1": [100, 101], "w2": [200, 201]}, failing={"w1": crossed})
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin", FakeModels()), workers)  # type: ignore[arg-type]
+    text, worker = await _complete(pipeline)
+    assert (worker, workers.calls) == ("w2", ["w1", "w2"])
+    assert text
 
 
 async def _drain_publishes() -> None:
@@ -230,7 +275,7 @@ class ChoiceWorkers(FakeWorkers):
 
 async def test_n_choices_come_back_per_index_from_one_worker(tiny_model: Path) -> None:
     workers = ChoiceWorkers({"w1": [1000, 1500, 2000]})
-    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin"), workers)  # type: ignore[arg-type]
+    pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "round-robin", FakeModels()), workers)  # type: ignore[arg-type]
     fields = {"model": MODEL, "prompt": "hello", "max_tokens": 2, "n": 3, "temperature": 0.5}
     items = [item async for item in pipeline.generate(parse_request(CompletionRequest, fields), "r7")]
     assert workers.calls == ["w1"] and workers.requests[0].n == 3

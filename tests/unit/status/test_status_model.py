@@ -138,7 +138,10 @@ def test_a_process_without_a_process_record_is_listed_from_its_instance_records(
         models=[],
         loads={},
         routers={},
-        prefill_answers={"p1": {"worker_id": "p1", "pid": 7, "model": "m", "pullers": 2, "done": 5, "failed": 1}},
+        prefill_answers={
+            # `time`: its clock, for `tandem doctor`; not a job count.
+            "p1": {"worker_id": "p1", "pid": 7, "model": "m", "pullers": 2, "time": 9.5, "done": 5, "failed": 1}
+        },
     )
     (instance,) = fleet.instances
     assert (instance.service, instance.role, instance.replica, instance.pid) == ("PrefillWorker", "prefill", 2, 7)
