@@ -120,6 +120,9 @@ class RemotePrefill:
         finally:
             # A late answer finds no slot and is discarded.
             self._pending.close(job_id)
+        if result.error:
+            policy.count("fallback", request.request_id, f"{result.prefill_worker_id} gave up: {result.error}")
+            return None
         policy.count(
             "remote", request.request_id, f"{len(request.token_ids)} prompt tokens on {result.prefill_worker_id}"
         )

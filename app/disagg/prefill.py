@@ -4,8 +4,14 @@ Each job is a decode worker's request (app/protocol/prefill.py has the whole han
 The engine prefills it with `max_tokens=1` and `kv_transfer_params={"do_remote_decode":
 true}`, keeps the KV, and returns where to fetch it; the job's answer goes to the decode
 worker's `prefill_done` with those params and this worker's instance id, then the job is
-acked. A failed prefill is nak'ed for redelivery; a job its decode worker no longer waits
-for (it prefilled locally, or is gone) is acked and skipped.
+acked. A job its decode worker no longer waits for (it prefilled locally, or is gone) is
+acked and skipped.
+
+A prefill that fails is nak'ed for another PrefillWorker to try, `MAX_ATTEMPTS` times in
+all; after the last, or at once where the request itself is at fault (the engine's 400),
+the decode worker is answered with the error and prefills the request itself, instead of
+waiting out its `remote-prefill-timeout-s`. A prefill that outlasts that wait (an engine
+hung) is abandoned then: the decode worker has prefilled it itself.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import msgspec
 from prometheus_client import CollectorRegistry
 
 from app.aio import cancel_and_wait, end_on_exit
+from app.errors import InvalidRequestError
 from app.metrics import CounterView
 from app.protocol import (
     PREFILL_ACK_WAIT_S,
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 
 _REDELIVERY_DELAY_S = 0.5
 _ANSWER_TIMEOUT_S = 5.0
+# Deliveries of one job whose prefill failed before its decode worker is told to do it.
+MAX_ATTEMPTS = 3
 
 Generate = Callable[[PreprocessedRequest], AsyncGenerator[EngineOutput, None]]
 
@@ -69,7 +78,8 @@ class PrefillJobs:
         fail: Callable[[str], None],
     ) -> None:
         """`generate`: the engine's stream (its host's); `concurrency`: jobs in the engine at once.
-        `counts` (done, failed, expired, undelivered, errors) also go to `registry`. `fail`
+        `counts` (done, failed, given_back, timed_out, expired, undelivered, errors) also go
+        to `registry`. `fail`
         ends the process: a puller that ended (a bug: each contains its jobs' errors) would
         leave a registered PrefillWorker that pulls less, or nothing."""
         self._runtime = runtime
@@ -127,16 +137,35 @@ class PrefillJobs:
         answer_by = time.monotonic() + left_s
         heartbeat = asyncio.create_task(self._keep_in_progress(job))
         try:
-            params = await self._prefill(prefill_request(data.request, job.redeliveries))
-        except Exception:
-            self.counts["failed"] += 1
-            log.exception("request %s: prefill failed; the job goes back to the queue", request_id)
-            await job.nak(delay=_REDELIVERY_DELAY_S)
+            async with asyncio.timeout(left_s):
+                params = await self._prefill(prefill_request(data.request, job.redeliveries))
+        except TimeoutError:
+            # Its decode worker prefilled it itself by now: the job is done, by it.
+            self.counts["timed_out"] += 1
+            log.warning(
+                "request %s: prefill outlasted its decode worker's wait (%.1f s); abandoned", request_id, left_s
+            )
+            await job.ack()
             return
+        except Exception as exc:
+            self.counts["failed"] += 1
+            attempt = job.redeliveries + 1
+            if attempt < MAX_ATTEMPTS and not isinstance(exc, InvalidRequestError):
+                log.exception(
+                    "request %s: prefill failed (attempt %d); the job goes back to the queue", request_id, attempt
+                )
+                await job.nak(delay=_REDELIVERY_DELAY_S)
+                return
+            log.error(
+                "request %s: prefill failed (attempt %d: %s); its decode worker prefills it", request_id, attempt, exc
+            )
+            params, error = {}, f"prefill failed: {exc}"
+        else:
+            error = ""
         finally:
             await cancel_and_wait(heartbeat)
         answer = PrefillAnswer(
-            job_id=data.job_id, prefill_worker_id=self._runtime.instance_id, kv_transfer_params=params
+            job_id=data.job_id, prefill_worker_id=self._runtime.instance_id, kv_transfer_params=params, error=error
         )
         # The decode worker waits for this answer until the job's deadline: until then a slow
         # accept (its process busy) is no reason to give up on it. A decode process that is
@@ -150,14 +179,17 @@ class PrefillJobs:
             # The decode worker is gone or unreachable: nobody can use this KV any more.
             taken = False
             log.warning("request %s: answering decode worker %s failed: %s", request_id, data.decode_worker_id, exc)
-        self.counts["done" if taken else "undelivered"] += 1
-        log.info(
-            "request %s: prefilled %d tokens for %s (%s)",
-            request_id,
-            len(data.request.token_ids),
-            data.decode_worker_id,
-            "taken" if taken else "discarded",
-        )
+        if error:
+            self.counts["given_back"] += 1
+        else:
+            self.counts["done" if taken else "undelivered"] += 1
+            log.info(
+                "request %s: prefilled %d tokens for %s (%s)",
+                request_id,
+                len(data.request.token_ids),
+                data.decode_worker_id,
+                "taken" if taken else "discarded",
+            )
         await job.ack()
 
     async def _time_left(self, job: PrefillJob) -> float:

@@ -55,7 +55,14 @@ class PrefillWanted(msgspec.Struct, kw_only=True):
     job_id: str
 
 
-class PrefillAnswer(msgspec.Struct, kw_only=True):
+class PrefillAnswer(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The PrefillWorker's answer to a job's decode worker: where to pull the KV from, or
+    `error`, why no PrefillWorker will prefill it (the decode worker prefills it itself at
+    once, instead of when its wait runs out). A failed answer's `kv_transfer_params` is
+    empty: a decode worker of a Tandem without `error` then prefills locally too. A
+    success encodes as it did before `error` existed (omit_defaults)."""
+
     job_id: str
     prefill_worker_id: str
     kv_transfer_params: dict[str, Any]
+    error: str = ""

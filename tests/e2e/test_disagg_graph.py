@@ -23,6 +23,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,8 +41,8 @@ from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.launch.ports import free_port
 from app.protocol import PREFILL_ACK_WAIT_S, names
 from app.runtime import Runtime
-from testbed.graphs import ServedGraph
-from tests.e2e.graph_helpers import engine_core_of, prefill_decision
+from testbed.graphs import TANDEM, ServedGraph
+from tests.e2e.graph_helpers import engine_core_of, prefill_decision, tandem_status
 from tests.e2e.prefill_queue import PrefillQueueSpy
 from tests.e2e.vllm_reference import vllm_greedy
 
@@ -271,6 +272,42 @@ def _engine_worker_cores(graph: ServedGraph) -> dict[str, list[list[int]]]:
             if " ".join(child.cmdline()).startswith("VLLM::Worker"):
                 cores[service].append(sorted(child.cpu_affinity()))
     return cores
+
+
+async def test_status_lists_the_disaggregated_fleet_and_doctor_passes_on_it(graph: DisaggGraph) -> None:
+    """`tandem status` and `tandem doctor` as an operator runs them, on real vLLM engines: the
+    doctor dials each PrefillWorker's NIXL side channel (what a decode engine dials)."""
+    status = await tandem_status(graph)
+    pids = graph.service_pids()
+    assert {(i["service"], i["pid"]) for i in status["instances"]} == {
+        (service, pid) for service, service_pids in pids.items() for pid in service_pids
+    }
+    roles = {(i["service"], i["role"]) for i in status["instances"]}
+    assert roles == {
+        ("Frontend", "frontend"),
+        ("Processor", "processor"),
+        ("Router", "router"),
+        ("VllmWorker", "decode"),
+        ("PrefillWorker", "prefill"),
+    }
+    prefill = [i for i in status["instances"] if i["service"] == "PrefillWorker"]
+    assert len(prefill) == PREFILL_WORKERS
+    assert len(status["prefill_queue"]["consumers"]) >= 1, status["prefill_queue"]
+    assert status["warnings"] == []
+
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [TANDEM, "doctor", "--json", "--listen", "2", "-f", str(graph.config_path)],
+        env=graph.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report = json.loads(done.stdout)
+    verdicts = {check["name"]: check["verdict"] for check in report["checks"]}
+    assert done.returncode == 0 and report["ok"], json.dumps(report, indent=1)
+    # What the mocker graphs cannot show: real side channels, reached, and the queue checked.
+    assert verdicts["nixl-side-channels"] == "PASS" and verdicts["prefill-queue"] == "PASS", verdicts
 
 
 async def test_short_prompts_stay_local_with_vllms_output(graph: DisaggGraph, reference) -> None:
