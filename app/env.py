@@ -354,6 +354,15 @@ TANDEM_DATA_DIR = _declare("TANDEM_DATA_DIR", _text, "/data", "NATS and etcd dat
 TANDEM_RUN_DIR = _declare(
     "TANDEM_RUN_DIR", _text, "/tmp/tandem-supervisor", "the node's supervisord config, socket and PID file", ENTRYPOINT
 )
+# A secure fleet's files (`tandem infra secrets`), mounted read-only: where they hold ca.pem,
+# the node connects with TLS and passwords, and a node running NATS or etcd serves them so.
+TANDEM_SECRETS_DIR = _declare(
+    "TANDEM_SECRETS_DIR",
+    _text,
+    "/run/secrets",
+    "the folder of the fleet's CA, certificates and passwords (a read-only mount); ca.pem there: secure",
+    ENTRYPOINT,
+)
 TANDEM_PYTHON = _declare(
     "TANDEM_PYTHON", _text, "python3", "the Python that runs the entrypoint (entrypoints/entrypoint.sh)", ENTRYPOINT
 )
@@ -369,6 +378,13 @@ TANDEM_HTTP_PORT = _declare(
 TANDEM_IMAGE = _declare("TANDEM_IMAGE", _text, "tandem:latest", "the image compose and scripts run", HOST)
 TANDEM_MODEL_CACHE = _declare(
     "TANDEM_MODEL_CACHE", _text, "/var/lib/tandem/models", "the host folder mounted at /models", HOST
+)
+TANDEM_SECRETS = _declare(
+    "TANDEM_SECRETS",
+    _text,
+    "/etc/tandem/secrets",
+    "the host folder of `tandem infra secrets` that SECURE=1 mounts read-only at TANDEM_SECRETS_DIR",
+    HOST,
 )
 TANDEM_ENV_DIR = _declare(
     "TANDEM_ENV_DIR", _text, "../env", "the folder of env files compose loads (relative to compose/)", HOST

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import ssl
 import subprocess
 import sys
@@ -117,6 +118,23 @@ class SecureFiles:
         cert, key = self.cert(server)
         pki.issue_server_cert(self.ca_cert, self.ca_key, cert, key, [dial_address(host), "127.0.0.1", "localhost"])
         return cert, key
+
+    def head_files(self) -> list[Path]:
+        """What a node that runs NATS and etcd reads (`entrypoints/render.py`): everything but
+        the CA's key, which signs any certificate the fleet trusts and stays where it was made."""
+        return [
+            self.ca_cert,
+            *self.cert("nats"),
+            *self.cert("etcd"),
+            *self.token_keys(),
+            self.nats_password_file,
+            self.etcd_password_file,
+            self.etcd_root_password_file,
+        ]
+
+    def node_files(self) -> list[Path]:
+        """What every other node reads: the CA and the fleet user's two passwords."""
+        return [self.ca_cert, self.nats_password_file, self.etcd_password_file]
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_cert))
@@ -286,17 +304,22 @@ class EtcdServer(ServerProcess):
         event loop of its own: from async code, call it in a thread, like every blocking start)."""
         super().start(timeout)
         if self.secure is not None:
-            secure = self.secure
-            asyncio.run(
-                enable_etcd_auth(
-                    f"{dial_address(self.host)}:{self.port}",
-                    secure.ca_cert.read_bytes(),
-                    root_password=secure.password(secure.etcd_root_password_file),
-                    user=FLEET_USER,
-                    password=secure.password(secure.etcd_password_file),
-                    prefix=ETCD_ROOT,
-                )
-            )
+            secure_etcd(f"{dial_address(self.host)}:{self.port}", self.secure)
+
+
+def secure_etcd(endpoint: str, secure: SecureFiles) -> None:
+    """Turn auth on, where it is not yet, at the etcd at `endpoint` (host:port, one of its
+    certificate's names): root and the fleet user, with the passwords of `secure`'s files."""
+    asyncio.run(
+        enable_etcd_auth(
+            endpoint,
+            secure.ca_cert.read_bytes(),
+            root_password=secure.password(secure.etcd_root_password_file),
+            user=FLEET_USER,
+            password=secure.password(secure.etcd_password_file),
+            prefix=ETCD_ROOT,
+        )
+    )
 
 
 def secure_exports(nats_url: str, etcd_url: str, secure: SecureFiles) -> dict[str, str]:
@@ -314,6 +337,38 @@ def secure_exports(nats_url: str, etcd_url: str, secure: SecureFiles) -> dict[st
         env.ETCD_PASSWORD_FILE.name: str(secure.etcd_password_file),
         env.ETCD_TLS_CA.name: str(secure.ca_cert),
     }
+
+
+# --- the appliance's secrets (`tandem infra secrets`, docs/security.md) ---------------------
+# The folders `write_appliance_secrets` makes: the authority stays on the host that made it,
+# `head` is mounted read-only into the head's container, `node` into every other node's.
+AUTHORITY, HEAD_BUNDLE, NODE_BUNDLE = "authority", "head", "node"
+
+
+def _copy_private(files: list[Path], folder: Path, owner: tuple[int, int] | None) -> None:
+    from app.launch import pki
+
+    for source in files:
+        pki.write_private(folder / source.name, source.read_bytes())
+    if owner is not None:
+        for path in (folder, *(folder / source.name for source in files)):
+            os.chown(path, *owner)
+
+
+def write_appliance_secrets(folder: Path, host: str, owner: tuple[int, int] | None = None) -> SecureFiles:
+    """A fleet's CA, certificates and passwords for containers, without starting a server.
+
+    Made in `folder`/authority (kept: a second run reuses the CA and the passwords and
+    issues fresh server certificates for `host`, the head's address), then copied owner-only
+    into `folder`/head and `folder`/node, owned by `owner` (uid, gid: the image's user, who
+    reads them through a read-only mount). Returns the authority's files.
+    """
+    authority = SecureFiles.ensure(Path(folder) / AUTHORITY)
+    for server in ("nats", "etcd"):
+        authority.issue(server, host)
+    _copy_private(authority.head_files(), authority.folder.parent / HEAD_BUNDLE, owner)
+    _copy_private(authority.node_files(), authority.folder.parent / NODE_BUNDLE, owner)
+    return authority
 
 
 # --- `tandem infra` ----------------------------------------------------------------------
@@ -445,6 +500,50 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _owner(raw: str | None) -> tuple[int, int] | None:
+    if raw is None:
+        return None
+    uid, _, gid = raw.partition(":")
+    if not uid.isdigit() or not (gid or uid).isdigit():
+        raise SystemExit(f"tandem infra secrets: --owner {raw!r} is not UID or UID:GID (numbers)")
+    return int(uid), int(gid or uid)
+
+
+def _cmd_secrets(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    try:
+        write_appliance_secrets(folder, args.host, _owner(args.owner))
+    except PermissionError as exc:
+        sys.stderr.write(f"tandem infra secrets: {exc}: --owner needs root (sudo), or chown the folders yourself\n")
+        return 1
+    mounted = SecureFiles(Path(args.mount))
+    nats_url = f"tls://{FLEET_USER}@{dial_address(args.host)}:{args.nats_port}"
+    etcd_url = f"https://{dial_address(args.host)}:{args.etcd_port}"
+    for key, value in secure_exports(nats_url, etcd_url, mounted).items():
+        sys.stdout.write(f"{key}={value}\n")
+    sys.stderr.write(
+        f"mount {folder / HEAD_BUNDLE} read-only at {args.mount} on the head, a copy of {folder / NODE_BUNDLE} "
+        f"on every other node; {folder / AUTHORITY} (the CA's key) stays here (docs/security.md)\n"
+    )
+    return 0
+
+
+def _cmd_enable_auth(args: argparse.Namespace) -> int:
+    secure = SecureFiles(Path(args.secrets))
+    url = f"https://{args.endpoint}/health"
+    deadline = time.monotonic() + args.timeout
+    while not _http_ok(url, expect='"health":"true"', context=secure.ssl_context()):
+        if time.monotonic() > deadline:
+            sys.stderr.write(f"tandem infra enable-auth: etcd at {url} not healthy after {args.timeout:g} s\n")
+            return 1
+        time.sleep(0.2)
+    secure_etcd(args.endpoint, secure)
+    if args.done_file:
+        Path(args.done_file).write_text("etcd auth on\n")
+    log.info("etcd at %s: authentication on (user %s, prefix %s)", args.endpoint, FLEET_USER, ETCD_ROOT)
+    return 0
+
+
 def _cmd_down(args: argparse.Namespace) -> int:
     stopped = infra_down()
     sys.stdout.write(f"stopped: {', '.join(stopped) or 'nothing was running'}\n")
@@ -489,6 +588,36 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--etcd-port", type=int, default=env.ETCD_PORT.default)
     up.add_argument("--etcd-peer-port", type=int, default=env.ETCD_PEER_PORT.default)
     up.set_defaults(func=_cmd_up)
+
+    secrets = commands.add_parser(
+        "secrets",
+        help="write a fleet's CA, certificates and passwords for the appliance (no server started) "
+        "and print the exports every node needs",
+    )
+    secrets.add_argument("folder", help="made owner-only: authority/ stays here, head/ and node/ are mounted")
+    secrets.add_argument("--host", required=True, help="the head's address, as the other nodes dial it")
+    secrets.add_argument(
+        "--owner", default=None, help="UID[:GID] owning head/ and node/: the image's user (10001) reads them"
+    )
+    secrets.add_argument(
+        "--mount",
+        default=env.TANDEM_SECRETS_DIR.default,
+        help="where the containers see the files: the paths the exports name",
+    )
+    secrets.add_argument("--nats-port", type=int, default=env.NATS_PORT.default)
+    secrets.add_argument("--etcd-port", type=int, default=env.ETCD_PORT.default)
+    secrets.set_defaults(func=_cmd_secrets)
+
+    enable_auth = commands.add_parser(
+        "enable-auth",
+        help="once etcd answers over TLS, turn its auth on (root, and the fleet user confined to Tandem's "
+        "prefix), passwords read from the secrets folder; the appliance head runs it after etcd starts",
+    )
+    enable_auth.add_argument("--secrets", required=True, help="the folder of ca.pem and the etcd passwords")
+    enable_auth.add_argument("--endpoint", required=True, help="host:port of etcd, a name its certificate has")
+    enable_auth.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for etcd's health")
+    enable_auth.add_argument("--done-file", default=None, help="written once auth is on (the health check reads it)")
+    enable_auth.set_defaults(func=_cmd_enable_auth)
 
     down = commands.add_parser("down", help="stop the servers `infra up` started")
     down.set_defaults(func=_cmd_down)

@@ -4,14 +4,22 @@
 # read from the config the entrypoint generated, so it always matches the ROLE.
 set -euo pipefail
 
-conf="${TANDEM_RUN_DIR:-/tmp/tandem-supervisor}/supervisord.conf"
+run_dir="${TANDEM_RUN_DIR:-/tmp/tandem-supervisor}"
+conf="$run_dir/supervisord.conf"
 [ -f "$conf" ] || { echo "no $conf: the entrypoint has not started supervisord"; exit 1; }
 
-# Exits non-zero when any program is not RUNNING (STARTING, BACKOFF, EXITED, FATAL).
-supervisorctl -c "$conf" status
+# The programs meant to keep running; one-shot steps (autorestart=false) exit by design,
+# and what they leave behind is checked below.
+long_running=$(awk '/^\[program:/ { name = substr($0, 10, length($0) - 10) } /^autorestart=true$/ { print name }' "$conf")
+# Exits non-zero when any of them is not RUNNING (STARTING, BACKOFF, EXITED, FATAL).
+# shellcheck disable=SC2086  # one word per program name
+supervisorctl -c "$conf" status $long_running
 
+# http_ok URL [CA]: over https with the CA file given.
 http_ok() {
-    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$1" \
+    python3 -c 'import ssl, sys, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[2]) if len(sys.argv) > 2 else None
+urllib.request.urlopen(sys.argv[1], timeout=5, context=context)' "$@" \
         || { echo "unhealthy: $1"; exit 1; }
 }
 
@@ -21,7 +29,13 @@ if runs nats; then
     http_ok "http://127.0.0.1:${NATS_MONITOR_PORT:-8222}/healthz?js-enabled-only=true"
 fi
 if runs etcd; then
-    http_ok "http://127.0.0.1:${ETCD_PORT:-2379}/health"
+    if grep -q '^command=.*etcd .*--cert-file' "$conf"; then
+        # A secure fleet (entrypoints/render.py): TLS with the fleet's CA, and auth turned on.
+        http_ok "https://127.0.0.1:${ETCD_PORT:-2379}/health" "${TANDEM_SECRETS_DIR:-/run/secrets}/ca.pem"
+        [ -f "$run_dir/etcd-auth.done" ] || { echo "unhealthy: etcd-auth has not turned etcd's auth on"; exit 1; }
+    else
+        http_ok "http://127.0.0.1:${ETCD_PORT:-2379}/health"
+    fi
 fi
 # The Frontend, where this node runs one (the head's graph, or a frontend node).
 if runs tandem-graph || runs tandem-frontend; then

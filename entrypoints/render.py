@@ -15,6 +15,13 @@
 | ray-worker | `tandem ray worker --address=$RAY_ADDRESS` (`ray start --address=... --block`) |
 | all        | head + prefill: the whole deployment on one node                          |
 
+Where TANDEM_SECRETS_DIR (default /run/secrets, a read-only mount of what `tandem infra
+secrets` wrote) holds ca.pem, the fleet is secure: NATS runs from a config file written
+here, owner-only (TLS required, the fleet user's password), etcd with TLS and signed
+tokens, and a one-shot program, etcd-auth, turns etcd's authentication on once etcd answers;
+every Tandem program connects with the folder's CA and password files. No password is on
+a command line: the servers and etcd-auth read them from files (docs/security.md).
+
 Each Tandem program is a `tandem serve` command, exactly what an operator would type on
 the node; `tandem serve` runs its own supervisord for the graph's services, so the
 supervisord started here is the outer of two. On SIGTERM it stops programs in reverse
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from app import env
+from app.infra import FLEET_USER, SecureFiles
 from app.launch import servers, supervisord
 from app.launch.supervisord import Program
 from app.node import configured_node_address
@@ -71,6 +79,10 @@ RAY_PRIORITY = 20
 PREFILL_PRIORITY = 50
 SERVING_PRIORITY = 60
 INFRA_STOP_WAIT_S = 30
+ETCD_AUTH_STOP_WAIT_S = 5
+# What etcd-auth leaves in TANDEM_RUN_DIR once etcd's auth is on (healthcheck.sh looks).
+ETCD_AUTH_DONE = "etcd-auth.done"
+NATS_CONFIG = "nats.conf"
 RAY_STOP_WAIT_S = 60
 
 
@@ -86,6 +98,9 @@ class Plan:
     # plus the defaults derived here (e.g. NATS_SERVER on a node that runs NATS itself).
     environment: dict[str, str]
     derived: dict[str, str]
+    # Files written owner-only before supervisord starts (a secure NATS's config, which holds
+    # its password): path -> text.
+    private_files: dict[Path, str]
 
 
 def parse_roles(raw: str | None) -> tuple[str, ...]:
@@ -137,12 +152,59 @@ def _required(blocks: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     return missing
 
 
-def _derive(blocks: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+def secrets_of(environ: Mapping[str, str]) -> SecureFiles | None:
+    """The fleet's files where TANDEM_SECRETS_DIR holds its CA (a secure fleet), else None."""
+    secure = SecureFiles(Path(env.TANDEM_SECRETS_DIR.get(environ)))
+    return secure if secure.ca_cert.is_file() else None
+
+
+def _check_secrets(blocks: Sequence[str], secure: SecureFiles) -> None:
+    """Every file this node's programs read is there and readable, or the error naming them."""
+    serves = {"nats", "etcd"}.intersection(blocks)
+    needed = secure.head_files() if serves else secure.node_files()
+    missing = [path.name for path in needed if not os.access(path, os.R_OK)]
+    if missing:
+        bundle = "head/" if serves else "node/"
+        raise EntrypointError(
+            f"TANDEM_SECRETS_DIR={secure.folder} holds ca.pem (a secure fleet) but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing or not readable by uid {os.getuid()}: mount the "
+            f"{bundle} folder of `tandem infra secrets` there, owned by this uid (its --owner)"
+        )
+
+
+def _check_secure_urls(blocks: Sequence[str], environment: Mapping[str, str]) -> None:
+    if not {"graph", "frontend", "decode", "prefill"}.intersection(blocks):
+        return
+    for variable, scheme, example in (
+        (env.NATS_SERVER, "tls://", f"tls://{FLEET_USER}@HEAD_NODE_IP:4222"),
+        (env.ETCD_ENDPOINTS, "https://", "https://HEAD_NODE_IP:2379"),
+    ):
+        value = variable.raw(environment) or ""
+        if not value.startswith(scheme):
+            raise EntrypointError(
+                f"TANDEM_SECRETS_DIR holds ca.pem (a secure fleet): {variable.name} must use {scheme} "
+                f"(e.g. {example}, as `tandem infra secrets` prints), not {value.partition('://')[0]}://"
+            )
+
+
+def _derive(blocks: Sequence[str], environ: Mapping[str, str], secure: SecureFiles | None) -> dict[str, str]:
     derived: dict[str, str] = {}
+    nats_scheme, etcd_scheme = ("tls://" + FLEET_USER + "@", "https://") if secure else ("nats://", "http://")
     if "nats" in blocks and env.NATS_SERVER.raw(environ) is None:
-        derived[env.NATS_SERVER.name] = f"nats://127.0.0.1:{env.NATS_PORT.get(environ)}"
+        derived[env.NATS_SERVER.name] = f"{nats_scheme}127.0.0.1:{env.NATS_PORT.get(environ)}"
     if "etcd" in blocks and env.ETCD_ENDPOINTS.raw(environ) is None:
-        derived[env.ETCD_ENDPOINTS.name] = f"http://127.0.0.1:{env.ETCD_PORT.get(environ)}"
+        derived[env.ETCD_ENDPOINTS.name] = f"{etcd_scheme}127.0.0.1:{env.ETCD_PORT.get(environ)}"
+    if secure is not None:
+        # The client side of a secure fleet, from the mounted folder, where not set otherwise.
+        for variable, value in (
+            (env.NATS_PASSWORD_FILE, str(secure.nats_password_file)),
+            (env.NATS_TLS_CA, str(secure.ca_cert)),
+            (env.ETCD_USER, FLEET_USER),
+            (env.ETCD_PASSWORD_FILE, str(secure.etcd_password_file)),
+            (env.ETCD_TLS_CA, str(secure.ca_cert)),
+        ):
+            if variable.raw(environ) is None:
+                derived[variable.name] = value
     node = configured_node_address(environ)
     if node is not None and env.VLLM_NIXL_SIDE_CHANNEL_HOST.raw(environ) is None:
         # vLLM's NIXL side channel must listen on, and hand out, the node's routable
@@ -177,8 +239,12 @@ def _tandem(address: str, config: str, *extra: str) -> list[str]:
     return ["tandem", "serve", address, "-f", config, *extra]
 
 
-def _programs(blocks: Sequence[str], environ: Mapping[str, str]) -> list[Program]:
+def _programs(
+    blocks: Sequence[str], environ: Mapping[str, str], secure: SecureFiles | None, private_files: dict[Path, str]
+) -> list[Program]:
+    """The programs of `blocks`; a secure NATS's config file is added to `private_files`."""
     data_dir = Path(env.TANDEM_DATA_DIR.get(environ))
+    run_dir = Path(env.TANDEM_RUN_DIR.get(environ))
     config = env.CONFIG.get(environ) or ""
     graph = env.GRAPH.get(environ)
     # A `tandem serve` of one service: that service's budget, and its supervisord's exit.
@@ -188,17 +254,32 @@ def _programs(blocks: Sequence[str], environ: Mapping[str, str]) -> list[Program
     programs: list[Program] = []
     for block in blocks:
         if block == "nats":
-            command = servers.nats_command(
-                _binary("nats-server"),
-                data_dir / "nats",
-                env.NATS_PORT.get(environ),
-                env.NATS_MONITOR_PORT.get(environ),
-            )
+            if secure is not None:
+                # A config file, not flags: it holds the password (`ps` shows command lines).
+                config_path = run_dir / NATS_CONFIG
+                private_files[config_path] = servers.nats_secure_config(
+                    data_dir / "nats",
+                    "0.0.0.0",
+                    env.NATS_PORT.get(environ),
+                    env.NATS_MONITOR_PORT.get(environ),
+                    *secure.cert("nats"),
+                    FLEET_USER,
+                    secure.password(secure.nats_password_file),
+                )
+                command = [_binary("nats-server"), "-c", str(config_path)]
+            else:
+                command = servers.nats_command(
+                    _binary("nats-server"),
+                    data_dir / "nats",
+                    env.NATS_PORT.get(environ),
+                    env.NATS_MONITOR_PORT.get(environ),
+                )
             programs.append(Program("nats", command, INFRA_STOP_WAIT_S, priority=INFRA_PRIORITY))
         elif block == "etcd":
             # The seed's `etcd --advertise-client-urls http://<head-node-ip>:2379
             # --listen-client-urls http://<head-node-ip>:2379,http://127.0.0.1:2379`.
             host = env.ETCD_ADVERTISE_HOST.get(environ) or node
+            tls_flags = None if secure is None else servers.etcd_tls_flags(*secure.cert("etcd"), *secure.token_keys())
             command = servers.etcd_command(
                 _binary("etcd"),
                 data_dir / "etcd",
@@ -206,8 +287,21 @@ def _programs(blocks: Sequence[str], environ: Mapping[str, str]) -> list[Program
                 env.ETCD_PORT.get(environ),
                 env.ETCD_PEER_PORT.get(environ),
                 environ,
+                tls_flags=tls_flags,
             )
             programs.append(Program("etcd", command, INFRA_STOP_WAIT_S, priority=INFRA_PRIORITY))
+            if secure is not None:
+                # etcd turns auth on only through its API, once it runs; until then Tandem's
+                # programs retry their connection (etcd answers "authentication is not enabled").
+                enable_auth = [
+                    "tandem", "infra", "enable-auth",
+                    "--secrets", str(secure.folder),
+                    "--endpoint", f"127.0.0.1:{env.ETCD_PORT.get(environ)}",
+                    "--done-file", str(run_dir / ETCD_AUTH_DONE),
+                ]  # fmt: skip
+                programs.append(
+                    Program("etcd-auth", enable_auth, ETCD_AUTH_STOP_WAIT_S, priority=INFRA_PRIORITY + 1, one_shot=True)
+                )
         elif block == "graph":
             stop_wait_s = supervisord.nested_stop_wait_s(_services_in(graph), env.TANDEM_STOP_WAIT_S.get(environ))
             programs.append(
@@ -278,9 +372,16 @@ def make_plan(environ: Mapping[str, str]) -> Plan:
         config = env.CONFIG.get(environ)
         if config is not None and not Path(config).is_file():
             raise EntrypointError(f"CONFIG={config!r} is not a file (relative paths start at {Path.cwd()})")
-        derived = _derive(blocks, environ)
+        secure = secrets_of(environ)
+        if secure is not None:
+            _check_secrets(blocks, secure)
+        derived = _derive(blocks, environ, secure)
         environment = {**environ, **derived}
-        return Plan(roles, tuple(_programs(blocks, environment)), environment, derived)
+        if secure is not None:
+            _check_secure_urls(blocks, environment)
+        private_files: dict[Path, str] = {}
+        programs = tuple(_programs(blocks, environment, secure, private_files))
+        return Plan(roles, programs, environment, derived, private_files)
     except env.EnvError as exc:
         raise EntrypointError(str(exc)) from None
 
@@ -291,6 +392,16 @@ def render_config(plan: Plan, run_dir: Path, workdir: Path) -> str:
         *(f"derived: {name}={value}" for name, value in sorted(plan.derived.items())),
     ]
     return supervisord.config_text(plan.programs, run_dir, workdir, comments)
+
+
+def write_private_files(plan: Plan) -> None:
+    """Write the plan's private files, readable by this user only."""
+    for path, text in plan.private_files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        path.chmod(0o600)  # an existing file keeps its mode through O_CREAT
 
 
 def _binary_of(command: Sequence[str]) -> str:
@@ -337,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(p.name == block for p in plan.programs):
             (data_dir / block).mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # A container restart keeps its files: etcd-auth's mark of the last start is not this one's.
+    (run_dir / ETCD_AUTH_DONE).unlink(missing_ok=True)
+    write_private_files(plan)
     conf = run_dir / "supervisord.conf"
     conf.write_text(text)
     log.info("ROLE=%s: %s", ",".join(plan.roles), ", ".join(p.name for p in plan.programs))

@@ -17,6 +17,12 @@
 # VLLM_HOST_IP, when neither given nor edited in the env files, is this machine's source
 # address towards the NATS server (a Ray worker: towards the Ray head).
 #
+# SECURE=1 (a fleet whose head runs with `make head SECURE=1`): TANDEM_SECRETS/node (default
+# /etc/tandem/secrets/node, a copy of the head's) is mounted read-only at /run/secrets, and
+# the node joins with the URLs `tandem infra secrets` printed (docs/security.md):
+#
+#   make prefill SECURE=1 NATS_SERVER=tls://tandem@10.0.0.1:4222 ETCD_ENDPOINTS=https://10.0.0.1:2379
+#
 # Environment: TANDEM_IMAGE (default tandem:latest), TANDEM_ENV_DIR (default env/),
 # TANDEM_MODEL_CACHE (default /var/lib/tandem/models), GPUS (docker run --gpus value,
 # default all; empty for none, as on a CPU build), DOCKER (the docker CLI).
@@ -42,7 +48,8 @@ value_of() {
 }
 
 overrides=()
-for var in NATS_SERVER ETCD_ENDPOINTS VLLM_HOST_IP CONFIG GRAPH RAY_ADDRESS VLLM_CPU_KVCACHE_SPACE; do
+for var in NATS_SERVER ETCD_ENDPOINTS VLLM_HOST_IP CONFIG GRAPH RAY_ADDRESS VLLM_CPU_KVCACHE_SPACE \
+    NATS_PASSWORD_FILE NATS_TLS_CA ETCD_USER ETCD_PASSWORD_FILE ETCD_TLS_CA; do
     if [ -n "${!var:-}" ]; then
         overrides+=(-e "$var=${!var}")
     fi
@@ -64,6 +71,14 @@ if [ -z "$host_ip" ] || [ "$host_ip" = THIS_NODE_IP ]; then
     overrides+=(-e "VLLM_HOST_IP=$host_ip")
 fi
 
+secrets=()
+if [ -n "${SECURE:-}" ]; then
+    # Checked here: docker would create a missing folder, and the node would join unsecured.
+    bundle=${TANDEM_SECRETS:-/etc/tandem/secrets}/node
+    [ -f "$bundle/ca.pem" ] || { echo "docker-node: SECURE is set but $bundle/ca.pem is missing: copy the head's node/ secrets there" >&2; exit 2; }
+    secrets+=(-v "$bundle:/run/secrets:ro")
+fi
+
 devices=()
 if [ -n "${GPUS-all}" ]; then
     devices+=(--gpus "${GPUS-all}")
@@ -77,6 +92,6 @@ exec $docker run -d --name "$name" --restart unless-stopped \
     --network host --ipc host --ulimit stack=67108864 \
     "${devices[@]}" \
     --env-file "$env_dir/common.env" --env-file "$env_dir/$role.env" "${overrides[@]}" \
-    -v "${TANDEM_MODEL_CACHE:-/var/lib/tandem/models}:/models" \
+    -v "${TANDEM_MODEL_CACHE:-/var/lib/tandem/models}:/models" "${secrets[@]}" \
     --stop-timeout 660 \
     "$image"

@@ -27,6 +27,9 @@ class Program:
     stop_as_group: bool = True
     # Programs of one group start and stop together: a service's replicas.
     group: str | None = None
+    # A step that runs once and exits 0 (EXITED, never restarted), such as turning etcd's
+    # auth on after etcd started; the health check looks for what it leaves behind instead.
+    one_shot: bool = False
 
 
 def nested_stop_wait_s(programs: int, stop_wait_s: int) -> int:
@@ -84,8 +87,8 @@ def config_text(programs: Sequence[Program], run_dir: Path, directory: Path, com
         stop_as_group = "true" if program.stop_as_group else "false"
         lines += [
             "autostart=true",
-            "autorestart=true",
-            "startsecs=1",
+            # startsecs=0: a one-shot that finishes within a second did not fail to start.
+            *(["autorestart=false", "startsecs=0"] if program.one_shot else ["autorestart=true", "startsecs=1"]),
             "stopsignal=TERM",
             f"stopwaitsecs={program.stop_wait_s}",
             f"stopasgroup={stop_as_group}",

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import etcd3aio
+import grpc.aio
+import nats
+import psutil
 import pytest
 import yaml
 
+from app.infra import write_appliance_secrets
 from app.launch.ports import free_port
+from app.protocol.names import ETCD_ROOT
+from app.runtime.connect import check_reachable
+from app.settings import RuntimeSettings
 from tests.waiting import answers_200
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -39,7 +49,22 @@ ENTRYPOINT_VARS = (
     "RAY_CPU_WORKERS",
     "TANDEM_ADVERTISE_HOST",
     "VLLM_NIXL_SIDE_CHANNEL_HOST",
+    "TANDEM_SECRETS_DIR",
+    "NATS_PASSWORD_FILE",
+    "NATS_TOKEN_FILE",
+    "NATS_CREDS_FILE",
+    "NATS_TLS_CA",
+    "NATS_TLS_CERT",
+    "NATS_TLS_KEY",
+    "ETCD_USER",
+    "ETCD_PASSWORD_FILE",
+    "ETCD_TLS_CA",
+    "ETCD_TLS_CERT",
+    "ETCD_TLS_KEY",
 )
+# Where no secrets are mounted (the plain fleet): not the default /run/secrets, which a test
+# machine might have.
+NO_SECRETS = "/nonexistent/tandem-secrets"
 REMOTE = {
     "CONFIG": CONFIG,
     "NATS_SERVER": "nats://10.0.0.1:4222",
@@ -53,6 +78,7 @@ def _env(**values: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ENTRYPOINT_VARS}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["TANDEM_PYTHON"] = sys.executable
+    env["TANDEM_SECRETS_DIR"] = NO_SECRETS
     env.update(values)
     return env
 
@@ -325,3 +351,222 @@ def test_compose_files_give_each_profile_its_env_files_and_gpus_only_on_gpu_node
     # Unlimited memlock (RDMA) on GPU nodes only: a host without CAP_SYS_RESOURCE refuses it.
     assert all(gpu["services"][name]["ulimits"]["memlock"] == -1 for name in roles if name not in ("infra", "frontend"))
     assert all("ulimits" not in cpu["services"][name] for name in roles)
+
+
+# --- the secure fleet: a secrets folder mounted at TANDEM_SECRETS_DIR ------------------------
+
+
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `tandem infra secrets DIR --host 10.0.0.1` writes (head/, node/, authority/)."""
+    folder = tmp_path_factory.mktemp("secrets")
+    write_appliance_secrets(folder, "10.0.0.1")
+    return folder
+
+
+def _passwords(folder: Path) -> list[str]:
+    names = ("nats-password", "etcd-password", "etcd-root-password")
+    return [(folder / name).read_text().strip() for name in names]
+
+
+def test_tandem_infra_secrets_writes_owner_only_bundles_and_prints_the_exports(tmp_path: Path) -> None:
+    owner = 10001 if os.getuid() == 0 else os.getuid()  # the image's user, where we may chown
+    tandem = str(Path(sys.executable).parent / "tandem")
+    result = subprocess.run(
+        [tandem, "infra", "secrets", str(tmp_path / "s"), "--host", "10.0.0.1", "--owner", str(owner)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert dict(line.split("=", 1) for line in result.stdout.splitlines()) == {
+        "NATS_SERVER": "tls://tandem@10.0.0.1:4222",
+        "NATS_PASSWORD_FILE": "/run/secrets/nats-password",
+        "NATS_TLS_CA": "/run/secrets/ca.pem",
+        "ETCD_ENDPOINTS": "https://10.0.0.1:2379",
+        "ETCD_USER": "tandem",
+        "ETCD_PASSWORD_FILE": "/run/secrets/etcd-password",
+        "ETCD_TLS_CA": "/run/secrets/ca.pem",
+    }
+    head, node = tmp_path / "s" / "head", tmp_path / "s" / "node"
+    # The CA's key signs whatever the fleet trusts: it stays in authority/, mounted nowhere.
+    assert (tmp_path / "s" / "authority" / "ca-key.pem").is_file()
+    assert not (head / "ca-key.pem").exists()
+    assert {p.name for p in node.iterdir()} == {"ca.pem", "nats-password", "etcd-password"}
+    assert {"nats.pem", "etcd.pem", "etcd-token-key.pem", "etcd-root-password"} <= {p.name for p in head.iterdir()}
+    for path in (head, node, *head.iterdir(), *node.iterdir()):
+        assert (path.stat().st_mode & 0o777, path.stat().st_uid) == (0o700 if path.is_dir() else 0o600, owner), path
+    assert _passwords(head)[:2] == [(node / n).read_text().strip() for n in ("nats-password", "etcd-password")]
+
+
+def test_secure_head_runs_nats_from_a_file_etcd_over_tls_and_turns_auth_on_once(secrets: Path, tmp_path: Path) -> None:
+    head, run = secrets / "head", tmp_path / "run"
+    result = _entrypoint("--dry-run", ROLE="head", TANDEM_SECRETS_DIR=str(head), TANDEM_RUN_DIR=str(run), **HEAD)
+    assert result.returncode == 0, result.stderr
+    programs = _programs(ROLE="head", TANDEM_SECRETS_DIR=str(head), TANDEM_RUN_DIR=str(run), **HEAD)
+    assert set(programs) == {"nats", "etcd", "etcd-auth", "tandem-graph"}
+    assert programs["nats"]["command"].endswith(f"nats-server -c {run}/nats.conf")
+    etcd = programs["etcd"]["command"]
+    assert "--listen-client-urls https://10.0.0.1:2379,https://127.0.0.1:2379" in etcd
+    assert f"--cert-file {head}/etcd.pem --key-file {head}/etcd-key.pem --auth-token jwt," in etcd
+    auth = programs["etcd-auth"]
+    assert auth["command"] == (
+        f"tandem infra enable-auth --secrets {head} --endpoint 127.0.0.1:2379 --done-file {run}/etcd-auth.done"
+    )
+    # Runs once, after etcd starts and before the graph (which retries until auth is on).
+    assert (auth["autorestart"], auth["startsecs"]) == ("false", "0")
+    assert int(programs["etcd"]["priority"]) < int(auth["priority"]) < int(programs["tandem-graph"]["priority"])
+    # The head's own programs dial it on loopback (in its certificate) with the folder's files.
+    for line in (
+        "NATS_SERVER=tls://tandem@127.0.0.1:4222",
+        f"NATS_PASSWORD_FILE={head}/nats-password",
+        f"NATS_TLS_CA={head}/ca.pem",
+        "ETCD_ENDPOINTS=https://127.0.0.1:2379",
+        "ETCD_USER=tandem",
+        f"ETCD_PASSWORD_FILE={head}/etcd-password",
+        f"ETCD_TLS_CA={head}/ca.pem",
+    ):
+        assert f"; derived: {line}\n" in result.stdout
+    assert not any(password in result.stdout for password in _passwords(head))
+    assert not run.exists()  # a dry run writes nothing, the NATS config included
+
+
+def test_secure_nodes_join_with_the_node_bundle_and_tls_urls_only(secrets: Path) -> None:
+    node = secrets / "node"
+    secure_remote = {
+        **REMOTE,
+        "NATS_SERVER": "tls://tandem@10.0.0.1:4222",
+        "ETCD_ENDPOINTS": "https://10.0.0.1:2379",
+        "TANDEM_SECRETS_DIR": str(node),
+    }
+    result = _entrypoint("--dry-run", ROLE="prefill", **secure_remote)
+    assert result.returncode == 0, result.stderr
+    assert f"; derived: NATS_PASSWORD_FILE={node}/nats-password\n" in result.stdout
+    assert f"; derived: ETCD_TLS_CA={node}/ca.pem\n" in result.stdout
+
+    # Plain URLs in a secure fleet: named before any connection is tried.
+    result = _entrypoint("--dry-run", ROLE="prefill", **{**secure_remote, "NATS_SERVER": "nats://10.0.0.1:4222"})
+    assert result.returncode == 2
+    assert "NATS_SERVER must use tls:// (e.g. tls://tandem@HEAD_NODE_IP:4222" in result.stderr
+    result = _entrypoint("--dry-run", ROLE="prefill", **{**secure_remote, "ETCD_ENDPOINTS": "http://10.0.0.1:2379"})
+    assert result.returncode == 2 and "ETCD_ENDPOINTS must use https://" in result.stderr
+    # The node bundle cannot run the head: its server certificates and keys are not there.
+    result = _entrypoint("--dry-run", ROLE="head", TANDEM_SECRETS_DIR=str(node), **HEAD)
+    assert result.returncode == 2
+    assert "nats.pem, nats-key.pem, etcd.pem, etcd-key.pem" in result.stderr and "head/" in result.stderr
+
+
+def test_secure_nats_and_etcd_refuse_clients_without_credentials_and_serve_the_fleet(tmp_path: Path) -> None:
+    """ROLE=nats,etcd with a secrets folder, under supervisord as in the container: healthy by
+    healthcheck.sh, no password on any command line, anonymous clients refused, the fleet's
+    exports connect."""
+    secrets = tmp_path / "secrets"
+    write_appliance_secrets(secrets, "127.0.0.1")
+    head, run = secrets / "head", tmp_path / "run"
+    nats_port, etcd_port = free_port(), free_port()
+    env = _env(
+        ROLE="nats,etcd",
+        ETCD_ADVERTISE_HOST="127.0.0.1",
+        NATS_PORT=str(nats_port),
+        NATS_MONITOR_PORT=str(free_port()),
+        ETCD_PORT=str(etcd_port),
+        ETCD_PEER_PORT=str(free_port()),
+        TANDEM_DATA_DIR=str(tmp_path / "data"),
+        TANDEM_RUN_DIR=str(run),
+        TANDEM_SECRETS_DIR=str(head),
+    )
+    proc = subprocess.Popen([str(ENTRYPOINT)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        healthcheck = [str(REPO_ROOT / "entrypoints" / "healthcheck.sh")]
+        while (health := subprocess.run(healthcheck, env=env, capture_output=True, timeout=30)).returncode != 0:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, health.stdout + health.stderr
+            time.sleep(0.3)
+        assert (run / "nats.conf").stat().st_mode & 0o777 == 0o600
+        command_lines = [" ".join(child.cmdline()) for child in psutil.Process(proc.pid).children(recursive=True)]
+        assert any("nats-server -c" in line for line in command_lines), command_lines
+        assert not any(password in line for password in _passwords(head) for line in command_lines)
+        asyncio.run(_anonymous_clients_are_refused(head, nats_port, etcd_port))
+        exports = {
+            "NATS_SERVER": f"tls://tandem@127.0.0.1:{nats_port}",
+            "NATS_PASSWORD_FILE": str(head / "nats-password"),
+            "NATS_TLS_CA": str(head / "ca.pem"),
+            "ETCD_ENDPOINTS": f"https://127.0.0.1:{etcd_port}",
+            "ETCD_USER": "tandem",
+            "ETCD_PASSWORD_FILE": str(head / "etcd-password"),
+            "ETCD_TLS_CA": str(head / "ca.pem"),
+            "TANDEM_CONNECT_TIMEOUT_S": "10",
+        }
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in exports.items():
+                patch.setenv(name, value)
+            asyncio.run(check_reachable(RuntimeSettings()))
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert (
+        "etcd-auth entered RUNNING state" in output.decode() and "exited: etcd-auth (exit status 0" in output.decode()
+    )
+
+
+async def _anonymous_clients_are_refused(head: Path, nats_port: int, etcd_port: int) -> None:
+    ca = ssl.create_default_context(cafile=str(head / "ca.pem"))
+    try:
+        await nats.connect(f"tls://127.0.0.1:{nats_port}", tls=ca, allow_reconnect=False, connect_timeout=5)
+    except nats.errors.Error as exc:
+        assert "Authorization Violation" in str(exc)
+    else:
+        raise AssertionError("NATS let a client without credentials in")
+    client = etcd3aio.Etcd3Client(
+        [f"127.0.0.1:{etcd_port}"], ca_cert=(head / "ca.pem").read_bytes(), tls_server_name="127.0.0.1"
+    )
+    await client.connect()
+    try:
+        assert client.kv is not None
+        with pytest.raises(grpc.aio.AioRpcError, match="user name is empty"):
+            await client.kv.get(ETCD_ROOT, etcd3aio.prefix_range_end(ETCD_ROOT.encode()), timeout=5)
+    finally:
+        await client.close()
+
+
+def test_secure_compose_override_mounts_head_or_node_secrets_read_only_on_every_profile() -> None:
+    compose_dir = REPO_ROOT / "compose"
+    secure = yaml.safe_load((compose_dir / "secure.yml").read_text())["services"]
+    # An override of either top-level file: the same services.
+    for top in ("docker-compose.yml", "docker-compose.cpu.yml"):
+        services = yaml.safe_load((compose_dir / top).read_text())["services"]
+        assert set(secure) == {name for name, spec in services.items() if "extends" in spec}
+    for name, spec in secure.items():
+        bundle = "head" if name in ("head", "infra") else "node"
+        assert spec == {"volumes": [f"${{TANDEM_SECRETS:-/etc/tandem/secrets}}/{bundle}:/run/secrets:ro"]}, name
+
+
+def test_common_env_secure_block_joins_a_secure_fleet(secrets: Path) -> None:
+    lines = (
+        (REPO_ROOT / "env" / "common.env")
+        .read_text()
+        .split("# A secure fleet", 1)[1]
+        .split("# EDIT", 1)[0]
+        .splitlines()
+    )
+    secure = dict(line.removeprefix("# ").split("=", 1) for line in lines if re.match(r"# [A-Z_]+=", line))
+    assert set(secure) == {
+        "NATS_SERVER",
+        "ETCD_ENDPOINTS",
+        "NATS_PASSWORD_FILE",
+        "NATS_TLS_CA",
+        "ETCD_USER",
+        "ETCD_PASSWORD_FILE",
+        "ETCD_TLS_CA",
+    }
+    node = str(secrets / "node")
+    edited = {k: v.replace("HEAD_NODE_IP", "10.0.0.1").replace("/run/secrets", node) for k, v in secure.items()}
+    assert all(Path(edited[name]).is_file() for name in ("NATS_PASSWORD_FILE", "NATS_TLS_CA", "ETCD_PASSWORD_FILE"))
+    result = _entrypoint("--dry-run", ROLE="prefill", **{**REMOTE, **edited, "TANDEM_SECRETS_DIR": node})
+    assert result.returncode == 0, result.stderr
+    assert "; derived: NATS" not in result.stdout and "; derived: ETCD" not in result.stdout
