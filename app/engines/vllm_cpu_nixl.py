@@ -11,7 +11,7 @@ Two things vLLM's NixlConnector does on CPU assume one engine per machine:
   side's 30 s KV lease ran out (docs/internals.md, "NIXL on vLLM's CPU build"). With the
   plugin the reserved core is the last of the engine's own OpenMP cores (OMP_PLACES or
   GOMP_CPU_AFFINITY, which vLLM sets from VLLM_CPU_OMP_THREADS_BIND); without such a
-  binding vLLM's choice stands.
+  binding it is the last of each NUMA node's cores that the process may run on.
 - The UCX progress thread. NIXL's Python agent hard-codes its poll delay to 0 µs
   (`pthrDelay = 0`): the thread busy-polls, a whole core per engine process even idle
   (measured here: 1 s user + 4 s system per 5 s idle, for each NixlConnector engine).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
 from typing import Any
 
@@ -85,7 +86,15 @@ def reserve_kv_core_within_engine_cores(platform_class: Any) -> None:
 
     def discover_numa_topology(cls: Any) -> list[list[int]]:
         cores = engine_cores()
-        return [cores] if cores else original()
+        if cores:
+            return [cores]
+        # Unbound (a vLLM worker that Ray started: vLLM binds only the workers it spawns
+        # itself), the engine still keeps to the cores it was given (taskset, a cpuset):
+        # vLLM's last core of each NUMA node put every rank of two Ray nodes sharing a
+        # machine on that one core (tests/multinode/test_disagg_ray_clusters.py).
+        allowed = os.sched_getaffinity(0)
+        groups = [[core for core in group if core in allowed] for group in original()]
+        return [group for group in groups if group] or original()
 
     discover_numa_topology._tandem_patched = True  # type: ignore[attr-defined]
     platform_class.discover_numa_topology = classmethod(discover_numa_topology)

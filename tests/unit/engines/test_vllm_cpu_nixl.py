@@ -107,5 +107,14 @@ def test_the_core_nixl_reserves_is_one_of_the_engines_own() -> None:
     cores = os.cpu_count()
     assert cores is not None
     assert cores - 1 in {max(group) for group in vllms_own}
-    assert unbound == vllms_own  # an engine without a core binding keeps vLLM's choice
+    assert unbound == vllms_own  # an engine without a core binding, free to run anywhere, keeps vLLM's choice
     assert bound == [[0]]  # an engine bound to core 0 reserves core 0, not the last one
+
+
+def test_an_unbound_engine_reserves_a_core_it_may_run_on() -> None:
+    """A Ray worker under `taskset -c 0` (vLLM binds no OpenMP cores there) keeps to core 0."""
+    argv = ["taskset", "-c", "0", sys.executable, "-c", KV_CORE_GROUPS]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, unbound, _ = json.loads(done.stdout.strip().splitlines()[-1])
+    assert unbound == [[0]]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from app.sdk.config import load_config
 from app.sdk.graph import import_components
@@ -70,3 +71,30 @@ def test_disagg_r1_decode_sends_long_prefills_to_the_prefill_cluster() -> None:
     decode = _worker("configs/multinode_disagg_r1.yaml", "VllmWorker")
     assert decode.remote_prefill
     assert "NixlConnector" in str(decode.engine_args["kv_transfer_config"])
+
+
+def _key_paths(section: object, prefix: str = "") -> set[str]:
+    if not isinstance(section, dict):
+        return set()
+    paths = set()
+    for key, value in section.items():
+        paths |= {f"{prefix}{key}", *_key_paths(value, f"{prefix}{key}.")}
+    return paths
+
+
+def test_the_cpu_disagg_ray_config_keeps_every_key_of_the_r1_disagg_config() -> None:
+    """configs/cpu-tiny-disagg-ray.yaml (what tests/multinode/test_disagg_ray_clusters.py
+    serves) is configs/mutinode_disagg_r1.yaml with small sizes: the same keys, less the
+    two that have no CPU meaning (a GPU count; a reasoning parser for a model that thinks)."""
+    r1 = yaml.safe_load((REPO / "configs/mutinode_disagg_r1.yaml").read_text())
+    cpu = yaml.safe_load((REPO / "configs/cpu-tiny-disagg-ray.yaml").read_text())
+    not_on_cpu = {"reasoning-parser", "resources"}
+    assert set(cpu) == set(r1)
+    for name, section in r1.items():
+        wanted = {path for path in _key_paths(section) if not not_on_cpu & set(path.split("."))}
+        assert wanted <= _key_paths(cpu[name]), (name, wanted - _key_paths(cpu[name]))
+        shared = set(section.get("common-configs", [])) - not_on_cpu
+        assert shared <= set(cpu[name].get("common-configs", [])), name
+    # Each engine larger than one node of the scenario: one rank on each of its cluster's two nodes.
+    assert cpu["Common"]["tensor-parallel-size"] == 2
+    assert cpu["Common"]["distributed-executor-backend"] == r1["Common"]["distributed-executor-backend"] == "ray"
