@@ -37,6 +37,7 @@ GPU_BLOCKS = doc_blocks(
     "readme-prefill-workers-405b",
     "readme-ray-r1",
     "readme-containers",
+    "readme-containers-secure",
     "multinode-head-infra",
     "multinode-join-exports",
     "multinode-advertise-host",
