@@ -56,9 +56,12 @@ class RuntimeFleetFeed(FleetFeed):
         return int(record.metadata["block_size"])
 
     def _record(self, models: dict[str, list[ModelRecord]]) -> ModelRecord | None:
+        """A record of the configured model. Configs pass it the Common section's `model`, a
+        path or a hub id, while records are named by the served name: either matches."""
         for name, records in models.items():
-            if records and self._model in ("", name):
-                return records[0]
+            for record in records:
+                if self._model in ("", name) or self._model == record.metadata.get("model_path"):
+                    return record
         return None
 
     async def follow(self, listener: FleetListener, configured_policy: LivePolicy) -> None:

@@ -152,3 +152,26 @@ async def test_a_replica_routes_a_request_among_the_workers_of_its_model_only(ma
     with pytest.raises(NoWorkerError, match="model `model-b`"):
         router.route("b2", cached, model="model-b")
     await router.close()
+
+
+async def test_a_replica_without_a_block_size_takes_its_models_by_name_or_by_path(make_runtime: MakeRuntime) -> None:
+    """The shipped configs hand a Router the Common section's `model`, a path, while the
+    workers' records are named by the served name: the path must find them too."""
+    worker = await make_runtime()
+    metadata = {"block_size": 16, "model_path": "/models/tiny-llama"}
+    await worker.discovery.register_model(
+        ModelRecord(
+            name="tiny-llama",
+            instance_id=worker.instance_id,
+            service=names.VLLM_WORKER,
+            endpoint=names.GENERATE,
+            metadata=metadata,
+        )
+    )
+    for model in ("tiny-llama", "/models/tiny-llama"):
+        runtime = await make_runtime()
+        workers = runtime.client(names.VLLM_WORKER, names.GENERATE)
+        router = router_replica(runtime, RouterConfig(policy="kv", model=model), workers, replica=0)
+        await asyncio.wait_for(router.start(), 10)
+        assert router.core.block_size == 16, model
+        await router.close()
