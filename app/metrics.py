@@ -23,12 +23,23 @@ def replica_port(base_port: int | None, replica: int) -> int | None:
     return None if base_port is None else base_port + replica
 
 
+class _MetricsServer:
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def shutdown(self) -> None:
+        """Stop serving and free the port: prometheus_client's server only stops on its own
+        `shutdown`, holding the port, so that a restarted router replica could not bind it."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
 def serve_metrics(registry: CollectorRegistry, port: int | None) -> Any:
     """Start the /metrics server (a daemon thread) on `port`; the server to `shutdown()`, or None."""
     if port is None:
         return None
     server, _ = prometheus_client.start_http_server(port, registry=registry)
-    return server
+    return _MetricsServer(server)
 
 
 class CounterView(Collector):

@@ -131,6 +131,7 @@ class RouterReplica:
         await cancel_and_wait(self._reporting)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server = None
         await self._feed.close()
 
     # --- requests -------------------------------------------------------------------------

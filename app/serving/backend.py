@@ -27,6 +27,9 @@ class Processing(Protocol):
 
     async def detokenize(self, request: DetokenizeRequest) -> str: ...
 
+    def is_ready(self) -> bool:
+        """Whether it can serve generation now, models aside."""
+
 
 class FleetBackend:
     """app.openai's Backend: models from etcd's model records, the rest by `processing`.
@@ -47,6 +50,7 @@ class FleetBackend:
         pipeline_model: str | None = None,
     ) -> None:
         self._models = models
+        self._processing = processing
         self.generate = processing.generate
         self.tokenize = processing.tokenize
         self.detokenize = processing.detokenize
@@ -74,7 +78,9 @@ class FleetBackend:
         return cards
 
     def is_ready(self) -> bool:
-        return bool(self.list_models())
+        """/health: a worker serves a model of ours, and the pipeline can route to it (an
+        embedded router replica that could not start yet cannot)."""
+        return bool(self.list_models()) and self._processing.is_ready()
 
 
 class LocalProcessing:
@@ -88,6 +94,9 @@ class LocalProcessing:
     def generate(self, kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
         return self._pipeline.generate(request, request_id)
 
+    def is_ready(self) -> bool:
+        return self._pipeline.is_ready()
+
 
 class RemoteProcessing:
     """The Processor services, over NATS: each of their endpoints gets the request body as it came."""
@@ -98,6 +107,11 @@ class RemoteProcessing:
         self._generators = {"chat": chat, "completion": completions}
         self._tokenize = tokenize
         self._detokenize = detokenize
+
+    def is_ready(self) -> bool:
+        # The Processors' own routing is theirs to answer for: a request that reaches one
+        # that cannot route gets its 503.
+        return True
 
     async def generate(self, kind: RequestKind, request: OpenAIRequest, request_id: str) -> AsyncIterator[StreamItem]:
         stream = self._generators[kind].stream(

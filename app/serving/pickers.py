@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 # How long a pick waits for what it needs to appear (a Router instance, the embedded
 # router's start): covers a restart under supervisord, not a fleet that is not there.
 START_WAIT_S = 5.0
+# An embedded router replica that failed to start tries again after this, doubling to the
+# most: etcd or NATS away for a moment must not leave the Frontend without routing.
+_RESTART_FIRST_S, _RESTART_MOST_S = 0.5, 10.0
 
 Spread = Literal["round-robin", "random"]
 
@@ -71,6 +75,11 @@ class WorkerPicker(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027
         pass
+
+    def is_ready(self) -> bool:
+        """Whether it can pick at all now (the Frontend's /health): a router replica that has
+        not started yet cannot."""
+        return True
 
 
 class ModelInstances(Protocol):
@@ -201,15 +210,41 @@ class ReplicaPicker(WorkerPicker):
     """A router replica in this process: no NATS round trip per request; the replica
     accounts for its placements and shares them with the other replicas itself."""
 
-    def __init__(self, replica: RouterReplica) -> None:
+    def __init__(self, replica: RouterReplica, restart_first_s: float = _RESTART_FIRST_S) -> None:
         self._replica = replica
+        self._restart_first_s = restart_first_s
         self._started: asyncio.Task[None] | None = None
+        self._last_failure = ""
 
     async def start(self) -> None:
         # Without a block size in its config the replica learns it from the first worker's
         # model record: in the background, so that the Frontend serves /health meanwhile.
-        self._started = asyncio.create_task(self._replica.start(), name="router-replica-start")
-        self._started.add_done_callback(_log_start_failure)
+        self._started = asyncio.create_task(self._start_until_up(), name="router-replica-start")
+
+    async def _start_until_up(self) -> None:
+        """Start the replica, again after each failure (backing off), until it is up."""
+        delay = self._restart_first_s
+        while True:
+            try:
+                await self._replica.start()
+                if self._last_failure:
+                    log.info("the router replica started after all")
+                return
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+                if failure != self._last_failure:  # once per kind of failure, not once a retry
+                    log.error(
+                        "the router replica could not start (%s); retrying every %gs at most", failure, _RESTART_MOST_S
+                    )
+                self._last_failure = failure
+            # What a failed start left open (subscriptions, its metrics server) goes first.
+            with contextlib.suppress(Exception):
+                await self._replica.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESTART_MOST_S)
+
+    def is_ready(self) -> bool:
+        return self._started is not None and self._started.done() and not self._started.cancelled()
 
     async def pick(self, request: PreprocessedRequest, exclude: Sequence[str]) -> Placement:
         assert self._started is not None, "pick before start()"
@@ -217,8 +252,8 @@ class ReplicaPicker(WorkerPicker):
             try:
                 await asyncio.wait_for(asyncio.shield(self._started), START_WAIT_S)
             except TimeoutError:
-                raise NoWorkerError("the router has not started yet (no worker's model record)") from None
-        self._started.result()  # re-raises why it could not start
+                why = self._last_failure or "no worker's model record yet"
+                raise NoWorkerError(f"the router has not started yet ({why})") from None
         decision = self._replica.route(request.request_id, request.token_ids, exclude, model=request.model)
         return _ReplicaAccounted(decision, request.request_id, self._replica)
 
@@ -227,11 +262,6 @@ class ReplicaPicker(WorkerPicker):
             self._started.cancel()
             await asyncio.gather(self._started, return_exceptions=True)
             await self._replica.close()
-
-
-def _log_start_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the router replica could not start; requests fail until a restart", exc_info=task.exception())
 
 
 def create_picker(

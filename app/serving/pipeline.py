@@ -93,6 +93,10 @@ class RequestPipeline:
     async def close(self) -> None:
         await self._picker.close()
 
+    def is_ready(self) -> bool:
+        """Whether it can route requests now (an embedded router replica may still start)."""
+        return self._picker.is_ready()
+
     async def tokenize(self, request: TokenizeRequest) -> Tokenized:
         assert self._preprocessor is not None, "request before start()"
         if _prompt_chars(request) <= INLINE_PREPROCESS_CHARS:

@@ -29,6 +29,8 @@ def _record(name: str, instance_id: str, max_model_len: int) -> ModelRecord:
 
 
 class _NoProcessing:
+    ready = True
+
     def generate(self, *args: Any) -> Any:
         raise NotImplementedError
 
@@ -37,6 +39,9 @@ class _NoProcessing:
 
     async def detokenize(self, request: Any) -> str:
         raise NotImplementedError
+
+    def is_ready(self) -> bool:
+        return self.ready
 
 
 def _backend(
@@ -50,6 +55,15 @@ def test_a_models_length_is_its_shortest_workers() -> None:
     backend = _backend({"tiny": [_record("tiny", "a", 4096), _record("tiny", "b", 2048)], "gone": []})
     assert backend.list_models() == [ModelCard(id="tiny", max_model_len=2048, root="/models/tiny")]
     assert backend.is_ready()
+
+
+def test_it_is_not_ready_while_its_pipeline_cannot_route() -> None:
+    """/health: an embedded router replica that has not started is no Frontend to send to."""
+    backend = _backend({"tiny": [_record("tiny", "a", 64)]})
+    processing = backend._processing
+    assert isinstance(processing, _NoProcessing)
+    processing.ready = False
+    assert backend.list_models() and not backend.is_ready()
 
 
 def test_served_model_name_limits_the_list() -> None:

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
@@ -215,6 +216,47 @@ async def test_the_replica_in_process_accounts_for_each_placement(tiny_model: Pa
         ("prefill_done", "r5"),
         ("finished", "r5"),
     ]
+
+
+class FlakyReplica(FakeReplica):
+    """A replica whose first starts fail (etcd or NATS away), as an embedded one's may."""
+
+    def __init__(self, workers: FakeWorkers, failures: int) -> None:
+        super().__init__(workers)
+        self.failures = failures
+        self.starts = self.closes = 0
+        self.release = asyncio.Event()
+
+    async def start(self) -> None:
+        self.starts += 1
+        if self.starts <= self.failures:
+            if self.starts == self.failures:
+                await self.release.wait()  # the test looks while it still fails
+            raise ConnectionError("etcd unreachable")
+
+    async def close(self) -> None:
+        self.closes += 1
+
+
+async def test_a_router_replica_that_fails_to_start_is_retried_and_unready_meanwhile(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [1, 2]})
+    replica = FlakyReplica(workers, failures=3)
+    picker = ReplicaPicker(replica, restart_first_s=0.01)
+    pipeline = await _pipeline(tiny_model, picker, workers)
+    async with asyncio.timeout(5):
+        while replica.starts < 3:
+            await asyncio.sleep(0.01)
+    # Meanwhile /health says so (FleetBackend.is_ready), and a request gets 503 naming why.
+    assert not pipeline.is_ready()
+    with patch("app.serving.pickers.START_WAIT_S", 0.05), pytest.raises(NoWorkerError, match="etcd unreachable"):
+        await _complete(pipeline)
+    replica.release.set()
+    async with asyncio.timeout(5):
+        while not pipeline.is_ready():
+            await asyncio.sleep(0.01)
+    assert replica.starts == 4 and replica.closes == 3  # each failed start cleaned up first
+    _, worker = await _complete(pipeline)
+    assert worker == "w1"
 
 
 async def test_spreading_takes_only_the_workers_of_the_requests_model(tiny_model: Path) -> None:
