@@ -60,6 +60,14 @@ _RESUBSCRIBE_POLL_S = 0.1
 _PROOF_OF_LIFE_S = 1.5 * wire.HEARTBEAT_S
 _NATS_STATUS = "Status"
 _NO_RESPONDERS_STATUS = "503"
+# A callee cancels a call whose caller's inbox has no subscriber for this many heartbeats
+# in a row (its process is gone): not for one, which a caller reconnecting to NATS (it
+# subscribes again within a second) could cause.
+_CALLER_GONE_AFTER = 3
+
+
+def _is_no_responders(msg: Msg) -> bool:
+    return not msg.data and msg.headers is not None and msg.headers.get(_NATS_STATUS) == _NO_RESPONDERS_STATUS
 
 
 class RequestContext:
@@ -94,11 +102,20 @@ class ServedEndpoint:
         self._heartbeats: asyncio.Task[None] | None = None
         # Keyed by the caller's reply subject: unique per call, unlike request ids.
         self._inflight: dict[str, tuple[asyncio.Task[None], RequestContext]] = {}
+        # Each call's heartbeats carry a reply subject of this endpoint's own (`_on_probe`):
+        # what answers there says the caller is gone. By token, and the token of each call.
+        self._probe_prefix = names.inbox_prefix(uuid.uuid4().hex)
+        self._probe_sub: Subscription | None = None
+        self._probe_tokens = itertools.count()
+        self._token_of: dict[str, str] = {}
+        self._reply_of: dict[str, str] = {}
+        self._missed: dict[str, tuple[float, int]] = {}  # token -> (last no-responders, how many in a row)
         # Calls the end of a drain cancelled (not their callers): they get an error frame.
         self._cut_off: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._control_sub = await self._nc.subscribe(names.control_subject(self.record.subject), cb=self._on_control)
+        self._probe_sub = await self._nc.subscribe(self._probe_prefix + "*", cb=self._on_probe)
         self._requests_sub = await self._nc.subscribe(self.record.subject, cb=self._on_request)
         await confirm_subscriptions(self._nc)
         await self._discovery.register(self._key, self.record)
@@ -108,9 +125,36 @@ class ServedEndpoint:
     async def _send_heartbeats(self) -> None:
         while True:
             await asyncio.sleep(wire.HEARTBEAT_S)
-            for reply in list(self._inflight):
+            for reply, token in list(self._token_of.items()):
                 with contextlib.suppress(NatsError):
-                    await self._nc.publish(reply, wire.HEARTBEAT)
+                    await self._nc.publish(reply, wire.HEARTBEAT, reply=self._probe_prefix + token)
+
+    async def _on_probe(self, msg: Msg) -> None:
+        """What answered a heartbeat: NATS, where the caller's inbox has no subscriber (its
+        process is gone, or for a moment reconnecting), or the caller, for a call it no longer
+        awaits (its cancel was lost). Either way nobody reads the call's frames: it is
+        cancelled, as a caller's cancel does, so its engine work stops."""
+        token = msg.subject[len(self._probe_prefix) :]
+        reply = self._reply_of.get(token)
+        entry = self._inflight.get(reply) if reply is not None else None
+        if entry is None:
+            return
+        if msg.data == wire.CALL_GONE:
+            why = "its caller no longer awaits it"
+        elif _is_no_responders(msg):
+            now = time.monotonic()
+            last, missed = self._missed.get(token, (now, 0))
+            missed = missed + 1 if now - last <= 1.5 * wire.HEARTBEAT_S else 1
+            self._missed[token] = (now, missed)
+            if missed < _CALLER_GONE_AFTER:
+                return
+            why = f"its caller's inbox has had no subscriber for {missed} heartbeats"
+        else:
+            return
+        task, ctx = entry
+        log.info("request %s: cancelled: %s", ctx.request_id, why)
+        ctx.cancelled.set()
+        task.cancel()
 
     async def withdraw(self) -> None:
         """Leave discovery now, still answering: callers stop picking this instance at once.
@@ -166,6 +210,10 @@ class ServedEndpoint:
         if self._control_sub is not None:
             await self._control_sub.unsubscribe()
             self._control_sub = None
+        if self._probe_sub is not None:
+            with contextlib.suppress(NatsError):
+                await self._probe_sub.unsubscribe()
+            self._probe_sub = None
         log.info("stopped serving %s/%s", self.record.service, self.record.endpoint)
 
     async def _on_request(self, msg: Msg) -> None:
@@ -181,9 +229,16 @@ class ServedEndpoint:
             return
         ctx = RequestContext(envelope.request_id)
         task = asyncio.create_task(self._handle(msg.reply, envelope.payload, ctx))
-        self._inflight[msg.reply] = (task, ctx)
-        reply = msg.reply
-        task.add_done_callback(lambda _: self._inflight.pop(reply, None))
+        reply, token = msg.reply, format(next(self._probe_tokens), "x")
+        self._inflight[reply] = (task, ctx)
+        self._token_of[reply], self._reply_of[token] = token, reply
+        task.add_done_callback(lambda _: self._forget(reply, token))
+
+    def _forget(self, reply: str, token: str) -> None:
+        self._inflight.pop(reply, None)
+        self._token_of.pop(reply, None)
+        self._reply_of.pop(token, None)
+        self._missed.pop(token, None)
 
     async def _on_control(self, msg: Msg) -> None:
         entry = self._inflight.get(msg.data.decode())
@@ -360,11 +415,15 @@ class ReplyRouter:
     async def _on_reply(self, msg: Msg) -> None:
         call = self._calls.get(msg.subject[len(self._prefix) :])
         if call is None:
+            if msg.reply and msg.data == wire.HEARTBEAT:
+                # The callee still runs a call this process gave up (its cancel was lost).
+                with contextlib.suppress(NatsError):
+                    await self._nc.publish(msg.reply, wire.CALL_GONE)
             return  # a late frame of a call already given up
         call.heard_at = time.monotonic()
         if msg.data == wire.HEARTBEAT:
             return
-        if not msg.data and msg.headers and msg.headers.get(_NATS_STATUS) == _NO_RESPONDERS_STATUS:
+        if _is_no_responders(msg):
             call.queue.put_nowait(_NO_RESPONDERS)
         else:
             call.queue.put_nowait(msg.data)

@@ -25,6 +25,9 @@ FRAME_LAST = 0x4C  # "L": a msgpack array of streamed items, then the handler fi
 FRAME_END = 0x45  # "E": the handler finished
 FRAME_ERROR = 0x58  # "X": the handler raised; body is an ErrorBody (code, message)
 FRAME_HEARTBEAT = 0x48  # "H": the handler still runs (every HEARTBEAT_S while it does)
+# The caller's answer to a heartbeat of a call it no longer awaits (the heartbeat carries a
+# reply subject for it): the callee cancels the call.
+FRAME_CALL_GONE = 0x47  # "G"
 
 # How often a callee tells each of its callers that their calls still run: a caller whose
 # callee's record left discovery goes on with a call it still hears from (etcd lost the
@@ -37,6 +40,7 @@ MAX_BATCH_BYTES = 64 * 1024
 
 ACCEPTED = bytes([FRAME_ACCEPTED])
 HEARTBEAT = bytes([FRAME_HEARTBEAT])
+CALL_GONE = bytes([FRAME_CALL_GONE])
 END = bytes([FRAME_END])
 DATA_PREFIX = bytes([FRAME_DATA])
 ERROR_PREFIX = bytes([FRAME_ERROR])

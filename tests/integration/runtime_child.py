@@ -4,6 +4,8 @@
   serve             serves `Child/whoami` (yields its pid) and `Child/ticks` (yields
                     forever), then prints `ready <instance_id>`
   consume QUEUE     pulls one job from QUEUE, prints `got <job>` and never acks it
+  stream S E        calls endpoint E of service S as a stream, prints `streaming` at its
+                    first item, and reads no more
 
 then waits to be killed.
 """
@@ -45,6 +47,10 @@ async def main(mode: str, args: list[str]) -> None:
         while job is None:
             job = await queue.pull(timeout=1.0)
         sys.stdout.write(f"got {job.data}\n")
+    elif mode == "stream":
+        stream = runtime.client(args[0], args[1]).stream({})
+        await anext(stream)
+        sys.stdout.write("streaming\n")
     sys.stdout.flush()
     await asyncio.Event().wait()
 
