@@ -7,13 +7,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from app.doctor.cli import fleet_checks
 from app.doctor.gather import gather_fleet
-from app.protocol import PREFILL_ACK_WAIT_S, KvEventBatch, LoadReport, ProcessRecord, names
+from app.infra import EtcdServer, NatsServer
+from app.launch.ports import free_port
+from app.protocol import PREFILL_ACK_WAIT_S, KvEventBatch, LoadReport, ModelInfo, ModelRecord, ProcessRecord, names
 from app.runtime import Runtime
+from app.settings import RuntimeSettings
 
 MakeRuntime = Callable[..., Awaitable[Runtime]]
 PREFILL_CLOCK_AHEAD_S = 5.0
@@ -93,3 +100,42 @@ async def test_a_fleet_is_read_back_as_published_and_its_faults_are_found(make_r
         reach.message
     )
     assert checks["versions"].ok  # neither stand-in says a version: the same "unknown"
+
+
+class SmallPayloadNats(NatsServer):
+    """nats-server told, by its config file, to take messages of 64 KiB at most."""
+
+    def command(self) -> list[str]:
+        config = self.state_dir / "small-payload.conf"
+        config.write_text("max_payload: 65536\n")
+        return [*super().command(), "-c", str(config)]
+
+
+async def test_a_nats_server_whose_max_payload_is_below_a_models_requests_fails_the_check(
+    tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    nats = SmallPayloadNats("127.0.0.1", free_port(), free_port(), tmp_path / "nats")
+    nats.start()
+    try:
+        settings = RuntimeSettings(
+            nats_server=nats.url, etcd_endpoints=etcd_server.url, namespace=f"p{uuid.uuid4().hex[:8]}"
+        )
+        async with await Runtime.connect(settings) as worker, await Runtime.connect(settings) as doctor:
+            info = ModelInfo(name="long", max_model_len=32768, block_size=16, model_path="/models/long")
+            await worker.discovery.register_model(
+                ModelRecord(
+                    name="long",
+                    instance_id=worker.instance_id,
+                    service=names.VLLM_WORKER,
+                    endpoint=names.GENERATE,
+                    metadata=msgspec.to_builtins(info),
+                )
+            )
+            fleet = await gather_fleet(doctor, listen_s=0.2)
+        checks = {c.name: c for c in await fleet_checks(fleet, clock_margin_s=3.0, connect_timeout_s=2.0)}
+    finally:
+        nats.stop()
+    assert fleet.max_payload == 65536  # what the server told the connection
+    check = checks["nats-max-payload"]
+    assert not check.ok, check
+    assert "model 'long' takes prompts of 32768 tokens" in check.message and "max_payload" in check.message
