@@ -504,6 +504,14 @@ class EndpointClient:
         `wait_for_instances`)."""
         return list(self._ids)
 
+    def suspects(self) -> list[str]:
+        """Instances that did not answer a call lately (no subscriber for their subject, no
+        accept in time) while their record lives: likely dead, not yet out of etcd."""
+        if not self._suspects:
+            return []
+        now = time.monotonic()
+        return [instance_id for instance_id, until in self._suspects.items() if until > now]
+
     async def watch(self, on_change: Callable[[str, InstanceRecord | None], None] | None = None) -> list[str]:
         """Start following the endpoint's instances now; the live ids so far.
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from app.errors import WorkerUnavailableError
+from app.errors import NoWorkerError, WorkerUnavailableError
 from app.metrics import CounterView
 from app.openai.backend import Tokenized
 from app.openai.schema import (
@@ -198,6 +198,19 @@ class RequestPipeline:
             log.info("%s: not migrated (%s)", request.request_id, reason)
             raise error
 
+    async def _pick_avoiding_suspects(self, request: PreprocessedRequest, failed: list[str]) -> Placement:
+        """A worker for the request, none of `failed`, and none of the workers that did not
+        answer a call lately (a crashed one whose record outlives it by up to the lease TTL)
+        while another can take it: a router would otherwise keep picking a dead worker that
+        holds the request's prefix, each time costing the request a failed try."""
+        suspects = self._workers.suspects()
+        if not suspects:
+            return await self._picker.pick(request, failed)
+        try:
+            return await self._picker.pick(request, [*failed, *suspects])
+        except NoWorkerError:
+            return await self._picker.pick(request, failed)  # only suspects are left: try them
+
     async def _stream_from_a_worker(
         self, request: PreprocessedRequest, exclude: Sequence[str] = ()
     ) -> tuple[Placement, EngineOutput | None, AsyncGenerator[EngineOutput, None]]:
@@ -212,7 +225,7 @@ class RequestPipeline:
             await self._workers.wait_for_instances(timeout=START_WAIT_S)
         failed: list[str] = list(exclude)
         while True:
-            placement = await self._picker.pick(request, failed)
+            placement = await self._pick_avoiding_suspects(request, failed)
             outputs = self._workers.stream(
                 request, target=placement.worker_id, response_type=EngineOutput, request_id=request.request_id
             )

@@ -258,3 +258,25 @@ async def test_a_watch_or_keep_alive_that_ends_on_an_unexpected_error_fails_the_
         while len(failures) < 2:
             await asyncio.sleep(0.02)
     assert failures[1] == "background task etcd-lease-keepalive ended: RuntimeError('keep-alive bug')"
+
+
+async def test_an_instance_that_died_is_a_suspect_while_its_record_outlives_it(
+    make_runtime: MakeRuntime, runtime_settings: RuntimeSettings
+) -> None:
+    """What the Processor pipeline avoids picking (app/serving/pipeline.py): a record whose
+    process is gone answers with no-responders until its lease runs out."""
+    caller = await make_runtime()
+    client = caller.client("Child", "whoami")
+    child = await Child.start(runtime_settings, "serve", lease_ttl_s=30)
+    try:
+        instance_id = (await child.read_line()).split()[1]
+        await client.wait_for_instances(timeout=5)
+        assert client.suspects() == []
+        child.proc.kill()
+        await child.proc.wait()
+        assert client.instance_ids() == [instance_id]  # the record lives on
+        with pytest.raises(InstanceGoneError):
+            await client.call(None, target=instance_id)
+        assert client.suspects() == [instance_id]
+    finally:
+        await child.kill()

@@ -44,6 +44,9 @@ class CountingWorkers:
     async def watch(self) -> list[str]:
         return self.ids
 
+    def suspects(self) -> list[str]:
+        return []
+
     async def wait_for_instances(self, timeout: float = 30.0) -> list[Any]:
         return []
 

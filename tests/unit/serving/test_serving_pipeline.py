@@ -40,6 +40,9 @@ class FakeEndpointClient(ABC):
     async def watch(self) -> list[str]:
         return self.instance_ids()
 
+    def suspects(self) -> list[str]:
+        return []
+
     async def wait_for_instances(self, timeout: float = 30.0) -> list[Any]:
         if not self.instance_ids():
             raise NoInstancesError(f"no instance of {self.endpoint} appeared within {timeout:g}s")
@@ -56,9 +59,13 @@ class FakeWorkers(FakeEndpointClient):
         self.tokens = tokens
         self.failing = failing or {}
         self.calls: list[str] = []
+        self.suspected: list[str] = []  # as the runtime's client marks workers that did not answer
 
     def instance_ids(self) -> list[str]:
         return sorted(self.tokens)
+
+    def suspects(self) -> list[str]:
+        return list(self.suspected)
 
     async def stream(self, request: PreprocessedRequest, target: str, **_: Any) -> AsyncIterator[EngineOutput]:
         self.calls.append(target)
@@ -257,6 +264,17 @@ async def test_a_router_replica_that_fails_to_start_is_retried_and_unready_meanw
     assert replica.starts == 4 and replica.closes == 3  # each failed start cleaned up first
     _, worker = await _complete(pipeline)
     assert worker == "w1"
+
+
+async def test_a_worker_that_did_not_answer_lately_is_picked_only_when_no_other_is_left(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [1, 2], "w2": [3, 4]})
+    replica = FakeReplica(workers)  # routes to the first live worker not excluded: w1
+    pipeline = await _pipeline(tiny_model, ReplicaPicker(replica), workers)
+    workers.suspected = ["w1"]  # its record outlives its crash
+    assert (await _complete(pipeline, "r1"))[1] == "w2"
+    assert workers.calls == ["w2"]  # no try on the dead one first
+    del workers.tokens["w2"]
+    assert (await _complete(pipeline, "r2"))[1] == "w1"  # the only one left: tried after all
 
 
 async def test_spreading_takes_only_the_workers_of_the_requests_model(tiny_model: Path) -> None:
