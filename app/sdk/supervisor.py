@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app import env
 from app.launch.devices import DeviceAssignment, DeviceRequest, NodeDevices, assign_devices
-from app.launch.processes import die_with_parent
+from app.launch.processes import with_parent_death_signal
 from app.launch.supervisord import Program, config_text, supervisord_binary
 from app.sdk.config import GraphConfig
 from app.sdk.graph_watch import GraphWatch
@@ -119,10 +119,10 @@ def run_supervisord(services: Sequence[ServiceProcesses], watch: GraphWatch | No
         _append_to_regular_stdout()
         # If this process dies by SIGKILL, supervisord gets the SIGTERM it would have
         # forwarded and stops every program; never a fleet of orphans.
-        child = subprocess.Popen([supervisord_binary(), "-n", "-c", str(conf)], preexec_fn=die_with_parent)
+        child = subprocess.Popen(with_parent_death_signal([supervisord_binary(), "-n", "-c", str(conf)]))
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
-        # Only now: a thread running while Popen forks would make its preexec_fn unsafe.
+        # Only now, after supervisord is started: the watch's thread runs gRPC.
         if watch is not None:
             watch.start(child.pid)
         try:
