@@ -109,7 +109,8 @@ class ServedEndpoint:
         self._probe_tokens = itertools.count()
         self._token_of: dict[str, str] = {}
         self._reply_of: dict[str, str] = {}
-        self._missed: dict[str, tuple[float, int]] = {}  # token -> (last no-responders, how many in a row)
+        # token -> (first and last no-responders of the streak, how many in it)
+        self._missed: dict[str, tuple[float, float, int]] = {}
         # Calls the end of a drain cancelled (not their callers): they get an error frame.
         self._cut_off: set[asyncio.Task[None]] = set()
 
@@ -143,12 +144,16 @@ class ServedEndpoint:
             why = "its caller no longer awaits it"
         elif _is_no_responders(msg):
             now = time.monotonic()
-            last, missed = self._missed.get(token, (now, 0))
-            missed = missed + 1 if now - last <= 1.5 * wire.HEARTBEAT_S else 1
-            self._missed[token] = (now, missed)
-            if missed < _CALLER_GONE_AFTER:
+            first, last, missed = self._missed.get(token, (now, now, 0))
+            if now - last > 1.5 * wire.HEARTBEAT_S:  # heard between: a new streak
+                first, missed = now, 0
+            missed += 1
+            self._missed[token] = (first, now, missed)
+            # Over heartbeats' worth of time too, not just their count: after a NATS outage the
+            # reconnect buffer sends a burst of them, before the caller has subscribed again.
+            if missed < _CALLER_GONE_AFTER or now - first < (_CALLER_GONE_AFTER - 1.5) * wire.HEARTBEAT_S:
                 return
-            why = f"its caller's inbox has had no subscriber for {missed} heartbeats"
+            why = f"its caller's inbox has had no subscriber for {now - first:.1f} s"
         else:
             return
         task, ctx = entry

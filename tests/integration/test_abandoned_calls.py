@@ -92,3 +92,23 @@ async def test_a_live_callers_long_call_is_left_running(make_runtime: MakeRuntim
     await asyncio.sleep((requests_module._CALLER_GONE_AFTER + 2) * wire.HEARTBEAT_S)
     assert not handler.cancelled.is_set()
     await stream.aclose()
+
+
+async def test_a_burst_of_no_responders_as_after_a_nats_outage_cancels_nothing(make_runtime: MakeRuntime) -> None:
+    """After an outage the callee's reconnect buffer may send several heartbeats at once,
+    before the caller has subscribed again: NATS answers each with no-responders within
+    milliseconds. That is no caller gone: the streak must span heartbeats' worth of time."""
+    callee, caller = await make_runtime(), await make_runtime()
+    handler = Forever()
+    served = await callee.serve_endpoint("Abandoned", "work", handler)
+    client = caller.client("Abandoned", "work")
+    await client.wait_for_instances(timeout=10)
+    stream = client.stream({})
+    assert await anext(stream) == 0
+    ((_, token),) = served._token_of.items()
+    for _ in range(requests_module._CALLER_GONE_AFTER + 2):  # to a subject nobody subscribes to
+        await callee._nc.publish("nobody.listens.here", wire.HEARTBEAT, reply=served._probe_prefix + token)
+    await callee._nc.flush()
+    await asyncio.sleep(0.5)
+    assert not handler.cancelled.is_set()
+    await stream.aclose()
