@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import psutil
 
 from testbed.graphs import stop_process_tree
+from tests.debian_packages import MissingPackagesError, install_missing
 
 # Debian's docker.io CLI. /usr/local/bin/docker on these machines is a newer CLI without
 # the buildx plugin, which has no BuildKit at all; Debian's 20.10 CLI has it built in.
@@ -32,20 +32,10 @@ class DockerEngineError(RuntimeError):
 
 def install_missing_packages() -> None:
     """apt-get install what the tier needs (docker.io, docker-compose 1.29, debootstrap)."""
-    missing = sorted({pkg for command, pkg in PACKAGES.items() if shutil.which(command) is None})
-    if not Path(DOCKER_CLI).exists():
-        missing = sorted({*missing, "docker.io"})
-    if not missing:
-        return
-    if os.geteuid() != 0:
-        raise DockerEngineError(
-            f"the appliance tests need {', '.join(missing)}; run them as root or apt-get install them"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", *missing]):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            raise DockerEngineError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    try:
+        install_missing(PACKAGES, also=set() if Path(DOCKER_CLI).exists() else {"docker.io"})
+    except MissingPackagesError as error:
+        raise DockerEngineError(str(error)) from None
 
 
 class DockerEngine:

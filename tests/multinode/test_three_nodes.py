@@ -31,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -41,6 +42,7 @@ from transformers import AutoTokenizer
 
 from app.protocol import PREFILL_ACK_WAIT_S
 from app.runtime import Runtime
+from tests.debian_packages import install_missing
 from tests.docs.shell import DocShell, http_response, sse_data
 from tests.e2e.vllm_reference import vllm_greedy
 from tests.multinode.cluster import CLIENT_BLOCK, CONFIG, SeedCluster
@@ -306,6 +308,43 @@ async def test_the_quickstarts_client_request_is_prefilled_on_a_prefill_node(clu
     assert "".join(
         chunk["choices"][0]["delta"].get("content") or "" for chunk in map(json.loads, events[:-1]) if chunk["choices"]
     ).strip()
+
+
+def _doctor_on_node_1(cluster: SeedCluster) -> tuple[int, dict[str, Any]]:
+    """`tandem doctor --json` as an operator runs it on node 1 (the decode node), with its exports."""
+    shell = cluster.shells[cluster.head.name]
+    status = shell.check(".venv/bin/tandem doctor --json --listen 2 > doctor.json; echo $?", timeout=120)
+    return int(status.strip()), json.loads((cluster.node_dir(cluster.head) / "doctor.json").read_text())
+
+
+async def test_doctor_passes_on_the_three_nodes_and_names_a_prefill_node_whose_side_channel_is_blocked(
+    cluster: SeedCluster,
+) -> None:
+    status, report = _doctor_on_node_1(cluster)
+    verdicts = {check["name"]: check["verdict"] for check in report["checks"]}
+    assert status == 0 and report["ok"], json.dumps(report, indent=1)
+    assert verdicts["nixl-side-channels"] == "PASS" and verdicts["clocks"] == "PASS", verdicts
+
+    # Node 2's firewall refuses its side-channel port: decode engines could not pull its KV.
+    node2 = cluster.prefill_nodes[0]
+    async with await Runtime.connect(cluster.settings) as runtime:
+        (side_channel,) = [
+            p.nixl_side_channel
+            for p in await runtime.discovery.list_processes()
+            if p.host == node2.ip and p.nixl_side_channel
+        ]
+    port = side_channel.rpartition(":")[2]
+    install_missing({"iptables": "iptables"})
+    rule = ["INPUT", "-p", "tcp", "--dport", port, "-j", "REJECT", "--reject-with", "tcp-reset"]
+    assert node2.run(["iptables", "-I", *rule]).returncode == 0
+    try:
+        status, report = _doctor_on_node_1(cluster)
+    finally:
+        node2.run(["iptables", "-D", *rule])
+    (failed,) = [check for check in report["checks"] if check["verdict"] == "FAIL"]
+    assert status == 1 and failed["name"] == "nixl-side-channels", json.dumps(report, indent=1)
+    assert f"NIXL side channel {side_channel} is unreachable" in failed["message"]
+    assert f"Open TCP port {port} on {node2.ip}" in failed["message"]
 
 
 # --- a node cut off (last: it takes node 2 off the network for a while) ---------------------
