@@ -18,9 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from app.infra import EtcdServer, NatsServer
 from app.launch.ports import free_port
+from app.runtime import Runtime
 from testbed.graphs import ServedGraph
 from tests.e2e.graph_helpers import Stream, migrations, read_stream
 
@@ -70,12 +72,24 @@ class Layout:
     # The pipeline in the Processor service (the Frontend calls it over NATS; the Router
     # service routes), whose /metrics count the migrations; else in the Frontend.
     processor_service: bool = False
+    # Every prompt prefilled on a PrefillWorker (graphs.disagg_router): the killed worker is
+    # a decode worker whose streams' KV came from another process.
+    disaggregated: bool = False
 
 
 LAYOUTS = {
     "migration-on": Layout(3),
     "migration-off": Layout(0),
     "migration-in-the-processor-service": Layout(3, processor_service=True),
+    "migration-disaggregated": Layout(3, disaggregated=True),
+}
+PREFILL_WORKERS = 2
+# The disaggregated layout: each prompt (~40 tokens) is longer than the local limit.
+REMOTE_PREFILL = {
+    "remote-prefill": True,
+    "conditional-disagg": True,
+    "max-local-prefill-length": 8,
+    "max-prefill-queue-size": 2 * STREAMS,
 }
 
 
@@ -84,16 +98,21 @@ async def graph(
     request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path, nats_server: NatsServer, etcd_server: EtcdServer
 ) -> AsyncIterator[tuple[ServedGraph, Layout, str]]:
     """The graph, its layout, and the base URL of the /metrics that count its migrations."""
-    config = tmp_path / "graph.yaml"
-    config.write_text(CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS))
     layout = LAYOUTS[request.param]
+    config = yaml.safe_load(CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS))
+    graph_name = "graphs.agg_router:Frontend"
+    if layout.disaggregated:
+        graph_name = "graphs.disagg_router:Frontend"
+        config["VllmWorker"].update(REMOTE_PREFILL)
+        prefill = {k: v for k, v in config["VllmWorker"].items() if k not in REMOTE_PREFILL}
+        config["PrefillWorker"] = {**prefill, "ServiceArgs": {"workers": PREFILL_WORKERS}}
     overrides = [f"--Processor.migration-limit={layout.migration_limit}"]
     metrics_port = free_port()
     if layout.processor_service:
         overrides += ["--Frontend.embed-router=false", "--Frontend.embed-processor=false"]
         overrides += [f"--Processor.metrics-port={metrics_port}"]
     async with ServedGraph(
-        "graphs.agg_router:Frontend",
+        graph_name,
         config,
         tmp_path,
         nats_server.url,
@@ -101,7 +120,13 @@ async def graph(
         overrides=overrides,
         lease_ttl_s=LEASE_TTL_S,
     ) as served:
-        await served.wait_ready(WORKERS, routers=1 if layout.processor_service else 0, processors=1, timeout=90)
+        await served.wait_ready(
+            WORKERS,
+            routers=1 if layout.processor_service else 0,
+            processors=1,
+            prefill_workers=PREFILL_WORKERS if layout.disaggregated else None,
+            timeout=90,
+        )
         metrics = f"http://127.0.0.1:{metrics_port}" if layout.processor_service else served.base_url
         yield served, layout, metrics
 
@@ -144,3 +169,13 @@ async def test_streams_of_a_killed_worker_end_as_an_unbroken_run_would(
         # Without migration each of them ends with the worker's failure, in the stream.
         assert all(streams[i].errors for i in on_victim)
         assert migrated == 0
+    if layout.disaggregated:
+        # Every prompt of both runs was prefilled on a PrefillWorker (a migrated one again).
+        assert await _prefilled_remotely(served) >= 2 * STREAMS
+
+
+async def _prefilled_remotely(served: ServedGraph) -> int:
+    """Jobs done by the PrefillWorkers (their `status` counters)."""
+    async with await Runtime.connect(served.settings) as runtime:
+        client = runtime.client("PrefillWorker", "status")
+        return sum([(await client.call({}, target=i, timeout=10)).get("done", 0) for i in await client.watch()])
