@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.openai import WORKER_HEADER
+from app.protocol import names
 from testbed.graphs import TANDEM, ServedGraph
 
 
@@ -148,3 +150,60 @@ async def tandem_status(graph: ServedGraph, *args: str, listen_s: float = 1.5) -
     assert done.returncode == 0, done.stderr
     status: dict[str, Any] = json.loads(done.stdout)
     return status
+
+
+async def status_until(
+    graph: ServedGraph, holds: Callable[[dict[str, Any]], bool], timeout: float, what: str
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await tandem_status(graph)
+        if holds(status):
+            return status
+        assert time.monotonic() < deadline, f"{what} not shown within {timeout:g}s:\n{json.dumps(status, indent=1)}"
+        await asyncio.sleep(0.2)
+
+
+def of_service(status: dict[str, Any], service: str) -> list[dict[str, Any]]:
+    return [instance for instance in status["instances"] if instance["service"] == service]
+
+
+def running(status: dict[str, Any]) -> int:
+    return sum(w["load"]["running"] for w in of_service(status, names.VLLM_WORKER) if w["load"])
+
+
+class StatusWatch:
+    """`tandem status --json --watch INTERVAL` as an operator leaves it running: one status
+    document a line, without a command start per look (what a short load needs)."""
+
+    def __init__(self, graph: ServedGraph, interval_s: float = 0.3) -> None:
+        self._argv = [TANDEM, "status", "--json", "--watch", str(interval_s), "--listen", "1"]
+        self._env = graph.env
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> StatusWatch:
+        self._process = await asyncio.create_subprocess_exec(
+            *self._argv, env=self._env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGINT)  # Ctrl-C: the watch ends
+        await asyncio.wait_for(self._process.wait(), 30)
+
+    async def until(self, holds: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+        """The first document for which `holds` is true."""
+        assert self._process is not None and self._process.stdout is not None
+        deadline = time.monotonic() + timeout
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                line = await asyncio.wait_for(self._process.stdout.readline(), max(deadline - time.monotonic(), 0.1))
+            except TimeoutError:
+                break
+            assert line, "tandem status --watch ended"
+            status = json.loads(line)
+            if holds(status):
+                return status
+        raise AssertionError(f"{what} not shown within {timeout:g}s:\n{json.dumps(status, indent=1)}")

@@ -42,7 +42,17 @@ from app.launch.ports import free_port
 from app.protocol import PREFILL_ACK_WAIT_S, names
 from app.runtime import Runtime
 from testbed.graphs import TANDEM, ServedGraph
-from tests.e2e.graph_helpers import engine_core_of, prefill_decision, tandem_status
+from tests.e2e.graph_helpers import (
+    StatusWatch,
+    Stream,
+    engine_core_of,
+    of_service,
+    prefill_decision,
+    read_stream,
+    running,
+    status_until,
+    tandem_status,
+)
 from tests.e2e.prefill_queue import PrefillQueueSpy
 from tests.e2e.vllm_reference import vllm_greedy
 
@@ -79,6 +89,9 @@ SHORT_PROMPTS = ["The quick brown fox", "def fibonacci(n):"]
 FLIP_PROMPT = _long("gamma")
 KILL_PROMPTS = [_long(f"delta{i}") for i in range(3)]
 LATE_PROMPT = _long("omega")
+# Short prompts (prefilled locally) whose streams outlast a few `tandem status` polls.
+LOAD_STREAMS = 3
+LOAD_TOKENS = 2000  # seconds of decode here; cancelled once the watch shows them
 ALL_PROMPTS = LONG_PROMPTS + SHORT_PROMPTS + [FLIP_PROMPT] + KILL_PROMPTS + [LATE_PROMPT]
 
 
@@ -310,6 +323,31 @@ async def test_status_lists_the_disaggregated_fleet_and_doctor_passes_on_it(grap
     assert verdicts["nixl-side-channels"] == "PASS" and verdicts["prefill-queue"] == "PASS", verdicts
 
 
+async def test_status_shows_the_decode_engines_load_rise_and_fall_with_the_streams(graph: DisaggGraph) -> None:
+    """The load a real vLLM engine reports (its scheduler's running requests, KV blocks in
+    use) is what `tandem status` shows, while streams run and after they end."""
+    streams = [Stream() for _ in range(LOAD_STREAMS)]
+    bodies = [
+        {"model": MODEL, "prompt": f"load {n}", "max_tokens": LOAD_TOKENS, "ignore_eos": True}
+        for n in range(LOAD_STREAMS)
+    ]
+    async with StatusWatch(graph) as status, httpx.AsyncClient(base_url=graph.base_url, timeout=120) as http:
+        idle = await status.until(lambda s: running(s) == 0, 30, "an idle decode engine")
+        tasks = [asyncio.create_task(read_stream(http, b, s)) for b, s in zip(bodies, streams, strict=True)]
+        try:
+            busy = await status.until(lambda s: running(s) == LOAD_STREAMS, 30, f"{LOAD_STREAMS} running")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # The streams ended (done, or cancelled: vLLM aborts their requests): the load falls back.
+        await status.until(lambda s: running(s) == 0, 30, "the load gone")
+    (idle_load,) = [w["load"] for w in of_service(idle, names.VLLM_WORKER)]
+    (busy_load,) = [w["load"] for w in of_service(busy, names.VLLM_WORKER)]
+    assert busy_load["kv_used_blocks"] > idle_load["kv_used_blocks"], (idle_load, busy_load)
+    assert 0 < busy_load["kv_usage"] <= 1, busy_load
+
+
 async def test_short_prompts_stay_local_with_vllms_output(graph: DisaggGraph, reference) -> None:
     before, counters_before = await _prefill_statuses(graph), await _decode_counters(graph)
     for prompt in SHORT_PROMPTS:
@@ -459,9 +497,16 @@ async def test_a_late_answer_is_discarded_after_the_local_fallback(graph: Disagg
     groups = [_process_group(graph, status["pid"]) for status in before.values()]
     for group in groups:
         os.killpg(group, signal.SIGSTOP)
+    late = asyncio.create_task(_complete(graph, LATE_PROMPT))
     try:
-        request_id, response = await _complete(graph, LATE_PROMPT)
+        # Meanwhile its job waits in the queue, and `tandem status` shows it there.
+        queued = await status_until(
+            graph, lambda s: s["prefill_queue"]["depth"] >= 1, REMOTE_PREFILL_TIMEOUT_S / 2, "the late job queued"
+        )
+        assert queued["prefill_queue"]["messages"] >= 1, queued["prefill_queue"]
+        request_id, response = await late
     finally:
+        late.cancel()
         for group in groups:
             os.killpg(group, signal.SIGCONT)
     assert _text(response) == reference[LATE_PROMPT]
@@ -541,6 +586,12 @@ async def test_sigkill_of_a_prefill_worker_holding_a_job_loses_no_request(
     assert not (set(prefilled_by) - {survivor}) & set(before), prefilled_by
     # Each prompt's KV was pulled, none recomputed (the one the victim held included).
     _assert_kv_pulled(counters_before, counters_after, [prompt_lengths[p] for p in KILL_PROMPTS], tiny_model)
+    # `tandem status` lists the victim no more once its lease ran out (its successor under
+    # supervisord registers with a new instance id).
+    gone = await status_until(
+        graph, lambda s: victim not in {i["instance_id"] for i in s["instances"]}, 30, "the killed PrefillWorker gone"
+    )
+    assert before[victim]["pid"] not in {i["pid"] for i in gone["instances"]}
 
 
 async def test_with_its_only_decode_engine_dead_the_frontend_is_unhealthy_until_the_restart(

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from app.protocol import names
 from app.runtime import Runtime
 from app.status.model import SCHEMA_VERSION
 from testbed.graphs import TANDEM, ServedGraph
-from tests.e2e.graph_helpers import Stream, read_stream, tandem_status
+from tests.e2e.graph_helpers import Stream, of_service, read_stream, running, status_until, tandem_status
 
 pytestmark = pytest.mark.e2e
 
@@ -84,26 +84,6 @@ async def graph(
     async with served:
         await served.wait_ready(WORKERS, routers=ROUTERS, processors=1, timeout=120)
         yield served
-
-
-async def status_until(
-    graph: ServedGraph, holds: Callable[[dict[str, Any]], bool], timeout: float, what: str
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await tandem_status(graph)
-        if holds(status):
-            return status
-        assert time.monotonic() < deadline, f"{what} not shown within {timeout:g}s:\n{json.dumps(status, indent=1)}"
-        await asyncio.sleep(0.2)
-
-
-def of_service(status: dict[str, Any], service: str) -> list[dict[str, Any]]:
-    return [instance for instance in status["instances"] if instance["service"] == service]
-
-
-def running(status: dict[str, Any]) -> int:
-    return sum(w["load"]["running"] for w in of_service(status, names.VLLM_WORKER) if w["load"])
 
 
 async def test_status_lists_exactly_the_running_processes_with_hosts_and_roles(graph: ServedGraph) -> None:
