@@ -8,10 +8,18 @@ run_dir="${TANDEM_RUN_DIR:-/tmp/tandem-supervisor}"
 conf="$run_dir/supervisord.conf"
 [ -f "$conf" ] || { echo "no $conf: the entrypoint has not started supervisord"; exit 1; }
 
-# The programs meant to keep running; one-shot steps (autorestart=false) exit by design,
-# and what they leave behind is checked below.
-long_running=$(awk '/^\[program:/ { name = substr($0, 10, length($0) - 10) } /^autorestart=true$/ { print name }' "$conf")
-# Exits non-zero when any of them is not RUNNING (STARTING, BACKOFF, EXITED, FATAL).
+# A program that keeps ending (a `tandem serve` whose service went FATAL, restarted again
+# and again): RUNNING between two exits is not healthy. The restart listener leaves the mark
+# until the program has stayed up for a while (app/launch/restart_backoff.py).
+for mark in "$run_dir"/crash-loop/*; do
+    [ -f "$mark" ] && { echo "unhealthy: $(cat "$mark")"; exit 1; }
+done
+
+# The programs meant to keep running; one-shot steps (startsecs=0) exit by design, and
+# what they leave behind is checked below.
+long_running=$(awk '/^\[program:/ { name = substr($0, 10, length($0) - 10) } /^startsecs=[1-9]/ { print name }' "$conf")
+# Exits non-zero when any of them is not RUNNING (STARTING, BACKOFF, EXITED while its
+# restart waits, FATAL).
 # shellcheck disable=SC2086  # one word per program name
 supervisorctl -c "$conf" status $long_running
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from app import env
 from app.infra import FLEET_USER, SecureFiles
-from app.launch import servers, supervisord
+from app.launch import restart_backoff, servers, supervisord
 from app.launch.supervisord import Program
 from app.node import configured_node_address
 
@@ -448,8 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(p.name == block for p in plan.programs):
             (data_dir / block).mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # A container restart keeps its files: etcd-auth's mark of the last start is not this one's.
+    # A container restart keeps its files: etcd-auth's mark of the last start is not this
+    # one's, nor are the restart listener's marks of programs in a loop.
     (run_dir / ETCD_AUTH_DONE).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / restart_backoff.CRASH_LOOP_DIR, ignore_errors=True)
     write_private_files(plan)
     conf = run_dir / "supervisord.conf"
     conf.write_text(text)

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.launch import restart_backoff
+
 # After its last program has stopped, a supervisord still needs a moment to exit.
 SUPERVISORD_EXIT_S = 10
 
@@ -47,9 +49,17 @@ def _environment(values: Mapping[str, str]) -> str:
     return ",".join(f'{name}="{_quote(value)}"' for name, value in values.items())
 
 
-def config_text(programs: Sequence[Program], run_dir: Path, directory: Path, comments: Sequence[str] = ()) -> str:
+def config_text(
+    programs: Sequence[Program],
+    run_dir: Path,
+    directory: Path,
+    comments: Sequence[str] = (),
+    stop_on_fatal: bool = False,
+) -> str:
     """The whole config: supervisord in the foreground, its socket and PID file in `run_dir`,
-    each program started in `directory` with its output on supervisord's stdout."""
+    each program started in `directory` with its output on supervisord's stdout, and
+    started again after a backoff when it exits (app/launch/restart_backoff.py).
+    `stop_on_fatal`: a program that goes FATAL shuts supervisord down (`tandem serve`)."""
     lines = [
         *(f"; {comment}" for comment in comments),
         "[supervisord]",
@@ -87,8 +97,11 @@ def config_text(programs: Sequence[Program], run_dir: Path, directory: Path, com
         stop_as_group = "true" if program.stop_as_group else "false"
         lines += [
             "autostart=true",
-            # startsecs=0: a one-shot that finishes within a second did not fail to start.
-            *(["autorestart=false", "startsecs=0"] if program.one_shot else ["autorestart=true", "startsecs=1"]),
+            # Never supervisord's immediate restart: the restart listener's, after a backoff.
+            "autorestart=false",
+            # startsecs=0: a one-shot that finishes within a second did not fail to start
+            # (and the mark by which entrypoints/healthcheck.sh knows a one-shot).
+            "startsecs=0" if program.one_shot else "startsecs=1",
             "stopsignal=TERM",
             f"stopwaitsecs={program.stop_wait_s}",
             f"stopasgroup={stop_as_group}",
@@ -100,6 +113,25 @@ def config_text(programs: Sequence[Program], run_dir: Path, directory: Path, com
         ]
     for group, names in groups.items():
         lines += ["", f"[group:{group}]", f"programs={','.join(names)}"]
+    restarted = [f"{p.group or p.name}:{p.name}" for p in programs if not p.one_shot]
+    if restarted:
+        lines += [
+            "",
+            f"[eventlistener:{restart_backoff.NAME}]",
+            f"command={_quote(shlex.join(restart_backoff.command(restarted, run_dir, stop_on_fatal)))}",
+            f"directory={directory}",
+            f"events={','.join(restart_backoff.EVENTS)}",
+            # Starts first and stops last: no exit goes unseen.
+            "priority=1",
+            "autostart=true",
+            "autorestart=true",
+            # Events wait here while the listener starts (or starts again).
+            "buffer_size=1000",
+            # Its stdout is the event protocol, kept nowhere; its log lines are on stderr.
+            "stdout_logfile=NONE",
+            "stderr_logfile=/dev/stdout",
+            "stderr_logfile_maxbytes=0",
+        ]
     return "\n".join(lines) + "\n"
 
 

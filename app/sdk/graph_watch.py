@@ -9,7 +9,7 @@ serve's supervisord (a second `tandem serve` on the node, or another node, may r
 same services in the namespace).
 
 The watch only reports. It runs in a thread of its own beside supervisord's foreground
-wait (app/sdk/supervisor.py), so that stopping (SIGTERM, SIGINT, SIGHUP to supervisord)
+wait (app/sdk/supervisor.py), so that stopping (SIGTERM, SIGINT to supervisord)
 and the exit status stay as they were; if it cannot reach etcd it says so and ends.
 """
 

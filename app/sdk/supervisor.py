@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shlex
 import shutil
@@ -16,12 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app import env
+from app.launch import restart_backoff
 from app.launch.devices import DeviceAssignment, DeviceRequest, NodeDevices, assign_devices
 from app.launch.processes import with_parent_death_signal
 from app.launch.supervisord import Program, config_text, supervisord_binary
 from app.sdk.config import GraphConfig
 from app.sdk.graph_watch import GraphWatch
 from app.sdk.service import ServiceSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,32 +107,66 @@ def _append_to_regular_stdout() -> None:
 
 
 def run_supervisord(services: Sequence[ServiceProcesses], watch: GraphWatch | None = None) -> int:
-    """Run supervisord in the foreground until it exits; its exit status.
+    """Run supervisord in the foreground until it exits; its exit status, or 1 where a
+    program went FATAL.
 
-    SIGTERM, SIGINT and SIGHUP sent to this process go on to supervisord, which stops every
-    program. supervisord is a child rather than an exec so that its config folder (and
-    control socket) is removed afterwards. `watch` reports the graph's start-up meanwhile,
-    from a thread of its own: it has no say in how or when this ends.
+    SIGTERM and SIGINT sent to this process go on to supervisord, which stops every
+    program, each draining its requests. SIGHUP does not: supervisord would restart every
+    program at once and drop their requests, and the config it would reread is written
+    once, here (docs/operations.md, "Restarts, FATAL and signals"). supervisord runs in a
+    session of its own so that a terminal's hangup reaches it only through here. A program
+    that goes FATAL (it could not start) shuts supervisord down
+    (app/launch/restart_backoff.py): the graph is not whole, and the layer above (an outer
+    supervisord, Docker) starts it again. supervisord is a child rather than an exec so
+    that its config folder (and control socket) is removed afterwards. `watch` reports the
+    graph's start-up meanwhile, from a thread of its own: it has no say in how or when this
+    ends.
     """
     workdir = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
     try:
         conf = workdir / "supervisord.conf"
-        conf.write_text(config_text(supervisord_programs(services), workdir, Path.cwd()))
+        conf.write_text(config_text(supervisord_programs(services), workdir, Path.cwd(), stop_on_fatal=True))
         sys.stdout.flush()
         sys.stderr.flush()
         _append_to_regular_stdout()
         # If this process dies by SIGKILL, supervisord gets the SIGTERM it would have
         # forwarded and stops every program; never a fleet of orphans.
-        child = subprocess.Popen(with_parent_death_signal([supervisord_binary(), "-n", "-c", str(conf)]))
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        child = subprocess.Popen(
+            with_parent_death_signal([supervisord_binary(), "-n", "-c", str(conf)]), start_new_session=True
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: log.warning(SIGHUP_IGNORED))
         # Only now, after supervisord is started: the watch's thread runs gRPC.
         if watch is not None:
             watch.start(child.pid)
         try:
-            return child.wait()
+            status = child.wait()
         finally:
             if watch is not None:
                 watch.stop()
+        fatal = _fatal_programs(workdir)
+        if fatal:
+            log.error(
+                "tandem serve exits: %s went FATAL (each of its starts ended within startsecs); "
+                "every other program was stopped",
+                ", ".join(fatal),
+            )
+            return status or 1
+        return status
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+SIGHUP_IGNORED = (
+    "SIGHUP ignored: nothing is restarted; to apply a changed config, stop tandem serve (SIGTERM drains) "
+    "and start it again (docs/operations.md)"
+)
+
+
+def _fatal_programs(workdir: Path) -> list[str]:
+    try:
+        text = (workdir / restart_backoff.FATAL_FILE).read_text()
+    except FileNotFoundError:
+        return []
+    return list(dict.fromkeys(text.split()))

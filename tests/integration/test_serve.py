@@ -226,8 +226,64 @@ async def test_no_process_outlives_a_sigkilled_serve_or_its_supervisord(
     tree = psutil.Process(served.proc.pid).children(recursive=True)
     (supervisord,) = [p for p in tree if p.ppid() == served.proc.pid]
     served.service_pids |= {p.pid for p in tree}
-    assert len(tree) == 4, tree  # supervisord, two Echo replicas, a Greeter
+    assert len(tree) == 5, tree  # supervisord, its restart listener, two Echo replicas, a Greeter
 
     (served.proc if victim == "tandem serve" else supervisord).kill()
     _, left = await asyncio.to_thread(psutil.wait_procs, tree, 5)
     assert left == [], f"still running 5 s after the SIGKILL of {victim}: {left}\n{served.log()}"
+
+
+def _is_echo_0(process: psutil.Process) -> bool:
+    try:
+        return "echo_graph:Echo" in " ".join(process.cmdline()) and process.environ().get("TANDEM_REPLICA") == "0"
+    except psutil.Error:  # gone, or not yet exec'd
+        return False
+
+
+async def test_a_program_that_goes_fatal_ends_serve_non_zero_naming_it(served: Served) -> None:
+    """Echo_0 dies at once at each start (killed here within its startsecs): supervisord
+    gives up on it, FATAL, and the graph is not whole; `tandem serve` stops the rest and
+    exits non-zero, for the layer above to start it again."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    killed = 0
+    while served.proc.poll() is None:
+        assert time.monotonic() < deadline, f"tandem serve still runs after {killed} kills of Echo_0\n{served.log()}"
+        tree = psutil.Process(served.proc.pid).children(recursive=True)
+        served.service_pids |= {p.pid for p in tree}
+        for process in filter(_is_echo_0, tree):
+            process.kill()
+            killed += 1
+        await asyncio.sleep(0.01)
+    assert served.proc.returncode != 0
+    log = served.log()
+    assert "gave up: Echo_0 entered FATAL state" in log, log
+    assert "tandem serve exits: Echo_0 went FATAL" in log, log
+    assert [pid for pid in served.service_pids if alive(pid)] == [], log
+
+
+async def test_sighup_restarts_nothing_and_fails_no_request(served: Served, runtime: Runtime) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while len(pids := await live_pids(runtime, "Echo", "echo") | await live_pids(runtime, "Greeter", "greet")) < 3:
+        assert time.monotonic() < deadline, f"the graph never came up\n{served.log()}"
+        await asyncio.sleep(0.2)
+    served.service_pids |= pids
+    greeter = runtime.client("Greeter", "greet")
+    answered = failed = 0
+    hup_at = time.monotonic() + 1.0
+    end = hup_at + 8.0  # longer than a restart of the graph would take to begin
+    sent_hup = False
+    while time.monotonic() < end:
+        if not sent_hup and time.monotonic() >= hup_at:
+            served.proc.send_signal(signal.SIGHUP)
+            sent_hup = True
+        try:
+            replies = [item async for item in greeter.stream({"name": "ada"}, timeout=5)]
+            assert [r["word"] for r in replies] == [">hi", ">ada"]
+            answered += 1
+        except Exception:
+            failed += 1
+            await asyncio.sleep(0.05)
+    log = served.log()
+    assert (failed, served.proc.poll()) == (0, None), f"{failed} failed of {answered + failed}\n{log}"
+    assert await live_pids(runtime, "Echo", "echo") | await live_pids(runtime, "Greeter", "greet") == pids, log
+    assert "SIGHUP ignored" in log and "restart request" not in log, log

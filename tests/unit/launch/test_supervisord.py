@@ -23,6 +23,7 @@ def test_programs_groups_environment_and_quoting(tmp_path: Path) -> None:
             ),
             Program("Echo_1", ["python", "100%"], 60, {"TANDEM_REPLICA": "1"}, group="Echo"),
             Program("tandem-graph", ["tandem", "serve"], 250, stop_as_group=False),
+            Program("etcd-auth", ["tandem", "infra", "enable-auth"], 5, one_shot=True),
         ],
         tmp_path,
         Path("/app"),
@@ -39,7 +40,23 @@ def test_programs_groups_environment_and_quoting(tmp_path: Path) -> None:
     assert conf["group:Echo"]["programs"] == "Echo_0,Echo_1"
     assert conf["program:tandem-graph"]["stopasgroup"] == "false"
     assert conf["program:tandem-graph"]["killasgroup"] == "true"
-    assert all(conf[s]["directory"] == "/app" for s in conf.sections() if s.startswith("program:"))
+    assert all(conf[s]["directory"] == "/app" for s in conf.sections() if s.startswith(("program:", "eventlistener:")))
+    # supervisord never restarts a program itself: the listener does, after a backoff,
+    # each program that is meant to keep running (the one-shot exits by design).
+    assert {conf[s]["autorestart"] for s in conf.sections() if s.startswith("program:")} == {"false"}
+    listener = conf["eventlistener:tandem-restarts"]
+    restarted = "nats:nats Echo:Echo_0 Echo:Echo_1 tandem-graph:tandem-graph"
+    assert listener["command"].endswith(f"-m app.launch.restart_backoff --run-dir {tmp_path} {restarted}")
+    assert listener["events"] == "PROCESS_STATE_RUNNING,PROCESS_STATE_EXITED,PROCESS_STATE_FATAL"
+    assert listener["autorestart"] == "true"
+
+
+def test_only_tandem_serve_stops_on_a_fatal_program(tmp_path: Path) -> None:
+    programs = [Program("Echo_0", ["python"], 60, group="Echo")]
+    serve = parsed(config_text(programs, tmp_path, Path("/app"), stop_on_fatal=True))
+    container = parsed(config_text(programs, tmp_path, Path("/app")))
+    assert "--stop-on-fatal" in serve["eventlistener:tandem-restarts"]["command"]
+    assert "--stop-on-fatal" not in container["eventlistener:tandem-restarts"]["command"]
 
 
 def test_a_nested_supervisord_gets_the_time_its_programs_take_one_after_another() -> None:

@@ -141,7 +141,7 @@ def test_supervisord_runs_each_replica_as_a_program_of_the_services_group(tmp_pa
                 "redirect_stderr",
             )
         } == {
-            "autorestart": "true",
+            "autorestart": "false",  # the restart listener's, after a backoff
             "stopsignal": "TERM",
             "stopwaitsecs": "60",
             "stopasgroup": "true",
