@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", dest="timeout_s", type=float, default=120.0, help="per-request limit, seconds")
     parser.add_argument("--max-duration", dest="max_duration_s", type=float, default=600.0, help="no start after (s)")
     parser.add_argument("--api-key", help="sent as Authorization: Bearer KEY (a Frontend with API keys)")
+    parser.add_argument(
+        "--extra-body", type=json.loads, help="more fields of every request, a JSON object: '{\"tool_choice\": ...}'"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     cli.setup_logging()

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import psutil
 import yaml
@@ -352,6 +352,35 @@ NO_DELAYS = (f"--VllmWorker.ServiceArgs.workers={PATH_WORKERS}", f"--VllmWorker.
 WITH_API_KEY = "router-in-frontend, API key"
 BENCH_API_KEY = "sk-bench-request-path"
 
+# Constrained requests, measured on the router-in-frontend graph beside its plain ones: a forced tool call
+# (the tool choice's JSON schema, a tool-call reader per request) and a JSON schema, each a grammar per
+# request on the mocker workers (app/engines/mocker_grammar.py). The strings are bounded, and one call
+# (parallel_tool_calls false: the mocker would write a random number of them), so that each answer ends
+# where its grammar does within max_tokens: about 45 tokens for the call, 20 for the JSON.
+KINDS_LAYOUT, KIND_MAX_TOKENS = "router-in-frontend", 64
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "maximum": 9}},
+            "required": ["city"],
+        },
+    },
+}
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "pet": {"enum": ["cat", "dog"]}},
+    "required": ["name", "pet"],
+}
+REQUEST_KINDS: dict[str, dict[str, Any]] = {
+    "tools, tool_choice required": {"tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False},
+    "response_format json_schema": {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
+    },
+}
+
 
 class RequestPath(Benchmark):
     section = "## Request path (mockers at infinite speed)"
@@ -381,24 +410,29 @@ class RequestPath(Benchmark):
             return {service: sum(sum(p.cpu_times()[:2]) for p in ps) for service, ps in processes.items()}
 
         api_key = BENCH_API_KEY if run.layout == WITH_API_KEY else None
-        if run.number == 1:  # a warm-up: caches, lazy imports
-            await run_load(dataclasses.replace(run.load(api_key=api_key), concurrency=16, requests=200))
+        loads = {run.layout: run.load(api_key=api_key)}
+        if run.layout == KINDS_LAYOUT:
+            for kind, fields in REQUEST_KINDS.items():
+                loads[f"{run.layout}, {kind}"] = run.load(extra_body=fields, max_tokens=KIND_MAX_TOKENS)
         phases = []
-        for concurrency in self.concurrency:
-            before = cpu()
-            summary, _ = await run_load(run.load(concurrency=concurrency, seed=100 + run.number, api_key=api_key))
-            after = cpu()
-            cpu_ms = {s: (after[s] - before[s]) * 1000.0 / max(summary.completed, 1) for s in processes}
-            path = sum(cpu_ms.get(service, 0.0) for service in PATH_SERVICES)
-            phases.append(Phase((run.layout, str(concurrency)), summary, {**cpu_ms, "path": path}))
-            log.info("%s, concurrency %d, run %d: %s", run.layout, concurrency, run.number, phases[-1].extra)
+        for row, load in loads.items():
+            if run.number == 1:  # a warm-up: caches, lazy imports (a mocker's first grammar imports xgrammar)
+                await run_load(dataclasses.replace(load, concurrency=16, requests=200))
+            for concurrency in self.concurrency:
+                before = cpu()
+                summary, _ = await run_load(dataclasses.replace(load, concurrency=concurrency, seed=100 + run.number))
+                after = cpu()
+                cpu_ms = {s: (after[s] - before[s]) * 1000.0 / max(summary.completed, 1) for s in processes}
+                path = sum(cpu_ms.get(service, 0.0) for service in PATH_SERVICES)
+                phases.append(Phase((row, str(concurrency)), summary, {**cpu_ms, "path": path}))
+                log.info("%s, concurrency %d, run %d: %s", row, concurrency, run.number, phases[-1].extra)
         return phases
 
     def render(self, phases: list[Phase], args: argparse.Namespace) -> list[str]:
         figures, rows = median_rows(phases), []
         for (layout, concurrency), m in sorted(figures.items(), key=lambda row: int(row[0][1])):
             rps, path = f"{m['request_throughput']:.0f}", f"{m['path']:.2f}"
-            if concurrency == "16":  # the targets are the issue's at 16 in flight
+            if concurrency == "16" and layout in self.layouts:  # the issue's targets: plain requests, 16 in flight
                 rps += f" (target >= {TARGET_RPS:g}: {met(m['request_throughput'] >= TARGET_RPS)})"
                 path += f" {met(m['path'] <= TARGET_CPU_MS)}"
             routers = f"{m.get('Router', 0.0):.2f}" if layout == "router-processes" else "none"
@@ -409,7 +443,15 @@ class RequestPath(Benchmark):
             f" | path total (target <= {TARGET_CPU_MS:g} at 16) | mocker workers | nats-server"
         )
         loads = "; ".join(with_requests(self.load, args, concurrency=c).describe() for c in self.concurrency)
-        lines = [f"Load: {loads}. CPU milliseconds per request by process:", "", *table(headings, rows), ""]
+        kinds = ", ".join(f"`{kind}`" for kind in REQUEST_KINDS)
+        lines = [
+            f"Load: {loads}. The same on {KINDS_LAYOUT} with {kinds} (bench/scenarios.py, REQUEST_KINDS) and "
+            f"max_tokens {KIND_MAX_TOKENS}: each answer ends with its grammar. CPU milliseconds per request by "
+            "process:",
+            "",
+            *table(headings, rows),
+            "",
+        ]
         for (layout, concurrency), embedded in figures.items():  # the two layouts side by side
             if layout == "router-in-frontend" and (processes := figures.get(("router-processes", concurrency))):
                 lines.append(
@@ -423,6 +465,16 @@ class RequestPath(Benchmark):
                     f"{keyed['request_throughput'] / embedded['request_throughput']:.2f}x the requests/s, "
                     f"{keyed['path'] / embedded['path']:.2f}x the path CPU per request."
                 )
+            for kind in REQUEST_KINDS if layout == KINDS_LAYOUT else ():
+                if constrained := figures.get((f"{layout}, {kind}", concurrency)):
+                    tokens = constrained["total_output_tokens"] / max(constrained["completed"], 1)
+                    lines.append(
+                        f"- At concurrency {concurrency}, `{kind}` against plain requests: "
+                        f"{constrained['request_throughput'] / embedded['request_throughput']:.2f}x the requests/s, "
+                        f"{constrained['path'] / embedded['path']:.2f}x the path CPU per request, "
+                        f"{constrained['VllmWorker'] / embedded['VllmWorker']:.2f}x the mocker workers' "
+                        f"({tokens:.1f} output tokens per request against {self.load.max_tokens})."
+                    )
         return lines
 
 

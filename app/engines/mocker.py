@@ -14,8 +14,11 @@ Tokens come from a deterministic generator (a hash of the whole context so far, 
 request's seed), so the same prompt always yields the same text, and a request continued
 from any point of its output (request migration) yields the rest of it. Sampling fields that shape a distribution
 change nothing (there is none); `logit_bias`, `allowed_token_ids` and `bad_words` steer
-the generator as they steer vLLM (`app.engines.mocker_sampling`), and stop tokens,
-`min_tokens`, `ignore_eos` and `max_tokens` end a request as in vLLM. KV events match
+the generator as they steer vLLM (`app.engines.mocker_sampling`), structured outputs
+(`response_format`, `structured_outputs`, forced tool calls) through vLLM's xgrammar
+backend (`app.engines.mocker_grammar`: only tokens the grammar allows, and the request
+ends where the grammar does), and stop tokens, `min_tokens`, `ignore_eos` and `max_tokens`
+end a request as in vLLM. KV events match
 what vLLM publishes (`BlockStored` when blocks fill, `BlockRemoved` on eviction), with
 engine hashes that deliberately differ from the router's so that the router can't
 depend on them.
@@ -68,6 +71,7 @@ from tokenizers import Tokenizer
 
 from app.aio import cancel_and_wait
 from app.engines.base import Engine, EngineStats, KvEventSink
+from app.engines.mocker_grammar import Grammars, RequestGrammar
 from app.engines.mocker_kv import BlockPool
 from app.engines.mocker_sampling import TokenChoice, load_tokenizer, token_choice
 from app.errors import InvalidRequestError
@@ -147,10 +151,13 @@ class _Request:
         "remote_tokens",
         "kv_transfer_params",
         "choice",
+        "grammar",
         "context",
     )
 
-    def __init__(self, request: PreprocessedRequest, seed: int, choice: TokenChoice | None) -> None:
+    def __init__(
+        self, request: PreprocessedRequest, seed: int, choice: TokenChoice | None, grammar: RequestGrammar | None
+    ) -> None:
         self.id = request.request_id
         self.tokens = list(request.token_ids)
         self.num_prompt = len(self.tokens)
@@ -171,6 +178,7 @@ class _Request:
         self.remote_tokens = 0  # decode role: prompt tokens whose KV comes from a prefill engine
         self.kv_transfer_params: dict[str, Any] | None = None  # prefill role: the answer
         self.choice = choice  # the request's constraints on its tokens, if any
+        self.grammar = grammar  # its structured output's matcher, if any
         # The "model" reads its whole context: a hash over every token so far, fed as they
         # come. A request continued elsewhere (the prompt plus the tokens already made, as
         # request migration sends it) so goes on exactly as it would have.
@@ -206,6 +214,7 @@ class MockerEngine(Engine):
         # For bad_words alone: loaded at the first request that has some.
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_loaded = False
+        self._grammars = Grammars(config.model, config.vocab_size)  # loads at the first constrained request
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> MockerEngine:
@@ -262,7 +271,8 @@ class MockerEngine(Engine):
         if request.sampling.bad_words and not self._tokenizer_loaded:
             self._tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
             self._tokenizer_loaded = True
-        req = self._admit(request)
+        grammar = await self._grammars.grammar_for(request) if request.sampling.structured is not None else None
+        req = self._admit(request, grammar)
         first = True
         try:
             while True:
@@ -291,7 +301,7 @@ class MockerEngine(Engine):
                 log.debug("request %s aborted by its caller", req.id)
                 self._finish(req, "abort")
 
-    def _admit(self, request: PreprocessedRequest) -> _Request:
+    def _admit(self, request: PreprocessedRequest, grammar: RequestGrammar | None) -> _Request:
         if self._task is None:
             raise RuntimeError("mocker engine not started")
         if not request.token_ids:
@@ -306,7 +316,7 @@ class MockerEngine(Engine):
         if request.request_id in self._requests:
             raise InvalidRequestError(f"request {request.request_id} is already running")
         choice = token_choice(request.request_id, request.sampling, self.config.vocab_size, self._tokenizer)
-        req = _Request(request, self._generation_seed(request), choice)
+        req = _Request(request, self._generation_seed(request), choice, grammar)
         if request.kv_transfer_params is not None:
             self._take_role(req, request.kv_transfer_params)
         self._requests[req.id] = req
@@ -551,7 +561,13 @@ class MockerEngine(Engine):
     def _emit_token(self, req: _Request) -> None:
         mixed = _splitmix64(int.from_bytes(req.context.copy().digest(), "little") ^ req.seed)
         token = mixed % self.config.vocab_size
-        if req.choice is not None:
+        if req.grammar is not None:
+            token = req.grammar.pick(token, req.choice, req.tokens, req.num_prompt, lambda r: _splitmix64(mixed + r))
+            if not req.grammar.accept(token):
+                log.error("request %s: its grammar refused the token %d it allowed", req.id, token)
+                self._finish(req, "error")
+                return
+        elif req.choice is not None:
             token = req.choice.pick(
                 token, req.tokens, req.num_prompt, lambda rank: _splitmix64(mixed + rank), self.config.vocab_size
             )
@@ -561,7 +577,8 @@ class MockerEngine(Engine):
         req.pending.append(token)
         if req.want_logprobs is not None:
             req.pending_logprobs.append(-((mixed >> 32) % 1000) / 1000.0)
-        reason = self._stop_reason(req, token)
+        # The grammar's end (its stop token taken) ends the request whatever else it asked for.
+        reason = "stop" if req.grammar is not None and req.grammar.terminated else self._stop_reason(req, token)
         if reason is not None:
             self._finish(req, reason)
         else:

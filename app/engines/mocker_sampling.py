@@ -10,12 +10,15 @@ score wins. So a bias past the margin (vLLM's +100) forces a token, one below mi
 margin (-100) bars the own pick in favour of the next pick of the same hash; tokens
 outside `allowed_token_ids`, and a token that would complete one of the `bad_words`
 after the output so far (vLLM's rule: vllm/v1/sample/ops/bad_words.py), are never picked.
+Where a grammar constrains the output (app/engines/mocker_grammar.py), only the tokens it
+allows are candidates, and where these rules leave none of them, the grammar wins.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from tokenizers import Tokenizer
 
@@ -25,6 +28,15 @@ from app.protocol import SamplingOptions
 OWN_PICK_LOGIT = 10.0
 # Further picks tried (rank 1, 2, ...) before the vocabulary is scanned in order.
 _MAX_RANKED_PICKS = 64
+
+
+class Permitted(Protocol):
+    """The tokens a grammar allows at this position."""
+
+    def __contains__(self, token: int, /) -> bool: ...
+
+    @property
+    def tokens(self) -> Sequence[int]: ...
 
 
 class TokenChoice:
@@ -40,13 +52,26 @@ class TokenChoice:
         self._bias = bias or {}
         self._bad_words = bad_words
 
-    def pick(self, own: int, tokens: Sequence[int], num_prompt: int, mix: Callable[[int], int], vocab: int) -> int:
+    def pick(
+        self,
+        own: int,
+        tokens: Sequence[int],
+        num_prompt: int,
+        mix: Callable[[int], int],
+        vocab: int,
+        permitted: Permitted | None = None,
+    ) -> int:
         """The token for this position: `own` is the mocker's pick, `mix(rank)` a hash for the
-        pick of that rank, `tokens[num_prompt:]` the output so far."""
+        pick of that rank, `tokens[num_prompt:]` the output so far, `permitted` what a grammar
+        allows (None: no grammar)."""
         banned = self._banned(tokens, num_prompt)
 
         def may(token: int) -> bool:
-            return (self._allowed is None or token in self._allowed) and token not in banned
+            return (
+                (self._allowed is None or token in self._allowed)
+                and token not in banned
+                and (permitted is None or token in permitted)
+            )
 
         best, best_score = None, float("-inf")
         if may(own):
@@ -56,10 +81,12 @@ class TokenChoice:
                 best, best_score = token, bias
         if best_score < 0.0:
             # Any unbiased token (score 0) beats it: the next pick that may come out.
-            other = self._next_pick(own, may, mix, vocab)
+            other = self._next_pick(own, may, mix, vocab, permitted)
             if other is not None:
                 best = other
-        return own if best is None else best
+        if best is None:
+            return own if permitted is None else permitted.tokens[0]
+        return best
 
     def _banned(self, tokens: Sequence[int], num_prompt: int) -> set[int]:
         if not self._bad_words:
@@ -74,8 +101,16 @@ class TokenChoice:
                 banned.add(word[-1])
         return banned
 
-    def _next_pick(self, own: int, may: Callable[[int], bool], mix: Callable[[int], int], vocab: int) -> int | None:
+    def _next_pick(
+        self, own: int, may: Callable[[int], bool], mix: Callable[[int], int], vocab: int, permitted: Permitted | None
+    ) -> int | None:
         candidates: Sequence[int] = self._allowed_list if self._allowed_list is not None else range(vocab)
+        if permitted is not None:
+            candidates = (
+                permitted.tokens if self._allowed_list is None else [t for t in self._allowed_list if t in permitted]
+            )
+            if not candidates:
+                return None
 
         def unbiased(token: int) -> bool:
             return token != own and token not in self._bias and may(token)
@@ -90,15 +125,8 @@ class TokenChoice:
 def token_choice(
     request_id: str, sampling: SamplingOptions, vocab: int, tokenizer: Tokenizer | None
 ) -> TokenChoice | None:
-    """The request's constraints (None when it has none), checked as vLLM checks them."""
-    if sampling.structured is not None:
-        # Without a model there is no distribution to constrain: any answer would be a silent
-        # wrong one.
-        raise InvalidRequestError(
-            f"request {request_id}: {sampling.structured.param} is not supported by the mocker engine "
-            "(structured outputs need a model: serve with the vllm engine)",
-            param=sampling.structured.param,
-        )
+    """The request's constraints besides a grammar's (None when it has none), checked as vLLM
+    checks them."""
     if sampling.prompt_logprobs is not None:
         raise InvalidRequestError(
             f"request {request_id}: prompt_logprobs (asked for directly, or by echo with logprobs) is not "

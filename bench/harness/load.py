@@ -15,7 +15,7 @@ import statistics
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -74,6 +74,7 @@ class LoadConfig:
     timeout_s: float = 120.0
     max_duration_s: float = 600.0
     api_key: str | None = None  # sent as `Authorization: Bearer KEY` (a Frontend with API keys)
+    extra_body: Mapping[str, Any] | None = None  # more fields of every request (tools, response_format, ...)
 
     def __post_init__(self) -> None:
         sizes = (self.concurrency, self.prompt_tokens, self.long_prompt_tokens, self.max_tokens, self.prefix_groups)
@@ -113,6 +114,7 @@ class LoadConfig:
         common["stream_options"] = {"include_usage": True}
         if self.ignore_eos:
             common["ignore_eos"] = True  # vLLM's: every output is exactly max_tokens long
+        common.update(self.extra_body or {})
         return [{**common, "messages": [{"role": "user", "content": text}]} for text in texts]
 
 

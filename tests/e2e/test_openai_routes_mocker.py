@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -176,30 +177,83 @@ async def test_the_openapi_document_and_docs_page(frontends: dict[str, ServedGra
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
+# String fields bounded: the mocker's picks inside a string rarely close it, as a random-weight model's.
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "maximum": 9}},
+            "required": ["city"],
+        },
+    },
+}
+CLOCK: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+TOOLS: list[Any] = [WEATHER, CLOCK]
+PERSON: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "pet": {"enum": ["cat", "dog"]}},
+    "required": ["name", "pet"],
+}
+
+
+def _calls(calls: Any) -> list[tuple[str, Any]]:
+    """(name, arguments) of each call, its arguments checked against its tool's schema."""
+    parameters = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+    read = []
+    for call in calls or []:
+        arguments = json.loads(call.function.arguments, strict=False)  # xgrammar's strings may hold a raw tab
+        jsonschema.validate(arguments, parameters[call.function.name])
+        read.append((call.function.name, arguments))
+    return read
+
+
 @pytest.mark.parametrize("frontend", ["embedded", "thin"])
-@pytest.mark.parametrize(
-    ("route", "fields", "field"),
-    [
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/completions", {"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs"),
-        ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
-    ],
-)
-async def test_constraints_the_mocker_cannot_enforce_are_400s_naming_field_and_engine(
-    frontends: dict[str, ServedGraph], frontend: str, route: str, fields: dict[str, Any], field: str
+async def test_the_mocker_enforces_structured_outputs_the_official_client_reads(
+    frontends: dict[str, ServedGraph], frontend: str
 ) -> None:
-    prompt = {"messages": CHAT} if route == "/v1/chat/completions" else {"prompt": "hi"}
-    async with httpx.AsyncClient(base_url=frontends[frontend].base_url, timeout=30) as http:
-        for stream in (False, True):
-            refused = await http.post(
-                route, json={"model": MODEL, **prompt, **fields, "max_tokens": 4, "stream": stream}
+    """Forced tool calls (required, named) parse into the client's tool_calls, whole and
+    streamed; a json_schema answer validates against its schema; a choice is one of them."""
+    request: dict[str, Any] = {"model": MODEL, "messages": CHAT, "max_tokens": 200}
+    base_url = f"{frontends[frontend].base_url}/v1"
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60) as client:
+        required = await client.chat.completions.create(**request, tools=TOOLS, tool_choice="required")
+        streamed: dict[int, dict[str, str]] = {}
+        stream = await client.chat.completions.create(**request, tools=TOOLS, tool_choice="required", stream=True)
+        async for chunk in stream:
+            for piece in chunk.choices[0].delta.tool_calls or []:
+                call = streamed.setdefault(piece.index, {"name": "", "arguments": ""})
+                call["name"] += (piece.function.name or "") if piece.function else ""
+                call["arguments"] += (piece.function.arguments or "") if piece.function else ""
+        named = await client.chat.completions.create(
+            **request, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}
+        )
+        schema: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+        person = await client.chat.completions.create(**request, response_format=schema)
+        weather = await client.completions.create(
+            model=MODEL,
+            prompt="The weather:",
+            max_tokens=20,
+            extra_body={"structured_outputs": {"choice": ["sunny", "rainy"]}},
+        )
+        with pytest.raises(openai.BadRequestError, match="Failed to transform regex"):
+            await client.completions.create(
+                model=MODEL, prompt="hi", max_tokens=4, extra_body={"structured_outputs": {"regex": "(unclosed"}}
             )
-            assert refused.status_code == 400, refused.text
-            message = refused.json()["error"]["message"]
-            assert field in message and "mocker" in message, message
-        # Refused, not broken: the same request without the constraint is served.
-        served = await http.post(route, json={"model": MODEL, **prompt, "max_tokens": 4})
-    assert served.status_code == 200, served.text
+    assert required.choices[0].finish_reason == "tool_calls"
+    calls = _calls(required.choices[0].message.tool_calls)
+    assert calls, required
+    # The mocker's tokens are a function of the prompt: the stream's calls are the same calls.
+    assert [(c["name"], json.loads(c["arguments"], strict=False)) for c in streamed.values()] == calls
+    named_calls = _calls(named.choices[0].message.tool_calls)
+    assert [name for name, _ in named_calls] == ["get_weather"] and named.choices[0].finish_reason == "stop"
+    assert person.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(person.choices[0].message.content or "", strict=False), PERSON)
+    assert weather.choices[0].text in ("sunny", "rainy") and weather.choices[0].finish_reason == "stop"
 
 
 async def test_auto_tool_choice_without_a_parser_is_a_400_that_says_what_to_configure(

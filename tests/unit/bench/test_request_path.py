@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bench.harness.load import Phase, RequestResult, summarize
-from bench.scenarios import WITH_API_KEY, RequestPath
+from bench.scenarios import REQUEST_KINDS, WITH_API_KEY, RequestPath
 
 
 def test_the_report_judges_each_layout_and_compares_them_side_by_side() -> None:
@@ -43,4 +43,26 @@ def test_the_report_gives_what_an_api_key_costs_beside_the_same_layout_without()
     assert (
         "- At concurrency 16, with an API key on every request: 0.97x the requests/s, 1.05x the path CPU per request."
         in report
+    )
+
+
+def test_the_report_puts_constrained_requests_beside_the_plain_ones_of_their_layout() -> None:
+    def phase(row: str, rps: float, frontend: float, worker: float, tokens: int) -> Phase:
+        summary = summarize([RequestResult(ok=True, e2e_s=0.01, output_tokens=tokens)] * int(rps), duration_s=1.0)
+        cpu = {"Frontend": frontend, "Processor": 0.0, "VllmWorker": worker, "nats-server": 0.2, "path": frontend}
+        return Phase((row, "16"), summary, cpu)
+
+    kind = next(iter(REQUEST_KINDS))
+    plain = phase("router-in-frontend", 800, 1.0, 0.5, 16)
+    constrained = phase(f"router-in-frontend, {kind}", 600, 1.25, 1.0, 20)
+    report = RequestPath().render([plain, constrained], argparse.Namespace(requests=None))
+    rows = [line for line in report if line.startswith("| router-in-frontend")]
+    # Beside the plain row; the issue's targets are the plain requests', so no verdict.
+    assert rows == [
+        "| router-in-frontend | 16 | 800 (target >= 600: yes) | 1.00 | none | 0.00 | 1.00 yes | 0.50 | 0.20 |",
+        f"| router-in-frontend, {kind} | 16 | 600 | 1.25 | none | 0.00 | 1.25 | 1.00 | 0.20 |",
+    ]
+    assert (
+        f"- At concurrency 16, `{kind}` against plain requests: 0.75x the requests/s, 1.25x the path CPU per "
+        "request, 2.00x the mocker workers' (20.0 output tokens per request against 16)." in report
     )

@@ -1,5 +1,6 @@
 """The mocker honours logit_bias, allowed_token_ids and bad_words as vLLM does, ignores the
-fields that shape a distribution it does not have, and refuses what it cannot honour."""
+fields that shape a distribution it does not have, and refuses what it cannot honour
+(structured outputs: test_mocker_grammar.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tokenizers import Tokenizer
 from app.engines.mocker import MockerEngine
 from app.engines.mocker_sampling import TokenChoice, bad_words_token_ids
 from app.errors import InvalidRequestError
-from app.protocol import EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions, StructuredOutputs
+from app.protocol import EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions
 
 _ids = iter(range(1_000_000))
 PROMPT = [5, 6, 7, 8]
@@ -112,16 +113,6 @@ async def test_without_a_tokenizer_bad_words_are_refused() -> None:
         assert len(await _tokens(mocker, _request())) == 12
     finally:
         await mocker.stop()
-
-
-@pytest.mark.parametrize("param", ["response_format", "structured_outputs", "tool_choice"])
-async def test_structured_outputs_are_refused_naming_the_field_and_the_engine(engine: MockerEngine, param) -> None:
-    # The mocker has no model to constrain: a 400, never an unconstrained answer.
-    request = _request(structured=StructuredOutputs(json_object=True, param=param))
-    with pytest.raises(InvalidRequestError, match=f"{param} is not supported by the mocker engine") as error:
-        await _tokens(engine, request)
-    assert error.value.param == param
-    assert len(await _tokens(engine, _request())) == 12  # and it keeps serving
 
 
 async def test_stop_token_ids_min_tokens_and_ignore_eos(engine: MockerEngine) -> None:
