@@ -6,7 +6,9 @@ same keys at every level, each with the same JSON types (a key missing where the
 it counts); and, for a 200, the same values everywhere (floats, which are logprobs, within
 `FLOAT_TOLERANCE`). Streams are compared twice: their chunks' shape (all chunks' keys and
 types merged, header values such as `object` and `model` alike) and their content put back
-together per choice index (text, logprobs, finish_reason) with the final usage. A
+together per choice index (text, logprobs, finish_reason) with the final usage, and
+their tool calls as streamed (each call's first piece its id and name, then pieces of its
+arguments; not held back where vLLM's are not). A
 /v1/responses stream is typed events instead: compared event by event once each item's
 deltas are merged (`merged_deltas`), the last one holding the whole Response. Error
 bodies are compared by shape only: vLLM's and Tandem's words differ.
@@ -589,6 +591,59 @@ def _stream_differences(vllm: list[Any], tandem: list[Any], allowed: tuple[Allow
         if their_values != our_values:
             found.append(f"chunks: {key} is {sorted(their_values)} in vLLM's, {sorted(our_values)} in Tandem's")
     found += [f"reassembled: {d}" for d in value_differences(reassemble(theirs), reassemble(ours), "", allowed)]
+    return found + _tool_call_stream_differences(theirs, ours)
+
+
+def _call_pieces(chunks: list[dict[str, Any]]) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """A stream's tool-call pieces by (choice index, call index), each call's in order; in
+    the order the calls were announced."""
+    calls: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for chunk in chunks:
+        for choice in chunk.get("choices") or []:
+            for piece in (choice.get("delta") or {}).get("tool_calls") or []:
+                calls.setdefault((choice.get("index", 0), piece.get("index")), []).append(piece)
+    return calls
+
+
+def _call_stream_form(calls: dict[tuple[int, int], list[dict[str, Any]]]) -> list[str]:
+    """Where a stream's calls break OpenAI's streamed form: a call's first piece announces
+    it (its id, type "function" and name, with the arguments so far), its later pieces add
+    to its arguments only; a choice's calls are announced in index order."""
+    found = []
+    for (choice, index), pieces in calls.items():
+        head, function = pieces[0], pieces[0].get("function") or {}
+        if not (
+            isinstance(head.get("id"), str) and head.get("type") == "function" and isinstance(function.get("name"), str)
+        ):
+            found.append(f"call {index} of choice {choice} begins without its id, type and name: {head}")
+        for piece in pieces:
+            if not isinstance((piece.get("function") or {}).get("arguments", ""), str):
+                found.append(f"call {index} of choice {choice} has arguments that are not text: {piece}")
+        for piece in pieces[1:]:
+            named = [key for key in ("id", "type") if piece.get(key) is not None]
+            named += ["name"] if (piece.get("function") or {}).get("name") is not None else []
+            if named:
+                found.append(f"a later piece of call {index} of choice {choice} has its {named} again: {piece}")
+    for choice in dict.fromkeys(choice for choice, _ in calls):
+        order = [index for each, index in calls if each == choice]
+        if order != list(range(len(order))):
+            found.append(f"choice {choice} announces its calls in the order {order}")
+    return found
+
+
+def _tool_call_stream_differences(vllm: list[dict[str, Any]], tandem: list[dict[str, Any]]) -> list[str]:
+    """How the calls are streamed (their text is compared put together): both in OpenAI's
+    streamed form (`_call_stream_form`), the same calls announced, and a call whose
+    arguments vLLM streams in several pieces streamed in several by Tandem too, not held
+    back to its end. How many pieces, each server's engine steps decide."""
+    theirs, ours = _call_pieces(vllm), _call_pieces(tandem)
+    found = [f"vLLM's stream: {d}" for d in _call_stream_form(theirs)]
+    found += [f"Tandem's stream: {d}" for d in _call_stream_form(ours)]
+    if list(theirs) != list(ours):
+        return [*found, f"tool calls: vLLM's stream announces {list(theirs)}, Tandem's {list(ours)}"]
+    for call, pieces in theirs.items():
+        if len(pieces) > 1 and len(ours[call]) == 1:
+            found.append(f"tool call {call}: vLLM streams its arguments in {len(pieces)} pieces, Tandem in one")
     return found
 
 

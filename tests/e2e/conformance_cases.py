@@ -205,15 +205,19 @@ TOOL_CALL_IDS = (
     # A call's id is random on both (vLLM's make_tool_call_id: "chatcmpl-tool-" and a uuid).
     Allowed("choices[].message.tool_calls[].id", Rule.VALUE_MAY_DIFFER, "random"),
     Allowed("choices[].delta.tool_calls[].id", Rule.VALUE_MAY_DIFFER, "random"),
-    # A call's later pieces: vLLM's parsers send "id": null (some of them), OpenAI's API and
-    # Tandem no id at all.
+    # A call's later pieces: vLLM's parsers send "id": null (some of them), and its "required"
+    # stream "name": null (vllm/tool_parsers/streaming.py); OpenAI's API and Tandem leave both out.
     Allowed("choices[].delta.tool_calls[].id", Rule.VLLM_NULL_FOR_ABSENT, "later pieces of a call"),
-    # The arguments are JSON text: vLLM streams a "required" call's arguments as the model
-    # wrote them and re-serializes them whole; Tandem re-serializes them in both. Compared
-    # as JSON values.
+    Allowed("choices[].delta.tool_calls[].function.name", Rule.VLLM_NULL_FOR_ABSENT, "later pieces of a call"),
+)
+# The calls the model chose (auto): their arguments, JSON text, compared as JSON values. A
+# named or "required" call's are compared as text: as vLLM, Tandem streams them as the model
+# writes them and re-serializes a "required" call's in a whole answer.
+ARGUMENTS_AS_JSON = (
     Allowed("choices[].message.tool_calls[].function.arguments", Rule.JSON_TEXT, "compared as JSON"),
     Allowed("choices[].delta.tool_calls[].function.arguments", Rule.JSON_TEXT, "compared as JSON"),
 )
+FORCED_CALLS = ("tool_choice-named", "tool_choice-required", "tool_choice-required-one-call")
 VLLM_LISTS_THE_CHOSEN_TOKEN_FIRST = (
     # vLLM's chat takes the first top_logprobs entries of the engine's {chosen token,
     # likeliest tokens...}: the chosen token, then the likeliest others
@@ -349,10 +353,26 @@ def _generation_cases() -> list[Case]:
     for name, fields in COMPLETION_CONSTRAINED.items():
         cases += both_ways(f"completion-{name}", COMPLETIONS, completion(max_tokens=CONSTRAINED_TOKENS, **fields))
     for name, fields in TOOLS.items():
-        cases += both_ways(f"chat-{name}", CHAT, chat(max_tokens=CONSTRAINED_TOKENS, **fields), allowed=TOOL_CALL_IDS)
+        allowed = TOOL_CALL_IDS if name in FORCED_CALLS else TOOL_CALL_IDS + ARGUMENTS_AS_JSON
+        cases += both_ways(f"chat-{name}", CHAT, chat(max_tokens=CONSTRAINED_TOKENS, **fields), allowed=allowed)
+    # The random-weight model fills a "required" answer with whitespace (the JSON grammar
+    # allows any): in the cases above no call's name is complete within their max_tokens.
+    # Penalties make it end its whitespace sooner, so a call is announced and its arguments
+    # stream piece by piece (get_time's, 4 pieces from vLLM's server). Streamed only: the
+    # array is still open at max_tokens, where vLLM's whole answer has no call at all.
+    cases.append(
+        Case(
+            "chat-tool_choice-required-arguments-stream",
+            CHAT,
+            chat(max_tokens=120, frequency_penalty=2.0, presence_penalty=2.0, **TOOLS["tool_choice-required"]),
+            stream=True,
+            finish_reason="length",
+            allowed=TOOL_CALL_IDS,
+        )
+    )
     for name, (fields, nonempty) in REASONING.items():
         body = chat(**THINKING, **fields)
-        cases += both_ways(f"chat-{name}", CHAT, body, nonempty=nonempty, allowed=TOOL_CALL_IDS)
+        cases += both_ways(f"chat-{name}", CHAT, body, nonempty=nonempty, allowed=TOOL_CALL_IDS + ARGUMENTS_AS_JSON)
     # An earlier answer's reasoning in the history, under either name: accepted, and passed to
     # the template (the tiny model's ignores it).
     history = [
@@ -481,7 +501,7 @@ RESPONSE_TOOL_HISTORY = [
     {"type": "function_call_output", "call_id": "call-1", "output": "Sunny, 21 C"},
 ]
 RESPONSE_TOOL_CALLS = (
-    # The arguments are JSON text (see TOOL_CALL_IDS): compared as JSON values, merged deltas too.
+    # The arguments are JSON text (see ARGUMENTS_AS_JSON): compared as JSON values, merged deltas too.
     *(
         Allowed(path, Rule.JSON_TEXT, "compared as JSON")
         for path in ("output[].arguments", "response.output[].arguments", "item.arguments", "arguments", "delta")

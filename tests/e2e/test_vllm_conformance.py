@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conformance import (
+    ALLOWED,
     DONE,
     Allowed,
     Answer,
@@ -27,6 +28,7 @@ from tests.e2e.conformance import (
     reassemble,
     resolve,
 )
+from tests.e2e.conformance_cases import TOOL_CALL_IDS
 
 HEAD = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "tiny-llama"}
 # As vLLM 0.32's server answers a greedy chat (its extras included).
@@ -389,4 +391,92 @@ TANDEM_EVENTS = response_events(["c", "al", " side"], vllm=False)
 )
 def test_each_responses_stream_difference_is_flagged(events: list[Any], flagged: str) -> None:
     found = differences(streamed(response_events(["cal", " side"], vllm=True)), streamed(events))
+    assert any(line.startswith(flagged) for line in found), found
+
+
+# --- streamed tool calls -----------------------------------------------------------------------------
+
+
+def call_piece(index: int, arguments: str, name: str | None = None, *, vllm: bool = False) -> dict[str, Any]:
+    """One piece of a streamed call: its first (with `name`) or a later one, as each server
+    sends it (vLLM's later "required" pieces say "name": null)."""
+    if name is not None:
+        function = {"name": name, "arguments": arguments}
+        return {"index": index, "id": f"chatcmpl-tool-{index}{vllm}", "type": "function", "function": function}
+    return {"index": index, "function": {"name": None, "arguments": arguments} if vllm else {"arguments": arguments}}
+
+
+def calls_stream(pieces: list[list[dict[str, Any]]], finish: str = "tool_calls") -> list[Any]:
+    return [
+        chunk({"role": "assistant", "content": ""}),
+        *(chunk({"tool_calls": each}) for each in pieces),
+        chunk({}, finish),
+        DONE,
+    ]
+
+
+# A "required" stream of two calls, as vLLM's server sends it, token by token.
+VLLM_CALLS = calls_stream(
+    [
+        [call_piece(0, '{"', "get_weather", vllm=True)],
+        [call_piece(0, 'city": ', vllm=True)],
+        [call_piece(0, '"Oslo"}', vllm=True), call_piece(1, "{}", "get_time", vllm=True)],
+    ]
+)
+
+
+def test_a_required_stream_cut_otherwise_conforms() -> None:
+    tandem = calls_stream(
+        [
+            [call_piece(0, "{", "get_weather")],
+            [call_piece(0, '"city": "Oslo"')],
+            [call_piece(0, "}")],
+            [call_piece(1, "{}", "get_time")],
+        ]
+    )
+    assert differences(streamed(VLLM_CALLS), streamed(tandem), ALLOWED + TOOL_CALL_IDS) == []
+
+
+@pytest.mark.parametrize(
+    ("pieces", "flagged"),
+    [
+        # Held back: each call's arguments whole in one piece, at its end (Tandem before it
+        # streamed "required" calls as vLLM does).
+        ([[call_piece(0, '{"city": "Oslo"}', "get_weather")], [call_piece(1, "{}", "get_time")]], "tool call (0, 0)"),
+        # A later piece that names its call again.
+        (
+            [
+                [call_piece(0, '{"city": ', "get_weather")],
+                [{"index": 0, "function": {"name": "get_weather", "arguments": '"Oslo"}'}}],
+                [call_piece(1, "{}", "get_time")],
+            ],
+            "Tandem's stream: a later piece of call 0",
+        ),
+        # A call announced without its id.
+        (
+            [
+                [call_piece(0, '{"city": ', "get_weather")],
+                [call_piece(0, '"Oslo"}')],
+                [{"index": 1, "type": "function", "function": {"name": "get_time", "arguments": "{}"}}],
+            ],
+            "Tandem's stream: call 1 of choice 0 begins without",
+        ),
+        # The calls announced out of order.
+        (
+            [
+                [call_piece(1, "{}", "get_time")],
+                [call_piece(0, '{"city": ', "get_weather")],
+                [call_piece(0, '"Oslo"}')],
+            ],
+            "Tandem's stream: choice 0 announces its calls in the order [1, 0]",
+        ),
+        # Other text (under greedy decoding the same text is required, not the same JSON).
+        (
+            [[call_piece(0, '{"city":', "get_weather")], [call_piece(0, '"Oslo"}')], [call_piece(1, "{}", "get_time")]],
+            "reassembled: choices[].delta.tool_calls[].function.arguments",
+        ),
+    ],
+)
+def test_each_tool_call_stream_difference_is_flagged(pieces: list[list[dict[str, Any]]], flagged: str) -> None:
+    found = differences(streamed(VLLM_CALLS), streamed(calls_stream(pieces)), ALLOWED + TOOL_CALL_IDS)
     assert any(line.startswith(flagged) for line in found), found

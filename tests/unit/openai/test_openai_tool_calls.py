@@ -85,3 +85,28 @@ async def test_without_forced_calls_the_text_is_content(make_backend, tool_choic
     fields = {"tool_choice": tool_choice} if tool_choice else {"tools": None}
     message = (await client.chat.completions.create(**{**_body(), **fields})).choices[0].message
     assert message.content == REQUIRED_REPLY and not message.tool_calls
+
+
+async def test_a_required_stream_sends_each_call_head_first_then_its_arguments_piece_by_piece(make_backend) -> None:
+    """vLLM's server's chunks for a "required" call: the call's id, type and name with the
+    arguments written so far, then chunks that add to its arguments as they are written."""
+    app = create_app(make_backend(reply=REQUIRED_REPLY))
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://tandem") as http:
+        response = await http.post("/v1/chat/completions", json=_body(tool_choice="required", stream=True))
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    pieces = [piece for chunk in chunks for piece in chunk["choices"][0]["delta"].get("tool_calls", [])]
+    heads = [piece for piece in pieces if "id" in piece]
+    assert [(head.keys(), head["index"], head["type"], head["function"]["name"]) for head in heads] == [
+        ({"index", "id", "type", "function"}, 0, "function", "get_weather"),
+        ({"index", "id", "type", "function"}, 1, "function", "get_time"),
+    ]
+    later = [piece for piece in pieces if "id" not in piece]
+    assert later and all(
+        piece.keys() == {"index", "function"} and piece["function"].keys() == {"arguments"} for piece in later
+    )
+    assert sum(piece["index"] == 0 for piece in later) > 2  # the first call's arguments, token by token
+    arguments = ["".join(p["function"]["arguments"] for p in pieces if p["index"] == index) for index in (0, 1)]
+    assert arguments == ['{"city": "Oslo"}', "{}"]
+    # A head holds the arguments written when the call's parameters began.
+    assert all(arguments[head["index"]].startswith(head["function"]["arguments"] or "-") for head in heads)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
