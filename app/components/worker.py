@@ -3,7 +3,8 @@
 The engine lives in an `EngineHost` (app/engines/host.py). With `remote-prefill`, long
 prefills go to PrefillWorkers through the prefill work queue (app/disagg/decode.py; the
 hand-off is app/protocol/prefill.py); the answer comes back on `prefill_done`. A request
-with n > 1 runs as n engine requests, one per choice (app/engines/choices.py).
+with n > 1 runs as n engine requests, one per choice (app/engines/choices.py). Router
+replicas that re-sync their KV index ask `kv_blocks` for what the engine caches.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from app.engines.base import EngineDeadError
 from app.engines.choices import generate_choices
 from app.engines.host import EngineHost, WorkerConfig
 from app.errors import WrongModelError
-from app.protocol import EngineOutput, PrefillAnswer, PrefillWanted, PreprocessedRequest, names
+from app.protocol import (
+    EngineOutput,
+    KvBlocksWanted,
+    KvEventBatch,
+    PrefillAnswer,
+    PrefillWanted,
+    PreprocessedRequest,
+    names,
+)
 from app.runtime import Runtime
 from app.sdk import Service, ServiceContext, endpoint, on_shutdown, on_start, service
 
@@ -108,6 +117,13 @@ class VllmWorker(Service):
     async def prefill_wanted(self, question: PrefillWanted) -> AsyncIterator[float]:
         """Seconds this worker still waits for the job's answer; 0 when it does not."""
         yield 0.0 if self._remote_prefill is None else self._remote_prefill.time_left(question.job_id)
+
+    @endpoint(request=KvBlocksWanted)
+    async def kv_blocks(self, _wanted: KvBlocksWanted) -> AsyncIterator[KvEventBatch]:
+        """What the engine caches, for a router replica that re-syncs its view of this worker
+        (app/router/kv_resync.py): a clear, then every block."""
+        for batch in self.host.kv_blocks():
+            yield batch
 
     @on_shutdown
     async def stop(self) -> None:

@@ -22,6 +22,7 @@ from app import env
 from app.aio import cancel_and_wait, end_on_exit
 from app.engines import Engine, create_engine
 from app.engines.base import EngineProcess
+from app.engines.kv_mirror import KvMirror
 from app.engines.metrics import EngineStatsView
 from app.metrics import replica_port, serve_metrics
 from app.protocol import KV_HASH_SCHEME, KvEventBatch, LoadReport, ModelInfo, ModelRecord, names
@@ -99,6 +100,8 @@ class EngineHost:
         self._leaving: asyncio.Task[None] | None = None
         self._model_record: ModelRecord | None = None
         self._pending_publishes: set[asyncio.Task[None]] = set()
+        # What this worker's KV events said its engine caches, for routers that ask (`kv_blocks`).
+        self._kv_mirror = KvMirror(runtime.instance_id)
 
     async def start(self) -> ModelInfo:
         worker_id = self._runtime.instance_id
@@ -124,6 +127,8 @@ class EngineHost:
         info = await self.engine.start(worker_id, on_kv_events=self._publish_kv if self._advertise else None)
         # The scheme is this host's: it publishes the KV events, in the protocol's format.
         self.info = msgspec.structs.replace(info, kv_hash_scheme=KV_HASH_SCHEME)
+        self._kv_mirror.block_size = self.info.block_size
+        self._kv_mirror.capacity_blocks = self.engine.stats().kv_total_blocks
         startup.phase(
             startup.ENGINE_READY,
             f"{config.engine}: model {self.info.name}, block size {self.info.block_size}, "
@@ -181,9 +186,15 @@ class EngineHost:
                 log.exception("removing the model record failed; it goes with the lease")
         self._fail(f"engine dead: {reason}")
 
+    def kv_blocks(self) -> list[KvEventBatch]:
+        """Every block the engine caches, as KV event batches a router re-syncs from
+        (app/engines/kv_mirror.py): taken at once, so they agree with one seq."""
+        return self._kv_mirror.dump()
+
     def _publish_kv(self, batch: KvEventBatch) -> None:
         # Called from the engine's relay task; publishing must not block it. NATS keeps
         # the order of publishes from one connection, and tasks start in FIFO order.
+        self._kv_mirror.apply(batch)
         task = asyncio.get_running_loop().create_task(self._runtime.publish(names.KV_EVENTS_TOPIC, batch))
         self._pending_publishes.add(task)
         task.add_done_callback(self._pending_publishes.discard)

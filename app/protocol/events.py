@@ -58,6 +58,14 @@ class KvEventBatch(msgspec.Struct, omit_defaults=True, kw_only=True):
     timestamp: float = 0.0
 
 
+class KvBlocksWanted(msgspec.Struct, kw_only=True):
+    """A router replica's call for a worker's whole cache (it started, missed events, or
+    forgot the worker): the worker streams `KvEventBatch`es, the first a clear, all with the
+    seq of its last published batch, which its later batches follow."""
+
+    router_id: str
+
+
 # --- load: VllmWorker -> router replicas ------------------------------------------------
 
 

@@ -24,6 +24,7 @@ ROUTE = "route"  # Router: RouteRequest -> one RouteDecision
 GENERATE = "generate"  # VllmWorker: PreprocessedRequest -> EngineOutputs
 PREFILL_DONE = "prefill_done"  # VllmWorker: PrefillAnswer -> one bool
 PREFILL_WANTED = "prefill_wanted"  # VllmWorker: PrefillWanted -> seconds it still waits (0: not)
+KV_BLOCKS = "kv_blocks"  # VllmWorker: KvBlocksWanted -> KvEventBatches: a clear, then every block it caches
 PREFILL_STATUS = "status"  # PrefillWorker: anything -> one dict of job counters
 
 # --- event topics and work queues (the events plane) ------------------------------------

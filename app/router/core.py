@@ -136,6 +136,17 @@ class RoutingCore:
         self.kv_health.on_batch(batch.worker_id)
         return True
 
+    def apply_kv_dump(self, worker_id: str, dump: Sequence[KvEventBatch]) -> bool:
+        """Replace a worker's blocks by a dump of its cache (app/router/kv_resync.py); False
+        (counted) if rejected."""
+        try:
+            self.index.replace_worker(worker_id, dump)
+        except BlockSizeMismatchError as exc:
+            self.counters.rejected_batches += 1
+            self.kv_health.on_batch(worker_id, rejected_because=str(exc))
+            return False
+        return True
+
     def apply_load_report(self, report: LoadReport) -> None:
         self.load.apply_report(report)
         self.kv_health.on_load(report.worker_id, report.running)

@@ -1,9 +1,9 @@
 """The narrow interface between a router replica and the fleet it routes for.
 
-A replica needs six things from the fleet and gives it two: it hears the workers' KV
+A replica needs seven things from the fleet and gives it two: it hears the workers' KV
 events and load reports, the other replicas' placements, which workers are live (of
-which model, and when one goes), the live routing policy, and the block size the
-workers' engines use;
+which model, and when one comes or goes), the live routing policy, the block size the
+workers' engines use, and on demand a worker's whole cache (app/router/kv_resync.py);
 it publishes its own placements, and now and then a report of itself for operators.
 `FleetFeed` is that interface, so that the replica (app/router/replica.py) knows nothing
 of NATS, etcd or the runtime.
@@ -34,6 +34,10 @@ class FleetListener(Protocol):
     def on_placements(self, events: Sequence[PlacementEvent]) -> None:
         """Placements of any replica, this one's own echoes included (the replica skips those)."""
 
+    def on_worker_up(self, worker_id: str) -> None:
+        """A worker's record is there (it registered, came back, or changed): it is among
+        `live_workers()`."""
+
     def on_worker_gone(self, worker_id: str) -> None:
         """A worker left (its lease went): it is no longer among `live_workers()`."""
 
@@ -58,6 +62,11 @@ class FleetFeed(abc.ABC):
     def live_workers(self, model: str = "") -> Sequence[str]:
         """The workers a request for `model` may go to now: those whose model record names
         it ("": every live worker)."""
+
+    @abc.abstractmethod
+    async def kv_blocks(self, worker_id: str) -> list[KvEventBatch]:
+        """Every block the worker caches, from the worker: a clear, then the blocks, all as
+        of the seq of its last batch (app/engines/kv_mirror.py). Raises if it cannot answer."""
 
     @abc.abstractmethod
     async def publish_placements(self, events: list[PlacementEvent]) -> None:

@@ -18,7 +18,7 @@ import heapq
 import logging
 from collections.abc import Sequence
 
-from app.protocol import AllBlocksCleared, BlockRemoved, BlockStored, EngineBlockHash, KvEventBatch
+from app.protocol import AllBlocksCleared, BlockRemoved, BlockStored, EngineBlockHash, KvEvent, KvEventBatch
 from app.router.hashing import block_hashes
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class KvIndex:
         self._worker_of_slot: list[str | None] = []
         self._free_slots: list[int] = []  # a heap: reuse low slots to keep masks short
         self.seq_gaps = 0
+        self.stale_batches = 0  # skipped: their seq was applied already
         self.orphan_blocks = 0  # stored blocks skipped: their parent block was unknown
         self.malformed_events = 0
 
@@ -77,17 +78,37 @@ class KvIndex:
         if batch.block_size != self.block_size:
             raise BlockSizeMismatchError(batch.worker_id, batch.block_size, self.block_size)
         worker = self._workers.get(batch.worker_id) or self._add_worker(batch.worker_id)
+        if worker.last_seq is not None and batch.seq <= worker.last_seq:
+            # Already applied, or accounted for by a dump of the worker's cache (`replace_worker`).
+            self.stale_batches += 1
+            return
         if worker.last_seq is not None and batch.seq != worker.last_seq + 1:
-            # Events were lost or reordered: the view of this worker may be stale until
-            # its blocks turn over, but later events are still worth applying.
+            # Events were lost: the view of this worker is stale until a dump of its cache
+            # replaces it (app/router/kv_resync.py), but later events are still worth applying.
             self.seq_gaps += 1
             log.warning(
                 "KV events from worker %s: expected seq %d, got %d", batch.worker_id, worker.last_seq + 1, batch.seq
             )
         worker.last_seq = batch.seq
-        for event in batch.events:
+        self._apply_events(batch.worker_id, worker, batch.events)
+
+    def replace_worker(self, worker_id: str, dump: Sequence[KvEventBatch]) -> None:
+        """Make a worker's blocks what a dump of its cache says (app/engines/kv_mirror.py): a
+        clear, then every block it holds, as of its batch `dump[0].seq`, which later batches
+        follow. Raises BlockSizeMismatchError (nothing applied)."""
+        for batch in dump:
+            if batch.block_size != self.block_size:
+                raise BlockSizeMismatchError(worker_id, batch.block_size, self.block_size)
+        worker = self._workers.get(worker_id) or self._add_worker(worker_id)
+        self._clear(worker)
+        worker.last_seq = dump[0].seq if dump else None
+        for batch in dump:
+            self._apply_events(worker_id, worker, batch.events)
+
+    def _apply_events(self, worker_id: str, worker: _WorkerBlocks, events: Sequence[KvEvent]) -> None:
+        for event in events:
             if isinstance(event, BlockStored):
-                self._store(batch.worker_id, worker, event)
+                self._store(worker_id, worker, event)
             elif isinstance(event, BlockRemoved):
                 self._remove(worker, event.block_hashes)
             elif isinstance(event, AllBlocksCleared):

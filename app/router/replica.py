@@ -3,8 +3,10 @@
 The Router service runs one per process; a Frontend with `embed-router` runs one in its
 own process and routes without a NATS round trip. Either way every replica builds the
 whole KV index from the workers' events and shares its placements with the others, so
-replicas neither miss cached prefixes nor pile onto one worker. What the replica hears
-and says goes through a `FleetFeed` (app/router/feed.py).
+replicas neither miss cached prefixes nor pile onto one worker; what the events did not
+tell it (it started late, lost some, forgot a worker) it asks the worker for
+(app/router/kv_resync.py). What the replica hears and says goes through a `FleetFeed`
+(app/router/feed.py).
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ from app.protocol import (
 )
 from app.router.core import RoutingCore
 from app.router.feed import FleetFeed
+from app.router.kv_resync import KvResync
 from app.router.metrics import RouterMetrics
 from app.router.placements import PlacementPublisher
 from app.router.tunables import LivePolicy
 
 log = logging.getLogger(__name__)
+
+# How long a starting replica waits for the workers' dumps of their caches (app/router/kv_resync.py).
+_START_RESYNC_WAIT_S = 5.0
 
 
 class RouterReplica:
@@ -71,6 +77,7 @@ class RouterReplica:
         self._metrics_port = metrics_port
         self._metrics_server: Any = None
         self._core: RoutingCore | None = None
+        self._kv_resync: KvResync | None = None
         self._report_interval_s = report_interval_s
         self._kv_silence_s = kv_silence_s
         self._reporting: asyncio.Task[None] | None = None
@@ -94,7 +101,13 @@ class RouterReplica:
         )
         self._metrics.core = self._core
         self._metrics_server = serve_metrics(self._metrics.registry, self._metrics_port)
+        self._kv_resync = KvResync(self._core, self._feed.kv_blocks)
         await self._feed.follow(self, self._configured)
+        # Workers that cached before this replica started: what they hold comes from them,
+        # before the replica takes requests (a worker slow to answer is waited for no longer).
+        for worker_id in self._feed.live_workers():
+            self._kv_resync.resync(worker_id, "this router started")
+        await self._kv_resync.settled(timeout=_START_RESYNC_WAIT_S)
         self._reporting = asyncio.create_task(self._report_periodically(), name="router-report")
         log.info("routing with policy %s, block size %d", self._core.policy.name, block_size)
 
@@ -129,6 +142,8 @@ class RouterReplica:
 
     async def close(self) -> None:
         await cancel_and_wait(self._reporting)
+        if self._kv_resync is not None:
+            await self._kv_resync.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
@@ -164,7 +179,8 @@ class RouterReplica:
     # --- FleetListener --------------------------------------------------------------------
 
     def on_kv_events(self, batch: KvEventBatch) -> None:
-        self.core.apply_kv_batch(batch)
+        assert self._kv_resync is not None
+        self._kv_resync.on_batch(batch)
 
     def on_load_report(self, report: LoadReport) -> None:
         self.core.apply_load_report(report)
@@ -173,8 +189,14 @@ class RouterReplica:
         for event in events:
             self.core.apply_placement(event)
 
+    def on_worker_up(self, worker_id: str) -> None:
+        assert self._kv_resync is not None
+        self._kv_resync.on_worker_up(worker_id)
+
     def on_worker_gone(self, worker_id: str) -> None:
         self.core.remove_worker(worker_id)
+        assert self._kv_resync is not None
+        self._kv_resync.on_worker_gone(worker_id)
 
     def on_policy(self, policy: LivePolicy) -> None:
         self.core.set_policy(policy.policy, policy.knobs)

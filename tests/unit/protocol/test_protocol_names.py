@@ -16,7 +16,7 @@ def test_service_and_endpoint_names_match_the_services() -> None:
         names.FRONTEND: (Frontend, ()),
         names.PROCESSOR: (Processor, (names.CHAT_COMPLETIONS, names.COMPLETIONS, names.TOKENIZE, names.DETOKENIZE)),
         names.ROUTER: (Router, (names.ROUTE,)),
-        names.VLLM_WORKER: (VllmWorker, (names.GENERATE, names.PREFILL_DONE, names.PREFILL_WANTED)),
+        names.VLLM_WORKER: (VllmWorker, (names.GENERATE, names.PREFILL_DONE, names.PREFILL_WANTED, names.KV_BLOCKS)),
         names.PREFILL_WORKER: (PrefillWorker, (names.PREFILL_STATUS,)),
     }
     for name, (service, endpoints) in served.items():
