@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "unavailable"
     # The chosen worker cannot serve it (its engine died, it left); another one may.
     WORKER_UNAVAILABLE = "worker_unavailable"
+    # The request did not finish within the Frontend's `request-timeout-s`.
+    TIMEOUT = "timeout"
     INTERNAL = "internal"
 
 
@@ -115,6 +117,13 @@ class WrongModelError(WorkerUnavailableError):
     caller, an older one too, answers by routing the request to another worker."""
 
 
+class RequestTimeoutError(TandemError):
+    """A request outlived the Frontend's request timeout: it was ended, its engine work cancelled."""
+
+    code = ErrorCode.TIMEOUT
+    status = 504
+
+
 class InternalError(TandemError):
     """A bug or an unexpected failure inside Tandem; never the client's fault."""
 
@@ -129,6 +138,7 @@ _BY_CODE: dict[str, type[TandemError]] = {
         OverloadedError,
         UnavailableError,
         WorkerUnavailableError,
+        RequestTimeoutError,
         InternalError,
     )
 }

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.aio import end_on_exit
 from app.components.processor import Processor
 from app.openai import create_app
+from app.openai.app import DEFAULT_REQUEST_TIMEOUT_S
 from app.openai.auth import ApiKey, ApiKeyError, ApiKeyItem, ApiKeys, KeyLimits, load_api_keys
 from app.openai.metrics import FrontendMetrics
 from app.openai.server import ConnectionLimits, make_server
@@ -89,6 +90,12 @@ class FrontendConfig(BaseModel):
         gt=0,
         description="a client that reads none of its response for this long is dropped and its request cancelled",
     )
+    request_timeout_s: float = Field(
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        gt=0,
+        description="a generation request not done within this ends with 504 (an in-stream error once its "
+        "stream has begun) and its engine work is cancelled",
+    )
 
     @model_validator(mode="after")
     def _router_needs_pipeline(self) -> FrontendConfig:
@@ -144,6 +151,7 @@ class Frontend(Service):
             max_inflight=self.config.max_inflight_requests,
             api_keys=api_keys,
             metrics_auth=self.config.metrics_auth,
+            request_timeout_s=self.config.request_timeout_s,
         )
         # On SIGTERM the streams in flight finish within every service's drain budget.
         limits = ConnectionLimits(

@@ -38,6 +38,7 @@ from app.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     TandemError,
     UnauthorizedError,
     UnavailableError,
@@ -78,6 +79,11 @@ from app.protocol import StreamItem
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Past this a generation request ends with a 504 (an in-stream error once its stream has
+# begun) and its engine work is cancelled: nothing holds a connection and an admission slot
+# for ever, whatever a hop below it fails to notice. Generous: a long generation on a loaded
+# fleet takes minutes.
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
 WORKER_HEADER = "X-Tandem-Worker"
 PREFILL_WORKER_HEADER = "X-Tandem-Prefill-Worker"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -123,6 +129,7 @@ class _Generation:
         request_id: str,
         route: str,
         started: float,
+        timeout_s: float,
     ) -> None:
         self._backend = backend
         self._metrics = metrics
@@ -132,7 +139,10 @@ class _Generation:
         self._request_id = request_id
         self._route = route
         self._started = started
+        self._timeout_s = timeout_s
         self._status_recorded = False
+        self._events_started = False
+        self._items: AsyncIterator[StreamItem] | None = None
         self._last_token_time = 0.0
         self._completion_tokens = 0
         # A completions request may hold several prompts: each has n choices (numbered
@@ -181,32 +191,56 @@ class _Generation:
             await self._send_error(send, refusal)
             return
         self._metrics.inflight.inc()
-        items: AsyncIterator[StreamItem] | None = None
+        deadline = asyncio.timeout(self._timeout_s)
         try:
             try:
-                items = aiter(batch.generate(self._backend, self._kind, self._request, self._request_id))
-                first = await anext(items, None)
-                if first is None:
-                    raise InternalError("the backend returned no output")
-            except Exception as exc:
-                await self._send_error(send, exc)
-                return
-            headers = {REQUEST_ID_HEADER: self._request_id}
-            if first.worker_id:
-                headers[WORKER_HEADER] = first.worker_id
-            if first.prefill_worker_id:
-                headers[PREFILL_WORKER_HEADER] = first.prefill_worker_id
-            if self._request.stream:
-                await self._stream(send, items, first, headers)
-            else:
-                await self._unary(send, items, first, headers)
+                async with deadline:
+                    await self._respond(send)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                await self._timed_out(send)
         finally:
+            items = self._items
             if items is not None and hasattr(items, "aclose"):
                 await items.aclose()
             self._metrics.inflight.dec()
             self._admission.leave()
             self._metrics.output_tokens.inc(self._completion_tokens)
             self._metrics.input_tokens.inc(self._prompt_tokens)
+
+    async def _respond(self, send: Send) -> None:
+        try:
+            items = self._items = aiter(batch.generate(self._backend, self._kind, self._request, self._request_id))
+            first = await anext(items, None)
+            if first is None:
+                raise InternalError("the backend returned no output")
+        except Exception as exc:
+            await self._send_error(send, exc)
+            return
+        headers = {REQUEST_ID_HEADER: self._request_id}
+        if first.worker_id:
+            headers[WORKER_HEADER] = first.worker_id
+        if first.prefill_worker_id:
+            headers[PREFILL_WORKER_HEADER] = first.prefill_worker_id
+        if self._request.stream:
+            await self._stream(send, items, first, headers)
+        else:
+            await self._unary(send, items, first, headers)
+
+    async def _timed_out(self, send: Send) -> None:
+        """The request timeout ran out (the backend stream it cancelled stops its engine work)."""
+        error = RequestTimeoutError(f"the request did not finish within {self._timeout_s:g} s")
+        if self._events_started:
+            body = self._error_events(self._log_error(error))
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        elif not self._status_recorded:
+            await self._send_error(send, error)
+        # Else a whole answer was on its way out: the connection closes where it stopped.
+
+    def _error_events(self, error: ClientError) -> bytes:
+        """The end of an event stream that failed: the error as an SSE event, as vLLM and OpenAI send it."""
+        return _sse(error.body()) + _SSE_DONE
 
     def client_gone(self) -> None:
         logger.info("request %s: client disconnected; cancelled", self._request_id)
@@ -380,15 +414,15 @@ class _Generation:
                 item = await anext(items, None)
             raise InternalError("the backend stream ended without a finish reason")
         except Exception as exc:
-            # Headers are gone: the error travels as an SSE event, as vLLM and OpenAI do.
-            error = self._log_error(exc)
-            body = unsent_role + _sse(error.body()) + _SSE_DONE
+            # Headers are gone: the error travels as an SSE event.
+            body = unsent_role + self._error_events(self._log_error(exc))
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _start_events(self, send: Send, headers: dict[str, str]) -> None:
         """A 200 whose body is a stream of server-sent events."""
         headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         self._record_status(200)
+        self._events_started = True
         await send({"type": "http.response.start", "status": 200, "headers": _raw_headers(headers)})
 
     def _log_error(self, exc: BaseException) -> ClientError:
@@ -480,8 +514,11 @@ class _ResponsesGeneration(_Generation):
             raise InternalError("the backend stream ended without a finish reason")
         except Exception as exc:
             # Headers are gone: the error travels as OpenAI's error event.
-            body = unsent + self._response.error(self._log_error(exc))
+            body = unsent + self._error_events(self._log_error(exc))
             await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _error_events(self, error: ClientError) -> bytes:
+        return self._response.error(error)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -566,7 +603,7 @@ def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
-_GENERATION_ERRORS = _error_responses(400, 404, 413, 429, 500, 503)
+_GENERATION_ERRORS = _error_responses(400, 404, 413, 429, 500, 503, 504)
 _TOKENIZER_ERRORS = _error_responses(400, 404, 413, 500, 503)
 
 
@@ -650,9 +687,11 @@ def create_app(
     max_inflight: int | None = None,
     api_keys: ApiKeys | None = None,
     metrics_auth: bool = False,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> FastAPI:
     """`api_keys`: the keys every route but /health and /live (and /metrics, unless
-    `metrics_auth`) needs (app/openai/auth.py); None: every route is open."""
+    `metrics_auth`) needs (app/openai/auth.py); None: every route is open.
+    `request_timeout_s`: how long a generation request may take, from its admission."""
     metrics = metrics or FrontendMetrics()
     admissions = Admissions(max_inflight, api_keys or (), metrics)
     version = _installed_version("tandem") or "unknown"
@@ -727,6 +766,7 @@ def create_app(
             request_id=_request_id(request),
             route=route,
             started=started,
+            timeout_s=request_timeout_s,
         )
         return _GenerationResponse(generation)
 
@@ -762,6 +802,7 @@ def create_app(
             request_id=request_id,
             route=route,
             started=started,
+            timeout_s=request_timeout_s,
         )
         return _GenerationResponse(generation)
 

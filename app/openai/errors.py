@@ -24,6 +24,7 @@ _OPENAI_NAMES: dict[ErrorCode, tuple[str, str | None]] = {
     ErrorCode.OVERLOADED: ("rate_limit_error", "rate_limit_exceeded"),
     ErrorCode.UNAVAILABLE: ("service_unavailable_error", "service_unavailable"),
     ErrorCode.WORKER_UNAVAILABLE: ("service_unavailable_error", "service_unavailable"),
+    ErrorCode.TIMEOUT: ("timeout_error", "request_timeout"),
     ErrorCode.INTERNAL: ("server_error", "internal_error"),
 }
 

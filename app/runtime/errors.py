@@ -28,6 +28,15 @@ class ConnectionLostError(WorkerUnavailableError):
     worker_at_fault = False
 
 
+class FramesLostError(WorkerUnavailableError):
+    """Reply frames of a call went missing while the connection stayed up (a gap in their
+    sequence numbers: NATS dropped them for a slow consumer, or the callee's reconnect buffer
+    overflowed). What came before the gap reached the caller; a request pipeline continues
+    the stream from there, with the same callee too: the link failed, not the callee."""
+
+    worker_at_fault = False
+
+
 class NatsUnavailableError(UnavailableError):
     """NATS did not come back within `outage_wait_s`: the call was not sent."""
 

@@ -36,6 +36,7 @@ from app.runtime.discovery import Discovery, PrefixWatch
 from app.runtime.errors import (
     CallTimeoutError,
     ConnectionLostError,
+    FramesLostError,
     InstanceGoneError,
     NatsUnavailableError,
     NoInstancesError,
@@ -51,6 +52,7 @@ _ACK_TIMEOUT = object()
 _DEADLINE = object()
 _INSTANCE_GONE = object()
 _CONNECTION_LOST = object()
+_SILENT = object()
 # A no-responders answer within this of a reconnect is retried (this often): the callee
 # may not have subscribed again yet (each process reconnects at its own pace, every 0.25 s).
 _RESUBSCRIBE_WINDOW_S = 3.0
@@ -58,6 +60,11 @@ _RESUBSCRIBE_POLL_S = 0.1
 # A callee whose record left discovery runs the call still if it is heard from within
 # this (it sends a heartbeat every HEARTBEAT_S while the call runs).
 _PROOF_OF_LIFE_S = 1.5 * wire.HEARTBEAT_S
+# A callee that heartbeats but has not been heard from for this long (no frame, no
+# heartbeat: four missed in a row) is taken for dead even while its record lives: a stopped
+# process (SIGSTOP, a hung host), or one whose frames NATS drops. Not after one or two: a
+# loaded callee's event loop may be late with them.
+_SILENCE_S = 5 * wire.HEARTBEAT_S
 _NATS_STATUS = "Status"
 _NO_RESPONDERS_STATUS = "503"
 # A callee cancels a call whose caller's inbox has no subscriber for this many heartbeats
@@ -233,7 +240,7 @@ class ServedEndpoint:
             )
             return
         ctx = RequestContext(envelope.request_id)
-        task = asyncio.create_task(self._handle(msg.reply, envelope.payload, ctx))
+        task = asyncio.create_task(self._handle(msg.reply, envelope.payload, envelope.numbered, ctx))
         reply, token = msg.reply, format(next(self._probe_tokens), "x")
         self._inflight[reply] = (task, ctx)
         self._token_of[reply], self._reply_of[token] = token, reply
@@ -252,8 +259,8 @@ class ServedEndpoint:
             ctx.cancelled.set()
             task.cancel()
 
-    async def _handle(self, reply: str, payload: msgspec.Raw, ctx: RequestContext) -> None:
-        frames = _ReplyFrames(self._nc, reply, ctx.request_id)
+    async def _handle(self, reply: str, payload: msgspec.Raw, numbered: bool, ctx: RequestContext) -> None:
+        frames = _ReplyFrames(self._nc, reply, ctx.request_id, numbered)
         try:
             try:
                 request = self._request_decoder.decode(payload)
@@ -273,7 +280,7 @@ class ServedEndpoint:
             self._cut_off.discard(task)
             with contextlib.suppress(NatsError):
                 message = f"{self.record.service} instance {self.record.instance_id} stopped before the call ended"
-                await frames.fail(wire.encode_error(ErrorCode.WORKER_UNAVAILABLE, message))
+                await frames.fail(ErrorCode.WORKER_UNAVAILABLE, message)
         except NatsError as exc:
             log.warning("request %s: reply lost (%s)", ctx.request_id, exc)
         except Exception as exc:
@@ -286,7 +293,7 @@ class ServedEndpoint:
                 error = InternalError(f"{self.record.service}/{self.record.endpoint} failed ({type(exc).__name__})")
                 log.error("request %s: handler of %s failed", ctx.request_id, self.record.subject, exc_info=exc)
             with contextlib.suppress(NatsError):
-                await frames.fail(wire.encode_error(error.code, error.message, error.param))
+                await frames.fail(error.code, error.message, error.param)
 
 
 class _ReplyFrames:
@@ -294,7 +301,8 @@ class _ReplyFrames:
     event loop leave as one frame: a flush is scheduled (as a task, so it runs once the
     handler pauses) when the first of them arrives, and the handler's end takes what is
     still pending into the last frame. A flush that finds nothing to send, before
-    anything was sent, sends ACCEPTED."""
+    anything was sent, sends ACCEPTED. Numbered where the caller asked (wire.py): a frame
+    that NATS refuses to send keeps its number, so the caller sees the gap."""
 
     __slots__ = (
         "_nc",
@@ -305,15 +313,17 @@ class _ReplyFrames:
         "_flush_scheduled",
         "_flush_task",
         "_sent",
+        "_seq",
     )
 
-    def __init__(self, nc: NatsClient, reply: str, request_id: str) -> None:
+    def __init__(self, nc: NatsClient, reply: str, request_id: str, numbered: bool) -> None:
         self._nc = nc
         self._reply = reply
         self._request_id = request_id
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._sent = False
+        self._seq = 0 if numbered else -1  # the next frame's number; -1: not numbered
         self._flush_scheduled = False
         self._schedule_flush()  # ACCEPTED, unless the handler has items by its first pause
 
@@ -330,21 +340,32 @@ class _ReplyFrames:
         # Held so that the task is not collected while it waits; one flush is ever due.
         self._flush_task = asyncio.get_running_loop().create_task(self.flush(scheduled=True))
 
+    def _head(self, kind: int) -> bytes:
+        """The next frame's kind byte, or its numbered head (which takes the next number)."""
+        seq = self._seq
+        if seq < 0:
+            return bytes((kind,))
+        self._seq = seq + 1
+        return wire.numbered_head(kind, seq)
+
     async def flush(self, scheduled: bool = False) -> None:
         if scheduled:
             self._flush_scheduled = False
         pending = self._take()
-        if pending:
-            frame = wire.DATA_PREFIX + pending[0] if len(pending) == 1 else wire.encode_batch(wire.FRAME_BATCH, pending)
+        if len(pending) == 1:
+            frame = self._head(wire.FRAME_DATA) + pending[0]
+        elif pending:
+            frame = wire.encode_batch(self._head(wire.FRAME_BATCH), pending)
         elif not self._sent:
-            frame = wire.ACCEPTED
+            frame = self._head(wire.FRAME_ACCEPTED)
         else:
             return
         self._sent = True
         try:
             await self._nc.publish(self._reply, frame)
         except NatsError as exc:
-            # The handler's own end or failure will find the connection gone too.
+            # The handler's own end or failure will find the connection gone too; a caller
+            # that numbers frames sees the gap.
             log.warning("request %s: reply frame lost (%s)", self._request_id, exc)
 
     def _take(self) -> list[bytes]:
@@ -356,35 +377,41 @@ class _ReplyFrames:
         """The last frame: what is pending, and the end of the stream."""
         pending = self._take()
         self._sent = True
-        await self._nc.publish(self._reply, wire.encode_batch(wire.FRAME_LAST, pending) if pending else wire.END)
+        frame = wire.encode_batch(self._head(wire.FRAME_LAST), pending) if pending else self._head(wire.FRAME_END)
+        await self._nc.publish(self._reply, frame)
 
-    async def fail(self, error_frame: bytes) -> None:
+    async def fail(self, code: str, message: str, param: str | None = None) -> None:
         """Items yielded before the failure still reach the caller, then the error."""
         pending = self._take()
         self._sent = True
         if pending:
-            await self._nc.publish(self._reply, wire.encode_batch(wire.FRAME_BATCH, pending))
-        await self._nc.publish(self._reply, error_frame)
+            await self._nc.publish(self._reply, wire.encode_batch(self._head(wire.FRAME_BATCH), pending))
+        await self._nc.publish(self._reply, wire.encode_error(code, message, param, self._head(wire.FRAME_ERROR)))
 
 
 class _Call:
-    """One outstanding call of this process: the queue its reply frames land in, and when
-    the callee was last heard from (any frame, heartbeats included)."""
+    """One outstanding call of this process: the queue its reply frames land in, when
+    the callee was last heard from (any frame, heartbeats included), and whether its
+    silence counts (the callee has shown it heartbeats: one from before heartbeats may be
+    silent for as long as its handler pauses)."""
 
-    __slots__ = ("token", "reply", "queue", "heard_at")
+    __slots__ = ("token", "reply", "queue", "heard_at", "silence_counts")
 
     def __init__(self, token: str, reply: str) -> None:
         self.token = token
         self.reply = reply
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.heard_at = -math.inf
+        self.silence_counts = False
 
 
 class ReplyRouter:
     """One wildcard inbox subscription for every call of the process (no subscribe per call).
 
     When the connection drops, every open call is told at once: frames its callee publishes
-    until this side has subscribed again are lost, so none of them may wait for more."""
+    until this side has subscribed again are lost, so none of them may wait for more. Once a
+    second, a call whose callee has been silent for `_SILENCE_S` is told (one timer for every
+    call, not one reset per frame)."""
 
     def __init__(self, nc: NatsClient, link: NatsLink) -> None:
         self._nc = nc
@@ -393,12 +420,32 @@ class ReplyRouter:
         self._calls: dict[str, _Call] = {}
         self._tokens = itertools.count()
         self._sub: Subscription | None = None
+        self._silence_timer: asyncio.TimerHandle | None = None
+        self._looked_at = 0.0
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
         await confirm_subscriptions(self._nc)
+        self._looked_at = time.monotonic()
+        self._silence_timer = asyncio.get_running_loop().call_later(wire.HEARTBEAT_S, self._look_for_silence)
+
+    def _look_for_silence(self) -> None:
+        now = time.monotonic()
+        late = now - self._looked_at - wire.HEARTBEAT_S
+        self._looked_at = now
+        # Run late, this process's own event loop stalled: the frames it has not read yet are
+        # no callee's silence. Look again next time, once they are read.
+        if late < wire.HEARTBEAT_S:
+            for call in self._calls.values():
+                if call.silence_counts and now - call.heard_at > _SILENCE_S:
+                    call.silence_counts = False  # told once
+                    call.queue.put_nowait(_SILENT)
+        self._silence_timer = asyncio.get_running_loop().call_later(wire.HEARTBEAT_S, self._look_for_silence)
 
     async def close(self) -> None:
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
         if self._sub is not None:
             with contextlib.suppress(NatsError):
                 await self._sub.unsubscribe()
@@ -427,6 +474,7 @@ class ReplyRouter:
             return  # a late frame of a call already given up
         call.heard_at = time.monotonic()
         if msg.data == wire.HEARTBEAT:
+            call.silence_counts = True
             return
         if _is_no_responders(msg):
             call.queue.put_nowait(_NO_RESPONDERS)
@@ -592,7 +640,7 @@ class EndpointClient:
         decoder = wire.decoder_for(response_type)
         batch_decoder = wire.batch_decoder_for(response_type)
         request_id = request_id or uuid.uuid4().hex
-        body = wire.encode_request(request_id, payload)
+        body = wire.encode_request(request_id, payload, numbered=True)
         if len(body) > self._nc.max_payload:
             raise PayloadTooLargeError(
                 f"request of {len(body)} bytes exceeds the {self._nc.max_payload}-byte message limit of the NATS server"
@@ -610,6 +658,7 @@ class EndpointClient:
                 timers.append(loop.call_later(timeout, call.queue.put_nowait, _DEADLINE))
             finished = False
             gone_at: float | None = None  # when the callee's record last went
+            sequence = wire.FrameSequence()
             try:
                 try:
                     await self._nc.publish(record.subject, body, reply=call.reply)
@@ -634,6 +683,8 @@ class EndpointClient:
                         f"request {request_id} within {accept_timeout:g}s"
                     )
                 timers[0].cancel()
+                if isinstance(first, bytes) and first[0] & wire.NUMBERED:
+                    call.silence_counts = True  # a callee that numbers frames sends heartbeats
                 frame = first
                 while True:
                     if frame is _CONNECTION_LOST:
@@ -645,6 +696,12 @@ class EndpointClient:
                         break  # nothing reached our caller yet: send the call again once NATS is back
                     if frame is _DEADLINE:
                         raise CallTimeoutError(f"request {request_id} to {self._name} exceeded {timeout:g}s")
+                    if frame is _SILENT:
+                        self._suspects[record.instance_id] = time.monotonic() + self._suspect_for_s
+                        raise InstanceGoneError(
+                            f"instance {record.instance_id} of {self._name} has not been heard from for "
+                            f"{_SILENCE_S:g}s during request {request_id}"
+                        )
                     if frame is _INSTANCE_GONE:
                         if gone_at is not None and call.heard_at < gone_at:
                             raise InstanceGoneError(
@@ -656,12 +713,18 @@ class EndpointClient:
                         gone_at = time.monotonic()
                         timers.append(self._look_again(record.instance_id, call))
                     if isinstance(frame, bytes):
-                        kind = frame[0]
+                        try:
+                            kind, body_at = sequence.open(frame)
+                        except wire.FrameGapError as gap:
+                            raise FramesLostError(
+                                f"request {request_id} from {record.instance_id} of {self._name}: {gap}: "
+                                "frames were lost"
+                            ) from None
                         if kind == wire.FRAME_DATA:
                             yielded = True
-                            yield decoder.decode(memoryview(frame)[1:])
+                            yield decoder.decode(memoryview(frame)[body_at:])
                         elif kind == wire.FRAME_BATCH or kind == wire.FRAME_LAST:
-                            items = batch_decoder.decode(memoryview(frame)[1:])
+                            items = batch_decoder.decode(memoryview(frame)[body_at:])
                             yielded = yielded or bool(items)
                             if kind == wire.FRAME_LAST:
                                 finished = True  # the callee is done: nothing to cancel
@@ -675,7 +738,7 @@ class EndpointClient:
                             return
                         elif kind == wire.FRAME_ERROR:
                             finished = True
-                            error = wire.error_decoder.decode(memoryview(frame)[1:])
+                            error = wire.error_decoder.decode(memoryview(frame)[body_at:])
                             raise error_for_code(error.code, error.message, error.param)
                     frame = await call.queue.get()
             finally:

@@ -19,7 +19,7 @@ from app.engines.base import EngineDeadError
 from app.errors import WorkerUnavailableError
 from app.openai.schema import CompletionRequest, parse_request
 from app.protocol import EngineOutput, PreprocessedRequest, names
-from app.runtime import InstanceGoneError
+from app.runtime import FramesLostError, InstanceGoneError
 from app.serving import PipelineConfig, RequestPipeline, SpreadPicker
 from tests.unit.serving.fleet_models import FakeModels
 
@@ -88,7 +88,10 @@ def _expected_text(pipeline: RequestPipeline, count: int) -> str:
     return str(tokenizer.decode(list(range(FIRST_TOKEN, FIRST_TOKEN + count))))
 
 
-@pytest.mark.parametrize("error", [InstanceGoneError("w1 left"), EngineDeadError("engine died")])
+@pytest.mark.parametrize(
+    "error",
+    [InstanceGoneError("w1 left"), EngineDeadError("engine died"), FramesLostError("frame 4 came where 3 was due")],
+)
 async def test_a_stream_whose_worker_dies_goes_on_on_another_without_gap_or_repeat(
     tiny_model: Path, error: Exception
 ) -> None:
