@@ -7,7 +7,8 @@ and answers a router's `kv_blocks` call with `dump()`: a clear, then every block
 as of one sequence number (app/router/kv_resync.py takes it from there).
 
 Memory: one entry per cached block (its parent's hash and its tokens, 4 bytes each), never
-more entries than the engine has KV blocks: the engine cannot cache more. Should removals
+more entries than the engine has KV blocks: the engine cannot cache more (a removed block
+whose children are still cached is kept too, as a ghost: see `_remove`). Should removals
 be lost (vLLM dropped event batches), the oldest entries make room, as the engine's own
 eviction would have. Cost, measured here (one core): 1.6 us per stored block as the worker
 publishes it (the router's per-request path is untouched), 94 ms to dump 90k blocks.
@@ -25,13 +26,15 @@ DUMP_TOKENS_PER_BATCH = 16384
 
 
 class _Block:
-    __slots__ = ("parent", "tokens", "copies")
+    __slots__ = ("parent", "tokens", "copies", "children")
 
     def __init__(self, parent: EngineBlockHash | None, tokens: array.array[int]) -> None:
         self.parent = parent
         self.tokens = tokens
         # vLLM may cache one block twice and then removes each copy (app/router/index.py).
+        # 0: a ghost, removed from the engine but kept while children are cached (below).
         self.copies = 1
+        self.children = 0  # blocks in the mirror whose parent this is
 
 
 class KvMirror:
@@ -61,7 +64,7 @@ class KvMirror:
         self.last_seq = batch.seq
         if self.capacity_blocks:
             while len(self._blocks) > self.capacity_blocks:
-                self._blocks.popitem(last=False)
+                self._delete(next(iter(self._blocks)))
 
     def _store(self, event: BlockStored) -> None:
         size = self.block_size
@@ -73,6 +76,8 @@ class KvMirror:
             block = blocks.get(block_hash)
             if block is None:
                 blocks[block_hash] = _Block(parent, array.array("i", event.token_ids[i * size : (i + 1) * size]))
+                if parent is not None and parent in blocks:
+                    blocks[parent].children += 1
             else:
                 block.copies += 1
             parent = block_hash
@@ -81,12 +86,27 @@ class KvMirror:
         blocks = self._blocks
         for block_hash in block_hashes:
             block = blocks.get(block_hash)
-            if block is None:
+            if block is None or not block.copies:
                 continue
-            if block.copies > 1:
-                block.copies -= 1
-            else:
-                del blocks[block_hash]
+            block.copies -= 1
+            if block.copies:
+                continue
+            # A router keeps the children of a removed block: it chained their hashes when
+            # they were stored. A dump can only chain them again from the parent's tokens, so
+            # the parent stays as a ghost (stored, then removed, in the dump) while they last.
+            if not block.children:
+                self._delete(block_hash)
+
+    def _delete(self, block_hash: EngineBlockHash | None) -> None:
+        """Drop a block, and its parent too where that was a ghost kept only for it."""
+        blocks = self._blocks
+        while block_hash is not None:
+            block = blocks.pop(block_hash)
+            parent = blocks.get(block.parent) if block.parent is not None else None
+            if parent is None or not parent.children:
+                return  # (a parent cached again after an eviction does not count old children)
+            parent.children -= 1
+            block_hash = block.parent if not parent.copies and not parent.children else None
 
     def dump(self) -> list[KvEventBatch]:
         """The whole cache as KV event batches that make a router's view of this worker equal
@@ -98,6 +118,7 @@ class KvMirror:
         """
         events: list[KvEvent] = [AllBlocksCleared()]
         batches: list[KvEventBatch] = []
+        ghosts: list[EngineBlockHash] = []
         tokens_in_batch = 0
         run: BlockStored | None = None
         blocks = self._blocks
@@ -112,12 +133,16 @@ class KvMirror:
             run.block_hashes.append(block_hash)
             run.token_ids.extend(block.tokens)
             tokens_in_batch += len(block.tokens)
+            if not block.copies:
+                ghosts.append(block_hash)
             for _ in range(block.copies - 1):
                 copy = BlockStored(
                     token_ids=list(block.tokens), block_hashes=[block_hash], parent_block_hash=block.parent
                 )
                 events.append(copy)
                 run = None
+        if ghosts:
+            events.append(BlockRemoved(block_hashes=ghosts))
         batches.append(self._batch(events))
         return batches
 
