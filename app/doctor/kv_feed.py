@@ -4,7 +4,9 @@ The replicas themselves tell (app/router/kv_health.py, in their RouterReports): 
 whose batches they reject, and one that has run requests for longer than their
 `kv-silence-s` without a batch. An idle worker publishes nothing, and that is no fault:
 the doctor says how many workers it heard from while it listened, and which of the ones
-running requests it did not.
+running requests it did not. A worker rejected for the block size its model record names is
+the kv-layout check's finding, not failed twice: this check fails a rejection that check
+cannot see (a worker whose events disagree with its own record).
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ NAME = "kv-events"
 
 def check_kv_feed(fleet: Fleet) -> Check:
     routers = {rid: report for rid, report in fleet.routers.items() if fleet.process(rid) is not None}
-    workers = sorted(record.instance_id for record in fleet.worker_models())
+    records = {record.instance_id: record for record in fleet.worker_models()}
+    workers = sorted(records)
     if not routers:
         return not_applicable(NAME, "no router replica reported: nothing routes by KV events")
     if not workers:
         return not_applicable(NAME, "no VllmWorker registered a model")
     problems = []
     for worker in workers:
-        rejecting = sorted(rid for rid, r in routers.items() if worker in r.kv_rejected_workers)
+        registered = records[worker].metadata.get("block_size")
+        rejecting = sorted(
+            rid
+            for rid, r in routers.items()
+            if worker in r.kv_rejected_workers and registered in (None, "", r.block_size)
+        )
         silent_to = sorted(rid for rid, r in routers.items() if worker in r.kv_silent_workers)
         if rejecting:
             problems.append(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from app.doctor.kv_feed import check_kv_feed
+from app.doctor.kv_layout import check_kv_layout
 from app.protocol import LoadReport
-from tests.unit.doctor.fleets import healthy, router_report
+from tests.unit.doctor.fleets import healthy, router_report, worker_model
 
 
 def test_no_router_missing_any_worker_passes_and_says_who_was_heard() -> None:
@@ -32,3 +33,11 @@ def test_a_silent_or_rejected_worker_fails_naming_it_the_routers_and_the_fix() -
 def test_without_routers_nothing_routes_by_kv_events() -> None:
     check = check_kv_feed(healthy(routers=0))
     assert check.ok and not check.applicable
+
+
+def test_a_worker_rejected_for_the_block_size_it_registered_is_left_to_the_kv_layout_check() -> None:
+    fleet = healthy()
+    fleet.models[2] = worker_model("w2", block_size=32)
+    fleet.routers["r0"] = router_report("r0", kv_rejected_workers=["w2"])
+    assert check_kv_feed(fleet).ok
+    assert not check_kv_layout(fleet).ok  # which names it (tests/unit/doctor/test_kv_layout.py)
