@@ -1,6 +1,7 @@
 """The runtime planes (discovery on etcd, requests and events on NATS, work queue on
 JetStream) behind one small API: the only package that imports `nats` and `etcd3aio`."""
 
+from app.runtime.discovery import ETCD_ERRORS
 from app.runtime.errors import (
     CallTimeoutError,
     ConnectError,
@@ -16,6 +17,7 @@ from app.runtime.runtime import Runtime
 from app.runtime.workqueue import ConsumerState, Job, QueueSettings, QueueState, WorkQueue, queue_settings
 
 __all__ = [
+    "ETCD_ERRORS",
     "CallTimeoutError",
     "ConnectError",
     "ConnectionLostError",

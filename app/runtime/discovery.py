@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 _EVENT_DELETE = 1  # mvccpb.Event.EventType.DELETE
 _RPC_TIMEOUT_S = 5.0
 _RETRY_S = 0.5
-_ETCD_ERRORS = (etcd3aio.EtcdError, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
+# What an etcd call raises when etcd is slow, restarting or gone: a caller that can look again catches these.
+ETCD_ERRORS = (etcd3aio.EtcdError, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
 
 T = TypeVar("T")
 _NONE: frozenset[str] = frozenset()
@@ -146,7 +147,7 @@ class PrefixWatch(Generic[T]):
                         value = None if event.type == _EVENT_DELETE else self._decode(event.kv.value)
                         self._apply(key, value)
                     revision = max(revision, resp.header.revision)
-            except _ETCD_ERRORS as exc:
+            except ETCD_ERRORS as exc:
                 log.warning("etcd watch on %s failed (%s); reloading", self._prefix.decode(), exc)
                 await asyncio.sleep(_RETRY_S)
             revision = await self._reload_until_ok()
@@ -155,7 +156,7 @@ class PrefixWatch(Generic[T]):
         while True:
             try:
                 return await self._load()
-            except _ETCD_ERRORS as exc:
+            except ETCD_ERRORS as exc:
                 log.warning("etcd reload of %s failed (%s); retrying", self._prefix.decode(), exc)
                 await asyncio.sleep(_RETRY_S)
 
@@ -272,7 +273,7 @@ class Discovery:
             await cancel_and_wait(self._keepalive_task)
         try:
             await etcd_service(self._client.lease).revoke(self.lease_id, timeout=_RPC_TIMEOUT_S)
-        except _ETCD_ERRORS as exc:
+        except ETCD_ERRORS as exc:
             log.warning("etcd: lease revoke failed (%s); records expire within %ds", exc, self._ttl)
         self._owned.clear()
 
@@ -296,7 +297,7 @@ class Discovery:
                     log.warning("etcd: lease %x lost; granting it again and re-registering", self.lease_id)
                     await self._restore_lease()
                 interval = self._ttl / 3
-            except _ETCD_ERRORS as exc:
+            except ETCD_ERRORS as exc:
                 # Retry quickly: the lease may be close to expiry while etcd was unreachable.
                 log.warning("etcd: lease keep-alive failed (%s); retrying", exc)
                 interval = _RETRY_S

@@ -27,9 +27,14 @@ def _settings(namespace: str | None) -> Any:
     return RuntimeSettings() if namespace is None else RuntimeSettings(namespace=namespace)
 
 
+class SnapshotFailedError(Exception):
+    """etcd or NATS did not answer one look at the fleet."""
+
+
 async def _main(args: argparse.Namespace, tunables: list[Tunable[Any]]) -> None:
     # Connecting needs the runtime; building the parser does not.
-    from app.runtime import Runtime
+    from app.errors import UnavailableError
+    from app.runtime import ETCD_ERRORS, Runtime
     from app.status.gather import FleetObserver
     from app.status.render import render_json, render_text
 
@@ -39,7 +44,20 @@ async def _main(args: argparse.Namespace, tunables: list[Tunable[Any]]) -> None:
         try:
             await observer.wait_for_reports(args.listen)
             while True:
-                status = await observer.snapshot()
+                try:
+                    status = await observer.snapshot()
+                except (*ETCD_ERRORS, UnavailableError) as exc:
+                    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    if args.watch is None:
+                        raise SnapshotFailedError(f"etcd or NATS did not answer ({reason})") from exc
+                    # A watch outlives a busy or restarting etcd: it says so and looks again.
+                    print(
+                        f"warning: etcd or NATS did not answer ({reason}); looking again in {args.watch:g}s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    await asyncio.sleep(args.watch)
+                    continue
                 if args.watch is None:
                     print(render_json(status) if args.json else render_text(status))
                     return
@@ -59,7 +77,7 @@ def _status(args: argparse.Namespace, tunables: list[Tunable[Any]]) -> int:
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_main(args, tunables))
-    except ConnectError as exc:
+    except (ConnectError, SnapshotFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -7,6 +7,7 @@ import contextlib
 import json
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -180,17 +181,23 @@ class StatusWatch:
         self._argv = [TANDEM, "status", "--json", "--watch", str(interval_s), "--listen", "1"]
         self._env = graph.env
         self._process: asyncio.subprocess.Process | None = None
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __aexit__): what it says should it end
 
     async def __aenter__(self) -> StatusWatch:
         self._process = await asyncio.create_subprocess_exec(
-            *self._argv, env=self._env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            *self._argv, env=self._env, stdout=asyncio.subprocess.PIPE, stderr=self._stderr
         )
         return self
+
+    def _said(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-4000:]
 
     async def __aexit__(self, *_: object) -> None:
         assert self._process is not None
         self._process.send_signal(signal.SIGINT)  # Ctrl-C: the watch ends
         await asyncio.wait_for(self._process.wait(), 30)
+        self._stderr.close()
 
     async def until(self, holds: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
         """The first document for which `holds` is true."""
@@ -202,7 +209,7 @@ class StatusWatch:
                 line = await asyncio.wait_for(self._process.stdout.readline(), max(deadline - time.monotonic(), 0.1))
             except TimeoutError:
                 break
-            assert line, "tandem status --watch ended"
+            assert line, f"tandem status --watch ended:\n{self._said()}"
             status = json.loads(line)
             if holds(status):
                 return status

@@ -25,6 +25,7 @@ import pytest
 
 from app.disagg.tunables import MAX_LOCAL_PREFILL_LENGTH, MAX_PREFILL_QUEUE_SIZE
 from app.infra import EtcdServer, NatsServer
+from app.launch.ports import free_port
 from app.node import node_address
 from app.protocol import names
 from app.runtime import Runtime
@@ -217,6 +218,48 @@ async def test_watch_refreshes_with_one_json_document_a_line(graph: ServedGraph)
     first, second = (json.loads(line) for line in lines)
     assert second["time"] > first["time"]
     assert {i["instance_id"] for i in first["instances"]} == {i["instance_id"] for i in second["instances"]}
+
+
+async def test_a_watch_says_etcd_did_not_answer_and_goes_on_when_it_answers_again(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """An etcd too busy to answer (frozen here, past the 5 s a look waits) costs a watch a
+    warning, not its life: it shows the fleet again once etcd answers."""
+    etcd = EtcdServer("127.0.0.1", free_port(), free_port(), tmp_path / "etcd")
+    etcd.start()
+    assert etcd.pid is not None
+    stderr_path = tmp_path / "stderr"
+    stderr = stderr_path.open("wb")
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "NATS_SERVER": nats_server.url, "ETCD_ENDPOINTS": etcd.url, "TANDEM_NAMESPACE": namespace}
+    watch = await asyncio.create_subprocess_exec(
+        *[TANDEM, "status", "--json", "--watch", "0.5", "--listen", "0"],
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+    )
+    try:
+        assert watch.stdout is not None
+        before = json.loads(await asyncio.wait_for(watch.stdout.readline(), 30))
+        os.kill(etcd.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30
+            while "etcd or NATS did not answer" not in (said := stderr_path.read_text()):
+                assert watch.returncode is None and time.monotonic() < deadline, said
+                await asyncio.sleep(0.5)
+        finally:
+            os.kill(etcd.pid, signal.SIGCONT)
+        # Documents the watch printed before its look timed out come first; then new ones.
+        deadline = time.monotonic() + 30
+        while (after := json.loads(await asyncio.wait_for(watch.stdout.readline(), 30)))["time"] < time.time() - 2:
+            assert time.monotonic() < deadline
+    finally:
+        watch.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(watch.wait(), 30)
+        etcd.stop()
+        stderr.close()
+    assert code == 0
+    assert after["time"] > before["time"] and after["instances"] == before["instances"] == []
 
 
 async def test_a_killed_worker_leaves_the_status_within_the_lease_ttl(graph: ServedGraph) -> None:
