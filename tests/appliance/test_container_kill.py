@@ -32,7 +32,8 @@ GONE_WITHIN_S = 5.0
 EXPECTED = {
     "supervisord": 2,
     "nats-server": 1,
-    "etcd": 1,
+    "etcdbin/etcd ": 1,  # the binary: the restart listeners name the etcd program too
+    "app.launch.restart_backoff": 2,  # one per supervisord
     "tandem serve": 1,
     "app.components.frontend:Frontend": 1,
     "app.components.processor:Processor": 1,

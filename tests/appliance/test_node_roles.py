@@ -260,7 +260,7 @@ async def test_head_container_is_healthy_and_not_root(head: DocShell, docker_cli
     assert uid not in ("", "0"), f"the head runs as uid {uid!r}"
     programs = container.exec_run(["supervisorctl", "-c", "/tmp/tandem-supervisor/supervisord.conf", "status"])
     names = {line.split()[0] for line in programs.output.decode().splitlines() if line.strip()}
-    assert names == {"nats", "etcd", "tandem-graph"}
+    assert names == {"nats", "etcd", "tandem-graph", "tandem-restarts"}  # the last: the restart backoff
 
 
 @pytest.fixture(scope="module")
