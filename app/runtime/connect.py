@@ -456,6 +456,11 @@ async def connect_etcd(settings: RuntimeSettings) -> etcd3aio.Etcd3Client:
 async def check_reachable(settings: RuntimeSettings) -> None:
     """Connect to NATS and etcd as a service would (the same retries and deadline), then
     close: ConnectError naming the server that cannot be reached."""
-    nc, etcd = await asyncio.gather(connect_nats(settings), connect_etcd(settings))
-    await nc.close()
-    await etcd.close()
+    # Both tries run to their end; whichever connected is closed, even when the other failed.
+    results = await asyncio.gather(connect_nats(settings), connect_etcd(settings), return_exceptions=True)
+    for client in results:
+        if not isinstance(client, BaseException):
+            await client.close()
+    for failure in results:
+        if isinstance(failure, BaseException):
+            raise failure
