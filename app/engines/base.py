@@ -37,6 +37,15 @@ class EngineStats:
     kv_expired_requests: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class EngineProgress:
+    """Whether the engine is getting on with its work, for the stall check
+    (app/engines/stall.py): one look, compared with the one before."""
+
+    pending: int  # requests that wait on the engine's steps (admitted, not finished)
+    steps: int  # engine steps completed since start; a healthy engine with work adds to it
+
+
 @dataclass(frozen=True)
 class EngineProcess:
     """The process an engine is about to start in, for its `prepare`: where it runs, and
@@ -89,6 +98,12 @@ class Engine(abc.ABC):
         exits so that supervisord starts a fresh one.
         """
         return None
+
+    @abc.abstractmethod
+    def progress(self) -> EngineProgress:
+        """Its pending requests and its step count (cheap; the worker polls it). An engine
+        with pending requests whose step count stays put for `engine-stall-timeout-s` is
+        hung: its worker leaves as for a dead one (app/engines/stall.py)."""
 
     def nixl_side_channel(self) -> str:
         """HOST:PORT where this engine listens for NIXL handshakes, once prepared ("": it

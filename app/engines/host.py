@@ -1,9 +1,9 @@
 """`EngineHost`: what every worker does around its engine.
 
 The engine's own preparation (`Engine.prepare`), its start, the model record, KV events
-and load reports on the events plane, /metrics, a watchdog that takes a dead engine's
-worker out of routing, and a clean stop. VllmWorker and PrefillWorker both own one; only
-their endpoints differ.
+and load reports on the events plane, /metrics, a watchdog that takes the worker of a dead
+or hung engine (app/engines/stall.py) out of routing, and a clean stop. VllmWorker and
+PrefillWorker both own one; only their endpoints differ.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from app.engines import Engine, create_engine
 from app.engines.base import EngineProcess
 from app.engines.kv_mirror import KvMirror
 from app.engines.metrics import EngineStatsView
+from app.engines.stall import StallWatch
 from app.metrics import replica_port, serve_metrics
 from app.protocol import KV_HASH_SCHEME, KvEventBatch, LoadReport, ModelInfo, ModelRecord, names
 from app.runtime import Runtime
@@ -32,7 +33,8 @@ from app.sdk import EngineConfig, ServiceContext, startup
 log = logging.getLogger(__name__)
 
 # How often a worker asks its engine whether it still lives: a dead engine's worker leaves
-# routing within this time (the check reads a flag; vLLM sets it when its core process ends).
+# routing within this time (the check reads a flag; vLLM sets it when its core process ends),
+# a hung one's within this time after `engine-stall-timeout-s`.
 ENGINE_CHECK_INTERVAL_S = 0.5
 
 
@@ -65,6 +67,12 @@ class WorkerConfig(EngineConfig):
         gt=0,
         description="an engine on Ray waits this long for the cluster to offer its devices, "
         "then fails saying what is missing",
+    )
+    engine_stall_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="an engine that has requests to serve and completes no step for this long is hung: "
+        "its worker leaves routing and exits, to be restarted (a healthy engine steps every second or faster)",
     )
 
 
@@ -160,31 +168,50 @@ class EngineHost:
         """Leave if the engine died: called every ENGINE_CHECK_INTERVAL_S, and at once by an
         endpoint whose request failed with EngineDeadError."""
         reason = self.engine.dead_reason()
-        if reason is not None and self._leaving is None:
-            self._leaving = asyncio.get_running_loop().create_task(self._leave(reason))
+        if reason is not None:
+            self._start_leaving("dead", reason)
 
     async def _watch_engine(self) -> None:
         # Until stop() cancels it: a watchdog that ended on its own would leave the process.
+        stall = StallWatch(self._config.engine_stall_timeout_s)
         while True:
             await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
             self.check_engine()
+            progress = self.engine.progress()
+            stalled_s = stall.look(progress, time.monotonic())
+            if stalled_s is not None:
+                self._start_leaving(
+                    "hung",
+                    f"{progress.pending} requests to serve and no engine step for {stalled_s:.1f} s; "
+                    f"engine-stall-timeout-s is {stall.timeout_s:g}",
+                )
 
-    async def _leave(self, reason: str) -> None:
-        """A dead engine answers every request with an error: out of routing, then out.
+    def _start_leaving(self, state: str, reason: str) -> None:
+        if self._leaving is None:
+            self._leaving = asyncio.get_running_loop().create_task(self._leave(state, reason))
+
+    async def _leave(self, state: str, reason: str) -> None:
+        """A dead engine answers every request with an error, a hung one never answers: out
+        of routing, then out.
 
         The model record goes first, so that a Frontend with no other worker of the model
-        answers 503 on /health; the runner then withdraws the instance records and exits
-        non-zero, and supervisord starts a fresh worker with a fresh engine.
+        answers 503 on /health; the runner then withdraws the instance records, ends the
+        calls in flight with an error their callers move to another worker, stops the engine
+        (vLLM's shutdown kills an engine core that does not end on SIGTERM, a stopped one
+        included) and exits non-zero, and supervisord starts a fresh worker with a fresh engine.
         """
         log.error(
-            "engine %s dead (%s): leaving routing; this process exits and is restarted", self._config.engine, reason
+            "engine %s %s (%s): leaving routing; this process exits and is restarted",
+            self._config.engine,
+            state,
+            reason,
         )
         if self._model_record is not None:
             try:
                 await self._runtime.discovery.deregister_model(self._model_record)
             except Exception:
                 log.exception("removing the model record failed; it goes with the lease")
-        self._fail(f"engine dead: {reason}")
+        self._fail(f"engine {state}: {reason}")
 
     def kv_blocks(self) -> list[KvEventBatch]:
         """Every block the engine caches, as KV event batches a router re-syncs from

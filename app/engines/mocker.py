@@ -51,6 +51,13 @@ Disaggregated serving, the two roles vLLM's NixlConnector gives an engine:
   `kv_transfer_failure_rate` (a fault knob) that share of pulls fails after its transfer
   time and the request recomputes its prompt locally, as vLLM does under the
   `kv_load_failure_policy: recompute` Tandem sets by default (app/engines/vllm.py).
+
+A hung engine, the other fault knob: once the file `fault_hang_file` names exists (looked
+for every `HANG_FILE_POLL_S` while the scheduler runs, and at its next wake-up while it
+idles), the scheduler completes no step more and its requests stay unfinished, as under a
+vLLM engine core that is SIGSTOPped or stuck in a CUDA call, while the worker process
+around it goes on. `{worker_id}` in the path stands for this engine's worker, so that one
+worker of several hangs; its successor has another id.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import time
 from array import array
@@ -70,7 +78,7 @@ import pydantic
 from tokenizers import Tokenizer
 
 from app.aio import cancel_and_wait
-from app.engines.base import Engine, EngineStats, KvEventSink
+from app.engines.base import Engine, EngineProgress, EngineStats, KvEventSink
 from app.engines.mocker_grammar import Grammars, RequestGrammar
 from app.engines.mocker_kv import BlockPool
 from app.engines.mocker_sampling import TokenChoice, load_tokenizer, token_choice
@@ -85,6 +93,8 @@ _MASK64 = (1 << 64) - 1
 MIN_SLEEP_S = 0.001
 # The scheduler yields to the event loop at least this often while it runs ahead of its owed time.
 MAX_AWAKE_S = 0.002
+# How often a mocker with `fault_hang_file` looks for that file.
+HANG_FILE_POLL_S = 0.1
 
 
 class MockerConfig(pydantic.BaseModel):
@@ -117,6 +127,8 @@ class MockerConfig(pydantic.BaseModel):
     kv_lease_s: float = pydantic.Field(default=0.5, gt=0)
     # Decode role, a fault to test with: the share of KV pulls that fail (then recomputed).
     kv_transfer_failure_rate: float = pydantic.Field(default=0.0, ge=0, le=1)
+    # A fault to test with: the engine hangs once this file exists ({worker_id}: this engine's).
+    fault_hang_file: str | None = None
 
     @pydantic.model_validator(mode="after")
     def _fits(self) -> MockerConfig:
@@ -198,6 +210,10 @@ class MockerEngine(Engine):
         self._held: dict[str, tuple[list[int], asyncio.TimerHandle]] = {}  # prefill role: leased KV
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._steps = 0
+        # The hang fault: its file (once started), when the scheduler next looks for it.
+        self._hang_file: str | None = None
+        self._hang_look_at = 0.0
         self._worker_id = ""
         self._on_kv_events: KvEventSink | None = None
         self._event_seq = 0
@@ -239,6 +255,8 @@ class MockerEngine(Engine):
         self._on_kv_events = on_kv_events
         self._task = asyncio.create_task(self._run(), name=f"mocker-{worker_id}")
         config = self.config
+        if config.fault_hang_file is not None:
+            self._hang_file = config.fault_hang_file.replace("{worker_id}", worker_id)
         return ModelInfo(
             name=config.served_model_name or config.model,
             max_model_len=config.max_model_len,
@@ -266,6 +284,10 @@ class MockerEngine(Engine):
             kv_transfer_bytes=self._pulled_bytes,
             kv_transfer_failures=self._failed_pulls,
         )
+
+    def progress(self) -> EngineProgress:
+        # Requests in a KV transfer wait on the link, not on a step: the scheduler may idle.
+        return EngineProgress(pending=len(self._waiting) + len(self._running), steps=self._steps)
 
     async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if request.sampling.bad_words and not self._tokenizer_loaded:
@@ -394,6 +416,8 @@ class MockerEngine(Engine):
         owed_s = 0.0
         awake_since = time.perf_counter()
         while True:
+            if self._hangs_now():
+                await asyncio.Future()  # until stop() cancels it
             if not self._running and not self._waiting:
                 await self._idle()
                 owed_s, awake_since = 0.0, time.perf_counter()
@@ -417,6 +441,17 @@ class MockerEngine(Engine):
                 await asyncio.sleep(0)
                 awake_since = time.perf_counter()
             self._advance(scheduled)
+            self._steps += 1
+
+    def _hangs_now(self) -> bool:
+        """The hang fault: whether its file has come (looked for every HANG_FILE_POLL_S)."""
+        if self._hang_file is None or time.monotonic() < self._hang_look_at:
+            return False
+        self._hang_look_at = time.monotonic() + HANG_FILE_POLL_S
+        if not os.path.exists(self._hang_file):
+            return False
+        log.warning("worker %s: %s exists: the engine hangs (fault knob)", self._worker_id, self._hang_file)
+        return True
 
     async def _idle(self) -> None:
         self._publish_kv_events()

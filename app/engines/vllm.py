@@ -29,7 +29,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-from app.engines.base import Engine, EngineDeadError, EngineProcess, EngineStats, KvEventSink
+from app.engines.base import Engine, EngineDeadError, EngineProcess, EngineProgress, EngineStats, KvEventSink
 from app.engines.vllm_kv_events import VllmKvEventRelay
 from app.engines.vllm_process import prepare_vllm_process
 from app.engines.vllm_ray import with_ray_backend_if_needed
@@ -305,6 +305,12 @@ class VllmEngine(Engine):
     def stats(self) -> EngineStats:
         in_flight = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
         return self._stats.snapshot(in_flight, self._total_blocks)
+
+    def progress(self) -> EngineProgress:
+        # Requests the front end tracks, and the engine core's steps as its stat loggers hear
+        # of them: a core that is SIGSTOPped or stuck in a CUDA call sends none.
+        pending = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        return EngineProgress(pending=pending, steps=self._stats.steps)
 
     def dead_reason(self) -> str | None:
         # `errored` turns true as soon as vLLM's monitor thread sees the engine core process

@@ -30,6 +30,10 @@ class SchedulerStatsCapture:
         self._latest: dict[int, SchedulerStats] = {}
         # The counters: each step's deltas summed since start (a snapshot adds the latest state).
         self._counters = EngineStats()
+        # Batches of engine core outputs received: the engine core sends one for every step
+        # it completes while it has requests (with log_stats, which a custom logger turns on,
+        # even a step with no request output carries its SchedulerStats).
+        self.steps = 0
 
     def factory(self, vllm_config: VllmConfig, engine_index: int = 0) -> StatLoggerBase:
         """A per-engine stat logger factory, as AsyncLLM(stat_loggers=[...]) expects."""
@@ -98,6 +102,7 @@ class _CapturingStatLogger(StatLoggerBase):
         mm_cache_stats: Any = None,
         engine_idx: int = 0,
     ) -> None:
+        self._capture.steps += 1
         if scheduler_stats is not None:
             self._capture.record(engine_idx, scheduler_stats)
         if iteration_stats is not None:
