@@ -316,7 +316,10 @@ class MockerEngine(Engine):
                     output.num_cached_tokens = req.num_cached_tokens or 0
                     output.worker_id = self._worker_id
                 yield output
-                if req.finish_reason is not None:
+                # The output's own reason, not the request's: while our caller held the
+                # output the scheduler may have finished the request, and the tokens it made
+                # since (with the finish) are for the next output.
+                if output.finish_reason is not None:
                     return
         finally:
             if req.finish_reason is None:

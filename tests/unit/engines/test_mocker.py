@@ -76,6 +76,16 @@ async def test_a_request_continued_from_its_output_yields_the_rest_of_it() -> No
         assert continued == unbroken[7:]
 
 
+async def test_a_reader_slower_than_the_engine_gets_every_token_and_the_finish() -> None:
+    async with Mocker(speedup_ratio=10) as m:  # ~1 ms a step: a few outputs, the last held
+        outputs = []
+        async for output in m.engine.generate(request([1, 2, 3], max_tokens=100, ignore_eos=True)):
+            outputs.append(output)
+            await asyncio.sleep(0.05)  # the request finishes while this output is held
+    assert len(tokens_of(outputs)) == 100 and outputs[-1].finish_reason == "length"
+    assert len(outputs) > 1, "the engine finished before the first output was read: nothing was held"
+
+
 async def test_stop_conditions() -> None:
     prompt = [5, 6, 7, 8]
     async with Mocker(eos_token_id=-1) as m:
