@@ -22,8 +22,10 @@ class InstanceGoneError(WorkerUnavailableError):
 
 
 class ConnectionLostError(WorkerUnavailableError):
-    """The NATS connection dropped during a call that had already streamed items: the rest
-    of its frames may be lost. Not the callee's fault: a caller may go on with the same one."""
+    """The NATS connection dropped during a call that had already streamed items, and the
+    call could not be resumed (wire.py): NATS stayed away past `outage_wait_s`, or the callee
+    no longer had the frames since (it restarted, its replay buffer overflowed, or it did not
+    answer the resume). Not the callee's fault: a caller may go on with the same one."""
 
     worker_at_fault = False
 

@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from app.errors import ErrorCode, InternalError, InvalidRequestError, PayloadTooLargeError, TandemError, error_for_code
+from app.logs import Throttled
 from app.protocol import InstanceRecord, names
 from app.runtime import wire
 from app.runtime.connect import NatsLink, confirm_subscriptions
@@ -43,6 +44,12 @@ from app.runtime.errors import (
 )
 
 log = logging.getLogger(__name__)
+# A NATS outage loses the frames of every call at once: one line for them all.
+_reply_lost_log = Throttled(log)
+# ... and resumes all its calls at once, on both sides of each.
+_resumed_log = Throttled(log, logging.INFO)
+_replayed_log = Throttled(log, logging.INFO)
+_not_replayed_log = Throttled(log, logging.INFO)
 
 Handler = Callable[[Any, "RequestContext"], AsyncGenerator[Any, None]]
 
@@ -53,6 +60,7 @@ _DEADLINE = object()
 _INSTANCE_GONE = object()
 _CONNECTION_LOST = object()
 _SILENT = object()
+_RESUME_TIMEOUT = object()
 # A no-responders answer within this of a reconnect is retried (this often): the callee
 # may not have subscribed again yet (each process reconnects at its own pace, every 0.25 s).
 _RESUBSCRIBE_WINDOW_S = 3.0
@@ -71,6 +79,16 @@ _NO_RESPONDERS_STATUS = "503"
 # in a row (its process is gone): not for one, which a caller reconnecting to NATS (it
 # subscribes again within a second) could cause.
 _CALLER_GONE_AFTER = 3
+# A call that ended stays resumable (wire.py) this long: its last frames may have been on
+# their way when the connection dropped, and the look for drops comes once a HEARTBEAT_S.
+_ENDED_KEPT_S = 2 * wire.HEARTBEAT_S
+# Every call that ended stays resumable this long after the connection was last seen down
+# (or back): its caller asks once its own connection is back, which it waits for up to its
+# `outage_wait_s` (10 s by default) from the drop.
+_RESUME_WINDOW_S = 15.0
+# What ended calls may keep at most, the oldest going first: under load most of what an
+# outage leaves to resume is the frames of calls still running.
+_ENDED_KEPT_BYTES = 32 * 1024 * 1024
 
 
 def _is_no_responders(msg: Msg) -> bool:
@@ -120,6 +138,13 @@ class ServedEndpoint:
         self._missed: dict[str, tuple[float, float, int]] = {}
         # Calls the end of a drain cancelled (not their callers): they get an error frame.
         self._cut_off: set[asyncio.Task[None]] = set()
+        # The frames of each call, for a caller that resumes it: those running, by reply
+        # subject, and those that ended lately (when, and their frames; oldest first).
+        self._frames_of: dict[str, _ReplyFrames] = {}
+        self._ended: dict[str, tuple[float, _ReplyFrames]] = {}
+        self._ended_bytes = 0
+        self._reconnects = 0  # the connection's reconnects when last looked at
+        self._resumable_until = -math.inf  # ended calls stay resumable until then at least
 
     async def start(self) -> None:
         self._control_sub = await self._nc.subscribe(names.control_subject(self.record.subject), cb=self._on_control)
@@ -133,9 +158,39 @@ class ServedEndpoint:
     async def _send_heartbeats(self) -> None:
         while True:
             await asyncio.sleep(wire.HEARTBEAT_S)
+            self._forget_ended()
             for reply, token in list(self._token_of.items()):
                 with contextlib.suppress(NatsError):
                     await self._nc.publish(reply, wire.HEARTBEAT, reply=self._probe_prefix + token)
+
+    def _forget_ended(self) -> None:
+        """Forget the frames of calls that ended more than _ENDED_KEPT_S ago, unless the
+        connection dropped since (a blip between two looks shows as a reconnect): then every
+        ended call stays resumable until _RESUME_WINDOW_S after it was last seen down."""
+        now = time.monotonic()
+        reconnects = self._nc.stats["reconnects"]
+        if not self._nc.is_connected or reconnects != self._reconnects:
+            self._reconnects = reconnects
+            self._resumable_until = now + _RESUME_WINDOW_S
+        if now < self._resumable_until:
+            return
+        while self._ended:
+            reply, (ended_at, _) = next(iter(self._ended.items()))
+            if now - ended_at < _ENDED_KEPT_S:
+                break
+            self._drop_ended(reply)
+
+    def _keep_ended(self, reply: str, frames: _ReplyFrames) -> None:
+        assert frames.replayed is not None
+        self._ended[reply] = (time.monotonic(), frames)
+        self._ended_bytes += frames.replayed.size
+        while self._ended_bytes > _ENDED_KEPT_BYTES:
+            self._drop_ended(next(iter(self._ended)))
+
+    def _drop_ended(self, reply: str) -> None:
+        ended = self._ended.pop(reply, None)
+        if ended is not None and ended[1].replayed is not None:
+            self._ended_bytes -= ended[1].replayed.size
 
     async def _on_probe(self, msg: Msg) -> None:
         """What answered a heartbeat: NATS, where the caller's inbox has no subscriber (its
@@ -164,7 +219,7 @@ class ServedEndpoint:
         else:
             return
         task, ctx = entry
-        log.info("request %s: cancelled: %s", ctx.request_id, why)
+        log.debug("request %s: cancelled: %s", ctx.request_id, why)
         ctx.cancelled.set()
         task.cancel()
 
@@ -247,20 +302,49 @@ class ServedEndpoint:
         task.add_done_callback(lambda _: self._forget(reply, token))
 
     def _forget(self, reply: str, token: str) -> None:
-        self._inflight.pop(reply, None)
+        entry = self._inflight.pop(reply, None)
         self._token_of.pop(reply, None)
         self._reply_of.pop(token, None)
         self._missed.pop(token, None)
+        frames = self._frames_of.pop(reply, None)
+        # Its caller may not have all of its frames yet, unless it cancelled the call.
+        if frames is not None and frames.replayed is not None and entry is not None and not entry[1].cancelled.is_set():
+            self._keep_ended(reply, frames)
 
     async def _on_control(self, msg: Msg) -> None:
-        entry = self._inflight.get(msg.data.decode())
+        """A caller's cancel (the call's reply subject) or resume (wire.py) of a call."""
+        if msg.reply and (seq := wire.resume_from(msg.data)) is not None:
+            await self._resume(msg.reply, seq)
+            return
+        reply = msg.data.decode(errors="replace")
+        self._drop_ended(reply)
+        entry = self._inflight.get(reply)
         if entry is not None:
             task, ctx = entry
             ctx.cancelled.set()
             task.cancel()
 
+    async def _resume(self, reply: str, seq: int) -> None:
+        """Send the frames of call `reply` from number `seq` on again, or NOT_RESUMABLE
+        where this process no longer has them (a call of an earlier process, one that ended
+        long ago, or one whose buffer overflowed): its caller then fails the call as lost."""
+        frames = self._frames_of.get(reply)
+        if frames is None and (ended := self._ended.get(reply)) is not None:
+            frames = ended[1]
+        try:
+            if frames is not None and await frames.replay(seq):
+                _replayed_log.log("request %s: resumed from frame %d for its caller", frames.request_id, seq)
+                return
+            _not_replayed_log.log(
+                "%s: a call cannot be resumed from frame %d: its frames are gone", self.record.subject, seq
+            )
+            await self._nc.publish(reply, wire.NOT_RESUMABLE)
+        except NatsError as exc:  # the connection dropped again: the caller asks again
+            log.info("%s: resume of a call not answered (%s)", self.record.subject, exc)
+
     async def _handle(self, reply: str, payload: msgspec.Raw, numbered: bool, ctx: RequestContext) -> None:
         frames = _ReplyFrames(self._nc, reply, ctx.request_id, numbered)
+        self._frames_of[reply] = frames
         try:
             try:
                 request = self._request_decoder.decode(payload)
@@ -275,14 +359,14 @@ class ServedEndpoint:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task not in self._cut_off:
-                log.info("request %s cancelled by its caller", ctx.request_id)
+                log.debug("request %s cancelled by its caller", ctx.request_id)
                 return
             self._cut_off.discard(task)
             with contextlib.suppress(NatsError):
                 message = f"{self.record.service} instance {self.record.instance_id} stopped before the call ended"
                 await frames.fail(ErrorCode.WORKER_UNAVAILABLE, message)
         except NatsError as exc:
-            log.warning("request %s: reply lost (%s)", ctx.request_id, exc)
+            _reply_lost_log.log("request %s: reply lost (%s)", ctx.request_id, exc)
         except Exception as exc:
             # A coded error (this handler's, or one that came from further down the chain:
             # Processor -> worker, say) travels on as it is; anything else is a failure
@@ -302,28 +386,35 @@ class _ReplyFrames:
     handler pauses) when the first of them arrives, and the handler's end takes what is
     still pending into the last frame. A flush that finds nothing to send, before
     anything was sent, sends ACCEPTED. Numbered where the caller asked (wire.py): a frame
-    that NATS refuses to send keeps its number, so the caller sees the gap."""
+    that NATS refuses to send keeps its number, so the caller sees the gap; numbered
+    frames also go to a replay buffer, from which `replay` sends them again to a caller
+    that resumes the call."""
 
     __slots__ = (
         "_nc",
         "_reply",
-        "_request_id",
+        "request_id",
         "_pending",
         "_pending_bytes",
         "_flush_scheduled",
         "_flush_task",
         "_sent",
         "_seq",
+        "replayed",
+        "_replaying",
     )
 
     def __init__(self, nc: NatsClient, reply: str, request_id: str, numbered: bool) -> None:
         self._nc = nc
         self._reply = reply
-        self._request_id = request_id
+        self.request_id = request_id
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._sent = False
         self._seq = 0 if numbered else -1  # the next frame's number; -1: not numbered
+        self.replayed = wire.ReplayBuffer() if numbered else None
+        # Set while a replay is being sent: live frames wait, so that none overtakes it.
+        self._replaying: asyncio.Event | None = None
         self._flush_scheduled = False
         self._schedule_flush()  # ACCEPTED, unless the handler has items by its first pause
 
@@ -362,11 +453,36 @@ class _ReplyFrames:
             return
         self._sent = True
         try:
-            await self._nc.publish(self._reply, frame)
+            await self._publish(frame)
         except NatsError as exc:
             # The handler's own end or failure will find the connection gone too; a caller
-            # that numbers frames sees the gap.
-            log.warning("request %s: reply frame lost (%s)", self._request_id, exc)
+            # that numbers frames sees the gap, or resumes the call once NATS is back.
+            _reply_lost_log.log("request %s: reply frame lost (%s)", self.request_id, exc)
+
+    async def _publish(self, frame: bytes) -> None:
+        # Into the replay buffer before anything can fail: a frame NATS refuses is replayed too.
+        if self.replayed is not None:
+            self.replayed.add(frame)
+        if self._replaying is not None:
+            await self._replaying.wait()
+        await self._nc.publish(self._reply, frame)
+
+    async def replay(self, seq: int) -> bool:
+        """Send RESUMED, then every frame from number `seq` on again; False (nothing sent)
+        where the buffer no longer has them all."""
+        frames = self.replayed.since(seq) if self.replayed is not None else None
+        if frames is None:
+            return False
+        # The handler may stream on meanwhile: its frames, numbered after these, wait.
+        self._replaying = replaying = asyncio.Event()
+        try:
+            await self._nc.publish(self._reply, wire.RESUMED)
+            for frame in frames:
+                await self._nc.publish(self._reply, frame)
+        finally:
+            self._replaying = None
+            replaying.set()
+        return True
 
     def _take(self) -> list[bytes]:
         pending, self._pending = self._pending, []
@@ -378,15 +494,17 @@ class _ReplyFrames:
         pending = self._take()
         self._sent = True
         frame = wire.encode_batch(self._head(wire.FRAME_LAST), pending) if pending else self._head(wire.FRAME_END)
-        await self._nc.publish(self._reply, frame)
+        await self._publish(frame)
 
     async def fail(self, code: str, message: str, param: str | None = None) -> None:
         """Items yielded before the failure still reach the caller, then the error."""
         pending = self._take()
         self._sent = True
         if pending:
-            await self._nc.publish(self._reply, wire.encode_batch(self._head(wire.FRAME_BATCH), pending))
-        await self._nc.publish(self._reply, wire.encode_error(code, message, param, self._head(wire.FRAME_ERROR)))
+            # Refused or not, the error frame follows it (into the replay buffer at least).
+            with contextlib.suppress(NatsError):
+                await self._publish(wire.encode_batch(self._head(wire.FRAME_BATCH), pending))
+        await self._publish(wire.encode_error(code, message, param, self._head(wire.FRAME_ERROR)))
 
 
 class _Call:
@@ -659,13 +777,15 @@ class EndpointClient:
             finished = False
             gone_at: float | None = None  # when the callee's record last went
             sequence = wire.FrameSequence()
+            resume: _Resume | None = None  # once the connection dropped mid-call
             try:
                 try:
                     await self._nc.publish(record.subject, body, reply=call.reply)
                 except NatsError as exc:
                     # Closed, or the reconnect buffer is full: a 503 that says so, not a 500.
                     finished = True
-                    raise NatsUnavailableError(f"{self._name}: request {request_id} not sent ({exc!r})") from exc
+                    why = f"NATS refused it ({exc})"
+                    raise NatsUnavailableError(f"{self._name}: request {request_id} not sent: {why}") from exc
                 first = await call.queue.get()
                 if first is _NO_RESPONDERS:
                     finished = True
@@ -687,16 +807,44 @@ class EndpointClient:
                     call.silence_counts = True  # a callee that numbers frames sends heartbeats
                 frame = first
                 while True:
-                    if frame is _CONNECTION_LOST:
-                        if yielded:
+                    if frame is _CONNECTION_LOST or (frame is _NO_RESPONDERS and resume is not None):
+                        if not yielded:
+                            break  # nothing reached our caller yet: send the call again once NATS is back
+                        lost = (
+                            f"the NATS connection dropped during request {request_id} to {record.instance_id} "
+                            f"of {self._name}"
+                        )
+                        if resume is None:
+                            resume = _Resume(self._nc, names.control_subject(record.subject), call, accept_timeout)
+                        if frame is _NO_RESPONDERS:  # nothing listens for the resume
+                            if not outage.settling():
+                                raise ConnectionLostError(f"{lost}, which no longer serves") from None
+                            await asyncio.sleep(_RESUBSCRIBE_POLL_S)  # it has not subscribed again yet
+                        try:
+                            await outage.wait()
+                        except NatsUnavailableError:
                             raise ConnectionLostError(
-                                f"the NATS connection dropped during request {request_id} to "
-                                f"{record.instance_id} of {self._name}"
-                            )
-                        break  # nothing reached our caller yet: send the call again once NATS is back
+                                f"{lost} and was not back within {self._outage_wait_s:g}s"
+                            ) from None
+                        _resumed_log.log(
+                            "request %s to %s of %s: resuming from frame %d after the NATS connection dropped",
+                            request_id,
+                            record.instance_id,
+                            self._name,
+                            sequence.due,
+                        )
+                        if not await resume.ask(sequence):
+                            raise ConnectionLostError(f"{lost}: the resume could not be sent") from None
+                    elif frame is _RESUME_TIMEOUT and resume is not None and resume.asked:
+                        raise ConnectionLostError(
+                            f"the NATS connection dropped during request {request_id} to {record.instance_id} of "
+                            f"{self._name}, which did not answer its resume within {accept_timeout:g}s"
+                        )
                     if frame is _DEADLINE:
                         raise CallTimeoutError(f"request {request_id} to {self._name} exceeded {timeout:g}s")
-                    if frame is _SILENT:
+                    if frame is _SILENT and resume is not None and resume.asked:
+                        pass  # silent while NATS was away, which says nothing of it; the resume's wait is bounded
+                    elif frame is _SILENT:
                         self._suspects[record.instance_id] = time.monotonic() + self._suspect_for_s
                         raise InstanceGoneError(
                             f"instance {record.instance_id} of {self._name} has not been heard from for "
@@ -720,7 +868,9 @@ class EndpointClient:
                                 f"request {request_id} from {record.instance_id} of {self._name}: {gap}: "
                                 "frames were lost"
                             ) from None
-                        if kind == wire.FRAME_DATA:
+                        if kind == wire.FRAME_SKIPPED:
+                            pass
+                        elif kind == wire.FRAME_DATA:
                             yielded = True
                             yield decoder.decode(memoryview(frame)[body_at:])
                         elif kind == wire.FRAME_BATCH or kind == wire.FRAME_LAST:
@@ -740,8 +890,17 @@ class EndpointClient:
                             finished = True
                             error = wire.error_decoder.decode(memoryview(frame)[body_at:])
                             raise error_for_code(error.code, error.message, error.param)
+                        elif kind == wire.FRAME_RESUMED and resume is not None:
+                            resume.answered(sequence)
+                        elif kind == wire.FRAME_NOT_RESUMABLE:
+                            raise ConnectionLostError(
+                                f"the NATS connection dropped during request {request_id} to {record.instance_id} "
+                                f"of {self._name}, which no longer has the call's frames"
+                            )
                     frame = await call.queue.get()
             finally:
+                if resume is not None:
+                    resume.close()
                 for timer in timers:
                     timer.cancel()
                 self._replies.close_call(call)
@@ -751,6 +910,52 @@ class EndpointClient:
                 if not finished:
                     with contextlib.suppress(NatsError):
                         await self._nc.publish(names.control_subject(record.subject), call.reply.encode())
+
+
+class _Resume:
+    """A call's resume after its connection dropped (wire.py): asked of the callee's control
+    subject, with the call's reply subject for the answer (RESUMED, then the frames from the
+    one due; NOT_RESUMABLE; or a no-responders status), which is due within `answer_s`."""
+
+    __slots__ = ("_nc", "_subject", "_call", "_answer_s", "_timer")
+
+    def __init__(self, nc: NatsClient, subject: str, call: _Call, answer_s: float) -> None:
+        self._nc = nc
+        self._subject = subject
+        self._call = call
+        self._answer_s = answer_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def asked(self) -> bool:
+        """Asked, not answered yet."""
+        return self._timer is not None
+
+    async def ask(self, sequence: wire.FrameSequence) -> bool:
+        """Ask for every frame from the one due; False where NATS refused to send it. Until
+        the answer, frames past a gap are dropped (the replay sends them again), and the
+        callee's silence while NATS was away does not count."""
+        self.close()
+        sequence.resyncing = True
+        self._call.silence_counts = False
+        try:
+            await self._nc.publish(self._subject, wire.encode_resume(sequence.due), reply=self._call.reply)
+        except NatsError:
+            return False
+        self._timer = asyncio.get_running_loop().call_later(
+            self._answer_s, self._call.queue.put_nowait, _RESUME_TIMEOUT
+        )
+        return True
+
+    def answered(self, sequence: wire.FrameSequence) -> None:
+        """RESUMED came: from here every frame is the one due, or one already taken."""
+        sequence.resyncing = False
+        self.close()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class _Outage:

@@ -16,11 +16,21 @@ call), then the body. A gap is frames NATS lost (a slow consumer's drops, an ove
 reconnect buffer) while the connection stayed up: the caller raises rather than stream on
 with items missing from the middle. Callers from before numbering ask for none and get
 the frames they know.
+
+A numbered call can be resumed: the callee keeps the last frames it sent (`ReplayBuffer`),
+and for a while after the call ended where the connection may have taken them. A caller
+whose NATS connection dropped mid-call sends, once it is back, a resume message (the number
+of the frame it is due) to the instance's control subject with the call's reply subject as
+its reply; the callee answers RESUMED and sends again every frame from that one on, then
+goes on with the live ones, or NOT_RESUMABLE where it no longer has them (restarted, the
+buffer overflowed, kept past its time). Frames the caller already has are dropped by number.
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
+from collections import deque
 from functools import lru_cache
 from typing import Any
 
@@ -36,6 +46,12 @@ FRAME_HEARTBEAT = 0x48  # "H": the handler still runs (every HEARTBEAT_S while i
 # The caller's answer to a heartbeat of a call it no longer awaits (the heartbeat carries a
 # reply subject for it): the callee cancels the call.
 FRAME_CALL_GONE = 0x47  # "G"
+# The callee's answers to a resume (unnumbered): the frames from the one asked for follow,
+# or it no longer has them.
+FRAME_RESUMED = 0x52  # "R"
+FRAME_NOT_RESUMABLE = 0x55  # "U"
+# A frame the caller drops: one it already has, or one a resume will send again.
+FRAME_SKIPPED = 0x00
 
 # How often a callee tells each of its callers that their calls still run: a caller whose
 # callee's record left discovery goes on with a call it still hears from (etcd lost the
@@ -53,6 +69,19 @@ _NUMBERED_HEAD = struct.Struct(">BI")
 
 HEARTBEAT = bytes([FRAME_HEARTBEAT])
 CALL_GONE = bytes([FRAME_CALL_GONE])
+RESUMED = bytes([FRAME_RESUMED])
+NOT_RESUMABLE = bytes([FRAME_NOT_RESUMABLE])
+# A resume message on the control subject: a zero byte (no subject, hence no cancel message,
+# starts with one), "R", the number of the frame the caller is due.
+_RESUME = struct.Struct(">2sI")
+_RESUME_TAG = b"\x00R"
+
+# What a callee keeps of one call for a resume: its last frames, up to this many bytes and
+# frames. A token stream sends one frame per engine step (~10-60 bytes of token ids to a
+# Processor, a few hundred bytes of chat chunk to a Frontend): this holds well over the
+# 5 s of an outage that the request plane rides out at a few hundred frames a second.
+REPLAY_MAX_BYTES = 256 * 1024
+REPLAY_MAX_FRAMES = 4096
 ERROR_PREFIX = bytes([FRAME_ERROR])
 
 
@@ -103,25 +132,72 @@ class FrameGapError(Exception):
 
 
 class FrameSequence:
-    """A caller's check of one call's reply frames: the number the next one must bear."""
+    """A caller's check of one call's reply frames: the number the next one must bear, and
+    whether a resume is under way (`resyncing`: frames past a gap are dropped, not an error,
+    as the replay brings them again, in order)."""
 
-    __slots__ = ("due",)
+    __slots__ = ("due", "resyncing")
 
     def __init__(self) -> None:
         self.due = 0
+        self.resyncing = False
 
     def open(self, frame: bytes) -> tuple[int, int]:
-        """`frame`'s kind (unnumbered letter) and where its body starts. Raises FrameGapError
-        for a numbered frame that is not the one due; an unnumbered frame (a callee from
-        before numbering, or one that could not read the request) passes unchecked."""
+        """`frame`'s kind (unnumbered letter) and where its body starts; FRAME_SKIPPED for a
+        numbered frame already taken (a replay sends some again) or, while resyncing, one
+        past a gap. Raises FrameGapError for a frame past a gap otherwise; an unnumbered frame
+        (a callee from before numbering, one that could not read the request, a resume's
+        answer) passes unchecked."""
         kind = frame[0]
         if not kind & NUMBERED:
             return kind, 1
         kind, seq = _NUMBERED_HEAD.unpack_from(frame)
         if seq != self.due:
+            if seq < self.due or self.resyncing:
+                return FRAME_SKIPPED, 0
             raise FrameGapError(self.due, seq)
         self.due = seq + 1
         return kind ^ NUMBERED, NUMBERED_BODY
+
+
+def encode_resume(due: int) -> bytes:
+    """A caller's resume message: send again every frame from number `due` on."""
+    return _RESUME.pack(_RESUME_TAG, due)
+
+
+def resume_from(message: bytes) -> int | None:
+    """The frame number a resume message asks from; None for any other control message."""
+    if len(message) != _RESUME.size or not message.startswith(_RESUME_TAG):
+        return None
+    return int(_RESUME.unpack(message)[1])
+
+
+class ReplayBuffer:
+    """The last frames a callee sent on one numbered call (numbers 0, 1, ... in order),
+    at most REPLAY_MAX_BYTES and REPLAY_MAX_FRAMES of them: the oldest make room."""
+
+    __slots__ = ("_frames", "_first", "size")
+
+    def __init__(self) -> None:
+        self._frames: deque[bytes] = deque()
+        self._first = 0  # the number of the oldest frame kept
+        self.size = 0  # bytes kept
+
+    def add(self, frame: bytes) -> None:
+        frames = self._frames
+        frames.append(frame)
+        self.size += len(frame)
+        while self.size > REPLAY_MAX_BYTES or len(frames) > REPLAY_MAX_FRAMES:
+            self.size -= len(frames.popleft())
+            self._first += 1
+
+    def since(self, seq: int) -> list[bytes] | None:
+        """Every frame from number `seq` on (none: the caller has them all); None where the
+        oldest of them made room for later ones."""
+        offset = seq - self._first
+        if offset < 0 or offset > len(self._frames):
+            return None
+        return list(itertools.islice(self._frames, offset, None))
 
 
 @lru_cache(maxsize=256)

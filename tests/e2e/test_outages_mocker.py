@@ -3,7 +3,9 @@ graph (Router service, 2 mocker workers) with NATS and etcd of its own, restarte
 frozen while clients keep sending streamed requests. No request may fail.
 
 - NATS down 5 s: requests that arrive wait for the connection; streams in flight resume
-  or move to another worker.
+  (the request plane's calls resume from the reply frame they are due) or move to another
+  worker. In both layouts: the Frontend runs the request pipeline itself (the default), or
+  calls the Processor service over NATS (`embed-processor: false`).
 - etcd down 60 s (stopped, then started on its data): the fleet keeps serving from what
   it knew; every instance record is back within 10 s of etcd's return.
 - etcd frozen 60 s (SIGSTOP: unreachable but not restarted, as behind a partition): the
@@ -28,6 +30,7 @@ import httpx
 import pytest
 
 from app.infra import EtcdServer, NatsServer
+from app.launch.ports import free_port
 from testbed.graphs import ServedGraph, control_plane
 from tests.e2e.graph_helpers import migrations
 
@@ -129,15 +132,42 @@ async def request_loop(base_url: str) -> AsyncIterator[RequestLoop]:
             await asyncio.wait_for(asyncio.gather(*tasks), 90)
 
 
+@dataclass
+class Fleet:
+    served: ServedGraph
+    nats: NatsServer
+    etcd: EtcdServer
+    # Where the request pipeline serves /metrics: the Frontend's, or the Processor's port.
+    pipeline_metrics_url: str
+
+    def resumes_logged(self, endpoint: str = "") -> int:
+        """Lines of callers that say calls (to `endpoint`, e.g. "Processor/": any by default)
+        were resumed after the NATS connection dropped: one at least where any was (each
+        process throttles them to one in 10 s)."""
+        lines = self.served.log_path.read_text(errors="replace").splitlines()
+        return sum(1 for line in lines if "resuming from frame" in line and f" of {endpoint}" in line)
+
+
 @pytest.fixture
-async def fleet(tiny_model: Path, tmp_path: Path) -> AsyncIterator[tuple[ServedGraph, NatsServer, EtcdServer]]:
-    """The graph on a control plane of its own (the session's NATS and etcd stay up)."""
+async def fleet(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path) -> AsyncIterator[Fleet]:
+    """The graph on a control plane of its own (the session's NATS and etcd stay up). The
+    layout, where a test parametrizes it: "embedded" (the Frontend runs the request
+    pipeline) or "processor" (the Frontend calls the Processor service over NATS)."""
     config = tmp_path / "graph.yaml"
     config.write_text(CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS))
+    overrides: list[str] = []
+    processors = None
+    if getattr(request, "param", "embedded") == "processor":
+        metrics_port = free_port()
+        overrides = ["--Frontend.embed-processor=false", f"--Processor.metrics-port={metrics_port}"]
+        processors = 1
     with control_plane(tmp_path) as (nats, etcd):
-        async with ServedGraph("graphs.agg_router:Frontend", config, tmp_path, nats.url, etcd.url) as served:
-            await served.wait_ready(WORKERS, routers=1, processors=None, timeout=120)
-            yield served, nats, etcd
+        async with ServedGraph(
+            "graphs.agg_router:Frontend", config, tmp_path, nats.url, etcd.url, overrides=overrides
+        ) as served:
+            await served.wait_ready(WORKERS, routers=1, processors=processors, timeout=120)
+            metrics_url = served.base_url if processors is None else f"http://127.0.0.1:{metrics_port}"
+            yield Fleet(served, nats, etcd, metrics_url)
 
 
 async def _records(served: ServedGraph) -> set[tuple[str, str]]:
@@ -148,25 +178,31 @@ async def _records(served: ServedGraph) -> set[tuple[str, str]]:
     return found
 
 
-async def test_nats_down_5s_fails_no_request(fleet: tuple[ServedGraph, NatsServer, EtcdServer]) -> None:
-    served, nats, _ = fleet
+# Only this case runs in both layouts: the etcd ones take a minute each and cross no NATS
+# call that the layout changes.
+@pytest.mark.parametrize("fleet", ["embedded", "processor"], indirect=True)
+async def test_nats_down_5s_fails_no_request(fleet: Fleet) -> None:
+    served, nats = fleet.served, fleet.nats
     async with request_loop(served.base_url) as loop:
         await loop.wait_served(20)
         await asyncio.to_thread(nats.stop)
         await asyncio.sleep(5)
         await asyncio.to_thread(nats.start)
         await loop.wait_served(40, timeout=60)
-        moved = await migrations(loop.http)
+        async with httpx.AsyncClient(base_url=fleet.pipeline_metrics_url, timeout=10) as pipeline:
+            moved = await migrations(pipeline)
     assert loop.failures == [], loop.failures[:5]
-    # Streams were in flight when the connection dropped: they went on from a new call.
-    assert moved >= 1
+    # Streams were in flight when the connection dropped: they went on, resumed from the
+    # frame they were due or from a new call to a worker.
+    assert moved + fleet.resumes_logged() >= 1, served.log_tail()
+    if served.base_url != fleet.pipeline_metrics_url:
+        # The Frontend's calls to the Processor are what nothing carried across before.
+        assert fleet.resumes_logged("Processor/") >= 1, served.log_tail()
 
 
 @pytest.mark.parametrize("outage", ["stopped", "frozen"])
-async def test_etcd_down_60s_fails_no_request_and_every_instance_is_back_within_10s(
-    fleet: tuple[ServedGraph, NatsServer, EtcdServer], outage: str
-) -> None:
-    served, _, etcd = fleet
+async def test_etcd_down_60s_fails_no_request_and_every_instance_is_back_within_10s(fleet: Fleet, outage: str) -> None:
+    served, etcd = fleet.served, fleet.etcd
     before = await _records(served)
     assert len(before) == WORKERS + 1
     async with request_loop(served.base_url) as loop:
