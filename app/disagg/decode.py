@@ -3,12 +3,16 @@ request's prefill goes remote, queues the job, and waits for the PrefillWorker's
 a one-shot slot (`PendingPrefills`), which the decode worker's `prefill_done` endpoint fills.
 
 A request whose prefill does not go remote, or whose answer does not come in time, is
-prefilled by the decode worker itself: remote prefill only ever saves work.
+prefilled by the decode worker itself: remote prefill only ever saves work. A job whose
+answer is no longer awaited (its wait ran out, its request went) is withdrawn from the
+queue, so that no PrefillWorker spends a prefill on it and the queue's depth, which the
+policy weighs, counts only jobs some decode worker still waits for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -18,7 +22,14 @@ from app.disagg.policy import DisaggPolicy
 from app.metrics import CounterView
 from app.protocol import PREFILL_ACK_WAIT_S, PrefillAnswer, PrefillJob, PreprocessedRequest, names
 from app.runtime import EndpointClient, Runtime
-from app.runtime.workqueue import WorkQueue
+from app.runtime.workqueue import RecentDepth, WorkQueue
+
+log = logging.getLogger(__name__)
+
+# How old a prefill queue depth may be when it decides a request: concurrent long prompts
+# share one JetStream read, and a burst of them cannot overshoot the threshold by much more
+# than this long's arrivals.
+_DEPTH_MAX_AGE_S = 0.5
 
 
 class PendingPrefills:
@@ -60,11 +71,14 @@ class RemotePrefill:
         self._timeout_s = timeout_s
         self._pending = PendingPrefills()
         self._queue: WorkQueue | None = None
+        self._depth: RecentDepth | None = None
         self._prefill_fleet: EndpointClient | None = None
+        self._withdrawals: set[asyncio.Task[None]] = set()
 
     async def start(self, registry: CollectorRegistry) -> None:
         """Open the queue, follow the thresholds and the PrefillWorkers; count decisions in `registry`."""
         self._queue = await self._runtime.work_queue(names.PREFILL_QUEUE, ack_wait_s=PREFILL_ACK_WAIT_S)
+        self._depth = RecentDepth(self._queue.depth, _DEPTH_MAX_AGE_S)
         await self._policy.start(self._runtime.discovery)
         # Followed so that a job is queued only while some PrefillWorker can take it:
         # a decode worker up before its prefill nodes (or after they all died) must not
@@ -81,7 +95,7 @@ class RemotePrefill:
 
     async def prefill(self, request: PreprocessedRequest) -> PrefillAnswer | None:
         """The PrefillWorker's answer, or None where the decode worker prefills the request itself."""
-        assert self._queue is not None and self._prefill_fleet is not None, "used before start()"
+        assert self._queue is not None and self._depth is not None and self._prefill_fleet, "used before start()"
         policy, queue = self._policy, self._queue
         if not self._prefill_fleet.instance_ids():
             policy.count("local", request.request_id, "no PrefillWorker registered")
@@ -92,7 +106,7 @@ class RemotePrefill:
             policy.count("local", request.request_id, "prompt_logprobs asked for")
             return None
         try:
-            remote = await policy.prefill_remotely(request, queue.depth)
+            remote = await policy.prefill_remotely(request, self._depth)
         except Exception as exc:
             policy.count("local", request.request_id, f"prefill queue unreadable: {exc}")
             return None
@@ -102,6 +116,7 @@ class RemotePrefill:
         job_id = uuid.uuid4().hex
         timeout = self._timeout_s
         answer = self._pending.open(job_id, timeout)
+        seq: int | None = None
         try:
             job = PrefillJob(
                 job_id=job_id,
@@ -109,7 +124,7 @@ class RemotePrefill:
                 decode_worker_id=self._runtime.instance_id,
                 deadline=time.time() + timeout,
             )
-            await queue.push(job)
+            seq = await queue.push(job)
             result = await asyncio.wait_for(answer, timeout)
         except Exception as exc:
             reason = (
@@ -120,6 +135,8 @@ class RemotePrefill:
         finally:
             # A late answer finds no slot and is discarded.
             self._pending.close(job_id)
+            if seq is not None and (answer.cancelled() or not answer.done()):
+                self._withdraw(queue, seq, request.request_id)
         if result.error:
             policy.count("fallback", request.request_id, f"{result.prefill_worker_id} gave up: {result.error}")
             return None
@@ -127,6 +144,21 @@ class RemotePrefill:
             "remote", request.request_id, f"{len(request.token_ids)} prompt tokens on {result.prefill_worker_id}"
         )
         return result
+
+    def _withdraw(self, queue: WorkQueue, seq: int, request_id: str) -> None:
+        """Take the job out of the queue, in the background: the request goes on (prefilled
+        here, or it was cancelled and must end now)."""
+
+        async def withdraw() -> None:
+            try:
+                await queue.withdraw(seq)
+            except Exception as exc:
+                # A PrefillWorker that takes it still skips it (its answer is no longer awaited).
+                log.debug("request %s: prefill job %d not withdrawn (%s)", request_id, seq, exc)
+
+        task = asyncio.get_running_loop().create_task(withdraw(), name=f"withdraw-prefill-job-{seq}")
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
 
     def deliver(self, answer: PrefillAnswer) -> bool:
         """A PrefillWorker's answer; True if a request still waited for it."""

@@ -52,4 +52,4 @@ class DisaggPolicy:
 
     def count(self, decision: Decision, request_id: str, detail: str) -> None:
         self.decisions[decision] += 1
-        log.info("request %s: prefill %s (%s)", request_id, decision, detail)
+        log.debug("request %s: prefill %s (%s)", request_id, decision, detail)

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from app.aio import cancel_and_wait, end_on_exit
 from app.errors import InvalidRequestError
+from app.logs import Throttled
 from app.metrics import CounterView
 from app.protocol import (
     PREFILL_ACK_WAIT_S,
@@ -43,6 +44,16 @@ from app.runtime import Runtime
 from app.runtime.workqueue import Job, WorkQueue
 
 log = logging.getLogger(__name__)
+# One line per kind of failure however many jobs meet it (a NATS outage meets them all);
+# the jobs' outcomes are counted in tandem_prefill_jobs.
+_pull_failed_log = Throttled(log, logging.ERROR)
+_job_failed_log = Throttled(log, logging.ERROR)
+_retried_log = Throttled(log, logging.ERROR)
+_given_back_log = Throttled(log, logging.ERROR)
+_timed_out_log = Throttled(log)
+_answer_failed_log = Throttled(log)
+_cannot_ask_log = Throttled(log)
+_heartbeat_failed_log = Throttled(log)
 
 _REDELIVERY_DELAY_S = 0.5
 _ANSWER_TIMEOUT_S = 5.0
@@ -112,7 +123,7 @@ class PrefillJobs:
             try:
                 job = await queue.pull(timeout=1.0, job_type=PrefillJob)
             except Exception:
-                log.exception("pulling from the prefill queue failed")
+                _pull_failed_log.log("pulling from the prefill queue failed", exc_info=True)
                 await asyncio.sleep(1.0)
                 continue
             if job is None:
@@ -123,7 +134,11 @@ class PrefillJobs:
                 # An ack, nak or answer that failed (NATS slow or away) costs this job a
                 # redelivery at most, never the puller: it goes on with the next one.
                 self.counts["errors"] += 1
-                log.exception("request %s: prefill job failed; JetStream redelivers it", job.data.request.request_id)
+                _job_failed_log.log(
+                    "request %s: prefill job failed; JetStream redelivers it",
+                    job.data.request.request_id,
+                    exc_info=True,
+                )
 
     async def _handle(self, job: Job) -> None:
         data: PrefillJob = job.data
@@ -131,7 +146,7 @@ class PrefillJobs:
         left_s = await self._time_left(data)
         if left_s <= 0:
             self.counts["expired"] += 1
-            log.info("request %s: its decode worker waits no more; prefill job skipped", request_id)
+            log.debug("request %s: its decode worker waits no more; prefill job skipped", request_id)
             await job.ack()
             return
         answer_by = time.monotonic() + left_s
@@ -142,7 +157,7 @@ class PrefillJobs:
         except TimeoutError:
             # Its decode worker prefilled it itself by now: the job is done, by it.
             self.counts["timed_out"] += 1
-            log.warning(
+            _timed_out_log.log(
                 "request %s: prefill outlasted its decode worker's wait (%.1f s); abandoned", request_id, left_s
             )
             await job.ack()
@@ -151,12 +166,15 @@ class PrefillJobs:
             self.counts["failed"] += 1
             attempt = job.redeliveries + 1
             if attempt < MAX_ATTEMPTS and not isinstance(exc, InvalidRequestError):
-                log.exception(
-                    "request %s: prefill failed (attempt %d); the job goes back to the queue", request_id, attempt
+                _retried_log.log(
+                    "request %s: prefill failed (attempt %d); the job goes back to the queue",
+                    request_id,
+                    attempt,
+                    exc_info=True,
                 )
                 await job.nak(delay=_REDELIVERY_DELAY_S)
                 return
-            log.error(
+            _given_back_log.log(
                 "request %s: prefill failed (attempt %d: %s); its decode worker prefills it", request_id, attempt, exc
             )
             params, error = {}, f"prefill failed: {exc}"
@@ -178,12 +196,14 @@ class PrefillJobs:
         except Exception as exc:
             # The decode worker is gone or unreachable: nobody can use this KV any more.
             taken = False
-            log.warning("request %s: answering decode worker %s failed: %s", request_id, data.decode_worker_id, exc)
+            _answer_failed_log.log(
+                "request %s: answering decode worker %s failed: %s", request_id, data.decode_worker_id, exc
+            )
         if error:
             self.counts["given_back"] += 1
         else:
             self.counts["done" if taken else "undelivered"] += 1
-            log.info(
+            log.debug(
                 "request %s: prefilled %d tokens for %s (%s)",
                 request_id,
                 len(data.request.token_ids),
@@ -203,7 +223,7 @@ class PrefillJobs:
                 response_type=float,
             )
         except Exception as exc:
-            log.info(
+            _cannot_ask_log.log(
                 "request %s: decode worker %s cannot be asked (%s)", job.request.request_id, job.decode_worker_id, exc
             )
             return 0.0
@@ -226,4 +246,6 @@ class PrefillJobs:
             try:
                 await job.in_progress()
             except Exception as exc:  # the next beat may pass; if none does, a redelivery
-                log.warning("request %s: prefill job heartbeat failed (%s)", job.data.request.request_id, exc)
+                _heartbeat_failed_log.log(
+                    "request %s: prefill job heartbeat failed (%s)", job.data.request.request_id, exc
+                )

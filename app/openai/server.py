@@ -15,7 +15,11 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.logs import Throttled
+
 logger = logging.getLogger(__name__)
+# Slow clients come by the hundred in a slowloris attack: a sample of them.
+_slow_client_log = Throttled(logger, logging.INFO)
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,9 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._read_timer = None
         if self.transport.is_closing():
             return
-        logger.info("closing a connection from %s: %s did not arrive within %g s", _peer(self.client), awaited, seconds)
+        _slow_client_log.log(
+            "closing a connection from %s: %s did not arrive within %g s", _peer(self.client), awaited, seconds
+        )
         if self.cycle is None or self.cycle.response_complete:
             # No request is being answered: the client may still read why.
             self.transport.write(

@@ -107,6 +107,10 @@ class RouterReport(msgspec.Struct, omit_defaults=True, kw_only=True):
     block_size: int = 0
     hash_scheme: str = ""
     model: str = ""
+    # Workers' KV views it replaced by a dump of their cache, and those that sent none, by
+    # why: start, seq_gap, registered (app/router/kv_resync.py).
+    kv_resyncs: dict[str, int] = {}
+    kv_resync_failures: dict[str, int] = {}
 
 
 # --- placements: among router replicas and Processors (app/router/load.py) --------------

@@ -32,6 +32,7 @@ class RoutingCounters:
     prompt_blocks: int = 0
     hit_blocks: int = 0  # prompt blocks the chosen worker already held
     rejected_batches: int = 0
+    stray_events: int = 0  # KV batches and load reports of workers not registered: dropped (replica.py)
 
     @property
     def hit_rate(self) -> float:

@@ -18,10 +18,16 @@ import heapq
 import logging
 from collections.abc import Sequence
 
+from app.logs import Throttled
 from app.protocol import AllBlocksCleared, BlockRemoved, BlockStored, EngineBlockHash, KvEvent, KvEventBatch
 from app.router.hashing import block_hashes
 
 log = logging.getLogger(__name__)
+# A NATS blip makes a gap in every worker's KV events; a broken publisher sends bad events
+# by the batch: one line per kind, each counted (seq_gaps, malformed_events) in the metrics.
+_seq_gap_log = Throttled(log)
+_malformed_log = Throttled(log)
+_hash_reused_log = Throttled(log)
 
 
 class BlockSizeMismatchError(ValueError):
@@ -86,7 +92,7 @@ class KvIndex:
             # Events were lost: the view of this worker is stale until a dump of its cache
             # replaces it (app/router/kv_resync.py), but later events are still worth applying.
             self.seq_gaps += 1
-            log.warning(
+            _seq_gap_log.log(
                 "KV events from worker %s: expected seq %d, got %d", batch.worker_id, worker.last_seq + 1, batch.seq
             )
         worker.last_seq = batch.seq
@@ -138,7 +144,7 @@ class KvIndex:
         engine_hashes = event.block_hashes
         if len(event.token_ids) != len(engine_hashes) * self.block_size:
             self.malformed_events += 1
-            log.warning(
+            _malformed_log.log(
                 "KV events from worker %s: BlockStored with %d blocks but %d tokens; skipped",
                 worker_id,
                 len(engine_hashes),
@@ -166,7 +172,7 @@ class KvIndex:
                     worker.engine_copies[engine_hash] = worker.engine_copies.get(engine_hash, 1) + 1
                 else:
                     self.malformed_events += 1
-                    log.warning(
+                    _hash_reused_log.log(
                         "KV events from worker %s: engine hash %r reused for other tokens", worker_id, engine_hash
                     )
                 continue

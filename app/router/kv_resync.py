@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from app.aio import cancel_and_wait
 from app.protocol import KvEventBatch
@@ -27,6 +29,14 @@ from app.router.core import RoutingCore
 log = logging.getLogger(__name__)
 
 FetchBlocks = Callable[[str], Awaitable[list[KvEventBatch]]]
+
+# Why a worker is re-synced: the label of the router's re-sync counters, and in its logs.
+Reason = Literal["start", "seq_gap", "registered"]
+_WHY: dict[Reason, str] = {
+    "start": "this router started",
+    "seq_gap": "a gap in its KV events",
+    "registered": "it registered",
+}
 
 # Dumps fetched at once: a replica that starts beside a thousand workers asks a few at a time.
 _CONCURRENT_FETCHES = 8
@@ -47,8 +57,10 @@ class KvResync:
         self._known: set[str] = set()  # re-synced (or being re-synced) since it last registered
         self._slots = asyncio.Semaphore(_CONCURRENT_FETCHES)
         self._first_tries: set[asyncio.Future[None]] = set()  # done once a fetch was tried once
-        self.resyncs = 0  # dumps applied
-        self.failures = 0  # workers given up on
+        # By reason (the router's metrics and its RouterReport): dumps applied, and workers
+        # given up on (they never answered; routing sees only their events meanwhile).
+        self.resyncs: Counter[Reason] = Counter()
+        self.failures: Counter[Reason] = Counter()
 
     def on_batch(self, batch: KvEventBatch) -> None:
         """A worker's KV event batch, as it arrives."""
@@ -60,13 +72,13 @@ class KvResync:
         gaps = core.seq_gaps
         core.apply_kv_batch(batch)
         if core.seq_gaps != gaps:
-            self.resync(batch.worker_id, "a gap in its KV events")
+            self.resync(batch.worker_id, "seq_gap")
 
     def on_worker_up(self, worker_id: str) -> None:
         """The worker's record is there: re-sync one that registered since the replica last
         knew it (new, or back after its lease went)."""
         if worker_id not in self._known:
-            self.resync(worker_id, "it registered")
+            self.resync(worker_id, "registered")
 
     def on_worker_gone(self, worker_id: str) -> None:
         self._known.discard(worker_id)
@@ -75,7 +87,7 @@ class KvResync:
         if fetch is not None:
             fetch.cancel()
 
-    def resync(self, worker_id: str, why: str) -> None:
+    def resync(self, worker_id: str, reason: Reason) -> None:
         """Replace the replica's view of the worker with its dump, once it comes; a re-sync
         on the way already answers for now."""
         self._known.add(worker_id)
@@ -86,7 +98,8 @@ class KvResync:
         tried = loop.create_future()
         self._first_tries.add(tried)
         tried.add_done_callback(self._first_tries.discard)
-        self._fetches[worker_id] = loop.create_task(self._fetch(worker_id, why, tried), name=f"kv-resync-{worker_id}")
+        fetch = self._fetch(worker_id, reason, tried)
+        self._fetches[worker_id] = loop.create_task(fetch, name=f"kv-resync-{worker_id}")
 
     async def settled(self, timeout: float) -> None:
         """Until each re-sync on the way now has been answered or failed once (or `timeout`
@@ -99,7 +112,7 @@ class KvResync:
         for fetch in fetches:
             await cancel_and_wait(fetch)
 
-    async def _fetch(self, worker_id: str, why: str, tried: asyncio.Future[None]) -> None:
+    async def _fetch(self, worker_id: str, reason: Reason, tried: asyncio.Future[None]) -> None:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + _GIVE_UP_AFTER_S
         delay = _FIRST_RETRY_S
@@ -114,19 +127,19 @@ class KvResync:
                     self._release(worker_id)
                     if loop.time() + delay > give_up_at:
                         del self._fetches[worker_id]
-                        self.failures += 1
+                        self.failures[reason] += 1
                         log.warning(
                             "worker %s did not send its cached KV blocks (%s; re-sync for %s): "
                             "routing sees only what its KV events say from now on",
                             worker_id,
                             exc,
-                            why,
+                            _WHY[reason],
                         )
                         return
                     log.debug("worker %s: cached KV blocks not fetched yet (%s)", worker_id, exc)
                 else:
                     del self._fetches[worker_id]
-                    self._apply(worker_id, why, dump)
+                    self._apply(worker_id, reason, dump)
                     return
                 finally:
                     if not tried.done():
@@ -137,13 +150,13 @@ class KvResync:
             if not tried.done():
                 tried.cancel()
 
-    def _apply(self, worker_id: str, why: str, dump: list[KvEventBatch]) -> None:
+    def _apply(self, worker_id: str, reason: Reason, dump: list[KvEventBatch]) -> None:
         if self._core.apply_kv_dump(worker_id, dump):
-            self.resyncs += 1
+            self.resyncs[reason] += 1
             log.info(
                 "KV index of worker %s re-synced (%s): %d blocks, as of its KV batch %d",
                 worker_id,
-                why,
+                _WHY[reason],
                 self._core.index.worker_blocks(worker_id),
                 dump[0].seq,
             )

@@ -19,9 +19,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from app.logs import Throttled
 from app.protocol import LoadReport, PlacementEvent, PlacementKind
 
 log = logging.getLogger(__name__)
+# A router replica that crashed leaves every placement it made to expire: one line for them.
+_expired_log = Throttled(log)
 
 
 @dataclass(slots=True, frozen=True)
@@ -146,7 +149,9 @@ class LoadTracker:
             if placed.placed_at > horizon:
                 return
             self.expired_requests += 1
-            log.warning("placement of request %s on worker %s expired without a finish", request_id, placed.worker_id)
+            _expired_log.log(
+                "placement of request %s on worker %s expired without a finish", request_id, placed.worker_id
+            )
             self._forget(request_id, placed)
 
     # --- the view -------------------------------------------------------------

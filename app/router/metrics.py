@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.router.core import RoutingCore
+from app.router.kv_resync import KvResync, Reason
 
 _DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 0.1)
 
@@ -20,6 +22,7 @@ class RouterMetrics(Collector):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.core: RoutingCore | None = None  # set once the replica has built it
+        self.kv_resync: KvResync | None = None  # likewise
         self.decision_seconds = Histogram(
             "tandem_router_decision_seconds",
             "Time to pick a worker for one request",
@@ -68,3 +71,27 @@ class RouterMetrics(Collector):
             "tandem_router_kv_seq_gaps", "Gaps seen in workers' KV event sequences", value=core.seq_gaps
         )
         yield GaugeMetricFamily("tandem_router_indexed_blocks", "Blocks in the KV index", value=core.index.num_blocks())
+        yield CounterMetricFamily(
+            "tandem_router_stray_events",
+            "KV event batches and load reports dropped: their worker is not in discovery (it left)",
+            value=core.counters.stray_events,
+        )
+        if self.kv_resync is not None:
+            yield _by_reason(
+                "tandem_router_kv_resyncs",
+                "Workers' KV views replaced by a dump of their cache, by why: start, seq_gap, registered",
+                self.kv_resync.resyncs,
+            )
+            yield _by_reason(
+                "tandem_router_kv_resync_failures",
+                "Workers that never sent the dump of their cache (routed by their KV events alone), by why",
+                self.kv_resync.failures,
+            )
+
+
+def _by_reason(name: str, documentation: str, counts: Mapping[Reason, int]) -> CounterMetricFamily:
+    """Every reason, those at 0 too: a rate() over a series that appears late misses its first count."""
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason in get_args(Reason):
+        family.add_metric([reason], counts.get(reason, 0))
+    return family

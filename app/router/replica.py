@@ -81,6 +81,11 @@ class RouterReplica:
         self._report_interval_s = report_interval_s
         self._kv_silence_s = kv_silence_s
         self._reporting: asyncio.Task[None] | None = None
+        # The workers whose records discovery lists: only their KV events and load reports
+        # count. A late one from a worker that left would otherwise put it back in the index
+        # and the load view, for good; a new worker's events that beat its record here are
+        # in the dump of its cache that its registration brings (kv_resync.py).
+        self._registered: set[str] = set()
 
     @property
     def core(self) -> RoutingCore:
@@ -102,11 +107,13 @@ class RouterReplica:
         self._metrics.core = self._core
         self._metrics_server = serve_metrics(self._metrics.registry, self._metrics_port)
         self._kv_resync = KvResync(self._core, self._feed.kv_blocks)
+        self._metrics.kv_resync = self._kv_resync
         await self._feed.follow(self, self._configured)
         # Workers that cached before this replica started: what they hold comes from them,
         # before the replica takes requests (a worker slow to answer is waited for no longer).
         for worker_id in self._feed.live_workers():
-            self._kv_resync.resync(worker_id, "this router started")
+            self._registered.add(worker_id)
+            self._kv_resync.resync(worker_id, "start")
         await self._kv_resync.settled(timeout=_START_RESYNC_WAIT_S)
         self._reporting = asyncio.create_task(self._report_periodically(), name="router-report")
         log.info("routing with policy %s, block size %d", self._core.policy.name, block_size)
@@ -115,6 +122,8 @@ class RouterReplica:
         """How this replica routes now: its policy, counters and the workers it cannot see."""
         core = self.core
         counters = core.counters
+        resync = self._kv_resync
+        assert resync is not None
         return RouterReport(
             router_id=self._replica_id,
             policy=core.policy.name,
@@ -130,6 +139,8 @@ class RouterReplica:
             block_size=core.block_size,
             hash_scheme=KV_HASH_SCHEME,
             model=self._model,
+            kv_resyncs={reason: count for reason, count in resync.resyncs.items()},
+            kv_resync_failures={reason: count for reason, count in resync.failures.items()},
         )
 
     async def _report_periodically(self) -> None:
@@ -180,9 +191,15 @@ class RouterReplica:
 
     def on_kv_events(self, batch: KvEventBatch) -> None:
         assert self._kv_resync is not None
+        if batch.worker_id not in self._registered:
+            self.core.counters.stray_events += 1
+            return
         self._kv_resync.on_batch(batch)
 
     def on_load_report(self, report: LoadReport) -> None:
+        if report.worker_id not in self._registered:
+            self.core.counters.stray_events += 1
+            return
         self.core.apply_load_report(report)
 
     def on_placements(self, events: Sequence[PlacementEvent]) -> None:
@@ -191,9 +208,11 @@ class RouterReplica:
 
     def on_worker_up(self, worker_id: str) -> None:
         assert self._kv_resync is not None
+        self._registered.add(worker_id)
         self._kv_resync.on_worker_up(worker_id)
 
     def on_worker_gone(self, worker_id: str) -> None:
+        self._registered.discard(worker_id)
         self.core.remove_worker(worker_id)
         assert self._kv_resync is not None
         self._kv_resync.on_worker_gone(worker_id)

@@ -14,10 +14,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
+from app.logs import Throttled
 from app.runtime.connect import confirm_subscriptions
 from app.runtime.wire import decoder_for
 
 log = logging.getLogger(__name__)
+# Events come by the thousand a second (KV events, load reports): a publisher of another
+# version, or a handler's bug, fails each of them. One line per kind for them all.
+_undecodable_log = Throttled(log)
+_handler_failed_log = Throttled(log, logging.ERROR)
 
 T = TypeVar("T")
 
@@ -53,12 +58,12 @@ class EventSubscription(Generic[T]):
         try:
             event = self._decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("event on %s undecodable, skipped: %s", self.subject, exc)
+            _undecodable_log.log("event on %s undecodable, skipped: %s", self.subject, exc)
             return
         try:
             self._on_event(event)
         except Exception:
-            log.exception("handling an event on %s failed", self.subject)
+            _handler_failed_log.log("handling an event on %s failed", self.subject, exc_info=True)
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -78,4 +83,4 @@ class EventSubscription(Generic[T]):
             try:
                 return self._decoder.decode(data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.warning("event on %s undecodable, skipped: %s", self.subject, exc)
+                _undecodable_log.log("event on %s undecodable, skipped: %s", self.subject, exc)

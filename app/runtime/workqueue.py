@@ -6,8 +6,11 @@ one of them; a job not acked within `ack_wait_s` (its consumer died) is redelive
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ from app.runtime.wire import decoder_for, encoder
 log = logging.getLogger(__name__)
 
 _STREAM_NAME_IN_USE = 10058
+_NO_SUCH_MESSAGE = 10043
 
 
 class Job:
@@ -180,9 +184,22 @@ class WorkQueue:
             ),
         )
 
-    async def push(self, job: Any) -> None:
-        """Store a job; returns once JetStream has it (it survives a server restart)."""
-        await self._js.publish(self.subject, encoder.encode(job), stream=self.stream)
+    async def push(self, job: Any) -> int:
+        """Store a job; returns once JetStream has it (it survives a server restart), with
+        its sequence number in the stream (what `withdraw` takes)."""
+        ack = await self._js.publish(self.subject, encoder.encode(job), stream=self.stream)
+        return int(ack.seq)
+
+    async def withdraw(self, seq: int) -> bool:
+        """Take back a job nobody waits for any more, delivered or not: no consumer gets it
+        (again) and `depth` no longer counts it; a consumer that holds it still acks it
+        without an error. False where it was gone already (acked, or withdrawn)."""
+        try:
+            return bool(await self._js.delete_msg(self.stream, seq))
+        except BadRequestError as exc:
+            if exc.err_code != _NO_SUCH_MESSAGE:
+                raise
+            return False
 
     async def pull(self, timeout: float = 1.0, job_type: Any = None) -> Job | None:
         """The next job, or None if none arrives within `timeout`."""
@@ -201,7 +218,9 @@ class WorkQueue:
         return Job(data, msg)
 
     async def depth(self) -> int:
-        """Jobs not yet acked: waiting for a consumer plus delivered but unacknowledged."""
+        """Jobs not yet acked: waiting for a consumer plus delivered but unacknowledged (a
+        withdrawn job counts no more; one whose waiter died without withdrawing it counts
+        until a consumer takes it, app/disagg/prefill.py skips it then)."""
         info = await self._js.consumer_info(self.stream, self._settings.consumer)
         return info.num_pending + info.num_ack_pending
 
@@ -209,3 +228,35 @@ class WorkQueue:
         if self._psub is not None:
             await self._psub.unsubscribe()
             self._psub = None
+
+
+class RecentDepth:
+    """A queue's depth, read at most once per `max_age_s`: one read, shared by whoever asks
+    while it is on the way, answers every ask until it is `max_age_s` old. A decode worker
+    asks for every long prompt, and a burst of them would each cost a JetStream round trip
+    (a consumer info request, answered by the server's JetStream API). A read that fails
+    fails every ask that shared it, and the next ask reads again."""
+
+    def __init__(self, read: Callable[[], Awaitable[int]], max_age_s: float) -> None:
+        self._read = read
+        self._max_age_s = max_age_s
+        self._value = 0
+        self._read_at = -float("inf")
+        self._reading: asyncio.Task[int] | None = None
+
+    async def __call__(self) -> int:
+        if time.monotonic() - self._read_at < self._max_age_s:
+            return self._value
+        if self._reading is None:
+            self._reading = asyncio.get_running_loop().create_task(self._read_now())
+        # Shielded: an ask cancelled (its request gone) must not cancel the others' read.
+        return await asyncio.shield(self._reading)
+
+    async def _read_now(self) -> int:
+        try:
+            started = time.monotonic()
+            self._value = await self._read()
+            self._read_at = started  # as old as the moment it was asked for
+            return self._value
+        finally:
+            self._reading = None

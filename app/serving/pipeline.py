@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Sequence
 from prometheus_client import CollectorRegistry
 
 from app.errors import NoWorkerError, WorkerUnavailableError
+from app.logs import Throttled
 from app.metrics import CounterView
 from app.openai.backend import Tokenized
 from app.openai.schema import (
@@ -33,6 +34,10 @@ from app.serving.config import PipelineConfig
 from app.serving.pickers import START_WAIT_S, Placement, WorkerPicker
 
 log = logging.getLogger(__name__)
+# A worker that dies under a thousand streams moves a thousand requests: one line for them
+# all (the migrations are counted by kind in the pipeline's metrics).
+_migrating_log = Throttled(log)
+_rerouting_log = Throttled(log)
 
 # How many other workers a request that failed before its first token is offered to.
 MAX_REROUTES = 3
@@ -168,7 +173,7 @@ class RequestPipeline:
                     placement = None
                     await outputs.aclose()
                     self.migrations[type(exc).__name__] += 1
-                    log.warning(
+                    _migrating_log.log(
                         "%s: worker %s failed after %d tokens (%s); migrating it (%d of at most %d)",
                         request.request_id,
                         left,
@@ -195,7 +200,7 @@ class RequestPipeline:
         if moves >= self._config.migration_limit:
             raise error
         if (reason := migration.not_migratable(request)) is not None:
-            log.info("%s: not migrated (%s)", request.request_id, reason)
+            log.debug("%s: not migrated (%s)", request.request_id, reason)
             raise error
 
     async def _pick_avoiding_suspects(self, request: PreprocessedRequest, failed: list[str]) -> Placement:
@@ -238,7 +243,7 @@ class RequestPipeline:
                 placement.finished()
                 if not isinstance(exc, WorkerUnavailableError) or len(failed) >= len(exclude) + MAX_REROUTES:
                     raise
-                log.warning(
+                _rerouting_log.log(
                     "%s: worker %s failed before the first token (%s); re-routing",
                     request.request_id,
                     placement.worker_id,

@@ -57,6 +57,9 @@ class RouterState:
     kv_silent_workers: list[str]
     kv_rejected_workers: list[str]
     age_s: float
+    # Its KV re-syncs from workers' dumps, and the workers that sent none, by why (start, seq_gap, registered).
+    kv_resyncs: dict[str, int] = field(default_factory=dict)
+    kv_resync_failures: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,6 +165,8 @@ def router_state(report: RouterReport, now: float) -> RouterState:
         kv_silent_workers=list(report.kv_silent_workers),
         kv_rejected_workers=list(report.kv_rejected_workers),
         age_s=max(now - report.timestamp, 0.0),
+        kv_resyncs=dict(report.kv_resyncs),
+        kv_resync_failures=dict(report.kv_resync_failures),
     )
 
 

@@ -491,8 +491,9 @@ def _process_group(graph: ServedGraph, pid: int) -> int:
 
 
 async def test_a_late_answer_is_discarded_after_the_local_fallback(graph: DisaggGraph, reference) -> None:
-    """No PrefillWorker answers within the deadline: the decode worker prefills itself,
-    and the job, once a worker reaches it, is skipped as expired (used at most once)."""
+    """No PrefillWorker answers within the deadline: the decode worker prefills itself and
+    withdraws the job from the queue (one a worker had in hand is skipped as expired): used
+    at most once."""
     before = await _prefill_statuses(graph)
     groups = [_process_group(graph, status["pid"]) for status in before.values()]
     for group in groups:
@@ -512,16 +513,15 @@ async def test_a_late_answer_is_discarded_after_the_local_fallback(graph: Disagg
     assert _text(response) == reference[LATE_PROMPT]
     assert prefill_decision(graph, request_id) == "fallback"
     assert "x-tandem-prefill-worker" not in response.headers
-    async with asyncio.timeout(2 * PREFILL_ACK_WAIT_S):
-        while True:
-            after = await _prefill_statuses(graph)
-            assert set(after) == set(before)
-            expired = sum(s.get("expired", 0) - before[w].get("expired", 0) for w, s in after.items())
-            if expired:
-                break
-            await asyncio.sleep(0.5)
-    # No worker prefilled it: the job was skipped (by both workers, if one thawed with it
-    # in hand while the queue redelivered it to the other after the ack wait).
+    # Its job leaves the queue: its decode worker withdrew it when it stopped waiting (a
+    # worker that thawed with it in hand skips it as expired).
+    await status_until(
+        graph, lambda s: s["prefill_queue"]["depth"] == 0, 2 * PREFILL_ACK_WAIT_S, "the late job withdrawn"
+    )
+    await asyncio.sleep(1.0)  # a worker that thawed with it in hand has looked at it by now
+    after = await _prefill_statuses(graph)
+    assert set(after) == set(before)
+    # No worker prefilled it.
     assert {w: _done(s) for w, s in after.items()} == {w: _done(s) for w, s in before.items()}
 
 

@@ -137,4 +137,9 @@ async def test_a_restarted_router_replica_routes_prefixes_cached_before_it_start
         # Oracle completions it routed count too: their overlaps are the oracle's as well.
         return state is not None and state["decisions"] >= GROUPS and state["hit_rate"] >= oracle_rate - 0.05
 
-    await status_until(graph, reports_the_oracles_hit_rate, timeout=10, what="the restarted replica's hit rate")
+    status = await status_until(
+        graph, reports_the_oracles_hit_rate, timeout=10, what="the restarted replica's hit rate"
+    )
+    # The re-syncs it made are counted (its metrics carry the same counts): one per worker on its start.
+    (state,) = [r["router"] for r in of_service(status, names.ROUTER) if r["instance_id"] == replica]
+    assert state["kv_resyncs"].get("start") == WORKERS and state["kv_resync_failures"] == {}, state

@@ -6,14 +6,20 @@ from each worker's real mirror (app/engines/kv_mirror.py)."""
 from __future__ import annotations
 
 import asyncio
+from typing import get_args
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.protocol import BlockStored, KvEventBatch
-from app.router import RouterReplica
+from app.router import RouterReplica, kv_resync
 from tests.unit.router.fleet import InMemoryFleet
 
 BLOCK = 4
 PREFIX = list(range(8 * BLOCK))
 PROMPT = [*PREFIX, 7, 7, 7, 7]
+REASONS = get_args(kv_resync.Reason)
 
 
 async def started(fleet: InMemoryFleet) -> RouterReplica:
@@ -102,3 +108,43 @@ async def test_a_worker_that_cannot_send_its_blocks_is_routed_by_its_events_mean
     fleet.store("w1", PREFIX)
     assert replica.core.index.find_matches_for_tokens(PROMPT) == {"w1": 8}
     await replica.close()
+
+
+async def test_resyncs_and_failures_are_counted_by_reason_in_the_metrics_and_the_report() -> None:
+    fleet = InMemoryFleet(["w1", "w2"], BLOCK)
+    fleet.without_kv_blocks.add("w2")  # never answers: given up on
+    replica = await started(fleet)
+    fleet.store("w1", PREFIX[:BLOCK])
+    fleet.publish(KvEventBatch(worker_id="w1", seq=5, block_size=BLOCK, events=[]))  # a gap
+    await until(lambda: replica.report().kv_resyncs.get("seq_gap") == 1, "re-synced on the gap")
+    fleet.lose("w1")
+    fleet.join("w1")  # registers again
+    await until(lambda: replica.report().kv_resyncs.get("registered") == 1, "re-synced on registration")
+    assert replica.report().kv_resyncs == {"start": 1, "seq_gap": 1, "registered": 1}
+    values = scrape(replica)
+    assert {reason: values[("tandem_router_kv_resyncs_total", reason)] for reason in REASONS} == {
+        "start": 1,
+        "seq_gap": 1,
+        "registered": 1,
+    }
+    assert values[("tandem_router_kv_resync_failures_total", "start")] == 0  # still asking w2
+    await replica.close()
+
+
+async def test_a_worker_given_up_on_counts_as_a_resync_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv_resync, "_GIVE_UP_AFTER_S", 0.05)
+    fleet = InMemoryFleet(["w1"], BLOCK)
+    fleet.without_kv_blocks.add("w1")
+    replica = await started(fleet)
+    await until(lambda: replica.report().kv_resync_failures == {"start": 1}, "w1 given up on")
+    assert scrape(replica)[("tandem_router_kv_resync_failures_total", "start")] == 1
+    assert replica.report().kv_resyncs == {}
+
+
+def scrape(replica: RouterReplica) -> dict[tuple[str, str], float]:
+    text = generate_latest(replica._metrics.registry).decode()
+    return {
+        (sample.name, sample.labels.get("reason", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

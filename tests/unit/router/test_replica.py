@@ -164,3 +164,26 @@ async def test_the_replica_reports_its_policy_counters_and_the_workers_it_cannot
     published = len(feed.reports)
     await asyncio.sleep(0.05)
     assert len(feed.reports) == published, "a closed replica still reports"
+
+
+async def test_a_late_batch_or_load_report_of_a_worker_that_left_does_not_bring_it_back() -> None:
+    fleet = InMemoryFleet(["w1", "w2"], BLOCK)
+    replica = await started(fleet, "r1", policy="least-loaded")
+    fleet.store("w1", PREFIX)
+    fleet.lose("w1")
+    # What w1 sent before it left, delivered after: a KV batch and a load report.
+    fleet.store("w1", list(range(100, 100 + 4 * BLOCK)))
+    fleet.report_load(LoadReport(worker_id="w1", running=9, waiting=9, kv_used_blocks=50, kv_total_blocks=100))
+    assert replica.core.index.num_blocks() == 0 and replica.core.index.worker_blocks("w1") == 0
+    assert replica.core.load.view("w1").active_requests == 0  # no report kept for it
+    assert replica.report().indexed_blocks == 0
+    assert replica.core.counters.stray_events == 2
+    # Registered again, it counts again: its dump, then its events and reports.
+    fleet.join("w1")
+    for _ in range(100):
+        if replica.core.index.worker_blocks("w1") == 12:
+            break
+        await asyncio.sleep(0.005)
+    assert replica.core.index.worker_blocks("w1") == 12
+    fleet.report_load(LoadReport(worker_id="w1", running=3, waiting=0, kv_used_blocks=5, kv_total_blocks=100))
+    assert replica.core.load.view("w1").active_requests == 3
