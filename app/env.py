@@ -214,11 +214,37 @@ TANDEM_STOP_WAIT_S = _declare(
     "routing, for all but the last 10 of them; supervisors above tandem serve wait this long for each of its services",
     SERVE,
 )
+# A worker that runs past supervisord's startsecs and then dies (CUDA OOM while its model
+# loads) is never FATAL to supervisord itself: the restart listener counts its exits.
+TANDEM_CRASH_LOOP_EXITS = _declare(
+    "TANDEM_CRASH_LOOP_EXITS",
+    _positive,
+    5,
+    "exits in a row, each within TANDEM_CRASH_LOOP_WINDOW_S of its start, after which a program counts as FATAL "
+    "(tandem serve then exits non-zero naming it)",
+    SERVE,
+)
+TANDEM_CRASH_LOOP_WINDOW_S = _declare(
+    "TANDEM_CRASH_LOOP_WINDOW_S",
+    _seconds,
+    600.0,
+    "a program's run shorter than this is part of a crash loop (its restart delay doubles, the healthcheck fails); "
+    "a longer run ends the loop; longer than the largest model's load",
+    SERVE,
+)
 SUPERVISOR_ENABLED: Variable[str | None] = _declare(
     "SUPERVISOR_ENABLED",
     _text,
     None,
     "supervisord's own, set in its programs: a service process then stops when its supervisord dies",
+    SERVE,
+)
+SUPERVISOR_PROCESS_NAME: Variable[str | None] = _declare(
+    "SUPERVISOR_PROCESS_NAME",
+    _text,
+    None,
+    "supervisord's own, set in its programs: the name under which a tandem serve that ends on a FATAL program "
+    "tells the container's healthcheck why",
     SERVE,
 )
 CUDA_VISIBLE_DEVICES: Variable[str | None] = _declare(

@@ -10,7 +10,9 @@ conf="$run_dir/supervisord.conf"
 
 # A program that keeps ending (a `tandem serve` whose service went FATAL, restarted again
 # and again): RUNNING between two exits is not healthy. The restart listener leaves the mark
-# until the program has stayed up for a while (app/launch/restart_backoff.py).
+# until the program has stayed up for TANDEM_CRASH_LOOP_WINDOW_S (app/launch/restart_backoff.py);
+# a `tandem serve` that ended on a FATAL service (one that could not start, or exited
+# TANDEM_CRASH_LOOP_EXITS times in a row) leaves one naming it (app/sdk/supervisor.py).
 for mark in "$run_dir"/crash-loop/*; do
     [ -f "$mark" ] && { echo "unhealthy: $(cat "$mark")"; exit 1; }
 done

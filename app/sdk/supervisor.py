@@ -115,12 +115,12 @@ def run_supervisord(services: Sequence[ServiceProcesses], watch: GraphWatch | No
     program at once and drop their requests, and the config it would reread is written
     once, here (docs/operations.md, "Restarts, FATAL and signals"). supervisord runs in a
     session of its own so that a terminal's hangup reaches it only through here. A program
-    that goes FATAL (it could not start) shuts supervisord down
-    (app/launch/restart_backoff.py): the graph is not whole, and the layer above (an outer
-    supervisord, Docker) starts it again. supervisord is a child rather than an exec so
-    that its config folder (and control socket) is removed afterwards. `watch` reports the
-    graph's start-up meanwhile, from a thread of its own: it has no say in how or when this
-    ends.
+    that goes FATAL (it could not start, or it keeps dying: TANDEM_CRASH_LOOP_EXITS exits
+    in a row) shuts supervisord down (app/launch/restart_backoff.py): the graph is not
+    whole, and the layer above (an outer supervisord, Docker) starts it again. supervisord
+    is a child rather than an exec so that its config folder (and control socket) is
+    removed afterwards. `watch` reports the graph's start-up meanwhile, from a thread of
+    its own: it has no say in how or when this ends.
     """
     workdir = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
     try:
@@ -145,13 +145,11 @@ def run_supervisord(services: Sequence[ServiceProcesses], watch: GraphWatch | No
         finally:
             if watch is not None:
                 watch.stop()
-        fatal = _fatal_programs(workdir)
+        fatal = restart_backoff.read_fatal(workdir)
         if fatal:
-            log.error(
-                "tandem serve exits: %s went FATAL (each of its starts ended within startsecs); "
-                "every other program was stopped",
-                ", ".join(fatal),
-            )
+            said = ", ".join(f"{name} went FATAL ({why})" for name, why in fatal.items())
+            log.error("tandem serve exits: %s; every other program was stopped", said)
+            _tell_the_containers_healthcheck(f"tandem serve exited: {said}")
             return status or 1
         return status
     finally:
@@ -164,9 +162,17 @@ SIGHUP_IGNORED = (
 )
 
 
-def _fatal_programs(workdir: Path) -> list[str]:
+def _tell_the_containers_healthcheck(why: str) -> None:
+    """Where this `tandem serve` is a program of the container's supervisord (entrypoints/),
+    leave `why` where entrypoints/healthcheck.sh reads it, under the name that supervisord
+    knows this process by: its programs are this serve's own, out of that healthcheck's
+    sight. The container's restart listener removes the mark once a new serve has run for
+    the crash-loop window."""
+    name = env.SUPERVISOR_PROCESS_NAME.get()
+    run_dir = Path(env.TANDEM_RUN_DIR.get())
     try:
-        text = (workdir / restart_backoff.FATAL_FILE).read_text()
-    except FileNotFoundError:
-        return []
-    return list(dict.fromkeys(text.split()))
+        if name is None or f"[program:{name}]" not in (run_dir / "supervisord.conf").read_text():
+            return  # not under the entrypoint's supervisord
+        restart_backoff.write_mark(run_dir, name, f"{name}: {why}")
+    except OSError as exc:
+        log.warning("the container's healthcheck not told why tandem serve exits (%s)", exc)

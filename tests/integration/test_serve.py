@@ -59,7 +59,14 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def served(tmp_path: Path, runtime_settings: RuntimeSettings) -> Iterator[Served]:
+def serve_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """More environment for `tandem serve`, where a test parametrizes it (indirect); `{tmp}`
+    in a value is the test's tmp_path."""
+    return {name: value.format(tmp=tmp_path) for name, value in getattr(request, "param", {}).items()}
+
+
+@pytest.fixture
+def served(tmp_path: Path, runtime_settings: RuntimeSettings, serve_env: dict[str, str]) -> Iterator[Served]:
     config = tmp_path / "graph.yaml"
     config.write_text(CONFIG)
     env = {
@@ -69,6 +76,7 @@ def served(tmp_path: Path, runtime_settings: RuntimeSettings) -> Iterator[Served
         "TANDEM_NAMESPACE": runtime_settings.namespace,
         "TANDEM_LEASE_TTL_S": "2",
         "CUDA_VISIBLE_DEVICES": NODE_DEVICES,
+        **serve_env,
     }
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
@@ -259,6 +267,66 @@ async def test_a_program_that_goes_fatal_ends_serve_non_zero_naming_it(served: S
     assert "gave up: Echo_0 entered FATAL state" in log, log
     assert "tandem serve exits: Echo_0 went FATAL" in log, log
     assert [pid for pid in served.service_pids if alive(pid)] == [], log
+
+
+def _echo_0_up_past_startsecs(process: psutil.Process) -> bool:
+    try:
+        return _is_echo_0(process) and time.time() - process.create_time() > 2  # startsecs=1
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.parametrize(
+    "serve_env",
+    [
+        {
+            "TANDEM_CRASH_LOOP_EXITS": "3",
+            "TANDEM_CRASH_LOOP_WINDOW_S": "120",
+            # As the container's supervisord runs `tandem serve`: its program `tandem-graph`,
+            # in a run folder whose healthcheck cannot see `tandem serve`'s own programs.
+            "TANDEM_RUN_DIR": "{tmp}/outer",
+            "SUPERVISOR_PROCESS_NAME": "tandem-graph",
+        }
+    ],
+    indirect=True,
+)
+async def test_a_program_that_keeps_dying_after_startsecs_ends_serve_non_zero_and_the_healthcheck_says_so(
+    served: Served, tmp_path: Path
+) -> None:
+    """Echo_0 is killed each time it has run past startsecs (a worker that loads, then dies
+    of CUDA OOM): supervisord would restart it for ever, never FATAL. Its third exit in a
+    row, each within 120 s of its start, counts as FATAL: `tandem serve` stops the rest and
+    exits non-zero naming it and the count, and the container's healthcheck says so."""
+    outer_run_dir = tmp_path / "outer"
+    outer_run_dir.mkdir()
+    (outer_run_dir / "supervisord.conf").write_text("[program:tandem-graph]\nstartsecs=1\n")
+    deadline = time.monotonic() + 3 * STARTUP_TIMEOUT_S
+    killed = 0
+    while served.proc.poll() is None:
+        assert time.monotonic() < deadline, f"tandem serve runs on after {killed} kills of Echo_0\n{served.log()}"
+        tree = psutil.Process(served.proc.pid).children(recursive=True)
+        served.service_pids |= {p.pid for p in tree}
+        for process in filter(_echo_0_up_past_startsecs, tree):
+            process.kill()
+            killed += 1
+        await asyncio.sleep(0.1)
+    assert served.proc.returncode != 0
+    log = served.log()
+    assert killed == 3, log
+    assert "gave up" not in log, log  # supervisord itself never called it FATAL
+    why = "Echo_0 went FATAL (3 exits in a row, each within 120 s of its start)"
+    assert f"tandem serve exits: {why}; every other program was stopped" in log, log
+    assert [pid for pid in served.service_pids if alive(pid)] == [], log
+    health = await asyncio.to_thread(
+        subprocess.run,
+        [str(REPO / "entrypoints" / "healthcheck.sh")],
+        env={**os.environ, "TANDEM_RUN_DIR": str(outer_run_dir)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert health.returncode != 0, health.stdout + health.stderr
+    assert f"unhealthy: tandem-graph: tandem serve exited: {why}" in health.stdout, health.stdout + health.stderr
 
 
 async def test_sighup_restarts_nothing_and_fails_no_request(served: Served, runtime: Runtime) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import configparser
 from pathlib import Path
 
+import pytest
+
 from app.launch.supervisord import Program, config_text, nested_stop_wait_s
 
 
@@ -14,7 +16,9 @@ def parsed(text: str) -> configparser.ConfigParser:
     return conf
 
 
-def test_programs_groups_environment_and_quoting(tmp_path: Path) -> None:
+def test_programs_groups_environment_and_quoting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TANDEM_CRASH_LOOP_EXITS", raising=False)
+    monkeypatch.delenv("TANDEM_CRASH_LOOP_WINDOW_S", raising=False)
     text = config_text(
         [
             Program("nats", ["nats-server", "-js"], 30, priority=10),
@@ -46,7 +50,10 @@ def test_programs_groups_environment_and_quoting(tmp_path: Path) -> None:
     assert {conf[s]["autorestart"] for s in conf.sections() if s.startswith("program:")} == {"false"}
     listener = conf["eventlistener:tandem-restarts"]
     restarted = "nats:nats Echo:Echo_0 Echo:Echo_1 tandem-graph:tandem-graph"
-    assert listener["command"].endswith(f"-m app.launch.restart_backoff --run-dir {tmp_path} {restarted}")
+    # The crash-loop bounds as the environment gave them when the config was written.
+    assert listener["command"].endswith(
+        f"-m app.launch.restart_backoff --loop-exits 5 --loop-window-s 600 --run-dir {tmp_path} {restarted}"
+    )
     assert listener["events"] == "PROCESS_STATE_RUNNING,PROCESS_STATE_EXITED,PROCESS_STATE_FATAL"
     assert listener["autorestart"] == "true"
 
