@@ -44,6 +44,7 @@ from app.errors import (
     UnavailableError,
     WorkerUnavailableError,
 )
+from app.logs import Throttled
 from app.openai import batch
 from app.openai.auth import ApiKey, ApiKeyGate, ApiKeys
 from app.openai.backend import Backend, ModelCard, RequestKind
@@ -77,6 +78,9 @@ from app.openai.schema import (
 from app.protocol import StreamItem
 
 logger = logging.getLogger(__name__)
+# Refusals (a 429 under overload, a 400 per bad request) can come one a request: a sample
+# of them, each kind counted in the Frontend's error metric.
+_refused_log = Throttled(logger, logging.INFO)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # Past this a generation request ends with a 504 (an in-stream error once its stream has
@@ -176,8 +180,10 @@ class _Generation:
         self._chat_echo: str | None = None
         if isinstance(self._renderer, ChatRenderer) and isinstance(request, ChatCompletionRequest):
             self._renderer.role = "assistant" if request.add_generation_prompt else request.messages[-1].role
-            if request.effective_tool_choice() == "auto":
+            tool_choice = request.effective_tool_choice()
+            if tool_choice == "auto":
                 self._renderer.content_beside_calls = None
+            self._renderer.null_name_in_later_pieces = tool_choice == "required"
             self._renderer.include_reasoning = request.include_reasoning
             last = request.messages[-1]
             if request.echo and last.role == self._renderer.role:
@@ -243,7 +249,7 @@ class _Generation:
         return _sse(error.body()) + _SSE_DONE
 
     def client_gone(self) -> None:
-        logger.info("request %s: client disconnected; cancelled", self._request_id)
+        logger.debug("request %s: client disconnected; cancelled", self._request_id)
         self._record_status(_STATUS_CLIENT_GONE)
 
     def _record_status(self, status: int | str) -> None:
@@ -430,7 +436,7 @@ class _Generation:
         if error.is_internal:
             logger.error("request %s failed", self._request_id, exc_info=exc)
         else:
-            logger.info("request %s: %s %s", self._request_id, error.status, error.message)
+            _refused_log.log("request %s: %s %s", self._request_id, error.status, error.message)
         self._metrics.errors.labels(error.kind).inc()
         return error
 

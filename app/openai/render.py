@@ -151,6 +151,11 @@ class ChatRenderer(_StreamRenderer):
     content_beside_calls: str | None = ""
     # vLLM's include_reasoning: false leaves a reasoning parser's reasoning out.
     include_reasoning = True
+    # A "required" stream's later pieces of a call say "name": null in vLLM's server: its
+    # `extract_required_tool_call_streaming` (vllm/tool_parsers/streaming.py) sets
+    # `DeltaFunctionCall(name=None, ...)`, and a chunk is serialized with exclude_unset=True,
+    # which keeps a field set to None. Its named (and OpenAI's) later pieces leave `name` out.
+    null_name_in_later_pieces = False
 
     def content_chunk(
         self,
@@ -169,11 +174,12 @@ class ChatRenderer(_StreamRenderer):
             delta["tool_calls"] = [self._tool_call_piece(piece) for piece in tool_calls]
         return self._chunk(index, delta, logprobs, None)
 
-    @staticmethod
-    def _tool_call_piece(piece: ToolCallDelta) -> dict[str, Any]:
+    def _tool_call_piece(self, piece: ToolCallDelta) -> dict[str, Any]:
         """OpenAI's streamed tool call: id, type and name in a call's first piece only."""
         function: dict[str, Any] = {"arguments": piece.arguments}
         if piece.id is None:
+            if self.null_name_in_later_pieces:
+                function = {"name": None, **function}
             return {"index": piece.index, "function": function}
         function = {"name": piece.name, **function}
         return {"index": piece.index, "id": piece.id, "type": "function", "function": function}

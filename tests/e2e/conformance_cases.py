@@ -205,10 +205,11 @@ TOOL_CALL_IDS = (
     # A call's id is random on both (vLLM's make_tool_call_id: "chatcmpl-tool-" and a uuid).
     Allowed("choices[].message.tool_calls[].id", Rule.VALUE_MAY_DIFFER, "random"),
     Allowed("choices[].delta.tool_calls[].id", Rule.VALUE_MAY_DIFFER, "random"),
-    # A call's later pieces: vLLM's parsers send "id": null (some of them), and its "required"
-    # stream "name": null (vllm/tool_parsers/streaming.py); OpenAI's API and Tandem leave both out.
+    # A call's later pieces: some of vLLM's parsers send "id": null (pythonic's, by
+    # compute_tool_delta in vllm/tool_parsers/utils.py); OpenAI's API and Tandem leave it out.
+    # Its "required" stream's "name": null (vllm/tool_parsers/streaming.py) Tandem sends as
+    # well (app/openai/render.py): compared, not allowed.
     Allowed("choices[].delta.tool_calls[].id", Rule.VLLM_NULL_FOR_ABSENT, "later pieces of a call"),
-    Allowed("choices[].delta.tool_calls[].function.name", Rule.VLLM_NULL_FOR_ABSENT, "later pieces of a call"),
 )
 # The calls the model chose (auto): their arguments, JSON text, compared as JSON values. A
 # named or "required" call's are compared as text: as vLLM, Tandem streams them as the model

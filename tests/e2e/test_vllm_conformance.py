@@ -398,12 +398,12 @@ def test_each_responses_stream_difference_is_flagged(events: list[Any], flagged:
 
 
 def call_piece(index: int, arguments: str, name: str | None = None, *, vllm: bool = False) -> dict[str, Any]:
-    """One piece of a streamed call: its first (with `name`) or a later one, as each server
-    sends it (vLLM's later "required" pieces say "name": null)."""
+    """One piece of a "required" stream's call: its first (with `name`) or a later one, as
+    each server sends it (a later one says "name": null on both)."""
     if name is not None:
         function = {"name": name, "arguments": arguments}
         return {"index": index, "id": f"chatcmpl-tool-{index}{vllm}", "type": "function", "function": function}
-    return {"index": index, "function": {"name": None, "arguments": arguments} if vllm else {"arguments": arguments}}
+    return {"index": index, "function": {"name": None, "arguments": arguments}}
 
 
 def calls_stream(pieces: list[list[dict[str, Any]]], finish: str = "tool_calls") -> list[Any]:
@@ -451,6 +451,15 @@ def test_a_required_stream_cut_otherwise_conforms() -> None:
                 [call_piece(1, "{}", "get_time")],
             ],
             "Tandem's stream: a later piece of call 0",
+        ),
+        # Later pieces that leave "name" out, where vLLM's say "name": null.
+        (
+            [
+                [call_piece(0, '{"city": ', "get_weather")],
+                [{"index": 0, "function": {"arguments": '"Oslo"}'}}],
+                [call_piece(1, "{}", "get_time")],
+            ],
+            "chunks: choices[].delta.tool_calls[].function.name",
         ),
         # A call announced without its id.
         (

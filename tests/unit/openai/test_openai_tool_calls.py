@@ -65,6 +65,20 @@ async def test_a_named_call_streams_as_pieces_the_client_reassembles(make_backen
     assert json.loads(arguments) == {"city": "Oslo"}
 
 
+async def test_a_named_calls_later_pieces_leave_the_name_out(make_backend) -> None:
+    """As vLLM's server's named stream (`extract_named_tool_call_streaming`: no name set);
+    only its "required" stream's later pieces say "name": null."""
+    app = create_app(make_backend(reply='{"city": "Oslo"}'))
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://tandem") as http:
+        response = await http.post("/v1/chat/completions", json=_body(tool_choice=NAMED, stream=True))
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    pieces = [piece for chunk in chunks for piece in chunk["choices"][0]["delta"].get("tool_calls", [])]
+    later = pieces[1:]
+    assert later and all(
+        piece == {"index": 0, "function": {"arguments": piece["function"]["arguments"]}} for piece in later
+    )
+
+
 async def test_streamed_and_whole_calls_are_the_same_calls(make_backend) -> None:
     client = await _client(make_backend, REQUIRED_REPLY)
     whole = (await client.chat.completions.create(**_body(tool_choice="required"))).choices[0].message.tool_calls
@@ -100,10 +114,12 @@ async def test_a_required_stream_sends_each_call_head_first_then_its_arguments_p
         ({"index", "id", "type", "function"}, 0, "function", "get_weather"),
         ({"index", "id", "type", "function"}, 1, "function", "get_time"),
     ]
+    # Later pieces as vLLM's server sends them: "name": null (its `DeltaFunctionCall(name=None)`).
     later = [piece for piece in pieces if "id" not in piece]
     assert later and all(
-        piece.keys() == {"index", "function"} and piece["function"].keys() == {"arguments"} for piece in later
+        piece.keys() == {"index", "function"} and piece["function"].keys() == {"name", "arguments"} for piece in later
     )
+    assert all(piece["function"]["name"] is None for piece in later)
     assert sum(piece["index"] == 0 for piece in later) > 2  # the first call's arguments, token by token
     arguments = ["".join(p["function"]["arguments"] for p in pieces if p["index"] == index) for index in (0, 1)]
     assert arguments == ['{"city": "Oslo"}', "{}"]
