@@ -232,6 +232,14 @@ TANDEM_CRASH_LOOP_WINDOW_S = _declare(
     "a longer run ends the loop; longer than the largest model's load",
     SERVE,
 )
+TANDEM_DEBUG_LOGGERS: Variable[str | None] = _declare(
+    "TANDEM_DEBUG_LOGGERS",
+    _text,
+    None,
+    "comma-separated logger names a service logs at DEBUG (the rest stays at INFO), e.g. app.disagg.policy: "
+    "each request's prefill decision",
+    SERVE,
+)
 SUPERVISOR_ENABLED: Variable[str | None] = _declare(
     "SUPERVISOR_ENABLED",
     _text,

@@ -186,6 +186,8 @@ class ServedGraph(ServedProcess):
             "TANDEM_NAMESPACE": self.settings.namespace,
             "TANDEM_LEASE_TTL_S": str(lease_ttl_s),
         }
+        # Each request's prefill decision (a DEBUG line), which the disaggregation tests read.
+        env.setdefault("TANDEM_DEBUG_LOGGERS", "app.disagg.policy")
         argv = [TANDEM, "serve", graph, "-f", str(self.config_path), f"--Frontend.port={port}", *overrides]
         super().__init__(argv, env, workdir / f"{name}.log", port)
         self.runtime: Runtime | None = None

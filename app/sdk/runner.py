@@ -76,6 +76,10 @@ def configure_logging(service_name: str, replica: int, level: int = logging.INFO
         format=f"%(asctime)s %(levelname)s {service_name}[{replica}] %(name)s: %(message)s",
         force=True,
     )
+    # Per-request lines are DEBUG (a busy node would log thousands a second); an operator
+    # who wants some of them names their loggers.
+    for name in filter(None, (part.strip() for part in (env.TANDEM_DEBUG_LOGGERS.get() or "").split(","))):
+        logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 def _endpoint_handler(instance: Any, ep: EndpointSpec) -> Callable[[Any, Any], AsyncGenerator[Any, None]]:

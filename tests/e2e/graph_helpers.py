@@ -56,7 +56,8 @@ def engine_core_of(worker_pid: int) -> psutil.Process:
 
 
 def prefill_decision(graph: ServedGraph, request_id: str, timeout: float = 5.0) -> str:
-    """The decode worker's logged decision for a request: local, remote or fallback.
+    """The decode worker's logged decision for a request: local, remote or fallback (a
+    DEBUG line, which ServedGraph's TANDEM_DEBUG_LOGGERS turns on).
 
     supervisord relays the worker's output into the log a moment later (it polls the
     pipes): a response can reach the client before its decision line reaches the file.
