@@ -320,7 +320,6 @@ async def test_long_prompt_is_prefilled_by_the_prefill_container(
     assert after.get("done", 0) == before.get("done", 0) + 1, (
         f"prefill job counts {before} -> {after}:\n{_logs(docker_client, 'tandem-prefill', 40)}"
     )
-    assert "prefilled" in _logs(docker_client, "tandem-prefill", 200)
     # The decode engine pulled the prompt's KV from the other container over NIXL: vLLM
     # counts the prompt's tokens as external when it schedules the pull, NIXL the bytes it
     # moved; and the prefill engine learned that its blocks were read (a transfer that
