@@ -484,7 +484,7 @@ def test_secure_nats_and_etcd_refuse_clients_without_credentials_and_serve_the_f
             assert time.monotonic() < deadline, health.stdout + health.stderr
             time.sleep(0.3)
         assert (run / "nats.conf").stat().st_mode & 0o777 == 0o600
-        command_lines = [" ".join(child.cmdline()) for child in psutil.Process(proc.pid).children(recursive=True)]
+        command_lines = [_command_line(child) for child in psutil.Process(proc.pid).children(recursive=True)]
         assert any("nats-server -c" in line for line in command_lines), command_lines
         assert not any(password in line for password in _passwords(head) for line in command_lines)
         asyncio.run(_anonymous_clients_are_refused(head, nats_port, etcd_port))
@@ -570,3 +570,11 @@ def test_common_env_secure_block_joins_a_secure_fleet(secrets: Path) -> None:
     result = _entrypoint("--dry-run", ROLE="prefill", **{**REMOTE, **edited, "TANDEM_SECRETS_DIR": node})
     assert result.returncode == 0, result.stderr
     assert "; derived: NATS" not in result.stdout and "; derived: ETCD" not in result.stdout
+
+
+def _command_line(process: psutil.Process) -> str:
+    """A child's command line; "" for one that ended meanwhile (a one-shot step, a zombie)."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return ""
