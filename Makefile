@@ -6,7 +6,8 @@ TANDEM := $(VENV)/bin/tandem
 CONFIG ?= configs/cpu-tiny.yaml
 GRAPH ?= graphs.agg_router:Frontend
 TINY_MODEL ?= models/tiny-llama
-PYTEST_ARGS ?=
+# The slowest tests in every run's log: where the suite's time goes, to keep it inside CI's budget.
+PYTEST_ARGS ?= --durations=40 --durations-min=15
 
 .PHONY: setup run lint test test-fast model infra-up infra-down build secrets head decode prefill ray-head ray-worker down logs
 

@@ -26,7 +26,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol
 
-from app.errors import NoWorkerError
+from app.errors import NoWorkerError, UnavailableError
 from app.protocol import PlacementEvent, PlacementKind, PreprocessedRequest, RouteDecision, RouteRequest, names
 from app.router.placements import PlacementPublisher
 from app.runtime import EndpointClient, Runtime
@@ -164,13 +164,21 @@ class RouterServicePicker(WorkerPicker):
         if not self._router.instance_ids():
             # NoInstancesError naming the Router after the wait: a 503 that says what is missing.
             await self._router.wait_for_instances(timeout=START_WAIT_S)
-        decision: RouteDecision = await self._router.call(
-            RouteRequest(
-                request_id=request.request_id, token_ids=request.token_ids, exclude=list(exclude), model=request.model
-            ),
-            response_type=RouteDecision,
-            target="round_robin",
+        wanted = RouteRequest(
+            request_id=request.request_id, token_ids=request.token_ids, exclude=list(exclude), model=request.model
         )
+        try:
+            decision: RouteDecision = await self._router.call(
+                wanted,
+                response_type=RouteDecision,
+                target="round_robin",
+            )
+        except UnavailableError as exc:
+            if type(exc) is not UnavailableError:
+                raise  # this side's own: no Router instance (NoInstancesError)
+            # The Router's NoWorkerError crosses NATS as its code's class: made that again,
+            # so that the pipeline treats "no worker" alike in every layout.
+            raise NoWorkerError(exc.message, param=exc.param) from None
         log.debug(
             "%s: routed to %s (%d/%d blocks cached)",
             request.request_id,

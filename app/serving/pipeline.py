@@ -41,6 +41,11 @@ _rerouting_log = Throttled(log)
 
 # How many other workers a request that failed before its first token is offered to.
 MAX_REROUTES = 3
+# A pick that finds no worker of the model looks again, this often, for up to START_WAIT_S:
+# when etcd comes back from a freeze longer than the lease TTL it drops every worker's
+# records at once, and each worker puts them back within a second; a router's view may lag
+# the workers' re-registration as briefly. A request arriving then waits, not fails.
+NO_WORKER_LOOK_S = 0.2
 # Prompts up to this many characters (or token ids, to decode) are tokenized on the event
 # loop: that takes tens of microseconds, less than handing the work to a thread and back.
 # Longer ones (a long prompt takes up to a second) go off the loop.
@@ -203,6 +208,20 @@ class RequestPipeline:
             log.debug("%s: not migrated (%s)", request.request_id, reason)
             raise error
 
+    async def _pick_waiting_for_a_worker(self, request: PreprocessedRequest, failed: list[str]) -> Placement:
+        """`_pick_avoiding_suspects`, looking again for a while when no worker is there at all
+        (see NO_WORKER_LOOK_S); when every worker but those that failed the request is gone,
+        it answers at once."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + START_WAIT_S
+        while True:
+            try:
+                return await self._pick_avoiding_suspects(request, failed)
+            except NoWorkerError:
+                if failed or loop.time() >= give_up_at:
+                    raise
+            await asyncio.sleep(NO_WORKER_LOOK_S)
+
     async def _pick_avoiding_suspects(self, request: PreprocessedRequest, failed: list[str]) -> Placement:
         """A worker for the request, none of `failed`, and none of the workers that did not
         answer a call lately (a crashed one whose record outlives it by up to the lease TTL)
@@ -230,7 +249,7 @@ class RequestPipeline:
             await self._workers.wait_for_instances(timeout=START_WAIT_S)
         failed: list[str] = list(exclude)
         while True:
-            placement = await self._pick_avoiding_suspects(request, failed)
+            placement = await self._pick_waiting_for_a_worker(request, failed)
             outputs = self._workers.stream(
                 request, target=placement.worker_id, response_type=EngineOutput, request_id=request.request_id
             )

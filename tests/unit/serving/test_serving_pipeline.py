@@ -290,8 +290,49 @@ async def test_a_model_without_a_live_worker_gets_503_naming_it(tiny_model: Path
     workers = FakeWorkers({"b1": [2]})
     models = FakeModels({"b1": "model-b"})
     pipeline = await _pipeline(tiny_model, SpreadPicker(workers, "random", models), workers)  # type: ignore[arg-type]
-    with pytest.raises(NoWorkerError, match=f"no VllmWorker is serving model `{MODEL}`"):
+    started = asyncio.get_running_loop().time()
+    with (
+        patch("app.serving.pipeline.START_WAIT_S", 0.5),
+        pytest.raises(NoWorkerError, match=f"no VllmWorker is serving model `{MODEL}`"),
+    ):
         await _complete(pipeline)
+    assert asyncio.get_running_loop().time() - started >= 0.5  # it looked again before giving up
+    assert workers.calls == []
+
+
+class LaggingRouter(FakeRouterClient):
+    """The Router service whose view of the workers is empty for its first `empty_for` calls
+    (etcd dropped every worker's records at once; they are being put back): it answers the
+    code of NoWorkerError, as that crosses NATS."""
+
+    def __init__(self, empty_for: int) -> None:
+        super().__init__(lambda request: "w1")
+        self.empty_for = empty_for
+
+    async def call(self, request: RouteRequest, **kwargs: Any) -> RouteDecision:
+        if len(self.requests) < self.empty_for:
+            self.requests.append(request)
+            refusal = NoWorkerError(f"no VllmWorker is serving model `{MODEL}`")
+            raise error_for_code(refusal.code, refusal.message)
+        return await super().call(request, **kwargs)
+
+
+async def test_a_request_that_finds_no_worker_while_the_fleet_reregisters_waits_for_it(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [200, 201]})
+    router = LaggingRouter(empty_for=3)
+    pipeline = await _pipeline(tiny_model, RouterServicePicker(FakeRuntime(), router), workers)  # type: ignore[arg-type]
+    text, worker = await _complete(pipeline)
+    assert (worker, workers.calls, len(router.requests)) == ("w1", ["w1"], 4)
+    assert text
+
+
+async def test_a_router_that_never_sees_a_worker_answers_503_after_the_wait(tiny_model: Path) -> None:
+    workers = FakeWorkers({"w1": [100, 101]})
+    router = LaggingRouter(empty_for=10**6)
+    pipeline = await _pipeline(tiny_model, RouterServicePicker(FakeRuntime(), router), workers)  # type: ignore[arg-type]
+    with patch("app.serving.pipeline.START_WAIT_S", 0.5), pytest.raises(NoWorkerError, match="no VllmWorker") as caught:
+        await _complete(pipeline)
+    assert caught.value.status == 503 and 2 <= len(router.requests) <= 4
     assert workers.calls == []
 
 
