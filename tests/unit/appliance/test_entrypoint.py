@@ -509,9 +509,9 @@ def test_secure_nats_and_etcd_refuse_clients_without_credentials_and_serve_the_f
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
-    assert (
-        "etcd-auth entered RUNNING state" in output.decode() and "exited: etcd-auth (exit status 0" in output.decode()
-    )
+    # Its exit only: supervisord logs "entered RUNNING state" for a one-shot (startsecs=0)
+    # only when its main loop looks before the process ended, which a loaded machine skips.
+    assert "exited: etcd-auth (exit status 0; expected)" in output.decode(), output.decode()
 
 
 async def _anonymous_clients_are_refused(head: Path, nats_port: int, etcd_port: int) -> None:
