@@ -197,8 +197,9 @@ class EngineHost:
         The model record goes first, so that a Frontend with no other worker of the model
         answers 503 on /health; the runner then withdraws the instance records, ends the
         calls in flight with an error their callers move to another worker, stops the engine
-        (vLLM's shutdown kills an engine core that does not end on SIGTERM, a stopped one
-        included) and exits non-zero, and supervisord starts a fresh worker with a fresh engine.
+        and exits non-zero, and supervisord starts a fresh worker with a fresh engine. A
+        SIGSTOPped vLLM engine core outlives vLLM's shutdown: the worker's leftovers guard
+        (app.launch.leftovers) kills it when the worker exits.
         """
         log.error(
             "engine %s %s (%s): leaving routing; this process exits and is restarted",

@@ -43,6 +43,8 @@ from tests.schema_bodies import SchemaBodies
 pytestmark = pytest.mark.e2e
 
 MAX_TOKENS = 16
+# Far above a step of the tiny model here (milliseconds), short for the hung-engine test.
+STALL_TIMEOUT_S = 10
 ENGINE_ARGS = {"block_size": BLOCK_SIZE, "max_model_len": 4096, "enforce_eager": True, "dtype": "float32"}
 
 CHATS = [
@@ -172,6 +174,7 @@ async def graph(
         "enable-prefix-caching": True,
         "cpu-omp-threads-bind": ["0", "1"],
         "load-report-interval-s": 0.2,
+        "engine-stall-timeout-s": STALL_TIMEOUT_S,
         # vLLM's engine arguments: structured outputs constrain the answer after the reasoning.
         "reasoning-parser": REASONING_PARSER,
         "reasoning-parser-plugin": REASONING_PARSER_PLUGIN,
@@ -736,3 +739,46 @@ async def test_a_sigkilled_worker_leaves_no_engine_behind_and_no_stream_fails(gr
     assert [s.errors for s in streams] == [[] for _ in streams]
     assert [s.text for s in streams] == unbroken
     assert moved <= by_worker[victim]
+
+
+# A stream long enough that its engine is still generating it when the test stops the engine.
+HUNG_TOKENS = 2000
+
+
+async def test_a_hung_engine_is_ended_its_worker_leaves_and_an_unmigrated_stream_says_so(graph: ServedGraph) -> None:
+    """SIGSTOP of the engine core serving a stream (a hang: it neither dies nor answers):
+    the worker sees no engine step for `engine-stall-timeout-s` while it has work, leaves
+    routing, ends its engine (a stopped process ends only on SIGKILL) and exits. The stream
+    came through a Frontend with `migration-limit: 0`: it ends with an in-stream error
+    rather than hang, or move. That the worker left proves the engine held the request when
+    it stopped (an engine with nothing to do is never hung), which the client's view, behind
+    on this loaded machine, cannot. Last in the module: the worker the test before killed
+    may still be starting, and nothing after needs this one.
+    """
+    body = {"model": MODEL, "prompt": "A hang:", "max_tokens": HUNG_TOKENS, "temperature": 0, "ignore_eos": True}
+    async with extra_frontend(graph, "--Processor.migration-limit=0") as unmigrating:
+        await wait_healthy(unmigrating)
+        records = await graph.instances(names.VLLM_WORKER, names.GENERATE)
+        stream = Stream()
+        reading = asyncio.create_task(read_stream(unmigrating, body, stream))
+        await asyncio.wait_for(stream.started.wait(), 120)
+        engine = engine_core_of(records[stream.worker].pid)
+        engine_tree = [engine, *engine.children(recursive=True)]
+        for process in engine_tree:
+            process.suspend()
+        stopped_at = time.monotonic()
+        try:
+            async with asyncio.timeout(STALL_TIMEOUT_S + 15):
+                while stream.worker in await graph.instances(names.VLLM_WORKER, names.GENERATE):
+                    await asyncio.sleep(0.2)
+            left_after = time.monotonic() - stopped_at
+            _, outlived = await asyncio.to_thread(psutil.wait_procs, engine_tree, 15)
+        finally:
+            for process in engine_tree:  # a failed check leaves nothing stopped behind
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.resume()
+        await asyncio.wait_for(reading, 60)
+    assert STALL_TIMEOUT_S <= left_after < STALL_TIMEOUT_S + 15
+    assert outlived == [], f"the hung engine's processes outlived its worker's leaving by 15 s: {outlived}"
+    assert [error["type"] for error in stream.errors] == ["service_unavailable_error"], stream.errors
+    assert stream.text
