@@ -268,10 +268,11 @@ async def test_command_line_prints_json_summary(fake_server: FakeOpenAI) -> None
 
 
 async def test_an_endless_load_stops_by_time_with_every_prompt_its_own(fake_server: FakeOpenAI) -> None:
-    config = LoadConfig(url=fake_server.url, model="m", concurrency=4, max_tokens=2, max_duration_s=0.5)
+    config = LoadConfig(url=fake_server.url, model="m", concurrency=4, max_tokens=2, max_duration_s=1.0)
     results, wall_s = await drive(config, config.endless_bodies(batch=3))
-    assert 0.5 <= wall_s < 2.0
-    assert len(results) == len(fake_server.bodies) > 12  # past a few batches
+    assert 1.0 <= wall_s < 3.0
+    # Past a few batches of 3, even on a loaded machine (4 in 0.5 s were seen in CI's).
+    assert len(results) == len(fake_server.bodies) > 6
     prompts = [b["messages"][0]["content"] for b in fake_server.bodies]
     assert len(set(prompts)) == len(prompts)
     assert prompts[:5] == [b["messages"][0]["content"] for b in config.bodies(5)]
