@@ -35,6 +35,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,12 +335,11 @@ class DisaggRayClusters:
         return "\n".join(host.tails(lines) for host in self.hosts)
 
     def stop(self) -> None:
-        # The graphs first (each drains and stops its engine), then the Ray nodes, then NATS and etcd.
-        for host in (self.node3, self.node1):
-            if host.serve is not None:
-                host.stop()
-        for host in (self.node4, self.node2):
-            host.stop()
+        # The graphs first (each drains and stops its engine), then the Ray nodes, then NATS and
+        # etcd. The two clusters' hosts stop side by side: one after the other took 77 s in CI.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(Host.stop, [host for host in (self.node3, self.node1) if host.serve is not None]))
+            list(pool.map(Host.stop, (self.node4, self.node2)))
         if self._infra_up:
             result = self.node1.node.run(
                 ["bash", "-c", "tandem infra down"], env=self.node1.env, cwd=self.node1.workdir, timeout=120
