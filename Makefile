@@ -79,7 +79,7 @@ secrets:
 	$(DOCKER) run --rm --network none --user 0 -v $(abspath $(TANDEM_SECRETS)):/secrets $(IMAGE) \
 		tandem infra secrets /secrets --host $(HEAD_IP) --owner $(TANDEM_UID)
 
-## head: NATS, etcd, Frontend + Processor + Router and a decode worker (compose profile head);
+## head: NATS, etcd, Frontend (routing in process) + Processor and a decode worker (compose profile head);
 ## SECURE=1: with TLS and passwords, from the secrets of `make secrets`
 head:
 	$(if $(SECURE),@test -f $(TANDEM_SECRETS)/head/ca.pem || { echo "make head SECURE=1: no $(TANDEM_SECRETS)/head/ca.pem: run make secrets first"; exit 2; })

@@ -44,7 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise ConfigError(errors)
         embedded = config.embedded_services(services)
         for name in sorted(embedded & {s.name for s in services}):
-            # Its ServiceArgs (workers: N) no longer apply: say so rather than drop them silently.
+            # Said even by default (the Router inside the Frontend): a plan without the
+            # service, or its ServiceArgs (workers: N) no longer applying, must not look like a loss.
             print(
                 f"note: {name} runs inside another service of the graph (embed-*), not in processes of its own",
                 file=sys.stderr,

@@ -362,7 +362,11 @@ GRAPH = _declare(
     "GRAPH", _text, "graphs.agg_router:Frontend", "the graph the head (and ray-head, where set) serves", ENTRYPOINT
 )
 FRONTEND_SERVICES = _declare(
-    "FRONTEND_SERVICES", _text, "Frontend,Processor,Router", "the graph's services a frontend node runs", ENTRYPOINT
+    "FRONTEND_SERVICES",
+    _text,
+    "Frontend,Processor,Router",
+    "the graph's services a frontend node runs (the Router only where the config names Router processes)",
+    ENTRYPOINT,
 )
 NATS_PORT = _declare("NATS_PORT", _port, 4222, "NATS client port on a node that runs NATS", ENTRYPOINT)
 NATS_MONITOR_PORT = _declare(

@@ -233,12 +233,16 @@ class Disagg(Benchmark):
 LONG_REMOTE = ("--VllmWorker.max-local-prefill-length=512",)
 
 
+# One Router process, as these layouts were measured (the configs' default is the router in the Frontend).
+ONE_ROUTER = ("--Router.ServiceArgs.workers=1",)
+
+
 class DisaggVllm(Disagg):
     section = "## Aggregated vs disaggregated (vLLM CPU, tiny model)"
     layouts: ClassVar[Mapping[str, Servable]] = {
-        "aggregated": Layout(CPU_TINY, 2, routers=1),
+        "aggregated": Layout(CPU_TINY, 2, routers=1, overrides=ONE_ROUTER),
         "disaggregated": Layout(
-            CPU_DISAGG, 1, routers=1, prefill_workers=1, overrides=LONG_REMOTE, graph=DISAGG_ROUTER
+            CPU_DISAGG, 1, routers=1, prefill_workers=1, overrides=(*LONG_REMOTE, *ONE_ROUTER), graph=DISAGG_ROUTER
         ),
     }
     # ~900 and ~100 prompt tokens (the configs' max-model-len is 2048).

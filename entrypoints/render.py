@@ -7,8 +7,8 @@
 | ---------- | ------------------------------------------------------------------------- |
 | nats       | nats-server with JetStream                                                |
 | etcd       | etcd, listening on the node's address and on loopback                     |
-| head       | nats + etcd + `tandem serve $GRAPH` (Frontend, Processor, Router, VllmWorker) |
-| frontend   | one `tandem serve $GRAPH --service-name S` per S in FRONTEND_SERVICES (no worker) |
+| head       | nats + etcd + `tandem serve $GRAPH` (Frontend routing in process, Processor, VllmWorker) |
+| frontend   | `tandem serve $GRAPH --service-name S` per S in FRONTEND_SERVICES (no worker; no idle Router) |
 | decode     | `tandem serve components.worker:VllmWorker --service-name VllmWorker`     |
 | prefill    | `tandem serve components.prefill_worker:PrefillWorker --service-name PrefillWorker` |
 | ray-head   | `tandem ray head` (`ray start --head --block`), plus `tandem serve $GRAPH` when GRAPH is set |
@@ -222,17 +222,22 @@ def _binary(name: str) -> str:
         return name
 
 
-def _services_in(address: str) -> int:
-    """How many services `tandem serve ADDRESS` runs (without --service-name): its own
-    supervisord stops them one after another, and this one must wait for all of them."""
-    # Imported here: only nodes that serve a whole graph pay for importing it.
-    from app.sdk.graph import GraphError, graph_services, resolve
+def _graph_services(address: str, config: str) -> tuple[list[str], set[str]]:
+    """The services of `tandem serve ADDRESS -f CONFIG`, and those of them it runs inside
+    another (the Router where the config has the Frontend route in process, the default):
+    the decision `tandem serve` itself makes (GraphConfig.embedded_services)."""
+    # Imported here: only nodes that serve a graph's services pay for importing it.
+    from app.sdk.config import ConfigError, load_config
+    from app.sdk.graph import GraphError, graph_services, import_components, resolve
 
     try:
         module, entry = resolve(address)
-    except GraphError as exc:
-        raise EntrypointError(f"GRAPH={address!r}: {exc}") from None
-    return len(graph_services(module, entry))
+        specs = graph_services(module, entry)
+        import_components()  # every section of the config is checked against its service
+        embedded = load_config(config or None).embedded_services(specs)
+    except (GraphError, ConfigError) as exc:
+        raise EntrypointError(f"GRAPH={address!r} with CONFIG={config!r}: {exc}") from None
+    return [spec.name for spec in specs], embedded
 
 
 def _tandem(address: str, config: str, *extra: str) -> list[str]:
@@ -303,16 +308,23 @@ def _programs(
                     Program("etcd-auth", enable_auth, ETCD_AUTH_STOP_WAIT_S, priority=INFRA_PRIORITY + 1, one_shot=True)
                 )
         elif block == "graph":
-            stop_wait_s = supervisord.nested_stop_wait_s(_services_in(graph), env.TANDEM_STOP_WAIT_S.get(environ))
+            services, embedded = _graph_services(graph, config)
+            # Its own supervisord stops them one after another: this one waits for all.
+            stop_wait_s = supervisord.nested_stop_wait_s(
+                len(set(services) - embedded), env.TANDEM_STOP_WAIT_S.get(environ)
+            )
             programs.append(
                 Program(
                     "tandem-graph", _tandem(graph, config), stop_wait_s, priority=SERVING_PRIORITY, stop_as_group=False
                 )
             )
         elif block == "frontend":
-            services = [s.strip() for s in env.FRONTEND_SERVICES.get(environ).split(",")]
+            listed = [s.strip() for s in env.FRONTEND_SERVICES.get(environ).split(",") if s.strip()]
+            # An idle Router would still ingest every KV event of the fleet.
+            _, embedded = _graph_services(graph, config)
+            services = [s for s in listed if s not in embedded]
             # Listed front to back: the first (Frontend) starts last and stops first.
-            for offset, service in enumerate(s for s in services if s):
+            for offset, service in enumerate(services):
                 command = _tandem(graph, config, "--service-name", service)
                 programs.append(
                     Program(

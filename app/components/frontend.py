@@ -6,10 +6,11 @@ worker and client instead of two. `embed-processor: false` calls the Processor s
 over NATS instead, for frontends that must stay thin: /tokenize and /detokenize too, so
 that such a Frontend loads no tokenizer (nor transformers) and needs no model files.
 
-With `embed-router: true` the Frontend is also a router replica (configured by the Router
-section): it builds the KV index from the fleet's events and routes each request in
-process, as Dynamo's frontend does, and `tandem serve` starts no Router processes. Several
-Frontends then share their placements like Router replicas do.
+In a graph with a Router the Frontend is by default also the router replica (configured by
+the Router section): it builds the KV index from the fleet's events and routes each request
+in process, as Dynamo's frontend does, and `tandem serve` starts no Router processes.
+Several Frontends then share their placements like Router replicas do. A config that asks
+for Router processes gets them instead (`FrontendConfig.routes_in_process`).
 
 With API keys (`api-keys`, `api-keys-file`, TANDEM_API_KEYS, TANDEM_API_KEYS_FILE; read
 once at start) every route but /health and /live needs one, and a key's own limits admit
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -34,7 +36,17 @@ from app.openai.server import ConnectionLimits, make_server
 from app.protocol import names
 from app.router.config import RouterConfig, router_replica
 from app.runtime import Runtime
-from app.sdk import ConfigError, Service, ServiceContext, depends, drain_budget_s, on_shutdown, on_start, service
+from app.sdk import (
+    ConfigError,
+    GraphConfig,
+    Service,
+    ServiceContext,
+    depends,
+    drain_budget_s,
+    on_shutdown,
+    on_start,
+    service,
+)
 from app.serving import PipelineConfig, RequestPipeline, create_picker
 from app.serving.backend import FleetBackend, LocalProcessing, Processing, RemoteProcessing
 
@@ -54,10 +66,11 @@ class FrontendConfig(BaseModel):
     embed_processor: bool = Field(
         default=True, description="run the Processor pipeline in this process instead of calling Processor over NATS"
     )
-    embed_router: bool = Field(
-        default=False,
+    embed_router: bool | None = Field(
+        default=None,
         description="route in this process (a router replica configured by the Router section) instead of "
-        "calling Router services over NATS; the graph's Router processes are then not started",
+        "calling Router processes over NATS; the graph's Router processes are then not started. Default: "
+        "true, unless the Router section sets ServiceArgs.workers or embed-processor is false",
     )
     max_inflight_requests: int | None = Field(
         default=None, ge=1, description="past this many requests in flight, answer 429 with Retry-After"
@@ -103,14 +116,30 @@ class FrontendConfig(BaseModel):
             raise ValueError("embed-router needs embed-processor: the routing happens in the request pipeline")
         return self
 
-    def embedded_services(self) -> set[str]:
-        """Services of the graph this Frontend stands in for, so that `tandem serve` skips them.
+    def routes_in_process(self, config: GraphConfig, graph: Collection[str]) -> bool:
+        """Whether this Frontend is the router replica of `graph` (service names) rather than
+        calling its Router processes over NATS: the one place that decides where the routing
+        runs, for `tandem serve` (which then starts no Router) and the Frontend alike.
+
+        In process by default: no NATS round trip per request, and the request path's CPU
+        per request divided by about 1.7 (docs/benchmarks.md). The whole `config` decides,
+        not this section alone, because a config asks for Router processes in three ways:
+        `embed-router: false`; `ServiceArgs.workers` in the Router section (any count: replicas
+        of their own); or `embed-processor: false` (the routing happens in the pipeline,
+        which then runs in the Processor processes). A graph without a Router spreads.
+        """
+        if self.embed_router is not None:
+            return self.embed_router
+        return names.ROUTER in graph and self.embed_processor and not config.sets_workers(names.ROUTER)
+
+    def embedded_services(self, config: GraphConfig, graph: Collection[str]) -> set[str]:
+        """Services of `graph` this Frontend stands in for, so that `tandem serve` skips them.
 
         Only the Router: an idle Router replica would still ingest every KV event of the
         fleet. The Processor service stays up under `embed-processor` (it idles at no cost,
         and Frontends that set `embed-processor: false` call it).
         """
-        return {names.ROUTER} if self.embed_router else set()
+        return {names.ROUTER} if self.routes_in_process(config, graph) else set()
 
 
 def _described(key: ApiKey) -> str:
@@ -206,9 +235,11 @@ class Frontend(Service):
         config = self.ctx.config.section_config(names.PROCESSOR, PipelineConfig)
         workers = self.runtime.client(names.VLLM_WORKER, names.GENERATE)
         replica = None
-        if self.config.embed_router:
+        if self.config.routes_in_process(self.ctx.config, self.ctx.graph):
             router_config = self.ctx.config.section_config(names.ROUTER, RouterConfig)
             replica = router_replica(self.runtime, router_config, workers, self.ctx.replica, registry=metrics.registry)
+            # Said once: which layout a config gets is decided from more than this section.
+            log.info("routing in this process: the router replica of the Router section")
         picker = create_picker(self.runtime, workers, graph=self.ctx.graph, spread=config.spread, replica=replica)
         return RequestPipeline(config, picker, workers, registry=metrics.registry)
 

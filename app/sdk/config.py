@@ -144,6 +144,11 @@ class GraphConfig:
         except ValidationError as exc:
             raise ConfigError(_format(f"{service}.{SERVICE_ARGS}", exc, {})) from None
 
+    def sets_workers(self, service: str) -> bool:
+        """Whether the section of `service` names `ServiceArgs.workers` (any count, an override too)."""
+        raw = self.raw.get(service, {}).get(SERVICE_ARGS)
+        return isinstance(raw, dict) and "workers" in raw
+
     def service_config(self, spec: ServiceSpec, check_engine_args: bool = False) -> BaseModel:
         """The validated config model of a service's section.
 
@@ -170,14 +175,17 @@ class GraphConfig:
             raise ConfigError(_format(service, exc, spelled)) from None
 
     def embedded_services(self, services: Iterable[ServiceSpec]) -> set[str]:
-        """Names of services that another of `services` runs inside its own process, as its
-        section says (a config model's `embedded_services()`): they need no process of their own."""
+        """Names of services that another of `services` runs inside its own process, as the
+        config says (a config model's `embedded_services(config, graph)`, which may read other
+        sections than its own): they need no process of their own."""
+        specs = list(services)
+        graph = {spec.name for spec in specs}
         embedded: set[str] = set()
-        for spec in services:
+        for spec in specs:
             config = self.service_config(spec)
             names = getattr(config, "embedded_services", None)
             if names is not None:
-                embedded |= names()
+                embedded |= names(self, graph)
         return embedded
 
     def check(self, services: Iterable[ServiceSpec] | None = None, check_engine_args: bool = True) -> list[str]:

@@ -2,7 +2,8 @@
 
 Chosen once, when the pipeline is built, from the deployment (`create_picker`):
 
-- `ReplicaPicker`: a router replica in this process (the Frontend's `embed-router`);
+- `ReplicaPicker`: a router replica in this process (the Frontend's, by default in a graph
+  with a Router: `FrontendConfig.routes_in_process`);
 - `RouterServicePicker`: the graph's Router service, over NATS;
 - `SpreadPicker`: a graph without a router (graphs.agg, graphs.disagg): round-robin or random.
 

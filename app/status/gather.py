@@ -25,7 +25,7 @@ from app.tunables import Tunable
 log = logging.getLogger(__name__)
 
 # Services whose processes publish reports of their own: VllmWorkers their load each
-# `load-report-interval-s`, router replicas (Routers; Frontends with embed-router) theirs
+# `load-report-interval-s`, router replicas (Router processes; Frontends that route in process, the default) theirs
 # each `report-interval-s`.
 _REPORTING = {names.VLLM_WORKER: "load", names.ROUTER: "router", names.FRONTEND: "router"}
 

@@ -36,15 +36,15 @@ def shell(nats_server: NatsServer, etcd_server: EtcdServer, tmp_path: Path) -> I
 
 
 def test_serve_plans_config_check_and_live_router_policy(shell: DocShell) -> None:
-    plan, check, embedded_plan, policy_set, policy_reset = SERVE_PLAN.expect(
+    plan, check, router_processes_plan, policy_set, policy_reset = SERVE_PLAN.expect(
         "tandem serve", "tandem config check", "tandem serve", "tandem router set", "tandem router reset"
     )
-    # A plan names a program per service the graph runs; the Router's is gone once the
-    # Frontend embeds it.
+    # A plan names a program per service the graph runs; by default the Frontend is the
+    # router replica, and Router processes run once the Router section names them.
     services = {"Frontend", "Processor", "Router", "VllmWorker"}
-    assert _planned_services(shell.run(plan)) & services == services
+    assert _planned_services(shell.run(plan)) & services == services - {"Router"}
     assert shell.run(check).startswith("OK: ")
-    assert _planned_services(shell.run(embedded_plan)) & services == services - {"Router"}
+    assert _planned_services(shell.run(router_processes_plan)) & services == services
 
     policy = policy_set.words[policy_set.words.index("--policy") + 1]
     shell.run(policy_set)

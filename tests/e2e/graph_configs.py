@@ -1,5 +1,6 @@
 """The `graphs.agg_router:Frontend` config the end-to-end tests serve the tiny model with:
-Processor, a KV-aware Router and one VllmWorker service, float32, eager."""
+Processor, a KV-aware Router (inside the Frontend by default) and one VllmWorker service,
+float32, eager."""
 
 from __future__ import annotations
 
@@ -11,15 +12,25 @@ BLOCK_SIZE = 32
 
 
 def agg_router_config(
-    model: Path, max_model_len: int, worker: dict[str, Any], frontend: dict[str, Any] | None = None
+    model: Path,
+    max_model_len: int,
+    worker: dict[str, Any],
+    frontend: dict[str, Any] | None = None,
+    router_processes: int | None = None,
 ) -> dict[str, Any]:
-    """`worker` and `frontend` add to the VllmWorker's and the Frontend's own keys."""
+    """`worker` and `frontend` add to the VllmWorker's and the Frontend's own keys.
+    `router_processes`: that many Router processes (their ServiceArgs), which a Frontend
+    with `embed-processor: false` needs (its Processor service calls them); None: the
+    default, the router inside the Frontend."""
     common = {"model": str(model), "served-model-name": MODEL, "block-size": BLOCK_SIZE, "max-model-len": max_model_len}
+    router: dict[str, Any] = {"policy": "kv", "common-configs": ["model", "block-size"]}
+    if router_processes is not None:
+        router["ServiceArgs"] = {"workers": router_processes}
     return {
         "Common": common,
         "Frontend": {"served-model-name": MODEL, **(frontend or {})},
         "Processor": {"common-configs": ["model", "max-model-len"]},
-        "Router": {"policy": "kv", "common-configs": ["model", "block-size"]},
+        "Router": router,
         "VllmWorker": {
             "engine": "vllm",
             "enforce-eager": True,

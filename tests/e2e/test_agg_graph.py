@@ -180,7 +180,9 @@ async def graph(
         "reasoning-parser-plugin": REASONING_PARSER_PLUGIN,
         "ServiceArgs": {"workers": 2},
     }
-    config = agg_router_config(tiny_model, max_model_len=4096, worker=worker)
+    # One Router process: the thin Frontend's Processor service routes through it (the
+    # main Frontend then does too; the router inside the Frontend is the mocker tiers' default).
+    config = agg_router_config(tiny_model, max_model_len=4096, worker=worker, router_processes=1)
     # tool_choice "auto" and reasoning with the parsers vLLM's server runs (tests/e2e/vllm_server.py).
     config["Processor"].update(
         {

@@ -47,7 +47,13 @@ def _config(tiny_model: Path, metrics_port: int) -> dict[str, Any]:
         "Common": {"model": str(tiny_model), "served-model-name": MODEL, "max-model-len": 2048},
         "Frontend": {"served-model-name": MODEL},
         "Processor": {"common-configs": ["model", "max-model-len"]},
-        "Router": {"policy": "kv", "block-size": BLOCK_SIZE, "common-configs": ["model"]},
+        # A Router process (named by its ServiceArgs): the thin Frontend's Processor calls it.
+        "Router": {
+            "policy": "kv",
+            "block-size": BLOCK_SIZE,
+            "ServiceArgs": {"workers": 1},
+            "common-configs": ["model"],
+        },
         "VllmWorker": {
             **mocker,
             "remote-prefill": True,

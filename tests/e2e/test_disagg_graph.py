@@ -296,10 +296,10 @@ async def test_status_lists_the_disaggregated_fleet_and_doctor_passes_on_it(grap
         (service, pid) for service, service_pids in pids.items() for pid in service_pids
     }
     roles = {(i["service"], i["role"]) for i in status["instances"]}
+    # No Router process: the config's default layout routes inside the Frontend.
     assert roles == {
         ("Frontend", "frontend"),
         ("Processor", "processor"),
-        ("Router", "router"),
         ("VllmWorker", "decode"),
         ("PrefillWorker", "prefill"),
     }

@@ -187,7 +187,8 @@ async def test_doctor_checks_the_prefill_queue_of_a_disaggregated_graph(
         "graphs.disagg_router:Frontend", disagg, tmp_path, nats_server.url, etcd_server.url, lease_ttl_s=3
     )
     async with served:
-        await served.wait_ready(1, routers=1, processors=1, prefill_workers=1, timeout=120)
+        # The default layout: the router inside the Frontend, no Router process.
+        await served.wait_ready(1, routers=0, processors=1, prefill_workers=1, timeout=120)
         status, checks = await tandem_doctor(served, "-f", str(served.config_path))
     assert status == 0, json.dumps(checks, indent=1)
     queue = checks["prefill-queue"]

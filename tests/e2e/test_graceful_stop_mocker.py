@@ -48,7 +48,6 @@ Common:
   max-model-len: 2048
 Frontend:
   served-model-name: {name}
-  embed-router: true
 Processor:
   common-configs: [model, max-model-len]
 Router:

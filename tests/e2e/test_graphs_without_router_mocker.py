@@ -91,7 +91,8 @@ async def test_graphs_disagg_prefills_a_long_prompt_remotely(
 async def test_a_graph_whose_router_is_not_running_answers_503_naming_it(
     tiny_model: Path, tmp_path: Path, nats_server: NatsServer, etcd_server: EtcdServer
 ) -> None:
-    """The agg_router graph's Frontend and workers, without its Router (`--service-name`)."""
+    """The agg_router graph's Frontend and workers, without its Router (`--service-name`); the
+    Frontend calls Router processes (`embed-router: false`; by default it would route itself)."""
     config = _config(tiny_model)
     async with ServedGraph(
         "graphs.agg_router:Frontend",
@@ -99,7 +100,7 @@ async def test_a_graph_whose_router_is_not_running_answers_503_naming_it(
         tmp_path,
         nats_server.url,
         etcd_server.url,
-        overrides=["--service-name", "Frontend"],
+        overrides=["--service-name", "Frontend", "--Frontend.embed-router=false"],
     ) as frontend:
         workers = ServedGraph(
             "graphs.agg_router:Frontend",

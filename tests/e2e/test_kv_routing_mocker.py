@@ -1,7 +1,8 @@
 """KV-aware routing end to end: `tandem serve graphs.agg_router:Frontend` on mocker workers.
 
-Real NATS and etcd, the real graph under supervisord (4 mocker VllmWorkers, and either 2
-Router replicas or the router inside the Frontend: `embed-router`), requests through the
+Real NATS and etcd, the real graph under supervisord (4 mocker VllmWorkers, and either the
+router inside the Frontend, the default, or 2 Router replicas, which the Router section's
+`ServiceArgs.workers` asks for), requests through the
 official `openai` client. Each graph is stopped by PID when its tests are done. The
 operator's `tandem router` and `tandem disagg` commands run as the real binary against
 each layout's graph, and leave its live tunables as they found them.
@@ -53,8 +54,6 @@ Processor:
 Router:
   policy: kv
   metrics-port: {metrics_port}
-  ServiceArgs:
-    workers: {routers}
   common-configs: [model, block-size]
 VllmWorker:
   engine: mocker
@@ -128,10 +127,11 @@ async def served_graph(
     embed_router: bool = False,
 ) -> AsyncIterator[ServedGraph]:
     config = tmp_path / "graph.yaml"
-    config.write_text(
-        CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS, routers=ROUTERS, metrics_port=metrics_port)
-    )
-    overrides = [f"--Router.policy={policy}", f"--Frontend.embed-router={str(embed_router).lower()}"]
+    config.write_text(CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS, metrics_port=metrics_port))
+    overrides = [f"--Router.policy={policy}"]
+    if not embed_router:
+        # Naming the Router's processes (any count) is what asks for them instead of the default.
+        overrides.append(f"--Router.ServiceArgs.workers={ROUTERS}")
     graph = ServedGraph(
         "graphs.agg_router:Frontend", config, tmp_path, nats.url, etcd.url, overrides=overrides, lease_ttl_s=LEASE_TTL_S
     )
@@ -154,7 +154,7 @@ def router_metrics_port() -> int:
 
 
 # Class-scoped: each graph runs only while its class's tests do. The KV-aware tests run
-# twice: with the config's Router replicas, and with the router inside the Frontend.
+# twice: with the router inside the Frontend (the default), and with 2 Router replicas.
 @pytest.fixture(scope="class", params=["router-processes", "router-in-frontend"])
 def embed_router(request: pytest.FixtureRequest) -> bool:
     return request.param == "router-in-frontend"

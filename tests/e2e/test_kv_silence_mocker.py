@@ -1,9 +1,9 @@
 """KV routing that fails loudly, end to end: a worker that serves requests but publishes no
 KV events (a mocker with prefix caching off caches, and so publishes, nothing) is warned of
-once by the Router, counted in its metrics, and shown by `tandem status`.
+once by the router replica, counted in its metrics, and shown by `tandem status`.
 
-Real NATS and etcd, `graphs.agg_router:Frontend` (one Router, one mocker VllmWorker) served
-under supervisord and stopped by PID.
+Real NATS and etcd, `graphs.agg_router:Frontend` (one mocker VllmWorker; the router inside
+the Frontend, the default layout) served under supervisord and stopped by PID.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ async def graph(
         "graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("kv-silence"), nats_server.url, etcd_server.url
     )
     async with served:
-        await served.wait_ready(1, routers=1, processors=1, timeout=120)
+        await served.wait_ready(1, routers=0, processors=1, timeout=120)
         yield served, metrics_port
 
 
@@ -76,7 +76,8 @@ async def test_a_busy_worker_without_kv_events_is_warned_of_once_counted_and_sho
             deadline = time.monotonic() + 30
             while True:
                 shown = await tandem_status(served, listen_s=1)
-                (router,) = [i for i in shown["instances"] if i["service"] == "Router"]
+                # The router replica is the Frontend (its embedded one serves metrics-port too).
+                (router,) = [i for i in shown["instances"] if i["service"] == "Frontend"]
                 if router["router"] and router["router"]["kv_silent_workers"] == [worker]:
                     break
                 assert time.monotonic() < deadline, json.dumps(shown, indent=1)
@@ -94,7 +95,7 @@ async def test_a_busy_worker_without_kv_events_is_warned_of_once_counted_and_sho
     values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
     assert values["tandem_router_kv_silent_workers"] == 1
     assert values["tandem_router_kv_silences_total"] == 1
-    # supervisord relays the Router's lines a moment after it writes them.
+    # supervisord relays the Frontend's lines a moment after it writes them.
     deadline = time.monotonic() + 10
     while (logged := served.log_path.read_text(errors="replace").count(warning)) == 0:
         assert time.monotonic() < deadline, served.log_tail()

@@ -43,7 +43,6 @@ Common:
   max-model-len: 2048
 Frontend:
   served-model-name: {name}
-  embed-router: true
 Processor:
   common-configs: [model, max-model-len]
 Router:
@@ -109,7 +108,8 @@ async def graph(
     overrides = [f"--Processor.migration-limit={layout.migration_limit}"]
     metrics_port = free_port()
     if layout.processor_service:
-        overrides += ["--Frontend.embed-router=false", "--Frontend.embed-processor=false"]
+        # No embed-router: the default then names Router processes (the routing is in the pipeline).
+        overrides += ["--Frontend.embed-processor=false"]
         overrides += [f"--Processor.metrics-port={metrics_port}"]
     async with ServedGraph(
         graph_name,

@@ -1,11 +1,13 @@
 """NATS and etcd outages under a steady request loop: `tandem serve` on the agg_router
-graph (Router service, 2 mocker workers) with NATS and etcd of its own, restarted or
-frozen while clients keep sending streamed requests. No request may fail.
+graph (2 mocker workers; the router inside the Frontend, or Router processes where the
+Frontend calls the Processor service) with NATS and etcd of its own, restarted or frozen
+while clients keep sending streamed requests. No request may fail.
 
 - NATS down 5 s: requests that arrive wait for the connection; streams in flight resume
   (the request plane's calls resume from the reply frame they are due) or move to another
-  worker. In both layouts: the Frontend runs the request pipeline itself (the default), or
-  calls the Processor service over NATS (`embed-processor: false`).
+  worker. In both layouts: the Frontend runs the request pipeline and the router replica
+  itself (the default), or calls the Processor service over NATS (`embed-processor: false`),
+  which calls a Router process.
 - etcd down 60 s (stopped, then started on its data): the fleet keeps serving from what
   it knew; every instance record is back within 10 s of etcd's return.
 - etcd frozen 60 s (SIGSTOP: unreachable but not restarted, as behind a partition): the
@@ -156,24 +158,26 @@ async def fleet(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path
     config = tmp_path / "graph.yaml"
     config.write_text(CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS))
     overrides: list[str] = []
-    processors = None
+    processors, routers = None, 0
     if getattr(request, "param", "embedded") == "processor":
         metrics_port = free_port()
         overrides = ["--Frontend.embed-processor=false", f"--Processor.metrics-port={metrics_port}"]
-        processors = 1
+        # The routing then happens in the Processor's pipeline: the graph's Router process runs.
+        processors, routers = 1, 1
     with control_plane(tmp_path) as (nats, etcd):
         async with ServedGraph(
             "graphs.agg_router:Frontend", config, tmp_path, nats.url, etcd.url, overrides=overrides
         ) as served:
-            await served.wait_ready(WORKERS, routers=1, processors=processors, timeout=120)
+            await served.wait_ready(WORKERS, routers=routers, processors=processors, timeout=120)
             metrics_url = served.base_url if processors is None else f"http://127.0.0.1:{metrics_port}"
             yield Fleet(served, nats, etcd, metrics_url)
 
 
 async def _records(served: ServedGraph) -> set[tuple[str, str]]:
-    """(service, instance id) of every serving instance of the graph's services."""
+    """(service, instance id) of every serving instance of the graph's services (the
+    default layout has no Router process)."""
     found: set[tuple[str, str]] = set()
-    for service in ("VllmWorker", "Router"):
+    for service in ("VllmWorker", "Processor"):
         found |= {(service, instance) for instance in await served.instances(service)}
     return found
 

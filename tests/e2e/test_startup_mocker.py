@@ -33,7 +33,8 @@ async def graph(
     tiny_model: Path, nats_server: NatsServer, etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[ServedGraph]:
     config = mocker_agg_config(tiny_model, MODEL, worker={"ServiceArgs": {"workers": WORKERS}})
-    config["Router"] = {"policy": "kv", "block-size": 16}
+    # A Router process (named by its ServiceArgs): the report names every kind of service.
+    config["Router"] = {"policy": "kv", "block-size": 16, "ServiceArgs": {"workers": 1}}
     served = ServedGraph(
         "graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("startup"), nats_server.url, etcd_server.url
     )

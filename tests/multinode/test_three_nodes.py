@@ -2,7 +2,7 @@
 each running docs/multinode-quickstart.md's block for it as written (tests/multinode/cluster.py).
 
 Node 1 runs NATS and etcd (`tandem infra up`, advertising the node's own address) and
-`tandem serve graphs.agg_router:Frontend` (Frontend, Processor, Router, decode VllmWorker);
+`tandem serve graphs.agg_router:Frontend` (Frontend with the router inside, Processor, decode VllmWorker);
 nodes 2 and 3 run `tandem serve components.prefill_worker:PrefillWorker` with NATS_SERVER
 and ETCD_ENDPOINTS pointing at node 1, all with the one config file
 configs/cpu-tiny-disagg.yaml, unmodified. The quickstart's client request is sent as its
@@ -228,7 +228,6 @@ async def test_every_node_advertises_its_own_address(cluster: SeedCluster) -> No
     for service, endpoint in [
         ("VllmWorker", "generate"),
         ("VllmWorker", "prefill_done"),
-        ("Router", "route"),
         ("Processor", "chat_completions"),
     ]:
         assert set((await _instance_hosts(cluster, service, endpoint)).values()) == {head.ip}, service

@@ -127,7 +127,6 @@ def _programs(**values: str) -> dict[str, dict[str, str]]:
             {
                 "tandem-frontend": f"tandem serve graphs.agg_router:Frontend -f {CONFIG} --service-name Frontend",
                 "tandem-processor": "--service-name Processor",
-                "tandem-router": "--service-name Router",
             },
         ),
         (
@@ -196,13 +195,26 @@ def test_tandem_programs_stop_before_the_infrastructure_they_need() -> None:
     assert programs["tandem-graph"]["stopasgroup"] == "false"
 
 
-def test_frontend_services_stop_front_to_back() -> None:
-    programs = _programs(ROLE="frontend", **REMOTE)
+def test_a_frontend_node_runs_router_processes_only_where_the_config_names_them() -> None:
+    """By default the Frontend routes in process, and an idle Router would still ingest
+    every KV event of the fleet; a config with Router replicas (ServiceArgs.workers) gets
+    them, stopped after the Processor, which stops after the Frontend."""
+    assert "tandem-router" not in _programs(ROLE="frontend", **REMOTE)
+    named = str(REPO_ROOT / "configs" / "mocker-8.yaml")
+    programs = _programs(ROLE="frontend", **{**REMOTE, "CONFIG": named})
+    assert "--service-name Router" in programs["tandem-router"]["command"]
     assert (
         int(programs["tandem-frontend"]["priority"])
         > int(programs["tandem-processor"]["priority"])
         > int(programs["tandem-router"]["priority"])
     )
+
+
+def test_a_config_the_entrypoint_cannot_read_is_said_before_anything_starts(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    result = _entrypoint("--dry-run", ROLE="frontend", **{**REMOTE, "CONFIG": str(missing)})
+    assert result.returncode != 0
+    assert "nowhere.yaml" in result.stderr, result.stderr
 
 
 def test_etcd_gets_no_etcd_variables_and_listens_on_the_node_and_loopback() -> None:

@@ -43,8 +43,9 @@ def dry_run(*args: str) -> dict[str, tuple[int, list[str]]]:
 @pytest.mark.parametrize(
     ("args", "services"),
     [
-        (["graphs.agg_router:Frontend"], ["Frontend", "Processor", "Router", "VllmWorker"]),
-        (["graphs.disagg_router:Frontend"], ["Frontend", "Processor", "Router", "VllmWorker", "PrefillWorker"]),
+        # The Router runs inside the Frontend by default (test_where_the_routing_runs below).
+        (["graphs.agg_router:Frontend"], ["Frontend", "Processor", "VllmWorker"]),
+        (["graphs.disagg_router:Frontend"], ["Frontend", "Processor", "VllmWorker", "PrefillWorker"]),
         (["components.prefill_worker:PrefillWorker"], ["PrefillWorker"]),
         (["components.worker:VllmWorker", "--service-name", "VllmWorker"], ["VllmWorker"]),
     ],
@@ -69,16 +70,36 @@ def test_dry_run_passes_overrides_to_every_process_and_honours_workers() -> None
     assert command[-2:] == ["--VllmWorker.ServiceArgs.workers=2", "--VllmWorker.remote-prefill=false"]
 
 
-def test_a_frontend_that_embeds_the_router_replaces_the_router_processes() -> None:
-    embedded = "--Frontend.embed-router=true"
-    assert list(dry_run("graphs.disagg_router:Frontend", embedded)) == [
-        "Frontend",
-        "Processor",
-        "VllmWorker",
-        "PrefillWorker",
-    ]
-    # The Router alone still runs when asked for: Frontends without embed-router call it.
-    assert list(dry_run("graphs.agg_router:Frontend", "--service-name", "Router", embedded)) == ["Router"]
+@pytest.mark.parametrize(
+    ("overrides", "router_processes"),
+    [
+        ([], 0),  # the default: the Frontend is the router replica
+        (["--Frontend.embed-router=true"], 0),
+        (["--Router.ServiceArgs.workers=1"], 1),  # replicas of their own, any count
+        (["--Router.ServiceArgs.workers=2"], 2),
+        (["--Frontend.embed-router=false"], 1),
+        (["--Frontend.embed-processor=false"], 1),  # the routing then happens in the Processor processes
+        # An explicit embed-router wins over the Router's ServiceArgs (they no longer apply).
+        (["--Frontend.embed-router=true", "--Router.ServiceArgs.workers=2"], 0),
+    ],
+)
+def test_where_the_routing_runs(overrides: list[str], router_processes: int) -> None:
+    for graph, workers in (
+        ("graphs.agg_router:Frontend", ["VllmWorker"]),
+        ("graphs.disagg_router:Frontend", ["VllmWorker", "PrefillWorker"]),
+    ):
+        listed = dry_run(graph, *overrides)
+        expected = ["Frontend", "Processor", *(["Router"] if router_processes else []), *workers]
+        assert list(listed) == expected, graph
+        if router_processes:
+            assert listed["Router"][0] == router_processes
+
+
+def test_a_router_served_alone_runs_whatever_the_frontend_section_says() -> None:
+    # The multi-node layout: one `tandem serve --service-name` per service; Frontends that
+    # call Router processes (on another node) need it.
+    for overrides in ([], ["--Frontend.embed-router=true"]):
+        assert list(dry_run("graphs.agg_router:Frontend", "--service-name", "Router", *overrides)) == ["Router"]
 
 
 def test_embed_router_without_the_embedded_processor_is_refused() -> None:
