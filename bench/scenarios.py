@@ -234,7 +234,7 @@ LONG_REMOTE = ("--VllmWorker.max-local-prefill-length=512",)
 
 
 # One Router process, as these layouts were measured (the configs' default is the router in the Frontend).
-ONE_ROUTER = ("--Router.ServiceArgs.workers=1",)
+ONE_ROUTER = ("--Frontend.embed-router=false",)
 
 
 class DisaggVllm(Disagg):

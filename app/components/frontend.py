@@ -70,7 +70,8 @@ class FrontendConfig(BaseModel):
         default=None,
         description="route in this process (a router replica configured by the Router section) instead of "
         "calling Router processes over NATS; the graph's Router processes are then not started. Default: "
-        "true, unless the Router section sets ServiceArgs.workers or embed-processor is false",
+        "true, unless the Router section asks for replicas (ServiceArgs.workers: 2 or more) or "
+        "embed-processor is false",
     )
     max_inflight_requests: int | None = Field(
         default=None, ge=1, description="past this many requests in flight, answer 429 with Retry-After"
@@ -124,13 +125,15 @@ class FrontendConfig(BaseModel):
         In process by default: no NATS round trip per request, and the request path's CPU
         per request divided by about 1.7 (docs/benchmarks.md). The whole `config` decides,
         not this section alone, because a config asks for Router processes in three ways:
-        `embed-router: false`; `ServiceArgs.workers` in the Router section (any count: replicas
-        of their own); or `embed-processor: false` (the routing happens in the pipeline,
-        which then runs in the Processor processes). A graph without a Router spreads.
+        `embed-router: false`; Router replicas (`ServiceArgs.workers` of 2 or more in the
+        Router section; 1, the default count, is the one replica this Frontend is); or
+        `embed-processor: false` (the routing happens in the pipeline, which then runs in the
+        Processor processes). A graph without a Router spreads.
         """
         if self.embed_router is not None:
             return self.embed_router
-        return names.ROUTER in graph and self.embed_processor and not config.sets_workers(names.ROUTER)
+        replicas = config.service_args(names.ROUTER).workers
+        return names.ROUTER in graph and self.embed_processor and replicas == 1
 
     def embedded_services(self, config: GraphConfig, graph: Collection[str]) -> set[str]:
         """Services of `graph` this Frontend stands in for, so that `tandem serve` skips them.

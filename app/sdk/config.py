@@ -144,11 +144,6 @@ class GraphConfig:
         except ValidationError as exc:
             raise ConfigError(_format(f"{service}.{SERVICE_ARGS}", exc, {})) from None
 
-    def sets_workers(self, service: str) -> bool:
-        """Whether the section of `service` names `ServiceArgs.workers` (any count, an override too)."""
-        raw = self.raw.get(service, {}).get(SERVICE_ARGS)
-        return isinstance(raw, dict) and "workers" in raw
-
     def service_config(self, spec: ServiceSpec, check_engine_args: bool = False) -> BaseModel:
         """The validated config model of a service's section.
 

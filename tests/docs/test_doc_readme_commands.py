@@ -40,7 +40,7 @@ def test_serve_plans_config_check_and_live_router_policy(shell: DocShell) -> Non
         "tandem serve", "tandem config check", "tandem serve", "tandem router set", "tandem router reset"
     )
     # A plan names a program per service the graph runs; by default the Frontend is the
-    # router replica, and Router processes run once the Router section names them.
+    # router replica, and Router processes run once the Router section asks for replicas.
     services = {"Frontend", "Processor", "Router", "VllmWorker"}
     assert _planned_services(shell.run(plan)) & services == services - {"Router"}
     assert shell.run(check).startswith("OK: ")

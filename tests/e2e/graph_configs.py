@@ -19,16 +19,19 @@ def agg_router_config(
     router_processes: int | None = None,
 ) -> dict[str, Any]:
     """`worker` and `frontend` add to the VllmWorker's and the Frontend's own keys.
-    `router_processes`: that many Router processes (their ServiceArgs), which a Frontend
-    with `embed-processor: false` needs (its Processor service calls them); None: the
-    default, the router inside the Frontend."""
+    `router_processes`: that many Router processes (their ServiceArgs, and the Frontend's
+    `embed-router: false`, which one alone needs), which a Frontend with `embed-processor:
+    false` needs (its Processor service calls them); None: the default, the router inside
+    the Frontend."""
     common = {"model": str(model), "served-model-name": MODEL, "block-size": BLOCK_SIZE, "max-model-len": max_model_len}
     router: dict[str, Any] = {"policy": "kv", "common-configs": ["model", "block-size"]}
+    frontend = {"served-model-name": MODEL, **(frontend or {})}
     if router_processes is not None:
         router["ServiceArgs"] = {"workers": router_processes}
+        frontend["embed-router"] = False
     return {
         "Common": common,
-        "Frontend": {"served-model-name": MODEL, **(frontend or {})},
+        "Frontend": frontend,
         "Processor": {"common-configs": ["model", "max-model-len"]},
         "Router": router,
         "VllmWorker": {

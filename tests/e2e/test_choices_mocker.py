@@ -45,15 +45,10 @@ def _config(tiny_model: Path, metrics_port: int) -> dict[str, Any]:
     mocker = {"engine": "mocker", "vocab-size": 3000, "eos-token-id": 2, "block-size": BLOCK_SIZE}
     return {
         "Common": {"model": str(tiny_model), "served-model-name": MODEL, "max-model-len": 2048},
-        "Frontend": {"served-model-name": MODEL},
+        # A Router process (embed-router: false): the thin Frontend's Processor calls it.
+        "Frontend": {"served-model-name": MODEL, "embed-router": False},
         "Processor": {"common-configs": ["model", "max-model-len"]},
-        # A Router process (named by its ServiceArgs): the thin Frontend's Processor calls it.
-        "Router": {
-            "policy": "kv",
-            "block-size": BLOCK_SIZE,
-            "ServiceArgs": {"workers": 1},
-            "common-configs": ["model"],
-        },
+        "Router": {"policy": "kv", "block-size": BLOCK_SIZE, "common-configs": ["model"]},
         "VllmWorker": {
             **mocker,
             "remote-prefill": True,

@@ -130,7 +130,7 @@ async def served_graph(
     config.write_text(CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS, metrics_port=metrics_port))
     overrides = [f"--Router.policy={policy}"]
     if not embed_router:
-        # Naming the Router's processes (any count) is what asks for them instead of the default.
+        # Router replicas (2 or more) are what asks for Router processes instead of the default.
         overrides.append(f"--Router.ServiceArgs.workers={ROUTERS}")
     graph = ServedGraph(
         "graphs.agg_router:Frontend", config, tmp_path, nats.url, etcd.url, overrides=overrides, lease_ttl_s=LEASE_TTL_S

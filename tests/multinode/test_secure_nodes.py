@@ -3,7 +3,7 @@ docs/multinode.md's "Step 1, secure" blocks as an operator types them (tests/doc
 
 - node 1, `multinode-secure-node1`: `tandem infra up --secure --host <node1-ip> --export`
   (NATS and etcd with TLS and passwords, on node 1's address), its exports `eval`ed, and
-  `tandem serve graphs.agg_router:Frontend` (Frontend, Processor, Router, a decode
+  `tandem serve graphs.agg_router:Frontend` (Frontend routing in process, Processor, a decode
   VllmWorker) on configs/mocker-disagg.yaml;
 - node 2, `multinode-secure-join`: copies of node 1's `ca.pem` and two password files in a
   folder of its own (the operator's copy, done here by the test), the URLs and those

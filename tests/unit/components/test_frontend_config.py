@@ -21,7 +21,8 @@ def frontend(config: GraphConfig) -> FrontendConfig:
     [
         ([], True),  # the default: no NATS round trip per request
         (["--Router.policy=round-robin"], True),  # a Router section without ServiceArgs
-        (["--Router.ServiceArgs.workers=1"], False),  # Router processes named, any count
+        (["--Router.ServiceArgs.workers=1"], True),  # the default count: the one replica the Frontend is
+        (["--Router.ServiceArgs.workers=2"], False),  # replicas asked for
         (["--Router.ServiceArgs.workers=3"], False),
         (["--Router.ServiceArgs.resources={gpu: 0}"], True),  # ServiceArgs without workers names none
         (["--Frontend.embed-router=false"], False),

@@ -75,7 +75,7 @@ def test_dry_run_passes_overrides_to_every_process_and_honours_workers() -> None
     [
         ([], 0),  # the default: the Frontend is the router replica
         (["--Frontend.embed-router=true"], 0),
-        (["--Router.ServiceArgs.workers=1"], 1),  # replicas of their own, any count
+        (["--Router.ServiceArgs.workers=1"], 0),  # the default count: the Frontend is that replica
         (["--Router.ServiceArgs.workers=2"], 2),
         (["--Frontend.embed-router=false"], 1),
         (["--Frontend.embed-processor=false"], 1),  # the routing then happens in the Processor processes
