@@ -158,18 +158,20 @@ async def fleet(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path
     config = tmp_path / "graph.yaml"
     config.write_text(CONFIG.format(model=tiny_model, name=MODEL, workers=WORKERS))
     overrides: list[str] = []
-    processors, routers = None, 0
+    # The Processor service runs in both layouts (idle where the Frontend runs the pipeline),
+    # and the etcd cases count its record: ready means it registered too.
+    processors, routers, metrics_port = 1, 0, None
     if getattr(request, "param", "embedded") == "processor":
         metrics_port = free_port()
         overrides = ["--Frontend.embed-processor=false", f"--Processor.metrics-port={metrics_port}"]
         # The routing then happens in the Processor's pipeline: the graph's Router process runs.
-        processors, routers = 1, 1
+        routers = 1
     with control_plane(tmp_path) as (nats, etcd):
         async with ServedGraph(
             "graphs.agg_router:Frontend", config, tmp_path, nats.url, etcd.url, overrides=overrides
         ) as served:
             await served.wait_ready(WORKERS, routers=routers, processors=processors, timeout=120)
-            metrics_url = served.base_url if processors is None else f"http://127.0.0.1:{metrics_port}"
+            metrics_url = served.base_url if metrics_port is None else f"http://127.0.0.1:{metrics_port}"
             yield Fleet(served, nats, etcd, metrics_url)
 
 

@@ -33,8 +33,9 @@ async def graph(
     tiny_model: Path, nats_server: NatsServer, etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[ServedGraph]:
     config = mocker_agg_config(tiny_model, MODEL, worker={"ServiceArgs": {"workers": WORKERS}})
-    # A Router process (named by its ServiceArgs): the report names every kind of service.
-    config["Router"] = {"policy": "kv", "block-size": 16, "ServiceArgs": {"workers": 1}}
+    # A Router process (embed-router: false): the report names every kind of service.
+    config["Router"] = {"policy": "kv", "block-size": 16}
+    config["Frontend"]["embed-router"] = False
     served = ServedGraph(
         "graphs.agg_router:Frontend", config, tmp_path_factory.mktemp("startup"), nats_server.url, etcd_server.url
     )

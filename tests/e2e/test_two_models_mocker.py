@@ -60,10 +60,12 @@ async def fleet(
 ) -> AsyncIterator[TwoModels]:
     workdir = tmp_path_factory.mktemp("two-models")
     workers = {"ServiceArgs": {"workers": WORKERS}}
-    # Router processes (named by their ServiceArgs) for the kv graph, beside the Frontend
-    # that routes in process: both pickers must keep to the request's model.
-    router = {"policy": "kv", "ServiceArgs": {"workers": 1}}
-    config_a = {**mocker_agg_config(tiny_model, "model-a", worker=workers), "Router": router}
+    # A Router process (embed-router: false) for the kv graph, beside the Frontend that
+    # routes in process (its override): both pickers must keep to the request's model.
+    config_a = {
+        **mocker_agg_config(tiny_model, "model-a", frontend={"embed-router": False}, worker=workers),
+        "Router": {"policy": "kv"},
+    }
     config_b = mocker_agg_config(tiny_model, "model-b", worker=workers)
     urls = (nats_server.url, etcd_server.url)
     kv = ServedGraph("graphs.agg_router:Frontend", config_a, workdir, *urls, name="model-a")
