@@ -20,6 +20,7 @@ from app.protocol import ProcessRecord
 from app.sdk import startup
 from app.sdk.config import GraphConfig
 from app.sdk.graph import dependency_names
+from app.sdk.heap import settle_heap
 from app.sdk.service import EndpointSpec, spec_of
 from app.settings import RuntimeSettings
 from app.versions import tandem_version, vllm_version
@@ -219,6 +220,8 @@ async def run_service(
                 startup.phase(startup.ROUTABLE, ", ".join(spec.endpoints))
             else:
                 startup.phase(startup.REGISTERED, "no endpoints")
+            if handled_signals:  # the process is this service's own
+                settle_heap()
             await stop.wait()
             if failures:
                 log.error("leaving: %s", failures[0])

@@ -114,13 +114,15 @@ def run_supervisord(services: Sequence[ServiceProcesses], watch: GraphWatch | No
     program, each draining its requests. SIGHUP does not: supervisord would restart every
     program at once and drop their requests, and the config it would reread is written
     once, here (docs/operations.md, "Restarts, FATAL and signals"). supervisord runs in a
-    session of its own so that a terminal's hangup reaches it only through here. A program
-    that goes FATAL (it could not start, or it keeps dying: TANDEM_CRASH_LOOP_EXITS exits
-    in a row) shuts supervisord down (app/launch/restart_backoff.py): the graph is not
-    whole, and the layer above (an outer supervisord, Docker) starts it again. supervisord
-    is a child rather than an exec so that its config folder (and control socket) is
-    removed afterwards. `watch` reports the graph's start-up meanwhile, from a thread of
-    its own: it has no say in how or when this ends.
+    process group of its own, outside the terminal's foreground group, so that a terminal's
+    Ctrl-C or hangup reaches it only through here; it stays in this session, so what counts a
+    session's processes (CPU per request in ../shared/peers/dynamo/sidebyside.sh, `ps -s`)
+    sees the whole graph. A program that goes FATAL (it could not start, or it keeps dying:
+    TANDEM_CRASH_LOOP_EXITS exits in a row) shuts supervisord down
+    (app/launch/restart_backoff.py): the graph is not whole, and the layer above (an outer
+    supervisord, Docker) starts it again. supervisord is a child rather than an exec so that
+    its config folder (and control socket) is removed afterwards. `watch` reports the graph's
+    start-up meanwhile, from a thread of its own: it has no say in how or when this ends.
     """
     workdir = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
     try:
@@ -132,7 +134,7 @@ def run_supervisord(services: Sequence[ServiceProcesses], watch: GraphWatch | No
         # If this process dies by SIGKILL, supervisord gets the SIGTERM it would have
         # forwarded and stops every program; never a fleet of orphans.
         child = subprocess.Popen(
-            with_parent_death_signal([supervisord_binary(), "-n", "-c", str(conf)]), start_new_session=True
+            with_parent_death_signal([supervisord_binary(), "-n", "-c", str(conf)]), process_group=0
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
