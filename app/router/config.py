@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.metrics import replica_port
 from app.router.policies import PolicyName
@@ -42,6 +42,24 @@ class RouterConfig(BaseModel):
         gt=0,
         description="warn when a worker runs requests this long without publishing KV events",
     )
+    router: PolicyName | None = Field(
+        default=None,
+        description="Dynamo's spelling of `policy` (its configs say `router: kv`): sets policy; giving both "
+        "with different values is an error",
+    )
+
+    @model_validator(mode="after")
+    def _router_is_policy(self) -> RouterConfig:
+        # Dynamo configs name the policy `router`; the rest of Tandem reads `policy` only.
+        if self.router is None:
+            return self
+        if "policy" in self.model_fields_set and self.policy != self.router:
+            raise ValueError(
+                f"router {self.router!r} and policy {self.policy!r} disagree: router is Dynamo's name for "
+                "policy, give one of them"
+            )
+        self.policy = self.router
+        return self
 
 
 def router_replica(

@@ -14,7 +14,7 @@ import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -61,6 +61,11 @@ class EngineConfig(BaseModel):
 
     engine: str = "vllm"
     engine_args: dict[str, Any] = {}
+    router: Literal["kv", "round-robin", "random"] | None = Field(
+        default=None,
+        description="Dynamo's worker key (its configs give workers `router: kv`, which makes Dynamo's worker "
+        "publish KV events); Tandem's workers always publish them, so it is only validated, never an engine argument",
+    )
 
     @field_validator("engine")
     @classmethod

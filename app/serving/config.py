@@ -6,6 +6,8 @@ itself (`embed-processor`) reads the same section.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.serving.pickers import Spread
@@ -33,6 +35,18 @@ class PipelineConfig(BaseModel):
         description="how many times a request whose worker fails mid-stream may move to another worker "
         "(0: never; the client then gets the failure)",
     )
+    # Dynamo's Processor keys, so that its configs run as they are.
+    block_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="accepted for Dynamo configs (which list block-size in the Processor's common-configs); "
+        "the Processor does not use it: the Router's and the workers' block size is what counts",
+    )
+    router: Literal["kv", "round-robin", "random"] | None = Field(
+        default=None,
+        description="Dynamo's routing key: kv routes through the Router (the graph's Router decides); "
+        "round-robin or random set spread (giving spread too with a different value is an error)",
+    )
     # vLLM's server options of the same names: the Processor reads the model's text, so it
     # runs the parsers (the workers see token ids only).
     enable_auto_tool_choice: bool = Field(
@@ -51,6 +65,18 @@ class PipelineConfig(BaseModel):
     reasoning_parser_plugin: str | None = Field(
         default=None, description="a Python file that registers more reasoning parsers"
     )
+
+    @model_validator(mode="after")
+    def _router_sets_spread(self) -> PipelineConfig:
+        if self.router is None or self.router == "kv":
+            return self
+        if "spread" in self.model_fields_set and self.spread != self.router:
+            raise ValueError(
+                f"router {self.router!r} and spread {self.spread!r} disagree: router round-robin or random "
+                "is Dynamo's name for spread, give one of them"
+            )
+        self.spread = self.router
+        return self
 
     @model_validator(mode="after")
     def _parser_for_auto(self) -> PipelineConfig:

@@ -11,6 +11,7 @@ from app.components.kv_router import Router
 from app.components.prefill_worker import PrefillWorker, PrefillWorkerConfig
 from app.components.processor import Processor
 from app.components.worker import VllmWorker, VllmWorkerConfig
+from app.router.config import RouterConfig
 from app.sdk.config import ConfigError, GraphConfig, load_config
 from app.sdk.graph import import_components
 from app.sdk.service import spec_of
@@ -169,12 +170,83 @@ def test_keys_that_would_do_nothing_are_refused(tmp_path: Path) -> None:
     random = load_config(write(tmp_path, "Processor: {model: m, spread: random}\n"))
     spread = random.service_config(spec_of(Processor))
     assert isinstance(spread, PipelineConfig) and spread.spread == "random"
-    config = load_config(write(tmp_path, "Processor: {model: m, router: kv}\n"))
-    with pytest.raises(ConfigError, match="Processor: unknown key 'router'"):
-        config.service_config(spec_of(Processor))
-    config = load_config(write(tmp_path, "VllmWorker: {model: m, router: kv}\n"))
-    with pytest.raises(ConfigError, match="VllmWorker: unknown key 'router'"):
-        config.service_config(spec_of(VllmWorker), check_engine_args=True)
     config = load_config(write(tmp_path, "VllmWorker:\n  ServiceArgs: {resources: {gpu: 1, memory: 8Gi}}\n"))
     with pytest.raises(ConfigError, match=r"VllmWorker.ServiceArgs: key 'resources.memory': Extra inputs"):
         config.service_args("VllmWorker")
+
+
+# Dynamo's own side-by-side config: `router: kv` and `block-size` in Common's keys of the
+# Processor, the Router and the VllmWorker.
+DYNAMO_CONFIG = """
+Common: {model: models/tiny-llama, served-model-name: tiny-llama, block-size: 16, max-model-len: 4096}
+Frontend: {served-model-name: tiny-llama, port: 18000}
+Processor: {common-configs: [model, block-size, max-model-len]}
+Router: {router: kv, ServiceArgs: {workers: 1}, common-configs: [model, block-size]}
+VllmWorker:
+  engine: mocker
+  router: kv
+  vocab-size: 3000
+  eos-token-id: 2
+  num-gpu-blocks: 4096
+  max-num-seqs: 256
+  speedup-ratio: 1000000.0
+  ServiceArgs: {workers: 2}
+  common-configs: [model, served-model-name, block-size, max-model-len]
+"""
+
+
+def test_a_dynamo_config_with_its_router_and_block_size_keys_passes_the_full_check(tmp_path: Path) -> None:
+    import_components()
+    config = load_config(write(tmp_path, DYNAMO_CONFIG))
+    assert config.check(check_engine_args=True) == []
+    router = config.service_config(spec_of(Router))
+    assert isinstance(router, RouterConfig) and (router.policy, router.block_size) == ("kv", 16)
+    worker = config.service_config(spec_of(VllmWorker), check_engine_args=True)
+    assert isinstance(worker, VllmWorkerConfig) and worker.router == "kv"
+    assert "router" not in worker.engine_args and worker.engine_args["block_size"] == 16
+    processor = config.service_config(spec_of(Processor))
+    assert isinstance(processor, PipelineConfig) and processor.block_size == 16
+
+
+def test_the_routers_router_key_is_its_policy_and_may_not_contradict_it(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "Router: {router: round-robin}\n"))
+    router = config.service_config(spec_of(Router))
+    assert isinstance(router, RouterConfig) and router.policy == "round-robin"
+    same = load_config(write(tmp_path, "Router: {router: random, policy: random}\n")).service_config(spec_of(Router))
+    assert isinstance(same, RouterConfig) and same.policy == "random"
+    config = load_config(write(tmp_path, "Router: {router: round-robin, policy: kv}\n"))
+    with pytest.raises(ConfigError, match=r"Router: .*router 'round-robin' and policy 'kv' disagree"):
+        config.service_config(spec_of(Router))
+    config = load_config(write(tmp_path, "Router: {router: fastest}\n"))
+    with pytest.raises(ConfigError, match=r"Router: key 'router': .*unknown router policy 'fastest'"):
+        config.service_config(spec_of(Router))
+
+
+def test_the_processors_router_key_sets_spread_or_leaves_routing_to_the_router(tmp_path: Path) -> None:
+    def processor(section: str) -> PipelineConfig:
+        config = load_config(write(tmp_path, f"Processor: {{model: m, {section}}}\n")).service_config(
+            spec_of(Processor)
+        )
+        assert isinstance(config, PipelineConfig)
+        return config
+
+    assert processor("router: random").spread == "random"
+    assert processor("router: round-robin, spread: round-robin").spread == "round-robin"
+    assert processor("router: kv, spread: random").spread == "random"
+    assert processor("router: kv").spread == "round-robin"
+    with pytest.raises(ConfigError, match=r"Processor: .*router 'random' and spread 'round-robin' disagree"):
+        processor("router: random, spread: round-robin")
+    with pytest.raises(ConfigError, match="Processor: key 'router': Input should be 'kv', 'round-robin' or 'random'"):
+        processor("router: kv-legacy")
+    with pytest.raises(ConfigError, match="Processor: key 'block-size': Input should be greater than or equal to 1"):
+        processor("block-size: 0")
+
+
+def test_a_workers_router_key_is_validated_and_never_an_engine_argument(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "PrefillWorker: {engine: mocker, router: round-robin}\n"))
+    worker = config.service_config(spec_of(PrefillWorker), check_engine_args=True)
+    assert isinstance(worker, PrefillWorkerConfig)
+    assert worker.router == "round-robin" and "router" not in worker.engine_args
+    config = load_config(write(tmp_path, "VllmWorker: {engine: mocker, router: least-loaded}\n"))
+    with pytest.raises(ConfigError, match="VllmWorker: key 'router': Input should be 'kv', 'round-robin' or 'random'"):
+        config.service_config(spec_of(VllmWorker), check_engine_args=True)
