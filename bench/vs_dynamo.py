@@ -42,6 +42,8 @@ JUDGED = "tandem-default"
 # (1.2x past 16).
 RPS_TARGET = {16: 1.3}
 RPS_TARGET_PAST_16 = 1.2
+# ...and the serving path's CPU per request (everything but the engines) at most this many times.
+CPU_TARGET = 0.7
 # Requests per round at each concurrency: enough for a few seconds of load at ~500 req/s.
 REQUESTS = {16: 800, 64: 1200, 256: 2400}
 
@@ -90,13 +92,12 @@ def rps_target(concurrency: int) -> float:
 
 
 def render(summary: Mapping[int, Mapping[str, Figures]]) -> list[str]:
-    """The table: requests/s of every system against Dynamo's, and Dynamo's CPU per request.
+    """The table: requests/s and serving-path CPU per request of every system against
+    Dynamo's, the default config judged on both.
 
-    Tandem's CPU is not shown: the script sums the CPU of the sessions of the processes it
-    started, and `tandem serve` starts its supervisord in a session of its own (so that a
-    stop reaches the whole graph), so for Tandem it counts only `tandem serve`, NATS and etcd,
-    not the Frontend nor the workers. bench.scenarios request-path measures Tandem's CPU by
-    process instead (docs/benchmarks.md, "Request path")."""
+    The script sums the CPU of the sessions of the processes it started, less the engines':
+    for Tandem `tandem serve` with its supervisord and programs (one session since the
+    supervisord got a process group, not a session, of its own), NATS and etcd."""
     rows = []
     for concurrency in sorted(summary):
         systems = summary[concurrency]
@@ -105,25 +106,27 @@ def render(summary: Mapping[int, Mapping[str, Figures]]) -> list[str]:
             if system not in systems:
                 continue
             f = systems[system]
-            rps_ratio = ""
+            rps_ratio = cpu_ratio = ""
             if dynamo is not None and system != DYNAMO:
-                r = f.rps / dynamo.rps
-                rps_ratio = f"{r:.2f}x"
+                r, c = f.rps / dynamo.rps, f.path_ms / dynamo.path_ms
+                rps_ratio, cpu_ratio = f"{r:.2f}x", f"{c:.2f}x"
                 if system == JUDGED:
                     target = rps_target(concurrency)
                     rps_ratio += f" (>= {target}: {met(r >= target)})"
-            cpu = f"{f.path_ms:.2f} [{f.path_range[0]:.2f}-{f.path_range[1]:.2f}]" if system == DYNAMO else ""
+                    cpu_ratio += f" (<= {CPU_TARGET}: {met(c <= CPU_TARGET)})"
             rows.append(
                 [
                     str(concurrency),
                     title,
                     f"{f.rps:.0f} [{f.rps_range[0]:.0f}-{f.rps_range[1]:.0f}]",
                     rps_ratio,
-                    cpu,
+                    f"{f.path_ms:.2f} [{f.path_range[0]:.2f}-{f.path_range[1]:.2f}]",
+                    cpu_ratio,
                     str(f.errors),
                 ]
             )
-    return table("concurrency | system | requests/s [range] | vs Dynamo | path CPU-ms/req [range] | errors", rows)
+    header = "concurrency | system | requests/s [range] | vs Dynamo | path CPU-ms/req [range] | vs Dynamo | errors"
+    return table(header, rows)
 
 
 def run_script(script: Path, concurrency: int, rounds: int, requests: int, out: Path) -> None:

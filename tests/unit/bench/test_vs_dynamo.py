@@ -1,5 +1,5 @@
 """bench.vs_dynamo's summary of the side-by-side script's JSON lines: medians by system and
-concurrency, ratios against Dynamo and issue 20's verdict on the default config."""
+concurrency, ratios against Dynamo and issue 20's verdicts (requests/s, path CPU) on the default config."""
 
 from __future__ import annotations
 
@@ -43,6 +43,6 @@ def test_the_default_config_is_judged_against_dynamo_at_each_concurrency() -> No
     # 600 / 450 = 1.33x >= 1.3 at 16; 650 / 600 = 1.08x < 1.2 at 64.
     assert "1.33x (>= 1.3: yes)" in text
     assert "1.08x (>= 1.2: **no**)" in text
-    # Dynamo's CPU per request is shown; Tandem's, which the script cannot see, is not.
-    assert "| 1.90 [1.80-2.00] |" in text
-    assert "1.20 [1.10-1.30]" not in text
+    # Path CPU: 1.2 / 1.9 = 0.63x <= 0.7 at 16; 1.4 / 1.7 = 0.82x > 0.7 at 64.
+    assert "| 1.90 [1.80-2.00] |" in text and "| 1.20 [1.10-1.30] | 0.63x (<= 0.7: yes) |" in text
+    assert "0.82x (<= 0.7: **no**)" in text
