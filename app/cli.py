@@ -26,6 +26,7 @@ from app.runtime.errors import ConnectError
 from app.sdk import graph, graph_watch, supervisor
 from app.sdk.config import ConfigError, load_config
 from app.sdk.process import add_graph_argument, add_service_arguments, run_one, split_overrides
+from app.sdk.serve_plan import serve_plan
 from app.settings import RuntimeSettings
 
 log = logging.getLogger("tandem")
@@ -33,26 +34,16 @@ log = logging.getLogger("tandem")
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        module, entry = graph.resolve(args.address)
-        services = graph.graph_services(module, entry, args.service_name)
-        graph.import_components()  # every known service name, so config sections are checked
-        config = load_config(args.config_file, args.overrides)
-        # Engine arguments are checked in each worker process: importing vLLM here would
-        # cost seconds on nodes (and in --dry-run) that never run an engine.
-        errors = config.check(services, check_engine_args=False)
-        if errors:
-            raise ConfigError(errors)
-        embedded = config.embedded_services(services)
-        for name in sorted(embedded & {s.name for s in services}):
+        plan = serve_plan(args.address, args.config_file, args.overrides, args.service_name)
+        services, config = plan.services, plan.config
+        for name in sorted(plan.embedded & {s.name for s in services}):
             # Said even by default (the Router inside the Frontend): a plan without the
             # service, or its ServiceArgs (workers: N) no longer applying, must not look like a loss.
             print(
                 f"note: {name} runs inside another service of the graph (embed-*), not in processes of its own",
                 file=sys.stderr,
             )
-        processes, devices = supervisor.plan(
-            [s for s in services if s.name not in embedded], config, args.overrides, node_devices(), args.address
-        )
+        processes, devices = supervisor.plan(plan.separate, config, args.overrides, node_devices(), args.address)
     except (graph.GraphError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

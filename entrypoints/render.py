@@ -222,22 +222,20 @@ def _binary(name: str) -> str:
         return name
 
 
-def _graph_services(address: str, config: str) -> tuple[list[str], set[str]]:
+def _graph_services(address: str, config: str) -> tuple[list[str], frozenset[str]]:
     """The services of `tandem serve ADDRESS -f CONFIG`, and those of them it runs inside
     another (the Router where the config has the Frontend route in process, the default):
-    the decision `tandem serve` itself makes (GraphConfig.embedded_services)."""
+    the plan `tandem serve` itself makes (app.sdk.serve_plan)."""
     # Imported here: only nodes that serve a graph's services pay for importing it.
-    from app.sdk.config import ConfigError, load_config
-    from app.sdk.graph import GraphError, graph_services, import_components, resolve
+    from app.sdk.config import ConfigError
+    from app.sdk.graph import GraphError
+    from app.sdk.serve_plan import serve_plan
 
     try:
-        module, entry = resolve(address)
-        specs = graph_services(module, entry)
-        import_components()  # every section of the config is checked against its service
-        embedded = load_config(config or None).embedded_services(specs)
+        plan = serve_plan(address, config or None)
     except (GraphError, ConfigError) as exc:
         raise EntrypointError(f"GRAPH={address!r} with CONFIG={config!r}: {exc}") from None
-    return [spec.name for spec in specs], embedded
+    return [spec.name for spec in plan.services], plan.embedded
 
 
 def _tandem(address: str, config: str, *extra: str) -> list[str]:
