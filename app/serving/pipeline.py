@@ -208,12 +208,13 @@ class RequestPipeline:
             log.debug("%s: not migrated (%s)", request.request_id, reason)
             raise error
 
-    async def _pick_waiting_for_a_worker(self, request: PreprocessedRequest, failed: list[str]) -> Placement:
-        """`_pick_avoiding_suspects`, looking again for a while when no worker is there at all
-        (see NO_WORKER_LOOK_S); when every worker but those that failed the request is gone,
-        it answers at once."""
+    async def _pick_waiting_for_a_worker(
+        self, request: PreprocessedRequest, failed: list[str], give_up_at: float
+    ) -> Placement:
+        """`_pick_avoiding_suspects`, looking again until `give_up_at` (loop time) when no
+        worker is there at all (see NO_WORKER_LOOK_S); when every worker but those that
+        failed the request is gone, it answers at once."""
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + START_WAIT_S
         while True:
             try:
                 return await self._pick_avoiding_suspects(request, failed)
@@ -245,11 +246,13 @@ class RequestPipeline:
         between the pick and the call) is replaced by another: nothing reached the client
         yet, so the request simply starts elsewhere.
         """
+        # One wait for a worker per request: for the first instance, then for a router's view.
+        give_up_at = asyncio.get_running_loop().time() + START_WAIT_S
         if not self._workers.instance_ids():
             await self._workers.wait_for_instances(timeout=START_WAIT_S)
         failed: list[str] = list(exclude)
         while True:
-            placement = await self._pick_waiting_for_a_worker(request, failed)
+            placement = await self._pick_waiting_for_a_worker(request, failed, give_up_at)
             outputs = self._workers.stream(
                 request, target=placement.worker_id, response_type=EngineOutput, request_id=request.request_id
             )
