@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 # a hung one's within this time after `engine-stall-timeout-s`.
 ENGINE_CHECK_INTERVAL_S = 0.5
 
+# A worker's KV event batches of this long go out as one message (batches first_seq..seq):
+# every router replica gets every message, and under load an engine makes a batch or more
+# per step, so one message per batch was most of the events plane's messages. A router
+# that learns of a cached block 5 ms later misses at worst a prefix hit of a request that
+# came within those 5 ms; its view of the worker is as exact as before.
+KV_WINDOW_S = 0.005
+
 
 class WorkerConfig(EngineConfig):
     """Keys every worker takes; any other key of the section is an engine argument."""
@@ -108,6 +115,9 @@ class EngineHost:
         self._leaving: asyncio.Task[None] | None = None
         self._model_record: ModelRecord | None = None
         self._pending_publishes: set[asyncio.Task[None]] = set()
+        # Engine batches waiting for the window to close (`_publish_kv`), and its timer.
+        self._held_kv: list[KvEventBatch] = []
+        self._kv_flush_timer: asyncio.TimerHandle | None = None
         # What this worker's KV events said its engine caches, for routers that ask (`kv_blocks`).
         self._kv_mirror = KvMirror(runtime.instance_id)
 
@@ -216,14 +226,53 @@ class EngineHost:
 
     def kv_blocks(self) -> list[KvEventBatch]:
         """Every block the engine caches, as KV event batches a router re-syncs from
-        (app/engines/kv_mirror.py): taken at once, so they agree with one seq."""
+        (app/engines/kv_mirror.py): taken at once, so they agree with one seq S.
+
+        The batches held for the window go out first: the mirror has applied them, so S
+        counts them, and a later message starting at or before S would carry events the
+        dump holds already (the router can skip a message, not half of one). Flushed here,
+        every message is either all in the dump or all after it."""
+        self._flush_kv()
         return self._kv_mirror.dump()
 
     def _publish_kv(self, batch: KvEventBatch) -> None:
-        # Called from the engine's relay task; publishing must not block it. NATS keeps
-        # the order of publishes from one connection, and tasks start in FIFO order.
+        """Take one engine batch: into the mirror at once, onto the events plane with the
+        others of KV_WINDOW_S (see KV_WINDOW_S)."""
+        # Called from the engine's relay task; publishing must not block it.
         self._kv_mirror.apply(batch)
-        task = asyncio.get_running_loop().create_task(self._runtime.publish(names.KV_EVENTS_TOPIC, batch))
+        held = self._held_kv
+        if held and (batch.seq != held[-1].seq + 1 or batch.block_size != held[0].block_size):
+            # One message claims every seq from its first to its last, in one block size: an
+            # engine's own gap (vLLM dropped batches) must reach the routers as a gap.
+            self._flush_kv()
+        if not held:
+            self._kv_flush_timer = asyncio.get_running_loop().call_later(KV_WINDOW_S, self._flush_kv)
+        held.append(batch)
+
+    def _flush_kv(self) -> None:
+        """Publish the held batches as one message: batches first_seq..seq, events in order."""
+        if self._kv_flush_timer is not None:
+            self._kv_flush_timer.cancel()
+            self._kv_flush_timer = None
+        held = self._held_kv
+        if not held:
+            return
+        if len(held) == 1:
+            message = held[0]  # as a worker without the window sends it
+        else:
+            last = held[-1]
+            message = KvEventBatch(
+                worker_id=last.worker_id,
+                seq=last.seq,
+                first_seq=held[0].seq,
+                block_size=last.block_size,
+                events=[event for batch in held for event in batch.events],
+                timestamp=last.timestamp,
+            )
+        held.clear()
+        # NATS keeps the order of publishes from one connection, and tasks start in FIFO
+        # order: messages leave in the order of their flushes, which is seq order.
+        task = asyncio.get_running_loop().create_task(self._runtime.publish(names.KV_EVENTS_TOPIC, message))
         self._pending_publishes.add(task)
         task.add_done_callback(self._pending_publishes.discard)
 
@@ -255,3 +304,5 @@ class EngineHost:
             if loop is not None and not loop.done():
                 await cancel_and_wait(loop)
         await self.engine.stop()
+        # The engine's last batches, held for the window, still go out.
+        self._flush_kv()

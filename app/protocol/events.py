@@ -49,13 +49,25 @@ KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 class KvEventBatch(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """One engine's KV events, in sequence order."""
+    """One engine's KV events, in sequence order.
+
+    The engine numbers its batches; a worker sends the consecutive ones of a few
+    milliseconds as one (app/engines/host.py): that message carries batches `first_seq`
+    to `seq`, their events in order. `first_seq` is left out (None) where a message is one
+    batch, as older workers send every batch: it is `seq` then.
+    """
 
     worker_id: str
     seq: int
     block_size: int
     events: list[KvEvent]
     timestamp: float = 0.0
+    first_seq: int | None = None
+
+    @property
+    def seq_from(self) -> int:
+        """The first batch this message carries (`seq` the last)."""
+        return self.seq if self.first_seq is None else self.first_seq
 
 
 class KvBlocksWanted(msgspec.Struct, kw_only=True):
@@ -129,5 +141,6 @@ class PlacementEvent(msgspec.Struct, omit_defaults=True, kw_only=True):
     overlap_blocks: int = 0
 
 
-# A message is the events of one event-loop turn; a lone event (older publishers) is understood too.
+# A message is the events of a few milliseconds (app/router/placements.py); a lone event
+# (older publishers) is understood too.
 PlacementMessage = PlacementEvent | list[PlacementEvent]

@@ -84,16 +84,23 @@ class KvIndex:
         if batch.block_size != self.block_size:
             raise BlockSizeMismatchError(batch.worker_id, batch.block_size, self.block_size)
         worker = self._workers.get(batch.worker_id) or self._add_worker(batch.worker_id)
+        # A message carries the worker's batches seq_from..seq (several, where it sent a
+        # few milliseconds' batches as one), and follows last_seq where it starts at last_seq + 1.
         if worker.last_seq is not None and batch.seq <= worker.last_seq:
             # Already applied, or accounted for by a dump of the worker's cache (`replace_worker`).
             self.stale_batches += 1
             return
-        if worker.last_seq is not None and batch.seq != worker.last_seq + 1:
+        if worker.last_seq is not None and batch.seq_from != worker.last_seq + 1:
             # Events were lost: the view of this worker is stale until a dump of its cache
             # replaces it (app/router/kv_resync.py), but later events are still worth applying.
+            # (A message that overlaps what was applied, which its worker never sends, counts
+            # as a gap too: its events cannot be split, and some would apply twice.)
             self.seq_gaps += 1
             _seq_gap_log.log(
-                "KV events from worker %s: expected seq %d, got %d", batch.worker_id, worker.last_seq + 1, batch.seq
+                "KV events from worker %s: expected seq %d, got %d",
+                batch.worker_id,
+                worker.last_seq + 1,
+                batch.seq_from,
             )
         worker.last_seq = batch.seq
         self._apply_events(batch.worker_id, worker, batch.events)

@@ -10,8 +10,10 @@ gap, and when the worker registers (again), and replaces the worker's blocks wit
 
 The dump is as of one seq S of the worker's batches. The worker's batches that arrive while
 it is on the way are held, and applied after it: those up to S are in the dump already (the
-index skips them), those after S follow it. Nothing here runs per request; a batch of a
-worker not being re-synced costs one dict lookup more.
+index skips them), those after S follow it. A message that carries several of the
+worker's batches (first_seq..seq) is either all up to S or all after it: the worker sends
+the batches it holds before it takes the dump (app/engines/host.py). Nothing here runs per
+request; a batch of a worker not being re-synced costs one dict lookup more.
 """
 
 from __future__ import annotations

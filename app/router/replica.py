@@ -86,6 +86,7 @@ class RouterReplica:
         # and the load view, for good; a new worker's events that beat its record here are
         # in the dump of its cache that its registration brings (kv_resync.py).
         self._registered: set[str] = set()
+        self._placements = PlacementPublisher(self._feed.publish_placements)
 
     @property
     def core(self) -> RoutingCore:
@@ -100,7 +101,7 @@ class RouterReplica:
             policy=self._configured.policy,
             knobs=self._configured.knobs,
             router_id=self._replica_id,
-            on_placement=PlacementPublisher(self._feed.publish_placements).publish,
+            on_placement=self._placements.publish,
             observe_decision_seconds=self._metrics.observe_decision,
             kv_silence_s=self._kv_silence_s,
         )
@@ -153,6 +154,7 @@ class RouterReplica:
 
     async def close(self) -> None:
         await cancel_and_wait(self._reporting)
+        await self._placements.close()  # the last window's events (requests' ends) still go out
         if self._kv_resync is not None:
             await self._kv_resync.close()
         if self._metrics_server is not None:

@@ -189,6 +189,9 @@ class RouterServicePicker(WorkerPicker):
         )
         return _Published(decision, request.request_id, self._source, self._publisher)
 
+    async def close(self) -> None:
+        await self._publisher.close()  # the last window's events (requests' ends) still go out
+
 
 class RouterReplica(Protocol):
     """What `ReplicaPicker` needs of the router replica it runs (app.router.replica)."""

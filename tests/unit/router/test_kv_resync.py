@@ -74,6 +74,39 @@ async def test_a_gap_in_a_workers_events_is_repaired_from_its_dump() -> None:
     assert replica.core.seq_gaps == 1 and replica.core.index.stale_batches == 0
 
 
+def coalesced(worker: str, first_seq: int, seq: int, events: list[BlockStored]) -> KvEventBatch:
+    """The message of a worker that sent its batches first_seq..seq as one (app/engines/host.py)."""
+    return KvEventBatch(worker_id=worker, seq=seq, first_seq=first_seq, block_size=BLOCK, events=list(events))
+
+
+async def test_a_message_of_several_batches_that_follows_on_needs_no_resync() -> None:
+    fleet = InMemoryFleet(["w1"], BLOCK)
+    replica = await started(fleet)
+    fleet.store("w1", PREFIX[:BLOCK])  # seq 0
+    stores = [BlockStored(token_ids=[i] * BLOCK, block_hashes=[100 + i], parent_block_hash=99 + i) for i in (1, 2)]
+    stores[0].parent_block_hash = 0
+    fleet.publish(coalesced("w1", 1, 3, stores))  # batches 1..3
+    fleet.store("w1", [5] * BLOCK)  # seq 4
+    await asyncio.sleep(0.02)
+    assert replica.core.seq_gaps == 0 and fleet.kv_blocks_calls == ["w1"]  # at start only
+    assert replica.core.index.find_matches_for_tokens([*PREFIX[:BLOCK], 1, 1, 1, 1, 2, 2, 2, 2]) == {"w1": 3}
+
+
+async def test_a_message_of_several_batches_after_a_lost_one_is_a_gap_and_resyncs() -> None:
+    fleet = InMemoryFleet(["w1"], BLOCK)
+    replica = await started(fleet)
+    for seq in range(4):  # seq 0..3
+        fleet.store("w1", [seq] * BLOCK)
+    lost = KvEventBatch(worker_id="w1", seq=4, block_size=BLOCK, events=[])
+    fleet.publish(lost, delivered=False)
+    stored = BlockStored(token_ids=[9] * BLOCK, block_hashes=[900])
+    fleet.publish(coalesced("w1", 5, 7, [stored]))  # 5..7 after 3: 4 is missing
+    await until(lambda: replica.report().kv_resyncs.get("seq_gap") == 1, "re-synced on the gap")
+    assert replica.core.seq_gaps == 1
+    fleet.store("w1", [8] * BLOCK)  # seq 8 follows the dump (as of 7)
+    assert replica.core.seq_gaps == 1 and replica.core.index.stale_batches == 0
+
+
 async def test_batches_that_arrive_while_the_dump_is_on_its_way_apply_once_after_it() -> None:
     fleet = InMemoryFleet(["w1"], BLOCK)
     replica = await started(fleet)

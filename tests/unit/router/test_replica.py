@@ -15,6 +15,7 @@ import pytest
 from app.errors import NoWorkerError
 from app.protocol import KV_HASH_SCHEME, BlockStored, KvEventBatch, LoadReport
 from app.router import RouterReplica
+from app.router.placements import PLACEMENT_WINDOW_S
 from app.router.tunables import LivePolicy
 from tests.unit.router.fleet import InMemoryFleet
 
@@ -29,7 +30,7 @@ async def started(fleet: InMemoryFleet, name: str, policy: str = "kv", block_siz
 
 
 async def placements_delivered() -> None:
-    await asyncio.sleep(0)  # a replica sends the placements of one loop turn at its end
+    await asyncio.sleep(2 * PLACEMENT_WINDOW_S)  # a replica sends the placements of a window at its end
 
 
 async def test_kv_events_route_a_prefix_to_the_worker_that_holds_it() -> None:

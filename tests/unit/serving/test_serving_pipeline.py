@@ -22,6 +22,7 @@ from app.errors import (
 )
 from app.openai.schema import CompletionRequest, parse_request
 from app.protocol import EngineOutput, PlacementEvent, PreprocessedRequest, RouteDecision, RouteRequest, names
+from app.router.placements import PLACEMENT_WINDOW_S
 from app.runtime import NoInstancesError
 from app.serving import PipelineConfig, ReplicaPicker, RequestPipeline, RouterServicePicker, SpreadPicker, WorkerPicker
 from tests.unit.serving.fleet_models import FakeModels
@@ -350,6 +351,7 @@ async def test_a_worker_of_another_model_refuses_and_the_request_goes_to_one_of_
 
 
 async def _drain_publishes() -> None:
+    await asyncio.sleep(2 * PLACEMENT_WINDOW_S)  # placements go out a window after the first
     for _ in range(3):
         await asyncio.sleep(0)
 
