@@ -58,8 +58,6 @@ SPREAD = dataclasses.replace(SHARED, prompt_tokens=256, shared_prefix_ratio=0.0,
 ROUTINGS: dict[str, tuple[str, ...]] = {
     "kv (default knobs)": ("--Router.policy=kv",),
     "kv, overlap-weight 1": ("--Router.policy=kv", "--Router.knobs={overlap-weight: 1}"),
-    # The policy before issue 20 capped what locality may cost a request's first token.
-    "kv, locality uncapped": ("--Router.policy=kv", "--Router.knobs={max-locality-credit: 1e9}"),
     "round-robin": ("--Router.policy=round-robin",),
 }
 BASELINE, DEFAULT_ROUTING, SPREAD_ROW = "round-robin", "kv (default knobs)", ("no sharing",)

@@ -2,26 +2,10 @@
 
 For each live worker w, in units of KV blocks of prefill work:
 
-    cost(w) = prompt_blocks - credit(w)                            # prompt blocks it must compute
+    cost(w) = prompt_blocks - overlap_weight * overlap(w)          # prompt blocks it must compute
             + prefill_load_weight * pending_prefill_blocks(w)      # prefills already queued there
             + active_request_cost * active_requests(w)             # decode batch it is running
             + kv_usage_cost * kv_usage(w)                          # how full its KV cache is
-
-    credit(w) = min(overlap_weight * overlap(w), overlap(w) + max_locality_credit)
-
-A cached block earns `overlap_weight` (2): one block for the prefill it saves, one for
-keeping its prefix group on one worker (the hit rate) instead of copied across several.
-That second part is capped. Uncapped, a home holding 100 blocks of a 110-block prompt costs
-`pending - 90` against an idle worker's 110, so it wins with up to 200 blocks of prefill
-queued, although it then finishes the prompt after `pending + 10` blocks of work and the
-idle worker after 110: prefix groups queue behind each other's long prefills at home, a
-good median TTFT but a p99 no better than round-robin's (issue 20). Capped, the home beats
-an idle worker while `pending < 100 + max_locality_credit`: its first token comes at most
-that many blocks of prefill later than the best worker without the prefix could give it;
-past that the request goes to that worker, and the hot prefix gets a second home. The cap
-bounds what locality may cost in latency, not how busy a home may be: when every worker's
-queue is long, groups stay at home as before. Overlaps under `max_locality_credit /
-(overlap_weight - 1)` blocks (40 by default) are scored as before.
 
 The cheapest worker wins, ties broken at random. With `temperature` > 0 the worker is
 sampled instead, with probability proportional to exp(-normalized_cost / temperature),
@@ -34,10 +18,6 @@ Knobs:
   overlap_weight       credit per cached prompt block (default 2.0: a cached block saves its
                        prefill now and keeps its prefix group on one worker instead of copied
                        across several; measured in docs/benchmarks.md, KV routing)
-  max_locality_credit  the most credit, in blocks, beyond the prefill the cache saves
-                       (default 40.0: 640 tokens at block size 16; above the ~36 blocks by
-                       which a home busy with one other group's cold prompt trails an idle
-                       worker, so such a home keeps its group; 1e9: uncapped, as before)
   prefill_load_weight  weight of other requests' pending prefill blocks (default 1.0)
   active_request_cost  blocks-equivalent cost of one active request (default 2.0)
   kv_usage_cost        blocks-equivalent cost of a full KV cache (default 64.0)
@@ -50,7 +30,6 @@ Example (graph config):
       policy: kv
       knobs:
         overlap-weight: 2.0
-        max-locality-credit: 40
         active-request-cost: 2.0
         temperature: 0.1
 """
@@ -67,7 +46,6 @@ from app.router.policies.base import RoutingContext, SeededKnobs, SeededPolicy, 
 
 class KvKnobs(SeededKnobs):
     overlap_weight: float = pydantic.Field(default=2.0, ge=0)
-    max_locality_credit: float = pydantic.Field(default=40.0, ge=0)
     prefill_load_weight: float = pydantic.Field(default=1.0, ge=0)
     active_request_cost: float = pydantic.Field(default=2.0, ge=0)
     kv_usage_cost: float = pydantic.Field(default=64.0, ge=0)
@@ -86,13 +64,9 @@ class KvPolicy(SeededPolicy):
         costs = {}
         for worker_id in ctx.workers:
             load = ctx.load[worker_id]
-            overlap = ctx.overlaps.get(worker_id, 0)
-            # The blocks the cache saves, plus a bonus for locality that may cost at most
-            # max_locality_credit blocks of extra prefill wait (module docstring).
-            credit = min(k.overlap_weight * overlap, overlap + k.max_locality_credit)
             costs[worker_id] = (
                 prompt_blocks
-                - credit
+                - k.overlap_weight * ctx.overlaps.get(worker_id, 0)
                 + k.prefill_load_weight * load.pending_prefill_blocks
                 + k.active_request_cost * load.active_requests
                 + k.kv_usage_cost * load.kv_usage

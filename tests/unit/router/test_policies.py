@@ -9,7 +9,6 @@ import pytest
 
 from app.router.load import WorkerLoad
 from app.router.policies import POLICIES, PolicyConfigError, RoutingContext, create_policy
-from app.router.policies.kv import KvPolicy
 
 WORKERS = ["a", "b", "c"]
 
@@ -49,55 +48,6 @@ def test_kv_overlap_weight_trades_cache_for_load() -> None:
     ctx = context({"b": 8}, b=WorkerLoad(active_requests=5))  # b: 2 + 10 = 12 vs a, c: 10
     assert create_policy("kv", {"overlap-weight": 1.0}).select_worker(ctx).worker_id != "b"
     assert create_policy("kv").select_worker(ctx).worker_id == "b"  # the default weight is 2
-
-
-# Issue 20's shape: a 110-block prompt whose first 100 blocks worker b holds (its home).
-HOME_OVERLAP = {"b": 100}
-
-
-def test_kv_home_with_a_short_queue_keeps_its_prefix_group() -> None:
-    # b is prefilling one other group's cold prompt: an idle worker would give the first
-    # token 10 blocks sooner, but the group stays at home, as with the uncapped credit.
-    queued = WorkerLoad(active_requests=1, pending_prefill_blocks=110)
-    ctx = context(HOME_OVERLAP, prompt_blocks=110, b=queued)  # b: 110 - 140 + 110 + 2 = 82 vs 110
-    assert create_policy("kv").select_worker(ctx).worker_id == "b"
-    assert create_policy("kv", {"max-locality-credit": 1e9}).select_worker(ctx).worker_id == "b"
-
-
-def test_kv_home_queued_past_the_locality_credit_loses_to_an_idle_worker() -> None:
-    # b wins while its queue is under overlap + max_locality_credit = 140 blocks.
-    def pick(pending: int, **knobs: object) -> str:
-        ctx = context(HOME_OVERLAP, prompt_blocks=110, b=WorkerLoad(pending_prefill_blocks=pending))
-        return create_policy("kv", knobs).select_worker(ctx).worker_id
-
-    assert pick(139) == "b"  # 110 - 140 + 139 = 109 vs 110
-    assert pick(141) in {"a", "c"}  # 111 vs 110: an idle worker gives the first token sooner
-    # The knob moves the bound: 180 blocks with a credit of 80.
-    assert pick(179, max_locality_credit=80) == "b"
-    assert pick(181, max_locality_credit=80) in {"a", "c"}
-    assert pick(181, max_locality_credit=1e9) == "b"  # uncapped: b wins up to 200 queued blocks
-
-
-def test_kv_cached_worker_wins_among_equally_loaded_ones() -> None:
-    # The cap limits locality's extra credit, not the prefill it saves: among workers with
-    # the same queue, the one holding the longest prefix wins, however long the queue.
-    for pending in (0, 30, 500):
-        load = WorkerLoad(active_requests=1, pending_prefill_blocks=pending)
-        ctx = context({"a": 50, "b": 100}, prompt_blocks=110, a=load, b=load, c=load)
-        assert create_policy("kv").select_worker(ctx).worker_id == "b"
-
-
-def test_kv_locality_credit_cap_leaves_small_overlaps_and_weight_one_alone() -> None:
-    # Overlaps under max_locality_credit / (overlap_weight - 1) blocks score as before.
-    policy = KvPolicy.from_knobs({"max-locality-credit": 8})
-    uncapped = KvPolicy.from_knobs({"max-locality-credit": 1e9})
-    ctx = context({"b": 8, "c": 9}, prompt_blocks=10)
-    capped_costs = policy.costs(ctx)
-    assert capped_costs["b"] == uncapped.costs(ctx)["b"] == 10 - 16
-    assert capped_costs["c"] == 10 - 17 and uncapped.costs(ctx)["c"] == 10 - 18
-    # With overlap_weight 1 a cached block earns only the prefill it saves: the cap never binds.
-    weight_one = KvPolicy.from_knobs({"overlap-weight": 1.0, "max-locality-credit": 0})
-    assert weight_one.costs(context(HOME_OVERLAP, prompt_blocks=110))["b"] == 10
 
 
 def test_kv_temperature_samples_by_softmax_of_normalized_cost() -> None:
@@ -145,8 +95,6 @@ def test_unknown_or_invalid_knobs_are_named() -> None:
         create_policy("kv", {"overlap_wieght": 1})
     with pytest.raises(PolicyConfigError, match="knob 'temperature'"):
         create_policy("kv", {"temperature": -1})
-    with pytest.raises(PolicyConfigError, match="knob 'max_locality_credit'"):
-        create_policy("kv", {"max-locality-credit": -1})
     with pytest.raises(PolicyConfigError, match="unknown knob 'seed'"):
         create_policy("round-robin", {"seed": 3})
     with pytest.raises(PolicyConfigError, match="unknown router policy 'fastest'"):
